@@ -1,0 +1,130 @@
+"""The public Python API: ``neox_rt.load(path)`` -> :class:`NeoX` with generate / score / logits."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from neox_rt import ops
+from neox_rt.config import NeoXConfig
+from neox_rt.errors import NeoxRtError
+from neox_rt.generation import GenerationResult, Generator
+from neox_rt.model import NeoXForCausalLM
+from neox_rt.parallel import SINGLE, TensorParallel
+from neox_rt.sampling import SamplingParams
+from neox_rt.tokenizer import Tokenizer
+from neox_rt.weights import load_weights, resolve_checkpoint
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise NeoxRtError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
+    return DTYPES[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_model(config: NeoXConfig, dtype=torch.float32, device="cpu", tp: TensorParallel = SINGLE):
+    """An uninitialised model on ``device`` (parameters allocated, not filled), in inference mode."""
+    with torch.device("meta"):
+        model = NeoXForCausalLM(config, tp)
+    model = model.to_empty(device=device).to(parse_dtype(dtype))
+    return model.eval()
+
+
+def init_random(model, seed: int = 0, std: float = 0.02) -> None:
+    """Fill a model with random weights (benchmarks and tests; LayerNorms near identity)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "layer_norm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                vals = base + 0.1 * torch.randn(p.shape, generator=g)
+            else:
+                vals = std * torch.randn(p.shape, generator=g)
+            p.copy_(vals)
+
+
+class NeoX:
+    """A loaded model with its tokenizer."""
+
+    def __init__(self, model: NeoXForCausalLM, tokenizer: Tokenizer | None, path: str | None = None):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.path = path
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+            raise NeoxRtError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model's "
+                              f"vocabulary has only {self.config.vocab_size} rows: wrong tokenizer for this model?")
+        self._generator = Generator(model, tokenizer) if tokenizer is not None else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.gpt_neox.final_layer_norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.gpt_neox.final_layer_norm.weight.dtype
+
+    def _need_tokenizer(self) -> Generator:
+        if self._generator is None:
+            raise NeoxRtError("no tokenizer: pass tokenizer=PATH to neox_rt.load (e.g. 20B_tokenizer.json)")
+        return self._generator
+
+    def generate(self, prompts: str | Sequence, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 0.0, stop: Sequence[str] = (), seed: int | None = None,
+                 truncate: str = "error", recompute: bool = False, return_logprobs: bool = False,
+                 on_text=None) -> list[GenerationResult] | GenerationResult:
+        """Continue each prompt (text or token ids). A single str prompt returns one result."""
+        single = isinstance(prompts, str)
+        batch = [prompts] if single else list(prompts)
+        results = self._need_tokenizer().generate(
+            batch, max_new_tokens, SamplingParams(temperature, top_k, top_p), stop=stop, seed=seed,
+            truncate=truncate, recompute=recompute, return_logprobs=return_logprobs, on_text=on_text)
+        return results[0] if single else results
+
+    def score(self, text) -> tuple[list[int], list[float]]:
+        """(token ids, log-probabilities of tokens 1..n-1 given their prefix)."""
+        return self._need_tokenizer().score(text)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [b, s, V] for a batch of equal-length id sequences."""
+        gen = self._generator or Generator(self.model, _NoTokenizer())
+        return gen.logits(input_ids)
+
+
+class _NoTokenizer:
+    eos_id = 0
+    vocab_size = 1 << 30
+
+
+def find_tokenizer(directory: str, tokenizer: str | None) -> Tokenizer | None:
+    if tokenizer is not None:
+        return Tokenizer(tokenizer)
+    candidate = os.path.join(directory, "tokenizer.json")
+    return Tokenizer(candidate) if os.path.isfile(candidate) else None
+
+
+def load(path: str, dtype="float32", device: str | None = None, tokenizer: str | None = None,
+         backend: str | None = None, tp: TensorParallel = SINGLE, progress: bool = True) -> NeoX:
+    """Load an HF GPT-NeoX checkpoint directory (or hub id) onto ``device`` in ``dtype``.
+
+    Weights stream tensor by tensor (peak host memory about one tensor). ``tokenizer`` is a tokenizers
+    JSON file; by default the directory's ``tokenizer.json``. ``backend`` picks the kernels
+    (``cuda``, ``triton``, ``torch``; default: ``NEOX_RT_BACKEND`` or the fastest available).
+    """
+    device = device or default_device()
+    directory = resolve_checkpoint(path)
+    config = NeoXConfig.from_json(directory)
+    ops.select_backend(backend, device)
+    model = build_model(config, dtype, device, tp)
+    load_weights(model, directory, progress=progress)
+    return NeoX(model, find_tokenizer(directory, tokenizer), directory)

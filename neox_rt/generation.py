@@ -1,0 +1,238 @@
+"""Batched generation over the preallocated KV cache: prefill, then one token per step.
+
+Prompts of different lengths run together (right-padded; each token's position is its cache slot, and
+the causal mask never lets a real token see padding). Each sequence stops on its own at EOS, a stop
+string or the token cap. The host looks at the new tokens only every ``check_every`` steps on a GPU, so
+the decode loop does not synchronise per token.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from neox_rt.errors import NeoxRtError
+from neox_rt.sampling import SamplingParams, sample
+from neox_rt.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    """Generated ids (no prompt, no EOS)."""
+    text: str
+    """Generated text (no prompt, no EOS, cut before a stop string)."""
+    finish_reason: str
+    """"eos", "stop" (a stop string) or "length" (the token cap)."""
+    message: str | None = None
+    """A warning, e.g. that the prompt was truncated on the left."""
+    logprobs: list[float] | None = None
+    """log p(token) under the model (before temperature and filtering), one per generated token."""
+    duration_seconds: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != "length"
+
+
+@dataclass
+class _Seq:
+    prompt_ids: list[int]
+    message: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    reason: str | None = None
+    text: str = ""
+    streamed: int = 0
+    end_time: float = 0.0
+
+
+class Generator:
+    """Runs a loaded model with its tokenizer; keeps one KV cache and resets it for each call."""
+
+    def __init__(self, model, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache = None
+        w = model.gpt_neox.final_layer_norm.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.max_positions = model.config.max_position_embeddings
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _get_cache(self, batch: int, capacity: int):
+        if self.cache is None or not self.cache.fits(batch, capacity, self.dtype, self.device):
+            self.cache = None  # free the old buffers first
+            self.cache = self.model.new_cache(batch, capacity)
+        else:
+            self.cache.reset()
+        return self.cache
+
+    def prepare_prompt(self, prompt, max_new_tokens: int, truncate: str = "error") -> tuple[list[int], str | None]:
+        """Token ids of a prompt (str or ids) that fit with max_new_tokens in the model's positions."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            ids = [self.tokenizer.eos_id]  # an empty prompt starts like an unconditional sample
+        if max_new_tokens >= self.max_positions:
+            raise NeoxRtError(f"maximum_tokens ({max_new_tokens}) must be below the model's "
+                              f"{self.max_positions} positions")
+        room = self.max_positions - max_new_tokens
+        if len(ids) > room:
+            if truncate != "left":
+                raise NeoxRtError(f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the "
+                                  f"model's {self.max_positions} positions")
+            msg = f"prompt truncated on the left from {len(ids)} to {room} tokens to fit the context"
+            return ids[-room:], msg
+        return ids, None
+
+    def _prefill(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Run the prompts through the model from slot 0; logits [b, V] of each last token."""
+        b = len(seqs)
+        lens = torch.tensor([len(s) for s in seqs], device=self.device)
+        width = int(max(len(s) for s in seqs))
+        ids = torch.full((b, width), self.tokenizer.eos_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        positions = torch.arange(width, device=self.device).expand(b, width)  # [b, S]
+        return self.model(ids.to(self.device), positions, self.cache, last_index=lens - 1)
+
+    # -- generation ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence, max_new_tokens: int = 64, sampling: SamplingParams | None = None,
+                 stop: Sequence[str] = (), seed: int | None = None, truncate: str = "error",
+                 recompute: bool = False, return_logprobs: bool = False,
+                 on_text: Callable[[int, str], None] | None = None,
+                 check_every: int | None = None) -> list[GenerationResult]:
+        """Generate a continuation for each prompt (text or token ids). See :class:`GenerationResult`.
+
+        ``on_text(i, delta)`` receives sequence i's text as it is produced (streaming). ``recompute``
+        reruns the whole sequence each step instead of using the KV cache (gpt-neox's ``recompute``).
+        """
+        if max_new_tokens <= 0:
+            raise NeoxRtError(f"maximum_tokens must be positive, got {max_new_tokens}")
+        if not prompts:
+            return []
+        sampling = sampling or SamplingParams()
+        stop = [s for s in stop if s]
+        start = time.perf_counter()
+        seqs = []
+        for p in prompts:
+            ids, msg = self.prepare_prompt(p, max_new_tokens, truncate)
+            seqs.append(_Seq(ids, msg))
+        if check_every is None:
+            check_every = 1 if (on_text is not None or self.device.type != "cuda") else 8
+        b = len(seqs)
+        capacity = max(len(s.prompt_ids) for s in seqs) + max_new_tokens
+        self._get_cache(b, capacity)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
+        vocab = min(self.tokenizer.vocab_size, self.model.config.vocab_size)
+
+        logits = self._prefill([s.prompt_ids for s in seqs])
+        out = torch.empty(b, max_new_tokens, dtype=torch.long, device=self.device)
+        logp = torch.empty(b, max_new_tokens, dtype=torch.float32, device=self.device) if return_logprobs else None
+        positions = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)  # slot of the next token
+        checked = 0
+        steps = 0
+        for step in range(max_new_tokens):
+            tok = self.model.tp.broadcast(sample(logits, sampling, vocab, gen))  # rank 0's choice for all
+            out[:, step] = tok
+            if logp is not None:
+                logp[:, step] = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None])[:, 0]
+            steps = step + 1
+            if steps == max_new_tokens:
+                break
+            if steps - checked >= check_every:
+                self._check(seqs, out, logp, checked, steps, stop, on_text)
+                checked = steps
+                if all(s.reason is not None for s in seqs):
+                    break
+            if recompute:
+                self._get_cache(b, capacity)
+                host = out[:, :steps].tolist()
+                logits = self._prefill([s.prompt_ids + host[i] for i, s in enumerate(seqs)])
+            else:
+                logits = self.model(tok[:, None], positions[:, None], self.cache, decode=True)[:, 0]
+                positions += 1
+        self._check(seqs, out, logp, checked, steps, stop, on_text, final=True)
+        results = []
+        for s in seqs:
+            results.append(GenerationResult(
+                prompt_ids=s.prompt_ids, token_ids=s.tokens, text=s.text, finish_reason=s.reason,
+                message=s.message, logprobs=s.logprobs if return_logprobs else None,
+                duration_seconds=(s.end_time or time.perf_counter()) - start))
+        return results
+
+    def _check(self, seqs, out, logp, lo: int, hi: int, stop, on_text, final: bool = False) -> None:
+        """Append tokens [lo, hi) of every unfinished sequence and apply EOS, stop strings and streaming."""
+        if hi <= lo and not final:
+            return
+        new = out[:, lo:hi].tolist()
+        new_lp = logp[:, lo:hi].tolist() if logp is not None else None
+        eos = self.tokenizer.eos_id
+        longest_stop = max((len(s) for s in stop), default=0)
+        for i, s in enumerate(seqs):
+            if s.reason is not None:
+                continue
+            toks = new[i]
+            if eos in toks:
+                cut = toks.index(eos)
+                s.tokens += toks[:cut]
+                if new_lp is not None:
+                    s.logprobs += new_lp[i][:cut]
+                s.reason = "eos"
+            else:
+                s.tokens += toks
+                if new_lp is not None:
+                    s.logprobs += new_lp[i]
+            s.text = self.tokenizer.decode(s.tokens)
+            if stop:
+                hits = [(s.text.find(x), x) for x in stop if x in s.text]
+                if hits:
+                    at = min(hits)[0]
+                    s.text = s.text[:at]
+                    # keep the tokens up to the one that completed the stop string
+                    n = next(n for n in range(1, len(s.tokens) + 1)
+                             if any(x in self.tokenizer.decode(s.tokens[:n]) for x in stop))
+                    s.tokens = s.tokens[:n]
+                    if new_lp is not None:
+                        s.logprobs = s.logprobs[:n]
+                    s.reason = "stop"
+            if s.reason is None and final:
+                s.reason = "length"
+            if s.reason is not None:
+                s.end_time = time.perf_counter()
+            if on_text is not None:
+                # hold back text that may still turn out to start a stop string
+                safe = len(s.text) if s.reason is not None else max(len(s.text) - max(longest_stop - 1, 0), 0)
+                if s.text.endswith("\ufffd") and s.reason is None:
+                    safe = min(safe, len(s.text) - 1)
+                if safe > s.streamed:
+                    on_text(i, s.text[s.streamed:safe])
+                    s.streamed = safe
+
+    # -- scoring ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, text_or_ids) -> tuple[list[int], list[float]]:
+        """Token ids of a text and log p(token_t | tokens_<t) for t >= 1 (len(ids) - 1 values)."""
+        ids = self.tokenizer.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
+        if len(ids) > self.max_positions:
+            raise NeoxRtError(f"text of {len(ids)} tokens exceeds the model's {self.max_positions} positions")
+        if len(ids) < 2:
+            return ids, []
+        self._get_cache(1, len(ids))
+        x = torch.tensor([ids], device=self.device)
+        positions = torch.arange(len(ids), device=self.device)[None]
+        logits = self.model(x, positions, self.cache)[0, :-1].float()  # [S-1, V]
+        lp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0]
+        return ids, lp.tolist()
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full logits [b, s, V] of equal-length sequences (no padding), from an empty cache."""
+        b, s = input_ids.shape
+        self._get_cache(b, s)
+        positions = torch.arange(s, device=self.device).expand(b, s)
+        return self.model(input_ids.to(self.device), positions, self.cache)

@@ -1,0 +1,35 @@
+"""Preallocated KV cache: one buffer per k and v, never grown per token."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """k, v: [layers, batch, heads, capacity, head_dim]. Slot p of row i holds the (rotated) key of
+    sequence i at position p. Nothing reads a slot past the position being decoded, and
+    :meth:`reset` clears everything between prompts, so no state leaks from one prompt to the next."""
+
+    def __init__(self, layers: int, batch: int, heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (layers, batch, heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def fits(self, batch: int, capacity: int, dtype: torch.dtype, device) -> bool:
+        return (self.batch >= batch and self.capacity >= capacity and self.k.dtype == dtype
+                and self.k.device == torch.device(device))
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

@@ -1,0 +1,243 @@
+"""The op table: one PyTorch reference per fused op, and the backend that replaces it.
+
+Every op the model calls goes through :data:`OPS`. Each op has a plain PyTorch reference here (the
+specification, the test oracle and the CPU fallback). A backend (``cuda``: the ``neox_rt._C`` extension,
+``triton``: ``neox_rt.kernels``) registers an implementation together with a ``supports(*args)``
+predicate; a call whose arguments the predicate rejects runs the reference. The backend is chosen once,
+from ``NEOX_RT_BACKEND`` (``cuda``, ``triton`` or ``torch``) or, by default, the fastest available.
+
+Shapes use b = batch, s = new tokens, nh = heads, hd = head dim, T = cache capacity.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("neox_rt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------
+
+def activation_ref(x: torch.Tensor, name: str | None) -> torch.Tensor:
+    """The MLP activation named by ``hidden_act`` (``gelu`` = erf, ``gelu_fast``/``gelu_new`` = tanh)."""
+    if name is None:
+        return x
+    if name == "gelu":
+        return F.gelu(x)
+    if name in ("gelu_fast", "gelu_new", "gelu_pytorch_tanh"):
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    if name == "silu":
+        return F.silu(x)
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def layernorm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """out = (x - mean) / sqrt(var + eps) * weight + bias over the last dim, computed in fp32."""
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def dual_layernorm_ref(x, weight1, bias1, weight2, bias2, eps):
+    """Both LayerNorms of a parallel-residual layer from one x: (LN1(x), LN2(x))."""
+    return layernorm_ref(x, weight1, bias1, eps), layernorm_ref(x, weight2, bias2, eps)
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               activation: str | None = None) -> torch.Tensor:
+    """out = act(x @ weight.T + bias); x [..., in], weight [out, in], bias [out]."""
+    return activation_ref(F.linear(x, weight, bias), activation)
+
+
+def rotary_tables(rotary_ndims: int, max_positions: int, base: float, device=None):
+    """cos, sin tables [max_positions, rotary_ndims // 2] in fp32 (inv_freq = 1 / base^(2i / rd))."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_ndims, 2, dtype=torch.int64, device=device).float()
+                                / rotary_ndims))
+    t = torch.arange(max_positions, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(t, inv_freq)  # [T, rd/2]
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_ndims: int) -> torch.Tensor:
+    """NeoX rotate-half rotary on the first rotary_ndims dims of x [b, s, nh, hd]; cos/sin [b, s, rd/2]."""
+    if rotary_ndims == 0:
+        return x
+    half = rotary_ndims // 2
+    xf = x.float()
+    x1, x2, rest = xf[..., :half], xf[..., half:rotary_ndims], xf[..., rotary_ndims:]
+    c, s_ = cos[:, :, None, :], sin[:, :, None, :]  # [b, s, 1, rd/2]
+    out = torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_, rest], dim=-1)
+    return out.to(x.dtype)
+
+
+def rotary_kv_write_ref(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        rotary_ndims: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Split the per-head fused QKV, rotate q and k at each token's position, write k and v to the cache.
+
+    qkv [b, s, nh*3*hd] (per-head layout: feature head*3*hd + part*hd + d), positions [b, s] int64,
+    cos/sin [max_pos, rd/2] fp32, k_cache/v_cache [B >= b, nh, T, hd]. Cache row i receives token j of
+    sequence i at slot positions[i, j]. Returns the rotated q [b, s, nh, hd].
+    """
+    b, s, _ = qkv.shape
+    nh, hd = k_cache.shape[1], k_cache.shape[3]
+    qkv = qkv.view(b, s, nh, 3, hd)
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [b, s, nh, hd]
+    c, sn = cos[positions], sin[positions]  # [b, s, rd/2]
+    q = apply_rotary_ref(q, c, sn, rotary_ndims)
+    k = apply_rotary_ref(k, c, sn, rotary_ndims)
+    rows = torch.arange(b, device=qkv.device)[:, None].expand(b, s)  # [b, s]
+    k_cache[rows, :, positions] = k.to(k_cache.dtype)  # advanced index -> [b, s, nh, hd]
+    v_cache[rows, :, positions] = v.to(v_cache.dtype)
+    return q
+
+
+def scaled_causal_softmax_ref(scores: torch.Tensor, query_positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * scores) over keys, masking key j > query position; fp32 math, input dtype out.
+
+    scores [b, nh, s, t], query_positions [b, s] (absolute position of each query; key j is at j).
+    """
+    t = scores.shape[-1]
+    mask = torch.arange(t, device=scores.device)[None, None, None, :] > query_positions[:, None, :, None]
+    x = scores.float() * scale
+    x = x.masked_fill(mask, float("-inf"))
+    return torch.softmax(x, dim=-1).to(scores.dtype)
+
+
+def attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """Causal attention of new queries over the cache: query at position p sees cache slots 0..p.
+
+    q [b, s, nh, hd], k_cache/v_cache [B >= b, nh, T, hd], positions [b, s]. Returns [b, s, nh, hd].
+    Scores and softmax in fp32.
+    """
+    b = q.shape[0]
+    t = int(positions.max().item()) + 1
+    k = k_cache[:b, :, :t].float()  # [b, nh, t, hd]
+    v = v_cache[:b, :, :t].float()
+    scores = torch.einsum("bsnd,bntd->bnst", q.float(), k)  # [b, nh, s, t]
+    probs = scaled_causal_softmax_ref(scores, positions, scale)
+    out = torch.einsum("bnst,bntd->bsnd", probs, v)
+    return out.to(q.dtype)
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence over its first seqlens[i] cache slots. q [b, nh, hd] -> [b, nh, hd]."""
+    return attention_ref(q[:, None], k_cache, v_cache, (seqlens - 1)[:, None], scale)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Op:
+    name: str
+    reference: Callable
+    impl: Callable | None = None
+    supports: Callable[..., bool] | None = None
+    backend: str = "torch"
+
+    def __call__(self, *args, **kwargs):
+        if self.impl is not None and (self.supports is None or self.supports(*args, **kwargs)):
+            return self.impl(*args, **kwargs)
+        return self.reference(*args, **kwargs)
+
+
+OPS: dict[str, Op] = {
+    "layernorm": Op("layernorm", layernorm_ref),
+    "dual_layernorm": Op("dual_layernorm", dual_layernorm_ref),
+    "linear": Op("linear", linear_ref),
+    "rotary_kv_write": Op("rotary_kv_write", rotary_kv_write_ref),
+    "attention": Op("attention", attention_ref),
+    "decode_attention": Op("decode_attention", decode_attention_ref),
+}
+
+BACKENDS = ("cuda", "triton", "torch")
+_active_backend: str | None = None
+
+
+def register(op_name: str, impl: Callable, supports: Callable[..., bool] | None, backend: str) -> None:
+    """Install ``impl`` for ``op_name``; calls that ``supports`` rejects run the reference."""
+    op = OPS[op_name]
+    op.impl, op.supports, op.backend = impl, supports, backend
+
+
+def reset() -> None:
+    """Every op back to its reference."""
+    global _active_backend
+    for op in OPS.values():
+        op.impl, op.supports, op.backend = None, None, "torch"
+    _active_backend = None
+
+
+def _load_backend(name: str) -> bool:
+    """Import a backend's module, which calls :func:`register`. False (and one warning) if unavailable."""
+    try:
+        if name == "cuda":
+            from neox_rt import cuda_ops
+            cuda_ops.register_all()
+        elif name == "triton":
+            from neox_rt.kernels import register_all
+            register_all()
+        return True
+    except Exception as e:  # noqa: BLE001 - a missing extension must never crash the runtime
+        log.warning("neox_rt: %s backend unavailable (%s); using the PyTorch reference", name, e)
+        return False
+
+
+def select_backend(name: str | None = None, device: torch.device | str | None = None) -> str:
+    """Choose the backend once. ``name`` or ``NEOX_RT_BACKEND``; default the fastest available.
+
+    On a CPU device the reference runs (the ``triton`` backend may still be forced for CPU testing
+    under ``TRITON_INTERPRET=1``). Returns the name of the backend in force.
+    """
+    global _active_backend
+    name = name or os.environ.get("NEOX_RT_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        from neox_rt.errors import NeoxRtError
+        raise NeoxRtError(f"unknown backend {name!r} (NEOX_RT_BACKEND); choose one of {', '.join(BACKENDS)}")
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if name is None:
+        candidates = ["cuda", "triton"] if on_gpu else []
+    else:
+        candidates = [name] if name != "torch" else []
+    if _active_backend is not None and _active_backend == (candidates[0] if candidates else "torch"):
+        return _active_backend
+    reset()
+    for cand in candidates:
+        # The CUDA extension covers some ops; Triton fills in the rest when the default order is used.
+        if _load_backend(cand):
+            _active_backend = cand
+            if name is None and cand == "cuda":
+                _load_backend_fill("triton")
+            return cand
+    _active_backend = "torch"
+    return "torch"
+
+
+def _load_backend_fill(name: str) -> None:
+    """Register ``name``'s ops only where no other backend has one yet."""
+    saved = {k: (op.impl, op.supports, op.backend) for k, op in OPS.items() if op.impl is not None}
+    _load_backend(name)
+    for k, (impl, supports, backend) in saved.items():
+        OPS[k].impl, OPS[k].supports, OPS[k].backend = impl, supports, backend
+
+
+def active_backends() -> dict[str, str]:
+    """Which backend serves each op (for logs and benchmarks)."""
+    return {k: op.backend for k, op in OPS.items()}
+
+
+def softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

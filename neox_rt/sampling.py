@@ -1,0 +1,59 @@
+"""Next-token choice with gpt-neox's semantics: temperature, then top-k, then top-p (top token kept)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from neox_rt.errors import NeoxRtError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    """0 is greedy (argmax); otherwise logits are divided by it."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0: off)."""
+    top_p: float = 0.0
+    """Nucleus: keep the smallest set whose probability reaches top_p; the top token always stays (0: off)."""
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise NeoxRtError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise NeoxRtError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise NeoxRtError(f"top_p must be in [0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside top-k, then outside the nucleus top-p. logits [b, V] fp32."""
+    if top_k > 0:
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # shift right: keep the token that crosses top_p
+        remove[..., 0] = False  # the top token always stays
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, valid_vocab: int,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next ids [b] from logits [b, V]; ids >= valid_vocab (padded rows) are never chosen."""
+    logits = logits.float()
+    if valid_vocab < logits.shape[-1]:
+        logits = logits[..., :valid_vocab]
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
