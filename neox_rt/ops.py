@@ -132,8 +132,18 @@ def attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          seqlens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence over its first seqlens[i] cache slots. q [b, nh, hd] -> [b, nh, hd]."""
-    return attention_ref(q[:, None], k_cache, v_cache, (seqlens - 1)[:, None], scale)[:, 0]
+    """One query per sequence over its first seqlens[i] cache slots. q [b, nh, hd] -> [b, nh, hd].
+
+    Attends over the whole cache capacity with a mask (no host sync), so it can be captured in a CUDA graph.
+    """
+    b = q.shape[0]
+    k = k_cache[:b].float()  # [b, nh, T, hd]
+    v = v_cache[:b].float()
+    scores = torch.einsum("bnd,bntd->bnt", q.float(), k) * scale  # [b, nh, T]
+    t = torch.arange(k.shape[2], device=q.device)
+    scores = scores.masked_fill(t[None, None, :] >= seqlens[:, None, None], float("-inf"))
+    out = torch.einsum("bnt,bntd->bnd", torch.softmax(scores, dim=-1), v)
+    return out.to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -76,7 +76,9 @@ def test_cache_reset_between_prompts(pair):
     alone = gen.generate([[7, 8, 9]], max_new_tokens=8, return_logprobs=True)[0]
     gen.generate([list(range(2, 60))], max_new_tokens=8)
     after = gen.generate([[7, 8, 9]], max_new_tokens=8, return_logprobs=True)[0]
-    assert alone.token_ids == after.token_ids and alone.logprobs == after.logprobs
+    assert alone.token_ids == after.token_ids
+    # the reused cache is larger, so reductions run over more (masked) slots: rounding-level differences only
+    assert max(abs(a - b) for a, b in zip(alone.logprobs, after.logprobs)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
