@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
+# Usage: bash scripts/device_check.sh [stages]   stages: comma list of
+#   info,build,train,test,kernels,latency,tp,load   (default: info,build,test,kernels,latency,tp)
+# Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
+set -u
+STAGES=",${1:-info,build,test,kernels,latency,tp},"
+OUT=${OUT:-/tmp/neox_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+# pytest may be missing on the device image: install the carried wheels (.whl, see README of the device tool)
+if ! python3 -m pytest --version >/dev/null 2>&1 && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+
+stage() {  # stage NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  case "$STAGES" in *",$name,"*) ;; *) return 0 ;; esac
+  local t0=$(date +%s)
+  echo "===== $name (limit ${limit}s): $*"
+  timeout "$limit" bash -c "$*" > "$OUT/$name.log" 2>&1
+  local rc=$? t1=$(date +%s)
+  tail -n 25 "$OUT/$name.log"
+  printf '%-10s rc=%-4s %5ss  %s\n' "$name" "$rc" "$((t1 - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-100)" >> "$SUMMARY"
+}
+
+stage info 60 "nvidia-smi; python3 -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get_device_name())'; git log --oneline -1 || true"
+stage build 420 "pip install --no-build-isolation --no-deps -e . && python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
+stage train 300 "python3 tools/train_default_model.py --out $OUT/default_model --minutes ${TRAIN_MINUTES:-3} --device cuda --seed 0"
+stage test 420 "python3 -m pytest -q -m 'gpu or multigpu' tests"
+stage kernels 300 "python3 bench/kernels.py --out $OUT/kernels.json"
+stage latency 420 "python3 bench/latency.py --quick --out $OUT/latency.json"
+if [ "$NGPU" -ge 2 ]; then
+  stage tp 420 "python3 bench/tp_latency.py --tp 1 --out $OUT/tp1.json && torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2.json && NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json"
+fi
+stage load 420 "python3 bench/load_20b.py --layers 8 --out $OUT/load_20b.json"
+
+echo; echo "===== summary"; cat "$SUMMARY"
