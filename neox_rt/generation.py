@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from neox_rt.errors import NeoxRtError
+from neox_rt.graphs import DecodeGraphRunner, graphs_enabled
 from neox_rt.sampling import SamplingParams, sample
 from neox_rt.tokenizer import Tokenizer
 
@@ -60,6 +61,8 @@ class Generator:
         w = model.gpt_neox.final_layer_norm.weight
         self.device, self.dtype = w.device, w.dtype
         self.max_positions = model.config.max_position_embeddings
+        # Decode steps as CUDA graphs on CUDA (NEOX_RT_CUDA_GRAPHS=0: eager); recompute mode never uses them.
+        self.graphs = DecodeGraphRunner(model, tokenizer.eos_id) if graphs_enabled(self.device) else None
 
     # -- helpers ------------------------------------------------------------------------------------
     def _get_cache(self, batch: int, capacity: int):
@@ -125,10 +128,12 @@ class Generator:
             check_every = 1 if (on_text is not None or self.device.type != "cuda") else 8
         b = len(seqs)
         capacity = max(len(s.prompt_ids) for s in seqs) + max_new_tokens
-        self._get_cache(b, capacity)
+        use_graphs = self.graphs is not None and not recompute and self.graphs.supports(b)
+        self._get_cache(self.graphs.cache_rows(b) if use_graphs else b, capacity)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
         vocab = min(self.tokenizer.vocab_size, self.model.config.vocab_size)
+        greedy_vocab = vocab if sampling.greedy else None
 
         logits = self._prefill([s.prompt_ids for s in seqs])
         out = torch.empty(b, max_new_tokens, dtype=torch.long, device=self.device)
@@ -136,8 +141,10 @@ class Generator:
         positions = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)  # slot of the next token
         checked = 0
         steps = 0
+        chosen = None  # the greedy token when the decode graph already took the argmax
         for step in range(max_new_tokens):
-            tok = self.model.tp.broadcast(sample(logits, sampling, vocab, gen))  # rank 0's choice for all
+            tok = chosen if chosen is not None else sample(logits, sampling, vocab, gen)
+            tok = self.model.tp.broadcast(tok)  # rank 0's choice for all
             out[:, step] = tok
             if logp is not None:
                 logp[:, step] = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None])[:, 0]
@@ -154,7 +161,7 @@ class Generator:
                 host = out[:, :steps].tolist()
                 logits = self._prefill([s.prompt_ids + host[i] for i, s in enumerate(seqs)])
             else:
-                logits = self.model(tok[:, None], positions[:, None], self.cache, decode=True)[:, 0]
+                logits, chosen = self._decode(tok, positions, greedy_vocab, use_graphs)
                 positions += 1
         self._check(seqs, out, logp, checked, steps, stop, on_text, final=True)
         results = []
@@ -164,6 +171,18 @@ class Generator:
                 message=s.message, logprobs=s.logprobs if return_logprobs else None,
                 duration_seconds=(s.end_time or time.perf_counter()) - start))
         return results
+
+    def _decode(self, tok: torch.Tensor, positions: torch.Tensor, greedy_vocab: int | None, use_graphs: bool):
+        """One decode step: tokens [b] at positions [b] -> (logits [b, V], greedy ids [b] or None).
+
+        A CUDA-graph replay when a graph runner is active for this batch (it may also take the greedy
+        argmax over the first ``greedy_vocab`` ids), else the eager forward.
+        """
+        if use_graphs:
+            res = self.graphs.step(tok, positions, self.cache, greedy_vocab)
+            if res is not None:
+                return res
+        return self.model(tok[:, None], positions[:, None], self.cache, decode=True)[:, 0], None
 
     def _check(self, seqs, out, logp, lo: int, hi: int, stop, on_text, final: bool = False) -> None:
         """Append tokens [lo, hi) of every unfinished sequence and apply EOS, stop strings and streaming."""
