@@ -21,6 +21,8 @@ def cuda_extension():
         print("neox_rt: NEOX_RT_SKIP_CUDA=1, building without the CUDA extension", file=sys.stderr)
         return [], {}
     sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
+    # csrc/standalone/ holds the framework-free compile check and the CMake test program (it has a main()).
+    sources = [s for s in sources if not s.replace(os.sep, "/").startswith("csrc/standalone/")]
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -37,8 +39,8 @@ def cuda_extension():
         name="neox_rt._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"],  # the C++ standard comes from torch (C++20 since 2.10)
+                            "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -171,6 +171,7 @@ OPS: dict[str, Op] = {
     "rotary_kv_write": Op("rotary_kv_write", rotary_kv_write_ref),
     "attention": Op("attention", attention_ref),
     "decode_attention": Op("decode_attention", decode_attention_ref),
+    "scaled_causal_softmax": Op("scaled_causal_softmax", scaled_causal_softmax_ref),
 }
 
 BACKENDS = ("cuda", "triton", "torch")

@@ -1,0 +1,33 @@
+// The single registration point of the neox_rt CUDA ops: schemas (mutated arguments marked with (a!)) in
+// TORCH_LIBRARY, the CUDA kernels in TORCH_LIBRARY_IMPL. Fake (meta) implementations for torch.compile live in
+// neox_rt/cuda_ops.py. Importing neox_rt._C runs these registrations; the module itself has no functions.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops/ops.h"
+
+TORCH_LIBRARY(neox_rt, m) {
+  m.def("scaled_causal_softmax(Tensor scores, Tensor query_positions, float scale) -> Tensor");
+  m.def("rotary_kv_write(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, int rotary_ndims, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float scale) -> Tensor");
+  m.def("layernorm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
+  m.def("dual_layernorm(Tensor x, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, float eps) "
+        "-> (Tensor, Tensor)");
+  m.def("gemv(Tensor x, Tensor weight, Tensor? bias, int activation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
+  m.impl("scaled_causal_softmax", &neox_rt::scaled_causal_softmax);
+  m.impl("rotary_kv_write", &neox_rt::rotary_kv_write);
+  m.impl("decode_attention", &neox_rt::decode_attention);
+  m.impl("layernorm", &neox_rt::layernorm);
+  m.impl("dual_layernorm", &neox_rt::dual_layernorm);
+  m.impl("gemv", &neox_rt::gemv);
+}
+
+// `import neox_rt._C` needs a module init function; the ops are reached through torch.ops.neox_rt.
+static struct PyModuleDef neox_rt_module = {PyModuleDef_HEAD_INIT, "_C", "neox_rt CUDA ops (torch.ops.neox_rt)",
+                                            -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&neox_rt_module); }

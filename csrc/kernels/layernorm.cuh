@@ -1,0 +1,107 @@
+// LayerNorm and the dual LayerNorm of a parallel-residual layer, from one read of x.
+//
+// out = (x - mean) / sqrt(var + eps) * w + b over the last dim; fp32 statistics computed two-pass from
+// registers (mean first, then the centred sum of squares: no cancellation), the input dtype out. The dual
+// form writes LN1(x) and LN2(x) from the same registers. One block per row; each thread keeps up to MAXV
+// vectors of VEC elements (VEC * sizeof(T) = 16 bytes where hidden and alignment allow).
+#pragma once
+
+#include "common.cuh"
+
+namespace neox_rt {
+
+constexpr int kLayerNormMaxVecs = 8;  // vectors per thread held in registers
+
+template <typename T, int VEC, bool DUAL>
+__global__ void layernorm_kernel(const T* __restrict__ x,     // [rows, n]
+                                 const T* __restrict__ w1,    // [n]
+                                 const T* __restrict__ b1,    // [n]
+                                 T* __restrict__ out1,        // [rows, n]
+                                 const T* __restrict__ w2,    // [n] (DUAL only)
+                                 const T* __restrict__ b2,    // [n] (DUAL only)
+                                 T* __restrict__ out2,        // [rows, n] (DUAL only)
+                                 int n, float eps) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const int nvec = n / VEC;
+  const T* xr = x + row * n;
+  float xs[kLayerNormMaxVecs][VEC];
+  float sum = 0.f;
+#pragma unroll
+  for (int r = 0; r < kLayerNormMaxVecs; ++r) {
+    const int c = threadIdx.x + r * blockDim.x;
+    if (c < nvec) {
+      const Vec<T, VEC> v = load_vec<T, VEC>(xr + c * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        xs[r][e] = to_float(v.v[e]);
+        sum += xs[r][e];
+      }
+    }
+  }
+  const float mean = block_sum(sum, scratch) / n;
+  float sq = 0.f;
+#pragma unroll
+  for (int r = 0; r < kLayerNormMaxVecs; ++r) {
+    const int c = threadIdx.x + r * blockDim.x;
+    if (c < nvec) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        xs[r][e] -= mean;
+        sq += xs[r][e] * xs[r][e];
+      }
+    }
+  }
+  const float rstd = rsqrtf(block_sum(sq, scratch) / n + eps);
+#pragma unroll
+  for (int r = 0; r < kLayerNormMaxVecs; ++r) {
+    const int c = threadIdx.x + r * blockDim.x;
+    if (c < nvec) {
+      const Vec<T, VEC> wv = load_vec<T, VEC>(w1 + c * VEC), bv = load_vec<T, VEC>(b1 + c * VEC);
+      Vec<T, VEC> o;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) o.v[e] = from_float<T>(xs[r][e] * rstd * to_float(wv.v[e]) + to_float(bv.v[e]));
+      store_vec<T, VEC>(out1 + row * n + c * VEC, o);
+      if (DUAL) {
+        const Vec<T, VEC> wv2 = load_vec<T, VEC>(w2 + c * VEC), bv2 = load_vec<T, VEC>(b2 + c * VEC);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+          o.v[e] = from_float<T>(xs[r][e] * rstd * to_float(wv2.v[e]) + to_float(bv2.v[e]));
+        store_vec<T, VEC>(out2 + row * n + c * VEC, o);
+      }
+    }
+  }
+}
+
+// Largest hidden size a launch handles with `vec` elements per vector: 1024 threads * MAXV vectors.
+inline int layernorm_max_hidden(int vec) { return 1024 * kLayerNormMaxVecs * vec; }
+
+// vec in {1, 2, 4, 8} must divide n and keep all pointers aligned; n <= layernorm_max_hidden(vec).
+// w2/b2/out2 null for a single LayerNorm.
+template <typename T>
+cudaError_t launch_layernorm(const T* x, const T* w1, const T* b1, T* out1, const T* w2, const T* b2, T* out2,
+                             int64_t rows, int n, float eps, int vec, cudaStream_t stream) {
+  if (rows == 0 || n == 0) return cudaSuccess;
+  if (n % vec != 0 || n > layernorm_max_hidden(vec)) return cudaErrorInvalidValue;
+  const int nvec = n / vec;
+  // Enough threads that each holds at most MAXV vectors; at least 4 warps, whole warps only.
+  int threads = (nvec + kLayerNormMaxVecs - 1) / kLayerNormMaxVecs;
+  threads = ((threads + 31) / 32) * 32;
+  threads = threads < 128 ? 128 : (threads > 1024 ? 1024 : threads);
+  const bool dual = out2 != nullptr;
+#define NEOX_RT_LN(V)                                                                                  \
+  if (dual) layernorm_kernel<T, V, true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(         \
+      x, w1, b1, out1, w2, b2, out2, n, eps);                                                          \
+  else layernorm_kernel<T, V, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(             \
+      x, w1, b1, out1, w2, b2, out2, n, eps);
+  switch (vec) {
+    case 8: NEOX_RT_LN(8) break;
+    case 4: NEOX_RT_LN(4) break;
+    case 2: NEOX_RT_LN(2) break;
+    default: NEOX_RT_LN(1) break;
+  }
+#undef NEOX_RT_LN
+  return cudaGetLastError();
+}
+
+}  // namespace neox_rt

@@ -1,0 +1,271 @@
+// All op launchers in one translation unit (each TU that includes torch costs minutes of host compilation).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kernels/decode_attention.cuh"
+#include "kernels/gemv.cuh"
+#include "kernels/layernorm.cuh"
+#include "kernels/rotary_kv_write.cuh"
+#include "kernels/softmax.cuh"
+#include "ops/ops.h"
+
+namespace neox_rt {
+namespace {
+
+#define CHECK_CUDA(t, name) TORCH_CHECK((t).is_cuda(), "neox_rt: ", name, " must be a CUDA tensor, got ", (t).device())
+#define CHECK_CONTIGUOUS(t, name) \
+  TORCH_CHECK((t).is_contiguous(), "neox_rt: ", name, " must be contiguous (call .contiguous() first)")
+#define CHECK_SAME_DEVICE(a, b, na, nb)                                                                      \
+  TORCH_CHECK((a).device() == (b).device(), "neox_rt: ", na, " is on ", (a).device(), " but ", nb, " is on ", \
+              (b).device())
+#define CHECK_DTYPE(t, dt, name) \
+  TORCH_CHECK((t).scalar_type() == (dt), "neox_rt: ", name, " must be ", dt, ", got ", (t).scalar_type())
+#define CHECK_SHAPE(t, ...)                                                                              \
+  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), "neox_rt: ", #t, " must have shape [",     \
+              at::IntArrayRef({__VA_ARGS__}), "], got ", (t).sizes())
+
+void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "neox_rt: ", name,
+              " must be float16, bfloat16 or float32, got ", dt);
+}
+
+void check_cuda(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "neox_rt: ", op, " launch failed: ", cudaGetErrorString(err));
+}
+
+// Largest vector (elements) of at most 16 bytes that divides every size and keeps every pointer aligned.
+int pick_vec(int64_t elem_size, std::initializer_list<int64_t> sizes, std::initializer_list<const void*> ptrs) {
+  for (int vec = static_cast<int>(16 / elem_size); vec > 1; vec /= 2) {
+    bool ok = true;
+    for (int64_t s : sizes) ok = ok && s % vec == 0;
+    for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % (vec * elem_size) == 0;
+    if (ok) return vec;
+  }
+  return 1;
+}
+
+#define NEOX_RT_DISPATCH_FLOAT(dtype, name, ...)                                   \
+  [&] {                                                                          \
+    switch (dtype) {                                                             \
+      case at::kHalf: { using scalar_t = __half; return __VA_ARGS__(); }          \
+      case at::kBFloat16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); } \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }          \
+      default: TORCH_CHECK(false, "neox_rt: ", name, ": unsupported dtype ", dtype); \
+    }                                                                            \
+  }()
+
+template <typename T>
+T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+}  // namespace
+
+at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& query_positions, double scale) {
+  CHECK_CUDA(scores, "scores");
+  CHECK_SAME_DEVICE(scores, query_positions, "scores", "query_positions");
+  CHECK_CONTIGUOUS(scores, "scores");
+  CHECK_CONTIGUOUS(query_positions, "query_positions");
+  check_float_dtype(scores, "scores");
+  CHECK_DTYPE(query_positions, at::kLong, "query_positions");
+  TORCH_CHECK(scores.dim() == 4, "neox_rt: scores must be [b, nh, s, t], got ", scores.sizes());
+  const int64_t b = scores.size(0), nh = scores.size(1), s = scores.size(2), t = scores.size(3);
+  CHECK_SHAPE(query_positions, b, s);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  auto out = at::empty_like(scores);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  NEOX_RT_DISPATCH_FLOAT(scores.scalar_type(), "scaled_causal_softmax", [&] {
+    check_cuda(launch_scaled_causal_softmax<scalar_t>(ptr<scalar_t>(scores), ptr<int64_t>(query_positions),
+                                                      ptr<scalar_t>(out), b, nh, s, t, static_cast<float>(scale),
+                                                      stream),
+               "scaled_causal_softmax");
+  });
+  return out;
+}
+
+at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                           const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache, at::Tensor& v_cache) {
+  CHECK_CUDA(qkv, "qkv");
+  CHECK_SAME_DEVICE(qkv, positions, "qkv", "positions");
+  CHECK_SAME_DEVICE(qkv, cos, "qkv", "cos");
+  CHECK_SAME_DEVICE(qkv, sin, "qkv", "sin");
+  CHECK_SAME_DEVICE(qkv, k_cache, "qkv", "k_cache");
+  CHECK_SAME_DEVICE(qkv, v_cache, "qkv", "v_cache");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qkv, &positions, &cos, &sin, &k_cache, &v_cache})
+    TORCH_CHECK(t->is_contiguous(), "neox_rt: rotary_kv_write needs contiguous qkv, positions, cos, sin and caches");
+  check_float_dtype(qkv, "qkv");
+  CHECK_DTYPE(positions, at::kLong, "positions");
+  CHECK_DTYPE(cos, at::kFloat, "cos");
+  CHECK_DTYPE(sin, at::kFloat, "sin");
+  CHECK_DTYPE(k_cache, qkv.scalar_type(), "k_cache");
+  CHECK_DTYPE(v_cache, qkv.scalar_type(), "v_cache");
+  TORCH_CHECK(qkv.dim() == 3, "neox_rt: qkv must be [b, s, nh*3*hd], got ", qkv.sizes());
+  TORCH_CHECK(k_cache.dim() == 4, "neox_rt: k_cache must be [B, nh, T, hd], got ", k_cache.sizes());
+  const int64_t b = qkv.size(0), s = qkv.size(1), nh = k_cache.size(1), cap = k_cache.size(2),
+                hd = k_cache.size(3);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "neox_rt: v_cache ", v_cache.sizes(), " must match k_cache ",
+              k_cache.sizes());
+  TORCH_CHECK(k_cache.size(0) >= b, "neox_rt: the cache has ", k_cache.size(0), " rows but the batch is ", b);
+  TORCH_CHECK(qkv.size(2) == nh * 3 * hd, "neox_rt: qkv last dim ", qkv.size(2), " != nh*3*hd = ", nh * 3 * hd,
+              " (nh, hd from the cache)");
+  CHECK_SHAPE(positions, b, s);
+  TORCH_CHECK(rotary_ndims >= 0 && rotary_ndims <= hd && rotary_ndims % 2 == 0, "neox_rt: rotary_ndims ",
+              rotary_ndims, " must be even and in [0, head_dim=", hd, "]");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == rotary_ndims / 2 && sin.sizes() == cos.sizes(),
+              "neox_rt: cos and sin must be [max_pos, rotary_ndims/2=", rotary_ndims / 2, "], got ", cos.sizes(),
+              " and ", sin.sizes());
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  auto q = at::empty({b, s, nh, hd}, qkv.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int vec = pick_vec(qkv.element_size(), {hd, rotary_ndims / 2 == 0 ? hd : rotary_ndims / 2},
+                           {qkv.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()});
+  NEOX_RT_DISPATCH_FLOAT(qkv.scalar_type(), "rotary_kv_write", [&] {
+    check_cuda(launch_rotary_kv_write<scalar_t>(ptr<scalar_t>(qkv), ptr<int64_t>(positions), ptr<float>(cos),
+                                                ptr<float>(sin), ptr<scalar_t>(q), ptr<scalar_t>(k_cache),
+                                                ptr<scalar_t>(v_cache), b, s, nh, hd, rotary_ndims, cap,
+                                                cos.size(0), vec, stream),
+               "rotary_kv_write");
+  });
+  return q;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& seqlens, double scale) {
+  CHECK_CUDA(q, "q");
+  CHECK_SAME_DEVICE(q, k_cache, "q", "k_cache");
+  CHECK_SAME_DEVICE(q, v_cache, "q", "v_cache");
+  CHECK_SAME_DEVICE(q, seqlens, "q", "seqlens");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache, &seqlens})
+    TORCH_CHECK(t->is_contiguous(), "neox_rt: decode_attention needs contiguous q, caches and seqlens");
+  check_float_dtype(q, "q");
+  CHECK_DTYPE(k_cache, q.scalar_type(), "k_cache");
+  CHECK_DTYPE(v_cache, q.scalar_type(), "v_cache");
+  CHECK_DTYPE(seqlens, at::kLong, "seqlens");
+  TORCH_CHECK(q.dim() == 3, "neox_rt: q must be [b, nh, hd], got ", q.sizes());
+  const int64_t b = q.size(0), nh = q.size(1), hd = q.size(2);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) >= b && k_cache.size(1) == nh && k_cache.size(3) == hd,
+              "neox_rt: k_cache must be [B >= ", b, ", ", nh, ", T, ", hd, "], got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "neox_rt: v_cache ", v_cache.sizes(), " must match k_cache ",
+              k_cache.sizes());
+  TORCH_CHECK(hd == 32 || hd == 64 || hd == 80 || hd == 96 || hd == 128 || hd == 256,
+              "neox_rt: decode_attention supports head sizes 32, 64, 80, 96, 128, 256; got ", hd);
+  CHECK_SHAPE(seqlens, b);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t cap = k_cache.size(2);
+  // Split length from the capacity and the device only (never from seqlens: no host sync, graph-capturable):
+  // aim for about two blocks per SM over the whole cache, 64..512 keys per split.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want_splits = std::max<int64_t>(1, (2 * sms + b * nh - 1) / std::max<int64_t>(1, b * nh));
+  int64_t split_len = (cap + want_splits - 1) / want_splits;
+  split_len = std::min<int64_t>(512, std::max<int64_t>(64, (split_len + 31) / 32 * 32));
+  const int splits = decode_attention_splits(cap, static_cast<int>(split_len));
+  auto out = at::empty_like(q);
+  auto part_out = at::empty({b * nh * std::max(splits, 1) * hd}, q.options().dtype(at::kFloat));
+  auto part_ml = at::empty({b * nh * std::max(splits, 1) * 2}, q.options().dtype(at::kFloat));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  NEOX_RT_DISPATCH_FLOAT(q.scalar_type(), "decode_attention", [&] {
+    check_cuda(launch_decode_attention<scalar_t>(ptr<scalar_t>(q), ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache),
+                                                 ptr<int64_t>(seqlens), ptr<scalar_t>(out), ptr<float>(part_out),
+                                                 ptr<float>(part_ml), b, nh, hd, cap, static_cast<int>(split_len),
+                                                 static_cast<float>(scale), stream),
+               "decode_attention");
+  });
+  return out;
+}
+
+namespace {
+
+void layernorm_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, at::Tensor& out1,
+                    const at::Tensor* w2, const at::Tensor* b2, at::Tensor* out2, double eps) {
+  CHECK_CUDA(x, "x");
+  CHECK_CONTIGUOUS(x, "x");
+  check_float_dtype(x, "x");
+  TORCH_CHECK(x.dim() >= 1, "neox_rt: layernorm needs x [..., hidden]");
+  const int64_t n = x.size(-1);
+  for (const at::Tensor* p : {&w1, &b1, w2, b2}) {
+    if (p == nullptr) continue;
+    CHECK_SAME_DEVICE(x, *p, "x", "a LayerNorm weight/bias");
+    CHECK_CONTIGUOUS(*p, "a LayerNorm weight/bias");
+    CHECK_DTYPE(*p, x.scalar_type(), "a LayerNorm weight/bias (same dtype as x)");
+    TORCH_CHECK(p->dim() == 1 && p->size(0) == n, "neox_rt: LayerNorm weight/bias must be [", n, "], got ",
+                p->sizes());
+  }
+  const int vec = pick_vec(x.element_size(), {n},
+                           {x.data_ptr(), w1.data_ptr(), b1.data_ptr(), out1.data_ptr(),
+                            w2 ? w2->data_ptr() : nullptr, b2 ? b2->data_ptr() : nullptr,
+                            out2 ? out2->data_ptr() : nullptr});
+  TORCH_CHECK(n <= layernorm_max_hidden(vec), "neox_rt: layernorm supports hidden <= ", layernorm_max_hidden(vec),
+              " at this alignment, got ", n);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  NEOX_RT_DISPATCH_FLOAT(x.scalar_type(), "layernorm", [&] {
+    check_cuda(launch_layernorm<scalar_t>(ptr<scalar_t>(x), ptr<scalar_t>(w1), ptr<scalar_t>(b1), ptr<scalar_t>(out1),
+                                          w2 ? ptr<scalar_t>(*w2) : nullptr, b2 ? ptr<scalar_t>(*b2) : nullptr,
+                                          out2 ? ptr<scalar_t>(*out2) : nullptr, rows, static_cast<int>(n),
+                                          static_cast<float>(eps), vec, stream),
+               "layernorm");
+  });
+}
+
+}  // namespace
+
+at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  layernorm_impl(x, weight, bias, out, nullptr, nullptr, nullptr, eps);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at::Tensor& weight1,
+                                                  const at::Tensor& bias1, const at::Tensor& weight2,
+                                                  const at::Tensor& bias2, double eps) {
+  auto out1 = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto out2 = at::empty_like(x, at::MemoryFormat::Contiguous);
+  layernorm_impl(x, weight1, bias1, out1, &weight2, &bias2, &out2, eps);
+  return {out1, out2};
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                int64_t activation) {
+  CHECK_CUDA(x, "x");
+  CHECK_SAME_DEVICE(x, weight, "x", "weight");
+  CHECK_CONTIGUOUS(x, "x");
+  CHECK_CONTIGUOUS(weight, "weight");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "neox_rt: gemv supports float16 and bfloat16, got ", x.scalar_type());
+  CHECK_DTYPE(weight, x.scalar_type(), "weight");
+  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), "neox_rt: gemv needs x [..., k] and ",
+              "weight [n, k]; got x ", x.sizes(), " and weight ", weight.sizes());
+  const int64_t k = x.size(-1), n = weight.size(0), m = k == 0 ? 0 : x.numel() / k;
+  TORCH_CHECK(m <= gemv_max_rows(), "neox_rt: gemv handles at most ", gemv_max_rows(), " rows of x, got ", m,
+              " (use F.linear)");
+  TORCH_CHECK(k % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
+              "neox_rt: gemv needs in_features % 8 == 0 and 16-byte aligned x and weight");
+  TORCH_CHECK(activation >= 0 && activation <= 3, "neox_rt: gemv activation must be 0 (none), 1 (gelu erf), ",
+              "2 (gelu tanh) or 3 (relu), got ", activation);
+  if (bias.has_value()) {
+    CHECK_SAME_DEVICE(x, *bias, "x", "bias");
+    CHECK_CONTIGUOUS(*bias, "bias");
+    CHECK_DTYPE(*bias, x.scalar_type(), "bias");
+    CHECK_SHAPE(*bias, n);
+  }
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty(out_shape, x.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto run = [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    check_cuda(launch_gemv<scalar_t>(ptr<scalar_t>(x), ptr<scalar_t>(weight),
+                                     bias.has_value() ? ptr<scalar_t>(*bias) : nullptr, ptr<scalar_t>(y),
+                                     static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
+                                     static_cast<int>(activation), stream),
+               "gemv");
+  };
+  if (x.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
+  else run(static_cast<__nv_bfloat16*>(nullptr));
+  return y;
+}
+
+}  // namespace neox_rt

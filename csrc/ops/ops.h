@@ -1,0 +1,33 @@
+// Launchers of the neox_rt CUDA ops (defined in ops.cu, registered in bindings.cpp). Each checks its inputs,
+// sets the device guard and the current stream, and dispatches on dtype to the kernels in csrc/kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace neox_rt {
+
+// softmax(scale * scores) over keys with key j > query_positions[b, s] masked. scores [b, nh, s, t].
+at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& query_positions, double scale);
+
+// Rotary on q, k + cache write of k, v. qkv [b, s, nh*3*hd] -> q [b, s, nh, hd]; mutates k_cache, v_cache.
+at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                           const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache, at::Tensor& v_cache);
+
+// One query per sequence over its first seqlens[i] slots. q [b, nh, hd] -> [b, nh, hd].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& seqlens, double scale);
+
+at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+
+std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at::Tensor& weight1,
+                                                  const at::Tensor& bias1, const at::Tensor& weight2,
+                                                  const at::Tensor& bias2, double eps);
+
+// act(x @ weight.T + bias) for x with <= 16 rows; activation 0 none, 1 gelu (erf), 2 gelu (tanh), 3 relu.
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                int64_t activation);
+
+}  // namespace neox_rt

@@ -1,0 +1,266 @@
+"""The ``cuda`` backend: ops of the CUDA extension ``neox_rt._C`` (sources in csrc/) in the op table.
+
+:func:`register_all` imports the extension (its import registers ``torch.ops.neox_rt.*`` through
+``torch.library``), adds fake implementations so the ops trace under ``torch.compile``, and registers each op
+with :func:`neox_rt.ops.register` together with a cheap ``supports(*args)`` predicate; calls it rejects run
+the PyTorch reference. ``python -m neox_rt.cuda_ops bench`` times the GEMV against cuBLAS (the numbers that
+set :data:`GEMV_MAX_ROWS`).
+"""
+from __future__ import annotations
+
+import torch
+
+from neox_rt import ops
+
+# Extension ops and their activation codes (csrc/kernels/gemv.cuh).
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_fast": 2, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
+DECODE_HEAD_SIZES = (32, 64, 80, 96, 128, 256)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The GEMV kernel replaces cuBLAS only for x with at most this many rows: it streams W once and reuses it for
+# every row, but re-reads x per output pair, so cuBLAS wins as rows grow. Set from `python -m neox_rt.cuda_ops
+# bench` on H100; the kernel itself handles up to 16 rows.
+GEMV_MAX_ROWS = 4
+LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
+
+_fakes_registered = False
+
+
+def load_extension():
+    """Import ``neox_rt._C``; ImportError with the build command if it was not built."""
+    try:
+        import neox_rt._C  # noqa: F401  (registers torch.ops.neox_rt.*)
+    except ImportError as e:
+        raise ImportError(
+            "the CUDA extension neox_rt._C is not built (build it on a machine with nvcc and a CUDA torch: "
+            "`TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation --no-deps -e .`)"
+        ) from e
+    _register_fakes()
+    return torch.ops.neox_rt
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations so the ops work with fake/meta tensors (torch.compile, opcheck)."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    lib = torch.library
+
+    @lib.register_fake("neox_rt::scaled_causal_softmax")
+    def _(scores, query_positions, scale):
+        return torch.empty_like(scores)
+
+    @lib.register_fake("neox_rt::rotary_kv_write")
+    def _(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
+        b, s, _ = qkv.shape
+        return qkv.new_empty(b, s, k_cache.shape[1], k_cache.shape[3])
+
+    @lib.register_fake("neox_rt::decode_attention")
+    def _(q, k_cache, v_cache, seqlens, scale):
+        return torch.empty_like(q)
+
+    @lib.register_fake("neox_rt::layernorm")
+    def _(x, weight, bias, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @lib.register_fake("neox_rt::dual_layernorm")
+    def _(x, weight1, bias1, weight2, bias2, eps):
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.empty_like(x, memory_format=torch.contiguous_format))
+
+    @lib.register_fake("neox_rt::gemv")
+    def _(x, weight, bias, activation):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    _fakes_registered = True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Implementations with the reference signatures of neox_rt.ops
+# ----------------------------------------------------------------------------------------------------
+
+def layernorm(x, weight, bias, eps):
+    return torch.ops.neox_rt.layernorm(x, weight, bias, float(eps))
+
+
+def dual_layernorm(x, weight1, bias1, weight2, bias2, eps):
+    return tuple(torch.ops.neox_rt.dual_layernorm(x, weight1, bias1, weight2, bias2, float(eps)))
+
+
+def linear(x, weight, bias=None, activation=None):
+    return torch.ops.neox_rt.gemv(x, weight, bias, ACTIVATIONS[activation])
+
+
+def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
+    return torch.ops.neox_rt.rotary_kv_write(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache)
+
+
+def decode_attention(q, k_cache, v_cache, seqlens, scale):
+    return torch.ops.neox_rt.decode_attention(q, k_cache, v_cache, seqlens, float(scale))
+
+
+def scaled_causal_softmax(scores, query_positions, scale):
+    return torch.ops.neox_rt.scaled_causal_softmax(scores, query_positions, float(scale))
+
+
+def attention(q, k_cache, v_cache, positions, scale):
+    """Prefill attention: QK^T and PV through cuBLAS (fp32 accumulation), the fused causal softmax between.
+
+    Like the reference it reads only the first max(positions) + 1 cache slots (one host sync: prefill is not
+    graph-captured). q [b, s, nh, hd] -> [b, s, nh, hd].
+    """
+    b = q.shape[0]
+    t = int(positions.max().item()) + 1
+    k = k_cache[:b, :, :t]  # [b, nh, t, hd]
+    v = v_cache[:b, :, :t]
+    scores = torch.matmul(q.transpose(1, 2), k.transpose(-1, -2))  # [b, nh, s, t]
+    probs = torch.ops.neox_rt.scaled_causal_softmax(scores, positions.contiguous(), float(scale))
+    return torch.matmul(probs, v).transpose(1, 2)  # [b, s, nh, hd]
+
+
+# ----------------------------------------------------------------------------------------------------
+# supports(): cheap checks on the arguments, no device work
+# ----------------------------------------------------------------------------------------------------
+
+def _cuda_float(t: torch.Tensor, dtypes=FLOAT_DTYPES) -> bool:
+    return t.is_cuda and t.dtype in dtypes and t.is_contiguous()
+
+
+def _aligned16(*ts) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in ts)
+
+
+def supports_layernorm(x, weight, bias, eps=1e-5, *rest) -> bool:
+    """CUDA float x contiguous, weight/bias [hidden] of x's dtype; hidden fits the register-resident row."""
+    n = x.shape[-1] if x.dim() else 0
+    if not (_cuda_float(x) and n > 0):
+        return False
+    params = (weight, bias) + tuple(t for t in rest if isinstance(t, torch.Tensor))
+    if not all(p.dtype == x.dtype and p.is_contiguous() and p.shape == (n,) and p.device == x.device
+               for p in params):
+        return False
+    vec = 16 // x.element_size()
+    if n % vec == 0 and _aligned16(x, *params):
+        return n <= 1024 * 8 * vec
+    return n <= LAYERNORM_MAX_HIDDEN_UNALIGNED
+
+
+def supports_dual_layernorm(x, weight1, bias1, weight2, bias2, eps=1e-5) -> bool:
+    return supports_layernorm(x, weight1, bias1, eps, weight2, bias2)
+
+
+def supports_linear(x, weight, bias=None, activation=None) -> bool:
+    """fp16/bf16 CUDA, contiguous, at most GEMV_MAX_ROWS rows, in_features % 8 == 0, 16-byte aligned."""
+    if activation not in ACTIVATIONS or not _cuda_float(x, (torch.float16, torch.bfloat16)):
+        return False
+    k = x.shape[-1]
+    if k == 0 or k % 8 or x.numel() // k > GEMV_MAX_ROWS:
+        return False
+    if not (weight.dtype == x.dtype and weight.is_contiguous() and weight.dim() == 2 and weight.shape[1] == k):
+        return False
+    if bias is not None and not (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == weight.shape[:1]):
+        return False
+    return _aligned16(x, weight)
+
+
+def supports_rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache) -> bool:
+    """CUDA float, everything contiguous, caches of qkv's dtype, int64 positions, fp32 tables."""
+    return (_cuda_float(qkv) and k_cache.dtype == qkv.dtype and v_cache.dtype == qkv.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and positions.dtype == torch.int64
+            and positions.is_contiguous() and cos.dtype == torch.float32 and sin.dtype == torch.float32
+            and cos.is_contiguous() and sin.is_contiguous() and rotary_ndims % 2 == 0)
+
+
+def supports_decode_attention(q, k_cache, v_cache, seqlens, scale) -> bool:
+    """CUDA float q [b, nh, hd] with hd in DECODE_HEAD_SIZES, contiguous caches of q's dtype, int64 seqlens."""
+    return (_cuda_float(q) and q.dim() == 3 and q.shape[-1] in DECODE_HEAD_SIZES
+            and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and seqlens.dtype == torch.int64 and seqlens.is_contiguous())
+
+
+def supports_attention(q, k_cache, v_cache, positions, scale) -> bool:
+    """CUDA float q, caches of q's dtype, int64 positions."""
+    return (q.is_cuda and q.dtype in FLOAT_DTYPES and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+            and positions.dtype == torch.int64)
+
+
+def supports_scaled_causal_softmax(scores, query_positions, scale) -> bool:
+    """CUDA float scores [b, nh, s, t] contiguous, int64 positions."""
+    return _cuda_float(scores) and scores.dim() == 4 and query_positions.dtype == torch.int64
+
+
+IMPLS = {
+    "layernorm": (layernorm, supports_layernorm),
+    "dual_layernorm": (dual_layernorm, supports_dual_layernorm),
+    "linear": (linear, supports_linear),
+    "rotary_kv_write": (rotary_kv_write, supports_rotary_kv_write),
+    "decode_attention": (decode_attention, supports_decode_attention),
+    "attention": (attention, supports_attention),
+    "scaled_causal_softmax": (scaled_causal_softmax, supports_scaled_causal_softmax),
+}
+
+
+def register_all() -> None:
+    """Register every extension op in :data:`neox_rt.ops.OPS` (ImportError if the extension is missing)."""
+    load_extension()
+    for name, (impl, supports) in IMPLS.items():
+        if name in ops.OPS:
+            ops.register(name, impl, supports, "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark: GEMV vs cuBLAS (python -m neox_rt.cuda_ops bench [--out FILE])
+# ----------------------------------------------------------------------------------------------------
+
+def _time_ms(fn, iters=50, warmup=10) -> float:
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s_, e_ in zip(starts, ends):
+        s_.record()
+        fn()
+        e_.record()
+    torch.cuda.synchronize()
+    return sorted(s_.elapsed_time(e_) for s_, e_ in zip(starts, ends))[iters // 2]
+
+
+def bench(out: str | None = None) -> list[dict]:
+    """Median time (CUDA events, L2 warm) of the GEMV and F.linear over the model's linear shapes."""
+    import json
+    import torch.nn.functional as F
+    load_extension()
+    shapes = {  # (out, in) of the linears of pythia-1.4b, pythia-6.9b and 20B (TP=1)
+        "1.4b qkv": (6144, 2048), "1.4b h->4h": (8192, 2048), "1.4b 4h->h": (2048, 8192),
+        "6.9b qkv": (12288, 4096), "6.9b h->4h": (16384, 4096), "6.9b 4h->h": (4096, 16384),
+        "20b qkv": (18432, 6144), "20b h->4h": (24576, 6144), "20b 4h->h": (6144, 24576),
+        "lm head 6.9b": (50432, 4096),
+    }
+    rows = []
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        bias = torch.randn(n, device="cuda", dtype=torch.float16) * 0.02
+        for m in (1, 2, 4, 8, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t_kernel = _time_ms(lambda: torch.ops.neox_rt.gemv(x, w, bias, 1))
+            t_cublas = _time_ms(lambda: F.gelu(F.linear(x, w, bias)))
+            rows.append(dict(shape=name, m=m, n=n, k=k, gemv_ms=t_kernel, cublas_ms=t_cublas,
+                             gemv_gbps=w.numel() * 2 / t_kernel / 1e6, speedup=t_cublas / t_kernel))
+    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+                l2="warm", rows=rows)
+    if out:
+        with open(out, "w") as f:
+            json.dump(info, f, indent=1)
+    print(f"{'shape':14s} {'m':>3s} {'gemv ms':>9s} {'cublas ms':>9s} {'GB/s':>7s} {'speedup':>7s}")
+    for r in rows:
+        print(f"{r['shape']:14s} {r['m']:3d} {r['gemv_ms']:9.4f} {r['cublas_ms']:9.4f} {r['gemv_gbps']:7.0f} "
+              f"{r['speedup']:7.2f}")
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=["bench"])
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    a = p.parse_args()
+    bench(a.out)

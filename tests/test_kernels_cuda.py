@@ -1,0 +1,363 @@
+"""The CUDA extension ``neox_rt._C`` against the references in neox_rt/ops.py.
+
+GPU tests (``@pytest.mark.gpu``) compare every kernel with its reference on awkward shapes. Tolerance rule
+(house style): the kernel's max error against an fp64 reference is at most twice PyTorch's own error at the
+same dtype (the reference op, or plain torch math, run on the same low-precision inputs); pure data movement
+must be exact. Outputs are NaN-poisoned before each call; inputs are random, never zero. CPU tests check the
+sources of the compile check exist and that a missing extension falls back to torch with one warning.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neox_rt import ops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_HEADERS = ["common.cuh", "softmax.cuh", "rotary_kv_write.cuh", "decode_attention.cuh", "layernorm.cuh",
+                  "gemv.cuh"]
+DTYPES = [torch.float16, torch.bfloat16]
+HEAD_SIZES = [32, 64, 80, 96, 128, 256]
+ROTARY = {32: 8, 64: 16, 80: 20, 96: 24, 128: 32, 256: 64}  # rotary_pct 0.25 as in the family
+CACHE_LENGTHS = [1, 17, 2047, 4096]
+SEQ_LENGTHS = [1, 7, 83]
+HIDDEN = [512, 1000, 2560, 6144, 7]  # 1000 / 7: not a multiple of the vector width
+GEMV_SHAPES = [(1, 2048, 6144), (1, 6144, 24576), (3, 4096, 4096), (16, 256, 1024), (5, 331, 2560)]  # (m, out, in)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU tests (run in CI)
+# ----------------------------------------------------------------------------------------------------
+
+def test_compile_check_sources_exist():
+    check = os.path.join(REPO, "csrc", "standalone", "compile_check.cu")
+    script = os.path.join(REPO, "scripts", "compile_cuda.sh")
+    assert os.access(script, os.X_OK), "scripts/compile_cuda.sh must be executable (.ci/run calls it)"
+    text = open(check).read()
+    for h in KERNEL_HEADERS[1:]:
+        assert os.path.isfile(os.path.join(REPO, "csrc", "kernels", h)), h
+        assert f'#include "kernels/{h}"' in text, f"compile_check.cu does not include {h}"
+    for f in ("csrc/bindings.cpp", "csrc/ops/ops.cu", "csrc/ops/ops.h", "CMakeLists.txt"):
+        assert os.path.isfile(os.path.join(REPO, f)), f
+    # Every op registered in bindings.cpp has a Python wrapper and a fake implementation.
+    bindings = open(os.path.join(REPO, "csrc", "bindings.cpp")).read()
+    cuda_ops_src = open(os.path.join(REPO, "neox_rt", "cuda_ops.py")).read()
+    for name in ("scaled_causal_softmax", "rotary_kv_write", "decode_attention", "layernorm", "dual_layernorm",
+                 "gemv"):
+        assert f'm.impl("{name}"' in bindings
+        assert f'register_fake("neox_rt::{name}")' in cuda_ops_src
+
+
+def _extension_built() -> bool:
+    try:
+        import neox_rt._C  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(_extension_built(), reason="the extension is built here; the fallback needs it missing")
+def test_missing_extension_falls_back_with_one_warning(caplog):
+    ops.reset()
+    try:
+        with caplog.at_level(logging.WARNING, logger="neox_rt"):
+            assert ops.select_backend("cuda") == "torch"
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert "cuda backend unavailable" in warnings[0].getMessage()
+        assert "neox_rt._C" in warnings[0].getMessage()
+        assert all(op.impl is None for op in ops.OPS.values())
+    finally:
+        ops.reset()
+
+
+def test_supports_rejects_cpu_tensors():
+    from neox_rt import cuda_ops
+    x = torch.randn(2, 64)
+    w = torch.randn(64)
+    assert not cuda_ops.supports_layernorm(x, w, w, 1e-5)
+    assert not cuda_ops.supports_linear(x.half(), torch.randn(8, 64).half())
+    q = torch.randn(1, 2, 64)
+    cache = torch.randn(1, 2, 8, 64)
+    assert not cuda_ops.supports_decode_attention(q, cache, cache, torch.tensor([3]), 0.1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU tests
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ext():
+    from neox_rt import cuda_ops
+    try:
+        return cuda_ops.load_extension()
+    except ImportError as e:
+        pytest.fail(f"extension not built on the GPU machine: {e}")
+
+
+def rand(*shape, dtype=torch.float16, scale=1.0, device="cuda"):
+    """Random normal values, never zero (zeros hide missing writes and wrong scales)."""
+    x = torch.randn(*shape, device=device, dtype=torch.float64) * scale
+    x = torch.where(x.abs() < 1e-3, torch.full_like(x, 1e-3), x)
+    return x.to(dtype)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_by_rule(out, ref64, torch_out, what):
+    """Kernel error vs fp64 at most 2x PyTorch's own error at the same dtype, and every element finite."""
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (unwritten poisoned element?)"
+    e_kernel, e_torch = max_err(out, ref64), max_err(torch_out, ref64)
+    # Floor: when PyTorch happens to be exact, allow one rounding step of the output dtype.
+    floor = torch.finfo(out.dtype).eps * ref64.abs().max().item()
+    assert e_kernel <= 2 * e_torch + floor, f"{what}: error {e_kernel:.3g} > 2 x torch {e_torch:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 17, 2047, 4096])
+@pytest.mark.parametrize("s", [1, 7])
+def test_scaled_causal_softmax(ext, dtype, t, s):
+    b, nh, scale = 2, 3, 0.125
+    scores = rand(b, nh, s, t, dtype=dtype, scale=8.0)
+    # Queries at the end of the rows, and one row offset so that part of a row is masked past s.
+    qpos = (torch.arange(s, device="cuda") + max(t - s, 0))[None].repeat(b, 1)
+    qpos[1] -= min(qpos[1].min().item(), 3)
+    out = ext.scaled_causal_softmax(scores, qpos, scale)
+    ref64 = ops.scaled_causal_softmax_ref(scores.double(), qpos, scale)
+    mask = torch.arange(t, device="cuda")[None, None, None, :] > qpos[:, None, :, None]
+    native = torch.softmax((scores * scale).masked_fill(mask, float("-inf")), dim=-1)  # torch at dtype
+    assert out.dtype == dtype and out.shape == scores.shape
+    assert_by_rule(out, ref64, native, f"softmax t={t} s={s}")
+    assert (out.masked_select(mask) == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", HEAD_SIZES)
+@pytest.mark.parametrize("s", SEQ_LENGTHS)
+def test_rotary_kv_write(ext, dtype, hd, s):
+    b, nh, B, T, max_pos = 3, 4, 4, 160, 256
+    rd = ROTARY[hd]
+    cos, sin = ops.rotary_tables(rd, max_pos, 10000.0, "cuda")
+    qkv = rand(b, s, nh * 3 * hd, dtype=dtype)
+    positions = torch.arange(s, device="cuda")[None] + torch.tensor([0, 5, 70], device="cuda")[:, None]  # [b, s]
+    k_cache = torch.full((B, nh, T, hd), float("nan"), device="cuda", dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q = ext.rotary_kv_write(qkv, positions, cos, sin, rd, k_cache, v_cache)
+    q_ref = ops.rotary_kv_write_ref(qkv, positions, cos, sin, rd, k_ref, v_ref)
+    k64, v64 = k_ref.double(), v_ref.double()
+    q64 = ops.rotary_kv_write_ref(qkv.double(), positions, cos.double(), sin.double(), rd, k64, v64)
+    assert q.shape == (b, s, nh, hd) and q.dtype == dtype
+    assert_by_rule(q, q64, q_ref, f"rotary q hd={hd}")
+    written = ~torch.isnan(k_ref)
+    assert torch.equal(written, ~torch.isnan(k_cache)), "k written at the wrong slots"
+    assert torch.equal(torch.isnan(v_cache), torch.isnan(v_ref)), "v written at the wrong slots"
+    assert_by_rule(k_cache[written], k64[written], k_ref[written], f"rotary k hd={hd}")
+    assert torch.equal(v_cache[written], v_ref[written]), "v is pure data movement: must be exact"
+
+
+@pytest.mark.gpu
+def test_rotary_kv_write_strided_vectors(ext):
+    """rotary_ndims/2 not a multiple of 8 (2.8b: 10) and rotary on the whole head."""
+    for hd, rd in ((80, 20), (64, 64), (96, 0)):
+        cos, sin = ops.rotary_tables(rd, 64, 10000.0, "cuda")
+        qkv = rand(1, 5, 2 * 3 * hd)
+        pos = torch.arange(5, device="cuda")[None]
+        kc, vc = (torch.full((1, 2, 8, hd), float("nan"), device="cuda", dtype=torch.float16) for _ in range(2))
+        kr, vr = kc.clone(), vc.clone()
+        q = ext.rotary_kv_write(qkv, pos, cos, sin, rd, kc, vc)
+        qr = ops.rotary_kv_write_ref(qkv, pos, cos, sin, rd, kr, vr)
+        # fp32 math in both; at most a one-ulp difference from fused multiply-adds
+        torch.testing.assert_close(q, qr, atol=0, rtol=2 ** -10)
+        torch.testing.assert_close(kc, kr, atol=0, rtol=2 ** -10, equal_nan=True)
+        assert torch.equal(vc.nan_to_num(), vr.nan_to_num())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", HEAD_SIZES)
+@pytest.mark.parametrize("T", CACHE_LENGTHS)
+def test_decode_attention(ext, dtype, hd, T):
+    b, nh, B = 3, 4, 4
+    q = rand(b, nh, hd, dtype=dtype)
+    k_cache = rand(B, nh, T, hd, dtype=dtype)
+    v_cache = rand(B, nh, T, hd, dtype=dtype)
+    seqlens = torch.tensor([T, max(1, T // 2 + 1), max(1, T - 3)], device="cuda")
+    out = ext.decode_attention(q, k_cache, v_cache, seqlens, hd ** -0.5)
+    ref = ops.decode_attention_ref(q, k_cache, v_cache, seqlens, hd ** -0.5)
+    ref64 = ops.decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), seqlens, hd ** -0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_by_rule(out, ref64, ref, f"decode hd={hd} T={T}")
+
+
+@pytest.mark.gpu
+def test_decode_attention_cuda_graph(ext):
+    """Captured once, replayed with other seqlens: no host sync, grid independent of seqlens."""
+    q = rand(2, 4, 96)
+    kc, vc = rand(2, 4, 600, 96), rand(2, 4, 600, 96)
+    seqlens = torch.tensor([5, 9], device="cuda")
+    ext.decode_attention(q, kc, vc, seqlens, 0.1)  # warm up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ext.decode_attention(q, kc, vc, seqlens, 0.1)
+    for lens in ([1, 600], [333, 77]):
+        seqlens.copy_(torch.tensor(lens))
+        g.replay()
+        ref = ops.decode_attention_ref(q, kc, vc, seqlens, 0.1)
+        ref64 = ops.decode_attention_ref(q.double(), kc.double(), vc.double(), seqlens, 0.1)
+        assert_by_rule(out, ref64, ref, f"graph replay {lens}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", HIDDEN)
+@pytest.mark.parametrize("rows", [1, 13])
+def test_layernorm_and_dual(ext, dtype, n, rows):
+    x = rand(rows, n, dtype=dtype, scale=3.0) + 2  # a mean far from zero
+    w1, b1, w2, b2 = (rand(n, dtype=dtype) for _ in range(4))
+    out = ext.layernorm(x, w1, b1, 1e-5)
+    ref = ops.layernorm_ref(x, w1, b1, 1e-5)
+    ref64 = ops.layernorm_ref(x.double(), w1.double(), b1.double(), 1e-5)
+    assert out.dtype == dtype
+    assert_by_rule(out, ref64, ref, f"layernorm n={n}")
+    o1, o2 = ext.dual_layernorm(x, w1, b1, w2, b2, 1e-5)
+    assert torch.equal(o1, out)
+    ref2 = ops.layernorm_ref(x, w2, b2, 1e-5)
+    assert_by_rule(o2, ops.layernorm_ref(x.double(), w2.double(), b2.double(), 1e-5), ref2, f"dual n={n}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", GEMV_SHAPES)
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_fast"])
+def test_gemv(ext, dtype, m, n, k, activation):
+    from neox_rt.cuda_ops import ACTIVATIONS
+    x = rand(m, k, dtype=dtype)
+    w = rand(n, k, dtype=dtype, scale=k ** -0.5)
+    bias = rand(n, dtype=dtype)
+    out = ext.gemv(x, w, bias, ACTIVATIONS[activation])
+    ref = ops.linear_ref(x, w, bias, activation)  # cuBLAS at the same dtype
+    ref64 = ops.linear_ref(x.double(), w.double(), bias.double(), activation)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_by_rule(out, ref64, ref, f"gemv {m}x{n}x{k} {activation}")
+    out3 = ext.gemv(x[None], w, None, 0)  # leading dims kept, no bias
+    assert out3.shape == (1, m, n)
+    assert_by_rule(out3, ops.linear_ref(x.double(), w.double())[None], ops.linear_ref(x, w)[None], "gemv no bias")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", [64, 80, 96])
+def test_prefill_attention(ext, dtype, hd):
+    from neox_rt import cuda_ops
+    b, s, nh, T = 2, 37, 3, 64
+    q = rand(b, s, nh, hd, dtype=dtype)
+    kc, vc = rand(b, nh, T, hd, dtype=dtype), rand(b, nh, T, hd, dtype=dtype)
+    positions = torch.arange(s, device="cuda")[None] + torch.tensor([0, 11], device="cuda")[:, None]
+    out = cuda_ops.attention(q, kc, vc, positions, hd ** -0.5)
+    ref64 = ops.attention_ref(q.double(), kc.double(), vc.double(), positions, hd ** -0.5)
+    t = int(positions.max()) + 1  # plain torch at dtype (no fp32 upcast), as a user would write it
+    scores = torch.einsum("bsnd,bntd->bnst", q, kc[:, :, :t]) * hd ** -0.5
+    mask = torch.arange(t, device="cuda")[None, None, None] > positions[:, None, :, None]
+    native = torch.einsum("bnst,bntd->bsnd", torch.softmax(scores.masked_fill(mask, float("-inf")), -1), vc[:, :, :t])
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_by_rule(out, ref64, native, f"attention hd={hd}")
+
+
+@pytest.mark.gpu
+def test_opcheck(ext):
+    """torch.library.opcheck: schema (mutated args), fake tensor and autograd registration of every op."""
+    q = rand(2, 4, 64)
+    kc, vc = rand(2, 4, 32, 64), rand(2, 4, 32, 64)
+    cos, sin = ops.rotary_tables(16, 64, 10000.0, "cuda")
+    qkv = rand(2, 3, 4 * 3 * 64)
+    pos = torch.arange(3, device="cuda")[None].repeat(2, 1)
+    x, w = rand(3, 256), rand(256)
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ext.decode_attention, (q, kc, vc, torch.tensor([5, 32], device="cuda"), 0.125),
+                          test_utils=tests)
+    torch.library.opcheck(ext.rotary_kv_write, (qkv, pos, cos, sin, 16, kc, vc), test_utils=tests)
+    torch.library.opcheck(ext.scaled_causal_softmax, (rand(2, 4, 3, 9), pos, 0.1), test_utils=tests)
+    torch.library.opcheck(ext.layernorm, (x, w, w, 1e-5), test_utils=tests)
+    torch.library.opcheck(ext.dual_layernorm, (x, w, w, w, w, 1e-5), test_utils=tests)
+    torch.library.opcheck(ext.gemv, (x[:2], rand(24, 256), rand(24), 1), test_utils=tests)
+
+
+@pytest.mark.gpu
+def test_backend_registers_ops(ext):
+    try:
+        assert ops.select_backend("cuda", "cuda") == "cuda"
+        backends = ops.active_backends()
+        for name in ("layernorm", "dual_layernorm", "linear", "rotary_kv_write", "decode_attention", "attention"):
+            assert backends[name] == "cuda", name
+    finally:
+        ops.reset()
+
+
+# Whole model: fp16 random weights, head size 96 as 20B, kernels vs the PyTorch reference.
+MODEL_CONFIG = dict(vocab_size=512, hidden_size=384, num_hidden_layers=4, num_attention_heads=4, rotary_pct=0.25,
+                    max_position_embeddings=256, hidden_act="gelu_fast")
+
+
+def _greedy(model, prompt, steps):
+    """Greedy tokens and the logits of every step (prefill + cached decode), batch 1."""
+    cache = model.new_cache(1, len(prompt) + steps)
+    ids = torch.tensor([prompt], device="cuda")
+    pos = torch.arange(len(prompt), device="cuda")[None]
+    logits = model(ids, pos, cache, last_index=torch.tensor([len(prompt) - 1], device="cuda"))  # [1, V]
+    tokens, all_logits = [], [logits[0].float()]
+    for step in range(steps):
+        tok = int(logits[0].argmax())
+        tokens.append(tok)
+        p = len(prompt) + step
+        logits = model(torch.tensor([[tok]], device="cuda"), torch.tensor([[p]], device="cuda"), cache,
+                       decode=True)[:, 0]
+        all_logits.append(logits[0].float())
+    return tokens, all_logits
+
+
+@pytest.mark.gpu
+def test_whole_model_cuda_backend_matches_reference(ext):
+    import neox_rt
+    from neox_rt.config import NeoXConfig
+    cfg = NeoXConfig(**MODEL_CONFIG)
+    m16 = neox_rt.build_model(cfg, torch.float16, "cuda")
+    neox_rt.init_random(m16, seed=1, std=0.05)
+    m64 = neox_rt.build_model(cfg, torch.float64, "cuda")
+    with torch.no_grad():
+        for (_, p64), (_, p16) in zip(m64.named_parameters(), m16.named_parameters()):
+            p64.copy_(p16.double())
+    prompt = [3, 17, 42, 101, 7, 250, 9]
+    try:
+        ops.select_backend("torch")
+        ref_tokens, ref_logits = _greedy(m16, prompt, 64)
+        ops.select_backend("cuda", "cuda")
+        assert ops.active_backends()["decode_attention"] == "cuda"
+        tokens, logits = _greedy(m16, prompt, 64)
+        ops.select_backend("torch")
+        # Logits by rule on the prefill and the first decode step, both fed the same tokens.
+        cache = m64.new_cache(1, len(prompt) + 1)
+        l64 = m64(torch.tensor([prompt], device="cuda"), torch.arange(len(prompt), device="cuda")[None], cache,
+                  last_index=torch.tensor([len(prompt) - 1], device="cuda"))[0]
+        assert_by_rule(logits[0], l64, ref_logits[0], "model prefill logits")
+        for d, (x, y) in enumerate(zip(tokens, ref_tokens)):
+            if x != y:  # only a near tie of the fp64 logits may flip an argmax
+                seq = prompt + tokens[:d]
+                c = m64.new_cache(1, len(seq))
+                l = m64(torch.tensor([seq], device="cuda"), torch.arange(len(seq), device="cuda")[None], c,
+                        last_index=torch.tensor([len(seq) - 1], device="cuda"))[0]
+                gap = (l[x] - l[y]).abs().item()
+                assert gap <= 1e-2 * l.abs().max().item(), f"tokens part at step {d}: {x} vs {y}, gap {gap:.3g}"
+                break
+    finally:
+        ops.reset()
