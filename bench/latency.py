@@ -247,7 +247,7 @@ def bench_hf(model, name, args, res):
         res["hf_error"] = f"{type(e).__name__}: {e}"
         return
     ids = torch.tensor(prompts_of(1, PROMPT, model.config.vocab_size), device="cuda")
-    with torch.inference_mode():
+    with torch.no_grad():
         hf_generate_time(hf, ids, 8)
         t1 = min(hf_generate_time(hf, ids, 1) for _ in range(2))
         tn = hf_generate_time(hf, ids, HF_TOKENS)
@@ -256,7 +256,7 @@ def bench_hf(model, name, args, res):
         try:
             from transformers import CompileConfig
             kw = dict(cache_implementation="static", compile_config=CompileConfig(mode="reduce-overhead"))
-            with torch.inference_mode():
+            with torch.no_grad():  # as generate() itself; compiled graphs and inference tensors mix badly
                 t0 = time.perf_counter()
                 hf_generate_time(hf, ids, HF_TOKENS, **kw)  # compiles (decode step only) and records graphs
                 compile_s = time.perf_counter() - t0
