@@ -1,0 +1,400 @@
+"""``python -m neox_rt.generate``: the three modes, records, resume, configs, and every bad input.
+
+Most runs call ``main(argv)`` in-process (fast); a few run the real command in a subprocess for exit
+codes, stdin pipes and the absence of tracebacks.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import neox_rt
+from neox_rt import default_model
+from neox_rt.generate import main, parse_settings
+from tests.conftest import REPO, make_hf_model, save_hf
+
+FIELDS = {"context": str, "text": str, "length": int, "finished": bool, "duration_seconds": float}
+PROMPTS = ["Hello world", "def fibonacci(n):", "The quick brown fox", "Hello", "jumps over the lazy dog"]
+
+
+def run_cli(capsys, *argv):
+    """(exit status, stdout, stderr) of an in-process run."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def records_of(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def check_record(r, return_logits=False):
+    for key, kind in FIELDS.items():
+        assert isinstance(r[key], kind), (key, r)
+    assert r["message"] is None or isinstance(r["message"], str)
+    assert r["length"] >= 0 and r["duration_seconds"] >= 0
+    assert ("logprobs" in r) == return_logits
+
+
+def check_error(code, err, *needles):
+    """Exit status 2, and one error line (the last line of stderr; progress lines may precede it)."""
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in lines if "error" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("neox_rt: error: "), err
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is fastest, and immune to a busy machine's oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def subprocess_env():
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def api(tiny_checkpoint):
+    return neox_rt.load(tiny_checkpoint, device="cpu", progress=False)
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    # blank lines and surrounding spaces are dropped, as in gpt-neox
+    path.write_text("\n".join(["  " + PROMPTS[0], "", PROMPTS[1], "   ", *PROMPTS[2:]]) + "\n\n")
+    return str(path)
+
+
+# -- modes on the embedded default -----------------------------------------------------------------------
+def test_unconditional_on_embedded_default(capsys):
+    code, out, err = run_cli(capsys, "--num-samples", 3, "--maximum-tokens", 6, "--temperature", 1.0,
+                             "--seed", 3)
+    assert code == 0, err
+    recs = records_of(out)
+    assert len(recs) == 3
+    for r in recs:
+        check_record(r)
+        assert r["context"] == "" and r["length"] <= 6
+        assert r["finished"] == (r["length"] < 6)
+    if default_model.default_model_path() is None:
+        assert "random weights" in err
+    assert "done: 3 prompts" in err.strip().splitlines()[-1] and "tokens/s" in err
+
+
+def test_random_stand_in_is_deterministic(capsys):
+    """The stand-in that runs while no trained default model is installed."""
+    a = default_model.load_random(device="cpu")
+    assert "random weights" in capsys.readouterr().err
+    b = default_model.load_random(device="cpu", notice=False)
+    assert a.tokenizer.eos_id == 0 and a.tokenizer.vocab_size <= a.config.vocab_size
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(p, q), n
+    ra = a.generate("Hello", max_new_tokens=8)
+    assert ra.token_ids == b.generate("Hello", max_new_tokens=8).token_ids and len(ra.token_ids) > 0
+
+
+def test_default_model_path(monkeypatch, tmp_path):
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL_DIR", str(tmp_path))
+    assert default_model.default_model_path() is None  # no config.json: the stand-in runs
+    (tmp_path / "config.json").write_text("{}")
+    assert default_model.default_model_path() == str(tmp_path)
+
+
+def test_prompt_flag_on_embedded_default(capsys):
+    code, out, err = run_cli(capsys, "--prompt", "The quick brown fox", "--maximum-tokens", 5)
+    assert code == 0, err
+    (r,) = records_of(out)
+    check_record(r)
+    assert r["context"] == "The quick brown fox"
+
+
+# -- input-file mode on an HF checkpoint -------------------------------------------------------------------
+def test_input_file_matches_python_api(capsys, tmp_path, tiny_checkpoint, api, prompts_file):
+    out_path = tmp_path / "samples.jsonl"
+    code, out, err = run_cli(capsys, "--model", tiny_checkpoint, "-i", prompts_file, "-o", out_path,
+                             "--maximum-tokens", 12, "--batch-size", 2, "--return-logits")
+    assert code == 0, err
+    assert out == ""  # records went to the file
+    recs = records_of(out_path.read_text())
+    assert [r["context"] for r in recs] == PROMPTS  # input order kept across batches of 2
+    expected = []
+    for i in range(0, len(PROMPTS), 2):  # the same batches through the Python API
+        expected += api.generate(PROMPTS[i:i + 2], max_new_tokens=12, return_logprobs=True)
+    for r, e in zip(recs, expected):
+        check_record(r, return_logits=True)
+        assert r["text"] == e.text and r["length"] == len(e.token_ids) and r["finished"] == e.finished
+        assert len(r["logprobs"]) == r["length"] and all(lp <= 0 for lp in r["logprobs"])
+        assert r["finished"] == (r["length"] < 12)
+    summary = err.strip().splitlines()[-1]
+    assert f"done: {len(PROMPTS)} prompts, {sum(r['length'] for r in recs)} generated tokens" in summary
+
+
+def test_unconditional_on_checkpoint_matches_api(capsys, tiny_checkpoint, api):
+    code, out, err = run_cli(capsys, "--model", tiny_checkpoint, "--num-samples", 2, "--maximum-tokens", 9)
+    assert code == 0, err
+    recs = records_of(out)
+    e = api.generate([[api.tokenizer.eos_id]], max_new_tokens=9)[0]  # greedy from <|endoftext|>
+    assert [r["text"] for r in recs] == [e.text, e.text] and recs[0]["length"] == len(e.token_ids)
+
+
+def test_finished_on_stop_string(capsys, tiny_checkpoint, api):
+    greedy = api.generate("Hello world", max_new_tokens=20)
+    assert len(greedy.text) > 4, "the fixture model should produce some text"
+    stop = greedy.text[2:4]
+    code, out, err = run_cli(capsys, "--model", tiny_checkpoint, "--prompt", "Hello world",
+                             "--maximum-tokens", 20, "--stop", stop, "--stop", "never-there")
+    assert code == 0, err
+    (r,) = records_of(out)
+    assert r["finished"] is True and r["text"] == greedy.text[:greedy.text.find(stop)]
+    assert r["length"] <= len(greedy.token_ids)
+
+
+def test_finished_on_eos(capsys, tmp_path, tiny_tokenizer):
+    """A model whose final LayerNorm output is a constant that the EOS row of the LM head matches."""
+    model = make_hf_model(vocab_size=320, hidden_size=64, num_attention_heads=4, rotary_pct=0.25,
+                          use_parallel_residual=True, hidden_act="gelu")
+    with torch.no_grad():
+        ln = model.gpt_neox.final_layer_norm
+        ln.weight.zero_()
+        ln.bias.copy_(torch.linspace(-1, 1, 64))
+        model.get_output_embeddings().weight[0] = 10 * ln.bias
+    d = tmp_path / "eos_model"
+    save_hf(model, d)
+    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
+    code, out, err = run_cli(capsys, "--model", d, "--prompt", "Hello", "--maximum-tokens", 5)
+    assert code == 0, err
+    (r,) = records_of(out)
+    assert r["finished"] is True and r["length"] == 0 and r["text"] == ""
+
+
+def test_too_long_prompt_gives_null_record_and_run_goes_on(capsys, tmp_path, tiny_checkpoint):
+    path = tmp_path / "p.txt"
+    long_prompt = " ".join(["fox"] * 200)  # the fixture model has 128 positions
+    path.write_text(f"Hello\n{long_prompt}\nThe quick\n")
+    code, out, err = run_cli(capsys, "--model", tiny_checkpoint, "-i", path, "--maximum-tokens", 4)
+    assert code == 0, err
+    recs = records_of(out)
+    assert [r["context"] for r in recs] == ["Hello", long_prompt, "The quick"]
+    assert recs[1]["text"] is None and "128 positions" in recs[1]["message"] and recs[1]["length"] == 0
+    assert recs[0]["text"] is not None and recs[2]["text"] is not None
+    code, out, err = run_cli(capsys, "--model", tiny_checkpoint, "-i", path, "--maximum-tokens", 4, "--strict")
+    check_error(code, err, "128 positions")
+
+
+# -- resume and interruption --------------------------------------------------------------------------
+def test_resume_after_killed_run(capsys, tmp_path, tiny_checkpoint, prompts_file):
+    full = tmp_path / "full.jsonl"
+    args = ["--model", tiny_checkpoint, "-i", prompts_file, "--maximum-tokens", 6, "--batch-size", 1]
+    assert run_cli(capsys, *args, "-o", full)[0] == 0
+    lines = full.read_text().splitlines(keepends=True)
+    assert len(lines) == len(PROMPTS)
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(lines[0] + lines[1] + lines[2][:25])  # killed while writing the third record
+    code, out, err = run_cli(capsys, *args, "-o", partial, "--resume")
+    assert code == 0, err
+    assert "resuming: 2 prompts" in err and "incomplete" in err
+    resumed = records_of(partial.read_text())
+    assert [r["context"] for r in resumed] == PROMPTS  # no duplicates, nothing missing
+    strip = lambda r: {k: v for k, v in r.items() if k != "duration_seconds"}  # noqa: E731
+    assert [strip(r) for r in resumed] == [strip(r) for r in records_of(full.read_text())]
+    # resuming a finished run does nothing; resuming against another input is refused
+    before = partial.read_text()
+    assert run_cli(capsys, *args, "-o", partial, "--resume")[0] == 0 and partial.read_text() == before
+    other = tmp_path / "other.txt"
+    other.write_text("something else\n")
+    code, _, err = run_cli(capsys, "--model", tiny_checkpoint, "-i", other, "-o", partial, "--resume")
+    check_error(code, err, "cannot resume")
+
+
+def test_interrupt_keeps_records(capsys, monkeypatch, tmp_path, tiny_checkpoint, prompts_file):
+    calls = []
+    original = neox_rt.NeoX.generate
+
+    def interrupted(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(neox_rt.NeoX, "generate", interrupted)
+    out_path = tmp_path / "o.jsonl"
+    code, out, err = run_cli(capsys, "--model", tiny_checkpoint, "-i", prompts_file, "-o", out_path,
+                             "--maximum-tokens", 3, "--batch-size", 1)
+    assert code == 130 and "Traceback" not in err
+    assert [r["context"] for r in records_of(out_path.read_text())] == PROMPTS[:2]
+
+
+# -- interactive ---------------------------------------------------------------------------------------
+def test_interactive_through_a_pipe(tiny_checkpoint, api):
+    """The real command, stdin a pipe: two prompts, an empty line (unconditional), then exit."""
+    stdin = "Hello world\n\nThe quick\nexit\nnot read\n"
+    proc = subprocess.run([sys.executable, "-m", "neox_rt.generate", "--model", tiny_checkpoint,
+                           "--text-gen-type", "interactive", "--maximum-tokens", "8"],
+                          input=stdin, capture_output=True, text=True, cwd=REPO, timeout=300, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    out = proc.stdout
+    assert out.count("Context prompt >>> ") == 4
+    for prompt in ("Hello world", "The quick"):
+        assert api.generate(prompt, max_new_tokens=8).text in out
+    assert "done: 3 prompts" in proc.stderr
+
+
+def test_interactive_multiline_prompt_end_and_long_prompt(capsys, monkeypatch, tmp_path, tiny_checkpoint, api):
+    import io
+    long_prompt = " ".join(["fox"] * 200)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"line one\nline two<END>\n{long_prompt}<END>\nHello<END>\n"))
+    out_path = tmp_path / "i.jsonl"
+    code, out, err = run_cli(capsys, "--model", tiny_checkpoint, "--text-gen-type", "interactive",
+                             "--prompt-end", "<END>", "--maximum-tokens", 6, "-o", out_path)
+    assert code == 0, err  # EOF ends the loop cleanly
+    assert "try a shorter prompt" in out  # the long prompt did not end the session
+    recs = records_of(out_path.read_text())
+    assert [r["context"] for r in recs] == ["line one\nline two", long_prompt, "Hello"]
+    assert recs[0]["text"] == api.generate("line one\nline two", max_new_tokens=6).text
+    assert recs[1]["text"] is None and recs[2]["text"] is not None
+
+
+# -- configs ------------------------------------------------------------------------------------------
+def test_yaml_config_drives_the_run(capsys, tmp_path, tiny_checkpoint, api, prompts_file):
+    out_path = tmp_path / "from_config.jsonl"
+    a = tmp_path / "a.yml"
+    a.write_text(f"load: {tiny_checkpoint}\ntrain-iters: 10\noptimizer: {{type: Adam}}\n"
+                 f"text-gen-type: unconditional\nmaximum_tokens: 50\n")
+    b = tmp_path / "b.yml"
+    b.write_text(f"sample-input-file: {prompts_file}\nsample_output_file: {out_path}\n"
+                 f"text-gen-type: input-file\nmaximum-tokens: 7\nbatch_size: 8\nmysterious-key: 1\n")
+    code, out, err = run_cli(capsys, a, b, "--maximum-tokens", 5)  # the flag beats both files
+    assert code == 0, err
+    assert "mysterious-key" in err and "train-iters" not in err and "optimizer" not in err
+    recs = records_of(out_path.read_text())
+    expected = api.generate(PROMPTS, max_new_tokens=5)
+    assert [r["text"] for r in recs] == [e.text for e in expected]
+
+
+def test_model_shape_from_yaml_when_no_config_json(capsys, tmp_path, tiny_checkpoint, api):
+    d = tmp_path / "no_config_json"
+    d.mkdir()
+    for name in os.listdir(tiny_checkpoint):
+        if name != "config.json":
+            shutil.copy(os.path.join(tiny_checkpoint, name), d / name)
+    cfg = tmp_path / "shape.yml"
+    c = api.config
+    cfg.write_text(f"load: {d}\nnum-layers: {c.num_hidden_layers}\nhidden-size: {c.hidden_size}\n"
+                   f"num-attention-heads: {c.num_attention_heads}\nmax-position-embeddings: 128\n"
+                   f"rotary-pct: 0.25\ngpt-j-residual: true\nno-weight-tying: true\n"
+                   f"padded-vocab-size: {c.vocab_size}\npipe-parallel-size: 1\nmodel-parallel-size: 1\n")
+    code, out, err = run_cli(capsys, cfg, "--prompt", "Hello world", "--maximum-tokens", 8)
+    assert code == 0, err
+    assert records_of(out)[0]["text"] == api.generate("Hello world", max_new_tokens=8).text
+
+
+def test_mode_selection(tmp_path):
+    assert parse_settings([]).text_gen_type == "unconditional"
+    assert parse_settings(["-i", "p.txt"]).text_gen_type == "input-file"
+    assert parse_settings(["--prompt", "hi"]).text_gen_type == "input-file"
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("text-gen-type: interactive\nsample-input-file: x.txt\n")
+    assert parse_settings([str(cfg)]).text_gen_type == "interactive"
+    assert parse_settings([str(cfg), "-i", "p.txt"]).text_gen_type == "input-file"
+    s = parse_settings([str(cfg), "--text-gen-type", "unconditional", "--stop", "a", "--stop", "b",
+                        "--prompt-end", "\\n---\\n"])
+    assert s.text_gen_type == "unconditional" and s.stop == ("a", "b") and s.prompt_end == "\n---\n"
+
+
+def test_help_documents_every_flag(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--tokenizer", "--sample-input-file", "--sample-output-file", "--text-gen-type",
+                 "--num-samples", "--maximum-tokens", "--temperature", "--top-k", "--top-p", "--stop", "--seed",
+                 "--prompt-end", "--recompute", "--return-logits", "--dtype", "--device", "--batch-size", "--tp",
+                 "--prompt", "--resume", "--on-invalid-utf8", "--strict", "interactive", "greedy"):
+        assert flag in out, flag
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+@pytest.fixture
+def bad_inputs(tmp_path, tiny_checkpoint):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    bad_utf8 = tmp_path / "bad_utf8.txt"
+    bad_utf8.write_bytes(b"Hello\nbad \xff\xfe byte\nThe quick\n")
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    for name in os.listdir(tiny_checkpoint):
+        if name != "tokenizer.json":
+            shutil.copy(os.path.join(tiny_checkpoint, name), no_tok / name)
+    malformed = tmp_path / "malformed.yml"
+    malformed.write_text("num-layers: [2,\n")
+    mode = tmp_path / "mode.yml"
+    mode.write_text("text-gen-type: sideways\n")
+    wrong_type = tmp_path / "wrong.yml"
+    wrong_type.write_text("top_k: many\n")
+    return dict(empty=empty, bad_utf8=bad_utf8, no_tok=no_tok, malformed=malformed, mode=mode,
+                wrong_type=wrong_type, missing=tmp_path / "missing", dir=tmp_path)
+
+
+BAD = [
+    (["--model", "{missing}"], ["checkpoint directory not found"]),
+    (["{missing}.yml"], ["config file not found"]),
+    (["--model", "{ckpt}", "--tokenizer", "{missing}.json"], ["tokenizer not found"]),
+    (["--model", "{no_tok}"], ["no tokenizer.json", "--tokenizer"]),
+    (["--model", "{ckpt}", "-i", "{missing}.txt"], ["input file not found"]),
+    (["--model", "{ckpt}", "-i", "{dir}"], ["is a directory"]),
+    (["--model", "{ckpt}", "-i", "{empty}"], ["holds no prompts"]),
+    (["--model", "{ckpt}", "-i", "{bad_utf8}"], ["line 2", "UTF-8"]),
+    (["--model", "{ckpt}", "--maximum-tokens", "0"], ["maximum_tokens must be positive"]),
+    (["--model", "{ckpt}", "--maximum-tokens", "500"], ["128 positions"]),
+    (["--model", "{ckpt}", "--text-gen-type", "sideways"], ["--text-gen-type", "sideways"]),
+    (["{mode}"], ["unknown text-gen-type", "sideways"]),
+    (["--model", "{ckpt}", "--top-p", "1.5"], ["top_p must be in [0, 1]"]),
+    (["--model", "{ckpt}", "--top-p", "-0.1"], ["top_p"]),
+    (["{malformed}"], ["not valid YAML", "malformed.yml"]),
+    (["{wrong_type}"], ["'top_k'", "wrong.yml"]),
+    (["--model", "{ckpt}", "-o", "{missing}/out.jsonl"], ["output directory does not exist"]),
+    (["--model", "{ckpt}", "--resume"], ["--resume needs an output file"]),
+    (["--model", "{ckpt}", "--temperature", "hot"], ["--temperature"]),
+    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], []),
+]
+
+
+@pytest.mark.parametrize("argv,needles", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input(capsys, bad_inputs, tiny_checkpoint, argv, needles):
+    fill = {k: str(v) for k, v in bad_inputs.items()}
+    fill["ckpt"] = tiny_checkpoint
+    code, out, err = run_cli(capsys, *[a.format(**fill) for a in argv])
+    check_error(code, err, *needles)
+    assert out == ""
+
+
+def test_invalid_utf8_skip(capsys, bad_inputs, tiny_checkpoint):
+    code, out, err = run_cli(capsys, "--model", tiny_checkpoint, "-i", bad_inputs["bad_utf8"],
+                             "--on-invalid-utf8", "skip", "--maximum-tokens", 3)
+    assert code == 0, err
+    assert "skipping line 2" in err
+    assert [r["context"] for r in records_of(out)] == ["Hello", "The quick"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "/nonexistent/neox_rt/checkpoint"], "checkpoint directory not found"),
+    (["--maximum-tokens", "-3"], "maximum_tokens must be positive"),
+])
+def test_bad_input_subprocess(argv, needle):
+    proc = subprocess.run([sys.executable, "-m", "neox_rt.generate", *argv], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, stdin=subprocess.DEVNULL, env=subprocess_env())
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and needle in proc.stderr
+    assert proc.stderr.startswith("neox_rt: error: ") and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
