@@ -62,7 +62,7 @@ class Generator:
         self.device, self.dtype = w.device, w.dtype
         self.max_positions = model.config.max_position_embeddings
         # Decode steps as CUDA graphs on CUDA (NEOX_RT_CUDA_GRAPHS=0: eager); recompute mode never uses them.
-        self.graphs = DecodeGraphRunner(model, tokenizer.eos_id) if graphs_enabled(self.device) else None
+        self.graphs = DecodeGraphRunner(model, tokenizer.eos_id) if graphs_enabled(self.device, model.tp.size) else None
 
     # -- helpers ------------------------------------------------------------------------------------
     def _get_cache(self, batch: int, capacity: int):

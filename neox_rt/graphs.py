@@ -43,9 +43,16 @@ def bucket_for(batch: int, buckets: tuple[int, ...] = BUCKETS) -> int | None:
     return next((b for b in sorted(buckets) if b >= batch), None)
 
 
-def graphs_enabled(device) -> bool:
-    """Decode runs as CUDA graphs on a CUDA device unless ``NEOX_RT_CUDA_GRAPHS=0``."""
-    return torch.device(device).type == "cuda" and os.environ.get("NEOX_RT_CUDA_GRAPHS", "1") != "0"
+def graphs_enabled(device, tp_size: int = 1) -> bool:
+    """Decode runs as CUDA graphs on a CUDA device unless ``NEOX_RT_CUDA_GRAPHS=0``.
+
+    Under tensor parallelism only when asked for (``NEOX_RT_CUDA_GRAPHS=1``): a capture that failed on one
+    rank only would leave the ranks in different collectives.
+    """
+    flag = os.environ.get("NEOX_RT_CUDA_GRAPHS")
+    if torch.device(device).type != "cuda" or flag == "0":
+        return False
+    return tp_size == 1 or flag == "1"
 
 
 class _Captured:

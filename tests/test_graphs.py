@@ -45,8 +45,12 @@ def test_graphs_enabled(monkeypatch):
     assert graphs_enabled("cuda")  # a device object is enough; nothing is allocated
     monkeypatch.setenv("NEOX_RT_CUDA_GRAPHS", "0")
     assert not graphs_enabled("cuda")
+    assert not graphs_enabled("cuda", tp_size=2)
     monkeypatch.setenv("NEOX_RT_CUDA_GRAPHS", "1")
     assert graphs_enabled(torch.device("cuda", 0))
+    assert graphs_enabled("cuda", tp_size=2)  # tensor parallel: only when asked for
+    monkeypatch.delenv("NEOX_RT_CUDA_GRAPHS")
+    assert not graphs_enabled("cuda", tp_size=2)
 
 
 def small_model(device="cpu", dtype="float32", seed=0, std=0.2, **kw):
