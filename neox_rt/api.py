@@ -36,7 +36,8 @@ def build_model(config: NeoXConfig, dtype=torch.float32, device="cpu", tp: Tenso
     """An uninitialised model on ``device`` (parameters allocated, not filled), in inference mode."""
     with torch.device("meta"):
         model = NeoXForCausalLM(config, tp)
-    model = model.to_empty(device=device).to(parse_dtype(dtype))
+    # dtype first, on meta: allocating fp32 then casting would need twice the memory (82 GB for 20B).
+    model = model.to(parse_dtype(dtype)).to_empty(device=device)
     return model.eval()
 
 
@@ -114,13 +115,21 @@ def find_tokenizer(directory: str, tokenizer: str | None) -> Tokenizer | None:
 
 
 def load(path: str, dtype="float32", device: str | None = None, tokenizer: str | None = None,
-         backend: str | None = None, tp: TensorParallel = SINGLE, progress: bool = True) -> NeoX:
+         backend: str | None = None, tp: TensorParallel = SINGLE, progress: bool = True,
+         config=None) -> NeoX:
     """Load an HF GPT-NeoX checkpoint directory (or hub id) onto ``device`` in ``dtype``.
+
+    A gpt-neox native checkpoint directory (``latest`` + ``global_stepN/``, any TP/PP layout) is resharded
+    to ``tp`` on load (:mod:`neox_rt.neox_checkpoint`); ``config`` is then its YAML file(s) or mapping
+    (default: the YAML files found in the checkpoint).
 
     Weights stream tensor by tensor (peak host memory about one tensor). ``tokenizer`` is a tokenizers
     JSON file; by default the directory's ``tokenizer.json``. ``backend`` picks the kernels
     (``cuda``, ``triton``, ``torch``; default: ``NEOX_RT_BACKEND`` or the fastest available).
     """
+    from neox_rt import neox_checkpoint
+    if neox_checkpoint.is_neox_checkpoint(path):
+        return neox_checkpoint.load(path, dtype, device, tokenizer, backend, tp, progress, config)
     device = device or default_device()
     directory = resolve_checkpoint(path)
     config = NeoXConfig.from_json(directory)
