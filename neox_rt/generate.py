@@ -584,6 +584,24 @@ def run(argv=None) -> int:
     device_type = torch.device(device).type
     dtype = s.dtype or ("float16" if device_type == "cuda" else "float32")
     tp = setup_parallel(s, device_type)
+    try:
+        return _run(s, device, device_type, dtype, tp)
+    finally:
+        if tp.size > 1:
+            _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before exit (an abandoned gloo/NCCL group can abort at shutdown)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - already failing; keep the real error
+            pass
+
+
+def _run(s: Settings, device: str, device_type: str, dtype: str, tp) -> int:
     main_rank = tp.is_main
 
     # rank 0 reads the prompts (and what a resumed run already did); the other ranks get them

@@ -398,3 +398,45 @@ def test_bad_input_subprocess(argv, needle):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and needle in proc.stderr
     assert proc.stderr.startswith("neox_rt: error: ") and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_tensor_parallel_two_cpu_ranks(tmp_path, tiny_checkpoint, prompts_file):
+    """torchrun with --tp 2 on gloo: rank 0 alone reads the prompts and writes each record once."""
+    import socket
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    out_path = tmp_path / "tp2.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", port, "-m", "neox_rt.generate", "--model", tiny_checkpoint,
+                           "--tp", "2", "--device", "cpu", "-i", prompts_file, "-o", str(out_path),
+                           "--maximum-tokens", "6", "--batch-size", "2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300, env=subprocess_env(),
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    recs = records_of(out_path.read_text())
+    assert [r["context"] for r in recs] == PROMPTS  # once each, in order
+    for r in recs:
+        check_record(r)
+        assert r["finished"] == (r["length"] < 6)
+    assert proc.stderr.count("done: 5 prompts") == 1 and "tp 2" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_defaults_and_greedy_equal_to_api(capsys, tmp_path, tiny_checkpoint, prompts_file):
+    """On CUDA: device and dtype defaults (cuda, float16), batch default, records equal to the Python API."""
+    out_path = tmp_path / "gpu.jsonl"
+    code, out, err = run_cli(capsys, "--model", tiny_checkpoint, "-i", prompts_file, "-o", out_path,
+                             "--maximum-tokens", 12)
+    assert code == 0, err
+    assert "cuda float16" in err
+    model = neox_rt.load(tiny_checkpoint, dtype="float16", device="cuda", progress=False)
+    expected = model.generate(PROMPTS, max_new_tokens=12)  # 5 prompts: one batch of the default 8
+    recs = records_of(out_path.read_text())
+    assert [r["context"] for r in recs] == PROMPTS
+    for r, e in zip(recs, expected):
+        assert r["text"] == e.text and r["length"] == len(e.token_ids) and r["finished"] == e.finished
+    code, out, err = run_cli(capsys, "--num-samples", 2, "--maximum-tokens", 16, "--temperature", 0.8, "--seed", 1)
+    assert code == 0, err
+    assert "cuda float16" in err and len(records_of(out)) == 2
