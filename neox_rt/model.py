@@ -11,7 +11,7 @@ from torch import nn
 from neox_rt import ops
 from neox_rt.config import NeoXConfig
 from neox_rt.kv_cache import KVCache
-from neox_rt.parallel import SINGLE, TensorParallel, padded_vocab_size
+from neox_rt.parallel import SINGLE, TensorParallel, check_tp_size, padded_vocab_size
 
 OPS = ops.OPS
 
@@ -137,6 +137,7 @@ class NeoXForCausalLM(nn.Module):
 
     def __init__(self, config: NeoXConfig, tp: TensorParallel = SINGLE):
         super().__init__()
+        check_tp_size(config, tp.size)  # heads split whole: a NeoxRtError naming both numbers otherwise
         self.config = config
         self.tp = tp
         self.vocab_rows = padded_vocab_size(config.vocab_size, tp.size)
@@ -184,5 +185,7 @@ class NeoXForCausalLM(nn.Module):
             x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]  # [b, 1, h]
         fln = self.gpt_neox.final_layer_norm
         x = OPS["layernorm"](x, fln.weight, fln.bias, c.layer_norm_eps)
-        logits = self.tp.all_gather_last_dim(OPS["linear"](x, self.lm_head_weight()))  # [b, s, V]
+        logits = self.tp.all_gather_last_dim(OPS["linear"](x, self.lm_head_weight()))  # [b, s, vocab_rows]
+        if self.vocab_rows > c.vocab_size:  # TP padding rows: never returned, so never sampled or scored
+            logits = logits[..., :c.vocab_size]  # [b, s, V]
         return logits[:, 0] if last_index is not None else logits

@@ -50,7 +50,13 @@ SINGLE = TensorParallel()
 
 
 def init_from_env(tp_size: int | None = None, device_type: str = "cpu") -> TensorParallel:
-    """Join the torchrun process group (NCCL on GPUs, gloo on CPU) or return the single-process context."""
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU) or return the single-process context.
+
+    torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; every rank of the world is
+    one tensor-parallel rank (no pipeline or data parallelism). On CUDA each rank takes GPU LOCAL_RANK
+    and the NCCL communicator is created here, eagerly, so that the first all-reduce may be captured in a
+    CUDA graph.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tp_size is None:
         tp_size = world
@@ -61,12 +67,41 @@ def init_from_env(tp_size: int | None = None, device_type: str = "cpu") -> Tenso
         raise NeoxRtError(f"--tp {tp_size} needs {tp_size} processes, but WORLD_SIZE is {world}: "
                           f"launch with torchrun --nproc-per-node {tp_size}")
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        if device_type == "cuda":
+            local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+            if local_rank >= torch.cuda.device_count():
+                raise NeoxRtError(f"rank with LOCAL_RANK {local_rank} has no GPU: this node has "
+                                  f"{torch.cuda.device_count()}; use --nproc-per-node <= the GPUs per node")
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group(backend="gloo")
+    elif device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     rank = dist.get_rank()
-    if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     return TensorParallel(rank=rank, size=tp_size, group=None)
+
+
+def check_tp_size(config, tp_size: int) -> None:
+    """Raise NeoxRtError unless every split dimension of ``config`` divides by ``tp_size``.
+
+    Heads are split whole (head h goes to rank h // (heads / tp)), and so are the MLP columns; the
+    vocabulary is padded instead (:func:`padded_vocab_size`).
+    """
+    from neox_rt.errors import NeoxRtError
+    if tp_size < 1:
+        raise NeoxRtError(f"tensor-parallel size must be positive, got {tp_size}")
+    heads = config.num_attention_heads
+    if heads % tp_size:
+        raise NeoxRtError(f"num_attention_heads ({heads}) is not divisible by the tensor-parallel size "
+                          f"({tp_size}); choose --tp among {_divisors(heads)}")
+    if config.intermediate_size % tp_size:
+        raise NeoxRtError(f"intermediate_size ({config.intermediate_size}) is not divisible by the "
+                          f"tensor-parallel size ({tp_size})")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
