@@ -9,6 +9,7 @@ OUT=${OUT:-/tmp/neox_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
+
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 # pytest may be missing on the device image: install the carried wheels (.whl, see README of the device tool)
 if ! python3 -m pytest --version >/dev/null 2>&1 && ls .whl/*.whl >/dev/null 2>&1; then
@@ -26,10 +27,13 @@ stage() {  # stage NAME LIMIT_S COMMAND...
   printf '%-10s rc=%-4s %5ss  %s\n' "$name" "$rc" "$((t1 - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-100)" >> "$SUMMARY"
 }
 
+# Training needs the GPU but not the extension: it runs beside the (CPU-bound) build.
+( stage train 330 "python3 tools/train_default_model.py --out $OUT/default_model --minutes ${TRAIN_MINUTES:-3} --device cuda --seed 0" ) &
+TRAIN_PID=$!
 stage info 60 "nvidia-smi; python3 -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get_device_name())'; git log --oneline -1 || true"
 stage build 420 "pip install --no-build-isolation --no-deps -e . && python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
-stage train 300 "python3 tools/train_default_model.py --out $OUT/default_model --minutes ${TRAIN_MINUTES:-3} --device cuda --seed 0"
-stage test 420 "python3 -m pytest -q -m 'gpu or multigpu' tests"
+wait "$TRAIN_PID"
+stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -m 'gpu or multigpu' tests"
 stage kernels 300 "python3 bench/kernels.py --out $OUT/kernels.json"
 stage latency 420 "python3 bench/latency.py --quick --out $OUT/latency.json"
 if [ "$NGPU" -ge 2 ]; then
@@ -37,4 +41,8 @@ if [ "$NGPU" -ge 2 ]; then
 fi
 stage load 420 "python3 bench/load_20b.py --layers 8 --out $OUT/load_20b.json"
 
-echo; echo "===== summary"; cat "$SUMMARY"
+# The device returns at most 8 files: pack the logs and JSON into one archive, the trained model into another.
+cp "$SUMMARY" /tmp/neox_summary.txt
+( cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.json summary.txt 2>/dev/null) 2>/dev/null )
+[ -d "$OUT/default_model" ] && ( cd "$OUT" && tar cf default_model.tar --remove-files default_model )
+echo; echo "===== summary"; cat /tmp/neox_summary.txt
