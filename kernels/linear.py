@@ -1,0 +1,94 @@
+"""Skinny linear (decode GEMV, up to 16 rows) with the bias and activation fused into the epilogue.
+
+out = act(x @ weight.T + bias), x [..., in] with at most MAX_ROWS rows, weight [out, in] (the contract of
+:func:`neox_rt.ops.linear_ref`). Decode is memory-bound: the kernel streams each weight tile once and
+multiplies it with all rows (padded to 16 for the tensor cores), fp32 accumulation, then adds the bias and
+applies the activation before the one store. Whether it replaces cuBLAS is decided by measurement
+(``bench/kernels.py``): :data:`REGISTER_MAX_ROWS` is the largest row count that the op table sends here
+(0 = cuBLAS everywhere; the kernel stays callable for the benchmark).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import next_pow2, on_triton_device
+
+MAX_ROWS = 16
+REGISTER_MAX_ROWS = 0  # cuBLAS (F.linear) keeps every shape until bench/kernels.py shows this kernel faster
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_fast": 2, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,     # [m, k]
+    w_ptr,     # [n, k]
+    b_ptr,     # [n] (HAS_BIAS)
+    out_ptr,   # [m, n]
+    m, n, k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr, IEEE: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
+    rows = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    cmask = cols < n
+    rmask = rows < m
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        kmask = start + kk < k
+        x = tl.load(x_ptr + rows[:, None] * k + start + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                    other=0.0)  # [BLOCK_M, BLOCK_K]
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * k + start + kk[None, :],
+                    mask=cmask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:  # gelu (erf)
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    elif ACT == 2:  # gelu, tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1)
+        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    elif ACT == 3:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + rows[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None) -> torch.Tensor:
+    """act(x @ weight.T + bias): x [..., k] (at most MAX_ROWS rows), weight [n, k] -> [..., n]."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    m = x.numel() // k if k else 0
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    block_m = max(16, next_pow2(m))
+    block_n = 32 if n >= 16384 else 16
+    block_k = 256
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, m, n, k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        ACT=ACTIVATIONS[activation], IEEE=x.dtype == torch.float32, num_warps=4)
+    return out
+
+
+def supports_linear(x, weight, bias=None, activation=None, max_rows: int | None = None) -> bool:
+    """Float x contiguous with 1..max_rows rows (default REGISTER_MAX_ROWS), weight [n, k] contiguous of x's
+    dtype, optional bias [n], an activation the epilogue knows."""
+    max_rows = REGISTER_MAX_ROWS if max_rows is None else max_rows
+    if activation not in ACTIVATIONS or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    k = x.shape[-1] if x.dim() else 0
+    if k < 16 or not x.is_contiguous() or not 0 < x.numel() // k <= min(max_rows, MAX_ROWS):
+        return False
+    if not (weight.dim() == 2 and weight.shape[1] == k and weight.dtype == x.dtype and weight.is_contiguous()):
+        return False
+    if bias is not None and not (bias.shape == weight.shape[:1] and bias.is_contiguous()):
+        return False
+    return on_triton_device(x, weight, *([bias] if bias is not None else []))
