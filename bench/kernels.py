@@ -1,0 +1,315 @@
+"""Kernel microbenchmark: every fused op, providers torch (reference) / triton / cuda, side by side.
+
+One command on one GPU (about 2-4 minutes on an H100, Triton compiles included):
+
+    python bench/kernels.py                    # pythia-1.4b, pythia-6.9b, gpt-neox-20b shapes
+    python bench/kernels.py --models gpt-neox-20b --out $OUT/kernels.json
+
+Shapes (fp16): decode at batch 1 and 16 (cache capacity 2048, filled lengths 128 / 1024 / 2048 for decode
+attention), prefill of one 128 / 1024 / 2048-token prompt (and 16 x 128) for LayerNorm, rotary + cache
+write and attention, and the decode linears (QKV, dense, h->4h + bias + GeLU, 4h->h) at 1, 4 and 16 rows.
+Time: median of ``triton.testing.do_bench`` (CUDA events, L2 flushed before every call, so L2 is cold).
+Memory-bound ops report achieved GB/s = minimal bytes the op must move / time, and its % of the copy
+bandwidth measured in the same run (1 GiB device-to-device copy, read + write bytes); prefill attention
+also reports TFLOP/s (causal: 4 * nh * hd * sum over queries of (p + 1)). A provider that fails or does not
+support a shape gets an error row and the run continues. Results: JSON (GPU, CUDA, torch, triton, commit,
+shapes, rows) to --out (default $OUT/kernels.json when OUT is set, else bench/results/kernels_<gpu>.json),
+then a markdown table, printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from neox_rt import ops  # noqa: E402
+
+MODELS = {  # hidden, heads, head dim, rotary dims (NEOX_FACTS.md)
+    "pythia-1.4b": dict(h=2048, nh=16, hd=128, rd=32, act="gelu"),
+    "pythia-6.9b": dict(h=4096, nh=32, hd=128, rd=32, act="gelu"),
+    "gpt-neox-20b": dict(h=6144, nh=64, hd=96, rd=24, act="gelu_fast"),
+}
+CAPACITY = 2048
+DTYPE = torch.float16
+E = 2  # bytes per element
+TARGETS = {  # % of copy bandwidth on the 20B shapes, H100 fp16 (decode-size LayerNorm / rotary rows move a
+    # few kB: launch-bound, no bandwidth target; the targets apply to their 2048-token rows)
+    "rotary_kv_write": 80, "layernorm": 80, "dual_layernorm": 80, "decode_attention": 80, "linear": 90,
+}
+
+
+def target_of(op: str, model: str, shape: str):
+    if model != "gpt-neox-20b" or op not in TARGETS:
+        return None
+    if op in ("layernorm", "dual_layernorm", "rotary_kv_write") and "2048" not in shape:
+        return None
+    if op == "decode_attention" and "L=2048" not in shape:
+        return None
+    return TARGETS[op]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Providers
+# ----------------------------------------------------------------------------------------------------
+
+def triton_impls():
+    from neox_rt.kernels import attention, decode_attention, layernorm, linear, rotary
+    return {"layernorm": layernorm.layernorm, "dual_layernorm": layernorm.dual_layernorm,
+            "rotary_kv_write": rotary.rotary_kv_write, "decode_attention": decode_attention.decode_attention,
+            "attention": attention.attention, "linear": linear.linear}
+
+
+def cuda_impls():
+    from neox_rt import cuda_ops
+    cuda_ops.load_extension()
+    impls = {}
+    for name, (impl, supports) in cuda_ops.IMPLS.items():
+        if name == "linear":  # the GEMV handles up to 16 rows; the registry uses it only up to GEMV_MAX_ROWS
+            def impl_linear(x, w, b=None, act=None, _impl=impl):
+                if x.numel() // x.shape[-1] > 16:
+                    raise ValueError("GEMV handles at most 16 rows")
+                return _impl(x, w, b, act)
+            impls[name] = impl_linear
+        else:
+            def checked(*args, _impl=impl, _supports=supports, _name=name):
+                if not _supports(*args):
+                    raise ValueError(f"cuda_ops.supports_{_name} rejects this shape")
+                return _impl(*args)
+            impls[name] = checked
+    return impls
+
+
+def providers():
+    out = {"torch": {name: ops.OPS[name].reference for name in ops.OPS}}
+    errors = {}
+    for name, loader in (("triton", triton_impls), ("cuda", cuda_impls)):
+        try:
+            out[name] = loader()
+        except Exception as e:  # noqa: BLE001 - a missing backend is a row of errors, not a crash
+            errors[name] = f"{type(e).__name__}: {e}"
+    return out, errors
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cases: (op, model, shape label, make_args() -> args, bytes, flops)
+# ----------------------------------------------------------------------------------------------------
+
+def rnd(*shape, scale=1.0):
+    return torch.randn(*shape, device="cuda", dtype=DTYPE) * scale
+
+
+def cases(model_names, quick):
+    lengths = (2048,) if quick else (128, 1024, 2048)
+    for mname in model_names:
+        m = MODELS[mname]
+        h, nh, hd, rd = m["h"], m["nh"], m["hd"], m["rd"]
+        # LayerNorm / dual LayerNorm: read x, write 1 or 2 outputs (+ the parameters)
+        for tokens, label in [(1, "decode b=1"), (16, "decode b=16"), (2048, "prefill 2048 tok")]:
+            def ln_args(tokens=tokens):
+                return (rnd(tokens, h), rnd(h) + 1, rnd(h, scale=0.1), 1e-5)
+
+            def dual_args(tokens=tokens):
+                return (rnd(tokens, h), rnd(h) + 1, rnd(h, scale=0.1), rnd(h) + 1, rnd(h, scale=0.1), 1e-5)
+            yield "layernorm", mname, label, ln_args, (2 * tokens * h + 2 * h) * E, 0
+            yield "dual_layernorm", mname, label, dual_args, (3 * tokens * h + 4 * h) * E, 0
+        # rotary + KV write: read qkv, positions, cos/sin rows; write q, k, v
+        for b, s, label in [(1, 1, "decode b=1"), (16, 1, "decode b=16"), (1, 2048, "prefill 1x2048"),
+                            (16, 128, "prefill 16x128")]:
+            def rot_args(b=b, s=s):
+                cos, sin = ops.rotary_tables(rd, CAPACITY, 10000.0, device="cuda")
+                start = CAPACITY - s
+                positions = (start + torch.arange(s, device="cuda")).expand(b, s).contiguous()
+                k_cache = torch.empty(b, nh, CAPACITY, hd, device="cuda", dtype=DTYPE)
+                return (rnd(b, s, 3 * nh * hd), positions, cos, sin, rd, k_cache, torch.empty_like(k_cache))
+            nbytes = b * s * (6 * nh * hd * E + 8 + rd * 4)
+            yield "rotary_kv_write", mname, label, rot_args, nbytes, 0
+        # decode attention: read q, K and V of the filled slots, write out
+        for b in (1, 16):
+            for L in lengths:
+                def dec_args(b=b, L=L):
+                    k_cache = rnd(b, nh, CAPACITY, hd)
+                    return (rnd(b, nh, hd), k_cache, rnd(b, nh, CAPACITY, hd),
+                            torch.full((b,), L, device="cuda", dtype=torch.int64), hd ** -0.5)
+                nbytes = (2 * b * nh * L * hd + 2 * b * nh * hd) * E
+                yield "decode_attention", mname, f"b={b} L={L}", dec_args, nbytes, 4 * b * nh * hd * L
+        # prefill attention over the cache (compute-bound: TFLOP/s)
+        for b, s in [(1, L) for L in lengths] + [(16, 128)]:
+            def att_args(b=b, s=s):
+                positions = torch.arange(s, device="cuda").expand(b, s).contiguous()
+                return (rnd(b, s, nh, hd), rnd(b, nh, CAPACITY, hd), rnd(b, nh, CAPACITY, hd), positions,
+                        hd ** -0.5)
+            nbytes = (2 * b * s * nh * hd + 2 * b * nh * s * hd) * E
+            flops = 4 * b * nh * hd * s * (s + 1) // 2
+            yield "attention", mname, f"prefill {b}x{s}", att_args, nbytes, flops
+        # decode linears: stream the weight once
+        for lname, (n_out, k_in, bias, act) in {"qkv": (3 * h, h, True, None), "dense": (h, h, False, None),
+                                                "h->4h+gelu": (4 * h, h, True, m["act"]),
+                                                "4h->h": (h, 4 * h, False, None)}.items():
+            for rows in (1, 4, 16):
+                def lin_args(rows=rows, n_out=n_out, k_in=k_in, bias=bias, act=act):
+                    return (rnd(rows, k_in), rnd(n_out, k_in, scale=k_in ** -0.5),
+                            rnd(n_out, scale=0.1) if bias else None, act)
+                nbytes = (n_out * k_in + rows * (k_in + n_out) + (n_out if bias else 0)) * E
+                yield "linear", mname, f"{lname} m={rows}", lin_args, nbytes, 2 * rows * n_out * k_in
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------
+
+def median_ms(fn) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=10, rep=25, return_mode="median"))
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """GB/s of a device-to-device copy of nbytes, counting read + write."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / ms / 1e6
+
+
+def first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_case(op, args_fn, provs, prov_errors, nbytes, flops, copy_gbps):
+    args = args_fn()
+    results = {}
+    ref = None
+    for pname in ("torch", "triton", "cuda"):
+        row = {"provider": pname}
+        if pname in prov_errors:
+            row["error"] = prov_errors[pname]
+        elif op not in provs.get(pname, {}):
+            row["error"] = "no such op"
+        else:
+            fn = provs[pname][op]
+            try:
+                out = first_tensor(fn(*args))
+                torch.cuda.synchronize()
+                if ref is None:
+                    ref = out.float()
+                else:
+                    row["max_abs_diff_vs_torch"] = (out.float() - ref).abs().max().item()
+                ms = median_ms(lambda: fn(*args))
+                row.update(ms=ms, gbps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / copy_gbps)
+                if flops:
+                    row["tflops"] = flops / ms / 1e9
+            except Exception as e:  # noqa: BLE001 - one failing provider must not stop the run
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                row["error"] = msg
+                print(f"  ! {op} {pname}: {msg}", file=sys.stderr)
+                if os.environ.get("NEOX_RT_BENCH_TRACEBACK"):
+                    traceback.print_exc()
+        results[pname] = row
+    del args
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+
+def env_info() -> dict:
+    def run(cmd):
+        try:
+            return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001
+            return None
+    import triton
+    return {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda, "torch": torch.__version__,
+            "triton": triton.__version__, "commit": run(["git", "rev-parse", "HEAD"]),
+            "dirty": bool(run(["git", "status", "--porcelain", "--", "kernels", "csrc", "neox_rt"])),
+            "driver": run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+            "dtype": "float16", "l2": "cold (flushed before every call by triton.testing.do_bench)",
+            "cache_capacity": CAPACITY, "models": MODELS}
+
+
+def cell(r) -> str:
+    if "error" in r:
+        return "ERR"
+    extra = f", {r['tflops']:.0f} TF/s" if r.get("tflops") and r.get("op") == "attention" else ""
+    return f"{r['ms'] * 1000:.1f} us ({r['pct_copy']:.0f}%{extra})"
+
+
+def markdown(report) -> str:
+    lines = [f"Kernels on {report['env']['gpu']} (fp16, L2 cold; copy bandwidth "
+             f"{report['copy_gbps']:.0f} GB/s = 100%). Cells: median time (% of copy bandwidth).", "",
+             "| op | model | shape | MB moved | torch | triton | cuda | best % | target |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in report["cases"]:
+        # best of our kernels; for linear cuBLAS (the torch provider) counts too: it stays where it wins
+        ok = [r for r in c["providers"].values()
+              if "error" not in r and (r["provider"] != "torch" or c["op"] == "linear")]
+        best = max((r["pct_copy"] for r in ok), default=None)
+        target = target_of(c["op"], c["model"], c["shape"])
+        tcell = "" if target is None else (f">= {target}%" + ("" if best is None else
+                                                             (" ok" if best >= target else " MISS")))
+        for r in c["providers"].values():
+            r["op"] = c["op"]
+        lines.append(f"| {c['op']} | {c['model']} | {c['shape']} | {c['bytes'] / 1e6:.2f} | "
+                     + " | ".join(cell(c["providers"][p]) for p in ("torch", "triton", "cuda"))
+                     + f" | {'-' if best is None else f'{best:.0f}%'} | {tcell} |")
+    return "\n".join(lines)
+
+
+def slug(gpu: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--ops", nargs="+", default=None, help="only these ops")
+    p.add_argument("--quick", action="store_true", help="cache length 2048 only")
+    p.add_argument("--out", default=None, help="JSON path")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    provs, prov_errors = providers()
+    for name, err in prov_errors.items():
+        print(f"provider {name} unavailable: {err}", file=sys.stderr)
+    copy_gbps = copy_bandwidth()
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s", file=sys.stderr)
+    report = {"env": env_info(), "copy_gbps": copy_gbps, "provider_errors": prov_errors, "cases": []}
+    for op, mname, label, args_fn, nbytes, flops in cases(a.models, a.quick):
+        if a.ops and op not in a.ops:
+            continue
+        print(f"{op:18s} {mname:13s} {label}", file=sys.stderr)
+        try:
+            res = run_case(op, args_fn, provs, prov_errors, nbytes, flops, copy_gbps)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory making the inputs
+            res = {pn: {"provider": pn, "error": f"{type(e).__name__}: {e}"[:200]} for pn in ("torch", "triton",
+                                                                                             "cuda")}
+        report["cases"].append({"op": op, "model": mname, "shape": label, "bytes": nbytes, "flops": flops,
+                                "providers": res})
+        torch.cuda.empty_cache()
+    out = a.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
+                    else os.path.join(REPO, "bench", "results", f"kernels_{slug(report['env']['gpu'])}.json"))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    table = markdown(report)
+    report["table"] = table
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {out}", file=sys.stderr)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
