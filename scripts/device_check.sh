@@ -6,6 +6,7 @@
 set -u
 STAGES=",${1:-info,build,test,kernels,latency,tp},"
 OUT=${OUT:-/tmp/neox_out}; mkdir -p "$OUT"
+export NEOX_RT_COMMIT=${NEOX_RT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
@@ -28,10 +29,10 @@ stage() {  # stage NAME LIMIT_S COMMAND...
 }
 
 # Training needs the GPU but not the extension: it runs beside the (CPU-bound) build.
-( stage train 330 "python3 tools/train_default_model.py --out $OUT/default_model --minutes ${TRAIN_MINUTES:-3} --device cuda --seed 0" ) &
+( stage train 330 "python3 tools/train_default_model.py --out $OUT/default_model --minutes ${TRAIN_MINUTES:-3} --device cuda --seed 0 ${TRAIN_ARGS:-}" ) &
 TRAIN_PID=$!
 stage info 60 "nvidia-smi; python3 -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get_device_name())'; git log --oneline -1 || true"
-stage build 420 "pip install --no-build-isolation --no-deps -e . && python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
+stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . && python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
 wait "$TRAIN_PID"
 stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -m 'gpu or multigpu' tests"
 stage kernels 300 "python3 bench/kernels.py --out $OUT/kernels.json"
