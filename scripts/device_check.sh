@@ -34,8 +34,8 @@ TRAIN_PID=$!
 stage info 60 "nvidia-smi; python3 -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get_device_name())'; git log --oneline -1 || true"
 stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . && python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
 wait "$TRAIN_PID"
-stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -m 'gpu or multigpu' tests"
-stage kernels 300 "python3 bench/kernels.py --out $OUT/kernels.json"
+stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -rf -m 'gpu or multigpu' tests ${TEST_ARGS:-}"
+stage kernels ${KERNELS_LIMIT:-300} "python3 bench/kernels.py --out $OUT/kernels.json ${KERNELS_ARGS:-}"
 stage latency 420 "python3 bench/latency.py --quick --out $OUT/latency.json"
 if [ "$NGPU" -ge 2 ]; then
   stage tp 420 "python3 bench/tp_latency.py --tp 1 --out $OUT/tp1.json && torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2.json && NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json"
