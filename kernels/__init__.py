@@ -24,5 +24,4 @@ def register_all() -> None:
     ops.register("decode_attention", decode_attention.decode_attention,
                  decode_attention.supports_decode_attention, "triton")
     ops.register("attention", attention.attention, attention.supports_attention, "triton")
-    if linear.REGISTER_MAX_ROWS > 0:
-        ops.register("linear", linear.linear, linear.supports_linear, "triton")
+    ops.register("linear", linear.linear, linear.supports_fused_activation_linear, "triton")

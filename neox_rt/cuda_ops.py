@@ -19,7 +19,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The GEMV kernel replaces cuBLAS only for x with at most this many rows: it streams W once and reuses it for
 # every row, but re-reads x per output pair, so cuBLAS wins as rows grow. Set from `python -m neox_rt.cuda_ops
 # bench` on H100; the kernel itself handles up to 16 rows.
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 1  # measured on H100: at 4 and 16 rows cuBLAS was 1.4-5x faster
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
