@@ -36,11 +36,11 @@ stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . &
 wait "$TRAIN_PID"
 stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -rf -m 'gpu or multigpu' tests ${TEST_ARGS:-}"
 stage kernels ${KERNELS_LIMIT:-300} "python3 bench/kernels.py --out $OUT/kernels.json ${KERNELS_ARGS:-}"
-stage latency 420 "python3 bench/latency.py --quick --out $OUT/latency.json"
+stage latency ${LATENCY_LIMIT:-420} "python3 bench/latency.py --quick --out $OUT/latency.json ${LATENCY_ARGS:-}"
 if [ "$NGPU" -ge 2 ]; then
-  stage tp 420 "python3 bench/tp_latency.py --tp 1 --out $OUT/tp1.json && torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2.json && NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json"
+  stage tp ${TP_LIMIT:-420} "python3 bench/tp_latency.py --tp 1 --out $OUT/tp1.json && torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2.json && NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json"
 fi
-stage load 420 "python3 bench/load_20b.py --layers 8 --out $OUT/load_20b.json"
+stage load ${LOAD_LIMIT:-420} "python3 bench/load_20b.py --layers 8 --out $OUT/load_20b.json"
 
 # The device returns at most 8 files: pack the logs and JSON into one archive, the trained model into another.
 cp "$SUMMARY" /tmp/neox_summary.txt
