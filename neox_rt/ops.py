@@ -220,7 +220,7 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
         raise NeoxRtError(f"unknown backend {name!r} (NEOX_RT_BACKEND); choose one of {', '.join(BACKENDS)}")
     on_gpu = device is not None and torch.device(device).type == "cuda"
     wanted = name or ("fastest" if on_gpu else "torch")
-    if _active_backend == wanted:
+    if _active_backend == wanted and wanted != "fastest":
         return _active_backend
     reset()
     if wanted == "fastest":
@@ -235,7 +235,8 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
                 if k not in PREFER_CUDA and k in saved:
                     op.impl, op.supports, op.backend = saved[k]
         _active_backend = wanted
-        return wanted
+        # report the backend that serves most ops
+        return "triton" if have_triton else OPS["rotary_kv_write"].backend
     if wanted != "torch" and not _load_backend(wanted):
         wanted = "torch"
     _active_backend = wanted
