@@ -299,7 +299,7 @@ def main(argv=None):
         if out:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             with open(out, "w") as f:
-                json.dump(result, f, indent=1)
+                json.dump(result, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
         ar = alone.get("graph_ms", alone["eager_ms"])
         print(f"device {result.get('gpu', 'cpu')}  torch {torch.__version__}  backend {backend}  "
               f"decode {result['decode_path']}  NCCL_P2P_DISABLE={result['nccl_p2p_disable']}")

@@ -40,7 +40,7 @@ stage latency ${LATENCY_LIMIT:-420} "python3 bench/latency.py --quick --out $OUT
 if [ "$NGPU" -ge 2 ]; then
   stage tp ${TP_LIMIT:-420} "python3 bench/tp_latency.py --tp 1 --out $OUT/tp1.json && torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2.json && NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json"
 fi
-stage load ${LOAD_LIMIT:-420} "python3 bench/load_20b.py --layers 8 --out $OUT/load_20b.json"
+stage load ${LOAD_LIMIT:-420} "python3 bench/load_20b.py --layers 8"
 
 # The device returns at most 8 files: pack the logs and JSON into one archive, the trained model into another.
 cp "$SUMMARY" /tmp/neox_summary.txt
