@@ -231,7 +231,7 @@ def env_info() -> dict:
             return None
     import triton
     return {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda, "torch": torch.__version__,
-            "triton": triton.__version__, "commit": run(["git", "rev-parse", "HEAD"]),
+            "triton": triton.__version__, "commit": os.environ.get("NEOX_RT_COMMIT") or run(["git", "rev-parse", "HEAD"]),
             "dirty": bool(run(["git", "status", "--porcelain", "--", "kernels", "csrc", "neox_rt"])),
             "driver": run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
             "dtype": "float16", "l2": "cold (flushed before every call by triton.testing.do_bench)",

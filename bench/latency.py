@@ -280,7 +280,7 @@ def env_info() -> dict:
             return None
     return {"gpu": torch.cuda.get_device_name(), "driver": run(["nvidia-smi", "--query-gpu=driver_version",
                                                                 "--format=csv,noheader"]),
-            "cuda": torch.version.cuda, "torch": torch.__version__, "commit": run(["git", "rev-parse", "HEAD"]),
+            "cuda": torch.version.cuda, "torch": torch.__version__, "commit": os.environ.get("NEOX_RT_COMMIT") or run(["git", "rev-parse", "HEAD"]),
             "dirty": bool(run(["git", "status", "--porcelain", "--", "neox_rt", "kernels", "csrc"])),
             "backends": ops.active_backends()}
 

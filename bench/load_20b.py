@@ -176,6 +176,8 @@ def results_dir() -> str:
 
 
 def commit() -> str:
+    if os.environ.get("NEOX_RT_COMMIT"):
+        return os.environ["NEOX_RT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()

@@ -192,7 +192,7 @@ def allreduce_alone(tp, hidden: int, count: int, dtype, device, timer, reps: int
 def environment(device) -> dict:
     env = dict(torch=torch.__version__, cuda=torch.version.cuda, python=sys.version.split()[0])
     try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        env["commit"] = os.environ.get("NEOX_RT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         env["commit"] = None
