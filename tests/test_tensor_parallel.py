@@ -172,6 +172,20 @@ def test_all_reduce_count(tp_results, case):
     assert single[case]["calls"] == 0  # TP=1 issues none
 
 
+def test_tp4_equals_tp1_on_cpu(tp_results, tmp_path):
+    """Four gloo ranks (the 4x T4 layout of the 20B run, on CPU): logits and greedy ids equal TP=1."""
+    single, _ = tp_results
+    cases = {name: save_hf(_big_bias_model(name), tmp_path / name) for name in ("parallel", "sequential")}
+    (tmp_path / "out4").mkdir()
+    ranks = spawn_tp(cases, tmp_path / "out4", world=4)
+    for name in cases:
+        for r in ranks:
+            assert rel_err(r[name]["logits"], single[name]["logits"]) < 1e-5, name
+            assert r[name]["greedy"] == single[name]["greedy"], name
+        # vocab 161 pads to 164 at TP=4; the stripped logits keep the real 161 columns
+        assert ranks[0][name]["logits"].shape[-1] == VOCAB
+
+
 def test_big_bias_matters(tp_results, tmp_path):
     """The cases would catch a bias added once per rank: doubling the row-parallel biases moves the logits."""
     single, _ = tp_results
