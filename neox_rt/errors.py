@@ -6,3 +6,16 @@ class NeoxRtError(Exception):
 
     The command-line tools print ``neox_rt: error: <message>`` and exit with status 2.
     """
+
+
+def read_bytes(path: str, what: str) -> bytes:
+    """The bytes of a user-named file, or a NeoxRtError that says which ``what`` (e.g. "input file") failed."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise NeoxRtError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise NeoxRtError(f"{what} {path} is a directory") from None
+    except OSError as e:
+        raise NeoxRtError(f"cannot read {what} {path}: {e.strerror or e}") from None

@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 
 from neox_rt import neox_yaml
-from neox_rt.errors import NeoxRtError
+from neox_rt.errors import NeoxRtError, read_bytes
+from neox_rt.sampling import SamplingParams
 
 MODES = ("unconditional", "input-file", "interactive")
 INTERACTIVE_PROMPT = "Context prompt >>> "
@@ -93,12 +94,7 @@ class Settings:
             raise NeoxRtError(f"batch_size must be positive, got {self.batch_size}")
         if self.tp is not None and self.tp <= 0:
             raise NeoxRtError(f"--tp must be positive, got {self.tp}")
-        if self.temperature < 0:
-            raise NeoxRtError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise NeoxRtError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise NeoxRtError(f"top_p must be in [0, 1], got {self.top_p}")
+        SamplingParams(self.temperature, self.top_k, self.top_p)  # raises NeoxRtError naming the value
         if not self.prompt_end:
             raise NeoxRtError("prompt_end must not be empty")
         if self.on_invalid_utf8 not in ("fail", "skip"):
@@ -247,15 +243,7 @@ def parse_settings(argv, warn=None) -> Settings:
 # -- input and output -------------------------------------------------------------------------------
 def read_prompts(path: str, prompt_end: str = "\n", on_invalid_utf8: str = "fail", warn=None) -> list[str]:
     """Prompts of an input file: split on prompt_end, stripped, empty ones dropped."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise NeoxRtError(f"input file not found: {path}") from None
-    except IsADirectoryError:
-        raise NeoxRtError(f"input file {path} is a directory") from None
-    except OSError as e:
-        raise NeoxRtError(f"cannot read input file {path}: {e.strerror or e}") from None
+    raw = read_bytes(path, "input file")
     lines = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:

@@ -36,6 +36,7 @@ import torch
 from neox_rt.config import NeoXConfig
 from neox_rt.errors import NeoxRtError
 from neox_rt.parallel import SINGLE, TensorParallel, tp_split_dim
+from neox_rt.weights import torch_load_weights_only
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 RANK_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
@@ -200,12 +201,7 @@ def safe_load(path: str) -> dict:
     if not os.path.isfile(path):
         raise NeoxRtError(f"missing checkpoint file {path}")
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        state = torch_load_weights_only(path)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise NeoxRtError(f"refusing to load {path}: it needs unsafe unpickling (Python objects other than "

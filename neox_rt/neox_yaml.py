@@ -18,7 +18,7 @@ import sys
 from typing import Callable, Iterable
 
 from neox_rt.config import ACTIVATIONS, NeoXConfig
-from neox_rt.errors import NeoxRtError
+from neox_rt.errors import NeoxRtError, read_bytes
 
 TOKENIZER_20B_SIZE = 50277
 """Entries of the 20B tokenizer (``20B_tokenizer.json``), the tokenizer of GPT-NeoX-20B and Pythia."""
@@ -174,15 +174,7 @@ def check_value(key: str, value, where: str = "config"):
 def load_yaml(path: str) -> dict:
     """The raw mapping of one YAML file (keys as written)."""
     import yaml
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise NeoxRtError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise NeoxRtError(f"config file {path} is a directory") from None
-    except OSError as e:
-        raise NeoxRtError(f"cannot read config file {path}: {e.strerror or e}") from None
+    raw = read_bytes(path, "config file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -97,14 +97,19 @@ def _safetensors_sources(path: str) -> Iterator[TensorSource]:
         yield TensorSource(key, path, tuple(sl.get_shape()), read)
 
 
+def torch_load_weights_only(path: str):
+    """``torch.load(weights_only=True)`` to CPU, memory-mapped where the format allows (raises as torch does)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
 def _bin_sources(path: str) -> Iterator[TensorSource]:
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        state = torch_load_weights_only(path)
     except Exception as e:  # noqa: BLE001 - UnpicklingError for unsafe pickles, zip errors, EOF, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NeoxRtError(f"cannot load checkpoint file {path} safely (weights_only): {first}") from None

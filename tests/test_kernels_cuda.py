@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from neox_rt import ops
 
