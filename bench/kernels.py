@@ -22,12 +22,11 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import traceback
 
 import torch
-import torch.nn.functional as F
+from common import git_commit, gpu_driver, run  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -224,16 +223,11 @@ def run_case(op, args_fn, provs, prov_errors, nbytes, flops, copy_gbps):
 # ----------------------------------------------------------------------------------------------------
 
 def env_info() -> dict:
-    def run(cmd):
-        try:
-            return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return None
     import triton
     return {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda, "torch": torch.__version__,
-            "triton": triton.__version__, "commit": os.environ.get("NEOX_RT_COMMIT") or run(["git", "rev-parse", "HEAD"]),
+            "triton": triton.__version__, "commit": git_commit(),
             "dirty": bool(run(["git", "status", "--porcelain", "--", "kernels", "csrc", "neox_rt"])),
-            "driver": run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+            "driver": gpu_driver(),
             "dtype": "float16", "l2": "cold (flushed before every call by triton.testing.do_bench)",
             "cache_capacity": CAPACITY, "models": MODELS}
 

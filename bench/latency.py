@@ -35,11 +35,11 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+from common import git_commit, gpu_driver, run  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -273,14 +273,8 @@ def bench_hf(model, name, args, res):
 
 
 def env_info() -> dict:
-    def run(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=20).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return None
-    return {"gpu": torch.cuda.get_device_name(), "driver": run(["nvidia-smi", "--query-gpu=driver_version",
-                                                                "--format=csv,noheader"]),
-            "cuda": torch.version.cuda, "torch": torch.__version__, "commit": os.environ.get("NEOX_RT_COMMIT") or run(["git", "rev-parse", "HEAD"]),
+    return {"gpu": torch.cuda.get_device_name(), "driver": gpu_driver(),
+            "cuda": torch.version.cuda, "torch": torch.__version__, "commit": git_commit(),
             "dirty": bool(run(["git", "status", "--porcelain", "--", "neox_rt", "kernels", "csrc"])),
             "backends": ops.active_backends()}
 

@@ -28,6 +28,7 @@ import sys
 import time
 
 import torch
+from common import git_commit  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 HIDDEN, HEADS, VOCAB, LAYERS_20B, TP_SRC = 6144, 64, 50432, 44, 2
 TAG = "global_step150000"
@@ -175,14 +176,6 @@ def results_dir() -> str:
     return d
 
 
-def commit() -> str:
-    if os.environ.get("NEOX_RT_COMMIT"):
-        return os.environ["NEOX_RT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return ""
 
 
 def main() -> None:
@@ -205,7 +198,7 @@ def main() -> None:
         layers = res["layers"]
         written = checkpoint_bytes(layers, res["hidden"], res["vocab_rows"], TP_SRC)
         full_bytes = checkpoint_bytes(LAYERS_20B, res["hidden"], res["vocab_rows"], TP_SRC)
-        res.update(cold=not args.warm, checkpoint_bytes=written, torch=torch.__version__, commit=commit())
+        res.update(cold=not args.warm, checkpoint_bytes=written, torch=torch.__version__, commit=git_commit())
         if layers != LAYERS_20B:  # linear in bytes: embeddings + 44 layers at this run's GB/s
             res["EXTRAPOLATED_load_s_44_layers"] = round(res["load_s"] * full_bytes / written, 2)
         if os.environ.get("NEOX_RT_BENCH_CHILD"):

@@ -25,11 +25,11 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+from common import git_commit, gpu_driver  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,22 +191,14 @@ def allreduce_alone(tp, hidden: int, count: int, dtype, device, timer, reps: int
 
 def environment(device) -> dict:
     env = dict(torch=torch.__version__, cuda=torch.version.cuda, python=sys.version.split()[0])
-    try:
-        env["commit"] = os.environ.get("NEOX_RT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        env["commit"] = None
+    env["commit"] = git_commit()
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         try:
             env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         except Exception:  # noqa: BLE001
             env["nccl"] = None
-        try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True).stdout.split()[0]
-        except (OSError, IndexError):
-            env["driver"] = None
+        env["driver"] = gpu_driver()
     env["nccl_p2p_disable"] = os.environ.get("NCCL_P2P_DISABLE", "0")
     return env
 
