@@ -14,7 +14,8 @@ TORCH_LIBRARY(neox_rt, m) {
   m.def("layernorm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
   m.def("dual_layernorm(Tensor x, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, float eps) "
         "-> (Tensor, Tensor)");
-  m.def("gemv(Tensor x, Tensor weight, Tensor? bias, int activation) -> Tensor");
+  m.def("gemv(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual=None, int variant=0, "
+        "bool pdl=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {

@@ -25,10 +25,11 @@ def _gemv_kernel(
     x_ptr,     # [m, k]
     w_ptr,     # [n, k]
     b_ptr,     # [n] (HAS_BIAS)
+    r_ptr,     # [m, n] (HAS_RES)
     out_ptr,   # [m, n]
     m, n, k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr, IEEE: tl.constexpr,
+    ACT: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
     rows = tl.arange(0, BLOCK_M)
@@ -55,13 +56,15 @@ def _gemv_kernel(
         acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
     elif ACT == 3:
         acc = tl.maximum(acc, 0.0)
-    tl.store(out_ptr + rows[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+    omask = rmask[:, None] & cmask[None, :]
+    if HAS_RES:
+        acc += tl.load(r_ptr + rows[:, None] * n + cols[None, :], mask=omask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           activation: str | None = None) -> torch.Tensor:
-    """act(x @ weight.T + bias): x [..., k] (at most MAX_ROWS rows), weight [n, k] -> [..., n]."""
+           activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x @ weight.T + bias) + residual: x [..., k] (at most MAX_ROWS rows), weight [n, k] -> [..., n]."""
     k = x.shape[-1]
     n = weight.shape[0]
     m = x.numel() // k if k else 0
@@ -72,15 +75,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     block_n = 32 if n >= 16384 else 16
     block_k = 256
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, k,
+        x, weight, bias if bias is not None else weight, residual if residual is not None else out, out, m, n, k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        ACT=ACTIVATIONS[activation], IEEE=x.dtype == torch.float32, num_warps=4)
+        ACT=ACTIVATIONS[activation], HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, num_warps=4)
     return out
 
 
-def supports_linear(x, weight, bias=None, activation=None, max_rows: int | None = None) -> bool:
+def supports_linear(x, weight, bias=None, activation=None, residual=None, max_rows: int | None = None) -> bool:
     """Float x contiguous with 1..max_rows rows (default REGISTER_MAX_ROWS), weight [n, k] contiguous of x's
-    dtype, optional bias [n], an activation the epilogue knows."""
+    dtype, optional bias [n], an activation the epilogue knows, optional residual of the output's shape."""
     max_rows = REGISTER_MAX_ROWS if max_rows is None else max_rows
     if activation not in ACTIVATIONS or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
@@ -91,10 +94,14 @@ def supports_linear(x, weight, bias=None, activation=None, max_rows: int | None 
         return False
     if bias is not None and not (bias.shape == weight.shape[:1] and bias.is_contiguous()):
         return False
-    return on_triton_device(x, weight, *([bias] if bias is not None else []))
+    extra = [t for t in (bias, residual) if t is not None]
+    if residual is not None and not (residual.shape == (*x.shape[:-1], weight.shape[0]) and residual.is_contiguous()
+                                     and residual.dtype == x.dtype):
+        return False
+    return on_triton_device(x, weight, *extra)
 
 
-def supports_fused_activation_linear(x, weight, bias=None, activation=None) -> bool:
+def supports_fused_activation_linear(x, weight, bias=None, activation=None, residual=None) -> bool:
     """The registered predicate: fp16/bf16, at most 16 rows, and an activation to fuse (dense_h_to_4h).
 
     Measured on one H100 (bench/results/kernels_h100.json): with GeLU fused this kernel beat cuBLAS +
@@ -102,4 +109,4 @@ def supports_fused_activation_linear(x, weight, bias=None, activation=None) -> b
     activation cuBLAS was as fast or faster (qkv: 95 us vs 104 us), so plain linears stay on cuBLAS.
     """
     return (activation is not None and x.dtype in (torch.float16, torch.bfloat16)
-            and supports_linear(x, weight, bias, activation, max_rows=16))
+            and supports_linear(x, weight, bias, activation, residual, max_rows=16))

@@ -8,6 +8,8 @@ set :data:`GEMV_MAX_ROWS`).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from neox_rt import ops
@@ -20,6 +22,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # every row, but re-reads x per output pair, so cuBLAS wins as rows grow. Set from `python -m neox_rt.cuda_ops
 # bench` on H100; the kernel itself handles up to 16 rows.
 GEMV_MAX_ROWS = 1  # measured on H100: at 4 and 16 rows cuBLAS was 1.4-5x faster
+# csrc/kernels/gemv.cuh: 0 = stream (one row of W per warp, 8 loads in flight per lane), 1 = legacy (the first
+# version, kept for bench/kernels.py's side-by-side).
+GEMV_VARIANT = int(os.environ.get("NEOX_RT_GEMV_VARIANT", "0"))
+# Programmatic dependent launch of the GEMV on sm_90 (the next layer's weight stream starts under the previous
+# kernel's tail): NEOX_RT_PDL=1 turns it on, 0 off.
+PDL = os.environ.get("NEOX_RT_PDL", "0") == "1"
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -68,7 +76,7 @@ def _register_fakes() -> None:
                 torch.empty_like(x, memory_format=torch.contiguous_format))
 
     @lib.register_fake("neox_rt::gemv")
-    def _(x, weight, bias, activation):
+    def _(x, weight, bias, activation, residual=None, variant=0, pdl=False):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     _fakes_registered = True
@@ -86,8 +94,8 @@ def dual_layernorm(x, weight1, bias1, weight2, bias2, eps):
     return tuple(torch.ops.neox_rt.dual_layernorm(x, weight1, bias1, weight2, bias2, float(eps)))
 
 
-def linear(x, weight, bias=None, activation=None):
-    return torch.ops.neox_rt.gemv(x, weight, bias, ACTIVATIONS[activation])
+def linear(x, weight, bias=None, activation=None, residual=None):
+    return torch.ops.neox_rt.gemv(x, weight, bias, ACTIVATIONS[activation], residual, GEMV_VARIANT, PDL)
 
 
 def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
@@ -148,8 +156,9 @@ def supports_dual_layernorm(x, weight1, bias1, weight2, bias2, eps=1e-5) -> bool
     return supports_layernorm(x, weight1, bias1, eps, weight2, bias2)
 
 
-def supports_linear(x, weight, bias=None, activation=None) -> bool:
-    """fp16/bf16 CUDA, contiguous, at most GEMV_MAX_ROWS rows, in_features % 8 == 0, 16-byte aligned."""
+def supports_linear(x, weight, bias=None, activation=None, residual=None) -> bool:
+    """fp16/bf16 CUDA, contiguous, at most GEMV_MAX_ROWS rows, in_features % 8 == 0, 16-byte aligned; an
+    optional residual of the output's shape and dtype."""
     if activation not in ACTIVATIONS or not _cuda_float(x, (torch.float16, torch.bfloat16)):
         return False
     k = x.shape[-1]
@@ -158,6 +167,9 @@ def supports_linear(x, weight, bias=None, activation=None) -> bool:
     if not (weight.dtype == x.dtype and weight.is_contiguous() and weight.dim() == 2 and weight.shape[1] == k):
         return False
     if bias is not None and not (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == weight.shape[:1]):
+        return False
+    if residual is not None and not (residual.dtype == x.dtype and residual.is_contiguous()
+                                     and residual.shape == (*x.shape[:-1], weight.shape[0])):
         return False
     return _aligned16(x, weight)
 

@@ -43,11 +43,12 @@ class Attention(nn.Module):
         self.query_key_value = Linear(h, 3 * h // tp.size, config.attention_bias)
         self.dense = Linear(h // tp.size, h, config.attention_bias)
 
-    def forward(self, x, positions, k_cache, v_cache, cos, sin, decode_seqlens=None):
-        """Partial output of this rank (before the all-reduce and without dense's bias).
+    def forward(self, x, positions, k_cache, v_cache, cos, sin, decode_seqlens=None, bias=None, residual=None):
+        """Partial output of this rank (before the all-reduce): dense(ctx) + bias + residual.
 
         x [b, s, h]; positions [b, s]; k_cache/v_cache [B, nh, T, hd]. ``decode_seqlens`` [b] (= positions + 1)
-        selects the one-token decode kernel.
+        selects the one-token decode kernel. ``bias`` (dense's, row-parallel) and ``residual`` [b, s, h] are
+        added in the output projection's epilogue; the layer passes them on one rank only.
         """
         b, s, _ = x.shape
         qkv = OPS["linear"](x, self.query_key_value.weight, self.query_key_value.bias)  # [b, s, nh*3*hd]
@@ -56,7 +57,7 @@ class Attention(nn.Module):
             ctx = OPS["decode_attention"](q[:, 0], k_cache, v_cache, decode_seqlens, self.scale)[:, None]
         else:
             ctx = OPS["attention"](q, k_cache, v_cache, positions, self.scale)  # [b, s, nh, hd]
-        return OPS["linear"](ctx.reshape(b, s, -1), self.dense.weight)  # [b, s, h]
+        return OPS["linear"](ctx.reshape(b, s, -1), self.dense.weight, bias, residual=residual)  # [b, s, h]
 
 
 class MLP(nn.Module):
@@ -67,10 +68,10 @@ class MLP(nn.Module):
         self.dense_h_to_4h = Linear(h, f // tp.size, True)
         self.dense_4h_to_h = Linear(f // tp.size, h, True)
 
-    def forward(self, x):
-        """Partial output of this rank (before the all-reduce and without dense_4h_to_h's bias)."""
+    def forward(self, x, bias=None, residual=None):
+        """Partial output of this rank (before the all-reduce): dense_4h_to_h(act(...)) + bias + residual."""
         up = OPS["linear"](x, self.dense_h_to_4h.weight, self.dense_h_to_4h.bias, self.act)  # [b, s, f/tp]
-        return OPS["linear"](up, self.dense_4h_to_h.weight)  # [b, s, h]
+        return OPS["linear"](up, self.dense_4h_to_h.weight, bias, residual=residual)  # [b, s, h]
 
 
 class Layer(nn.Module):
@@ -86,22 +87,23 @@ class Layer(nn.Module):
 
     def forward(self, x, positions, k_cache, v_cache, cos, sin, decode_seqlens=None):
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        attn_bias, mlp_bias = self.attention.dense.bias, self.mlp.dense_4h_to_h.bias
+        # The residual stream and the row-parallel output biases ride in the output projections' epilogues
+        # (no separate add kernels). Under TP only rank 0 adds them, so the all-reduce sums them exactly once.
+        lead = self.tp.rank == 0
+        attn_bias = self.attention.dense.bias if lead else None
+        mlp_bias = self.mlp.dense_4h_to_h.bias if lead else None
         if self.parallel:
-            # x = x + attn(ln1(x)) + mlp(ln2(x)): both partial sums meet in ONE all-reduce; biases added once.
+            # x + attn(ln1(x)) + mlp(ln2(x)): dense adds x, dense_4h_to_h adds that partial; ONE all-reduce.
             a_in, m_in = OPS["dual_layernorm"](x, ln1.weight, ln1.bias, ln2.weight, ln2.bias, self.eps)
-            partial = self.attention(a_in, positions, k_cache, v_cache, cos, sin, decode_seqlens)
-            partial = partial + self.mlp(m_in)
-            out = self.tp.all_reduce(partial)
-            if attn_bias is not None:
-                out = out + attn_bias
-            return x + out + mlp_bias
-        # a = x + attn(ln1(x)); x = a + mlp(ln2(a))
-        attn = self.tp.all_reduce(self.attention(OPS["layernorm"](x, ln1.weight, ln1.bias, self.eps),
-                                                 positions, k_cache, v_cache, cos, sin, decode_seqlens))
-        a = x + attn + attn_bias if attn_bias is not None else x + attn
-        mlp = self.tp.all_reduce(self.mlp(OPS["layernorm"](a, ln2.weight, ln2.bias, self.eps)))
-        return a + mlp + mlp_bias
+            partial = self.attention(a_in, positions, k_cache, v_cache, cos, sin, decode_seqlens,
+                                     bias=attn_bias, residual=x if lead else None)
+            return self.tp.all_reduce(self.mlp(m_in, bias=mlp_bias, residual=partial))
+        # a = x + attn(ln1(x)); x = a + mlp(ln2(a)): two all-reduces
+        a = self.tp.all_reduce(self.attention(OPS["layernorm"](x, ln1.weight, ln1.bias, self.eps), positions,
+                                              k_cache, v_cache, cos, sin, decode_seqlens,
+                                              bias=attn_bias, residual=x if lead else None))
+        return self.tp.all_reduce(self.mlp(OPS["layernorm"](a, ln2.weight, ln2.bias, self.eps), bias=mlp_bias,
+                                           residual=a if lead else None))
 
 
 class Embedding(nn.Module):

@@ -54,9 +54,14 @@ def dual_layernorm_ref(x, weight1, bias1, weight2, bias2, eps):
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               activation: str | None = None) -> torch.Tensor:
-    """out = act(x @ weight.T + bias); x [..., in], weight [out, in], bias [out]."""
-    return activation_ref(F.linear(x, weight, bias), activation)
+               activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """out = act(x @ weight.T + bias) + residual; x [..., in], weight [out, in], bias [out], residual [..., out].
+
+    The residual add is part of the op so that fused backends do it in the epilogue (the layer's residual
+    stream, see :class:`neox_rt.model.Layer`), saving a separate elementwise kernel per add.
+    """
+    out = activation_ref(F.linear(x, weight, bias), activation)
+    return out if residual is None else out + residual
 
 
 def rotary_tables(rotary_ndims: int, max_positions: int, base: float, device=None):
@@ -232,7 +237,10 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
         saved = {k: (op.impl, op.supports, op.backend) for k, op in OPS.items() if op.impl is not None}
         if _load_backend("cuda") and have_triton:
             for k, op in OPS.items():
-                if k not in PREFER_CUDA and k in saved:
+                if k in CUDA_THEN_TRITON and k in saved and op.impl is not None:
+                    op.impl, op.supports = _first_supported((op.impl, op.supports), saved[k][:2])
+                    op.backend = "cuda+triton"
+                elif k not in PREFER_CUDA and k in saved:
                     op.impl, op.supports, op.backend = saved[k]
         _active_backend = wanted
         # report the backend that serves most ops
@@ -245,6 +253,22 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
 
 PREFER_CUDA = frozenset({"rotary_kv_write", "scaled_causal_softmax"})
 """Ops for which the default ("fastest") selection takes the CUDA extension over Triton."""
+CUDA_THEN_TRITON = frozenset({"linear"})
+"""Ops for which the default selection asks the CUDA extension first, then Triton, then the reference: the
+linear's CUDA GEMV takes single-row decode (every decode linear, bias, GeLU and residual fused), the Triton
+GEMV the GeLU-fused dense_h_to_4h at 2-16 rows, cuBLAS the rest."""
+
+
+def _first_supported(first, second):
+    """(impl, supports) that runs ``first`` where its predicate accepts the arguments, else ``second``."""
+    (impl1, supports1), (impl2, supports2) = first, second
+
+    def supports(*args, **kwargs):
+        return supports1(*args, **kwargs) or supports2(*args, **kwargs)
+
+    def impl(*args, **kwargs):
+        return (impl1 if supports1(*args, **kwargs) else impl2)(*args, **kwargs)
+    return impl, supports
 
 
 def active_backends() -> dict[str, str]:

@@ -229,16 +229,18 @@ def check_attention(b, s, nh, hd, T, dtype, positions, seed=0):
                    ulps=4 if dtype == torch.float32 else 1)
 
 
-def check_linear(m, n, k, dtype, bias, activation, seed=0):
+def check_linear(m, n, k, dtype, bias, activation, seed=0, residual=False):
     x = randn(m, k, dtype=dtype, seed=seed)
     w = randn(n, k, dtype=dtype, seed=seed + 1, scale=k ** -0.5)
     bb = randn(n, dtype=dtype, seed=seed + 2) if bias else None
-    assert k_linear.supports_linear(x, w, bb, activation, max_rows=16)
+    res = randn(m, n, dtype=dtype, seed=seed + 3, scale=3.0) if residual else None
+    assert k_linear.supports_linear(x, w, bb, activation, res, max_rows=16)
     poison_allocator()
-    out = k_linear.linear(x, w, bb, activation)
-    ref64 = ops.linear_ref(x.double(), w.double(), bb.double() if bias else None, activation)
-    torch_low = ops.linear_ref(x, w, bb, activation)
-    assert_by_rule(out, torch_low, ref64, dtype, f"linear {m}x{n}x{k} {activation}")
+    out = k_linear.linear(x, w, bb, activation, res)
+    ref64 = ops.linear_ref(x.double(), w.double(), bb.double() if bias else None, activation,
+                           residual=res.double() if residual else None)
+    torch_low = ops.linear_ref(x, w, bb, activation, residual=res)
+    assert_by_rule(out, torch_low, ref64, dtype, f"linear {m}x{n}x{k} {activation} residual={residual}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,6 +291,7 @@ def test_attention_interpreter(hd, dtype):
 def test_linear_interpreter(activation, dtype):
     check_linear(3, 40, 300, dtype, bias=True, activation=activation)
     check_linear(1, 17, 64, dtype, bias=False, activation=activation, seed=9)
+    check_linear(2, 33, 128, dtype, bias=True, activation=activation, seed=4, residual=True)
 
 
 def test_supports_rejects():
@@ -420,6 +423,7 @@ def test_attention_long_prompt_gpu(hd, dtype):
 def test_linear_gpu(shape, activation, dtype):
     m, n, k = shape
     check_linear(m, n, k, dtype, bias=activation is not None, activation=activation)
+    check_linear(m, n, k, dtype, bias=True, activation=activation, residual=True, seed=7)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,19 @@
-// Small-batch linear layer (GEMV-like): y[m, n] = act(x[m, :] . W[n, :] + bias[n]) for m <= 16 rows.
+// Small-batch linear layer (GEMV-like): y[m, n] = act(x[m, :] . W[n, :] + bias[n]) + residual[m, n], m <= 16.
 //
-// Decode is memory-bound on W: each warp streams two rows of W once with 16-byte loads and applies them to all
-// m rows of x (x is small and stays in L1/L2), accumulating in fp32; the bias and the activation are fused
-// into the epilogue. Requires k % 8 == 0 and 16-byte aligned x and W (fp16 / bf16).
+// Decode is memory-bound on W: every byte of W is read once, with 16-byte streaming loads (evict-first: the
+// weights must not push the activations and the KV cache out of L2), and applied to all m rows of x (x is small
+// and stays in L1/L2), accumulating in fp32; bias, activation and residual add are fused into the epilogue.
+//
+// Two configurations (GemvVariant), measured side by side by bench/kernels.py:
+//  - kGemvStream (default): for m <= 2 each warp owns ONE row of W and keeps 2 x UNROLL 16-byte loads per lane
+//    in flight (double-buffered chunks of 32 * 8 * UNROLL elements), so even an n = 6144 layer (dense,
+//    4h->h of 20B) puts ~46 warps x 4 KB in flight on every SM of an H100; with more rows of x the warp owns
+//    two rows of W (x loads shared between them) and fewer loads in flight (registers go to accumulators).
+//  - kGemvLegacy: the first version (two rows per warp, one load per lane in flight), kept for comparison.
+// Programmatic dependent launch (sm_90, opt-in by the launcher's `pdl`): the kernel asks for its dependents to be
+// launched as soon as all its blocks run, and issues its first weight loads BEFORE waiting for the previous
+// kernel (griddepcontrol.wait), so the weight stream of this layer overlaps the tail of the one before.
+// Requires k % 8 == 0 and 16-byte aligned x and W (fp16 / bf16).
 #pragma once
 
 #include "common.cuh"
@@ -10,6 +21,7 @@
 namespace neox_rt {
 
 enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRelu = 3 };
+enum GemvVariant : int { kGemvStream = 0, kGemvLegacy = 1 };
 
 __device__ __forceinline__ float apply_activation(float v, int act) {
   switch (act) {
@@ -20,50 +32,99 @@ __device__ __forceinline__ float apply_activation(float v, int act) {
   }
 }
 
-constexpr int kGemvWarps = 4;           // warps per block
-constexpr int kGemvOutputsPerWarp = 2;  // rows of W per warp (x loads are shared between them)
+// Grid dependency control (PTX griddepcontrol, sm_90+); no-ops on older architectures.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
-template <typename T, int MT>
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// 16-byte load that bypasses L1 and is first to be evicted from L2 (ld.global.cs): W is read exactly once.
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec_stream(const T* p) {
+  static_assert(sizeof(T) * N == 16, "streaming loads are 16 bytes");
+  const int4 raw = __ldcs(reinterpret_cast<const int4*>(p));
+  Vec<T, N> v;
+  *reinterpret_cast<int4*>(&v) = raw;
+  return v;
+}
+
+constexpr int kGemvWarps = 4;  // warps per block
+
+template <typename T, int MT, int NPW, int UNROLL, bool PDL>
 __global__ void __launch_bounds__(kGemvWarps * 32)
-gemv_kernel(const T* __restrict__ x,      // [m, k]
-            const T* __restrict__ w,      // [n, k]
-            const T* __restrict__ bias,   // [n] or null
-            T* __restrict__ y,            // [m, n]
+gemv_kernel(const T* __restrict__ x,         // [m, k]
+            const T* __restrict__ w,         // [n, k]
+            const T* __restrict__ bias,      // [n] or null
+            const T* __restrict__ residual,  // [m, n] or null
+            T* __restrict__ y,               // [m, n]
             int m, int n, int k, int act) {
   constexpr int VEC = 16 / sizeof(T);
-  constexpr int NPW = kGemvOutputsPerWarp;
+  constexpr int SPAN = 32 * VEC;          // elements of a row one warp covers per load
+  constexpr int STEP = SPAN * UNROLL;     // elements per chunk
+  if (PDL) pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n0 = (blockIdx.x * kGemvWarps + warp) * NPW;
-  if (n0 >= n) return;
+  const bool active = n0 < n;  // an idle warp still waits below, so no block can finish before its inputs exist
+
+  const T* wrow[NPW];
+#pragma unroll
+  for (int o = 0; o < NPW; ++o) wrow[o] = w + static_cast<int64_t>(active && n0 + o < n ? n0 + o : 0) * k;
+
+  Vec<T, VEC> cur[UNROLL][NPW], nxt[UNROLL][NPW];
+  auto load_chunk = [&](Vec<T, VEC> (&buf)[UNROLL][NPW], int c) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+      for (int o = 0; o < NPW; ++o) {
+        const int col = c + u * SPAN;
+        if (col < k) buf[u][o] = load_vec_stream<T, VEC>(wrow[o] + col);
+      }
+  };
+
+  const int c0 = lane * VEC;
+  if (active) load_chunk(cur, c0);  // weights do not depend on the previous kernel: load before waiting
+  if (PDL) pdl_wait();
+  if (!active) return;
+
   float acc[NPW][MT];
 #pragma unroll
   for (int o = 0; o < NPW; ++o)
 #pragma unroll
     for (int r = 0; r < MT; ++r) acc[o][r] = 0.f;
 
-  const T* wrow[NPW];
+  for (int c = c0; c < k; c += STEP) {
+    const bool more = c + STEP < k;
+    if (more) load_chunk(nxt, c + STEP);
 #pragma unroll
-  for (int o = 0; o < NPW; ++o) wrow[o] = w + static_cast<int64_t>(n0 + o < n ? n0 + o : n0) * k;
-
-  for (int c = lane * VEC; c < k; c += 32 * VEC) {
-    float wv[NPW][VEC];
+    for (int u = 0; u < UNROLL; ++u) {
+      const int col = c + u * SPAN;
+      if (col < k) {
 #pragma unroll
-    for (int o = 0; o < NPW; ++o) {
-      const Vec<T, VEC> v = load_vec<T, VEC>(wrow[o] + c);
+        for (int r = 0; r < MT; ++r) {
+          if (r < m) {
+            const Vec<T, VEC> xv = load_vec<T, VEC>(x + static_cast<int64_t>(r) * k + col);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) wv[o][e] = to_float(v.v[e]);
-    }
+            for (int e = 0; e < VEC; ++e) {
+              const float xf = to_float(xv.v[e]);
 #pragma unroll
-    for (int r = 0; r < MT; ++r) {
-      if (r < m) {
-        const Vec<T, VEC> xv = load_vec<T, VEC>(x + static_cast<int64_t>(r) * k + c);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const float xf = to_float(xv.v[e]);
-#pragma unroll
-          for (int o = 0; o < NPW; ++o) acc[o][r] += xf * wv[o][e];
+              for (int o = 0; o < NPW; ++o) acc[o][r] += xf * to_float(cur[u][o].v[e]);
+            }
+          }
         }
       }
+    }
+    if (more) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+        for (int o = 0; o < NPW; ++o) cur[u][o] = nxt[u][o];
     }
   }
 #pragma unroll
@@ -72,8 +133,11 @@ gemv_kernel(const T* __restrict__ x,      // [m, k]
     for (int r = 0; r < MT; ++r) {
       const float v = warp_sum(acc[o][r]);
       if (lane == 0 && r < m && n0 + o < n) {
+        const int64_t idx = static_cast<int64_t>(r) * n + n0 + o;
         const float b = bias != nullptr ? to_float(bias[n0 + o]) : 0.f;
-        y[static_cast<int64_t>(r) * n + n0 + o] = from_float<T>(apply_activation(v + b, act));
+        float out = apply_activation(v + b, act);
+        if (residual != nullptr) out += to_float(residual[idx]);
+        y[idx] = from_float<T>(out);
       }
     }
   }
@@ -81,20 +145,48 @@ gemv_kernel(const T* __restrict__ x,      // [m, k]
 
 inline int gemv_max_rows() { return 16; }
 
+template <typename T, int MT, int NPW, int UNROLL>
+cudaError_t launch_gemv_config(const T* x, const T* w, const T* bias, const T* residual, T* y, int m, int n, int k,
+                               int act, bool pdl, cudaStream_t stream) {
+  const int per_block = kGemvWarps * NPW;
+  const dim3 grid((n + per_block - 1) / per_block), block(kGemvWarps * 32);
+  if (!pdl) {
+    gemv_kernel<T, MT, NPW, UNROLL, false><<<grid, block, 0, stream>>>(x, w, bias, residual, y, m, n, k, act);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, gemv_kernel<T, MT, NPW, UNROLL, true>, x, w, bias, residual, y, m, n, k, act);
+}
+
 // m in 1..16 (rounded up to 1, 2, 4, 8 or 16 rows of registers), k % 8 == 0, 16-byte aligned x and w.
+// residual (nullable) is [m, n] like y. `pdl` needs sm_90 (the caller checks the device).
 template <typename T>
-cudaError_t launch_gemv(const T* x, const T* w, const T* bias, T* y, int m, int n, int k, int act,
-                        cudaStream_t stream) {
+cudaError_t launch_gemv(const T* x, const T* w, const T* bias, const T* residual, T* y, int m, int n, int k,
+                        int act, int variant, bool pdl, cudaStream_t stream) {
   if (m == 0 || n == 0) return cudaSuccess;
   if (m > gemv_max_rows() || k % (16 / static_cast<int>(sizeof(T))) != 0) return cudaErrorInvalidValue;
-  const int per_block = kGemvWarps * kGemvOutputsPerWarp;
-  const dim3 grid((n + per_block - 1) / per_block), block(kGemvWarps * 32);
-  if (m <= 1) gemv_kernel<T, 1><<<grid, block, 0, stream>>>(x, w, bias, y, m, n, k, act);
-  else if (m <= 2) gemv_kernel<T, 2><<<grid, block, 0, stream>>>(x, w, bias, y, m, n, k, act);
-  else if (m <= 4) gemv_kernel<T, 4><<<grid, block, 0, stream>>>(x, w, bias, y, m, n, k, act);
-  else if (m <= 8) gemv_kernel<T, 8><<<grid, block, 0, stream>>>(x, w, bias, y, m, n, k, act);
-  else gemv_kernel<T, 16><<<grid, block, 0, stream>>>(x, w, bias, y, m, n, k, act);
-  return cudaGetLastError();
+  if (variant == kGemvLegacy) {
+    if (m <= 1) return launch_gemv_config<T, 1, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+    if (m <= 2) return launch_gemv_config<T, 2, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+    if (m <= 4) return launch_gemv_config<T, 4, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+    if (m <= 8) return launch_gemv_config<T, 8, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+    return launch_gemv_config<T, 16, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+  }
+  if (variant != kGemvStream) return cudaErrorInvalidValue;
+  if (m <= 1) return launch_gemv_config<T, 1, 1, 4>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+  if (m <= 2) return launch_gemv_config<T, 2, 1, 4>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+  if (m <= 4) return launch_gemv_config<T, 4, 2, 2>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+  if (m <= 8) return launch_gemv_config<T, 8, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+  return launch_gemv_config<T, 16, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
 }
 
 }  // namespace neox_rt

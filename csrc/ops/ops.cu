@@ -226,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at:
 }
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                int64_t activation) {
+                int64_t activation, const std::optional<at::Tensor>& residual, int64_t variant, bool pdl) {
   CHECK_CUDA(x, "x");
   CHECK_SAME_DEVICE(x, weight, "x", "weight");
   CHECK_CONTIGUOUS(x, "x");
@@ -250,17 +250,29 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
     CHECK_DTYPE(*bias, x.scalar_type(), "bias");
     CHECK_SHAPE(*bias, n);
   }
+  TORCH_CHECK(variant == kGemvStream || variant == kGemvLegacy, "neox_rt: gemv variant must be 0 (stream) or ",
+              "1 (legacy), got ", variant);
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
+  if (residual.has_value()) {
+    CHECK_SAME_DEVICE(x, *residual, "x", "residual");
+    CHECK_CONTIGUOUS(*residual, "residual");
+    CHECK_DTYPE(*residual, x.scalar_type(), "residual");
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_shape), "neox_rt: gemv residual must have the output's ",
+                "shape ", at::IntArrayRef(out_shape), ", got ", residual->sizes());
+  }
   const c10::cuda::CUDAGuard guard(x.device());
+  // Programmatic dependent launch exists from sm_90 on; elsewhere the flag is ignored.
+  const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
   auto y = at::empty(out_shape, x.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto run = [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     check_cuda(launch_gemv<scalar_t>(ptr<scalar_t>(x), ptr<scalar_t>(weight),
-                                     bias.has_value() ? ptr<scalar_t>(*bias) : nullptr, ptr<scalar_t>(y),
+                                     bias.has_value() ? ptr<scalar_t>(*bias) : nullptr,
+                                     residual.has_value() ? ptr<scalar_t>(*residual) : nullptr, ptr<scalar_t>(y),
                                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
-                                     static_cast<int>(activation), stream),
+                                     static_cast<int>(activation), static_cast<int>(variant), use_pdl, stream),
                "gemv");
   };
   if (x.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));

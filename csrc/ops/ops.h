@@ -26,8 +26,9 @@ std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at:
                                                   const at::Tensor& bias1, const at::Tensor& weight2,
                                                   const at::Tensor& bias2, double eps);
 
-// act(x @ weight.T + bias) for x with <= 16 rows; activation 0 none, 1 gelu (erf), 2 gelu (tanh), 3 relu.
+// act(x @ weight.T + bias) + residual for x with <= 16 rows; activation 0 none, 1 gelu (erf), 2 gelu (tanh),
+// 3 relu; variant 0 stream, 1 legacy (csrc/kernels/gemv.cuh); pdl: programmatic dependent launch (sm_90).
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                int64_t activation);
+                int64_t activation, const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);
 
 }  // namespace neox_rt

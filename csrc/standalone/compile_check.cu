@@ -23,9 +23,10 @@ namespace neox_rt {
 NEOX_RT_INSTANTIATE_ALL(float)
 NEOX_RT_INSTANTIATE_ALL(__half)
 NEOX_RT_INSTANTIATE_ALL(__nv_bfloat16)
-template cudaError_t launch_gemv<__half>(const __half*, const __half*, const __half*, __half*, int, int, int, int,
-                                         cudaStream_t);
+template cudaError_t launch_gemv<__half>(const __half*, const __half*, const __half*, const __half*, __half*, int,
+                                         int, int, int, int, bool, cudaStream_t);
 template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*,
-                                                __nv_bfloat16*, int, int, int, int, cudaStream_t);
+                                                const __nv_bfloat16*, __nv_bfloat16*, int, int, int, int, int, bool,
+                                                cudaStream_t);
 
 }  // namespace neox_rt

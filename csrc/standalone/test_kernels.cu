@@ -207,11 +207,14 @@ template <typename T> static void test_rotary(int b, int s, int nh, int hd, int 
   compare(name, gv, wv, 0.0);
 }
 
-template <typename T> static void test_gemv(int m, int n, int k, int act, double rtol, const char* name) {
-  auto x = randn(size_t(m) * k), w = randn(size_t(n) * k, 0.05f), bias = randn(n);
-  auto xt = cast<T>(x), wt = cast<T>(w), bt = cast<T>(bias);
-  Dev<T> dx(xt), dw(wt), db(bt), dy(size_t(m) * n);
-  CK(neox_rt::launch_gemv<T>(dx.p, dw.p, db.p, dy.p, m, n, k, act, 0));
+template <typename T>
+static void test_gemv(int m, int n, int k, int act, double rtol, const char* name, int variant = 0,
+                      bool with_residual = false) {
+  auto x = randn(size_t(m) * k), w = randn(size_t(n) * k, 0.05f), bias = randn(n), res = randn(size_t(m) * n);
+  auto xt = cast<T>(x), wt = cast<T>(w), bt = cast<T>(bias), rt = cast<T>(res);
+  Dev<T> dx(xt), dw(wt), db(bt), dr(rt), dy(size_t(m) * n);
+  CK(neox_rt::launch_gemv<T>(dx.p, dw.p, db.p, with_residual ? dr.p : nullptr, dy.p, m, n, k, act, variant, false,
+                             0));
   CK(cudaDeviceSynchronize());
   std::vector<double> want(size_t(m) * n);
   for (int r = 0; r < m; ++r)
@@ -221,6 +224,7 @@ template <typename T> static void test_gemv(int m, int n, int k, int act, double
       if (act == neox_rt::kActGeluErf) acc = 0.5 * acc * (1 + std::erf(acc / std::sqrt(2.0)));
       if (act == neox_rt::kActGeluTanh) acc = 0.5 * acc * (1 + std::tanh(0.7978845608 * (acc + 0.044715 * acc * acc * acc)));
       if (act == neox_rt::kActRelu) acc = std::max(acc, 0.0);
+      if (with_residual) acc += f(rt[size_t(r) * n + o]);
       want[size_t(r) * n + o] = acc;
     }
   compare(name, dy.get(), want, rtol);
@@ -249,6 +253,9 @@ int main() {
   test_gemv<__half>(1, 301, 512, neox_rt::kActGeluErf, 2e-3, "gemv fp16 m=1 gelu");
   test_gemv<__half>(5, 64, 1024, neox_rt::kActGeluTanh, 2e-3, "gemv fp16 m=5 gelu_tanh");
   test_gemv<__nv_bfloat16>(16, 33, 256, neox_rt::kActNone, 1.6e-2, "gemv bf16 m=16");
+  test_gemv<__half>(1, 97, 1032, neox_rt::kActNone, 2e-3, "gemv fp16 m=1 k=1032 residual", 0, true);
+  test_gemv<__half>(2, 130, 4096, neox_rt::kActNone, 2e-3, "gemv fp16 m=2 residual", 0, true);
+  test_gemv<__half>(3, 77, 520, neox_rt::kActRelu, 2e-3, "gemv fp16 m=3 legacy residual", 1, true);
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "all kernel tests passed", failures);
   return failures ? 1 : 0;
 }
