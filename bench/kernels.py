@@ -264,12 +264,75 @@ def slug(gpu: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
 
 
+def sweep(copy_gbps: float) -> list[dict]:
+    """Tuning variants of the kernels that miss their targets, 20B shapes, timed like the main table."""
+    from neox_rt.kernels import decode_attention as k_dec
+    from neox_rt.kernels import layernorm as k_ln
+    m = MODELS["gpt-neox-20b"]
+    h, nh, hd = m["h"], m["nh"], m["hd"]
+    rows = []
+
+    def record(op, shape, variant, fn, nbytes):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            ms = median_ms(fn)
+            r = {"op": op, "shape": shape, "variant": variant, "ms": ms, "pct_copy": 100 * nbytes / ms / 1e6 / copy_gbps}
+        except Exception as e:  # noqa: BLE001
+            r = {"op": op, "shape": shape, "variant": variant, "error": f"{type(e).__name__}: {e}"[:200]}
+        rows.append(r)
+        print(f"  sweep {op} {shape} {variant}: {r.get('ms', float('nan')) * 1e3:.1f} us", file=sys.stderr)
+
+    for b, L in ((1, 2048), (16, 2048), (1, 128)):
+        q, kc, vc = rnd(b, nh, hd), rnd(b, nh, CAPACITY, hd), rnd(b, nh, CAPACITY, hd)
+        sl = torch.full((b,), L, device="cuda", dtype=torch.int64)
+        nbytes = (2 * b * nh * L * hd + 2 * b * nh * hd) * E
+        for bn, nw, pps in ((64, 4, 8), (32, 4, 8), (64, 8, 8), (32, 4, 16), (16, 4, 16), (64, 4, 16), (128, 8, 8),
+                            (32, 2, 16), (16, 2, 32)):
+            record("decode_attention", f"b={b} L={L}", f"block_n={bn} warps={nw} programs/SM={pps}",
+                   lambda: k_dec.decode_attention(q, kc, vc, sl, hd ** -0.5, block_n=bn, num_warps=nw,
+                                                  programs_per_sm=pps), nbytes)
+    x = rnd(2048, h)
+    w1, b1, w2, b2 = rnd(h) + 1, rnd(h, scale=0.1), rnd(h) + 1, rnd(h, scale=0.1)
+    for nw in (2, 4, 8, 16, 32):
+        record("layernorm", "2048 tok", f"warps={nw}", lambda: k_ln.layernorm(x, w1, b1, 1e-5, num_warps=nw),
+               (2 * 2048 * h + 2 * h) * E)
+        record("dual_layernorm", "2048 tok", f"warps={nw}",
+               lambda: k_ln.dual_layernorm(x, w1, b1, w2, b2, 1e-5, num_warps=nw), (3 * 2048 * h + 4 * h) * E)
+    try:
+        from neox_rt import cuda_ops
+        ext = cuda_ops.load_extension()
+    except ImportError as e:
+        print(f"sweep: no extension ({e})", file=sys.stderr)
+        return rows
+    import torch.nn.functional as F
+    for lname, (n_out, k_in) in {"qkv": (3 * h, h), "dense": (h, h), "h->4h": (4 * h, h), "4h->h": (h, 4 * h)}.items():
+        w = rnd(n_out, k_in, scale=k_in ** -0.5)
+        for rows_ in (1, 2, 4):
+            x1 = rnd(rows_, k_in)
+            nbytes = (n_out * k_in + rows_ * (k_in + n_out)) * E
+            record("linear", f"{lname} m={rows_}", "cuBLAS", lambda: F.linear(x1, w), nbytes)
+            for variant, vname in ((0, "gemv stream"), (1, "gemv legacy")):
+                record("linear", f"{lname} m={rows_}", vname, lambda: ext.gemv(x1, w, None, 0, None, variant, False),
+                       nbytes)
+    return rows
+
+
+def sweep_table(rows) -> str:
+    lines = ["| op | shape | variant | us | % copy |", "|---|---|---|---|---|"]
+    for r in rows:
+        cellv = "ERR" if "error" in r else f"{r['ms'] * 1e3:.1f} | {r['pct_copy']:.0f}%"
+        lines.append(f"| {r['op']} | {r['shape']} | {r['variant']} | {cellv} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--ops", nargs="+", default=None, help="only these ops")
     p.add_argument("--quick", action="store_true", help="cache length 2048 only")
     p.add_argument("--out", default=None, help="JSON path")
+    p.add_argument("--sweep", action="store_true", help="also time tuning variants (20B shapes) and report them")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -298,6 +361,9 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     table = markdown(report)
     report["table"] = table
+    if a.sweep:
+        report["sweep"] = sweep(copy_gbps)
+        table += "\n\nTuning variants (20B shapes, same timing):\n\n" + sweep_table(report["sweep"])
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {out}", file=sys.stderr)

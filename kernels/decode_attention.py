@@ -19,6 +19,8 @@ from ._common import FLOAT_DTYPES, next_pow2, num_sms, on_triton_device
 HEAD_SIZES = (32, 64, 80, 96, 128, 256)
 PROGRAMS_PER_SM = 8  # enough chunks in flight to keep HBM busy when b * nh is small
 MAX_SPLITS = 64
+BLOCK_N = 64  # keys per loop step for head sizes up to 128 (half for 256)
+NUM_WARPS = 4
 LOG2E = 1.4426950408889634
 
 
@@ -100,19 +102,23 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + (i * nh + h) * hd + d, (num / den).to(out_ptr.dtype.element_ty), mask=d < hd)
 
 
-def plan_splits(b: int, nh: int, T: int, block_n: int, sms: int) -> tuple[int, int]:
-    """(split_size, num_splits) from shapes only: about PROGRAMS_PER_SM programs per SM, chunks of whole blocks."""
+def plan_splits(b: int, nh: int, T: int, block_n: int, sms: int,
+                programs_per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int]:
+    """(split_size, num_splits) from shapes only: about programs_per_sm programs per SM, chunks of whole blocks."""
     max_splits = min(MAX_SPLITS, triton.cdiv(T, block_n))
-    want = max(1, min(max_splits, triton.cdiv(PROGRAMS_PER_SM * sms, max(1, b * nh))))
+    want = max(1, min(max_splits, triton.cdiv(programs_per_sm * sms, max(1, b * nh))))
     split_size = triton.cdiv(triton.cdiv(T, want), block_n) * block_n
     return split_size, triton.cdiv(T, split_size)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor,
-                     scale: float, num_splits: int | None = None) -> torch.Tensor:
+                     scale: float, num_splits: int | None = None, block_n: int | None = None,
+                     num_warps: int | None = None, programs_per_sm: int | None = None) -> torch.Tensor:
     """q [b, nh, hd], caches [B >= b, nh, T, hd], seqlens [b] (>= 1) -> [b, nh, hd] in q's dtype.
 
-    ``num_splits`` overrides the planner (tests use it to force the multi-chunk path on small caches).
+    ``num_splits`` overrides the planner (tests use it to force the multi-chunk path on small caches);
+    ``block_n`` (keys per loop step), ``num_warps`` and ``programs_per_sm`` override the tuned defaults
+    (BLOCK_N / NUM_WARPS / PROGRAMS_PER_SM; bench/kernels.py --sweep compares them).
     """
     b, nh, hd = q.shape
     T = k_cache.shape[2]
@@ -120,9 +126,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if b == 0:
         return out
     hd_p2 = next_pow2(hd)
-    block_n = 64 if hd_p2 <= 128 else 32
+    block_n = block_n or (BLOCK_N if hd_p2 <= 128 else BLOCK_N // 2)
     if num_splits is None:
-        split_size, num_splits = plan_splits(b, nh, T, block_n, num_sms(q))
+        split_size, num_splits = plan_splits(b, nh, T, block_n, num_sms(q), programs_per_sm or PROGRAMS_PER_SM)
     else:
         split_size = triton.cdiv(triton.cdiv(T, num_splits), block_n) * block_n
         num_splits = triton.cdiv(T, split_size)
@@ -133,7 +139,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     acc = torch.empty(part * (hd if not single else 1), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(b, nh, num_splits)](
         q, k_cache, v_cache, seqlens, out, m, l, acc, q.stride(0), q.stride(1), nh, hd, T, split_size,
-        num_splits, float(scale) * LOG2E, BLOCK_N=block_n, HD_P2=hd_p2, SINGLE=single, num_warps=4)
+        num_splits, float(scale) * LOG2E, BLOCK_N=block_n, HD_P2=hd_p2, SINGLE=single,
+        num_warps=num_warps or NUM_WARPS)
     if not single:
         _decode_reduce_kernel[(b, nh)](m, l, acc, out, nh, hd, num_splits, SPLITS_P2=next_pow2(num_splits),
                                        HD_P2=hd_p2, num_warps=4)

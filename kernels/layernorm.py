@@ -13,6 +13,8 @@ import triton.language as tl
 from ._common import FLOAT_DTYPES, next_pow2, on_triton_device
 
 MAX_HIDDEN = 65536  # one row lives in registers of one program
+ELEMENTS_PER_WARP = 512  # warps per row = next_pow2(n) / this, at most MAX_WARPS (bench/kernels.py --sweep)
+MAX_WARPS = 16
 
 
 @triton.jit
@@ -44,12 +46,12 @@ def _layernorm_kernel(
         tl.store(o2_ptr + row * n + offs, (xhat * w2 + b2).to(o2_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x, params, eps, dual):
+def _launch(x, params, eps, dual, num_warps=None):
     n = x.shape[-1]
     rows = x.numel() // n
     outs = [torch.empty_like(x) for _ in range(2 if dual else 1)]
     block = next_pow2(n)
-    num_warps = min(16, max(1, block // 512))
+    num_warps = num_warps or min(MAX_WARPS, max(1, block // ELEMENTS_PER_WARP))
     w1, b1 = params[0], params[1]
     w2, b2 = (params[2], params[3]) if dual else (w1, b1)
     o2 = outs[1] if dual else outs[0]
@@ -59,14 +61,15 @@ def _launch(x, params, eps, dual):
     return outs
 
 
-def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+              num_warps: int | None = None) -> torch.Tensor:
     """LN(x) [..., n] -> [..., n] in x's dtype."""
-    return _launch(x, (weight, bias), eps, dual=False)[0]
+    return _launch(x, (weight, bias), eps, dual=False, num_warps=num_warps)[0]
 
 
-def dual_layernorm(x, weight1, bias1, weight2, bias2, eps):
+def dual_layernorm(x, weight1, bias1, weight2, bias2, eps, num_warps: int | None = None):
     """(LN1(x), LN2(x)) from one read of x [..., n]."""
-    o1, o2 = _launch(x, (weight1, bias1, weight2, bias2), eps, dual=True)
+    o1, o2 = _launch(x, (weight1, bias1, weight2, bias2), eps, dual=True, num_warps=num_warps)
     return o1, o2
 
 
