@@ -276,7 +276,8 @@ def env_info() -> dict:
     return {"gpu": torch.cuda.get_device_name(), "driver": gpu_driver(),
             "cuda": torch.version.cuda, "torch": torch.__version__, "commit": git_commit(),
             "dirty": bool(run(["git", "status", "--porcelain", "--", "neox_rt", "kernels", "csrc"])),
-            "backends": ops.active_backends()}
+            "backends": ops.active_backends(),
+            "settings": {k: v for k, v in os.environ.items() if k.startswith("NEOX_RT_") and k != "NEOX_RT_COMMIT"}}
 
 
 def slug(gpu: str) -> str:

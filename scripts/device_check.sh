@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,train,test,kernels,latency,tp,load   (default: info,build,test,kernels,latency,tp)
+#   info,build,train,test,kernels,ab,profile,latency,tp,load   (default: info,build,test,kernels,latency,tp)
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
 STAGES=",${1:-info,build,test,kernels,latency,tp},"
@@ -32,15 +32,33 @@ stage() {  # stage NAME LIMIT_S COMMAND...
 ( stage train 330 "python3 tools/train_default_model.py --out $OUT/default_model --minutes ${TRAIN_MINUTES:-3} --device cuda --seed 0 ${TRAIN_ARGS:-}" ) &
 TRAIN_PID=$!
 stage info 60 "nvidia-smi; python3 -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get_device_name())'; git log --oneline -1 || true"
+# .baseline/ (ignored; `git archive <commit> | tar -x -C .baseline`, carried with the call) is the version to
+# compare against in the same run: its extension is built in place beside the main build.
+if [ -d .baseline ] && [ -n "${BASELINE:-1}" ]; then
+  ( stage build_baseline 420 "cd .baseline && MAX_JOBS=6 python3 setup.py -q build_ext --inplace" ) &
+  BASE_PID=$!
+fi
 stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . && python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
+[ -n "${BASE_PID:-}" ] && wait "$BASE_PID"
 wait "$TRAIN_PID"
 stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -rf -m 'gpu or multigpu' tests ${TEST_ARGS:-}"
 stage kernels ${KERNELS_LIMIT:-300} "python3 bench/kernels.py --out $OUT/kernels.json ${KERNELS_ARGS:-}"
+# A/B decode latency in one run on one card: the baseline tree, then this tree with each NEOX_RT_* setting in
+# AB_ENVS (space-separated; '-' = defaults), same shapes and flags.
+AB_FLAGS="--models ${AB_MODELS:-gpt-neox-20b,pythia-1.4b} --skip-hf --tokens 100,200 --batch 1"
+AB_CMD=""
+[ -d .baseline ] && AB_CMD="(cd .baseline && python3 bench/latency.py $AB_FLAGS --out $OUT/ab_baseline.json) ; "
+for e in ${AB_ENVS:--}; do
+  tag=$(echo "$e" | tr -c 'A-Za-z0-9\n' '_')
+  AB_CMD+="env ${e/#-/} python3 bench/latency.py $AB_FLAGS --out $OUT/ab_$tag.json ; "
+done
+stage ab ${AB_LIMIT:-420} "$AB_CMD true"
+stage profile ${PROFILE_LIMIT:-240} "for e in ${AB_ENVS:--}; do for m in ${PROFILE_MODELS:-gpt-neox-20b pythia-1.4b}; do env \${e/#-/} python3 bench/profile_decode.py --model \$m --out $OUT/profile_\${m}_\$(echo \$e | tr -c 'A-Za-z0-9\\n' '_').json; done; done"
 stage latency ${LATENCY_LIMIT:-420} "python3 bench/latency.py --quick --out $OUT/latency.json ${LATENCY_ARGS:-}"
 if [ "$NGPU" -ge 2 ]; then
   stage tp ${TP_LIMIT:-420} "python3 bench/tp_latency.py --tp 1 --out $OUT/tp1.json && torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2.json && NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json"
 fi
-stage load ${LOAD_LIMIT:-420} "python3 bench/load_20b.py --layers 8"
+stage load ${LOAD_LIMIT:-420} "python3 bench/load_20b.py --layers ${LOAD_LAYERS:-44} --keep --dir /tmp/neox_ck && if [ $NGPU -ge 2 ]; then torchrun --nproc-per-node 2 bench/load_20b.py --load-only --dir /tmp/neox_ck; fi; rm -rf /tmp/neox_ck"
 
 # The device returns at most 8 files: pack the logs and JSON into one archive, the trained model into another.
 cp "$SUMMARY" /tmp/neox_summary.txt

@@ -1,0 +1,216 @@
+"""Per-layer profile of one batch-1 decode step: where the time of a token goes, kernel by kernel.
+
+    python bench/profile_decode.py --model gpt-neox-20b --out $OUT/profile_20b.json
+
+Random fp16 weights of the named shape (bench/latency.py's shapes), a 32-token prompt, then decode steps
+replayed as the runtime's CUDA graph (neox_rt.graphs.DecodeGraphRunner) under torch.profiler, and the same
+steps run eagerly. Every GPU kernel of the profiled steps is assigned to its layer (a layer starts at its
+LayerNorm kernel) and to a slot inside the layer (LayerNorm, qkv, rotary + cache write, attention, dense,
+h->4h, 4h->h, other); per slot: kernels per layer, mean us per layer, us per token, share of the step, and
+for the linears the achieved GB/s of their weight bytes and its % of the copy bandwidth measured in the same
+run. "gaps" is the step's wall time (first kernel start to last kernel end) minus the time some kernel ran:
+launch latency, kernel drain and fill between dependent kernels. JSON to --out, a table printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import re
+import statistics
+import sys
+from collections import defaultdict
+
+import torch
+from common import git_commit, gpu_driver  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from latency import SHAPES, copy_bandwidth, random_model  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from neox_rt import ops  # noqa: E402
+from neox_rt.graphs import DecodeGraphRunner  # noqa: E402
+
+PROMPT = 32
+LINEAR_RE = re.compile(r"gemv|gemm|xmma|cutlass|cublas|splitk|Kernel2", re.I)
+LINEAR_SLOTS = ("qkv", "dense", "h->4h", "4h->h")
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if "layernorm" in n or "layer_norm" in n:
+        return "layernorm"
+    if LINEAR_RE.search(name):
+        return "linear"
+    if "rotary" in n:
+        return "rotary+kv write"
+    if "decode" in n or "attention" in n or "attn" in n or "merge" in n:
+        return "attention"
+    return "other"
+
+
+def assign(kernels, num_layers: int):
+    """kernels: [(name, start_us, dur_us)] of one step in start order -> {(layer, slot): [dur...]}, extra."""
+    starts = [i for i, (n, _, _) in enumerate(kernels) if kernel_kind(n) == "layernorm"]
+    # a parallel-residual layer has one (dual) LayerNorm kernel, a sequential one two; the final LayerNorm
+    # is the last one of the step
+    per_layer = (len(starts) - 1) // num_layers if num_layers else 0
+    if per_layer < 1 or len(starts) != per_layer * num_layers + 1:
+        return None, None
+    slots = defaultdict(list)
+    extra = defaultdict(list)
+    bounds = [starts[i * per_layer] for i in range(num_layers)] + [starts[-1]]
+    for i, (name, _, dur) in enumerate(kernels):
+        if i < bounds[0] or i >= bounds[-1]:
+            extra[("embedding" if i < bounds[0] else "final LN + LM head + argmax")].append(dur)
+            continue
+        layer = max(j for j in range(num_layers) if bounds[j] <= i)
+        kind = kernel_kind(name)
+        if kind == "linear":
+            nth = sum(1 for j in range(bounds[layer], i) if kernel_kind(kernels[j][0]) == "linear")
+            kind = LINEAR_SLOTS[nth] if nth < len(LINEAR_SLOTS) else "linear (more)"
+        slots[(layer, kind)].append(dur)
+    return slots, extra
+
+
+def profile_steps(step_fn, steps: int):
+    """Kernel events [(name, start_us, dur_us)] of each step, in start order.
+
+    Each step is a ``record_function`` range followed by a synchronize, so a kernel belongs to the last step
+    that began (on the host) before the kernel started on the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            with record_function("neox_rt_step"):
+                step_fn()
+            torch.cuda.synchronize()
+    events = prof.events()
+    step_starts = sorted(e.time_range.start for e in events if e.name == "neox_rt_step")
+    kernels = sorted(((e.name, e.time_range.start, e.time_range.end - e.time_range.start) for e in events
+                      if e.device_type == torch.autograd.DeviceType.CUDA
+                      and not e.name.startswith(("Memcpy", "Memset"))), key=lambda k: k[1])
+    out = [[] for _ in step_starts]
+    for k in kernels:
+        i = bisect.bisect_right(step_starts, k[1]) - 1
+        if i >= 0:
+            out[i].append(k)
+    return [ks for ks in out if ks]
+
+
+def summarize(step_kernels, num_layers: int, weight_bytes: dict, copy_bw: float):
+    rows = defaultdict(list)  # slot -> per-step total us
+    counts = defaultdict(list)
+    extras = defaultdict(list)
+    walls, busy = [], []
+    for ks in step_kernels:
+        slots, extra = assign(ks, num_layers)
+        if slots is None:
+            continue
+        wall = ks[-1][1] + ks[-1][2] - ks[0][1]
+        # union of kernel intervals (kernels may overlap under PDL)
+        covered, end = 0.0, -1e30
+        for _, s, d in ks:
+            covered += max(0.0, s + d - max(s, end))
+            end = max(end, s + d)
+        walls.append(wall)
+        busy.append(covered)
+        per_slot = defaultdict(float)
+        per_count = defaultdict(int)
+        for (layer, slot), durs in slots.items():
+            per_slot[slot] += sum(durs)
+            per_count[slot] += len(durs)
+        for slot, t in per_slot.items():
+            rows[slot].append(t)
+            counts[slot].append(per_count[slot])
+        for k, durs in extra.items():
+            extras[k].append(sum(durs))
+    if not walls:
+        return None
+    wall = statistics.median(walls)
+    out = {"steps": len(walls), "wall_us_per_token": wall, "kernel_busy_us_per_token": statistics.median(busy),
+           "gaps_us_per_token": wall - statistics.median(busy), "slots": {}}
+    order = ["layernorm", "qkv", "rotary+kv write", "attention", "dense", "h->4h", "4h->h", "other",
+             "linear (more)"]
+    for slot in sorted(rows, key=lambda s: order.index(s) if s in order else 99):
+        t = statistics.median(rows[slot])
+        r = {"kernels_per_layer": statistics.median(counts[slot]) / num_layers, "us_per_layer": t / num_layers,
+             "us_per_token": t, "share_of_wall": t / wall}
+        if slot in weight_bytes:
+            gbps = weight_bytes[slot] * num_layers / (t * 1e-6) / 1e9
+            r["GBps"] = gbps
+            r["pct_of_copy"] = 100 * gbps * 1e9 / copy_bw
+        out["slots"][slot] = r
+    for k, v in extras.items():
+        out["slots"][k] = {"kernels_per_layer": None, "us_per_layer": None, "us_per_token": statistics.median(v),
+                           "share_of_wall": statistics.median(v) / wall}
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt-neox-20b", choices=sorted(SHAPES))
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    backend = ops.select_backend(None, "cuda")
+    copy_bw = copy_bandwidth()
+    model = random_model(args.model, 256)
+    c = model.config
+    h, f = c.hidden_size, c.intermediate_size
+    weight_bytes = {"qkv": 3 * h * h * 2, "dense": h * h * 2, "h->4h": f * h * 2, "4h->h": f * h * 2}
+    cache = model.new_cache(1, PROMPT + 64)
+    ids = torch.randint(2, c.vocab_size, (1, PROMPT), device="cuda")
+    with torch.inference_mode():
+        model(ids, torch.arange(PROMPT, device="cuda")[None], cache, last_index=torch.tensor([PROMPT - 1],
+                                                                                            device="cuda"))
+    runner = DecodeGraphRunner(model, buckets=(1,))
+    tok = torch.tensor([5], device="cuda")
+    pos = torch.tensor([PROMPT], device="cuda")
+
+    def graph_step():
+        assert runner.step(tok, pos, cache, greedy_vocab=c.vocab_size) is not None, runner.disabled_reason
+
+    def eager_step():
+        with torch.inference_mode():
+            model(tok[:, None], pos[:, None], cache, decode=True)
+
+    for _ in range(3):
+        graph_step()
+        eager_step()
+    report = {"model": args.model, "gpu": torch.cuda.get_device_name(), "driver": gpu_driver(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
+              "backend": backend, "backends": ops.active_backends(), "copy_bandwidth_Bps": copy_bw,
+              "env": {k: os.environ[k] for k in ("NEOX_RT_PDL", "NEOX_RT_GEMV_VARIANT") if k in os.environ},
+              "weight_bytes_per_layer": weight_bytes, "layers": c.num_hidden_layers}
+    for mode, fn in (("graph", graph_step), ("eager", eager_step)):
+        steps = profile_steps(fn, args.steps)
+        report[mode] = summarize(steps, c.num_hidden_layers, weight_bytes, copy_bw)
+        if steps:
+            report[mode + "_kernel_names_layer0"] = sorted({n for n, _, _ in steps[len(steps) // 2]})[:40]
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+    print(f"\n{args.model} decode b=1 on {report['gpu']}, copy {copy_bw / 1e12:.2f} TB/s, commit {report['commit']}, "
+          f"env {report['env']}")
+    for mode in ("graph", "eager"):
+        r = report[mode]
+        if not r:
+            print(f"{mode}: kernels could not be assigned to layers")
+            continue
+        print(f"{mode}: wall {r['wall_us_per_token'] / 1e3:.2f} ms/token, kernels busy "
+              f"{r['kernel_busy_us_per_token'] / 1e3:.2f} ms, gaps {r['gaps_us_per_token'] / 1e3:.2f} ms")
+        print(f"  {'slot':28s} {'k/layer':>7s} {'us/layer':>9s} {'ms/token':>9s} {'share':>6s} {'% copy':>7s}")
+        for slot, s in r["slots"].items():
+            kpl = f"{s['kernels_per_layer']:.0f}" if s["kernels_per_layer"] is not None else "-"
+            upl = f"{s['us_per_layer']:.1f}" if s["us_per_layer"] is not None else "-"
+            pct = f"{s['pct_of_copy']:.0f}%" if "pct_of_copy" in s else ""
+            print(f"  {slot:28s} {kpl:>7s} {upl:>9s} {s['us_per_token'] / 1e3:9.3f} {100 * s['share_of_wall']:5.1f}% "
+                  f"{pct:>7s}")
+
+
+if __name__ == "__main__":
+    main()

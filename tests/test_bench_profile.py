@@ -1,0 +1,55 @@
+"""bench/profile_decode.py's bookkeeping (CPU): kernels of a step assigned to layers and slots."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+profile_decode = pytest.importorskip("profile_decode")
+
+
+def _step(layers: int, t0: float = 0.0):
+    """A decode step as the runtime launches it: embedding, per layer 7 kernels, final LN, LM head, argmax."""
+    names = ["indexSelectLargeIndex"]
+    for _ in range(layers):
+        names += ["_dual_layernorm_kernel", "gemv_kernel<1,1,4>", "rotary_kv_write_kernel",
+                  "_decode_attention_kernel", "_decode_merge_kernel", "gemv_kernel<1,1,4>", "gemv_kernel<1,1,4>",
+                  "gemv_kernel<1,1,4>"]
+    names += ["_layernorm_kernel", "sm90_xmma_gemm_f16", "argmax_kernel"]
+    kernels, t = [], t0
+    for n in names:
+        dur = 10.0 if "gemv" in n else 2.0
+        kernels.append((n, t, dur))
+        t += dur + 1.0  # a 1 us gap after every kernel
+    return kernels
+
+
+def test_assign_slots_per_layer():
+    slots, extra = profile_decode.assign(_step(3), 3)
+    assert set(extra) == {"embedding", "final LN + LM head + argmax"}
+    for layer in range(3):
+        assert len(slots[(layer, "layernorm")]) == 1
+        for lin in ("qkv", "dense", "h->4h", "4h->h"):
+            assert slots[(layer, lin)] == [10.0], (layer, lin)
+        assert len(slots[(layer, "attention")]) == 2  # decode kernel + merge
+        assert len(slots[(layer, "rotary+kv write")]) == 1
+
+
+def test_summarize_gaps_and_bandwidth():
+    steps = [_step(2, t0=1000.0 * i) for i in range(3)]
+    wb = {"qkv": 3e6, "dense": 1e6, "h->4h": 4e6, "4h->h": 4e6}
+    r = profile_decode.summarize(steps, 2, wb, copy_bw=3e12)
+    n_kernels = len(steps[0])
+    busy = sum(d for _, _, d in steps[0])
+    assert r["kernel_busy_us_per_token"] == pytest.approx(busy)
+    assert r["gaps_us_per_token"] == pytest.approx(n_kernels - 1)  # one 1 us gap between consecutive kernels
+    qkv = r["slots"]["qkv"]
+    assert qkv["kernels_per_layer"] == 1 and qkv["us_per_layer"] == pytest.approx(10.0)
+    assert qkv["GBps"] == pytest.approx(3e6 / 10e-6 / 1e9)  # 300 GB/s: bytes per layer / us per layer
+
+
+def test_assign_rejects_unrecognised_step():
+    assert profile_decode.assign([("gemv_kernel", 0.0, 1.0)], 2) == (None, None)
