@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,train,test,kernels,ab,profile,latency,tp,load   (default: info,build,test,kernels,latency,tp)
+#   info,build,train,test,test_pdl,kernels,ab,profile,latency,tp,load   (default: info,build,test,kernels,latency,tp)
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
 STAGES=",${1:-info,build,test,kernels,latency,tp},"
@@ -41,7 +41,9 @@ fi
 stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . && python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
 [ -n "${BASE_PID:-}" ] && wait "$BASE_PID"
 wait "$TRAIN_PID"
-stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -rf -m 'gpu or multigpu' tests ${TEST_ARGS:-}"
+stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -rf -m 'gpu or multigpu' ${TEST_PATHS:-tests} ${TEST_ARGS:-}"
+# the decode-path tests again with programmatic dependent launch of the GEMV (sm_90)
+stage test_pdl ${TEST_LIMIT:-420} "NEOX_RT_PDL=1 python3 -m pytest -q -rf -m gpu tests/test_graphs.py tests/test_kernels_cuda.py tests/test_default_model.py -k 'model or graph or gemv or fused'"
 stage kernels ${KERNELS_LIMIT:-300} "python3 bench/kernels.py --out $OUT/kernels.json ${KERNELS_ARGS:-}"
 # A/B decode latency in one run on one card: the baseline tree, then this tree with each NEOX_RT_* setting in
 # AB_ENVS (space-separated; '-' = defaults), same shapes and flags.
