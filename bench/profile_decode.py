@@ -90,7 +90,7 @@ def profile_steps(step_fn, steps: int):
     events = prof.events()
     step_starts = sorted(e.time_range.start for e in events if e.name == "neox_rt_step")
     kernels = sorted(((e.name, e.time_range.start, e.time_range.end - e.time_range.start) for e in events
-                      if e.device_type == torch.autograd.DeviceType.CUDA
+                      if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "neox_rt_step"
                       and not e.name.startswith(("Memcpy", "Memset"))), key=lambda k: k[1])
     out = [[] for _ in step_starts]
     for k in kernels:

@@ -22,8 +22,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # every row, but re-reads x per output pair, so cuBLAS wins as rows grow. Set from `python -m neox_rt.cuda_ops
 # bench` on H100; the kernel itself handles up to 16 rows.
 GEMV_MAX_ROWS = 1  # measured on H100: at 4 and 16 rows cuBLAS was 1.4-5x faster
-# csrc/kernels/gemv.cuh: 0 = stream (one row of W per warp, 8 loads in flight per lane), 1 = legacy (the first
-# version, kept for bench/kernels.py's side-by-side).
+# csrc/kernels/gemv.cuh: 0 = auto (stream kernel, 8 loads in flight per lane, k split over 1, 2 or 4 warps by
+# shape), 1 = legacy (the first version), 2/3/4 = stream with k split over 1/2/4 warps (bench/kernels.py --sweep).
 GEMV_VARIANT = int(os.environ.get("NEOX_RT_GEMV_VARIANT", "0"))
 # Programmatic dependent launch of the GEMV on sm_90 (the next layer's weight stream starts under the previous
 # kernel's tail): NEOX_RT_PDL=1 turns it on, 0 off.

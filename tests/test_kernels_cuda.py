@@ -254,9 +254,9 @@ def test_gemv(ext, dtype, m, n, k, activation):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [0, 1])  # 0 stream, 1 legacy (csrc/kernels/gemv.cuh)
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])  # auto, legacy, k split over 1/2/4 warps (gemv.cuh)
 @pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("m,n,k", GEMV_SHAPES + [(1, 97, 1032), (2, 130, 4104)])  # k not a multiple of a chunk
+@pytest.mark.parametrize("m,n,k", GEMV_SHAPES + [(1, 97, 1032), (2, 130, 4104), (1, 6, 16392), (2, 5, 8200)])
 def test_gemv_residual(ext, variant, pdl, m, n, k):
     """act(x W^T + b) + residual, the residual added in the epilogue, for both variants, with and without PDL."""
     dtype = torch.float16

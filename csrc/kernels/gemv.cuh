@@ -4,12 +4,11 @@
 // weights must not push the activations and the KV cache out of L2), and applied to all m rows of x (x is small
 // and stays in L1/L2), accumulating in fp32; bias, activation and residual add are fused into the epilogue.
 //
-// Two configurations (GemvVariant), measured side by side by bench/kernels.py:
-//  - kGemvStream (default): for m <= 2 each warp owns ONE row of W and keeps 2 x UNROLL 16-byte loads per lane
-//    in flight (double-buffered chunks of 32 * 8 * UNROLL elements), so even an n = 6144 layer (dense,
-//    4h->h of 20B) puts ~46 warps x 4 KB in flight on every SM of an H100; with more rows of x the warp owns
-//    two rows of W (x loads shared between them) and fewer loads in flight (registers go to accumulators).
-//  - kGemvLegacy: the first version (two rows per warp, one load per lane in flight), kept for comparison.
+// Configurations (GemvVariant), measured side by side by bench/kernels.py --sweep:
+//  - stream (m <= 2): a row of W is owned by one warp, or split along k over 2 or 4 warps of the block (KSPLIT);
+//    each warp keeps 2 x UNROLL 16-byte loads per lane in flight (double-buffered chunks of 32 * 8 * UNROLL
+//    elements); kGemvAuto picks KSPLIT from the shape.
+//  - legacy: the first version (two rows per warp, one load per lane in flight); used for m > 2.
 // Programmatic dependent launch (sm_90, opt-in by the launcher's `pdl`): the kernel asks for its dependents to be
 // launched as soon as all its blocks run, and issues its first weight loads BEFORE waiting for the previous
 // kernel (griddepcontrol.wait), so the weight stream of this layer overlaps the tail of the one before.
@@ -21,7 +20,10 @@
 namespace neox_rt {
 
 enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRelu = 3 };
-enum GemvVariant : int { kGemvStream = 0, kGemvLegacy = 1 };
+// kGemvAuto: the stream kernel with gemv_auto_ksplit; kGemvSplitN: the stream kernel with k split over N warps;
+// kGemvLegacy: the first version. More than 2 rows of x always take the legacy configuration (two rows of W per
+// warp share each x load; measured faster there).
+enum GemvVariant : int { kGemvAuto = 0, kGemvLegacy = 1, kGemvSplit1 = 2, kGemvSplit2 = 3, kGemvSplit4 = 4 };
 
 __device__ __forceinline__ float apply_activation(float v, int act) {
   switch (act) {
@@ -57,7 +59,7 @@ __device__ __forceinline__ Vec<T, N> load_vec_stream(const T* p) {
 
 constexpr int kGemvWarps = 4;  // warps per block
 
-template <typename T, int MT, int NPW, int UNROLL, bool PDL>
+template <typename T, int MT, int NPW, int UNROLL, int KSPLIT, bool PDL>
 __global__ void __launch_bounds__(kGemvWarps * 32)
 gemv_kernel(const T* __restrict__ x,         // [m, k]
             const T* __restrict__ w,         // [n, k]
@@ -65,13 +67,20 @@ gemv_kernel(const T* __restrict__ x,         // [m, k]
             const T* __restrict__ residual,  // [m, n] or null
             T* __restrict__ y,               // [m, n]
             int m, int n, int k, int act) {
+  // KSPLIT consecutive warps share NPW rows, each taking one KSPLIT-th of k (k % (8 * KSPLIT) == 0); their
+  // partial sums meet in shared memory. Long rows (4h->h) then run as many short, evenly scheduled blocks.
+  static_assert(kGemvWarps % KSPLIT == 0, "KSPLIT divides the warps of a block");
   constexpr int VEC = 16 / sizeof(T);
   constexpr int SPAN = 32 * VEC;          // elements of a row one warp covers per load
   constexpr int STEP = SPAN * UNROLL;     // elements per chunk
+  __shared__ float partial[KSPLIT > 1 ? kGemvWarps : 1][NPW][MT];
   if (PDL) pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n0 = (blockIdx.x * kGemvWarps + warp) * NPW;
+  const int group = warp / KSPLIT, part = warp % KSPLIT;
+  const int n0 = (blockIdx.x * (kGemvWarps / KSPLIT) + group) * NPW;
   const bool active = n0 < n;  // an idle warp still waits below, so no block can finish before its inputs exist
+  const int kpart = k / KSPLIT;
+  const int kbeg = part * kpart, kend = kbeg + kpart;
 
   const T* wrow[NPW];
 #pragma unroll
@@ -84,14 +93,14 @@ gemv_kernel(const T* __restrict__ x,         // [m, k]
 #pragma unroll
       for (int o = 0; o < NPW; ++o) {
         const int col = c + u * SPAN;
-        if (col < k) buf[u][o] = load_vec_stream<T, VEC>(wrow[o] + col);
+        if (col < kend) buf[u][o] = load_vec_stream<T, VEC>(wrow[o] + col);
       }
   };
 
-  const int c0 = lane * VEC;
+  const int c0 = kbeg + lane * VEC;
   if (active) load_chunk(cur, c0);  // weights do not depend on the previous kernel: load before waiting
   if (PDL) pdl_wait();
-  if (!active) return;
+  if (KSPLIT == 1 && !active) return;  // with KSPLIT > 1 every warp reaches the __syncthreads below
 
   float acc[NPW][MT];
 #pragma unroll
@@ -99,13 +108,13 @@ gemv_kernel(const T* __restrict__ x,         // [m, k]
 #pragma unroll
     for (int r = 0; r < MT; ++r) acc[o][r] = 0.f;
 
-  for (int c = c0; c < k; c += STEP) {
-    const bool more = c + STEP < k;
+  for (int c = c0; active && c < kend; c += STEP) {
+    const bool more = c + STEP < kend;
     if (more) load_chunk(nxt, c + STEP);
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int col = c + u * SPAN;
-      if (col < k) {
+      if (col < kend) {
 #pragma unroll
         for (int r = 0; r < MT; ++r) {
           if (r < m) {
@@ -127,11 +136,31 @@ gemv_kernel(const T* __restrict__ x,         // [m, k]
         for (int o = 0; o < NPW; ++o) cur[u][o] = nxt[u][o];
     }
   }
+  if (KSPLIT > 1) {
+#pragma unroll
+    for (int o = 0; o < NPW; ++o)
+#pragma unroll
+      for (int r = 0; r < MT; ++r) {
+        const float v = warp_sum(acc[o][r]);
+        if (lane == 0) partial[warp][o][r] = v;
+      }
+    __syncthreads();
+    if (part != 0 || !active) return;
+#pragma unroll
+    for (int o = 0; o < NPW; ++o)
+#pragma unroll
+      for (int r = 0; r < MT; ++r) {
+        float v = 0.f;
+#pragma unroll
+        for (int p = 0; p < KSPLIT; ++p) v += partial[warp + p][o][r];
+        acc[o][r] = v;  // the warp total, read by lane 0 below
+      }
+  }
 #pragma unroll
   for (int o = 0; o < NPW; ++o) {
 #pragma unroll
     for (int r = 0; r < MT; ++r) {
-      const float v = warp_sum(acc[o][r]);
+      const float v = KSPLIT > 1 ? acc[o][r] : warp_sum(acc[o][r]);
       if (lane == 0 && r < m && n0 + o < n) {
         const int64_t idx = static_cast<int64_t>(r) * n + n0 + o;
         const float b = bias != nullptr ? to_float(bias[n0 + o]) : 0.f;
@@ -145,13 +174,14 @@ gemv_kernel(const T* __restrict__ x,         // [m, k]
 
 inline int gemv_max_rows() { return 16; }
 
-template <typename T, int MT, int NPW, int UNROLL>
+template <typename T, int MT, int NPW, int UNROLL, int KSPLIT>
 cudaError_t launch_gemv_config(const T* x, const T* w, const T* bias, const T* residual, T* y, int m, int n, int k,
                                int act, bool pdl, cudaStream_t stream) {
-  const int per_block = kGemvWarps * NPW;
+  constexpr int per_block = (kGemvWarps / KSPLIT) * NPW;
   const dim3 grid((n + per_block - 1) / per_block), block(kGemvWarps * 32);
   if (!pdl) {
-    gemv_kernel<T, MT, NPW, UNROLL, false><<<grid, block, 0, stream>>>(x, w, bias, residual, y, m, n, k, act);
+    gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, false><<<grid, block, 0, stream>>>(x, w, bias, residual, y, m, n, k,
+                                                                               act);
     return cudaGetLastError();
   }
   cudaLaunchConfig_t config = {};
@@ -164,7 +194,18 @@ cudaError_t launch_gemv_config(const T* x, const T* w, const T* bias, const T* r
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, gemv_kernel<T, MT, NPW, UNROLL, true>, x, w, bias, residual, y, m, n, k, act);
+  return cudaLaunchKernelEx(&config, gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, true>, x, w, bias, residual, y, m, n,
+                            k, act);
+}
+
+// Split of k over the warps of a block for the stream variant at m <= 2 (kGemvAuto): long rows are split so
+// that the grid has many short blocks (dynamic scheduling evens out the SMs' shares); short rows keep a warp
+// per row. Chosen from bench/kernels.py --sweep on H100 (20B: qkv/h->4h k = 6144, 4h->h k = 24576).
+inline int gemv_auto_ksplit(int n, int k) {
+  const int vec_rows = k / 8;  // 16-byte vectors per row
+  if (k >= 16384 && vec_rows % 4 == 0) return 4;
+  if (n <= 8192 && vec_rows % 2 == 0) return 2;
+  return 1;
 }
 
 // m in 1..16 (rounded up to 1, 2, 4, 8 or 16 rows of registers), k % 8 == 0, 16-byte aligned x and w.
@@ -174,19 +215,33 @@ cudaError_t launch_gemv(const T* x, const T* w, const T* bias, const T* residual
                         int act, int variant, bool pdl, cudaStream_t stream) {
   if (m == 0 || n == 0) return cudaSuccess;
   if (m > gemv_max_rows() || k % (16 / static_cast<int>(sizeof(T))) != 0) return cudaErrorInvalidValue;
-  if (variant == kGemvLegacy) {
-    if (m <= 1) return launch_gemv_config<T, 1, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-    if (m <= 2) return launch_gemv_config<T, 2, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-    if (m <= 4) return launch_gemv_config<T, 4, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-    if (m <= 8) return launch_gemv_config<T, 8, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-    return launch_gemv_config<T, 16, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+  if (variant == kGemvLegacy || m > 2) {
+    if (m <= 1) return launch_gemv_config<T, 1, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+    if (m <= 2) return launch_gemv_config<T, 2, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+    if (m <= 4) return launch_gemv_config<T, 4, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+    if (m <= 8) return launch_gemv_config<T, 8, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+    return launch_gemv_config<T, 16, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
   }
-  if (variant != kGemvStream) return cudaErrorInvalidValue;
-  if (m <= 1) return launch_gemv_config<T, 1, 1, 4>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-  if (m <= 2) return launch_gemv_config<T, 2, 1, 4>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-  if (m <= 4) return launch_gemv_config<T, 4, 2, 2>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-  if (m <= 8) return launch_gemv_config<T, 8, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-  return launch_gemv_config<T, 16, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+  int ksplit;
+  switch (variant) {
+    case kGemvAuto: ksplit = gemv_auto_ksplit(n, k); break;
+    case kGemvSplit1: ksplit = 1; break;
+    case kGemvSplit2: ksplit = 2; break;
+    case kGemvSplit4: ksplit = 4; break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (k % (8 * ksplit) != 0) ksplit = 1;
+#define NEOX_RT_GEMV_STREAM(MT_, KS_) \
+  launch_gemv_config<T, MT_, 1, 4, KS_>(x, w, bias, residual, y, m, n, k, act, pdl, stream)
+  if (m <= 1) {
+    if (ksplit == 4) return NEOX_RT_GEMV_STREAM(1, 4);
+    if (ksplit == 2) return NEOX_RT_GEMV_STREAM(1, 2);
+    return NEOX_RT_GEMV_STREAM(1, 1);
+  }
+  if (ksplit == 4) return NEOX_RT_GEMV_STREAM(2, 4);
+  if (ksplit == 2) return NEOX_RT_GEMV_STREAM(2, 2);
+  return NEOX_RT_GEMV_STREAM(2, 1);
+#undef NEOX_RT_GEMV_STREAM
 }
 
 }  // namespace neox_rt

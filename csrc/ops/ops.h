@@ -27,7 +27,8 @@ std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at:
                                                   const at::Tensor& bias2, double eps);
 
 // act(x @ weight.T + bias) + residual for x with <= 16 rows; activation 0 none, 1 gelu (erf), 2 gelu (tanh),
-// 3 relu; variant 0 stream, 1 legacy (csrc/kernels/gemv.cuh); pdl: programmatic dependent launch (sm_90).
+// 3 relu; variant 0 auto, 1 legacy, 2-4 k split over 1/2/4 warps (csrc/kernels/gemv.cuh); pdl: programmatic
+// dependent launch (sm_90).
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 int64_t activation, const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);
 
