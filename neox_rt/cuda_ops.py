@@ -25,9 +25,10 @@ GEMV_MAX_ROWS = 1  # measured on H100: at 4 and 16 rows cuBLAS was 1.4-5x faster
 # csrc/kernels/gemv.cuh: 0 = auto (stream kernel, 8 loads in flight per lane, k split over 1, 2 or 4 warps by
 # shape), 1 = legacy (the first version), 2/3/4 = stream with k split over 1/2/4 warps (bench/kernels.py --sweep).
 GEMV_VARIANT = int(os.environ.get("NEOX_RT_GEMV_VARIANT", "0"))
-# Programmatic dependent launch of the GEMV on sm_90 (the next layer's weight stream starts under the previous
-# kernel's tail): NEOX_RT_PDL=1 turns it on, 0 off.
-PDL = os.environ.get("NEOX_RT_PDL", "0") == "1"
+# Programmatic dependent launch of the GEMV on sm_90 (its first weight loads are issued under the previous
+# kernel's tail; ignored on older GPUs). On by default: 20B decode 14.85 vs 15.00 ms/token on one H100 in the same
+# run (bench/NOTES.md); NEOX_RT_PDL=0 turns it off.
+PDL = os.environ.get("NEOX_RT_PDL", "1") != "0"
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False

@@ -7,7 +7,7 @@
 // Configurations (GemvVariant), measured side by side by bench/kernels.py --sweep:
 //  - stream (m <= 2): a row of W is owned by one warp, or split along k over 2 or 4 warps of the block (KSPLIT);
 //    each warp keeps 2 x UNROLL 16-byte loads per lane in flight (double-buffered chunks of 32 * 8 * UNROLL
-//    elements); kGemvAuto picks KSPLIT from the shape.
+//    elements); kGemvAuto takes it with KSPLIT = 4 for rows of 16K elements or more.
 //  - legacy: the first version (two rows per warp, one load per lane in flight); used for m > 2.
 // Programmatic dependent launch (sm_90, opt-in by the launcher's `pdl`): the kernel asks for its dependents to be
 // launched as soon as all its blocks run, and issues its first weight loads BEFORE waiting for the previous
@@ -20,7 +20,8 @@
 namespace neox_rt {
 
 enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRelu = 3 };
-// kGemvAuto: the stream kernel with gemv_auto_ksplit; kGemvSplitN: the stream kernel with k split over N warps;
+// kGemvAuto: per shape, the legacy configuration or the stream kernel with k split over 4 warps
+// (gemv_auto_ksplit); kGemvSplitN: the stream kernel with k split over N warps;
 // kGemvLegacy: the first version. More than 2 rows of x always take the legacy configuration (two rows of W per
 // warp share each x load; measured faster there).
 enum GemvVariant : int { kGemvAuto = 0, kGemvLegacy = 1, kGemvSplit1 = 2, kGemvSplit2 = 3, kGemvSplit4 = 4 };
@@ -198,14 +199,13 @@ cudaError_t launch_gemv_config(const T* x, const T* w, const T* bias, const T* r
                             k, act);
 }
 
-// Split of k over the warps of a block for the stream variant at m <= 2 (kGemvAuto): long rows are split so
-// that the grid has many short blocks (dynamic scheduling evens out the SMs' shares); short rows keep a warp
-// per row. Chosen from bench/kernels.py --sweep on H100 (20B: qkv/h->4h k = 6144, 4h->h k = 24576).
+// kGemvAuto at m <= 2, from bench/kernels.py --sweep on one H100 (20B shapes, L2 cold, m = 1): long rows
+// (4h->h, k = 24576) take the stream kernel with k split over 4 warps (113 us vs 121 legacy, 141 unsplit); rows up
+// to 16K elements take the legacy configuration (qkv 83.6 us vs 85.3 split over 2 / 88.9 unsplit; dense 34.6 vs
+// 36.7 / 40.7; h->4h 108.7 vs 108.4 / 112.6). Returns the KSPLIT, or 0 for the legacy configuration.
 inline int gemv_auto_ksplit(int n, int k) {
-  const int vec_rows = k / 8;  // 16-byte vectors per row
-  if (k >= 16384 && vec_rows % 4 == 0) return 4;
-  if (n <= 8192 && vec_rows % 2 == 0) return 2;
-  return 1;
+  (void)n;
+  return k >= 16384 && (k / 8) % 4 == 0 ? 4 : 0;
 }
 
 // m in 1..16 (rounded up to 1, 2, 4, 8 or 16 rows of registers), k % 8 == 0, 16-byte aligned x and w.
@@ -215,6 +215,7 @@ cudaError_t launch_gemv(const T* x, const T* w, const T* bias, const T* residual
                         int act, int variant, bool pdl, cudaStream_t stream) {
   if (m == 0 || n == 0) return cudaSuccess;
   if (m > gemv_max_rows() || k % (16 / static_cast<int>(sizeof(T))) != 0) return cudaErrorInvalidValue;
+  if (variant == kGemvAuto && m <= 2 && gemv_auto_ksplit(n, k) == 0) variant = kGemvLegacy;
   if (variant == kGemvLegacy || m > 2) {
     if (m <= 1) return launch_gemv_config<T, 1, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
     if (m <= 2) return launch_gemv_config<T, 2, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
