@@ -7,7 +7,7 @@
 // Configurations (GemvVariant), measured side by side by bench/kernels.py --sweep:
 //  - stream (m <= 2): a row of W is owned by one warp, or split along k over 2 or 4 warps of the block (KSPLIT);
 //    each warp keeps 2 x UNROLL 16-byte loads per lane in flight (double-buffered chunks of 32 * 8 * UNROLL
-//    elements); kGemvAuto takes it with KSPLIT = 4 for rows of 16K elements or more.
+//    elements); kGemvAuto takes it (k split over 4 warps) for long rows and narrow layers.
 //  - legacy: the first version (two rows per warp, one load per lane in flight); used for m > 2.
 // Programmatic dependent launch (sm_90, opt-in by the launcher's `pdl`): the kernel asks for its dependents to be
 // launched as soon as all its blocks run, and issues its first weight loads BEFORE waiting for the previous
@@ -20,7 +20,7 @@
 namespace neox_rt {
 
 enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRelu = 3 };
-// kGemvAuto: per shape, the legacy configuration or the stream kernel with k split over 4 warps
+// kGemvAuto: per shape, the legacy configuration or the stream kernel with k split over warps
 // (gemv_auto_ksplit); kGemvSplitN: the stream kernel with k split over N warps;
 // kGemvLegacy: the first version. More than 2 rows of x always take the legacy configuration (two rows of W per
 // warp share each x load; measured faster there).
@@ -199,13 +199,17 @@ cudaError_t launch_gemv_config(const T* x, const T* w, const T* bias, const T* r
                             k, act);
 }
 
-// kGemvAuto at m <= 2, from bench/kernels.py --sweep on one H100 (20B shapes, L2 cold, m = 1): long rows
-// (4h->h, k = 24576) take the stream kernel with k split over 4 warps (113 us vs 121 legacy, 141 unsplit); rows up
-// to 16K elements take the legacy configuration (qkv 83.6 us vs 85.3 split over 2 / 88.9 unsplit; dense 34.6 vs
-// 36.7 / 40.7; h->4h 108.7 vs 108.4 / 112.6). Returns the KSPLIT, or 0 for the legacy configuration.
+// kGemvAuto at m <= 2, from bench/kernels.py --sweep on one H100 (L2 cold, m = 1) and the decode profiles:
+// the legacy configuration (a warp per two rows) where it already has many warps with short rows, n >= 6144 and
+// k <= 8192 (20B qkv 83.6 us vs 85.3 with k split over 2 warps / 88.9 unsplit; dense 34.6 vs 36.7 / 40.7;
+// h->4h 108.7 vs 108.4 / 112.6); otherwise the stream kernel with k split over 4 warps (20B 4h->h, k = 24576:
+// 113 us vs 121 legacy, 141 unsplit), which also gives the narrow layers of small models (pythia-1.4b dense and
+// 4h->h, n = 2048: 1024 warps in the legacy configuration, 7.8 per SM) 8x more warps.
+// Returns the KSPLIT, or 0 for the legacy configuration.
 inline int gemv_auto_ksplit(int n, int k) {
-  (void)n;
-  return k >= 16384 && (k / 8) % 4 == 0 ? 4 : 0;
+  if (n >= 6144 && k <= 8192) return 0;
+  if ((k / 8) % 4 == 0) return 4;
+  return (k / 8) % 2 == 0 ? 2 : 1;
 }
 
 // m in 1..16 (rounded up to 1, 2, 4, 8 or 16 rows of registers), k % 8 == 0, 16-byte aligned x and w.
