@@ -89,3 +89,26 @@ def test_half_precision_close_to_fp32(tmp_path, dtype):
     ref = neox_rt.load(d, dtype="float32", device="cpu", progress=False).logits(ids)
     out = neox_rt.load(d, dtype=dtype, device="cpu", progress=False).logits(ids).float()
     assert out.dtype == torch.float32 and rel_err(out, ref) < (2e-2 if dtype == "bfloat16" else 5e-3)
+
+
+def test_first_supported_chain_dispatch():
+    """The default selection's CUDA-then-Triton chain (ops.CUDA_THEN_TRITON): the first backend whose predicate
+    accepts the call runs it, the second gets the rest, and the op falls back to the reference past both."""
+    from neox_rt import ops
+    calls = []
+
+    def impl(tag):
+        def run(x, *a, **k):
+            calls.append(tag)
+            return ops.linear_ref(x, *a, **k)
+        return run
+
+    impl_chain, supports_chain = ops._first_supported(
+        (impl("first"), lambda x, *a, **k: x.shape[0] == 1), (impl("second"), lambda x, *a, **k: x.shape[0] <= 4))
+    op = ops.Op("linear", ops.linear_ref, impl_chain, supports_chain, "cuda+triton")
+    w = torch.randn(5, 3)
+    for rows in (1, 3, 9):
+        x = torch.randn(rows, 3)
+        res = torch.randn(rows, 5)
+        torch.testing.assert_close(op(x, w, None, None, residual=res), x @ w.T + res)
+    assert calls == ["first", "second"]  # 9 rows: neither predicate, the reference ran
