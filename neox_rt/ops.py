@@ -229,10 +229,12 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
         return _active_backend
     reset()
     if wanted == "fastest":
-        # Per op, the backend that measured fastest on an H100 (bench/results/kernels_h100.json):
-        # Triton for layernorm, decode attention, prefill attention and the GeLU-fused linear; the CUDA
-        # extension for rotary + KV-cache write (83% vs 62% of copy bandwidth at the 20B prefill shape).
-        # Either one alone serves every op it has when the other is unavailable.
+        # Per op, the backend that measured fastest on an H100 (bench/results/kernels_h100.json, the decode
+        # A/B runs in bench/NOTES.md): Triton for layernorm, decode attention and prefill attention; the CUDA
+        # extension for rotary + KV-cache write (91% vs 66% of copy bandwidth at the 20B prefill shape); for
+        # the linear the CUDA GEMV first (single-row decode, with bias, GeLU and residual fused), then the
+        # GeLU-fused Triton GEMV (2-16 rows), then cuBLAS. Either backend alone serves every op it has when
+        # the other is unavailable.
         have_triton = _load_backend("triton")
         saved = {k: (op.impl, op.supports, op.backend) for k, op in OPS.items() if op.impl is not None}
         if _load_backend("cuda") and have_triton:
