@@ -53,3 +53,17 @@ def test_summarize_gaps_and_bandwidth():
 
 def test_assign_rejects_unrecognised_step():
     assert profile_decode.assign([("gemv_kernel", 0.0, 1.0)], 2) == (None, None)
+
+
+def test_assign_sequential_residual_layers():
+    """A sequential-residual layer has two LayerNorm kernels; both belong to the layer they start."""
+    names = ["indexSelectLargeIndex"]
+    for _ in range(2):
+        names += ["_layernorm_kernel", "gemv_kernel", "rotary_kv_write_kernel", "_decode_split_kernel",
+                  "gemv_kernel", "_layernorm_kernel", "gemv_kernel", "gemv_kernel"]
+    names += ["_layernorm_kernel", "sm90_xmma_gemm_f16"]
+    kernels = [(n, float(i), 1.0) for i, n in enumerate(names)]
+    slots, _ = profile_decode.assign(kernels, 2)
+    for layer in range(2):
+        assert len(slots[(layer, "layernorm")]) == 2
+        assert all(len(slots[(layer, s)]) == 1 for s in ("qkv", "dense", "h->4h", "4h->h"))
