@@ -159,13 +159,18 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 class Op:
     name: str
     reference: Callable
-    impl: Callable | None = None
-    supports: Callable[..., bool] | None = None
+    impls: tuple[tuple[Callable, Callable[..., bool] | None], ...] = ()  # (impl, supports) tried in order
     backend: str = "torch"
 
+    @property
+    def impl(self) -> Callable | None:
+        """The first registered implementation (None: the reference serves every call)."""
+        return self.impls[0][0] if self.impls else None
+
     def __call__(self, *args, **kwargs):
-        if self.impl is not None and (self.supports is None or self.supports(*args, **kwargs)):
-            return self.impl(*args, **kwargs)
+        for impl, supports in self.impls:
+            if supports is None or supports(*args, **kwargs):
+                return impl(*args, **kwargs)
         return self.reference(*args, **kwargs)
 
 
@@ -186,14 +191,14 @@ _active_backend: str | None = None
 def register(op_name: str, impl: Callable, supports: Callable[..., bool] | None, backend: str) -> None:
     """Install ``impl`` for ``op_name``; calls that ``supports`` rejects run the reference."""
     op = OPS[op_name]
-    op.impl, op.supports, op.backend = impl, supports, backend
+    op.impls, op.backend = ((impl, supports),), backend
 
 
 def reset() -> None:
     """Every op back to its reference."""
     global _active_backend
     for op in OPS.values():
-        op.impl, op.supports, op.backend = None, None, "torch"
+        op.impls, op.backend = (), "torch"
     _active_backend = None
 
 
@@ -236,14 +241,13 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
         # GeLU-fused Triton GEMV (2-16 rows), then cuBLAS. Either backend alone serves every op it has when
         # the other is unavailable.
         have_triton = _load_backend("triton")
-        saved = {k: (op.impl, op.supports, op.backend) for k, op in OPS.items() if op.impl is not None}
+        saved = {k: (op.impls, op.backend) for k, op in OPS.items() if op.impls}
         if _load_backend("cuda") and have_triton:
             for k, op in OPS.items():
-                if k in CUDA_THEN_TRITON and k in saved and op.impl is not None:
-                    op.impl, op.supports = _first_supported((op.impl, op.supports), saved[k][:2])
-                    op.backend = "cuda+triton"
+                if k in CUDA_THEN_TRITON and k in saved and op.impls:
+                    op.impls, op.backend = op.impls + saved[k][0], "cuda+triton"
                 elif k not in PREFER_CUDA and k in saved:
-                    op.impl, op.supports, op.backend = saved[k]
+                    op.impls, op.backend = saved[k]
         _active_backend = wanted
         # report the backend that serves most ops
         return "triton" if have_triton else OPS["rotary_kv_write"].backend
@@ -259,18 +263,6 @@ CUDA_THEN_TRITON = frozenset({"linear"})
 """Ops for which the default selection asks the CUDA extension first, then Triton, then the reference: the
 linear's CUDA GEMV takes single-row decode (every decode linear, bias, GeLU and residual fused), the Triton
 GEMV the GeLU-fused dense_h_to_4h at 2-16 rows, cuBLAS the rest."""
-
-
-def _first_supported(first, second):
-    """(impl, supports) that runs ``first`` where its predicate accepts the arguments, else ``second``."""
-    (impl1, supports1), (impl2, supports2) = first, second
-
-    def supports(*args, **kwargs):
-        return supports1(*args, **kwargs) or supports2(*args, **kwargs)
-
-    def impl(*args, **kwargs):
-        return (impl1 if supports1(*args, **kwargs) else impl2)(*args, **kwargs)
-    return impl, supports
 
 
 def active_backends() -> dict[str, str]:

@@ -103,9 +103,8 @@ def test_first_supported_chain_dispatch():
             return ops.linear_ref(x, *a, **k)
         return run
 
-    impl_chain, supports_chain = ops._first_supported(
-        (impl("first"), lambda x, *a, **k: x.shape[0] == 1), (impl("second"), lambda x, *a, **k: x.shape[0] <= 4))
-    op = ops.Op("linear", ops.linear_ref, impl_chain, supports_chain, "cuda+triton")
+    op = ops.Op("linear", ops.linear_ref, ((impl("first"), lambda x, *a, **k: x.shape[0] == 1),
+                                           (impl("second"), lambda x, *a, **k: x.shape[0] <= 4)), "cuda+triton")
     w = torch.randn(5, 3)
     for rows in (1, 3, 9):
         x = torch.randn(rows, 3)
