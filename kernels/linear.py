@@ -94,11 +94,10 @@ def supports_linear(x, weight, bias=None, activation=None, residual=None, max_ro
         return False
     if bias is not None and not (bias.shape == weight.shape[:1] and bias.is_contiguous()):
         return False
-    extra = [t for t in (bias, residual) if t is not None]
     if residual is not None and not (residual.shape == (*x.shape[:-1], weight.shape[0]) and residual.is_contiguous()
                                      and residual.dtype == x.dtype):
         return False
-    return on_triton_device(x, weight, *extra)
+    return on_triton_device(x, weight, *(t for t in (bias, residual) if t is not None))
 
 
 def supports_fused_activation_linear(x, weight, bias=None, activation=None, residual=None) -> bool:
