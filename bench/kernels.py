@@ -290,8 +290,10 @@ def slug(gpu: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_").lower()
 
 
-def sweep(copy_gbps: float) -> list[dict]:
-    """Tuning variants of the kernels that miss their targets, 20B shapes, timed like the main table."""
+def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
+    """Tuning variants of the kernels that miss their targets, 20B shapes, timed like the main table.
+
+    ``only``: the ops to sweep (default all: decode_attention, layernorm, linear)."""
     from neox_rt.kernels import decode_attention as k_dec
     from neox_rt.kernels import layernorm as k_ln
     m = MODELS["gpt-neox-20b"]
@@ -309,27 +311,37 @@ def sweep(copy_gbps: float) -> list[dict]:
         rows.append(r)
         print(f"  sweep {op} {shape} {variant}: {r.get('ms', float('nan')) * 1e3:.1f} us", file=sys.stderr)
 
-    for b, L in ((1, 2048), (16, 2048), (1, 128)):
-        q, kc, vc = rnd(b, nh, hd), rnd(b, nh, CAPACITY, hd), rnd(b, nh, CAPACITY, hd)
-        sl = torch.full((b,), L, device="cuda", dtype=torch.int64)
-        nbytes = (2 * b * nh * L * hd + 2 * b * nh * hd) * E
-        for bn, nw, pps in ((64, 4, 8), (32, 4, 8), (64, 8, 8), (32, 4, 16), (16, 4, 16), (64, 4, 16), (128, 8, 8),
-                            (32, 2, 16), (16, 2, 32)):
-            record("decode_attention", f"b={b} L={L}", f"block_n={bn} warps={nw} programs/SM={pps}",
-                   lambda: k_dec.decode_attention(q, kc, vc, sl, hd ** -0.5, block_n=bn, num_warps=nw,
-                                                  programs_per_sm=pps), nbytes)
-    x = rnd(2048, h)
-    w1, b1, w2, b2 = rnd(h) + 1, rnd(h, scale=0.1), rnd(h) + 1, rnd(h, scale=0.1)
-    for nw in (2, 4, 8, 16, 32):
-        record("layernorm", "2048 tok", f"warps={nw}", lambda: k_ln.layernorm(x, w1, b1, 1e-5, num_warps=nw),
-               (2 * 2048 * h + 2 * h) * E)
-        record("dual_layernorm", "2048 tok", f"warps={nw}",
-               lambda: k_ln.dual_layernorm(x, w1, b1, w2, b2, 1e-5, num_warps=nw), (3 * 2048 * h + 4 * h) * E)
     try:
         from neox_rt import cuda_ops
         ext = cuda_ops.load_extension()
     except ImportError as e:
         print(f"sweep: no extension ({e})", file=sys.stderr)
+        ext = None
+    for b, L in ((1, 2048), (16, 2048), (1, 128)) if not only or "decode_attention" in only else ():
+        q, kc, vc = rnd(b, nh, hd), rnd(b, nh, CAPACITY, hd), rnd(b, nh, CAPACITY, hd)
+        sl = torch.full((b,), L, device="cuda", dtype=torch.int64)
+        nbytes = (2 * b * nh * L * hd + 2 * b * nh * hd) * E
+        for bn, nw, pps in ((64, 4, 8), (32, 4, 8), (64, 8, 8), (32, 4, 16), (16, 4, 16), (64, 4, 16), (128, 8, 8),
+                            (32, 2, 16), (16, 2, 32)):
+            record("decode_attention", f"b={b} L={L}", f"triton block_n={bn} warps={nw} programs/SM={pps}",
+                   lambda: k_dec.decode_attention(q, kc, vc, sl, hd ** -0.5, block_n=bn, num_warps=nw,
+                                                  programs_per_sm=pps), nbytes)
+        for bps in (2, 4, 8, 16, 32) if ext is not None else ():
+            for merge in (False, True):
+                record("decode_attention", f"b={b} L={L}",
+                       f"cuda blocks/SM={bps} {'merge kernel' if merge else 'in-kernel merge'}",
+                       lambda: cuda_ops.decode_attention(q, kc, vc, sl, hd ** -0.5, blocks_per_sm=bps,
+                                                         merge_kernel=merge), nbytes)
+    if only and "layernorm" not in only and "linear" not in only:
+        return rows
+    x = rnd(2048, h)
+    w1, b1, w2, b2 = rnd(h) + 1, rnd(h, scale=0.1), rnd(h) + 1, rnd(h, scale=0.1)
+    for nw in (2, 4, 8, 16, 32) if not only or "layernorm" in only else ():
+        record("layernorm", "2048 tok", f"warps={nw}", lambda: k_ln.layernorm(x, w1, b1, 1e-5, num_warps=nw),
+               (2 * 2048 * h + 2 * h) * E)
+        record("dual_layernorm", "2048 tok", f"warps={nw}",
+               lambda: k_ln.dual_layernorm(x, w1, b1, w2, b2, 1e-5, num_warps=nw), (3 * 2048 * h + 4 * h) * E)
+    if ext is None or (only and "linear" not in only):
         return rows
     import torch.nn.functional as F
     for lname, (n_out, k_in) in {"qkv": (3 * h, h), "dense": (h, h), "h->4h": (4 * h, h), "4h->h": (h, 4 * h)}.items():
@@ -365,6 +377,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="cache length 2048 only")
     p.add_argument("--out", default=None, help="JSON path")
     p.add_argument("--sweep", action="store_true", help="also time tuning variants (20B shapes) and report them")
+    p.add_argument("--sweep-ops", nargs="+", default=None, help="sweep only these ops (decode_attention, layernorm, "
+                   "linear)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -394,7 +408,7 @@ def main(argv=None) -> int:
     table = markdown(report)
     report["table"] = table
     if a.sweep:
-        report["sweep"] = sweep(copy_gbps)
+        report["sweep"] = sweep(copy_gbps, a.sweep_ops)
         table += "\n\nTuning variants (20B shapes, same timing):\n\n" + sweep_table(report["sweep"])
     with open(out, "w") as f:
         json.dump(report, f, indent=1)

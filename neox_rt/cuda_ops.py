@@ -64,7 +64,7 @@ def _register_fakes() -> None:
         return qkv.new_empty(b, s, k_cache.shape[1], k_cache.shape[3])
 
     @lib.register_fake("neox_rt::decode_attention")
-    def _(q, k_cache, v_cache, seqlens, scale):
+    def _(q, k_cache, v_cache, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False):
         return torch.empty_like(q)
 
     @lib.register_fake("neox_rt::layernorm")
@@ -103,8 +103,11 @@ def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
     return torch.ops.neox_rt.rotary_kv_write(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache)
 
 
-def decode_attention(q, k_cache, v_cache, seqlens, scale):
-    return torch.ops.neox_rt.decode_attention(q, k_cache, v_cache, seqlens, float(scale))
+def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int = 0, merge_kernel: bool = False):
+    """Flash-decoding in one launch (the last block of each head merges the splits); ``blocks_per_sm`` (split
+    plan, 0 = default) and ``merge_kernel`` (a second merge kernel instead) are for tests and bench sweeps."""
+    return torch.ops.neox_rt.decode_attention(q, k_cache, v_cache, seqlens, float(scale), PDL, int(blocks_per_sm),
+                                              bool(merge_kernel))
 
 
 def scaled_causal_softmax(scores, query_positions, scale):
@@ -184,10 +187,12 @@ def supports_rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_
 
 
 def supports_decode_attention(q, k_cache, v_cache, seqlens, scale) -> bool:
-    """CUDA float q [b, nh, hd] with hd in DECODE_HEAD_SIZES, contiguous caches of q's dtype, int64 seqlens."""
-    return (_cuda_float(q) and q.dim() == 3 and q.shape[-1] in DECODE_HEAD_SIZES
+    """CUDA float q [b, nh, hd] with hd in DECODE_HEAD_SIZES, contiguous and 16-byte aligned q and caches of
+    q's dtype, int64 seqlens."""
+    return (_cuda_float(q) and q.dim() == 3 and q.shape[-1] in DECODE_HEAD_SIZES and q.is_contiguous()
             and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and k_cache.is_contiguous()
-            and v_cache.is_contiguous() and seqlens.dtype == torch.int64 and seqlens.is_contiguous())
+            and v_cache.is_contiguous() and seqlens.dtype == torch.int64 and seqlens.is_contiguous()
+            and _aligned16(q, k_cache, v_cache))
 
 
 def supports_attention(q, k_cache, v_cache, positions, scale) -> bool:

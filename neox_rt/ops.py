@@ -4,7 +4,8 @@ Every op the model calls goes through :data:`OPS`. Each op has a plain PyTorch r
 specification, the test oracle and the CPU fallback). A backend (``cuda``: the ``neox_rt._C`` extension,
 ``triton``: ``neox_rt.kernels``) registers an implementation together with a ``supports(*args)``
 predicate; a call whose arguments the predicate rejects runs the reference. The backend is chosen once,
-from ``NEOX_RT_BACKEND`` (``cuda``, ``triton`` or ``torch``) or, by default, the fastest available.
+from ``NEOX_RT_BACKEND`` (``cuda``, ``triton`` or ``torch``) or, by default, the fastest available per op
+(``NEOX_RT_OP_BACKENDS="op=backend,..."`` overrides single ops of that default).
 
 Shapes use b = batch, s = new tokens, nh = heads, hd = head dim, T = cache capacity.
 """
@@ -235,19 +236,29 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
     reset()
     if wanted == "fastest":
         # Per op, the backend that measured fastest on an H100 (bench/results/kernels_h100.json, the decode
-        # A/B runs in bench/NOTES.md): Triton for layernorm, decode attention and prefill attention; the CUDA
-        # extension for rotary + KV-cache write (91% vs 66% of copy bandwidth at the 20B prefill shape); for
-        # the linear the CUDA GEMV first (single-row decode, with bias, GeLU and residual fused), then the
-        # GeLU-fused Triton GEMV (2-16 rows), then cuBLAS. Either backend alone serves every op it has when
-        # the other is unavailable.
+        # A/B runs in bench/NOTES.md): Triton for layernorm and prefill attention; the CUDA extension for
+        # rotary + KV-cache write (91% vs 66% of copy bandwidth at the 20B prefill shape); CUDA first, then
+        # Triton, then the reference for the linear (the CUDA GEMV takes single-row decode with bias, GeLU and
+        # residual fused, the GeLU-fused Triton GEMV 2-16 rows, cuBLAS the rest) and for decode attention (the
+        # single-launch CUDA kernel; Triton where it rejects the alignment). Either backend alone serves every
+        # op it has when the other is unavailable. NEOX_RT_OP_BACKENDS overrides single ops.
         have_triton = _load_backend("triton")
-        saved = {k: (op.impls, op.backend) for k, op in OPS.items() if op.impls}
-        if _load_backend("cuda") and have_triton:
-            for k, op in OPS.items():
-                if k in CUDA_THEN_TRITON and k in saved and op.impls:
-                    op.impls, op.backend = op.impls + saved[k][0], "cuda+triton"
-                elif k not in PREFER_CUDA and k in saved:
-                    op.impls, op.backend = saved[k]
+        triton = {k: op.impls for k, op in OPS.items() if op.impls}
+        reset()
+        cuda = {k: op.impls for k, op in OPS.items() if op.impls} if _load_backend("cuda") else {}
+        overrides = op_backend_overrides()
+        for k, op in OPS.items():
+            choice = overrides.get(k) or ("cuda+triton" if k in CUDA_THEN_TRITON
+                                          else "cuda" if k in PREFER_CUDA else "triton")
+            impls = {"cuda": cuda.get(k, ()), "triton": triton.get(k, ()), "torch": (),
+                     "cuda+triton": cuda.get(k, ()) + triton.get(k, ())}[choice]
+            if not impls and choice != "torch":  # the preferred backend lacks this op: the other one serves it
+                choice, impls = ("triton", triton[k]) if k in triton else ("cuda", cuda.get(k, ()))
+            if choice == "cuda+triton" and k not in triton:
+                choice = "cuda"
+            elif choice == "cuda+triton" and k not in cuda:
+                choice = "triton"
+            op.impls, op.backend = impls, (choice if impls else "torch")
         _active_backend = wanted
         # report the backend that serves most ops
         return "triton" if have_triton else OPS["rotary_kv_write"].backend
@@ -257,12 +268,29 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
     return wanted
 
 
+def op_backend_overrides() -> dict[str, str]:
+    """``NEOX_RT_OP_BACKENDS="op=backend,..."`` (backend: cuda, triton, torch or cuda+triton): per-op exceptions to
+    the default ("fastest") selection, for A/B runs and for working around a kernel. Bad entries raise."""
+    text = os.environ.get("NEOX_RT_OP_BACKENDS", "").strip()
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        op, _, backend = item.partition("=")
+        op, backend = op.strip(), backend.strip()
+        if op not in OPS or backend not in ("cuda", "triton", "torch", "cuda+triton"):
+            from neox_rt.errors import NeoxRtError
+            raise NeoxRtError(f"NEOX_RT_OP_BACKENDS entry {item!r}: expected op=backend with op one of "
+                              f"{', '.join(OPS)} and backend one of cuda, triton, torch, cuda+triton")
+        out[op] = backend
+    return out
+
+
 PREFER_CUDA = frozenset({"rotary_kv_write", "scaled_causal_softmax"})
 """Ops for which the default ("fastest") selection takes the CUDA extension over Triton."""
-CUDA_THEN_TRITON = frozenset({"linear"})
+CUDA_THEN_TRITON = frozenset({"linear", "decode_attention"})
 """Ops for which the default selection asks the CUDA extension first, then Triton, then the reference: the
 linear's CUDA GEMV takes single-row decode (every decode linear, bias, GeLU and residual fused), the Triton
-GEMV the GeLU-fused dense_h_to_4h at 2-16 rows, cuBLAS the rest."""
+GEMV the GeLU-fused dense_h_to_4h at 2-16 rows, cuBLAS the rest; decode attention's single-launch CUDA kernel
+takes aligned inputs, the Triton kernel the rest."""
 
 
 def active_backends() -> dict[str, str]:

@@ -198,6 +198,47 @@ def test_decode_attention(ext, dtype, hd, T):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("hd", [64, 96, 256])
+@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl", [(1, False, False), (4, True, False), (64, False, True),
+                                                            (64, True, True), (0, False, True)])
+def test_decode_attention_split_plans(ext, dtype, hd, blocks_per_sm, merge_kernel, pdl):
+    """Every split plan (1 block per SM: many steps per split; 64: one step, tens of splits), the in-kernel merge
+    (last block of each head, ticket counters) and the separate merge kernel, PDL on and off; a batch of 13
+    sequences of different lengths, one of them inside the first split and one at the full capacity."""
+    from neox_rt import cuda_ops
+    b, nh, T = 13, 5, 2047
+    q = rand(b, nh, hd, dtype=dtype)
+    kc, vc = rand(b + 1, nh, T, hd, dtype=dtype), rand(b + 1, nh, T, hd, dtype=dtype)
+    seqlens = torch.tensor([T, 1, 2, 17, 64, 65, 127, 128, 129, 1000, 2046, 333, 1500], device="cuda")
+    ref = ops.decode_attention_ref(q, kc, vc, seqlens, hd ** -0.5)
+    ref64 = ops.decode_attention_ref(q.double(), kc.double(), vc.double(), seqlens, hd ** -0.5)
+    saved = cuda_ops.PDL
+    try:
+        cuda_ops.PDL = pdl
+        for _ in range(3):  # repeated launches: the ticket counters must be back at zero after each
+            out = cuda_ops.decode_attention(q, kc, vc, seqlens, hd ** -0.5, blocks_per_sm=blocks_per_sm,
+                                            merge_kernel=merge_kernel)
+            what = f"decode {dtype} hd={hd} plan={blocks_per_sm} merge={merge_kernel}"
+            if dtype == torch.float32:  # fp32: exp2 and summation order differ from torch's; no 2x rule there
+                torch.testing.assert_close(out.double(), ref64, rtol=1e-4, atol=1e-5, msg=what)
+            else:
+                assert_by_rule(out, ref64, ref, what)
+    finally:
+        cuda_ops.PDL = saved
+
+
+@pytest.mark.gpu
+def test_decode_attention_empty_sequence_is_zero(ext):
+    """seqlens 0 (nothing to attend to) gives zeros, not NaN, in one split or many."""
+    q, kc, vc = rand(2, 3, 96), rand(2, 3, 700, 96), rand(2, 3, 700, 96)
+    for bps in (1, 64):
+        out = torch.ops.neox_rt.decode_attention(q, kc, vc, torch.tensor([0, 700], device="cuda"), 0.1, False, bps)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        assert torch.isfinite(out[1]).all()
+
+
+@pytest.mark.gpu
 def test_decode_attention_cuda_graph(ext):
     """Captured once, replayed with other seqlens: no host sync, grid independent of seqlens."""
     q = rand(2, 4, 96)

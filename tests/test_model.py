@@ -111,3 +111,43 @@ def test_first_supported_chain_dispatch():
         res = torch.randn(rows, 5)
         torch.testing.assert_close(op(x, w, None, None, residual=res), x @ w.T + res)
     assert calls == ["first", "second"]  # 9 rows: neither predicate, the reference ran
+
+
+def test_default_selection_and_op_overrides(monkeypatch):
+    """The default ("fastest") selection with fake backends: CUDA-then-Triton chains, Triton-preferred and
+    CUDA-preferred ops, NEOX_RT_OP_BACKENDS exceptions, and a clear error for a bad entry."""
+    from neox_rt import ops
+    from neox_rt.errors import NeoxRtError
+
+    def fake(tag):
+        return lambda *a, **k: tag
+
+    def load(name):
+        for k in ops.OPS:
+            if name == "cuda" and k == "attention":
+                continue  # this fake CUDA backend lacks one op: Triton serves it whatever the preference
+            ops.register(k, fake(f"{name}:{k}"), None, name)
+        return True
+
+    monkeypatch.setattr(ops, "_load_backend", load)
+    try:
+        monkeypatch.delenv("NEOX_RT_OP_BACKENDS", raising=False)
+        ops.select_backend(None, "cuda")
+        got = ops.active_backends()
+        assert got["linear"] == got["decode_attention"] == "cuda+triton"
+        assert got["rotary_kv_write"] == "cuda" and got["layernorm"] == "triton" and got["attention"] == "triton"
+        assert [i[0]() for i in ops.OPS["decode_attention"].impls] == ["cuda:decode_attention",
+                                                                        "triton:decode_attention"]
+        monkeypatch.setenv("NEOX_RT_OP_BACKENDS", "decode_attention=triton, layernorm=torch,attention=cuda")
+        ops.select_backend(None, "cuda")
+        got = ops.active_backends()
+        assert got["decode_attention"] == "triton" and ops.OPS["decode_attention"]() == "triton:decode_attention"
+        assert got["layernorm"] == "torch" and ops.OPS["layernorm"].impls == ()
+        assert got["attention"] == "triton"  # asked for cuda, which lacks it
+        assert got["linear"] == "cuda+triton"
+        for bad in ("decode_attention=fast", "nosuchop=cuda", "decode_attention"):
+            monkeypatch.setenv("NEOX_RT_OP_BACKENDS", bad)
+            with pytest.raises(NeoxRtError, match="NEOX_RT_OP_BACKENDS"):
+                ops.select_backend(None, "cuda")
+    finally:
+        ops.reset()

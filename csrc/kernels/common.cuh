@@ -70,6 +70,30 @@ __device__ __forceinline__ float block_max(float x, float* scratch) {
   return warp_max(x);
 }
 
+// 16-byte load that bypasses L1 and is first to be evicted from L2 (ld.global.cs): for data read exactly once
+// (weights, the KV cache in decode attention).
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec_stream(const T* p) {
+  static_assert(sizeof(T) * N == 16, "streaming loads are 16 bytes");
+  const int4 raw = __ldcs(reinterpret_cast<const int4*>(p));
+  Vec<T, N> v;
+  *reinterpret_cast<int4*>(&v) = raw;
+  return v;
+}
+
+// Grid dependency control (PTX griddepcontrol, sm_90+); no-ops on older architectures.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 }  // namespace neox_rt

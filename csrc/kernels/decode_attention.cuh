@@ -1,130 +1,273 @@
 // Decode attention (one query per sequence) over a KV cache, split over the cached length (flash-decoding).
 //
 // out[i, h] = softmax_j(scale * q[i, h] . k[i, h, j]) @ v[i, h, j] over slots j < seqlens[i]; fp32 math.
-// Kernel 1: grid (splits, nh, b); block (split, h, i) covers slots [split * split_len, +split_len) and writes
-//   the split's max m, sum l = sum exp(score - m) and unnormalized output acc = sum exp(score - m) v.
-//   Blocks past seqlens[i] exit at once. The grid comes from the cache capacity, never from seqlens, so
-//   there is no host sync and the launch can be captured in a CUDA graph.
-// Kernel 2: grid (nh, b); merges the valid splits of each (i, h): M = max m, out = sum e^(m-M) acc / sum e^(m-M) l.
-// Each warp takes one key at a time; lane owns pairs of dims (d = 2 * (lane + 32 * r)), so HD may be any even
-// size up to 256 (the family uses 32, 64, 80, 96, 128, 256).
+//
+// Kernel 1, grid (splits, nh, b): block (split, h, i) covers slots [split * split_len, +split_len). The cache of
+// one head is contiguous ([B, nh, T, HD]), so a block step is one contiguous run of STEP keys: lane group g
+// (LPK lanes, one 16-byte vector of the key row each) owns keys g, g + G, ..., g + (N-1) G of the step. All of a
+// step's K and V loads (N keys x 2 per lane) are issued before the first is used, so each block keeps
+// 128 x 2N x 16 bytes in flight; the scores are reduced over the LPK lanes of a group with shuffles, each group
+// keeps its own online softmax (max m, sum l, accumulator over its lane's dims), and the groups of the block
+// merge through shuffles and shared memory at the end. Blocks past seqlens[i] exit at once. The grid comes
+// from the cache capacity, never from seqlens, so there is no host sync and the launch can be captured in a
+// CUDA graph.
+// The merge of the splits: with `counters` (one int per (i, h), zero before the launch), the last block of a
+// (i, h) to finish (atomic ticket) merges all its splits' partials and resets the counter to zero, so one
+// launch does everything and graph replays find the counters zeroed. Without counters, a second kernel
+// (grid (nh, b)) merges. A sequence that fits in one split is written directly, without partials.
+// Programmatic dependent launch (sm_90, `pdl`): the kernel waits for its inputs (griddepcontrol.wait) before
+// reading anything and lets its dependents launch at once.
+// Requires HD * sizeof(T) % 16 == 0 and 16-byte aligned q and caches (every head size of the family).
 #pragma once
+
+#include <type_traits>
 
 #include "common.cuh"
 
 namespace neox_rt {
 
-constexpr int kDecodeThreads = 128;  // 4 warps per split
-
-template <typename T> struct Pair;
-template <> struct Pair<float> { using type = float2; };
-template <> struct Pair<__half> { using type = __half2; };
-template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
-
-template <typename T>
-__device__ __forceinline__ float2 load_pair(const T* p) {
-  const typename Pair<T>::type v = *reinterpret_cast<const typename Pair<T>::type*>(p);
-  return make_float2(to_float(v.x), to_float(v.y));
-}
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeBlocksPerSm = 8;  // default split plan: about this many blocks per SM over the grid
 
 template <typename T, int HD>
-__global__ void __launch_bounds__(kDecodeThreads)
+struct DecodeLayout {
+  static constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
+  static_assert(HD % VEC == 0, "a key row must be whole 16-byte vectors");
+  static constexpr int VPK = HD / VEC;  // vectors per key row
+  static constexpr int LPK = VPK > 16 ? 32 : VPK > 8 ? 16 : VPK > 4 ? 8 : VPK > 2 ? 4 : VPK > 1 ? 2 : 1;
+  static constexpr int VPL = (VPK + LPK - 1) / LPK;  // vectors of a key row per lane
+  static constexpr int G = kDecodeThreads / LPK;     // lane groups (keys side by side) per block
+  static constexpr int N = VPL >= 8 ? 1 : 8 / VPL;   // keys per lane group per step (8 x 16 bytes of K per lane)
+  static constexpr int STEP = G * N;                 // keys per block step
+  // Blocks per SM the registers must allow: 4 (<= 128 registers) keeps 4 x 128 x 16 loads of 16 bytes in flight
+  // per SM; bf16 needs more registers for the same code (216 on sm_90) and would spill under 128.
+  static constexpr int MIN_BLOCKS = std::is_same<T, __nv_bfloat16>::value ? 2 : 4;
+};
+
+// Keys per split (a multiple of the block step): about `blocks_per_sm` blocks per SM over the whole grid, from
+// the shapes only (never seqlens). Shared by the extension's launcher and the standalone tests.
+template <typename T, int HD>
+inline int decode_attention_split_len_hd(int b, int nh, int64_t capacity, int sms, int blocks_per_sm) {
+  constexpr int STEP = DecodeLayout<T, HD>::STEP;
+  const int64_t heads = static_cast<int64_t>(b) * nh > 0 ? static_cast<int64_t>(b) * nh : 1;
+  const int64_t want = (static_cast<int64_t>(sms) * blocks_per_sm + heads - 1) / heads;  // splits per head
+  int64_t len = (capacity + (want > 0 ? want : 1) - 1) / (want > 0 ? want : 1);
+  len = (len + STEP - 1) / STEP * STEP;
+  return static_cast<int>(len > STEP ? len : STEP);
+}
+
+inline int decode_attention_splits(int64_t capacity, int split_len) { return ceil_div(capacity, split_len); }
+
+__device__ __forceinline__ float softmax_weight(float m, float big) { return m == -INFINITY ? 0.f : exp2f(m - big); }
+
+template <typename T, int HD, bool PDL>
+__global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD>::MIN_BLOCKS))
 decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, HD]
                               const T* __restrict__ k_cache,         // [B, nh, T, HD]
                               const T* __restrict__ v_cache,         // [B, nh, T, HD]
                               const int64_t* __restrict__ seqlens,   // [b]
+                              T* __restrict__ out,                   // [b, nh, HD]
                               float* __restrict__ part_out,          // [b, nh, splits, HD]
                               float* __restrict__ part_ml,           // [b, nh, splits, 2] (max, sum)
+                              int* __restrict__ counters,            // [b, nh] zeros, or null (separate merge)
                               int nh, int64_t capacity, int split_len, int splits, float scale_log2) {
-  static_assert(HD % 2 == 0 && HD <= 256, "head size must be even and <= 256");
-  constexpr int R = (HD / 2 + 31) / 32;  // dim pairs per lane
+  using L = DecodeLayout<T, HD>;
+  constexpr int VEC = L::VEC, VPK = L::VPK, LPK = L::LPK, VPL = L::VPL, G = L::G, N = L::N;
   constexpr int NW = kDecodeThreads / 32;
+  if (PDL) {
+    pdl_launch_dependents();
+    pdl_wait();  // q, the newest cache slot and seqlens come from earlier kernels
+  }
   const int split = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
   const int64_t len = seqlens[i] < capacity ? seqlens[i] : capacity;
-  const int64_t start = static_cast<int64_t>(split) * split_len;
-  if (start >= len) return;  // the reduce kernel only reads splits below len
-  const int64_t end = start + split_len < len ? start + split_len : len;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-
   const int64_t bh = static_cast<int64_t>(i) * nh + h;
-  const T* qp = q + bh * HD;
-  float2 qv[R];
+  const int64_t start = static_cast<int64_t>(split) * split_len;
+  if (len <= 0) {  // nothing to attend to: zeros rather than NaN (written by split 0 only)
+    if (split == 0)
+      for (int d = threadIdx.x; d < HD; d += kDecodeThreads) out[bh * HD + d] = from_float<T>(0.f);
+    return;
+  }
+  if (start >= len) return;  // the merge only reads splits below len
+  const int64_t end = start + split_len < len ? start + split_len : len;
+  const int used = static_cast<int>((len + split_len - 1) / split_len);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = threadIdx.x / LPK, lig = threadIdx.x % LPK;  // lane group (key) and lane in the group (dims)
+
+  // This lane's slice of q: vectors lig, lig + LPK, ... of the row, in fp32, scaled into log2 units.
+  float qf[VPL][VEC];
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int d = 2 * (lane + 32 * r);
-    qv[r] = d < HD ? load_pair(qp + d) : make_float2(0.f, 0.f);
-    qv[r].x *= scale_log2;  // scores in log2 units: exp2(score) == exp(scale * q.k)
-    qv[r].y *= scale_log2;
+  for (int u = 0; u < VPL; ++u) {
+    const int vi = lig + u * LPK;
+    if (vi < VPK) {
+      const Vec<T, VEC> qv = load_vec<T, VEC>(q + bh * HD + vi * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) qf[u][e] = to_float(qv.v[e]) * scale_log2;
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) qf[u][e] = 0.f;
+    }
   }
   const T* kb = k_cache + bh * capacity * HD;
   const T* vb = v_cache + bh * capacity * HD;
 
   float m = -INFINITY, l = 0.f;
-  float2 acc[R];
+  float acc[VPL][VEC];
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = make_float2(0.f, 0.f);
+  for (int u = 0; u < VPL; ++u)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[u][e] = 0.f;
 
-  for (int64_t j = start + warp; j < end; j += NW) {
-    const T* kj = kb + j * HD;
-    float dot = 0.f;
+  for (int64_t base = start; base < end; base += L::STEP) {
+    Vec<T, VEC> kr[N][VPL], vr[N][VPL];
+    // Issue every load of the step first (all K, then all V), use them after.
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int d = 2 * (lane + 32 * r);
-      if (d < HD) {
-        const float2 kv = load_pair(kj + d);
-        dot += qv[r].x * kv.x + qv[r].y * kv.y;
+    for (int n = 0; n < N; ++n) {
+      const int64_t j = base + g + static_cast<int64_t>(n) * G;
+#pragma unroll
+      for (int u = 0; u < VPL; ++u) {
+        const int vi = lig + u * LPK;
+        if (j < end && vi < VPK) kr[n][u] = load_vec_stream<T, VEC>(kb + j * HD + vi * VEC);
       }
     }
-    const float score = warp_sum(dot);
-    const float m_new = fmaxf(m, score);
-    const float correction = exp2f(m - m_new);  // 0 on the first key (m = -inf)
-    const float weight = exp2f(score - m_new);
-    l = l * correction + weight;
-    const T* vj = vb + j * HD;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int d = 2 * (lane + 32 * r);
-      if (d < HD) {
-        const float2 vv = load_pair(vj + d);
-        acc[r].x = acc[r].x * correction + weight * vv.x;
-        acc[r].y = acc[r].y * correction + weight * vv.y;
+    for (int n = 0; n < N; ++n) {
+      const int64_t j = base + g + static_cast<int64_t>(n) * G;
+#pragma unroll
+      for (int u = 0; u < VPL; ++u) {
+        const int vi = lig + u * LPK;
+        if (j < end && vi < VPK) vr[n][u] = load_vec_stream<T, VEC>(vb + j * HD + vi * VEC);
       }
     }
-    m = m_new;
+    float s[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      const int64_t j = base + g + static_cast<int64_t>(n) * G;
+      float dot = 0.f;
+#pragma unroll
+      for (int u = 0; u < VPL; ++u) {
+        const int vi = lig + u * LPK;
+        if (j < end && vi < VPK) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) dot += qf[u][e] * to_float(kr[n][u].v[e]);
+        }
+      }
+#pragma unroll
+      for (int o = LPK / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      s[n] = j < end ? dot : -INFINITY;
+    }
+    float step_max = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < N; ++n) step_max = fmaxf(step_max, s[n]);
+    if (step_max != -INFINITY) {  // this group has at least one key in the step
+      const float m_new = fmaxf(m, step_max);
+      const float corr = softmax_weight(m, m_new);
+      l *= corr;
+#pragma unroll
+      for (int u = 0; u < VPL; ++u)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[u][e] *= corr;
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        const float p = softmax_weight(s[n], m_new);  // 0 for keys past the end (their V was not loaded)
+        l += p;
+        if (p != 0.f) {
+#pragma unroll
+          for (int u = 0; u < VPL; ++u) {
+            if (lig + u * LPK < VPK) {
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) acc[u][e] += p * to_float(vr[n][u].v[e]);
+            }
+          }
+        }
+      }
+      m = m_new;
+    }
   }
 
-  // Merge the warps of this block.
+  // Merge the lane groups of a warp (same lig, other g): xor over the lane bits above the group's.
+#pragma unroll
+  for (int o = LPK; o < 32; o <<= 1) {
+    const float m_o = __shfl_xor_sync(0xffffffffu, m, o);
+    const float l_o = __shfl_xor_sync(0xffffffffu, l, o);
+    const float big = fmaxf(m, m_o);
+    const float a = softmax_weight(m, big), c = softmax_weight(m_o, big);
+    l = a * l + c * l_o;
+#pragma unroll
+    for (int u = 0; u < VPL; ++u)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[u][e] = a * acc[u][e] + c * __shfl_xor_sync(0xffffffffu, acc[u][e], o);
+    m = big;
+  }
+  // Then the warps, through shared memory (a warp holds whole groups: LPK <= 32).
   __shared__ float s_m[NW], s_l[NW];
   __shared__ float s_acc[NW][HD];
+  __shared__ int s_last;
   if (lane == 0) {
     s_m[warp] = m;
     s_l[warp] = l;
   }
+  if (lane < LPK) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int d = 2 * (lane + 32 * r);
-    if (d < HD) {
-      s_acc[warp][d] = acc[r].x;
-      s_acc[warp][d + 1] = acc[r].y;
+    for (int u = 0; u < VPL; ++u) {
+      const int vi = lig + u * LPK;
+      if (vi < VPK) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s_acc[warp][vi * VEC + e] = acc[u][e];
+      }
     }
   }
   __syncthreads();
   float bm = -INFINITY;
 #pragma unroll
   for (int w = 0; w < NW; ++w) bm = fmaxf(bm, s_m[w]);
+  float bl = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) bl += softmax_weight(s_m[w], bm) * s_l[w];
+
+  if (used == 1) {  // the whole sequence is in this split: normalize and write the output
+    for (int d = threadIdx.x; d < HD; d += kDecodeThreads) {
+      float o = 0.f;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) o += softmax_weight(s_m[w], bm) * s_acc[w][d];
+      out[bh * HD + d] = from_float<T>(o / bl);
+    }
+    return;
+  }
   const int64_t part = bh * splits + split;
-  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+  for (int d = threadIdx.x; d < HD; d += kDecodeThreads) {
     float o = 0.f;
 #pragma unroll
-    for (int w = 0; w < NW; ++w) o += s_m[w] == -INFINITY ? 0.f : exp2f(s_m[w] - bm) * s_acc[w][d];
+    for (int w = 0; w < NW; ++w) o += softmax_weight(s_m[w], bm) * s_acc[w][d];
     part_out[part * HD + d] = o;
   }
   if (threadIdx.x == 0) {
-    float bl = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) bl += s_m[w] == -INFINITY ? 0.f : exp2f(s_m[w] - bm) * s_l[w];
     part_ml[part * 2] = bm;
     part_ml[part * 2 + 1] = bl;
+  }
+  if (counters == nullptr) return;  // the merge kernel follows
+
+  // Last block of this (i, h) merges: publish the partials, take a ticket.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int ticket = atomicAdd(counters + bh, 1);
+    s_last = ticket == used - 1;
+    if (s_last) counters[bh] = 0;  // every other block of this (i, h) has taken its ticket: ready for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  float big = -INFINITY;
+  for (int sp = 0; sp < used; ++sp) big = fmaxf(big, __ldcg(part_ml + (bh * splits + sp) * 2));
+  for (int d = threadIdx.x; d < HD; d += kDecodeThreads) {
+    float num = 0.f, den = 0.f;
+    for (int sp = 0; sp < used; ++sp) {
+      const float w = softmax_weight(__ldcg(part_ml + (bh * splits + sp) * 2), big);
+      den += w * __ldcg(part_ml + (bh * splits + sp) * 2 + 1);
+      num += w * __ldcg(part_out + (bh * splits + sp) * HD + d);
+    }
+    out[bh * HD + d] = from_float<T>(num / den);
   }
 }
 
@@ -137,56 +280,95 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,    // [b, nh,
                                int nh, int64_t capacity, int split_len, int splits) {
   const int h = blockIdx.x, i = blockIdx.y, d = threadIdx.x;
   const int64_t len = seqlens[i] < capacity ? seqlens[i] : capacity;
-  const int64_t bh = static_cast<int64_t>(i) * nh + h;
   const int used = len <= 0 ? 0 : static_cast<int>((len + split_len - 1) / split_len);
+  if (used <= 1) return;  // written by the split kernel (zeros for an empty sequence)
+  const int64_t bh = static_cast<int64_t>(i) * nh + h;
   float big = -INFINITY;
   for (int sp = 0; sp < used; ++sp) big = fmaxf(big, part_ml[(bh * splits + sp) * 2]);
   float num = 0.f, den = 0.f;
   for (int sp = 0; sp < used; ++sp) {
-    const float w = exp2f(part_ml[(bh * splits + sp) * 2] - big);
+    const float w = softmax_weight(part_ml[(bh * splits + sp) * 2], big);
     den += w * part_ml[(bh * splits + sp) * 2 + 1];
     num += w * part_out[(bh * splits + sp) * HD + d];
   }
-  // An empty sequence (seqlens[i] == 0) has nothing to attend to: write zeros rather than NaN.
-  out[bh * HD + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+  out[bh * HD + d] = from_float<T>(num / den);
 }
 
-// Splits: ceil(capacity / split_len). The caller allocates part_out [b*nh*splits*HD] and
-// part_ml [b*nh*splits*2] floats.
-inline int decode_attention_splits(int64_t capacity, int split_len) { return ceil_div(capacity, split_len); }
+template <typename T, int HD, bool PDL>
+cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
+                                float* part_out, float* part_ml, int* counters, int b, int nh, int64_t capacity,
+                                int split_len, int splits, float scale_log2, cudaStream_t stream) {
+  const dim3 grid(splits, nh, b), block(kDecodeThreads);
+  if (!PDL) {
+    decode_attention_split_kernel<T, HD, false><<<grid, block, 0, stream>>>(
+        q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len, splits, scale_log2);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, decode_attention_split_kernel<T, HD, true>, q, k_cache, v_cache, seqlens, out,
+                            part_out, part_ml, counters, nh, capacity, split_len, splits, scale_log2);
+}
 
 template <typename T, int HD>
 cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens,
-                                       T* out, float* part_out, float* part_ml, int b, int nh, int64_t capacity,
-                                       int split_len, float scale, cudaStream_t stream) {
+                                       T* out, float* part_out, float* part_ml, int* counters, int b, int nh,
+                                       int64_t capacity, int split_len, float scale, bool pdl, cudaStream_t stream) {
   const int splits = decode_attention_splits(capacity, split_len);
   if (b == 0 || nh == 0) return cudaSuccess;
   const float scale_log2 = scale * 1.4426950408889634f;
-  if (splits > 0) {
-    decode_attention_split_kernel<T, HD><<<dim3(splits, nh, b), kDecodeThreads, 0, stream>>>(
-        q, k_cache, v_cache, seqlens, part_out, part_ml, nh, capacity, split_len, splits, scale_log2);
+  if (splits == 0) {  // an empty cache: every output is zero
+    return cudaMemsetAsync(out, 0, sizeof(T) * static_cast<size_t>(b) * nh * HD, stream);
   }
+  const cudaError_t err =
+      pdl ? launch_decode_split<T, HD, true>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,
+                                             capacity, split_len, splits, scale_log2, stream)
+          : launch_decode_split<T, HD, false>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,
+                                              capacity, split_len, splits, scale_log2, stream);
+  if (err != cudaSuccess || counters != nullptr || splits == 1) return err;
   decode_attention_reduce_kernel<T, HD><<<dim3(nh, b), HD, 0, stream>>>(part_out, part_ml, seqlens, out, nh,
                                                                          capacity, split_len, splits);
   return cudaGetLastError();
 }
 
-// head_dim must be one of 32, 64, 80, 96, 128, 256 (returns cudaErrorInvalidValue otherwise).
+#define NEOX_RT_DECODE_HEAD_SIZES(X) X(32) X(64) X(80) X(96) X(128) X(256)
+
+// Split length for launch_decode_attention (see decode_attention_split_len_hd); 0 for an unsupported head size.
+template <typename T>
+inline int decode_attention_split_len(int head_dim, int b, int nh, int64_t capacity, int sms, int blocks_per_sm) {
+  switch (head_dim) {
+#define NEOX_RT_SPLIT_LEN(HD) \
+  case HD:                    \
+    return decode_attention_split_len_hd<T, HD>(b, nh, capacity, sms, blocks_per_sm);
+    NEOX_RT_DECODE_HEAD_SIZES(NEOX_RT_SPLIT_LEN)
+#undef NEOX_RT_SPLIT_LEN
+    default:
+      return 0;
+  }
+}
+
+// head_dim must be one of 32, 64, 80, 96, 128, 256 (returns cudaErrorInvalidValue otherwise). part_out
+// [b * nh * splits * HD] and part_ml [b * nh * splits * 2] floats, splits = decode_attention_splits(capacity,
+// split_len); counters: null (a second kernel merges) or b * nh ints that are zero (they are zero again after
+// the kernel). `pdl` needs sm_90 (the caller checks the device).
 template <typename T>
 cudaError_t launch_decode_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
-                                    float* part_out, float* part_ml, int b, int nh, int head_dim, int64_t capacity,
-                                    int split_len, float scale, cudaStream_t stream) {
+                                    float* part_out, float* part_ml, int* counters, int b, int nh, int head_dim,
+                                    int64_t capacity, int split_len, float scale, bool pdl, cudaStream_t stream) {
   switch (head_dim) {
-#define NEOX_RT_DECODE(HD)                                                                              \
-  case HD:                                                                                              \
-    return launch_decode_attention_hd<T, HD>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, b, nh, \
-                                             capacity, split_len, scale, stream);
-    NEOX_RT_DECODE(32)
-    NEOX_RT_DECODE(64)
-    NEOX_RT_DECODE(80)
-    NEOX_RT_DECODE(96)
-    NEOX_RT_DECODE(128)
-    NEOX_RT_DECODE(256)
+#define NEOX_RT_DECODE(HD)                                                                                      \
+  case HD:                                                                                                      \
+    return launch_decode_attention_hd<T, HD>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, \
+                                             nh, capacity, split_len, scale, pdl, stream);
+    NEOX_RT_DECODE_HEAD_SIZES(NEOX_RT_DECODE)
 #undef NEOX_RT_DECODE
     default:
       return cudaErrorInvalidValue;

@@ -3,6 +3,10 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <mutex>
+#include <utility>
+#include <vector>
+
 #include "kernels/decode_attention.cuh"
 #include "kernels/gemv.cuh"
 #include "kernels/layernorm.cuh"
@@ -129,8 +133,38 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
   return q;
 }
 
+namespace {
+
+// Ticket counters for decode attention's in-kernel merge, one buffer per device: zeroed once when allocated,
+// and every launch leaves them zero again. Never freed (a captured CUDA graph keeps the pointer; a grown buffer
+// replaces the old one, which stays allocated). Null while a stream capture is under way and the buffer is too
+// small (no allocation or memset may run then): that launch uses the separate merge kernel. The runtime warms
+// every graph up before capturing it, so captured decode steps get the counters. Two launches running
+// concurrently on two streams of one device would share tickets: neox_rt runs decode on one stream per device.
+int* decode_counters(int device, int64_t needed, cudaStream_t stream) {
+  static std::mutex mu;
+  static std::vector<std::pair<int*, int64_t>> buffers;  // per device: pointer, number of ints
+  std::lock_guard<std::mutex> lock(mu);
+  if (static_cast<int64_t>(buffers.size()) <= device) buffers.resize(device + 1, {nullptr, 0});
+  auto& entry = buffers[device];
+  if (entry.second >= needed) return entry.first;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &status), "decode_attention (capture query)");
+  if (status != cudaStreamCaptureStatusNone) return nullptr;
+  const int64_t count = std::max<int64_t>(needed, int64_t{1} << 16);
+  int* p = nullptr;
+  check_cuda(cudaMalloc(&p, count * sizeof(int)), "decode_attention (counter allocation)");
+  check_cuda(cudaMemsetAsync(p, 0, count * sizeof(int), stream), "decode_attention (counter memset)");
+  check_cuda(cudaStreamSynchronize(stream), "decode_attention (counter memset)");
+  entry = {p, count};
+  return p;
+}
+
+}  // namespace
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& seqlens, double scale) {
+                            const at::Tensor& seqlens, double scale, bool pdl, int64_t blocks_per_sm,
+                            bool merge_kernel) {
   CHECK_CUDA(q, "q");
   CHECK_SAME_DEVICE(q, k_cache, "q", "k_cache");
   CHECK_SAME_DEVICE(q, v_cache, "q", "v_cache");
@@ -149,25 +183,32 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
               k_cache.sizes());
   TORCH_CHECK(hd == 32 || hd == 64 || hd == 80 || hd == 96 || hd == 128 || hd == 256,
               "neox_rt: decode_attention supports head sizes 32, 64, 80, 96, 128, 256; got ", hd);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                "neox_rt: decode_attention needs 16-byte aligned q and caches");
   CHECK_SHAPE(seqlens, b);
+  TORCH_CHECK(blocks_per_sm >= 0, "neox_rt: blocks_per_sm must be >= 0 (0: the default), got ", blocks_per_sm);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t cap = k_cache.size(2);
-  // Split length from the capacity and the device only (never from seqlens: no host sync, graph-capturable):
-  // aim for about two blocks per SM over the whole cache, 64..512 keys per split.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want_splits = std::max<int64_t>(1, (2 * sms + b * nh - 1) / std::max<int64_t>(1, b * nh));
-  int64_t split_len = (cap + want_splits - 1) / want_splits;
-  split_len = std::min<int64_t>(512, std::max<int64_t>(64, (split_len + 31) / 32 * 32));
-  const int splits = decode_attention_splits(cap, static_cast<int>(split_len));
+  // Split length from the capacity and the device only (never from seqlens: no host sync, graph-capturable).
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int per_sm = blocks_per_sm > 0 ? static_cast<int>(blocks_per_sm) : kDecodeBlocksPerSm;
   auto out = at::empty_like(q);
-  auto part_out = at::empty({b * nh * std::max(splits, 1) * hd}, q.options().dtype(at::kFloat));
-  auto part_ml = at::empty({b * nh * std::max(splits, 1) * 2}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   NEOX_RT_DISPATCH_FLOAT(q.scalar_type(), "decode_attention", [&] {
+    const int split_len = decode_attention_split_len<scalar_t>(static_cast<int>(hd), static_cast<int>(b),
+                                                               static_cast<int>(nh), cap, props->multiProcessorCount,
+                                                               per_sm);
+    const int splits = decode_attention_splits(cap, split_len);
+    const int64_t parts = splits > 1 ? b * nh * splits : 1;  // one split: the kernel writes out directly
+    auto part_out = at::empty({parts * hd}, q.options().dtype(at::kFloat));
+    auto part_ml = at::empty({parts * 2}, q.options().dtype(at::kFloat));
+    int* counters = splits > 1 && !merge_kernel ? decode_counters(q.get_device(), b * nh, stream) : nullptr;
     check_cuda(launch_decode_attention<scalar_t>(ptr<scalar_t>(q), ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache),
                                                  ptr<int64_t>(seqlens), ptr<scalar_t>(out), ptr<float>(part_out),
-                                                 ptr<float>(part_ml), b, nh, hd, cap, static_cast<int>(split_len),
-                                                 static_cast<float>(scale), stream),
+                                                 ptr<float>(part_ml), counters, static_cast<int>(b),
+                                                 static_cast<int>(nh), static_cast<int>(hd), cap, split_len,
+                                                 static_cast<float>(scale), pdl && props->major >= 9, stream),
                "decode_attention");
   });
   return out;

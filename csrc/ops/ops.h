@@ -16,9 +16,12 @@ at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& que
 at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
                            const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache, at::Tensor& v_cache);
 
-// One query per sequence over its first seqlens[i] slots. q [b, nh, hd] -> [b, nh, hd].
+// One query per sequence over its first seqlens[i] slots. q [b, nh, hd] -> [b, nh, hd]. pdl: programmatic
+// dependent launch (sm_90); blocks_per_sm: the split plan (0: the default); merge_kernel: merge the splits in a
+// second kernel instead of the last block of each head (for tests and benchmarks).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& seqlens, double scale);
+                            const at::Tensor& seqlens, double scale, bool pdl, int64_t blocks_per_sm,
+                            bool merge_kernel);
 
 at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
 
