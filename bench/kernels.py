@@ -206,6 +206,18 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+def same_size_copy_ms(nbytes: int) -> float:
+    """A device copy moving the same bytes (nbytes / 2 read, nbytes / 2 written), timed like the ops: the
+    reference for small ops, whose time includes the fixed cost of a cold start (launch, first DRAM and TLB
+    misses, the last wave's drain) that the 1 GiB copy behind copy_gbps amortises."""
+    half = max(1, nbytes // 2)
+    src = torch.empty(half, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    del src, dst
+    return ms
+
+
 def first_tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -266,10 +278,13 @@ def cell(r) -> str:
 
 
 def markdown(report) -> str:
+    floor = report.get("one_element_kernel_us")
     lines = [f"Kernels on {report['env']['gpu']} (fp16, L2 cold; copy bandwidth "
-             f"{report['copy_gbps']:.0f} GB/s = 100%). Cells: median time (% of copy bandwidth).", "",
-             "| op | model | shape | MB moved | torch | triton | cuda | best % | target |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{report['copy_gbps']:.0f} GB/s = 100%). Cells: median time (% of copy bandwidth). 'same-size copy': "
+             "a device copy moving the same bytes, timed the same way, and the best kernel's time as a % of it"
+             + (f"; a one-element kernel takes {floor:.1f} us timed this way." if floor is not None else "."), "",
+             "| op | model | shape | MB moved | torch | triton | cuda | best % | target | same-size copy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["cases"]:
         # best of our kernels; for linear cuBLAS (the torch provider) counts too: it stays where it wins
         ok = [r for r in c["providers"].values()
@@ -280,9 +295,13 @@ def markdown(report) -> str:
                                                              (" ok" if best >= target else " MISS")))
         for r in c["providers"].values():
             r["op"] = c["op"]
+        same = c.get("copy_same_ms")
+        best_ms = min((r["ms"] for r in ok), default=None)
+        scell = "-" if same is None else (f"{same * 1e3:.1f} us" + ("" if best_ms is None else
+                                                                   f" ({100 * same / best_ms:.0f}%)"))
         lines.append(f"| {c['op']} | {c['model']} | {c['shape']} | {c['bytes'] / 1e6:.2f} | "
                      + " | ".join(cell(c["providers"][p]) for p in ("torch", "triton", "cuda"))
-                     + f" | {'-' if best is None else f'{best:.0f}%'} | {tcell} |")
+                     + f" | {'-' if best is None else f'{best:.0f}%'} | {tcell} | {scell} |")
     return "\n".join(lines)
 
 
@@ -389,7 +408,11 @@ def main(argv=None) -> int:
         print(f"provider {name} unavailable: {err}", file=sys.stderr)
     copy_gbps = copy_bandwidth()
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s", file=sys.stderr)
-    report = {"env": env_info(), "copy_gbps": copy_gbps, "provider_errors": prov_errors, "cases": []}
+    tiny = torch.zeros(1, device="cuda")
+    empty_us = 1e3 * median_ms(lambda: tiny.add_(1))
+    print(f"a one-element kernel, timed the same way: {empty_us:.1f} us", file=sys.stderr)
+    report = {"env": env_info(), "copy_gbps": copy_gbps, "one_element_kernel_us": empty_us,
+              "provider_errors": prov_errors, "cases": []}
     for op, mname, label, args_fn, nbytes, flops in cases(a.models, a.quick):
         if a.ops and op not in a.ops:
             continue
@@ -400,7 +423,7 @@ def main(argv=None) -> int:
             res = {pn: {"provider": pn, "error": f"{type(e).__name__}: {e}"[:200]} for pn in ("torch", "triton",
                                                                                              "cuda")}
         report["cases"].append({"op": op, "model": mname, "shape": label, "bytes": nbytes, "flops": flops,
-                                "providers": res})
+                                "copy_same_ms": same_size_copy_ms(nbytes), "providers": res})
         torch.cuda.empty_cache()
     out = a.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
                     else os.path.join(REPO, "bench", "results", f"kernels_{slug(report['env']['gpu'])}.json"))
