@@ -29,6 +29,9 @@ GEMV_VARIANT = int(os.environ.get("NEOX_RT_GEMV_VARIANT", "0"))
 # kernel's tail; ignored on older GPUs). On by default: 20B decode 14.85 vs 15.00 ms/token on one H100 in the same
 # run (bench/NOTES.md); NEOX_RT_PDL=0 turns it off.
 PDL = os.environ.get("NEOX_RT_PDL", "1") != "0"
+# Decode attention's split plan: about this many blocks per SM over the grid (0: the extension's default,
+# kDecodeBlocksPerSm in csrc/kernels/decode_attention.cuh); bench/kernels.py --sweep compares plans.
+DECODE_BLOCKS_PER_SM = int(os.environ.get("NEOX_RT_DECODE_BLOCKS_PER_SM", "0"))
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -103,10 +106,13 @@ def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
     return torch.ops.neox_rt.rotary_kv_write(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache)
 
 
-def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int = 0, merge_kernel: bool = False):
+def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | None = None,
+                     merge_kernel: bool = False):
     """Flash-decoding in one launch (the last block of each head merges the splits); ``blocks_per_sm`` (split
-    plan, 0 = default) and ``merge_kernel`` (a second merge kernel instead) are for tests and bench sweeps."""
-    return torch.ops.neox_rt.decode_attention(q, k_cache, v_cache, seqlens, float(scale), PDL, int(blocks_per_sm),
+    plan, default DECODE_BLOCKS_PER_SM) and ``merge_kernel`` (a second merge kernel instead) are for tests and
+    bench sweeps."""
+    bps = DECODE_BLOCKS_PER_SM if blocks_per_sm is None else int(blocks_per_sm)
+    return torch.ops.neox_rt.decode_attention(q, k_cache, v_cache, seqlens, float(scale), PDL, bps,
                                               bool(merge_kernel))
 
 

@@ -229,6 +229,21 @@ def test_decode_attention_split_plans(ext, dtype, hd, blocks_per_sm, merge_kerne
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("merge_kernel", [False, True])
+def test_decode_attention_long_cache_caps_splits(ext, merge_kernel):
+    """One head over a 40000-slot cache with a plan that asks for thousands of splits: the planner caps them at
+    256 (the merge keeps one weight per split in shared memory) and the result still follows the rule."""
+    from neox_rt import cuda_ops
+    q, kc, vc = rand(1, 1, 64), rand(1, 1, 40000, 64), rand(1, 1, 40000, 64)
+    for L in (40000, 39999, 300):
+        sl = torch.tensor([L], device="cuda")
+        out = cuda_ops.decode_attention(q, kc, vc, sl, 0.125, blocks_per_sm=64, merge_kernel=merge_kernel)
+        ref = ops.decode_attention_ref(q, kc, vc, sl, 0.125)
+        ref64 = ops.decode_attention_ref(q.double(), kc.double(), vc.double(), sl, 0.125)
+        assert_by_rule(out, ref64, ref, f"long cache L={L}")
+
+
+@pytest.mark.gpu
 def test_decode_attention_empty_sequence_is_zero(ext):
     """seqlens 0 (nothing to attend to) gives zeros, not NaN, in one split or many."""
     q, kc, vc = rand(2, 3, 96), rand(2, 3, 700, 96), rand(2, 3, 700, 96)

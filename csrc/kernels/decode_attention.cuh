@@ -27,6 +27,7 @@
 namespace neox_rt {
 
 constexpr int kDecodeThreads = 128;
+constexpr int kDecodeMaxSplits = 256;  // the planner never makes more (the merge keeps one weight per split in smem)
 constexpr int kDecodeBlocksPerSm = 8;  // default split plan: about this many blocks per SM over the grid
 
 template <typename T, int HD>
@@ -52,6 +53,8 @@ inline int decode_attention_split_len_hd(int b, int nh, int64_t capacity, int sm
   const int64_t heads = static_cast<int64_t>(b) * nh > 0 ? static_cast<int64_t>(b) * nh : 1;
   const int64_t want = (static_cast<int64_t>(sms) * blocks_per_sm + heads - 1) / heads;  // splits per head
   int64_t len = (capacity + (want > 0 ? want : 1) - 1) / (want > 0 ? want : 1);
+  const int64_t min_len = (capacity + kDecodeMaxSplits - 1) / kDecodeMaxSplits;  // at most kDecodeMaxSplits splits
+  len = len > min_len ? len : min_len;
   len = (len + STEP - 1) / STEP * STEP;
   return static_cast<int>(len > STEP ? len : STEP);
 }
@@ -59,6 +62,36 @@ inline int decode_attention_split_len_hd(int b, int nh, int64_t capacity, int sm
 inline int decode_attention_splits(int64_t capacity, int split_len) { return ceil_div(capacity, split_len); }
 
 __device__ __forceinline__ float softmax_weight(float m, float big) { return m == -INFINITY ? 0.f : exp2f(m - big); }
+
+// Merge the `used` splits of (i, h) = bh into out[bh]: out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - M).
+// The whole block (kDecodeThreads threads) takes part: one load per thread for the maxima and sums, the weights
+// in shared memory, then each thread owns dims and keeps 8 partial loads in flight (the splits' partials sit in
+// L2; a serial loop over them was a chain of ~0.2 us L2 round trips). Loads bypass L1 (__ldcg): other blocks
+// wrote the partials during this kernel.
+template <typename T, int HD>
+__device__ __forceinline__ void merge_splits(const float* part_out, const float* part_ml, int64_t bh, int splits,
+                                             int used, T* out) {
+  __shared__ float s_w[kDecodeMaxSplits];
+  __shared__ float s_red[32];
+  const float* ml = part_ml + bh * splits * 2;
+  float m_local = -INFINITY;
+  for (int sp = threadIdx.x; sp < used; sp += kDecodeThreads) m_local = fmaxf(m_local, __ldcg(ml + 2 * sp));
+  const float big = block_max(m_local, s_red);
+  float den = 0.f;
+  for (int sp = threadIdx.x; sp < used; sp += kDecodeThreads) {
+    const float w = softmax_weight(__ldcg(ml + 2 * sp), big);
+    s_w[sp] = w;
+    den += w * __ldcg(ml + 2 * sp + 1);
+  }
+  den = block_sum(den, s_red);  // its barriers also publish s_w
+  const float* po = part_out + bh * splits * HD;
+  for (int d = threadIdx.x; d < HD; d += kDecodeThreads) {
+    float num = 0.f;
+#pragma unroll 8
+    for (int sp = 0; sp < used; ++sp) num += s_w[sp] * __ldcg(po + static_cast<int64_t>(sp) * HD + d);
+    out[bh * HD + d] = from_float<T>(num / den);
+  }
+}
 
 template <typename T, int HD, bool PDL>
 __global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD>::MIN_BLOCKS))
@@ -258,40 +291,21 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  float big = -INFINITY;
-  for (int sp = 0; sp < used; ++sp) big = fmaxf(big, __ldcg(part_ml + (bh * splits + sp) * 2));
-  for (int d = threadIdx.x; d < HD; d += kDecodeThreads) {
-    float num = 0.f, den = 0.f;
-    for (int sp = 0; sp < used; ++sp) {
-      const float w = softmax_weight(__ldcg(part_ml + (bh * splits + sp) * 2), big);
-      den += w * __ldcg(part_ml + (bh * splits + sp) * 2 + 1);
-      num += w * __ldcg(part_out + (bh * splits + sp) * HD + d);
-    }
-    out[bh * HD + d] = from_float<T>(num / den);
-  }
+  merge_splits<T, HD>(part_out, part_ml, bh, splits, used, out);
 }
 
 template <typename T, int HD>
-__global__ void __launch_bounds__(HD)
+__global__ void __launch_bounds__(kDecodeThreads)
 decode_attention_reduce_kernel(const float* __restrict__ part_out,    // [b, nh, splits, HD]
                                const float* __restrict__ part_ml,     // [b, nh, splits, 2]
                                const int64_t* __restrict__ seqlens,   // [b]
                                T* __restrict__ out,                   // [b, nh, HD]
                                int nh, int64_t capacity, int split_len, int splits) {
-  const int h = blockIdx.x, i = blockIdx.y, d = threadIdx.x;
+  const int h = blockIdx.x, i = blockIdx.y;
   const int64_t len = seqlens[i] < capacity ? seqlens[i] : capacity;
   const int used = len <= 0 ? 0 : static_cast<int>((len + split_len - 1) / split_len);
   if (used <= 1) return;  // written by the split kernel (zeros for an empty sequence)
-  const int64_t bh = static_cast<int64_t>(i) * nh + h;
-  float big = -INFINITY;
-  for (int sp = 0; sp < used; ++sp) big = fmaxf(big, part_ml[(bh * splits + sp) * 2]);
-  float num = 0.f, den = 0.f;
-  for (int sp = 0; sp < used; ++sp) {
-    const float w = softmax_weight(part_ml[(bh * splits + sp) * 2], big);
-    den += w * part_ml[(bh * splits + sp) * 2 + 1];
-    num += w * part_out[(bh * splits + sp) * HD + d];
-  }
-  out[bh * HD + d] = from_float<T>(num / den);
+  merge_splits<T, HD>(part_out, part_ml, static_cast<int64_t>(i) * nh + h, splits, used, out);
 }
 
 template <typename T, int HD, bool PDL>
@@ -325,6 +339,7 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
   const int splits = decode_attention_splits(capacity, split_len);
   if (b == 0 || nh == 0) return cudaSuccess;
   const float scale_log2 = scale * 1.4426950408889634f;
+  if (splits > kDecodeMaxSplits) return cudaErrorInvalidValue;  // split_len too short for the capacity
   if (splits == 0) {  // an empty cache: every output is zero
     return cudaMemsetAsync(out, 0, sizeof(T) * static_cast<size_t>(b) * nh * HD, stream);
   }
@@ -334,7 +349,7 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
           : launch_decode_split<T, HD, false>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,
                                               capacity, split_len, splits, scale_log2, stream);
   if (err != cudaSuccess || counters != nullptr || splits == 1) return err;
-  decode_attention_reduce_kernel<T, HD><<<dim3(nh, b), HD, 0, stream>>>(part_out, part_ml, seqlens, out, nh,
+  decode_attention_reduce_kernel<T, HD><<<dim3(nh, b), kDecodeThreads, 0, stream>>>(part_out, part_ml, seqlens, out, nh,
                                                                          capacity, split_len, splits);
   return cudaGetLastError();
 }
