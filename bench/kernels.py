@@ -345,12 +345,13 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
             record("decode_attention", f"b={b} L={L}", f"triton block_n={bn} warps={nw} programs/SM={pps}",
                    lambda: k_dec.decode_attention(q, kc, vc, sl, hd ** -0.5, block_n=bn, num_warps=nw,
                                                   programs_per_sm=pps), nbytes)
-        for bps in (2, 4, 8, 16, 32) if ext is not None else ():
-            for merge in (False, True):
+        for bps in (2, 4, 8, 16) if ext is not None else ():
+            for var, merge in ((1, False), (1, True), (2, False)):
                 record("decode_attention", f"b={b} L={L}",
-                       f"cuda blocks/SM={bps} {'merge kernel' if merge else 'in-kernel merge'}",
+                       f"cuda blocks/SM={bps} {'pipelined' if var == 2 else 'single-buffered'} "
+                       f"{'merge kernel' if merge else 'in-kernel merge'}",
                        lambda: cuda_ops.decode_attention(q, kc, vc, sl, hd ** -0.5, blocks_per_sm=bps,
-                                                         merge_kernel=merge), nbytes)
+                                                         merge_kernel=merge, variant=var), nbytes)
     if only and "layernorm" not in only and "linear" not in only:
         return rows
     x = rnd(2048, h)
@@ -360,6 +361,23 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
                (2 * 2048 * h + 2 * h) * E)
         record("dual_layernorm", "2048 tok", f"warps={nw}",
                lambda: k_ln.dual_layernorm(x, w1, b1, w2, b2, 1e-5, num_warps=nw), (3 * 2048 * h + 4 * h) * E)
+    if only and "linear" not in only and "triton_linear" not in only:
+        return rows
+    if not only or "triton_linear" in only:  # tile configurations of the Triton GEMV at 4 and 16 rows
+        from neox_rt.kernels import linear as k_lin
+        for lname, (n_out, k_in, act) in {"qkv": (3 * h, h, None), "dense": (h, h, None),
+                                          "h->4h+gelu": (4 * h, h, "gelu_fast"), "4h->h": (h, 4 * h, None)}.items():
+            w = rnd(n_out, k_in, scale=k_in ** -0.5)
+            bias = rnd(n_out, scale=0.1) if act else None
+            for rows_ in (4, 16):
+                x1 = rnd(rows_, k_in)
+                nbytes = (n_out * k_in + rows_ * (k_in + n_out)) * E
+                for bn, bk, nw, ns in ((16, 256, 4, 3), (32, 256, 4, 3), (64, 256, 4, 3), (16, 128, 4, 3),
+                                       (32, 128, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4), (32, 256, 4, 4),
+                                       (16, 512, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3), (16, 128, 4, 5)):
+                    record("linear", f"{lname} m={rows_}", f"triton block_n={bn} block_k={bk} warps={nw} stages={ns}",
+                           lambda: k_lin.linear(x1, w, bias, act, block_n=bn, block_k=bk, num_warps=nw,
+                                                num_stages=ns), nbytes)
     if ext is None or (only and "linear" not in only):
         return rows
     import torch.nn.functional as F
@@ -397,7 +415,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON path")
     p.add_argument("--sweep", action="store_true", help="also time tuning variants (20B shapes) and report them")
     p.add_argument("--sweep-ops", nargs="+", default=None, help="sweep only these ops (decode_attention, layernorm, "
-                   "linear)")
+                   "linear, triton_linear)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)

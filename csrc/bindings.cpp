@@ -11,7 +11,7 @@ TORCH_LIBRARY(neox_rt, m) {
   m.def("rotary_kv_write(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, int rotary_ndims, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float scale, bool pdl=False, "
-        "int blocks_per_sm=0, bool merge_kernel=False) -> Tensor");
+        "int blocks_per_sm=0, bool merge_kernel=False, int variant=0) -> Tensor");
   m.def("layernorm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
   m.def("dual_layernorm(Tensor x, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, float eps) "
         "-> (Tensor, Tensor)");

@@ -63,8 +63,12 @@ def _gemv_kernel(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """act(x @ weight.T + bias) + residual: x [..., k] (at most MAX_ROWS rows), weight [n, k] -> [..., n]."""
+           activation: str | None = None, residual: torch.Tensor | None = None, block_n: int | None = None,
+           block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """act(x @ weight.T + bias) + residual: x [..., k] (at most MAX_ROWS rows), weight [n, k] -> [..., n].
+
+    ``block_n``, ``block_k``, ``num_warps`` and ``num_stages`` override the tile configuration (bench/kernels.py
+    --sweep compares them)."""
     k = x.shape[-1]
     n = weight.shape[0]
     m = x.numel() // k if k else 0
@@ -72,12 +76,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if m == 0 or n == 0:
         return out
     block_m = max(16, next_pow2(m))
-    block_n = 32 if n >= 16384 else 16
-    block_k = 256
+    block_n = block_n or (32 if n >= 16384 else 16)
+    block_k = block_k or 256
+    extra = {} if num_stages is None else {"num_stages": num_stages}
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else out, out, m, n, k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        ACT=ACTIVATIONS[activation], HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, num_warps=4)
+        ACT=ACTIVATIONS[activation], HAS_RES=residual is not None, IEEE=x.dtype == torch.float32,
+        num_warps=num_warps or 4, **extra)
     return out
 
 

@@ -32,6 +32,8 @@ PDL = os.environ.get("NEOX_RT_PDL", "1") != "0"
 # Decode attention's split plan: about this many blocks per SM over the grid (0: the extension's default,
 # kDecodeBlocksPerSm in csrc/kernels/decode_attention.cuh); bench/kernels.py --sweep compares plans.
 DECODE_BLOCKS_PER_SM = int(os.environ.get("NEOX_RT_DECODE_BLOCKS_PER_SM", "0"))
+# Its step scheme: 0 the extension's default, 1 single-buffered, 2 double-buffered (pipelined) steps.
+DECODE_VARIANT = int(os.environ.get("NEOX_RT_DECODE_VARIANT", "0"))
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -67,7 +69,7 @@ def _register_fakes() -> None:
         return qkv.new_empty(b, s, k_cache.shape[1], k_cache.shape[3])
 
     @lib.register_fake("neox_rt::decode_attention")
-    def _(q, k_cache, v_cache, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False):
+    def _(q, k_cache, v_cache, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False, variant=0):
         return torch.empty_like(q)
 
     @lib.register_fake("neox_rt::layernorm")
@@ -107,13 +109,14 @@ def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
 
 
 def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | None = None,
-                     merge_kernel: bool = False):
+                     merge_kernel: bool = False, variant: int | None = None):
     """Flash-decoding in one launch (the last block of each head merges the splits); ``blocks_per_sm`` (split
-    plan, default DECODE_BLOCKS_PER_SM) and ``merge_kernel`` (a second merge kernel instead) are for tests and
-    bench sweeps."""
+    plan, default DECODE_BLOCKS_PER_SM), ``merge_kernel`` (a second merge kernel instead) and ``variant`` (step
+    scheme, default DECODE_VARIANT) are for tests and bench sweeps."""
     bps = DECODE_BLOCKS_PER_SM if blocks_per_sm is None else int(blocks_per_sm)
+    var = DECODE_VARIANT if variant is None else int(variant)
     return torch.ops.neox_rt.decode_attention(q, k_cache, v_cache, seqlens, float(scale), PDL, bps,
-                                              bool(merge_kernel))
+                                              bool(merge_kernel), var)
 
 
 def scaled_causal_softmax(scores, query_positions, scale):

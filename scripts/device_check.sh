@@ -3,7 +3,7 @@
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
 #   info,build,train,test,test_pdl,kernels,ab,profile,latency,tp,load   (default: info,build,test,kernels,latency,tp)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS, AB_MODELS/AB_ENVS/AB_TOKENS/AB_LIMIT,
-# PROFILE_MODELS/PROFILE_LIMIT, LATENCY_ARGS, TP_ARGS/TP1_ARGS/TP_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline).
+# PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2 sets two), LATENCY_ARGS, TP_ARGS/TP1_ARGS/TP_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline).
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
 STAGES=",${1:-info,build,test,kernels,latency,tp},"
@@ -52,12 +52,13 @@ stage kernels ${KERNELS_LIMIT:-300} "python3 bench/kernels.py --out $OUT/kernels
 AB_FLAGS="--models ${AB_MODELS:-gpt-neox-20b,pythia-1.4b} --skip-hf --tokens ${AB_TOKENS:-100,200} --batch 1"
 AB_CMD=""
 [ -d .baseline ] && AB_CMD="(cd .baseline && python3 bench/latency.py $AB_FLAGS --out $OUT/ab_baseline.json) ; "
-for e in ${AB_ENVS:--}; do
+for e in ${AB_ENVS:--}; do  # an entry may set several variables joined by '+': A=1+B=2
   tag=$(echo "$e" | tr -c 'A-Za-z0-9\n' '_')
-  AB_CMD+="env ${e/#-/} python3 bench/latency.py $AB_FLAGS --out $OUT/ab_$tag.json ; "
+  ev=${e/#-/}
+  AB_CMD+="env ${ev//+/ } python3 bench/latency.py $AB_FLAGS --out $OUT/ab_$tag.json ; "
 done
 stage ab ${AB_LIMIT:-420} "$AB_CMD true"
-stage profile ${PROFILE_LIMIT:-240} "for e in ${AB_ENVS:--}; do for m in ${PROFILE_MODELS:-gpt-neox-20b pythia-1.4b}; do env \${e/#-/} python3 bench/profile_decode.py --model \$m --out $OUT/profile_\${m}_\$(echo \$e | tr -c 'A-Za-z0-9\\n' '_').json; done; done"
+stage profile ${PROFILE_LIMIT:-240} "for e in ${PROFILE_ENVS:-${AB_ENVS:--}}; do for m in ${PROFILE_MODELS:-gpt-neox-20b pythia-1.4b}; do ev=\${e/#-/}; env \${ev//+/ } python3 bench/profile_decode.py --model \$m --out $OUT/profile_\${m}_\$(echo \$e | tr -c 'A-Za-z0-9\\n' '_').json; done; done"
 stage latency ${LATENCY_LIMIT:-420} "python3 bench/latency.py --quick --out $OUT/latency.json ${LATENCY_ARGS:-}"
 if [ "$NGPU" -ge 2 ]; then
   # TP=1 and the host-path repeat skip the memory measurement (its 2048-token prefill is the slow part; TP=2 keeps it)

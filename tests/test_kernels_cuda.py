@@ -200,12 +200,14 @@ def test_decode_attention(ext, dtype, hd, T):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
 @pytest.mark.parametrize("hd", [64, 96, 256])
-@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl", [(1, False, False), (4, True, False), (64, False, True),
-                                                            (64, True, True), (0, False, True)])
-def test_decode_attention_split_plans(ext, dtype, hd, blocks_per_sm, merge_kernel, pdl):
+@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl,variant", [
+    (1, False, False, 1), (1, False, True, 2), (4, True, False, 2), (64, False, True, 1), (64, True, True, 2),
+    (0, False, True, 0)])
+def test_decode_attention_split_plans(ext, dtype, hd, blocks_per_sm, merge_kernel, pdl, variant):
     """Every split plan (1 block per SM: many steps per split; 64: one step, tens of splits), the in-kernel merge
-    (last block of each head, ticket counters) and the separate merge kernel, PDL on and off; a batch of 13
-    sequences of different lengths, one of them inside the first split and one at the full capacity."""
+    (last block of each head, ticket counters) and the separate merge kernel, PDL on and off, single-buffered
+    (variant 1) and pipelined (2) steps; a batch of 13 sequences of different lengths, one of them inside the
+    first split and one at the full capacity."""
     from neox_rt import cuda_ops
     b, nh, T = 13, 5, 2047
     q = rand(b, nh, hd, dtype=dtype)
@@ -218,8 +220,8 @@ def test_decode_attention_split_plans(ext, dtype, hd, blocks_per_sm, merge_kerne
         cuda_ops.PDL = pdl
         for _ in range(3):  # repeated launches: the ticket counters must be back at zero after each
             out = cuda_ops.decode_attention(q, kc, vc, seqlens, hd ** -0.5, blocks_per_sm=blocks_per_sm,
-                                            merge_kernel=merge_kernel)
-            what = f"decode {dtype} hd={hd} plan={blocks_per_sm} merge={merge_kernel}"
+                                            merge_kernel=merge_kernel, variant=variant)
+            what = f"decode {dtype} hd={hd} plan={blocks_per_sm} merge={merge_kernel} variant={variant}"
             if dtype == torch.float32:  # fp32: exp2 and summation order differ from torch's; no 2x rule there
                 torch.testing.assert_close(out.double(), ref64, rtol=1e-4, atol=1e-5, msg=what)
             else:
@@ -229,15 +231,16 @@ def test_decode_attention_split_plans(ext, dtype, hd, blocks_per_sm, merge_kerne
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("merge_kernel", [False, True])
-def test_decode_attention_long_cache_caps_splits(ext, merge_kernel):
+@pytest.mark.parametrize("merge_kernel,variant", [(False, 1), (True, 2)])
+def test_decode_attention_long_cache_caps_splits(ext, merge_kernel, variant):
     """One head over a 40000-slot cache with a plan that asks for thousands of splits: the planner caps them at
     256 (the merge keeps one weight per split in shared memory) and the result still follows the rule."""
     from neox_rt import cuda_ops
     q, kc, vc = rand(1, 1, 64), rand(1, 1, 40000, 64), rand(1, 1, 40000, 64)
     for L in (40000, 39999, 300):
         sl = torch.tensor([L], device="cuda")
-        out = cuda_ops.decode_attention(q, kc, vc, sl, 0.125, blocks_per_sm=64, merge_kernel=merge_kernel)
+        out = cuda_ops.decode_attention(q, kc, vc, sl, 0.125, blocks_per_sm=64, merge_kernel=merge_kernel,
+                                        variant=variant)
         ref = ops.decode_attention_ref(q, kc, vc, sl, 0.125)
         ref64 = ops.decode_attention_ref(q.double(), kc.double(), vc.double(), sl, 0.125)
         assert_by_rule(out, ref64, ref, f"long cache L={L}")

@@ -29,8 +29,12 @@ namespace neox_rt {
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeMaxSplits = 256;  // the planner never makes more (the merge keeps one weight per split in smem)
 constexpr int kDecodeBlocksPerSm = 8;  // default split plan: about this many blocks per SM over the grid
+constexpr bool kDecodePipeDefault = false;  // default step scheme (variant 0): single-buffered
 
-template <typename T, int HD>
+// PIPE: the block's steps are double-buffered (the next step's K/V loads are issued before the current step is
+// computed), with half the keys per step so the registers stay the same; otherwise each step's loads are issued,
+// then used (single-buffered).
+template <typename T, int HD, bool PIPE = false>
 struct DecodeLayout {
   static constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
   static_assert(HD % VEC == 0, "a key row must be whole 16-byte vectors");
@@ -38,7 +42,8 @@ struct DecodeLayout {
   static constexpr int LPK = VPK > 16 ? 32 : VPK > 8 ? 16 : VPK > 4 ? 8 : VPK > 2 ? 4 : VPK > 1 ? 2 : 1;
   static constexpr int VPL = (VPK + LPK - 1) / LPK;  // vectors of a key row per lane
   static constexpr int G = kDecodeThreads / LPK;     // lane groups (keys side by side) per block
-  static constexpr int N = VPL >= 8 ? 1 : 8 / VPL;   // keys per lane group per step (8 x 16 bytes of K per lane)
+  static constexpr int N_SINGLE = VPL >= 8 ? 1 : 8 / VPL;  // 8 x 16 bytes of K (and of V) per lane per step
+  static constexpr int N = PIPE ? (N_SINGLE > 1 ? N_SINGLE / 2 : 1) : N_SINGLE;  // keys per lane group per step
   static constexpr int STEP = G * N;                 // keys per block step
   // Blocks per SM the registers must allow: 4 (<= 128 registers) keeps 4 x 128 x 16 loads of 16 bytes in flight
   // per SM; bf16 needs more registers for the same code (216 on sm_90) and would spill under 128.
@@ -47,9 +52,9 @@ struct DecodeLayout {
 
 // Keys per split (a multiple of the block step): about `blocks_per_sm` blocks per SM over the whole grid, from
 // the shapes only (never seqlens). Shared by the extension's launcher and the standalone tests.
-template <typename T, int HD>
+template <typename T, int HD, bool PIPE>
 inline int decode_attention_split_len_hd(int b, int nh, int64_t capacity, int sms, int blocks_per_sm) {
-  constexpr int STEP = DecodeLayout<T, HD>::STEP;
+  constexpr int STEP = DecodeLayout<T, HD, PIPE>::STEP;
   const int64_t heads = static_cast<int64_t>(b) * nh > 0 ? static_cast<int64_t>(b) * nh : 1;
   const int64_t want = (static_cast<int64_t>(sms) * blocks_per_sm + heads - 1) / heads;  // splits per head
   int64_t len = (capacity + (want > 0 ? want : 1) - 1) / (want > 0 ? want : 1);
@@ -93,8 +98,8 @@ __device__ __forceinline__ void merge_splits(const float* part_out, const float*
   }
 }
 
-template <typename T, int HD, bool PDL>
-__global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD>::MIN_BLOCKS))
+template <typename T, int HD, bool PDL, bool PIPE>
+__global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD, PIPE>::MIN_BLOCKS))
 decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, HD]
                               const T* __restrict__ k_cache,         // [B, nh, T, HD]
                               const T* __restrict__ v_cache,         // [B, nh, T, HD]
@@ -104,7 +109,7 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
                               float* __restrict__ part_ml,           // [b, nh, splits, 2] (max, sum)
                               int* __restrict__ counters,            // [b, nh] zeros, or null (separate merge)
                               int nh, int64_t capacity, int split_len, int splits, float scale_log2) {
-  using L = DecodeLayout<T, HD>;
+  using L = DecodeLayout<T, HD, PIPE>;
   constexpr int VEC = L::VEC, VPK = L::VPK, LPK = L::LPK, VPL = L::VPL, G = L::G, N = L::N;
   constexpr int NW = kDecodeThreads / 32;
   if (PDL) {
@@ -151,9 +156,8 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[u][e] = 0.f;
 
-  for (int64_t base = start; base < end; base += L::STEP) {
-    Vec<T, VEC> kr[N][VPL], vr[N][VPL];
-    // Issue every load of the step first (all K, then all V), use them after.
+  // Issue every load of a step (all K, then all V) before the first is used.
+  auto load_step = [&](Vec<T, VEC> (&kr)[N][VPL], Vec<T, VEC> (&vr)[N][VPL], int64_t base) {
 #pragma unroll
     for (int n = 0; n < N; ++n) {
       const int64_t j = base + g + static_cast<int64_t>(n) * G;
@@ -172,6 +176,9 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
         if (j < end && vi < VPK) vr[n][u] = load_vec_stream<T, VEC>(vb + j * HD + vi * VEC);
       }
     }
+  };
+  // Scores of the step's keys, then this group's online-softmax update.
+  auto compute_step = [&](const Vec<T, VEC> (&kr)[N][VPL], const Vec<T, VEC> (&vr)[N][VPL], int64_t base) {
     float s[N];
 #pragma unroll
     for (int n = 0; n < N; ++n) {
@@ -215,6 +222,28 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
         }
       }
       m = m_new;
+    }
+  };
+
+  if (!PIPE) {
+    for (int64_t base = start; base < end; base += L::STEP) {
+      Vec<T, VEC> kr[N][VPL], vr[N][VPL];
+      load_step(kr, vr, base);
+      compute_step(kr, vr, base);
+    }
+  } else {  // two register buffers, unrolled by two so that neither is indexed at run time
+    Vec<T, VEC> k0[N][VPL], v0[N][VPL], k1[N][VPL], v1[N][VPL];
+    int64_t base = start;
+    load_step(k0, v0, base);
+    while (true) {
+      if (base + L::STEP < end) load_step(k1, v1, base + L::STEP);
+      compute_step(k0, v0, base);
+      base += L::STEP;
+      if (base >= end) break;
+      if (base + L::STEP < end) load_step(k0, v0, base + L::STEP);
+      compute_step(k1, v1, base);
+      base += L::STEP;
+      if (base >= end) break;
     }
   }
 
@@ -308,13 +337,13 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,    // [b, nh,
   merge_splits<T, HD>(part_out, part_ml, static_cast<int64_t>(i) * nh + h, splits, used, out);
 }
 
-template <typename T, int HD, bool PDL>
+template <typename T, int HD, bool PDL, bool PIPE>
 cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                 float* part_out, float* part_ml, int* counters, int b, int nh, int64_t capacity,
                                 int split_len, int splits, float scale_log2, cudaStream_t stream) {
   const dim3 grid(splits, nh, b), block(kDecodeThreads);
   if (!PDL) {
-    decode_attention_split_kernel<T, HD, false><<<grid, block, 0, stream>>>(
+    decode_attention_split_kernel<T, HD, false, PIPE><<<grid, block, 0, stream>>>(
         q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len, splits, scale_log2);
     return cudaGetLastError();
   }
@@ -328,14 +357,15 @@ cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, 
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, decode_attention_split_kernel<T, HD, true>, q, k_cache, v_cache, seqlens, out,
+  return cudaLaunchKernelEx(&config, decode_attention_split_kernel<T, HD, true, PIPE>, q, k_cache, v_cache, seqlens, out,
                             part_out, part_ml, counters, nh, capacity, split_len, splits, scale_log2);
 }
 
 template <typename T, int HD>
 cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens,
                                        T* out, float* part_out, float* part_ml, int* counters, int b, int nh,
-                                       int64_t capacity, int split_len, float scale, bool pdl, cudaStream_t stream) {
+                                       int64_t capacity, int split_len, float scale, bool pdl, bool pipe,
+                                       cudaStream_t stream) {
   const int splits = decode_attention_splits(capacity, split_len);
   if (b == 0 || nh == 0) return cudaSuccess;
   const float scale_log2 = scale * 1.4426950408889634f;
@@ -343,11 +373,15 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
   if (splits == 0) {  // an empty cache: every output is zero
     return cudaMemsetAsync(out, 0, sizeof(T) * static_cast<size_t>(b) * nh * HD, stream);
   }
-  const cudaError_t err =
-      pdl ? launch_decode_split<T, HD, true>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,
-                                             capacity, split_len, splits, scale_log2, stream)
-          : launch_decode_split<T, HD, false>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,
-                                              capacity, split_len, splits, scale_log2, stream);
+  auto launch = [&](auto pdl_c, auto pipe_c) {
+    return launch_decode_split<T, HD, decltype(pdl_c)::value, decltype(pipe_c)::value>(
+        q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh, capacity, split_len, splits,
+        scale_log2, stream);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  const cudaError_t err = pdl ? (pipe ? launch(Yes{}, Yes{}) : launch(Yes{}, No{}))
+                              : (pipe ? launch(No{}, Yes{}) : launch(No{}, No{}));
   if (err != cudaSuccess || counters != nullptr || splits == 1) return err;
   decode_attention_reduce_kernel<T, HD><<<dim3(nh, b), kDecodeThreads, 0, stream>>>(part_out, part_ml, seqlens, out, nh,
                                                                          capacity, split_len, splits);
@@ -358,11 +392,13 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
 
 // Split length for launch_decode_attention (see decode_attention_split_len_hd); 0 for an unsupported head size.
 template <typename T>
-inline int decode_attention_split_len(int head_dim, int b, int nh, int64_t capacity, int sms, int blocks_per_sm) {
+inline int decode_attention_split_len(int head_dim, int b, int nh, int64_t capacity, int sms, int blocks_per_sm,
+                                      bool pipe) {
   switch (head_dim) {
-#define NEOX_RT_SPLIT_LEN(HD) \
-  case HD:                    \
-    return decode_attention_split_len_hd<T, HD>(b, nh, capacity, sms, blocks_per_sm);
+#define NEOX_RT_SPLIT_LEN(HD)                                                                 \
+  case HD:                                                                                    \
+    return pipe ? decode_attention_split_len_hd<T, HD, true>(b, nh, capacity, sms, blocks_per_sm) \
+                : decode_attention_split_len_hd<T, HD, false>(b, nh, capacity, sms, blocks_per_sm);
     NEOX_RT_DECODE_HEAD_SIZES(NEOX_RT_SPLIT_LEN)
 #undef NEOX_RT_SPLIT_LEN
     default:
@@ -373,16 +409,18 @@ inline int decode_attention_split_len(int head_dim, int b, int nh, int64_t capac
 // head_dim must be one of 32, 64, 80, 96, 128, 256 (returns cudaErrorInvalidValue otherwise). part_out
 // [b * nh * splits * HD] and part_ml [b * nh * splits * 2] floats, splits = decode_attention_splits(capacity,
 // split_len); counters: null (a second kernel merges) or b * nh ints that are zero (they are zero again after
-// the kernel). `pdl` needs sm_90 (the caller checks the device).
+// the kernel). `pdl` needs sm_90 (the caller checks the device). `pipe`: the double-buffered steps (split_len
+// from decode_attention_split_len with the same `pipe`).
 template <typename T>
 cudaError_t launch_decode_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                     float* part_out, float* part_ml, int* counters, int b, int nh, int head_dim,
-                                    int64_t capacity, int split_len, float scale, bool pdl, cudaStream_t stream) {
+                                    int64_t capacity, int split_len, float scale, bool pdl, bool pipe,
+                                    cudaStream_t stream) {
   switch (head_dim) {
 #define NEOX_RT_DECODE(HD)                                                                                      \
   case HD:                                                                                                      \
     return launch_decode_attention_hd<T, HD>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, \
-                                             nh, capacity, split_len, scale, pdl, stream);
+                                             nh, capacity, split_len, scale, pdl, pipe, stream);
     NEOX_RT_DECODE_HEAD_SIZES(NEOX_RT_DECODE)
 #undef NEOX_RT_DECODE
     default:

@@ -18,10 +18,11 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
 
 // One query per sequence over its first seqlens[i] slots. q [b, nh, hd] -> [b, nh, hd]. pdl: programmatic
 // dependent launch (sm_90); blocks_per_sm: the split plan (0: the default); merge_kernel: merge the splits in a
-// second kernel instead of the last block of each head (for tests and benchmarks).
+// second kernel instead of the last block of each head (for tests and benchmarks); variant: 0 default,
+// 1 single-buffered steps, 2 double-buffered (pipelined) steps (csrc/kernels/decode_attention.cuh).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& seqlens, double scale, bool pdl, int64_t blocks_per_sm,
-                            bool merge_kernel);
+                            bool merge_kernel, int64_t variant);
 
 at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
 
