@@ -352,7 +352,7 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
                        f"{'merge kernel' if merge else 'in-kernel merge'}",
                        lambda: cuda_ops.decode_attention(q, kc, vc, sl, hd ** -0.5, blocks_per_sm=bps,
                                                          merge_kernel=merge, variant=var), nbytes)
-    if only and "layernorm" not in only and "linear" not in only:
+    if only and not {"layernorm", "linear", "triton_linear"} & set(only):
         return rows
     x = rnd(2048, h)
     w1, b1, w2, b2 = rnd(h) + 1, rnd(h, scale=0.1), rnd(h) + 1, rnd(h, scale=0.1)

@@ -5,8 +5,9 @@
 // Kernel 1, grid (splits, nh, b): block (split, h, i) covers slots [split * split_len, +split_len). The cache of
 // one head is contiguous ([B, nh, T, HD]), so a block step is one contiguous run of STEP keys: lane group g
 // (LPK lanes, one 16-byte vector of the key row each) owns keys g, g + G, ..., g + (N-1) G of the step. All of a
-// step's K and V loads (N keys x 2 per lane) are issued before the first is used, so each block keeps
-// 128 x 2N x 16 bytes in flight; the scores are reduced over the LPK lanes of a group with shuffles, each group
+// step's K and V loads (N keys x 2 per lane) are issued before the first is used; with PIPE (the default) the
+// next step's loads are issued before the current step is computed (two register buffers of N keys each), so a
+// block always has loads in flight; the scores are reduced over the LPK lanes of a group with shuffles, each group
 // keeps its own online softmax (max m, sum l, accumulator over its lane's dims), and the groups of the block
 // merge through shuffles and shared memory at the end. Blocks past seqlens[i] exit at once. The grid comes
 // from the cache capacity, never from seqlens, so there is no host sync and the launch can be captured in a
@@ -28,8 +29,11 @@ namespace neox_rt {
 
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeMaxSplits = 256;  // the planner never makes more (the merge keeps one weight per split in smem)
-constexpr int kDecodeBlocksPerSm = 8;  // default split plan: about this many blocks per SM over the grid
-constexpr bool kDecodePipeDefault = false;  // default step scheme (variant 0): single-buffered
+// Defaults from bench/kernels.py --sweep on one H100 (20B shapes, L2 cold, commit aa77ce1): pipelined steps with
+// about 4 blocks per SM, b=1 at 2048 cached 26.1 us (single-buffered 28.3; 8 blocks per SM 28.5 / 30.7),
+// b=16 at 2048 275.6 us (291.6), b=1 at 128 10.3 us (11.0).
+constexpr int kDecodeBlocksPerSm = 4;      // default split plan: about this many blocks per SM over the grid
+constexpr bool kDecodePipeDefault = true;  // default step scheme (variant 0): double-buffered
 
 // PIPE: the block's steps are double-buffered (the next step's K/V loads are issued before the current step is
 // computed), with half the keys per step so the registers stay the same; otherwise each step's loads are issued,
