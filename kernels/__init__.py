@@ -2,8 +2,8 @@
 
 One file per kernel: ``layernorm`` (LayerNorm, dual LayerNorm), ``rotary`` (rotary + KV-cache write),
 ``decode_attention`` (flash-decoding), ``attention`` (flash-style causal prefill over the cache; it makes
-a separate fused softmax unnecessary), ``linear`` (skinny GEMV with bias + activation epilogue, used only
-where ``linear.REGISTER_MAX_ROWS`` says it beats cuBLAS). Each has a ``supports_*`` predicate: arguments
+a separate fused softmax unnecessary), ``linear`` (skinny GEMV with bias, activation and residual in the
+epilogue, for inputs of up to ``linear.REGISTER_MAX_ROWS`` rows, where it beats cuBLAS). Each has a ``supports_*`` predicate: arguments
 it rejects (dtype, contiguity, head size, device) run the PyTorch reference. On CPU tensors the kernels
 run only under ``TRITON_INTERPRET=1`` (the CPU tests).
 """
@@ -24,4 +24,4 @@ def register_all() -> None:
     ops.register("decode_attention", decode_attention.decode_attention,
                  decode_attention.supports_decode_attention, "triton")
     ops.register("attention", attention.attention, attention.supports_attention, "triton")
-    ops.register("linear", linear.linear, linear.supports_fused_activation_linear, "triton")
+    ops.register("linear", linear.linear, linear.supports_registered_linear, "triton")

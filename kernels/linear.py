@@ -4,8 +4,7 @@ out = act(x @ weight.T + bias), x [..., in] with at most MAX_ROWS rows, weight [
 :func:`neox_rt.ops.linear_ref`). Decode is memory-bound: the kernel streams each weight tile once and
 multiplies it with all rows (padded to 16 for the tensor cores), fp32 accumulation, then adds the bias and
 applies the activation before the one store. Whether it replaces cuBLAS is decided by measurement
-(``bench/kernels.py``): :data:`REGISTER_MAX_ROWS` is the largest row count that the op table sends here
-(0 = cuBLAS everywhere; the kernel stays callable for the benchmark).
+(``bench/kernels.py``): :data:`REGISTER_MAX_ROWS` is the largest row count that the op table sends here.
 """
 from __future__ import annotations
 
@@ -16,7 +15,11 @@ import triton.language as tl
 from ._common import next_pow2, on_triton_device
 
 MAX_ROWS = 16
-REGISTER_MAX_ROWS = 0  # cuBLAS (F.linear) keeps every shape until bench/kernels.py shows this kernel faster
+# Every linear of up to 16 rows (fp16/bf16): with the tiles below it beat cuBLAS at every 20B shape at 4 and 16 rows
+# on one H100 (bench/results/kernels_sweep_h100_b20bfea.json: qkv 80.6 vs 85.7 us, dense 31.3 vs 32.7, h->4h + GeLU
+# 104.5-106 vs 114.5 (cuBLAS + a separate GeLU), 4h->h 108.2 vs 112.3). In the default selection the CUDA GEMV
+# still takes single-row inputs first.
+REGISTER_MAX_ROWS = 16
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_fast": 2, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
 
 
@@ -76,9 +79,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if m == 0 or n == 0:
         return out
     block_m = max(16, next_pow2(m))
-    block_n = block_n or (32 if n >= 16384 else 16)
-    block_k = block_k or 256
-    extra = {} if num_stages is None else {"num_stages": num_stages}
+    # Tiles from the H100 sweep (bench/kernels.py --sweep-ops triton_linear, 20B shapes at 4 and 16 rows): wide
+    # layers (qkv, h->4h: hundreds of column blocks) stream best in short k tiles, 3 stages (qkv 80.6 us vs 94.0
+    # with 256-wide tiles); narrow ones (dense, 4h->h: 192-384 column blocks) in 256-wide tiles, 4 stages deep
+    # (4h->h 108.2 us vs 111.9 with 3).
+    wide = n >= 16384
+    block_n = block_n or (32 if wide else 16)
+    block_k = block_k or (128 if wide else 256)
+    extra = {"num_stages": num_stages or (3 if wide else 4)}
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else out, out, m, n, k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
@@ -106,12 +114,7 @@ def supports_linear(x, weight, bias=None, activation=None, residual=None, max_ro
     return on_triton_device(x, weight, *(t for t in (bias, residual) if t is not None))
 
 
-def supports_fused_activation_linear(x, weight, bias=None, activation=None, residual=None) -> bool:
-    """The registered predicate: fp16/bf16, at most 16 rows, and an activation to fuse (dense_h_to_4h).
-
-    Measured on one H100 (bench/results/kernels_h100.json): with GeLU fused this kernel beat cuBLAS +
-    a separate GeLU at every 20B and 1.4B shape (117 us vs 124 us at 20B h->4h, m=1..16); without an
-    activation cuBLAS was as fast or faster (qkv: 95 us vs 104 us), so plain linears stay on cuBLAS.
-    """
-    return (activation is not None and x.dtype in (torch.float16, torch.bfloat16)
-            and supports_linear(x, weight, bias, activation, residual, max_rows=16))
+def supports_registered_linear(x, weight, bias=None, activation=None, residual=None) -> bool:
+    """The registered predicate: fp16/bf16 and at most REGISTER_MAX_ROWS rows (see there for the measurements);
+    fp32 and larger row counts (prefill) stay on cuBLAS."""
+    return x.dtype in (torch.float16, torch.bfloat16) and supports_linear(x, weight, bias, activation, residual)
