@@ -3,9 +3,9 @@
 One file per kernel: ``layernorm`` (LayerNorm, dual LayerNorm), ``rotary`` (rotary + KV-cache write),
 ``decode_attention`` (flash-decoding), ``attention`` (flash-style causal prefill over the cache; it makes
 a separate fused softmax unnecessary), ``linear`` (skinny GEMV with bias, activation and residual in the
-epilogue, for inputs of up to ``linear.REGISTER_MAX_ROWS`` rows, where it beats cuBLAS). Each has a ``supports_*`` predicate: arguments
-it rejects (dtype, contiguity, head size, device) run the PyTorch reference. On CPU tensors the kernels
-run only under ``TRITON_INTERPRET=1`` (the CPU tests).
+epilogue, for inputs of up to ``linear.REGISTER_MAX_ROWS`` rows, where it beats cuBLAS). Each has a
+``supports_*`` predicate: arguments it rejects (dtype, contiguity, head size, device) run the PyTorch
+reference. On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (the CPU tests).
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
 #   info,build,train,test,test_pdl,kernels,ab,profile,latency,tp,load   (default: info,build,test,kernels,latency,tp)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS, AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT,
-# PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2 sets two), LATENCY_ARGS, TP_ARGS/TP1_ARGS/TP_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline).
+# PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2 sets two), LATENCY_ARGS,
+# TP_ARGS/TP1_ARGS/TP_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline), BASELINE_COMMIT (its commit).
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
 STAGES=",${1:-info,build,test,kernels,latency,tp},"
@@ -51,7 +52,7 @@ stage kernels ${KERNELS_LIMIT:-300} "python3 bench/kernels.py --out $OUT/kernels
 # AB_ENVS (space-separated; '-' = defaults), same shapes and flags.
 AB_FLAGS="--models ${AB_MODELS:-gpt-neox-20b,pythia-1.4b} --skip-hf --tokens ${AB_TOKENS:-100,200} --batch ${AB_BATCH:-1}"
 AB_CMD=""
-[ -d .baseline ] && AB_CMD="(cd .baseline && python3 bench/latency.py $AB_FLAGS --out $OUT/ab_baseline.json) ; "
+[ -d .baseline ] && AB_CMD="(cd .baseline && NEOX_RT_COMMIT=${BASELINE_COMMIT:-baseline} python3 bench/latency.py $AB_FLAGS --out $OUT/ab_baseline.json) ; "
 for e in ${AB_ENVS:--}; do  # an entry may set several variables joined by '+': A=1+B=2
   tag=$(echo "$e" | tr -c 'A-Za-z0-9\n' '_')
   ev=${e/#-/}

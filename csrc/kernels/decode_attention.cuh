@@ -361,8 +361,8 @@ cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, 
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, decode_attention_split_kernel<T, HD, true, PIPE>, q, k_cache, v_cache, seqlens, out,
-                            part_out, part_ml, counters, nh, capacity, split_len, splits, scale_log2);
+  return cudaLaunchKernelEx(&config, decode_attention_split_kernel<T, HD, true, PIPE>, q, k_cache, v_cache, seqlens,
+                            out, part_out, part_ml, counters, nh, capacity, split_len, splits, scale_log2);
 }
 
 template <typename T, int HD>
