@@ -94,6 +94,23 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// Launch `kernel` with programmatic stream serialization (sm_90 PDL): it may start while the previous kernel of the
+// stream drains; it must call pdl_wait() before reading that kernel's outputs.
+template <typename... Params, typename... Args>
+cudaError_t launch_with_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 }  // namespace neox_rt

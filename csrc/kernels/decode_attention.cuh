@@ -161,25 +161,20 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
     for (int e = 0; e < VEC; ++e) acc[u][e] = 0.f;
 
   // Issue every load of a step (all K, then all V) before the first is used.
+  auto load_rows = [&](Vec<T, VEC> (&dst)[N][VPL], const T* rows, int64_t base) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      const int64_t j = base + g + static_cast<int64_t>(n) * G;
+#pragma unroll
+      for (int u = 0; u < VPL; ++u) {
+        const int vi = lig + u * LPK;
+        if (j < end && vi < VPK) dst[n][u] = load_vec_stream<T, VEC>(rows + j * HD + vi * VEC);
+      }
+    }
+  };
   auto load_step = [&](Vec<T, VEC> (&kr)[N][VPL], Vec<T, VEC> (&vr)[N][VPL], int64_t base) {
-#pragma unroll
-    for (int n = 0; n < N; ++n) {
-      const int64_t j = base + g + static_cast<int64_t>(n) * G;
-#pragma unroll
-      for (int u = 0; u < VPL; ++u) {
-        const int vi = lig + u * LPK;
-        if (j < end && vi < VPK) kr[n][u] = load_vec_stream<T, VEC>(kb + j * HD + vi * VEC);
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < N; ++n) {
-      const int64_t j = base + g + static_cast<int64_t>(n) * G;
-#pragma unroll
-      for (int u = 0; u < VPL; ++u) {
-        const int vi = lig + u * LPK;
-        if (j < end && vi < VPK) vr[n][u] = load_vec_stream<T, VEC>(vb + j * HD + vi * VEC);
-      }
-    }
+    load_rows(kr, kb, base);
+    load_rows(vr, vb, base);
   };
   // Scores of the step's keys, then this group's online-softmax update.
   auto compute_step = [&](const Vec<T, VEC> (&kr)[N][VPL], const Vec<T, VEC> (&vr)[N][VPL], int64_t base) {
@@ -351,18 +346,8 @@ cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, 
         q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len, splits, scale_log2);
     return cudaGetLastError();
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, decode_attention_split_kernel<T, HD, true, PIPE>, q, k_cache, v_cache, seqlens,
-                            out, part_out, part_ml, counters, nh, capacity, split_len, splits, scale_log2);
+  return launch_with_pdl(decode_attention_split_kernel<T, HD, true, PIPE>, grid, block, stream, q, k_cache, v_cache,
+                         seqlens, out, part_out, part_ml, counters, nh, capacity, split_len, splits, scale_log2);
 }
 
 template <typename T, int HD>

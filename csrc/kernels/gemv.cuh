@@ -162,18 +162,8 @@ cudaError_t launch_gemv_config(const T* x, const T* w, const T* bias, const T* r
                                                                                act);
     return cudaGetLastError();
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, true>, x, w, bias, residual, y, m, n,
-                            k, act);
+  return launch_with_pdl(gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, true>, grid, block, stream, x, w, bias, residual, y,
+                         m, n, k, act);
 }
 
 // kGemvAuto at m <= 2, from bench/kernels.py --sweep on one H100 (L2 cold, m = 1) and the decode profiles:
