@@ -21,6 +21,14 @@ FIELDS = {"context": str, "text": str, "length": int, "finished": bool, "duratio
 PROMPTS = ["Hello world", "def fibonacci(n):", "The quick brown fox", "Hello", "jumps over the lazy dog"]
 
 
+def copy_checkpoint_without(src, dst, missing: str):
+    """A copy of the checkpoint folder `src` at `dst` without the file `missing`."""
+    dst.mkdir()
+    for name in os.listdir(src):
+        if name != missing:
+            shutil.copy(os.path.join(src, name), dst / name)
+    return dst
+
 def run_cli(capsys, *argv):
     """(exit status, stdout, stderr) of an in-process run."""
     code = main([str(a) for a in argv])
@@ -285,11 +293,7 @@ def test_yaml_config_drives_the_run(capsys, tmp_path, tiny_checkpoint, api, prom
 
 
 def test_model_shape_from_yaml_when_no_config_json(capsys, tmp_path, tiny_checkpoint, api):
-    d = tmp_path / "no_config_json"
-    d.mkdir()
-    for name in os.listdir(tiny_checkpoint):
-        if name != "config.json":
-            shutil.copy(os.path.join(tiny_checkpoint, name), d / name)
+    d = copy_checkpoint_without(tiny_checkpoint, tmp_path / "no_config_json", "config.json")
     cfg = tmp_path / "shape.yml"
     c = api.config
     cfg.write_text(f"load: {d}\nnum-layers: {c.num_hidden_layers}\nhidden-size: {c.hidden_size}\n"
@@ -331,11 +335,7 @@ def bad_inputs(tmp_path, tiny_checkpoint):
     empty.write_text("\n  \n")
     bad_utf8 = tmp_path / "bad_utf8.txt"
     bad_utf8.write_bytes(b"Hello\nbad \xff\xfe byte\nThe quick\n")
-    no_tok = tmp_path / "no_tokenizer"
-    no_tok.mkdir()
-    for name in os.listdir(tiny_checkpoint):
-        if name != "tokenizer.json":
-            shutil.copy(os.path.join(tiny_checkpoint, name), no_tok / name)
+    no_tok = copy_checkpoint_without(tiny_checkpoint, tmp_path / "no_tokenizer", "tokenizer.json")
     malformed = tmp_path / "malformed.yml"
     malformed.write_text("num-layers: [2,\n")
     mode = tmp_path / "mode.yml"

@@ -293,17 +293,15 @@ def test_missing_tp_rank(broken):
         neox_rt.load(str(d), device="cpu")
 
 
-def test_missing_latest(broken):
+@pytest.mark.parametrize("latest,error", [(None, r"no 'latest' file .*global_step150000"),
+                                          ("global_step7", r"names tag 'global_step7'")])
+def test_latest_missing_or_naming_a_missing_tag(broken, latest, error):
     d, _ = broken
-    os.remove(d / "latest")
-    with pytest.raises(NeoxRtError, match=r"no 'latest' file .*global_step150000"):
-        neox_rt.load(str(d), device="cpu")
-
-
-def test_latest_names_missing_tag(broken):
-    d, _ = broken
-    (d / "latest").write_text("global_step7")
-    with pytest.raises(NeoxRtError, match=r"names tag 'global_step7'"):
+    if latest is None:
+        os.remove(d / "latest")
+    else:
+        (d / "latest").write_text(latest)
+    with pytest.raises(NeoxRtError, match=error):
         neox_rt.load(str(d), device="cpu")
 
 
