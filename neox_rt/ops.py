@@ -229,6 +229,7 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
     if name is not None and name not in BACKENDS:
         from neox_rt.errors import NeoxRtError
         raise NeoxRtError(f"unknown backend {name!r} (NEOX_RT_BACKEND); choose one of {', '.join(BACKENDS)}")
+    overrides = op_backend_overrides()  # validated on every device, applied to the GPU default
     on_gpu = device is not None and torch.device(device).type == "cuda"
     wanted = name or ("fastest" if on_gpu else "torch")
     if _active_backend == wanted and wanted != "fastest":
@@ -243,20 +244,19 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
         # single-launch CUDA kernel; Triton where it rejects the alignment). Either backend alone serves every
         # op it has when the other is unavailable. NEOX_RT_OP_BACKENDS overrides single ops.
         have_triton = _load_backend("triton")
-        triton = {k: op.impls for k, op in OPS.items() if op.impls}
+        by_triton = {k: op.impls for k, op in OPS.items() if op.impls}
         reset()
-        cuda = {k: op.impls for k, op in OPS.items() if op.impls} if _load_backend("cuda") else {}
-        overrides = op_backend_overrides()
+        by_cuda = {k: op.impls for k, op in OPS.items() if op.impls} if _load_backend("cuda") else {}
         for k, op in OPS.items():
             choice = overrides.get(k) or ("cuda+triton" if k in CUDA_THEN_TRITON
                                           else "cuda" if k in PREFER_CUDA else "triton")
-            impls = {"cuda": cuda.get(k, ()), "triton": triton.get(k, ()), "torch": (),
-                     "cuda+triton": cuda.get(k, ()) + triton.get(k, ())}[choice]
+            impls = {"cuda": by_cuda.get(k, ()), "triton": by_triton.get(k, ()), "torch": (),
+                     "cuda+triton": by_cuda.get(k, ()) + by_triton.get(k, ())}[choice]
             if not impls and choice != "torch":  # the preferred backend lacks this op: the other one serves it
-                choice, impls = ("triton", triton[k]) if k in triton else ("cuda", cuda.get(k, ()))
-            if choice == "cuda+triton" and k not in triton:
+                choice, impls = ("triton", by_triton[k]) if k in by_triton else ("cuda", by_cuda.get(k, ()))
+            if choice == "cuda+triton" and k not in by_triton:
                 choice = "cuda"
-            elif choice == "cuda+triton" and k not in cuda:
+            elif choice == "cuda+triton" and k not in by_cuda:
                 choice = "triton"
             op.impls, op.backend = impls, (choice if impls else "torch")
         _active_backend = wanted
