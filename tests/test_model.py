@@ -147,7 +147,8 @@ def test_default_selection_and_op_overrides(monkeypatch):
         assert got["linear"] == "cuda+triton"
         for bad in ("decode_attention=fast", "nosuchop=cuda", "decode_attention"):
             monkeypatch.setenv("NEOX_RT_OP_BACKENDS", bad)
-            with pytest.raises(NeoxRtError, match="NEOX_RT_OP_BACKENDS"):
-                ops.select_backend(None, "cuda")
+            for device in ("cuda", "cpu"):  # validated on every device
+                with pytest.raises(NeoxRtError, match="NEOX_RT_OP_BACKENDS"):
+                    ops.select_backend(None, device)
     finally:
         ops.reset()
