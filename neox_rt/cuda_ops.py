@@ -18,22 +18,40 @@ from neox_rt import ops
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_fast": 2, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
 DECODE_HEAD_SIZES = (32, 64, 80, 96, 128, 256)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _env_int(name: str, default: int, lo: int, hi: int | None = None) -> int:
+    """An integer setting from the environment; a bad value is a one-line NeoxRtError naming it."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < lo or (hi is not None and value > hi):
+        from neox_rt.errors import NeoxRtError
+        span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise NeoxRtError(f"{name}={text!r}: expected an integer {span}")
+    return value
+
+
 # The GEMV kernel replaces cuBLAS only for x with at most this many rows: it streams W once and reuses it for
 # every row, but re-reads x per output pair, so cuBLAS wins as rows grow. Set from `python -m neox_rt.cuda_ops
 # bench` on H100; the kernel itself handles up to 16 rows.
 GEMV_MAX_ROWS = 1  # measured on H100: at 4 and 16 rows cuBLAS was 1.4-5x faster
 # csrc/kernels/gemv.cuh: 0 = auto (stream kernel, 8 loads in flight per lane, k split over 1, 2 or 4 warps by
 # shape), 1 = legacy (the first version), 2/3/4 = stream with k split over 1/2/4 warps (bench/kernels.py --sweep).
-GEMV_VARIANT = int(os.environ.get("NEOX_RT_GEMV_VARIANT", "0"))
+GEMV_VARIANT = _env_int("NEOX_RT_GEMV_VARIANT", 0, 0, 4)
 # Programmatic dependent launch of the GEMV on sm_90 (its first weight loads are issued under the previous
 # kernel's tail; ignored on older GPUs). On by default: 20B decode 14.85 vs 15.00 ms/token on one H100 in the same
 # run (bench/NOTES.md); NEOX_RT_PDL=0 turns it off.
 PDL = os.environ.get("NEOX_RT_PDL", "1") != "0"
 # Decode attention's split plan: about this many blocks per SM over the grid (0: the extension's default,
 # kDecodeBlocksPerSm in csrc/kernels/decode_attention.cuh); bench/kernels.py --sweep compares plans.
-DECODE_BLOCKS_PER_SM = int(os.environ.get("NEOX_RT_DECODE_BLOCKS_PER_SM", "0"))
+DECODE_BLOCKS_PER_SM = _env_int("NEOX_RT_DECODE_BLOCKS_PER_SM", 0, 0)
 # Its step scheme: 0 the extension's default, 1 single-buffered, 2 double-buffered (pipelined) steps.
-DECODE_VARIANT = int(os.environ.get("NEOX_RT_DECODE_VARIANT", "0"))
+DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False

@@ -204,7 +204,9 @@ def reset() -> None:
 
 
 def _load_backend(name: str) -> bool:
-    """Import a backend's module, which calls :func:`register`. False (and one warning) if unavailable."""
+    """Import a backend's module, which calls :func:`register`. False (and one warning) if unavailable; a bad
+    setting of the backend (an environment variable) is a NeoxRtError, not a silent fallback."""
+    from neox_rt.errors import NeoxRtError
     try:
         if name == "cuda":
             from neox_rt import cuda_ops
@@ -213,6 +215,8 @@ def _load_backend(name: str) -> bool:
             from neox_rt.kernels import register_all
             register_all()
         return True
+    except NeoxRtError:
+        raise
     except Exception as e:  # noqa: BLE001 - a missing extension must never crash the runtime
         log.warning("neox_rt: %s backend unavailable (%s); using the PyTorch reference", name, e)
         return False

@@ -152,3 +152,25 @@ def test_default_selection_and_op_overrides(monkeypatch):
                     ops.select_backend(None, device)
     finally:
         ops.reset()
+
+
+@pytest.mark.parametrize("name,value", [("NEOX_RT_DECODE_VARIANT", "7"), ("NEOX_RT_GEMV_VARIANT", "fast"),
+                                        ("NEOX_RT_DECODE_BLOCKS_PER_SM", "-1")])
+def test_bad_kernel_setting_is_a_clear_error(monkeypatch, name, value):
+    """The CUDA backend's experiment settings are read when it loads: a bad value is a NeoxRtError naming the
+    variable, and backend loading passes it on instead of falling back with a warning."""
+    from neox_rt import cuda_ops, ops
+    from neox_rt.errors import NeoxRtError
+    bounds = {"NEOX_RT_DECODE_VARIANT": (0, 2), "NEOX_RT_GEMV_VARIANT": (0, 4),
+              "NEOX_RT_DECODE_BLOCKS_PER_SM": (0, None)}
+    monkeypatch.setenv(name, value)
+    with pytest.raises(NeoxRtError, match=name):
+        cuda_ops._env_int(name, 0, *bounds[name])
+    monkeypatch.setenv(name, "1")
+    assert cuda_ops._env_int(name, 0, *bounds[name]) == 1
+
+    def bad_settings():
+        raise NeoxRtError(f"{name}={value!r}: expected an integer")
+    monkeypatch.setattr(cuda_ops, "register_all", bad_settings)
+    with pytest.raises(NeoxRtError, match=name):
+        ops._load_backend("cuda")
