@@ -94,10 +94,16 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Launch `kernel` with programmatic stream serialization (sm_90 PDL): it may start while the previous kernel of the
-// stream drains; it must call pdl_wait() before reading that kernel's outputs.
+// Launch a kernel, as `plain` or, with `pdl` (sm_90 programmatic dependent launch), as `programmatic` (the same
+// kernel instantiated to call pdl_wait() before reading the previous kernel's outputs) with programmatic stream
+// serialization, so that it may start while the previous kernel of the stream drains.
 template <typename... Params, typename... Args>
-cudaError_t launch_with_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
+cudaError_t launch_kernel(bool pdl, void (*plain)(Params...), void (*programmatic)(Params...), dim3 grid, dim3 block,
+                          cudaStream_t stream, Args... args) {
+  if (!pdl) {
+    plain<<<grid, block, 0, stream>>>(args...);
+    return cudaGetLastError();
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
@@ -108,7 +114,7 @@ cudaError_t launch_with_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, cu
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, args...);
+  return cudaLaunchKernelEx(&config, programmatic, args...);
 }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }

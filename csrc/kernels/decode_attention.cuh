@@ -336,18 +336,14 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,    // [b, nh,
   merge_splits<T, HD>(part_out, part_ml, static_cast<int64_t>(i) * nh + h, splits, used, out);
 }
 
-template <typename T, int HD, bool PDL, bool PIPE>
+template <typename T, int HD, bool PIPE>
 cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                 float* part_out, float* part_ml, int* counters, int b, int nh, int64_t capacity,
-                                int split_len, int splits, float scale_log2, cudaStream_t stream) {
-  const dim3 grid(splits, nh, b), block(kDecodeThreads);
-  if (!PDL) {
-    decode_attention_split_kernel<T, HD, false, PIPE><<<grid, block, 0, stream>>>(
-        q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len, splits, scale_log2);
-    return cudaGetLastError();
-  }
-  return launch_with_pdl(decode_attention_split_kernel<T, HD, true, PIPE>, grid, block, stream, q, k_cache, v_cache,
-                         seqlens, out, part_out, part_ml, counters, nh, capacity, split_len, splits, scale_log2);
+                                int split_len, int splits, float scale_log2, bool pdl, cudaStream_t stream) {
+  return launch_kernel(pdl, decode_attention_split_kernel<T, HD, false, PIPE>,
+                       decode_attention_split_kernel<T, HD, true, PIPE>, dim3(splits, nh, b), dim3(kDecodeThreads),
+                       stream, q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len,
+                       splits, scale_log2);
 }
 
 template <typename T, int HD>
@@ -362,15 +358,11 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
   if (splits == 0) {  // an empty cache: every output is zero
     return cudaMemsetAsync(out, 0, sizeof(T) * static_cast<size_t>(b) * nh * HD, stream);
   }
-  auto launch = [&](auto pdl_c, auto pipe_c) {
-    return launch_decode_split<T, HD, decltype(pdl_c)::value, decltype(pipe_c)::value>(
-        q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh, capacity, split_len, splits,
-        scale_log2, stream);
-  };
-  using Yes = std::true_type;
-  using No = std::false_type;
-  const cudaError_t err = pdl ? (pipe ? launch(Yes{}, Yes{}) : launch(Yes{}, No{}))
-                              : (pipe ? launch(No{}, Yes{}) : launch(No{}, No{}));
+  const cudaError_t err =
+      pipe ? launch_decode_split<T, HD, true>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,
+                                              capacity, split_len, splits, scale_log2, pdl, stream)
+           : launch_decode_split<T, HD, false>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,
+                                               capacity, split_len, splits, scale_log2, pdl, stream);
   if (err != cudaSuccess || counters != nullptr || splits == 1) return err;
   decode_attention_reduce_kernel<T, HD><<<dim3(nh, b), kDecodeThreads, 0, stream>>>(part_out, part_ml, seqlens, out, nh,
                                                                          capacity, split_len, splits);

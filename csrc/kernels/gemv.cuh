@@ -157,13 +157,9 @@ cudaError_t launch_gemv_config(const T* x, const T* w, const T* bias, const T* r
                                int act, bool pdl, cudaStream_t stream) {
   constexpr int per_block = (kGemvWarps / KSPLIT) * NPW;
   const dim3 grid((n + per_block - 1) / per_block), block(kGemvWarps * 32);
-  if (!pdl) {
-    gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, false><<<grid, block, 0, stream>>>(x, w, bias, residual, y, m, n, k,
-                                                                               act);
-    return cudaGetLastError();
-  }
-  return launch_with_pdl(gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, true>, grid, block, stream, x, w, bias, residual, y,
-                         m, n, k, act);
+  return launch_kernel(pdl, gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, false>,
+                       gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, true>, grid, block, stream, x, w, bias, residual, y, m,
+                       n, k, act);
 }
 
 // kGemvAuto at m <= 2, from bench/kernels.py --sweep on one H100 (L2 cold, m = 1) and the decode profiles:
