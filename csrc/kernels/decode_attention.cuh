@@ -21,6 +21,7 @@
 // Requires HD * sizeof(T) % 16 == 0 and 16-byte aligned q and caches (every head size of the family).
 #pragma once
 
+#include <climits>
 #include <type_traits>
 
 #include "common.cuh"
@@ -121,22 +122,13 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
     pdl_wait();  // q, the newest cache slot and seqlens come from earlier kernels
   }
   const int split = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
-  const int64_t len = seqlens[i] < capacity ? seqlens[i] : capacity;
   const int64_t bh = static_cast<int64_t>(i) * nh + h;
-  const int64_t start = static_cast<int64_t>(split) * split_len;
-  if (len <= 0) {  // nothing to attend to: zeros rather than NaN (written by split 0 only)
-    if (split == 0)
-      for (int d = threadIdx.x; d < HD; d += kDecodeThreads) out[bh * HD + d] = from_float<T>(0.f);
-    return;
-  }
-  if (start >= len) return;  // the merge only reads splits below len
-  const int64_t end = start + split_len < len ? start + split_len : len;
-  const int used = static_cast<int>((len + split_len - 1) / split_len);
-
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = threadIdx.x / LPK, lig = threadIdx.x % LPK;  // lane group (key) and lane in the group (dims)
-
-  // This lane's slice of q: vectors lig, lig + LPK, ... of the row, in fp32, scaled into log2 units.
+  // seqlens[i] and this lane's slice of q (vectors lig, lig + LPK, ... of the row, in fp32, scaled into log2 units)
+  // are loaded together: q's address does not depend on the length, so the block waits one memory round trip
+  // before its first K/V loads, not two.
+  const int64_t len_raw = seqlens[i];
   float qf[VPL][VEC];
 #pragma unroll
   for (int u = 0; u < VPL; ++u) {
@@ -150,6 +142,18 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
       for (int e = 0; e < VEC; ++e) qf[u][e] = 0.f;
     }
   }
+  // Slot indices are 32-bit in the loops (fewer registers; the launcher checks capacity * HD < 2^31).
+  const int len = static_cast<int>(len_raw < capacity ? len_raw : capacity);
+  const int start = split * split_len;
+  if (len <= 0) {  // nothing to attend to: zeros rather than NaN (written by split 0 only)
+    if (split == 0)
+      for (int d = threadIdx.x; d < HD; d += kDecodeThreads) out[bh * HD + d] = from_float<T>(0.f);
+    return;
+  }
+  if (start >= len) return;  // the merge only reads splits below len
+  const int end = start + split_len < len ? start + split_len : len;
+  const int used = static_cast<int>((len + split_len - 1) / split_len);
+
   const T* kb = k_cache + bh * capacity * HD;
   const T* vb = v_cache + bh * capacity * HD;
 
@@ -161,10 +165,10 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
     for (int e = 0; e < VEC; ++e) acc[u][e] = 0.f;
 
   // Issue every load of a step (all K, then all V) before the first is used.
-  auto load_rows = [&](Vec<T, VEC> (&dst)[N][VPL], const T* rows, int64_t base) {
+  auto load_rows = [&](Vec<T, VEC> (&dst)[N][VPL], const T* rows, int base) {
 #pragma unroll
     for (int n = 0; n < N; ++n) {
-      const int64_t j = base + g + static_cast<int64_t>(n) * G;
+      const int j = base + g + n * G;
 #pragma unroll
       for (int u = 0; u < VPL; ++u) {
         const int vi = lig + u * LPK;
@@ -172,16 +176,16 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
       }
     }
   };
-  auto load_step = [&](Vec<T, VEC> (&kr)[N][VPL], Vec<T, VEC> (&vr)[N][VPL], int64_t base) {
+  auto load_step = [&](Vec<T, VEC> (&kr)[N][VPL], Vec<T, VEC> (&vr)[N][VPL], int base) {
     load_rows(kr, kb, base);
     load_rows(vr, vb, base);
   };
   // Scores of the step's keys, then this group's online-softmax update.
-  auto compute_step = [&](const Vec<T, VEC> (&kr)[N][VPL], const Vec<T, VEC> (&vr)[N][VPL], int64_t base) {
+  auto compute_step = [&](const Vec<T, VEC> (&kr)[N][VPL], const Vec<T, VEC> (&vr)[N][VPL], int base) {
     float s[N];
 #pragma unroll
     for (int n = 0; n < N; ++n) {
-      const int64_t j = base + g + static_cast<int64_t>(n) * G;
+      const int j = base + g + n * G;
       float dot = 0.f;
 #pragma unroll
       for (int u = 0; u < VPL; ++u) {
@@ -225,14 +229,14 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
   };
 
   if (!PIPE) {
-    for (int64_t base = start; base < end; base += L::STEP) {
+    for (int base = start; base < end; base += L::STEP) {
       Vec<T, VEC> kr[N][VPL], vr[N][VPL];
       load_step(kr, vr, base);
       compute_step(kr, vr, base);
     }
   } else {  // two register buffers, unrolled by two so that neither is indexed at run time
     Vec<T, VEC> k0[N][VPL], v0[N][VPL], k1[N][VPL], v1[N][VPL];
-    int64_t base = start;
+    int base = start;
     load_step(k0, v0, base);
     while (true) {
       if (base + L::STEP < end) load_step(k1, v1, base + L::STEP);
@@ -355,6 +359,7 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
   if (b == 0 || nh == 0) return cudaSuccess;
   const float scale_log2 = scale * 1.4426950408889634f;
   if (splits > kDecodeMaxSplits) return cudaErrorInvalidValue;  // split_len too short for the capacity
+  if (capacity > INT_MAX / HD) return cudaErrorInvalidValue;  // slot offsets within a head are 32-bit
   if (splits == 0) {  // an empty cache: every output is zero
     return cudaMemsetAsync(out, 0, sizeof(T) * static_cast<size_t>(b) * nh * HD, stream);
   }
