@@ -218,11 +218,84 @@ def same_size_copy_ms(nbytes: int) -> float:
     return ms
 
 
+_READ_KERNEL = None
+
+
+def _read_kernel():
+    """A Triton kernel that only reads: each program sums ITERS x BLOCK int32 (evict-first) and stores one int."""
+    global _READ_KERNEL
+    if _READ_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def read_sum(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+            base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+            acc = tl.zeros([BLOCK], dtype=tl.int32)
+            for it in tl.static_range(ITERS):
+                offs = base + it * BLOCK + tl.arange(0, BLOCK)
+                acc += tl.load(x_ptr + offs, mask=offs < n, other=0, eviction_policy="evict_first")
+            tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+        _READ_KERNEL = read_sum
+    return _READ_KERNEL
+
+
+READ_CONFIGS = ((1024, 8, 4), (2048, 4, 4), (4096, 2, 8), (4096, 4, 8), (8192, 2, 8))  # (BLOCK, ITERS, warps)
+
+
+def same_size_read_ms(nbytes: int) -> tuple[float, str]:
+    """The fastest pure read of nbytes found, timed like the ops: a memory-bound op that must read these bytes
+    cannot beat it in this timing (cold start and drain included). Candidates: torch's sum and a Triton read
+    kernel in a few tile shapes; returns (ms, which)."""
+    n = max(1, nbytes // 4)
+    x = torch.ones(n, dtype=torch.int32, device="cuda")
+    best = (median_ms(lambda: x.sum(dtype=torch.int32)), "torch.sum")
+    kern = _read_kernel()
+    for block, iters, warps in READ_CONFIGS:
+        grid = ((n + block * iters - 1) // (block * iters),)
+        out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
+        ms = median_ms(lambda: kern[grid](x, out, n, BLOCK=block, ITERS=iters, num_warps=warps))
+        if ms < best[0]:
+            best = (ms, f"triton {block}x{iters} w{warps}")
+    del x
+    return best
+
+
+B2B_MIN_BYTES = 32 << 20  # smaller ops run shorter than their launch on the host; their rotation would not stay cold
+
+
+def back_to_back_ms(fn, args_fn, nbytes: int, calls: int = 48) -> float | None:
+    """Per-call ms of `calls` launches of fn queued back to back (as in a decode graph, no L2 flush between them)
+    over enough copies of the inputs, used in turn, that each call finds its bytes out of L2 (copies x nbytes >=
+    3 x L2). The launches are queued behind a sleep kernel so the host never starves the GPU; the events
+    bracket only the calls. None for ops under B2B_MIN_BYTES."""
+    if nbytes < B2B_MIN_BYTES:
+        return None
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    copies = max(2, -(-3 * l2 // nbytes))
+    sets = [args_fn() for _ in range(copies)]
+    for a in sets:
+        fn(*a)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(20_000_000)  # ~10-20 ms of GPU time while the host queues the calls
+        start.record()
+        for c in range(calls):
+            fn(*sets[c % copies])
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del sets
+    return float(sorted(times)[1])
+
+
 def first_tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def run_case(op, args_fn, provs, prov_errors, nbytes, flops, copy_gbps):
+def run_case(op, args_fn, provs, prov_errors, nbytes, flops, copy_gbps, back_to_back=True):
     args = args_fn()
     results = {}
     ref = None
@@ -243,6 +316,9 @@ def run_case(op, args_fn, provs, prov_errors, nbytes, flops, copy_gbps):
                     row["max_abs_diff_vs_torch"] = (out.float() - ref).abs().max().item()
                 ms = median_ms(lambda: fn(*args))
                 row.update(ms=ms, gbps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / copy_gbps)
+                b2b = back_to_back_ms(fn, args_fn, nbytes) if back_to_back else None
+                if b2b is not None:
+                    row.update(b2b_ms=b2b, b2b_pct_copy=100 * nbytes / b2b / 1e6 / copy_gbps)
                 if flops:
                     row["tflops"] = flops / ms / 1e9
             except Exception as e:  # noqa: BLE001 - one failing provider must not stop the run
@@ -283,9 +359,15 @@ def markdown(report) -> str:
              f"{report['copy_gbps']:.0f} GB/s = 100%). Cells: median time (% of copy bandwidth). 'same-size copy': "
              "a device copy moving the same bytes, timed the same way, and the best kernel's speed as a % of the "
              "copy's (copy time / kernel time)"
-             + (f"; a one-element kernel takes {floor:.1f} us timed this way." if floor is not None else "."), "",
-             "| op | model | shape | MB moved | torch | triton | cuda | best % | target | same-size copy |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             + (f"; a one-element kernel takes {floor:.1f} us timed this way" if floor is not None else "")
+             + ". 'same-size read': the fastest pure read of the op's bytes found (torch.sum or a Triton read "
+             "kernel), timed the same way, as a % of copy bandwidth: no kernel that must read these bytes beats it "
+             "in this timing. 'back-to-back': ops moving >= 32 MiB timed as 48 calls queued back to back over "
+             "rotating copies of their inputs (each call cold in L2, no flush or launch gap between calls, as in a "
+             "decode graph), the best kernel's % of copy bandwidth.", "",
+             "| op | model | shape | MB moved | torch | triton | cuda | best % | target | same-size copy "
+             "| same-size read | back-to-back |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["cases"]:
         # best of our kernels; for linear cuBLAS (the torch provider) counts too: it stays where it wins
         ok = [r for r in c["providers"].values()
@@ -300,9 +382,14 @@ def markdown(report) -> str:
         best_ms = min((r["ms"] for r in ok), default=None)
         scell = "-" if same is None else (f"{same * 1e3:.1f} us" + ("" if best_ms is None else
                                                                    f" ({100 * same / best_ms:.0f}%)"))
+        read = c.get("read_same_ms")
+        rpct = None if read is None else 100 * c["bytes"] / read / 1e6 / report["copy_gbps"]
+        rcell = "-" if read is None else f"{read * 1e3:.1f} us ({rpct:.0f}%)"
+        b2b = max((r["b2b_pct_copy"] for r in ok if "b2b_pct_copy" in r), default=None)
+        bcell = "-" if b2b is None else f"{b2b:.0f}%"
         lines.append(f"| {c['op']} | {c['model']} | {c['shape']} | {c['bytes'] / 1e6:.2f} | "
                      + " | ".join(cell(c["providers"][p]) for p in ("torch", "triton", "cuda"))
-                     + f" | {'-' if best is None else f'{best:.0f}%'} | {tcell} | {scell} |")
+                     + f" | {'-' if best is None else f'{best:.0f}%'} | {tcell} | {scell} | {rcell} | {bcell} |")
     return "\n".join(lines)
 
 
@@ -390,7 +477,8 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
                 record("linear", f"{lname} m={rows_}", "cuBLAS, do_bench timing (L2 zeroed)", lambda: F.linear(x1, w),
                        nbytes, timer=median_ms_do_bench)
             for variant, vname in ((0, "gemv auto"), (1, "gemv legacy"), (2, "gemv k/1"), (3, "gemv k/2"),
-                                   (4, "gemv k/4")):
+                                   (4, "gemv k/4"), (5, "gemv 2 rows/warp, 2 chunks"),
+                                   (6, "gemv 2 rows/warp, 4 chunks")):
                 if rows_ > 2 and variant > 1:
                     continue  # more than 2 rows always run the legacy configuration
                 record("linear", f"{lname} m={rows_}", vname, lambda: ext.gemv(x1, w, None, 0, None, variant, False),
@@ -412,6 +500,8 @@ def main(argv=None) -> int:
     p.add_argument("--ops", nargs="+", default=None, help="only these ops")
     p.add_argument("--quick", action="store_true", help="cache length 2048 only")
     p.add_argument("--out", default=None, help="JSON path")
+    p.add_argument("--no-back-to-back", action="store_true", help="skip the back-to-back timing of ops that "
+                   f"move >= {B2B_MIN_BYTES >> 20} MiB")
     p.add_argument("--sweep", action="store_true", help="also time tuning variants (20B shapes) and report them")
     p.add_argument("--sweep-ops", nargs="+", default=None, help="sweep only these ops (decode_attention, layernorm, "
                    "linear, triton_linear)")
@@ -435,12 +525,14 @@ def main(argv=None) -> int:
             continue
         print(f"{op:18s} {mname:13s} {label}", file=sys.stderr)
         try:
-            res = run_case(op, args_fn, provs, prov_errors, nbytes, flops, copy_gbps)
+            res = run_case(op, args_fn, provs, prov_errors, nbytes, flops, copy_gbps, not a.no_back_to_back)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory making the inputs
             res = {pn: {"provider": pn, "error": f"{type(e).__name__}: {e}"[:200]} for pn in ("torch", "triton",
                                                                                              "cuda")}
+        read_ms, read_how = same_size_read_ms(nbytes)
         report["cases"].append({"op": op, "model": mname, "shape": label, "bytes": nbytes, "flops": flops,
-                                "copy_same_ms": same_size_copy_ms(nbytes), "providers": res})
+                                "copy_same_ms": same_size_copy_ms(nbytes), "read_same_ms": read_ms,
+                                "read_same_how": read_how, "providers": res})
         torch.cuda.empty_cache()
     out = a.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
                     else os.path.join(REPO, "bench", "results", f"kernels_{slug(report['env']['gpu'])}.json"))

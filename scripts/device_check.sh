@@ -2,8 +2,8 @@
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
 #   info,build,train,test,test_pdl,kernels,ab,profile,latency,tp,load   (default: info,build,test,kernels,latency,tp)
-# Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS, AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT,
-# PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2 sets two), LATENCY_ARGS,
+# Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
+# AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2 sets two), LATENCY_ARGS,
 # TP_ARGS/TP1_ARGS/TP_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline), BASELINE_COMMIT (its commit).
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
@@ -47,7 +47,10 @@ wait "$TRAIN_PID"
 stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -rf -m 'gpu or multigpu' ${TEST_PATHS:-tests} ${TEST_ARGS:-}"
 # the decode-path tests again with programmatic dependent launch of the GEMV turned off (on is the default)
 stage test_pdl ${TEST_LIMIT:-420} "NEOX_RT_PDL=0 python3 -m pytest -q -rf -m gpu tests/test_graphs.py tests/test_kernels_cuda.py tests/test_default_model.py -k 'model or graph or gemv or fused'"
-stage kernels ${KERNELS_LIMIT:-300} "python3 bench/kernels.py --out $OUT/kernels.json ${KERNELS_ARGS:-}"
+# KERNELS_BASE_ARGS: the baseline tree's bench/kernels.py with these arguments first, in the same stage (same card)
+KB_CMD=""
+[ -d .baseline ] && [ -n "${KERNELS_BASE_ARGS:-}" ] && KB_CMD="(cd .baseline && python3 bench/kernels.py --out $OUT/kernels_baseline.json $KERNELS_BASE_ARGS) ; "
+stage kernels ${KERNELS_LIMIT:-300} "$KB_CMD python3 bench/kernels.py --out $OUT/kernels.json ${KERNELS_ARGS:-}"
 # A/B decode latency in one run on one card: the baseline tree, then this tree with each NEOX_RT_* setting in
 # AB_ENVS (space-separated; '-' = defaults), same shapes and flags.
 AB_FLAGS="--models ${AB_MODELS:-gpt-neox-20b,pythia-1.4b} --skip-hf --tokens ${AB_TOKENS:-100,200} --batch ${AB_BATCH:-1}"
