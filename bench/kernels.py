@@ -243,22 +243,30 @@ def _read_kernel():
 READ_CONFIGS = ((1024, 8, 4), (2048, 4, 4), (4096, 2, 8), (4096, 4, 8), (8192, 2, 8))  # (BLOCK, ITERS, warps)
 
 
-def same_size_read_ms(nbytes: int) -> tuple[float, str]:
+def same_size_read_ms(nbytes: int, back_to_back: bool = False) -> tuple[float, str, float | None]:
     """The fastest pure read of nbytes found, timed like the ops: a memory-bound op that must read these bytes
     cannot beat it in this timing (cold start and drain included). Candidates: torch's sum and a Triton read
-    kernel in a few tile shapes; returns (ms, which)."""
+    kernel in a few tile shapes. Returns (ms, which, ms of the best Triton shape timed back to back or None)."""
     n = max(1, nbytes // 4)
     x = torch.ones(n, dtype=torch.int32, device="cuda")
     best = (median_ms(lambda: x.sum(dtype=torch.int32)), "torch.sum")
     kern = _read_kernel()
+    best_triton = (float("inf"), None)
     for block, iters, warps in READ_CONFIGS:
         grid = ((n + block * iters - 1) // (block * iters),)
         out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
         ms = median_ms(lambda: kern[grid](x, out, n, BLOCK=block, ITERS=iters, num_warps=warps))
         if ms < best[0]:
             best = (ms, f"triton {block}x{iters} w{warps}")
+        if ms < best_triton[0]:
+            best_triton = (ms, (block, iters, warps, grid, out))
     del x
-    return best
+    b2b = None
+    if back_to_back and best_triton[1] is not None:
+        block, iters, warps, grid, out = best_triton[1]
+        b2b = back_to_back_ms(lambda x_: kern[grid](x_, out, n, BLOCK=block, ITERS=iters, num_warps=warps),
+                              lambda: (torch.ones(n, dtype=torch.int32, device="cuda"),), nbytes)
+    return best[0], best[1], b2b
 
 
 B2B_MIN_BYTES = 32 << 20  # smaller ops run shorter than their launch on the host; their rotation would not stay cold
@@ -364,7 +372,7 @@ def markdown(report) -> str:
              "kernel), timed the same way, as a % of copy bandwidth: no kernel that must read these bytes beats it "
              "in this timing. 'back-to-back': ops moving >= 32 MiB timed as 48 calls queued back to back over "
              "rotating copies of their inputs (each call cold in L2, no flush or launch gap between calls, as in a "
-             "decode graph), the best kernel's % of copy bandwidth.", "",
+             "decode graph), the best kernel's % of copy bandwidth (and the pure read's, timed the same way).", "",
              "| op | model | shape | MB moved | torch | triton | cuda | best % | target | same-size copy "
              "| same-size read | back-to-back |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -386,7 +394,9 @@ def markdown(report) -> str:
         rpct = None if read is None else 100 * c["bytes"] / read / 1e6 / report["copy_gbps"]
         rcell = "-" if read is None else f"{read * 1e3:.1f} us ({rpct:.0f}%)"
         b2b = max((r["b2b_pct_copy"] for r in ok if "b2b_pct_copy" in r), default=None)
-        bcell = "-" if b2b is None else f"{b2b:.0f}%"
+        rb = c.get("read_b2b_ms")
+        bcell = ("-" if b2b is None else f"{b2b:.0f}%") + (
+            "" if rb is None else f" (read {100 * c['bytes'] / rb / 1e6 / report['copy_gbps']:.0f}%)")
         lines.append(f"| {c['op']} | {c['model']} | {c['shape']} | {c['bytes'] / 1e6:.2f} | "
                      + " | ".join(cell(c["providers"][p]) for p in ("torch", "triton", "cuda"))
                      + f" | {'-' if best is None else f'{best:.0f}%'} | {tcell} | {scell} | {rcell} | {bcell} |")
@@ -529,10 +539,10 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - e.g. out of memory making the inputs
             res = {pn: {"provider": pn, "error": f"{type(e).__name__}: {e}"[:200]} for pn in ("torch", "triton",
                                                                                              "cuda")}
-        read_ms, read_how = same_size_read_ms(nbytes)
+        read_ms, read_how, read_b2b = same_size_read_ms(nbytes, not a.no_back_to_back)
         report["cases"].append({"op": op, "model": mname, "shape": label, "bytes": nbytes, "flops": flops,
                                 "copy_same_ms": same_size_copy_ms(nbytes), "read_same_ms": read_ms,
-                                "read_same_how": read_how, "providers": res})
+                                "read_same_how": read_how, "read_b2b_ms": read_b2b, "providers": res})
         torch.cuda.empty_cache()
     out = a.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
                     else os.path.join(REPO, "bench", "results", f"kernels_{slug(report['env']['gpu'])}.json"))
