@@ -37,7 +37,8 @@ TRAIN_PID=$!
 stage info 60 "nvidia-smi; python3 -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get_device_name())'; git log --oneline -1 || true"
 # .baseline/ (ignored; `git archive <commit> | tar -x -C .baseline`, carried with the call) is the version to
 # compare against in the same run: its extension is built in place beside the main build.
-if [ -d .baseline ] && [ -n "${BASELINE:-1}" ]; then
+HAVE_BASE=; [ -d .baseline ] && [ -n "${BASELINE-1}" ] && HAVE_BASE=1
+if [ -n "$HAVE_BASE" ]; then
   ( stage build_baseline 420 "cd .baseline && MAX_JOBS=6 python3 setup.py -q build_ext --inplace" ) &
   BASE_PID=$!
 fi
@@ -53,13 +54,13 @@ stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -rf -m 'gpu or multigpu' ${T
 stage test_pdl ${TEST_LIMIT:-420} "NEOX_RT_PDL=0 python3 -m pytest -q -rf -m gpu tests/test_graphs.py tests/test_kernels_cuda.py tests/test_default_model.py -k 'model or graph or gemv or fused'"
 # KERNELS_BASE_ARGS: the baseline tree's bench/kernels.py with these arguments first, in the same stage (same card)
 KB_CMD=""
-[ -d .baseline ] && [ -n "${KERNELS_BASE_ARGS:-}" ] && KB_CMD="(cd .baseline && python3 bench/kernels.py --out $OUT/kernels_baseline.json $KERNELS_BASE_ARGS) ; "
+[ -n "$HAVE_BASE" ] && [ -n "${KERNELS_BASE_ARGS:-}" ] && KB_CMD="(cd .baseline && python3 bench/kernels.py --out $OUT/kernels_baseline.json $KERNELS_BASE_ARGS) ; "
 stage kernels ${KERNELS_LIMIT:-300} "$KB_CMD python3 bench/kernels.py --out $OUT/kernels.json ${KERNELS_ARGS:-}"
 # A/B decode latency in one run on one card: the baseline tree, then this tree with each NEOX_RT_* setting in
 # AB_ENVS (space-separated; '-' = defaults), same shapes and flags.
 AB_FLAGS="--models ${AB_MODELS:-gpt-neox-20b,pythia-1.4b} --skip-hf --tokens ${AB_TOKENS:-100,200} --batch ${AB_BATCH:-1}"
 AB_CMD=""
-[ -d .baseline ] && AB_CMD="(cd .baseline && NEOX_RT_COMMIT=${BASELINE_COMMIT:-baseline} python3 bench/latency.py $AB_FLAGS --out $OUT/ab_baseline.json) ; "
+[ -n "$HAVE_BASE" ] && AB_CMD="(cd .baseline && NEOX_RT_COMMIT=${BASELINE_COMMIT:-baseline} python3 bench/latency.py $AB_FLAGS --out $OUT/ab_baseline.json) ; "
 for e in ${AB_ENVS:--}; do  # an entry may set several variables joined by '+': A=1+B=2
   tag=$(echo "$e" | tr -c 'A-Za-z0-9\n' '_')
   ev=${e/#-/}
