@@ -444,9 +444,9 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
                    lambda: k_dec.decode_attention(q, kc, vc, sl, hd ** -0.5, block_n=bn, num_warps=nw,
                                                   programs_per_sm=pps), nbytes)
         for bps in (2, 4, 8, 16) if ext is not None else ():
-            for var, merge in ((1, False), (1, True), (2, False), (3, False)):
+            for var, merge in ((1, False), (1, True), (2, False)):
                 record("decode_attention", f"b={b} L={L}",
-                       f"cuda blocks/SM={bps} {('single-buffered', 'pipelined', 'cp.async stages')[var - 1]} "
+                       f"cuda blocks/SM={bps} {'pipelined' if var == 2 else 'single-buffered'} "
                        f"{'merge kernel' if merge else 'in-kernel merge'}",
                        lambda: cuda_ops.decode_attention(q, kc, vc, sl, hd ** -0.5, blocks_per_sm=bps,
                                                          merge_kernel=merge, variant=var), nbytes)

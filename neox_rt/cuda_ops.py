@@ -51,9 +51,8 @@ PDL = os.environ.get("NEOX_RT_PDL", "1") != "0"
 # Decode attention's split plan: about this many blocks per SM over the grid (0: the extension's default,
 # kDecodeBlocksPerSm in csrc/kernels/decode_attention.cuh); bench/kernels.py --sweep compares plans.
 DECODE_BLOCKS_PER_SM = _env_int("NEOX_RT_DECODE_BLOCKS_PER_SM", 0, 0)
-# Its step scheme: 0 the extension's default, 1 single-buffered, 2 double-buffered (pipelined) steps, 3 cp.async
-# shared-memory stages (DecodeScheme in csrc/kernels/decode_attention.cuh).
-DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 3)
+# Its step scheme: 0 the extension's default, 1 single-buffered, 2 double-buffered (pipelined) steps.
+DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False

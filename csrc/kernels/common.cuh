@@ -81,31 +81,6 @@ __device__ __forceinline__ Vec<T, N> load_vec_stream(const T* p) {
   return v;
 }
 
-// Asynchronous 16-byte copy global -> shared (cp.async.cg, sm_80+: bypasses L1 and registers), grouped by
-// cp_async_commit and waited for by cp_async_wait<N> (at most N of this thread's groups still pending). Before
-// sm_80 the copy is a plain load and store, done when the call returns, and commit / wait are no-ops.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
-#else
-  *reinterpret_cast<int4*>(smem) = __ldcs(reinterpret_cast<const int4*>(gmem));
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
-
 // Grid dependency control (PTX griddepcontrol, sm_90+); no-ops on older architectures.
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

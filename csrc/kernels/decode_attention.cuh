@@ -5,11 +5,9 @@
 // Kernel 1, grid (splits, nh, b): block (split, h, i) covers slots [split * split_len, +split_len). The cache of
 // one head is contiguous ([B, nh, T, HD]), so a block step is one contiguous run of STEP keys: lane group g
 // (LPK lanes, one 16-byte vector of the key row each) owns keys g, g + G, ..., g + (N-1) G of the step. All of a
-// step's K and V loads (N keys x 2 per lane) are issued before the first is used; with the pipelined scheme the
+// step's K and V loads (N keys x 2 per lane) are issued before the first is used; with PIPE (the default) the
 // next step's loads are issued before the current step is computed (two register buffers of N keys each), so a
-// block always has loads in flight; with the async scheme (sm_80+: cp.async) the block copies its steps into a
-// ring of STAGES shared-memory buffers, STAGES - 1 steps ahead of the one it computes (more bytes in flight than
-// registers can hold), and each lane reads its keys of the step from shared memory; the scores are reduced over the LPK lanes of a group with shuffles, each group
+// block always has loads in flight; the scores are reduced over the LPK lanes of a group with shuffles, each group
 // keeps its own online softmax (max m, sum l, accumulator over its lane's dims), and the groups of the block
 // merge through shuffles and shared memory at the end. Blocks past seqlens[i] exit at once. The grid comes
 // from the cache capacity, never from seqlens, so there is no host sync and the launch can be captured in a
@@ -35,16 +33,13 @@ constexpr int kDecodeMaxSplits = 256;  // the planner never makes more (the merg
 // Defaults from bench/kernels.py --sweep on one H100 (20B shapes, L2 cold, commit aa77ce1): pipelined steps with
 // about 4 blocks per SM, b=1 at 2048 cached 26.1 us (single-buffered 28.3; 8 blocks per SM 28.5 / 30.7),
 // b=16 at 2048 275.6 us (291.6), b=1 at 128 10.3 us (11.0).
-constexpr int kDecodeBlocksPerSm = 4;  // default split plan: about this many blocks per SM over the grid
+constexpr int kDecodeBlocksPerSm = 4;      // default split plan: about this many blocks per SM over the grid
+constexpr bool kDecodePipeDefault = true;  // default step scheme (variant 0): double-buffered
 
-// How a block walks its keys. Single: each step's loads are issued, then used. Pipelined: the next step's K/V loads
-// are issued before the current step is computed (two register buffers, half the keys per step so the registers
-// stay the same). Async: cp.async copies into a ring of shared-memory stages, STAGES - 1 steps ahead (a quarter of
-// the single scheme's keys per step); before sm_80 the copies are plain loads and stores (correct, not faster).
-enum DecodeScheme : int { kDecodeSingle = 0, kDecodePipelined = 1, kDecodeAsync = 2 };
-constexpr int kDecodeSchemeDefault = kDecodePipelined;  // variant 0
-
-template <typename T, int HD, int SCHEME = kDecodeSingle>
+// PIPE: the block's steps are double-buffered (the next step's K/V loads are issued before the current step is
+// computed), with half the keys per step so the registers stay the same; otherwise each step's loads are issued,
+// then used (single-buffered).
+template <typename T, int HD, bool PIPE = false>
 struct DecodeLayout {
   static constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
   static_assert(HD % VEC == 0, "a key row must be whole 16-byte vectors");
@@ -53,23 +48,18 @@ struct DecodeLayout {
   static constexpr int VPL = (VPK + LPK - 1) / LPK;  // vectors of a key row per lane
   static constexpr int G = kDecodeThreads / LPK;     // lane groups (keys side by side) per block
   static constexpr int N_SINGLE = VPL >= 8 ? 1 : 8 / VPL;  // 8 x 16 bytes of K (and of V) per lane per step
-  static constexpr int N = SCHEME == kDecodeSingle ? N_SINGLE                        // keys per lane group per step
-                           : SCHEME == kDecodePipelined ? (N_SINGLE > 1 ? N_SINGLE / 2 : 1)
-                                                        : (N_SINGLE > 3 ? N_SINGLE / 4 : 1);
+  static constexpr int N = PIPE ? (N_SINGLE > 1 ? N_SINGLE / 2 : 1) : N_SINGLE;  // keys per lane group per step
   static constexpr int STEP = G * N;                 // keys per block step
-  // Async scheme: shared-memory stages of one step's K and V each, as many as fit in 36 KB (2 to 8).
-  static constexpr int STAGE_BYTES = 2 * STEP * HD * static_cast<int>(sizeof(T));
-  static constexpr int STAGES = 36864 / STAGE_BYTES < 2 ? 2 : 36864 / STAGE_BYTES > 8 ? 8 : 36864 / STAGE_BYTES;
   // Blocks per SM the registers must allow: 4 (<= 128 registers) keeps 4 x 128 x 16 loads of 16 bytes in flight
   // per SM; bf16 needs more registers for the same code (216 on sm_90) and would spill under 128.
-  static constexpr int MIN_BLOCKS = std::is_same<T, __nv_bfloat16>::value && SCHEME != kDecodeAsync ? 2 : 4;
+  static constexpr int MIN_BLOCKS = std::is_same<T, __nv_bfloat16>::value ? 2 : 4;
 };
 
 // Keys per split (a multiple of the block step): about `blocks_per_sm` blocks per SM over the whole grid, from
 // the shapes only (never seqlens). Shared by the extension's launcher and the standalone tests.
-template <typename T, int HD, int SCHEME>
+template <typename T, int HD, bool PIPE>
 inline int decode_attention_split_len_hd(int b, int nh, int64_t capacity, int sms, int blocks_per_sm) {
-  constexpr int STEP = DecodeLayout<T, HD, SCHEME>::STEP;
+  constexpr int STEP = DecodeLayout<T, HD, PIPE>::STEP;
   const int64_t heads = static_cast<int64_t>(b) * nh > 0 ? static_cast<int64_t>(b) * nh : 1;
   const int64_t want = (static_cast<int64_t>(sms) * blocks_per_sm + heads - 1) / heads;  // splits per head
   int64_t len = (capacity + (want > 0 ? want : 1) - 1) / (want > 0 ? want : 1);
@@ -113,8 +103,8 @@ __device__ __forceinline__ void merge_splits(const float* part_out, const float*
   }
 }
 
-template <typename T, int HD, bool PDL, int SCHEME>
-__global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD, SCHEME>::MIN_BLOCKS))
+template <typename T, int HD, bool PDL, bool PIPE>
+__global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD, PIPE>::MIN_BLOCKS))
 decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, HD]
                               const T* __restrict__ k_cache,         // [B, nh, T, HD]
                               const T* __restrict__ v_cache,         // [B, nh, T, HD]
@@ -124,7 +114,7 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
                               float* __restrict__ part_ml,           // [b, nh, splits, 2] (max, sum)
                               int* __restrict__ counters,            // [b, nh] zeros, or null (separate merge)
                               int nh, int64_t capacity, int split_len, int splits, float scale_log2) {
-  using L = DecodeLayout<T, HD, SCHEME>;
+  using L = DecodeLayout<T, HD, PIPE>;
   constexpr int VEC = L::VEC, VPK = L::VPK, LPK = L::LPK, VPL = L::VPL, G = L::G, N = L::N;
   constexpr int NW = kDecodeThreads / 32;
   if (PDL) {
@@ -238,50 +228,7 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
     }
   };
 
-  if constexpr (SCHEME == kDecodeAsync) {
-    // Ring of STAGES shared-memory stages; step t lives in stage t % STAGES. Copies are contiguous: a step's K (and
-    // V) is one run of STEP rows of the cache; thread x copies vectors x, x + kDecodeThreads, ... of it.
-    constexpr int S = L::STAGES, SV = L::STEP * VPK;  // vectors of K (and of V) per step
-    __shared__ alignas(16) T s_kv[S][2][L::STEP * HD];
-    const int nsteps = (end - start + L::STEP - 1) / L::STEP;
-    auto issue = [&](int t) {  // copy step t (if it exists) into its stage, then close the copy group
-      if (t < nsteps) {
-        const int base = start + t * L::STEP, stage = t % S;
-        const int rows = end - base < L::STEP ? end - base : L::STEP;
-        for (int c = threadIdx.x; c < SV; c += kDecodeThreads) {
-          if (c / VPK < rows) {
-            const int64_t off = static_cast<int64_t>(base) * HD + c * VEC;
-            cp_async16(&s_kv[stage][0][c * VEC], kb + off);
-            cp_async16(&s_kv[stage][1][c * VEC], vb + off);
-          }
-        }
-      }
-      cp_async_commit();  // an empty group past the last step keeps the count uniform
-    };
-#pragma unroll
-    for (int t = 0; t < S - 1; ++t) issue(t);
-    for (int t = 0; t < nsteps; ++t) {
-      cp_async_wait<S - 2>();  // this thread's copies of step t have landed
-      __syncthreads();         // everyone's have; and everyone has finished step t - 1, whose stage is refilled now
-      issue(t + S - 1);
-      const int stage = t % S, base = start + t * L::STEP;
-      Vec<T, VEC> kr[N][VPL], vr[N][VPL];
-#pragma unroll
-      for (int n = 0; n < N; ++n) {
-        const int row = g + n * G;
-#pragma unroll
-        for (int u = 0; u < VPL; ++u) {
-          const int vi = lig + u * LPK;
-          if (base + row < end && vi < VPK) {
-            kr[n][u] = *reinterpret_cast<const Vec<T, VEC>*>(&s_kv[stage][0][row * HD + vi * VEC]);
-            vr[n][u] = *reinterpret_cast<const Vec<T, VEC>*>(&s_kv[stage][1][row * HD + vi * VEC]);
-          }
-        }
-      }
-      compute_step(kr, vr, base);
-    }
-    cp_async_wait<0>();  // no copy may still target shared memory when the block moves on
-  } else if constexpr (SCHEME == kDecodeSingle) {
+  if (!PIPE) {
     for (int base = start; base < end; base += L::STEP) {
       Vec<T, VEC> kr[N][VPL], vr[N][VPL];
       load_step(kr, vr, base);
@@ -393,12 +340,12 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,    // [b, nh,
   merge_splits<T, HD>(part_out, part_ml, static_cast<int64_t>(i) * nh + h, splits, used, out);
 }
 
-template <typename T, int HD, int SCHEME>
+template <typename T, int HD, bool PIPE>
 cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                 float* part_out, float* part_ml, int* counters, int b, int nh, int64_t capacity,
                                 int split_len, int splits, float scale_log2, bool pdl, cudaStream_t stream) {
-  return launch_kernel(pdl, decode_attention_split_kernel<T, HD, false, SCHEME>,
-                       decode_attention_split_kernel<T, HD, true, SCHEME>, dim3(splits, nh, b), dim3(kDecodeThreads),
+  return launch_kernel(pdl, decode_attention_split_kernel<T, HD, false, PIPE>,
+                       decode_attention_split_kernel<T, HD, true, PIPE>, dim3(splits, nh, b), dim3(kDecodeThreads),
                        stream, q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len,
                        splits, scale_log2);
 }
@@ -406,7 +353,7 @@ cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, 
 template <typename T, int HD>
 cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens,
                                        T* out, float* part_out, float* part_ml, int* counters, int b, int nh,
-                                       int64_t capacity, int split_len, float scale, bool pdl, int scheme,
+                                       int64_t capacity, int split_len, float scale, bool pdl, bool pipe,
                                        cudaStream_t stream) {
   const int splits = decode_attention_splits(capacity, split_len);
   if (b == 0 || nh == 0) return cudaSuccess;
@@ -416,16 +363,11 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
   if (splits == 0) {  // an empty cache: every output is zero
     return cudaMemsetAsync(out, 0, sizeof(T) * static_cast<size_t>(b) * nh * HD, stream);
   }
-  cudaError_t err;
-  switch (scheme) {
-#define NEOX_RT_DECODE_SPLIT(S_)                                                                                   case S_:                                                                                                           err = launch_decode_split<T, HD, S_>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,                                          capacity, split_len, splits, scale_log2, pdl, stream);                     break;
-    NEOX_RT_DECODE_SPLIT(kDecodeSingle)
-    NEOX_RT_DECODE_SPLIT(kDecodePipelined)
-    NEOX_RT_DECODE_SPLIT(kDecodeAsync)
-#undef NEOX_RT_DECODE_SPLIT
-    default:
-      return cudaErrorInvalidValue;
-  }
+  const cudaError_t err =
+      pipe ? launch_decode_split<T, HD, true>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,
+                                              capacity, split_len, splits, scale_log2, pdl, stream)
+           : launch_decode_split<T, HD, false>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,
+                                               capacity, split_len, splits, scale_log2, pdl, stream);
   if (err != cudaSuccess || counters != nullptr || splits == 1) return err;
   decode_attention_reduce_kernel<T, HD><<<dim3(nh, b), kDecodeThreads, 0, stream>>>(part_out, part_ml, seqlens, out, nh,
                                                                          capacity, split_len, splits);
@@ -437,16 +379,12 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
 // Split length for launch_decode_attention (see decode_attention_split_len_hd); 0 for an unsupported head size.
 template <typename T>
 inline int decode_attention_split_len(int head_dim, int b, int nh, int64_t capacity, int sms, int blocks_per_sm,
-                                      int scheme) {
+                                      bool pipe) {
   switch (head_dim) {
-#define NEOX_RT_SPLIT_LEN(HD)                                                                                  \
-  case HD:                                                                                                     \
-    return scheme == kDecodeAsync       ? decode_attention_split_len_hd<T, HD, kDecodeAsync>(b, nh, capacity, sms, \
-                                                                                            blocks_per_sm)     \
-           : scheme == kDecodePipelined ? decode_attention_split_len_hd<T, HD, kDecodePipelined>(               \
-                                              b, nh, capacity, sms, blocks_per_sm)                             \
-                                        : decode_attention_split_len_hd<T, HD, kDecodeSingle>(b, nh, capacity, sms, \
-                                                                                             blocks_per_sm);
+#define NEOX_RT_SPLIT_LEN(HD)                                                                 \
+  case HD:                                                                                    \
+    return pipe ? decode_attention_split_len_hd<T, HD, true>(b, nh, capacity, sms, blocks_per_sm) \
+                : decode_attention_split_len_hd<T, HD, false>(b, nh, capacity, sms, blocks_per_sm);
     NEOX_RT_DECODE_HEAD_SIZES(NEOX_RT_SPLIT_LEN)
 #undef NEOX_RT_SPLIT_LEN
     default:
@@ -457,18 +395,18 @@ inline int decode_attention_split_len(int head_dim, int b, int nh, int64_t capac
 // head_dim must be one of 32, 64, 80, 96, 128, 256 (returns cudaErrorInvalidValue otherwise). part_out
 // [b * nh * splits * HD] and part_ml [b * nh * splits * 2] floats, splits = decode_attention_splits(capacity,
 // split_len); counters: null (a second kernel merges) or b * nh ints that are zero (they are zero again after
-// the kernel). `pdl` needs sm_90 (the caller checks the device). `scheme`: a DecodeScheme (split_len from
-// decode_attention_split_len with the same `scheme`).
+// the kernel). `pdl` needs sm_90 (the caller checks the device). `pipe`: the double-buffered steps (split_len
+// from decode_attention_split_len with the same `pipe`).
 template <typename T>
 cudaError_t launch_decode_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                     float* part_out, float* part_ml, int* counters, int b, int nh, int head_dim,
-                                    int64_t capacity, int split_len, float scale, bool pdl, int scheme,
+                                    int64_t capacity, int split_len, float scale, bool pdl, bool pipe,
                                     cudaStream_t stream) {
   switch (head_dim) {
 #define NEOX_RT_DECODE(HD)                                                                                      \
   case HD:                                                                                                      \
     return launch_decode_attention_hd<T, HD>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, \
-                                             nh, capacity, split_len, scale, pdl, scheme, stream);
+                                             nh, capacity, split_len, scale, pdl, pipe, stream);
     NEOX_RT_DECODE_HEAD_SIZES(NEOX_RT_DECODE)
 #undef NEOX_RT_DECODE
     default:

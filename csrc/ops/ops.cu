@@ -188,10 +188,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                 "neox_rt: decode_attention needs 16-byte aligned q and caches");
   CHECK_SHAPE(seqlens, b);
   TORCH_CHECK(blocks_per_sm >= 0, "neox_rt: blocks_per_sm must be >= 0 (0: the default), got ", blocks_per_sm);
-  TORCH_CHECK(variant >= 0 && variant <= 3,
-              "neox_rt: decode_attention variant must be 0 (default), 1 (single-buffered), 2 (pipelined) or 3 ",
-              "(cp.async stages), got ", variant);
-  const int scheme = variant == 0 ? kDecodeSchemeDefault : static_cast<int>(variant) - 1;  // a DecodeScheme
+  TORCH_CHECK(variant >= 0 && variant <= 2,
+              "neox_rt: decode_attention variant must be 0 (default), 1 (single-buffered) or 2 (pipelined), got ",
+              variant);
+  const bool pipe = variant == 0 ? kDecodePipeDefault : variant == 2;
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t cap = k_cache.size(2);
   // Split length from the capacity and the device only (never from seqlens: no host sync, graph-capturable).
@@ -202,7 +202,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   NEOX_RT_DISPATCH_FLOAT(q.scalar_type(), "decode_attention", [&] {
     const int split_len = decode_attention_split_len<scalar_t>(static_cast<int>(hd), static_cast<int>(b),
                                                                static_cast<int>(nh), cap, props->multiProcessorCount,
-                                                               per_sm, scheme);
+                                                               per_sm, pipe);
     const int splits = decode_attention_splits(cap, split_len);
     const int64_t parts = splits > 1 ? b * nh * splits : 1;  // one split: the kernel writes out directly
     auto part_out = at::empty({parts * hd}, q.options().dtype(at::kFloat));
@@ -212,7 +212,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                                                  ptr<int64_t>(seqlens), ptr<scalar_t>(out), ptr<float>(part_out),
                                                  ptr<float>(part_ml), counters, static_cast<int>(b),
                                                  static_cast<int>(nh), static_cast<int>(hd), cap, split_len,
-                                                 static_cast<float>(scale), pdl && props->major >= 9, scheme, stream),
+                                                 static_cast<float>(scale), pdl && props->major >= 9, pipe, stream),
                "decode_attention");
   });
   return out;

@@ -16,7 +16,7 @@ namespace neox_rt {
                                                  T*, int, int, int, int, int, int64_t, int64_t, int,           \
                                                  cudaStream_t);                                                 \
   template cudaError_t launch_decode_attention<T>(const T*, const T*, const T*, const int64_t*, T*, float*,   \
-                                                  float*, int*, int, int, int, int64_t, int, float, bool, int, \
+                                                  float*, int*, int, int, int, int64_t, int, float, bool, bool,\
                                                   cudaStream_t);                                               \
   template cudaError_t launch_layernorm<T>(const T*, const T*, const T*, T*, const T*, const T*, T*, int64_t,  \
                                            int, float, int, cudaStream_t);

@@ -123,7 +123,7 @@ template <typename T> static void test_layernorm(int rows, int n, double rtol, c
 
 template <typename T>
 static void test_decode(int b, int nh, int hd, int cap, double rtol, const char* name, bool in_kernel_merge = false,
-                        int scheme = neox_rt::kDecodeSingle) {
+                        bool pipe = false) {
   auto q = randn(size_t(b) * nh * hd), k = randn(size_t(b) * nh * cap * hd), v = randn(size_t(b) * nh * cap * hd);
   std::vector<int64_t> len(b);
   for (int i = 0; i < b; ++i) len[i] = std::max(1, cap - 7 * i);
@@ -136,7 +136,7 @@ static void test_decode(int b, int nh, int hd, int cap, double rtol, const char*
   const float scale = 1.f / std::sqrt(float(hd));
   CK(neox_rt::launch_decode_attention<T>(dq.p, dk.p, dv.p, dl.p, dout.p, po.p, pml.p,
                                           in_kernel_merge ? counters.p : nullptr, b, nh, hd, cap, split_len, scale,
-                                          false, scheme, 0));
+                                          false, pipe, 0));
   CK(cudaDeviceSynchronize());
   std::vector<double> want(q.size());
   for (int i = 0; i < b; ++i)
@@ -253,13 +253,7 @@ int main() {
   test_decode<__half>(2, 2, 96, 17, 2e-3, "decode fp16 hd=96 T=17");
   test_decode<__nv_bfloat16>(2, 2, 128, 200, 1.6e-2, "decode bf16 hd=128 T=200");
   test_decode<__half>(3, 4, 96, 700, 2e-3, "decode fp16 hd=96 T=700 in-kernel merge", true);
-  test_decode<__half>(3, 4, 96, 700, 2e-3, "decode fp16 hd=96 T=700 pipelined", true, neox_rt::kDecodePipelined);
-  for (int hd : {32, 64, 80, 96, 128, 256}) {
-    char name[64];
-    std::snprintf(name, sizeof name, "decode fp16 hd=%d T=333 cp.async stages", hd);
-    test_decode<__half>(3, 2, hd, 333, 2e-3, name, true, neox_rt::kDecodeAsync);
-  }
-  test_decode<float>(2, 2, 256, 129, 1e-4, "decode fp32 hd=256 cp.async stages", false, neox_rt::kDecodeAsync);
+  test_decode<__half>(3, 4, 96, 700, 2e-3, "decode fp16 hd=96 T=700 pipelined", true, true);
   test_rotary<float>(2, 3, 4, 96, 24, 1e-5, "rotary fp32 hd=96 rd=24");
   test_rotary<float>(1, 1, 2, 80, 20, 1e-5, "rotary fp32 hd=80 rd=20");
   test_gemv<__half>(1, 301, 512, neox_rt::kActGeluErf, 2e-3, "gemv fp16 m=1 gelu");
