@@ -22,13 +22,9 @@ namespace neox_rt {
 enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRelu = 3 };
 // kGemvAuto: per shape, the legacy configuration or the stream kernel with k split over warps
 // (gemv_auto_ksplit); kGemvSplitN: the stream kernel with k split over N warps;
-// kGemvLegacy: the first version; kGemvRows2UnrollN: two rows of W per warp like legacy (the same grid: 8 rows a
-// block, one wave for 20B dense), with N chunks of each row in flight per lane instead of 1. More than 2 rows of x
-// always take the legacy configuration (two rows of W per warp share each x load; measured faster there).
-enum GemvVariant : int {
-  kGemvAuto = 0, kGemvLegacy = 1, kGemvSplit1 = 2, kGemvSplit2 = 3, kGemvSplit4 = 4, kGemvRows2Unroll2 = 5,
-  kGemvRows2Unroll4 = 6, kGemvVariantLast = kGemvRows2Unroll4
-};
+// kGemvLegacy: the first version. More than 2 rows of x always take the legacy configuration (two rows of W per
+// warp share each x load; measured faster there).
+enum GemvVariant : int { kGemvAuto = 0, kGemvLegacy = 1, kGemvSplit1 = 2, kGemvSplit2 = 3, kGemvSplit4 = 4 };
 
 __device__ __forceinline__ float apply_activation(float v, int act) {
   switch (act) {
@@ -193,14 +189,6 @@ cudaError_t launch_gemv(const T* x, const T* w, const T* bias, const T* residual
     if (m <= 4) return launch_gemv_config<T, 4, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
     if (m <= 8) return launch_gemv_config<T, 8, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
     return launch_gemv_config<T, 16, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-  }
-  if (variant == kGemvRows2Unroll2 || variant == kGemvRows2Unroll4) {
-    const bool u4 = variant == kGemvRows2Unroll4;
-    if (m <= 1)
-      return u4 ? launch_gemv_config<T, 1, 2, 4, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream)
-                : launch_gemv_config<T, 1, 2, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-    return u4 ? launch_gemv_config<T, 2, 2, 4, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream)
-              : launch_gemv_config<T, 2, 2, 2, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
   }
   int ksplit;
   switch (variant) {
