@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,train,test,test_pdl,kernels,ab,profile,latency,tp,load   (default: info,build,test,kernels,latency,tp)
+#   info,build,cxx,train,test,test_pdl,kernels,ab,profile,latency,tp,load   (default: info,build,test,kernels,latency,tp)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
 # AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2 sets two), LATENCY_ARGS,
 # TP_ARGS/TP1_ARGS/TP_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline), BASELINE_COMMIT (its commit).
@@ -42,8 +42,12 @@ if [ -n "$HAVE_BASE" ]; then
   ( stage build_baseline 420 "cd .baseline && MAX_JOBS=6 python3 setup.py -q build_ext --inplace" ) &
   BASE_PID=$!
 fi
+# The framework-free kernel tests (csrc/standalone/test_kernels.cu, as CMakeLists.txt builds them) beside the build.
+( stage cxx 300 "nvcc -std=c++17 -O3 --use_fast_math -Icsrc -arch=sm_\$(echo \${TORCH_CUDA_ARCH_LIST%%;*} | tr -d .+PTX) -o /tmp/neox_rt_kernel_test csrc/standalone/test_kernels.cu && /tmp/neox_rt_kernel_test" ) &
+CXX_PID=$!
 stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . && python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
 [ -n "${BASE_PID:-}" ] && wait "$BASE_PID"
+wait "$CXX_PID"
 wait "$TRAIN_PID"
 stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -rf -m 'gpu or multigpu' ${TEST_PATHS:-tests} ${TEST_ARGS:-}"
 # the decode-path tests again with programmatic dependent launch of the GEMV turned off (on is the default)
