@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,cxx,train,test,test_pdl,kernels,ab,profile,latency,tp,load   (default: info,build,test,kernels,latency,tp)
+#   info,build,cxx,train,test,test_pdl,kernels,ncu,ab,profile,latency,tp,load   (default: info,build,test,kernels,latency,tp)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
 # AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2 sets two), LATENCY_ARGS,
 # TP_ARGS/TP1_ARGS/TP_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline), BASELINE_COMMIT (its commit).
@@ -56,6 +56,8 @@ stage test_pdl ${TEST_LIMIT:-420} "NEOX_RT_PDL=0 python3 -m pytest -q -rf -m gpu
 KB_CMD=""
 [ -n "$HAVE_BASE" ] && [ -n "${KERNELS_BASE_ARGS:-}" ] && KB_CMD="(cd .baseline && python3 bench/kernels.py --out $OUT/kernels_baseline.json $KERNELS_BASE_ARGS) ; "
 stage kernels ${KERNELS_LIMIT:-300} "$KB_CMD python3 bench/kernels.py --out $OUT/kernels.json ${KERNELS_ARGS:-}"
+# Nsight Compute on the kernels that miss their targets (bench/ncu_probe.py), caches flushed per replay.
+stage ncu ${NCU_LIMIT:-240} "ncu --profile-from-start off --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats ${NCU_ARGS:-} python3 bench/ncu_probe.py"
 # A/B decode latency in one run on one card: the baseline tree, then this tree with each NEOX_RT_* setting in
 # AB_ENVS (space-separated; '-' = defaults), same shapes and flags.
 AB_FLAGS="--models ${AB_MODELS:-gpt-neox-20b,pythia-1.4b} --skip-hf --tokens ${AB_TOKENS:-100,200} --batch ${AB_BATCH:-1}"

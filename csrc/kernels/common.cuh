@@ -81,6 +81,15 @@ __device__ __forceinline__ Vec<T, N> load_vec_stream(const T* p) {
   return v;
 }
 
+// atomicAdd with acquire-release semantics at GPU scope: writes ordered before it (in this thread, or in its block
+// through a barrier) are visible to whoever acquires the new value, and writes released before the values it
+// reads are visible to this thread afterwards.
+__device__ __forceinline__ int atomic_add_acq_rel_gpu(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
 // Grid dependency control (PTX griddepcontrol, sm_90+); no-ops on older architectures.
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

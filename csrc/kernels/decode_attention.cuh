@@ -312,17 +312,17 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
   }
   if (counters == nullptr) return;  // the merge kernel follows
 
-  // Last block of this (i, h) merges: publish the partials, take a ticket.
-  __threadfence();
+  // Last block of this (i, h) merges: publish the partials, take a ticket. The barrier orders the block's partial
+  // writes before thread 0's ticket, whose acq_rel atomic (sm_70+) releases them to the GPU and, in the last
+  // block, acquires the other blocks' (one memory round trip instead of a fence and then the atomic).
   __syncthreads();
   if (threadIdx.x == 0) {
-    const int ticket = atomicAdd(counters + bh, 1);
+    const int ticket = atomic_add_acq_rel_gpu(counters + bh, 1);
     s_last = ticket == used - 1;
     if (s_last) counters[bh] = 0;  // every other block of this (i, h) has taken its ticket: ready for the next launch
   }
-  __syncthreads();
+  __syncthreads();  // the rest of the block sees the acquired partials through thread 0 (cumulativity)
   if (!s_last) return;
-  __threadfence();
   merge_splits<T, HD>(part_out, part_ml, bh, splits, used, out);
 }
 
