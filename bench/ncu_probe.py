@@ -29,6 +29,7 @@ def main() -> int:
         print("bench/ncu_probe.py needs a CUDA GPU", file=sys.stderr)
         return 2
     import kernels as bench  # bench/kernels.py: the pure-read kernel
+    cuda_ops.load_extension()
     torch.manual_seed(0)
     h, nh, hd, cap = 6144, 64, 96, 2048
     dev, dt = "cuda", torch.float16

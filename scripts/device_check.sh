@@ -54,7 +54,7 @@ stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -rf -m 'gpu or multigpu' ${T
 stage test_pdl ${TEST_LIMIT:-420} "NEOX_RT_PDL=0 python3 -m pytest -q -rf -m gpu tests/test_graphs.py tests/test_kernels_cuda.py tests/test_default_model.py -k 'model or graph or gemv or fused'"
 # KERNELS_BASE_ARGS: the baseline tree's bench/kernels.py with these arguments first, in the same stage (same card)
 KB_CMD=""
-[ -n "$HAVE_BASE" ] && [ -n "${KERNELS_BASE_ARGS:-}" ] && KB_CMD="(cd .baseline && python3 bench/kernels.py --out $OUT/kernels_baseline.json $KERNELS_BASE_ARGS) ; "
+[ -n "$HAVE_BASE" ] && [ -n "${KERNELS_BASE_ARGS:-}" ] && KB_CMD="(cd .baseline && NEOX_RT_COMMIT=${BASELINE_COMMIT:-baseline} python3 bench/kernels.py --out $OUT/kernels_baseline.json $KERNELS_BASE_ARGS) ; "
 stage kernels ${KERNELS_LIMIT:-300} "$KB_CMD python3 bench/kernels.py --out $OUT/kernels.json ${KERNELS_ARGS:-}"
 # Nsight Compute on the kernels that miss their targets (bench/ncu_probe.py), caches flushed per replay.
 stage ncu ${NCU_LIMIT:-240} "ncu --profile-from-start off --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats ${NCU_ARGS:-} python3 bench/ncu_probe.py"
