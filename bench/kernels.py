@@ -487,8 +487,8 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
                 record("linear", f"{lname} m={rows_}", "cuBLAS, do_bench timing (L2 zeroed)", lambda: F.linear(x1, w),
                        nbytes, timer=median_ms_do_bench)
             for variant, vname in ((0, "gemv auto"), (1, "gemv legacy"), (2, "gemv k/1"), (3, "gemv k/2"),
-                                   (4, "gemv k/4"), (5, "gemv 2 rows/warp, 2 chunks"),
-                                   (6, "gemv 2 rows/warp, 4 chunks")):
+                                   (4, "gemv k/4"), (5, "gemv 8 warps x 2 rows"),
+                                   (6, "gemv 8 warps x 4 rows")):
                 if rows_ > 2 and variant > 1:
                     continue  # more than 2 rows always run the legacy configuration
                 record("linear", f"{lname} m={rows_}", vname, lambda: ext.gemv(x1, w, None, 0, None, variant, False),

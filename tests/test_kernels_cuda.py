@@ -313,7 +313,7 @@ def test_gemv(ext, dtype, m, n, k, activation):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])  # auto, legacy, k split over 1/2/4 warps (gemv.cuh)
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6])  # GemvVariant in gemv.cuh
 @pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("m,n,k", GEMV_SHAPES + [(1, 97, 1032), (2, 130, 4104), (1, 6, 16392), (2, 5, 8200)])
 def test_gemv_residual(ext, variant, pdl, m, n, k):

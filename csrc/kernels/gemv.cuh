@@ -22,9 +22,14 @@ namespace neox_rt {
 enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRelu = 3 };
 // kGemvAuto: per shape, the legacy configuration or the stream kernel with k split over warps
 // (gemv_auto_ksplit); kGemvSplitN: the stream kernel with k split over N warps;
-// kGemvLegacy: the first version. More than 2 rows of x always take the legacy configuration (two rows of W per
-// warp share each x load; measured faster there).
-enum GemvVariant : int { kGemvAuto = 0, kGemvLegacy = 1, kGemvSplit1 = 2, kGemvSplit2 = 3, kGemvSplit4 = 4 };
+// kGemvLegacy: the first version; kGemvWideN: 8-warp blocks of N rows, each warp owning one eighth of k of every
+// row and issuing all its loads of the first chunk(s) at once (many short blocks with everything in flight, like a
+// pure streaming read). More than 2 rows of x always take the legacy configuration (two rows of W per warp share
+// each x load; measured faster there).
+enum GemvVariant : int {
+  kGemvAuto = 0, kGemvLegacy = 1, kGemvSplit1 = 2, kGemvSplit2 = 3, kGemvSplit4 = 4, kGemvWide2 = 5, kGemvWide4 = 6,
+  kGemvVariantLast = kGemvWide4
+};
 
 __device__ __forceinline__ float apply_activation(float v, int act) {
   switch (act) {
@@ -35,10 +40,10 @@ __device__ __forceinline__ float apply_activation(float v, int act) {
   }
 }
 
-constexpr int kGemvWarps = 4;  // warps per block
+constexpr int kGemvWarps = 4;  // warps per block (but the wide configurations: 8)
 
-template <typename T, int MT, int NPW, int UNROLL, int KSPLIT, bool PDL>
-__global__ void __launch_bounds__(kGemvWarps * 32)
+template <typename T, int MT, int NPW, int UNROLL, int KSPLIT, bool PDL, int WARPS = kGemvWarps>
+__global__ void __launch_bounds__(WARPS * 32, WARPS == 8 ? 3 : 1)  // wide: <= 85 registers, 3 blocks of 8 warps
 gemv_kernel(const T* __restrict__ x,         // [m, k]
             const T* __restrict__ w,         // [n, k]
             const T* __restrict__ bias,      // [n] or null
@@ -47,15 +52,15 @@ gemv_kernel(const T* __restrict__ x,         // [m, k]
             int m, int n, int k, int act) {
   // KSPLIT consecutive warps share NPW rows, each taking one KSPLIT-th of k (k % (8 * KSPLIT) == 0); their
   // partial sums meet in shared memory. Long rows (4h->h) then run as many short, evenly scheduled blocks.
-  static_assert(kGemvWarps % KSPLIT == 0, "KSPLIT divides the warps of a block");
+  static_assert(WARPS % KSPLIT == 0, "KSPLIT divides the warps of a block");
   constexpr int VEC = 16 / sizeof(T);
   constexpr int SPAN = 32 * VEC;          // elements of a row one warp covers per load
   constexpr int STEP = SPAN * UNROLL;     // elements per chunk
-  __shared__ float partial[KSPLIT > 1 ? kGemvWarps : 1][NPW][MT];
+  __shared__ float partial[KSPLIT > 1 ? WARPS : 1][NPW][MT];
   if (PDL) pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int group = warp / KSPLIT, part = warp % KSPLIT;
-  const int n0 = (blockIdx.x * (kGemvWarps / KSPLIT) + group) * NPW;
+  const int n0 = (blockIdx.x * (WARPS / KSPLIT) + group) * NPW;
   const bool active = n0 < n;  // an idle warp still waits below, so no block can finish before its inputs exist
   const int kpart = k / KSPLIT;
   const int kbeg = part * kpart, kend = kbeg + kpart;
@@ -152,14 +157,14 @@ gemv_kernel(const T* __restrict__ x,         // [m, k]
 
 inline int gemv_max_rows() { return 16; }
 
-template <typename T, int MT, int NPW, int UNROLL, int KSPLIT>
+template <typename T, int MT, int NPW, int UNROLL, int KSPLIT, int WARPS = kGemvWarps>
 cudaError_t launch_gemv_config(const T* x, const T* w, const T* bias, const T* residual, T* y, int m, int n, int k,
                                int act, bool pdl, cudaStream_t stream) {
-  constexpr int per_block = (kGemvWarps / KSPLIT) * NPW;
-  const dim3 grid((n + per_block - 1) / per_block), block(kGemvWarps * 32);
-  return launch_kernel(pdl, gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, false>,
-                       gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, true>, grid, block, stream, x, w, bias, residual, y, m,
-                       n, k, act);
+  constexpr int per_block = (WARPS / KSPLIT) * NPW;
+  const dim3 grid((n + per_block - 1) / per_block), block(WARPS * 32);
+  return launch_kernel(pdl, gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, false, WARPS>,
+                       gemv_kernel<T, MT, NPW, UNROLL, KSPLIT, true, WARPS>, grid, block, stream, x, w, bias, residual,
+                       y, m, n, k, act);
 }
 
 // kGemvAuto at m <= 2, from bench/kernels.py --sweep on one H100 (L2 cold, m = 1) and the decode profiles:
@@ -183,6 +188,15 @@ cudaError_t launch_gemv(const T* x, const T* w, const T* bias, const T* residual
   if (m == 0 || n == 0) return cudaSuccess;
   if (m > gemv_max_rows() || k % (16 / static_cast<int>(sizeof(T))) != 0) return cudaErrorInvalidValue;
   if (variant == kGemvAuto && m <= 2 && gemv_auto_ksplit(n, k) == 0) variant = kGemvLegacy;
+  if ((variant == kGemvWide2 || variant == kGemvWide4) && m <= 2 && k % 64 == 0) {  // k split over 8 warps
+    const bool four = variant == kGemvWide4;
+    if (m <= 1)
+      return four ? launch_gemv_config<T, 1, 4, 1, 8, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream)
+                  : launch_gemv_config<T, 1, 2, 2, 8, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+    return four ? launch_gemv_config<T, 2, 4, 1, 8, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream)
+                : launch_gemv_config<T, 2, 2, 2, 8, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+  }
+  if (variant == kGemvWide2 || variant == kGemvWide4) variant = kGemvLegacy;  // more rows, or k not a multiple of 64
   if (variant == kGemvLegacy || m > 2) {
     if (m <= 1) return launch_gemv_config<T, 1, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
     if (m <= 2) return launch_gemv_config<T, 2, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
