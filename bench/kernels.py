@@ -477,7 +477,12 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
     if ext is None or (only and "linear" not in only):
         return rows
     import torch.nn.functional as F
-    for lname, (n_out, k_in) in {"qkv": (3 * h, h), "dense": (h, h), "h->4h": (4 * h, h), "4h->h": (h, 4 * h)}.items():
+    shapes = {}
+    for mname, prefix in (("gpt-neox-20b", ""), ("pythia-1.4b", "1.4b ")):  # the GEMV also runs the small models
+        hm = MODELS[mname]["h"]
+        shapes.update({f"{prefix}{ln}": s for ln, s in {"qkv": (3 * hm, hm), "dense": (hm, hm), "h->4h": (4 * hm, hm),
+                                                         "4h->h": (hm, 4 * hm)}.items()})
+    for lname, (n_out, k_in) in shapes.items():
         w = rnd(n_out, k_in, scale=k_in ** -0.5)
         for rows_ in (1, 2, 4):
             x1 = rnd(rows_, k_in)
@@ -487,7 +492,7 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
                 record("linear", f"{lname} m={rows_}", "cuBLAS, do_bench timing (L2 zeroed)", lambda: F.linear(x1, w),
                        nbytes, timer=median_ms_do_bench)
             for variant, vname in ((0, "gemv auto"), (1, "gemv legacy"), (2, "gemv k/1"), (3, "gemv k/2"),
-                                   (4, "gemv k/4"), (5, "gemv 8 warps x 2 rows"),
+                                   (4, "gemv k/4"), (5, "gemv 8 warps x 8 rows"),
                                    (6, "gemv 8 warps x 4 rows")):
                 if rows_ > 2 and variant > 1:
                     continue  # more than 2 rows always run the legacy configuration

@@ -22,12 +22,13 @@ namespace neox_rt {
 enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRelu = 3 };
 // kGemvAuto: per shape, the legacy configuration or the stream kernel with k split over warps
 // (gemv_auto_ksplit); kGemvSplitN: the stream kernel with k split over N warps;
-// kGemvLegacy: the first version; kGemvWideN: 8-warp blocks of N rows, each warp owning one eighth of k of every
-// row and issuing all its loads of the first chunk(s) at once (many short blocks with everything in flight, like a
-// pure streaming read). More than 2 rows of x always take the legacy configuration (two rows of W per warp share
-// each x load; measured faster there).
+// kGemvLegacy: the first version; the wide configurations: 8-warp blocks, each warp owning a slice of k of 4 rows
+// with its loads of every row in flight together (short blocks with much in flight, like a pure streaming read):
+// kGemvWide4 4 rows a block (k over 8 warps), kGemvWide8 8 rows (two groups of 4 warps, k over 4). (2 chunks of 4
+// rows in flight per lane spills at 128 registers.) More than 2 rows of x always take the legacy configuration (two
+// rows of W per warp share each x load; measured faster there).
 enum GemvVariant : int {
-  kGemvAuto = 0, kGemvLegacy = 1, kGemvSplit1 = 2, kGemvSplit2 = 3, kGemvSplit4 = 4, kGemvWide2 = 5, kGemvWide4 = 6,
+  kGemvAuto = 0, kGemvLegacy = 1, kGemvSplit1 = 2, kGemvSplit2 = 3, kGemvSplit4 = 4, kGemvWide8 = 5, kGemvWide4 = 6,
   kGemvVariantLast = kGemvWide4
 };
 
@@ -188,15 +189,17 @@ cudaError_t launch_gemv(const T* x, const T* w, const T* bias, const T* residual
   if (m == 0 || n == 0) return cudaSuccess;
   if (m > gemv_max_rows() || k % (16 / static_cast<int>(sizeof(T))) != 0) return cudaErrorInvalidValue;
   if (variant == kGemvAuto && m <= 2 && gemv_auto_ksplit(n, k) == 0) variant = kGemvLegacy;
-  if ((variant == kGemvWide2 || variant == kGemvWide4) && m <= 2 && k % 64 == 0) {  // k split over 8 warps
-    const bool four = variant == kGemvWide4;
-    if (m <= 1)
-      return four ? launch_gemv_config<T, 1, 4, 1, 8, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream)
-                  : launch_gemv_config<T, 1, 2, 2, 8, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-    return four ? launch_gemv_config<T, 2, 4, 1, 8, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream)
-                : launch_gemv_config<T, 2, 2, 2, 8, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+  const bool wide = variant == kGemvWide8 || variant == kGemvWide4;
+  if (wide && m <= 2 && k % 64 == 0) {  // k split over up to 8 warps in whole 16-byte vectors
+#define NEOX_RT_GEMV_WIDE(MT_)                                                                                    \
+  return variant == kGemvWide8                                                                                     \
+             ? launch_gemv_config<T, MT_, 4, 1, 4, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream)           \
+             : launch_gemv_config<T, MT_, 4, 1, 8, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+    if (m <= 1) NEOX_RT_GEMV_WIDE(1);
+    NEOX_RT_GEMV_WIDE(2);
+#undef NEOX_RT_GEMV_WIDE
   }
-  if (variant == kGemvWide2 || variant == kGemvWide4) variant = kGemvLegacy;  // more rows, or k not a multiple of 64
+  if (wide) variant = kGemvLegacy;  // more rows, or k not a multiple of 64
   if (variant == kGemvLegacy || m > 2) {
     if (m <= 1) return launch_gemv_config<T, 1, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
     if (m <= 2) return launch_gemv_config<T, 2, 2, 1, 1>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
