@@ -181,6 +181,17 @@ inline int gemv_auto_ksplit(int n, int k) {
   return (k / 8) % 2 == 0 ? 2 : 1;
 }
 
+// kGemvAuto at m == 1 with k % 64 == 0 (every GPT-NeoX / Pythia layer): the wide configurations, faster than all of
+// the above in the same sweep (one H100, L2 cold, us, d7f8ef5; bench/NOTES.md): 20B qkv 80.2 (auto before 90.0,
+// cuBLAS 85.0), dense 32.1 (36.0, 31.7), h->4h 103.4 (111.4, 109.1), 4h->h 106.3 (113.4, 111.7); 8 rows a block
+// where n <= 4096 (fewer, fuller blocks for narrow layers: pythia-1.4b dense 8.2 vs 9.3 with 4 rows and 10.2 before,
+// 4h->h 17.3 vs 19.5 / 20.6), 4 rows above (1.4b qkv 14.8 vs 15.2, h->4h 17.5 vs 18.3). Returns the variant, or
+// kGemvAuto where the older choice stands (more rows, other k).
+inline int gemv_auto_wide(int m, int n, int k) {
+  if (m != 1 || k % 64 != 0) return kGemvAuto;
+  return n <= 4096 ? kGemvWide8 : kGemvWide4;
+}
+
 // m in 1..16 (rounded up to 1, 2, 4, 8 or 16 rows of registers), k % 8 == 0, 16-byte aligned x and w.
 // residual (nullable) is [m, n] like y. `pdl` needs sm_90 (the caller checks the device).
 template <typename T>
@@ -188,6 +199,7 @@ cudaError_t launch_gemv(const T* x, const T* w, const T* bias, const T* residual
                         int act, int variant, bool pdl, cudaStream_t stream) {
   if (m == 0 || n == 0) return cudaSuccess;
   if (m > gemv_max_rows() || k % (16 / static_cast<int>(sizeof(T))) != 0) return cudaErrorInvalidValue;
+  if (variant == kGemvAuto) variant = gemv_auto_wide(m, n, k);
   if (variant == kGemvAuto && m <= 2 && gemv_auto_ksplit(n, k) == 0) variant = kGemvLegacy;
   const bool wide = variant == kGemvWide8 || variant == kGemvWide4;
   if (wide && m <= 2 && k % 64 == 0) {  // k split over up to 8 warps in whole 16-byte vectors

@@ -263,6 +263,12 @@ int main() {
   test_gemv<__half>(2, 130, 4096, neox_rt::kActNone, 2e-3, "gemv fp16 m=2 residual", 0, true);
   test_gemv<__half>(3, 77, 520, neox_rt::kActRelu, 2e-3, "gemv fp16 m=3 legacy residual", 1, true);
   test_gemv<__half>(1, 45, 4096, neox_rt::kActNone, 2e-3, "gemv fp16 m=1 k split 4", neox_rt::kGemvSplit4, true);
+  test_gemv<__half>(1, 301, 512, neox_rt::kActGeluErf, 2e-3, "gemv fp16 m=1 wide 8 rows", neox_rt::kGemvWide8, true);
+  test_gemv<__half>(1, 45, 4096, neox_rt::kActNone, 2e-3, "gemv fp16 m=1 wide 4 rows", neox_rt::kGemvWide4, true);
+  test_gemv<__nv_bfloat16>(2, 37, 1024, neox_rt::kActGeluTanh, 1.6e-2, "gemv bf16 m=2 wide 4 rows",
+                           neox_rt::kGemvWide4, true);
+  test_gemv<__half>(1, 97, 1032, neox_rt::kActNone, 2e-3, "gemv fp16 m=1 wide, k % 64 != 0 (legacy)",
+                    neox_rt::kGemvWide4, true);
   test_gemv<__nv_bfloat16>(2, 37, 1040, neox_rt::kActGeluTanh, 1.6e-2, "gemv bf16 m=2 k split 2",
                            neox_rt::kGemvSplit2, true);
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "all kernel tests passed", failures);
