@@ -78,57 +78,9 @@ __device__ __forceinline__ float softmax_weight(float m, float big) { return m =
 // in shared memory, then each thread owns dims and keeps 8 partial loads in flight, rather than one thread per dim
 // walking every split's maximum, sum and partial in turn (at 16 splits both measured the same; this one bounds
 // the chain for long caches). Loads bypass L1 (__ldcg): other blocks wrote the partials during this kernel.
-// Up to kDecodeFastMergeSplits splits (every plan of the default 4 blocks per SM at 8+ heads): all loads in one
-// round trip. Warp 0 lane s loads the (max, sum) of split s while every thread loads its dims of every split; the
-// weights go through shared memory once. (The general path below needs three dependent round trips.)
-constexpr int kDecodeFastMergeSplits = 32;
-
-template <typename T, int HD>
-__device__ __forceinline__ void merge_splits_fast(const float* part_out, const float* part_ml, int64_t bh,
-                                                  int splits, int used, T* out) {
-  constexpr int S = kDecodeFastMergeSplits, DPT = (HD + kDecodeThreads - 1) / kDecodeThreads;  // dims per thread
-  __shared__ float s_w[S];
-  __shared__ float s_inv;
-  const float* ml = part_ml + bh * splits * 2;
-  const float* po = part_out + bh * splits * HD;
-  float mv = -INFINITY, lv = 0.f;
-  if (threadIdx.x < used) {
-    mv = __ldcg(ml + 2 * threadIdx.x);
-    lv = __ldcg(ml + 2 * threadIdx.x + 1);
-  }
-  float pv[DPT][S];
-#pragma unroll
-  for (int r = 0; r < DPT; ++r) {
-    const int d = threadIdx.x + r * kDecodeThreads;
-#pragma unroll
-    for (int sp = 0; sp < S; ++sp) pv[r][sp] = sp < used && d < HD ? __ldcg(po + sp * HD + d) : 0.f;
-  }
-  if (threadIdx.x < 32) {  // lanes past `used` hold -inf and weigh 0
-    const float w = softmax_weight(mv, warp_max(mv));
-    const float den = warp_sum(w * lv);
-    s_w[threadIdx.x] = w;
-    if (threadIdx.x == 0) s_inv = 1.f / den;
-  }
-  __syncthreads();
-#pragma unroll
-  for (int r = 0; r < DPT; ++r) {
-    const int d = threadIdx.x + r * kDecodeThreads;
-    if (d < HD) {
-      float num = 0.f;
-#pragma unroll
-      for (int sp = 0; sp < S; ++sp) num += s_w[sp] * pv[r][sp];
-      out[bh * HD + d] = from_float<T>(num * s_inv);
-    }
-  }
-}
-
 template <typename T, int HD>
 __device__ __forceinline__ void merge_splits(const float* part_out, const float* part_ml, int64_t bh, int splits,
                                              int used, T* out) {
-  if (used <= kDecodeFastMergeSplits) {
-    merge_splits_fast<T, HD>(part_out, part_ml, bh, splits, used, out);
-    return;
-  }
   __shared__ float s_w[kDecodeMaxSplits];
   __shared__ float s_red[32];
   const float* ml = part_ml + bh * splits * 2;
