@@ -12,7 +12,10 @@ Time: median of 40 calls timed with CUDA events, each after reading a 256 MiB bu
 ``median_ms``: triton's do_bench zeroes its buffer, which leaves dirty lines the timed op must write back).
 Memory-bound ops report achieved GB/s = minimal bytes the op must move / time, and its % of the copy
 bandwidth measured in the same run (1 GiB device-to-device copy, read + write bytes); prefill attention
-also reports TFLOP/s (causal: 4 * nh * hd * sum over queries of (p + 1)). A provider that fails or does not
+also reports TFLOP/s (causal: 4 * nh * hd * sum over queries of (p + 1)). Two references per case: the fastest
+pure read of the op's bytes timed the same way (no kernel that must read them beats it under this timer), and, for
+ops moving >= 32 MiB, back-to-back timing (48 calls queued over rotating input copies, each cold in L2, no host or
+flush gap: how the decode graph runs them; --no-back-to-back skips it). A provider that fails or does not
 support a shape gets an error row and the run continues. Results: JSON (GPU, CUDA, torch, triton, commit,
 shapes, rows) to --out (default $OUT/kernels.json when OUT is set, else bench/results/kernels_<gpu>.json),
 then a markdown table, printed last.
