@@ -5,9 +5,8 @@
 
 The script warms every kernel up first (compiles, autotuning, the extension's counters), then opens the profiler
 range (cudaProfilerStart) and launches each once: the CUDA GEMV, the Triton GEMV and cuBLAS on the dense shape
-(6144 x 6144, one row), the CUDA GEMV on qkv (18432 x 6144: the same kernel at 99% of copy bandwidth back to back,
-for contrast), CUDA decode attention at b=1 with 2048 cached tokens, and bench/kernels.py's pure read of the same
-bytes (75.5 and 50.4 MB). Nsight Compute replays each launch with caches flushed (its default), so every one
+(6144 x 6144, one row), the CUDA GEMV on qkv (18432 x 6144, the largest decode GEMV, for contrast), CUDA decode
+attention at b=1 with 2048 cached tokens, and bench/kernels.py's pure read of the same bytes (75.5 and 50.4 MB). Nsight Compute replays each launch with caches flushed (its default), so every one
 starts from a cold L2 as in bench/kernels.py.
 """
 from __future__ import annotations

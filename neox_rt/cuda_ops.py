@@ -40,9 +40,9 @@ def _env_int(name: str, default: int, lo: int, hi: int | None = None) -> int:
 # every row, but re-reads x per output pair, so cuBLAS wins as rows grow. Set from `python -m neox_rt.cuda_ops
 # bench` on H100; the kernel itself handles up to 16 rows.
 GEMV_MAX_ROWS = 1  # measured on H100: at 4 and 16 rows cuBLAS was 1.4-5x faster
-# csrc/kernels/gemv.cuh: 0 = auto (stream kernel, 8 loads in flight per lane, k split over 1, 2 or 4 warps by
-# shape), 1 = legacy (the first version), 2/3/4 = stream with k split over 1/2/4 warps, 5/6 = 8-warp blocks of 8 / 4
-# rows (GemvVariant in csrc/kernels/gemv.cuh; bench/kernels.py --sweep).
+# csrc/kernels/gemv.cuh: 0 = auto (per shape: one row the 8-warp blocks, 2 rows the stream kernel or legacy), 1 =
+# legacy (the first version), 2/3/4 = stream with k split over 1/2/4 warps, 5/6 = 8-warp blocks of 8 / 4 rows
+# (GemvVariant in csrc/kernels/gemv.cuh; bench/kernels.py --sweep).
 GEMV_VARIANT = _env_int("NEOX_RT_GEMV_VARIANT", 0, 0, 6)
 # Programmatic dependent launch of the GEMV on sm_90 (its first weight loads are issued under the previous
 # kernel's tail; ignored on older GPUs). On by default: 20B decode 14.85 vs 15.00 ms/token on one H100 in the same

@@ -5,9 +5,12 @@
 // and stays in L1/L2), accumulating in fp32; bias, activation and residual add are fused into the epilogue.
 //
 // Configurations (GemvVariant), measured side by side by bench/kernels.py --sweep:
+//  - wide (m <= 2, k % 64 == 0): blocks of 8 warps; each warp owns a slice of k of 4 rows and keeps one 16-byte load
+//    per row and lane in flight, double-buffered (4 rows a block with k over 8 warps, or 8 rows with k over 4);
+//    kGemvAuto takes it for every single-row call it fits (decode), 8 rows a block where n <= 4096.
 //  - stream (m <= 2): a row of W is owned by one warp, or split along k over 2 or 4 warps of the block (KSPLIT);
 //    each warp keeps 2 x UNROLL 16-byte loads per lane in flight (double-buffered chunks of 32 * 8 * UNROLL
-//    elements); kGemvAuto takes it (k split over 4 warps) for long rows and narrow layers.
+//    elements); kGemvAuto takes it (k split over 4 warps) at 2 rows for long rows and narrow layers.
 //  - legacy: the first version (two rows per warp, one load per lane in flight); used for m > 2.
 // Programmatic dependent launch (sm_90, opt-in by the launcher's `pdl`): the kernel asks for its dependents to be
 // launched as soon as all its blocks run, and issues its first weight loads BEFORE waiting for the previous
@@ -168,7 +171,8 @@ cudaError_t launch_gemv_config(const T* x, const T* w, const T* bias, const T* r
                        y, m, n, k, act);
 }
 
-// kGemvAuto at m <= 2, from bench/kernels.py --sweep on one H100 (L2 cold, m = 1) and the decode profiles:
+// kGemvAuto at m <= 2 where gemv_auto_wide (below) does not choose (2 rows, or k % 64 != 0), from an older
+// bench/kernels.py --sweep on one H100 (L2 cold, m = 1) and the decode profiles:
 // the legacy configuration (a warp per two rows) where it already has many warps with short rows, n >= 6144 and
 // k <= 8192 (20B qkv 83.6 us vs 85.3 with k split over 2 warps / 88.9 unsplit; dense 34.6 vs 36.7 / 40.7;
 // h->4h 108.7 vs 108.4 / 112.6); otherwise the stream kernel with k split over 4 warps (20B 4h->h, k = 24576:

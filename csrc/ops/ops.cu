@@ -194,6 +194,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const bool pipe = variant == 0 ? kDecodePipeDefault : variant == 2;
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t cap = k_cache.size(2);
+  TORCH_CHECK(cap <= INT_MAX / hd, "neox_rt: decode_attention supports caches of at most 2^31 / head size = ",
+              INT_MAX / hd, " slots, got ", cap);
   // Split length from the capacity and the device only (never from seqlens: no host sync, graph-capturable).
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const int per_sm = blocks_per_sm > 0 ? static_cast<int>(blocks_per_sm) : kDecodeBlocksPerSm;
@@ -295,8 +297,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
     CHECK_DTYPE(*bias, x.scalar_type(), "bias");
     CHECK_SHAPE(*bias, n);
   }
-  TORCH_CHECK(variant >= kGemvAuto && variant <= kGemvVariantLast, "neox_rt: gemv variant must be 0 (auto), 1 (legacy), ",
-              "2, 3 or 4 (k split over 1, 2 or 4 warps), 5 or 6 (8-warp blocks of 8 or 4 rows), got ", variant);
+  TORCH_CHECK(variant >= kGemvAuto && variant <= kGemvVariantLast, "neox_rt: gemv variant must be 0 (auto), ",
+              "1 (legacy), 2, 3 or 4 (k split over 1, 2 or 4 warps), 5 or 6 (8-warp blocks of 8 or 4 rows), got ",
+              variant);
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
   if (residual.has_value()) {
