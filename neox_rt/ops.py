@@ -251,18 +251,16 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
         by_triton = {k: op.impls for k, op in OPS.items() if op.impls}
         reset()
         by_cuda = {k: op.impls for k, op in OPS.items() if op.impls} if _load_backend("cuda") else {}
+        have = {"cuda": by_cuda, "triton": by_triton}
         for k, op in OPS.items():
             choice = overrides.get(k) or ("cuda+triton" if k in CUDA_THEN_TRITON
                                           else "cuda" if k in PREFER_CUDA else "triton")
-            impls = {"cuda": by_cuda.get(k, ()), "triton": by_triton.get(k, ()), "torch": (),
-                     "cuda+triton": by_cuda.get(k, ()) + by_triton.get(k, ())}[choice]
-            if not impls and choice != "torch":  # the preferred backend lacks this op: the other one serves it
-                choice, impls = ("triton", by_triton[k]) if k in by_triton else ("cuda", by_cuda.get(k, ()))
-            if choice == "cuda+triton" and k not in by_triton:
-                choice = "cuda"
-            elif choice == "cuda+triton" and k not in by_cuda:
-                choice = "triton"
-            op.impls, op.backend = impls, (choice if impls else "torch")
+            wanted_parts = () if choice == "torch" else choice.split("+")
+            parts = [b for b in wanted_parts if k in have[b]]
+            if wanted_parts and not parts:  # the preferred backend lacks this op: the other one serves it
+                parts = [b for b in ("triton", "cuda") if k in have[b]][:1]
+            op.impls = tuple(impl for b in parts for impl in have[b][k])
+            op.backend = "+".join(parts) or "torch"
         _active_backend = wanted
         # report the backend that serves most ops
         return "triton" if have_triton else OPS["rotary_kv_write"].backend
