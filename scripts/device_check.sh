@@ -4,7 +4,8 @@
 #   info,build,cxx,train,test,test_pdl,kernels,ncu,ab,profile,latency,tp,load
 #   (default: info,build,test,kernels,latency,tp)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
-# AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2 sets two), LATENCY_ARGS,
+# AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2
+# sets two), LATENCY_ARGS,
 # TP_ARGS/TP1_ARGS/TP_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline), BASELINE_COMMIT (its commit).
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
@@ -39,6 +40,7 @@ stage info 60 "nvidia-smi; python3 -c 'import torch, triton, transformers; print
 # .baseline/ (ignored; `git archive <commit> | tar -x -C .baseline`, carried with the call) is the version to
 # compare against in the same run: its extension is built in place beside the main build.
 HAVE_BASE=; [ -d .baseline ] && [ -n "${BASELINE-1}" ] && HAVE_BASE=1
+BASE_PY="cd .baseline && NEOX_RT_COMMIT=${BASELINE_COMMIT:-baseline} python3"  # a bench of the baseline tree
 if [ -n "$HAVE_BASE" ]; then
   ( stage build_baseline 420 "cd .baseline && MAX_JOBS=6 python3 setup.py -q build_ext --inplace" ) &
   BASE_PID=$!
@@ -55,7 +57,7 @@ stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -rf -m 'gpu or multigpu' ${T
 stage test_pdl ${TEST_LIMIT:-420} "NEOX_RT_PDL=0 python3 -m pytest -q -rf -m gpu tests/test_graphs.py tests/test_kernels_cuda.py tests/test_default_model.py -k 'model or graph or gemv or fused'"
 # KERNELS_BASE_ARGS: the baseline tree's bench/kernels.py with these arguments first, in the same stage (same card)
 KB_CMD=""
-[ -n "$HAVE_BASE" ] && [ -n "${KERNELS_BASE_ARGS:-}" ] && KB_CMD="(cd .baseline && NEOX_RT_COMMIT=${BASELINE_COMMIT:-baseline} python3 bench/kernels.py --out $OUT/kernels_baseline.json $KERNELS_BASE_ARGS) ; "
+[ -n "$HAVE_BASE" ] && [ -n "${KERNELS_BASE_ARGS:-}" ] && KB_CMD="($BASE_PY bench/kernels.py --out $OUT/kernels_baseline.json $KERNELS_BASE_ARGS) ; "
 stage kernels ${KERNELS_LIMIT:-300} "$KB_CMD python3 bench/kernels.py --out $OUT/kernels.json ${KERNELS_ARGS:-}"
 # Nsight Compute on the kernels that miss their targets (bench/ncu_probe.py), caches flushed per replay.
 stage ncu ${NCU_LIMIT:-240} "ncu --profile-from-start off --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats ${NCU_ARGS:-} python3 bench/ncu_probe.py"
@@ -63,7 +65,7 @@ stage ncu ${NCU_LIMIT:-240} "ncu --profile-from-start off --clock-control none -
 # AB_ENVS (space-separated; '-' = defaults), same shapes and flags.
 AB_FLAGS="--models ${AB_MODELS:-gpt-neox-20b,pythia-1.4b} --skip-hf --tokens ${AB_TOKENS:-100,200} --batch ${AB_BATCH:-1}"
 AB_CMD=""
-[ -n "$HAVE_BASE" ] && AB_CMD="(cd .baseline && NEOX_RT_COMMIT=${BASELINE_COMMIT:-baseline} python3 bench/latency.py $AB_FLAGS --out $OUT/ab_baseline.json) ; "
+[ -n "$HAVE_BASE" ] && AB_CMD="($BASE_PY bench/latency.py $AB_FLAGS --out $OUT/ab_baseline.json) ; "
 for e in ${AB_ENVS:--}; do  # an entry may set several variables joined by '+': A=1+B=2
   tag=$(echo "$e" | tr -c 'A-Za-z0-9\n' '_')
   ev=${e/#-/}
