@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,cxx,train,test,test_pdl,kernels,ncu,ab,profile,latency,tp,load
+#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,latency,tp,load
 #   (default: info,build,test,kernels,latency,tp)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
 # AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2
@@ -46,6 +46,9 @@ if [ -n "$HAVE_BASE" ]; then
   BASE_PID=$!
 fi
 # The framework-free kernel tests (csrc/standalone/test_kernels.cu, as CMakeLists.txt builds them) beside the build.
+# Decode-attention options and plans side by side, timed and traced (csrc/standalone/decode_probe.cu; no torch).
+PROBE_ARCH="-arch=sm_$(echo ${TORCH_CUDA_ARCH_LIST%%;*} | tr -d .+PTX)"
+stage probe ${PROBE_LIMIT:-240} "nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -o /tmp/decode_probe csrc/standalone/decode_probe.cu & nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -DNEOX_RT_DECODE_TRACE -o /tmp/decode_probe_trace csrc/standalone/decode_probe.cu & wait; /tmp/decode_probe $OUT/decode_probe.json && /tmp/decode_probe_trace $OUT/decode_probe_trace.json"
 ( stage cxx 300 "nvcc -std=c++17 -O3 --use_fast_math -Icsrc -arch=sm_\$(echo \${TORCH_CUDA_ARCH_LIST%%;*} | tr -d .+PTX) -o /tmp/neox_rt_kernel_test csrc/standalone/test_kernels.cu && /tmp/neox_rt_kernel_test" ) &
 CXX_PID=$!
 stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . && python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"

@@ -36,15 +36,32 @@ constexpr int kDecodeMaxSplits = 256;  // the planner never makes more (the merg
 constexpr int kDecodeBlocksPerSm = 4;      // default split plan: about this many blocks per SM over the grid
 constexpr bool kDecodePipeDefault = true;  // default step scheme (variant 0): double-buffered
 
+// Options of the split kernel (template bit mask, 0 = the default kernel), compared by
+// csrc/standalone/decode_probe.cu:
+// - kDecodeEarly: the first step's K/V loads are issued together with seqlens and q, bounded by the split and
+//   the capacity (masked once the length is known), instead of one memory round trip later;
+// - kDecodePrefetch: before waiting on the previous kernel, the block asks the L2 for its first step of K and V
+//   (bulk prefetch on sm_90, one line per thread before), bounded by the capacity;
+// - kDecodeNarrow: lane groups as wide as the largest power of two dividing the vectors of a key row (head size
+//   96 in fp16: 4 lanes of 3 vectors instead of 16 lanes of which 4 load nothing);
+// - kDecodePrefetchAll: like kDecodePrefetch, the block's whole split.
+constexpr int kDecodeEarly = 1;
+constexpr int kDecodePrefetch = 2;
+constexpr int kDecodeNarrow = 4;
+constexpr int kDecodePrefetchAll = 8;
+
+constexpr int largest_pow2_divisor(int v) { return (v & 1) || v >= 32 ? (v >= 32 ? 32 : 1) : 2 * largest_pow2_divisor(v / 2); }
+
 // PIPE: the block's steps are double-buffered (the next step's K/V loads are issued before the current step is
 // computed), with half the keys per step so the registers stay the same; otherwise each step's loads are issued,
 // then used (single-buffered).
-template <typename T, int HD, bool PIPE = false>
+template <typename T, int HD, bool PIPE = false, int OPT = 0>
 struct DecodeLayout {
   static constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
   static_assert(HD % VEC == 0, "a key row must be whole 16-byte vectors");
   static constexpr int VPK = HD / VEC;  // vectors per key row
-  static constexpr int LPK = VPK > 16 ? 32 : VPK > 8 ? 16 : VPK > 4 ? 8 : VPK > 2 ? 4 : VPK > 1 ? 2 : 1;
+  static constexpr int LPK = (OPT & kDecodeNarrow) ? largest_pow2_divisor(VPK)
+                             : VPK > 16 ? 32 : VPK > 8 ? 16 : VPK > 4 ? 8 : VPK > 2 ? 4 : VPK > 1 ? 2 : 1;
   static constexpr int VPL = (VPK + LPK - 1) / LPK;  // vectors of a key row per lane
   static constexpr int G = kDecodeThreads / LPK;     // lane groups (keys side by side) per block
   static constexpr int N_SINGLE = VPL >= 8 ? 1 : 8 / VPL;  // 8 x 16 bytes of K (and of V) per lane per step
@@ -55,11 +72,55 @@ struct DecodeLayout {
   static constexpr int MIN_BLOCKS = std::is_same<T, __nv_bfloat16>::value ? 2 : 4;
 };
 
+#ifdef NEOX_RT_DECODE_TRACE
+// Probe builds only (csrc/standalone/decode_probe.cu): thread 0 of each block takes a record (8 x u64) at entry
+// and writes %globaltimer at trace points 0-5, the q pointer (which call) at 6 and SM id << 32 | linear block
+// index at 7. Records are numbered in order of entry across launches.
+__device__ unsigned long long* g_decode_trace = nullptr;
+__device__ unsigned int g_decode_trace_next = 0;
+__device__ unsigned int g_decode_trace_cap = 0;
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define NEOX_RT_DECODE_TRACE_BEGIN(qptr)                                                                     \
+  long long trace_rec_ = -1;                                                                                 \
+  if (threadIdx.x == 0 && g_decode_trace != nullptr) {                                                       \
+    const unsigned r_ = atomicAdd(&g_decode_trace_next, 1u);                                                 \
+    if (r_ < g_decode_trace_cap) {                                                                           \
+      trace_rec_ = r_;                                                                                       \
+      unsigned smid_;                                                                                        \
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(smid_));                                                     \
+      const unsigned long long blk_ = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);        \
+      g_decode_trace[trace_rec_ * 8 + 6] = reinterpret_cast<unsigned long long>(qptr);                       \
+      g_decode_trace[trace_rec_ * 8 + 7] = (static_cast<unsigned long long>(smid_) << 32) | blk_;            \
+      g_decode_trace[trace_rec_ * 8 + 0] = global_timer_ns();                                                \
+    }                                                                                                        \
+  }
+#define NEOX_RT_DECODE_TRACE_AT(slot) \
+  if (trace_rec_ >= 0) g_decode_trace[trace_rec_ * 8 + (slot)] = global_timer_ns()
+#else
+#define NEOX_RT_DECODE_TRACE_BEGIN(qptr)
+#define NEOX_RT_DECODE_TRACE_AT(slot) ((void)0)
+#endif
+
+// Ask the L2 for [p, p + bytes) (bytes a multiple of 16, p 16-byte aligned) on behalf of the whole block.
+__device__ __forceinline__ void prefetch_l2_block(const void* p, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (threadIdx.x == 0 && bytes > 0)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+  for (int off = threadIdx.x * 128; off < bytes; off += blockDim.x * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + off));
+#endif
+}
+
 // Keys per split (a multiple of the block step): about `blocks_per_sm` blocks per SM over the whole grid, from
 // the shapes only (never seqlens). Shared by the extension's launcher and the standalone tests.
-template <typename T, int HD, bool PIPE>
+template <typename T, int HD, bool PIPE, int OPT = 0>
 inline int decode_attention_split_len_hd(int b, int nh, int64_t capacity, int sms, int blocks_per_sm) {
-  constexpr int STEP = DecodeLayout<T, HD, PIPE>::STEP;
+  constexpr int STEP = DecodeLayout<T, HD, PIPE, OPT>::STEP;
   const int64_t heads = static_cast<int64_t>(b) * nh > 0 ? static_cast<int64_t>(b) * nh : 1;
   const int64_t want = (static_cast<int64_t>(sms) * blocks_per_sm + heads - 1) / heads;  // splits per head
   int64_t len = (capacity + (want > 0 ? want : 1) - 1) / (want > 0 ? want : 1);
@@ -103,8 +164,8 @@ __device__ __forceinline__ void merge_splits(const float* part_out, const float*
   }
 }
 
-template <typename T, int HD, bool PDL, bool PIPE>
-__global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD, PIPE>::MIN_BLOCKS))
+template <typename T, int HD, bool PDL, bool PIPE, int OPT = 0>
+__global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD, PIPE, OPT>::MIN_BLOCKS))
 decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, HD]
                               const T* __restrict__ k_cache,         // [B, nh, T, HD]
                               const T* __restrict__ v_cache,         // [B, nh, T, HD]
@@ -114,15 +175,25 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
                               float* __restrict__ part_ml,           // [b, nh, splits, 2] (max, sum)
                               int* __restrict__ counters,            // [b, nh] zeros, or null (separate merge)
                               int nh, int64_t capacity, int split_len, int splits, float scale_log2) {
-  using L = DecodeLayout<T, HD, PIPE>;
+  using L = DecodeLayout<T, HD, PIPE, OPT>;
   constexpr int VEC = L::VEC, VPK = L::VPK, LPK = L::LPK, VPL = L::VPL, G = L::G, N = L::N;
   constexpr int NW = kDecodeThreads / 32;
-  if (PDL) {
-    pdl_launch_dependents();
-    pdl_wait();  // q, the newest cache slot and seqlens come from earlier kernels
-  }
   const int split = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
   const int64_t bh = static_cast<int64_t>(i) * nh + h;
+  const T* kb = k_cache + bh * capacity * HD;
+  const T* vb = v_cache + bh * capacity * HD;
+  // Slot indices are 32-bit in the loops (fewer registers; the launcher checks capacity * HD < 2^31).
+  const int start = split * split_len;
+  const int split_end = start + split_len < capacity ? start + split_len : static_cast<int>(capacity);
+  if (PDL) pdl_launch_dependents();
+  NEOX_RT_DECODE_TRACE_BEGIN(q);
+  if (OPT & (kDecodePrefetch | kDecodePrefetchAll)) {  // old slots only: safe before the wait (L2 is coherent)
+    const int keys = (OPT & kDecodePrefetchAll) ? split_end - start
+                                                : (split_end - start < L::STEP ? split_end - start : L::STEP);
+    prefetch_l2_block(kb + static_cast<int64_t>(start) * HD, keys * HD * static_cast<int>(sizeof(T)));
+    prefetch_l2_block(vb + static_cast<int64_t>(start) * HD, keys * HD * static_cast<int>(sizeof(T)));
+  }
+  if (PDL) pdl_wait();  // q, the newest cache slot and seqlens come from earlier kernels
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = threadIdx.x / LPK, lig = threadIdx.x % LPK;  // lane group (key) and lane in the group (dims)
   // seqlens[i] and this lane's slice of q (vectors lig, lig + LPK, ... of the row, in fp32, scaled into log2 units)
@@ -142,20 +213,35 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
       for (int e = 0; e < VEC; ++e) qf[u][e] = 0.f;
     }
   }
-  // Slot indices are 32-bit in the loops (fewer registers; the launcher checks capacity * HD < 2^31).
+  // Issue every load of a step (all K, then all V) before the first is used; keys at or past `lim` are not loaded.
+  auto load_rows = [&](Vec<T, VEC> (&dst)[N][VPL], const T* rows, int base, int lim) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      const int j = base + g + n * G;
+#pragma unroll
+      for (int u = 0; u < VPL; ++u) {
+        const int vi = lig + u * LPK;
+        if (j < lim && vi < VPK) dst[n][u] = load_vec_stream<T, VEC>(rows + j * HD + vi * VEC);
+      }
+    }
+  };
+  auto load_step = [&](Vec<T, VEC> (&kr)[N][VPL], Vec<T, VEC> (&vr)[N][VPL], int base, int lim) {
+    load_rows(kr, kb, base, lim);
+    load_rows(vr, vb, base, lim);
+  };
+  // kDecodeEarly: the first step is requested before the length is known (bounded by the split only).
+  Vec<T, VEC> k0[N][VPL], v0[N][VPL];
+  if (OPT & kDecodeEarly) load_step(k0, v0, start, split_end);
   const int len = static_cast<int>(len_raw < capacity ? len_raw : capacity);
-  const int start = split * split_len;
   if (len <= 0) {  // nothing to attend to: zeros rather than NaN (written by split 0 only)
     if (split == 0)
       for (int d = threadIdx.x; d < HD; d += kDecodeThreads) out[bh * HD + d] = from_float<T>(0.f);
     return;
   }
   if (start >= len) return;  // the merge only reads splits below len
-  const int end = start + split_len < len ? start + split_len : len;
+  const int end = split_end < len ? split_end : len;
   const int used = static_cast<int>((len + split_len - 1) / split_len);
-
-  const T* kb = k_cache + bh * capacity * HD;
-  const T* vb = v_cache + bh * capacity * HD;
+  NEOX_RT_DECODE_TRACE_AT(1);
 
   float m = -INFINITY, l = 0.f;
   float acc[VPL][VEC];
@@ -164,22 +250,6 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[u][e] = 0.f;
 
-  // Issue every load of a step (all K, then all V) before the first is used.
-  auto load_rows = [&](Vec<T, VEC> (&dst)[N][VPL], const T* rows, int base) {
-#pragma unroll
-    for (int n = 0; n < N; ++n) {
-      const int j = base + g + n * G;
-#pragma unroll
-      for (int u = 0; u < VPL; ++u) {
-        const int vi = lig + u * LPK;
-        if (j < end && vi < VPK) dst[n][u] = load_vec_stream<T, VEC>(rows + j * HD + vi * VEC);
-      }
-    }
-  };
-  auto load_step = [&](Vec<T, VEC> (&kr)[N][VPL], Vec<T, VEC> (&vr)[N][VPL], int base) {
-    load_rows(kr, kb, base);
-    load_rows(vr, vb, base);
-  };
   // Scores of the step's keys, then this group's online-softmax update.
   auto compute_step = [&](const Vec<T, VEC> (&kr)[N][VPL], const Vec<T, VEC> (&vr)[N][VPL], int base) {
     float s[N];
@@ -228,27 +298,29 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
     }
   };
 
+  if (!(OPT & kDecodeEarly)) load_step(k0, v0, start, end);
   if (!PIPE) {
-    for (int base = start; base < end; base += L::STEP) {
-      Vec<T, VEC> kr[N][VPL], vr[N][VPL];
-      load_step(kr, vr, base);
-      compute_step(kr, vr, base);
+    compute_step(k0, v0, start);
+    for (int base = start + L::STEP; base < end; base += L::STEP) {
+      load_step(k0, v0, base, end);
+      compute_step(k0, v0, base);
     }
   } else {  // two register buffers, unrolled by two so that neither is indexed at run time
-    Vec<T, VEC> k0[N][VPL], v0[N][VPL], k1[N][VPL], v1[N][VPL];
+    Vec<T, VEC> k1[N][VPL], v1[N][VPL];
     int base = start;
-    load_step(k0, v0, base);
     while (true) {
-      if (base + L::STEP < end) load_step(k1, v1, base + L::STEP);
+      if (base + L::STEP < end) load_step(k1, v1, base + L::STEP, end);
       compute_step(k0, v0, base);
+      if (base == start) NEOX_RT_DECODE_TRACE_AT(2);
       base += L::STEP;
       if (base >= end) break;
-      if (base + L::STEP < end) load_step(k0, v0, base + L::STEP);
+      if (base + L::STEP < end) load_step(k0, v0, base + L::STEP, end);
       compute_step(k1, v1, base);
       base += L::STEP;
       if (base >= end) break;
     }
   }
+  NEOX_RT_DECODE_TRACE_AT(3);
 
   // Merge the lane groups of a warp (same lig, other g): xor over the lane bits above the group's.
 #pragma unroll
@@ -322,8 +394,10 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
     if (s_last) counters[bh] = 0;  // every other block of this (i, h) has taken its ticket: ready for the next launch
   }
   __syncthreads();  // the rest of the block sees the acquired partials through thread 0 (cumulativity)
+  NEOX_RT_DECODE_TRACE_AT(4);
   if (!s_last) return;
   merge_splits<T, HD>(part_out, part_ml, bh, splits, used, out);
+  NEOX_RT_DECODE_TRACE_AT(5);
 }
 
 template <typename T, int HD>
@@ -340,12 +414,12 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,    // [b, nh,
   merge_splits<T, HD>(part_out, part_ml, static_cast<int64_t>(i) * nh + h, splits, used, out);
 }
 
-template <typename T, int HD, bool PIPE>
+template <typename T, int HD, bool PIPE, int OPT = 0>
 cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                 float* part_out, float* part_ml, int* counters, int b, int nh, int64_t capacity,
                                 int split_len, int splits, float scale_log2, bool pdl, cudaStream_t stream) {
-  return launch_kernel(pdl, decode_attention_split_kernel<T, HD, false, PIPE>,
-                       decode_attention_split_kernel<T, HD, true, PIPE>, dim3(splits, nh, b), dim3(kDecodeThreads),
+  return launch_kernel(pdl, decode_attention_split_kernel<T, HD, false, PIPE, OPT>,
+                       decode_attention_split_kernel<T, HD, true, PIPE, OPT>, dim3(splits, nh, b), dim3(kDecodeThreads),
                        stream, q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len,
                        splits, scale_log2);
 }

@@ -1,0 +1,378 @@
+// Decode-attention probe (one GPU, no torch): the options of the split kernel (kDecode* in
+// kernels/decode_attention.cuh) and split plans side by side in one process, at the GPT-NeoX-20B shape (64 heads
+// of 96, fp16), timed two ways as bench/kernels.py does: one call with the L2 cold and clean, and calls queued
+// back to back with programmatic dependent launch over rotating caches (each call cold in L2). A pure read of
+// the same bytes (16-byte loads, 8 in flight per thread, same launch) is timed beside them. Built with
+// -DNEOX_RT_DECODE_TRACE it also records, per block, %globaltimer at the kernel's trace points for one cold call
+// and for a chain of back-to-back calls, and prints where the time goes. Each option's output is compared with
+// the default kernel's. Usage: decode_probe [out.json]; prints a table, writes JSON rows.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/decode_attention.cuh"
+
+#define CK(x)                                                                                  \
+  do {                                                                                         \
+    cudaError_t e_ = (x);                                                                      \
+    if (e_ != cudaSuccess) {                                                                   \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                            \
+    }                                                                                          \
+  } while (0)
+
+using neox_rt::kDecodeThreads;
+using T = __half;
+constexpr int kNh = 64, kHd = 96, kCap = 2048;
+
+__global__ void fill_kernel(T* p, size_t n, unsigned seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    unsigned x = unsigned(i) * 2654435761u ^ seed;
+    x ^= x >> 13;
+    x *= 0x5bd1e995u;
+    x ^= x >> 15;
+    p[i] = __float2half((int(x & 0xffff) - 32768) / 32768.f);  // [-1, 1), never all zero
+  }
+}
+
+// Pure read of n 16-byte vectors: 8 loads in flight per thread, the same streaming load as the kernel.
+template <bool PDL>
+__global__ void __launch_bounds__(256) read_kernel(const int4* p, size_t n, int* sink) {
+  if (PDL) {
+    neox_rt::pdl_launch_dependents();
+    neox_rt::pdl_wait();
+  }
+  const size_t base = blockIdx.x * size_t(256 * 8) + threadIdx.x;
+  int acc = 0;
+  int4 v[8];
+#pragma unroll
+  for (int u = 0; u < 8; ++u)
+    if (base + u * 256 < n) v[u] = __ldcs(p + base + u * 256);
+#pragma unroll
+  for (int u = 0; u < 8; ++u)
+    if (base + u * 256 < n) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  if (acc == 0x7fffffff) sink[0] = acc;
+}
+
+__global__ void spin_kernel(long long ns) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < ns) {
+  }
+}
+
+struct Inputs {
+  int b = 1;
+  std::vector<T*> q, k, v;  // rotating copies
+  int64_t* seqlens = nullptr;
+  T* out = nullptr;
+  float* part_out = nullptr;
+  float* part_ml = nullptr;
+  int* counters = nullptr;
+};
+
+static size_t cache_elems(int b) { return size_t(b) * kNh * kCap * kHd; }
+
+static Inputs make_inputs(int b, int len, int copies, int q_copies) {
+  Inputs in;
+  in.b = b;
+  for (int c = 0; c < copies; ++c) {  // K and V of a copy in one allocation: the pure read is one launch
+    T* k;
+    CK(cudaMalloc(&k, 2 * cache_elems(b) * sizeof(T)));
+    T* v = k + cache_elems(b);
+    fill_kernel<<<1024, 256>>>(k, cache_elems(b), 17u + c);
+    fill_kernel<<<1024, 256>>>(v, cache_elems(b), 91u + c);
+    in.k.push_back(k);
+    in.v.push_back(v);
+  }
+  for (int c = 0; c < q_copies; ++c) {
+    T* q;
+    CK(cudaMalloc(&q, size_t(b) * kNh * kHd * sizeof(T)));
+    fill_kernel<<<64, 256>>>(q, size_t(b) * kNh * kHd, 5u);  // the same q in every copy
+    in.q.push_back(q);
+  }
+  std::vector<int64_t> lens(b, len);
+  CK(cudaMalloc(&in.seqlens, b * sizeof(int64_t)));
+  CK(cudaMemcpy(in.seqlens, lens.data(), b * sizeof(int64_t), cudaMemcpyHostToDevice));
+  CK(cudaMalloc(&in.out, size_t(b) * kNh * kHd * sizeof(T)));
+  CK(cudaMalloc(&in.part_out, size_t(b) * kNh * neox_rt::kDecodeMaxSplits * kHd * sizeof(float)));
+  CK(cudaMalloc(&in.part_ml, size_t(b) * kNh * neox_rt::kDecodeMaxSplits * 2 * sizeof(float)));
+  CK(cudaMalloc(&in.counters, size_t(b) * kNh * sizeof(int)));
+  CK(cudaMemset(in.counters, 0, size_t(b) * kNh * sizeof(int)));
+  CK(cudaDeviceSynchronize());
+  return in;
+}
+
+struct Variant {
+  std::string name;
+  int opt, bps;
+  std::function<int(int b, int sms, int bps)> split_len;
+  std::function<cudaError_t(const Inputs&, int call, int split_len, bool pdl, cudaStream_t)> launch;
+  int regs = 0, local = 0;
+};
+
+template <int OPT>
+static Variant variant(const char* name, int bps) {
+  Variant v;
+  v.name = name;
+  v.opt = OPT;
+  v.bps = bps;
+  v.split_len = [](int b, int sms, int per_sm) {
+    return neox_rt::decode_attention_split_len_hd<T, kHd, true, OPT>(b, kNh, kCap, sms, per_sm);
+  };
+  v.launch = [](const Inputs& in, int call, int split_len, bool pdl, cudaStream_t s) {
+    const int c = call % int(in.k.size());
+    const int splits = neox_rt::decode_attention_splits(kCap, split_len);
+    return neox_rt::launch_decode_split<T, kHd, true, OPT>(
+        in.q[call % in.q.size()], in.k[c], in.v[c], in.seqlens, in.out, in.part_out, in.part_ml, in.counters, in.b,
+        kNh, kCap, split_len, splits, (1.f / std::sqrt(float(kHd))) * 1.4426950408889634f, pdl, s);
+  };
+  cudaFuncAttributes a;
+  CK(cudaFuncGetAttributes(&a, neox_rt::decode_attention_split_kernel<T, kHd, true, true, OPT>));
+  v.regs = a.numRegs;
+  v.local = int(a.localSizeBytes);
+  return v;
+}
+
+// L2 flush that leaves the L2 clean: read a buffer larger than the L2.
+static int4* g_flush = nullptr;
+static size_t g_flush_n = 0;
+static int* g_sink = nullptr;
+static void flush_l2(cudaStream_t s) {
+  read_kernel<false><<<int((g_flush_n + 2047) / 2048), 256, 0, s>>>(g_flush, g_flush_n, g_sink);
+}
+
+static double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// One call, L2 cold: median us over reps.
+static double time_cold(const std::function<cudaError_t(int, cudaStream_t)>& fn, cudaStream_t s, int reps = 31) {
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<double> t;
+  for (int r = 0; r < reps + 2; ++r) {
+    flush_l2(s);
+    CK(cudaEventRecord(e0, s));
+    CK(fn(r, s));
+    CK(cudaEventRecord(e1, s));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    if (r >= 2) t.push_back(ms * 1e3);
+  }
+  return median(t);
+}
+
+// `calls` calls queued behind a spin kernel, each on the next rotating copy: per-call us, median over reps.
+static double time_b2b(const std::function<cudaError_t(int, cudaStream_t)>& fn, cudaStream_t s, int calls = 48,
+                       int reps = 7) {
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<double> t;
+  for (int r = 0; r < reps + 1; ++r) {
+    flush_l2(s);
+    spin_kernel<<<1, 1, 0, s>>>(200000);  // ~100 us: the launches below queue up behind it
+    CK(cudaEventRecord(e0, s));
+    for (int c = 0; c < calls; ++c) CK(fn(c, s));
+    CK(cudaEventRecord(e1, s));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    if (r >= 1) t.push_back(ms * 1e3 / calls);
+  }
+  return median(t);
+}
+
+static std::vector<float> output(const Inputs& in) {
+  std::vector<T> h(size_t(in.b) * kNh * kHd);
+  CK(cudaMemcpy(h.data(), in.out, h.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  std::vector<float> f(h.size());
+  for (size_t i = 0; i < h.size(); ++i) f[i] = __half2float(h[i]);
+  return f;
+}
+
+#ifdef NEOX_RT_DECODE_TRACE
+// Run fn (which launches `calls` calls) with tracing on; print per-call phase statistics.
+static void trace(const char* what, const std::function<void(cudaStream_t)>& fn, int calls, int blocks,
+                  const std::vector<T*>& qs, cudaStream_t s, FILE* js) {
+  const unsigned cap = unsigned(calls) * blocks;
+  unsigned long long* buf;
+  CK(cudaMalloc(&buf, size_t(cap) * 8 * sizeof(unsigned long long)));
+  CK(cudaMemset(buf, 0, size_t(cap) * 8 * sizeof(unsigned long long)));
+  const unsigned zero = 0;
+  CK(cudaMemcpyToSymbol(neox_rt::g_decode_trace, &buf, sizeof(buf)));
+  CK(cudaMemcpyToSymbol(neox_rt::g_decode_trace_next, &zero, sizeof(zero)));
+  CK(cudaMemcpyToSymbol(neox_rt::g_decode_trace_cap, &cap, sizeof(cap)));
+  CK(cudaDeviceSynchronize());
+  fn(s);
+  CK(cudaStreamSynchronize(s));
+  unsigned long long* null = nullptr;
+  CK(cudaMemcpyToSymbol(neox_rt::g_decode_trace, &null, sizeof(null)));
+  std::vector<unsigned long long> h(size_t(cap) * 8);
+  CK(cudaMemcpy(h.data(), buf, h.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+  CK(cudaFree(buf));
+  unsigned long long t_min = ~0ull;
+  for (unsigned r = 0; r < cap; ++r)
+    if (h[r * 8]) t_min = std::min(t_min, h[r * 8]);
+  std::printf("trace %s (%d calls, %d blocks each; us from the first block's entry)\n", what, calls, blocks);
+  std::printf("  call | entry first/last | len known med | 1st step done med/max | stream end min/med/max | "
+              "ticket max | merge end max | SMs idle before end (avg us)\n");
+  double prev_end = 0;
+  for (int c = 0; c < calls; ++c) {
+    std::vector<double> e0, e1, e2, e3, e4, e5;
+    std::vector<double> sm_last(1024, -1);
+    for (unsigned r = 0; r < cap; ++r) {
+      const unsigned long long* x = &h[size_t(r) * 8];
+      if (!x[0] || x[6] != reinterpret_cast<unsigned long long>(qs[c % qs.size()])) continue;
+      if (qs.size() < size_t(calls) && size_t(r) / blocks != size_t(c)) continue;  // calls share q: by order
+      auto rel = [&](unsigned long long t) { return t ? (t - t_min) * 1e-3 : NAN; };
+      e0.push_back(rel(x[0]));
+      if (x[1]) e1.push_back(rel(x[1]));
+      if (x[2]) e2.push_back(rel(x[2]));
+      if (x[3]) e3.push_back(rel(x[3]));
+      if (x[4]) e4.push_back(rel(x[4]));
+      if (x[5]) e5.push_back(rel(x[5]));
+      const double done = rel(x[5] ? x[5] : x[4] ? x[4] : x[3]);
+      const int sm = int(x[7] >> 32) & 1023;
+      sm_last[sm] = std::max(sm_last[sm], done);
+    }
+    if (e0.empty()) continue;
+    auto mn = [](std::vector<double>& v) { return v.empty() ? NAN : *std::min_element(v.begin(), v.end()); };
+    auto mx = [](std::vector<double>& v) { return v.empty() ? NAN : *std::max_element(v.begin(), v.end()); };
+    auto md = [](std::vector<double> v) { return v.empty() ? NAN : median(v); };
+    double end = 0;
+    for (double t : sm_last) end = std::max(end, t);
+    double idle = 0;
+    int sms = 0;
+    for (double t : sm_last)
+      if (t >= 0) idle += end - t, ++sms;
+    std::printf("  %4d | %6.2f %6.2f | %6.2f | %6.2f %6.2f | %6.2f %6.2f %6.2f | %6.2f | %6.2f | %5.2f (%d SMs)\n", c,
+                mn(e0), mx(e0), md(e1), md(e2), mx(e2), mn(e3), md(e3), mx(e3), mx(e4), mx(e5), idle / sms, sms);
+    if (js)
+      std::fprintf(js,
+                   "{\"trace\": \"%s\", \"call\": %d, \"entry_first\": %.3f, \"entry_last\": %.3f, \"len_known_med\": "
+                   "%.3f, \"first_step_med\": %.3f, \"first_step_max\": %.3f, \"stream_end_min\": %.3f, "
+                   "\"stream_end_med\": %.3f, \"stream_end_max\": %.3f, \"ticket_max\": %.3f, \"merge_end_max\": "
+                   "%.3f, \"sm_idle_avg\": %.3f, \"gap_from_prev_end\": %.3f}\n",
+                   what, c, mn(e0), mx(e0), md(e1), md(e2), mx(e2), mn(e3), md(e3), mx(e3), mx(e4), mx(e5),
+                   idle / sms, c ? md(e1) - prev_end : 0.0);
+    prev_end = end;
+  }
+}
+#endif
+
+int main(int argc, char** argv) {
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+    std::printf("decode_probe: no GPU, nothing to do\n");
+    return 0;
+  }
+  FILE* js = argc > 1 ? std::fopen(argv[1], "w") : nullptr;
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  const int sms = prop.multiProcessorCount;
+  std::printf("decode_probe on %s (%d SMs), 20B shape: %d heads x %d, capacity %d, fp16\n", prop.name, sms, kNh, kHd,
+              kCap);
+  g_flush_n = (size_t(256) << 20) / 16;
+  CK(cudaMalloc(&g_flush, g_flush_n * 16));
+  CK(cudaMemset(g_flush, 1, g_flush_n * 16));
+  CK(cudaMalloc(&g_sink, sizeof(int)));
+  cudaStream_t s;
+  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  const bool pdl = prop.major >= 9;
+
+  using namespace neox_rt;
+  std::vector<Variant> vars = {
+      variant<0>("default", 4),
+      variant<0>("default bps=3", 3),
+      variant<0>("default bps=6", 6),
+      variant<0>("default bps=8", 8),
+      variant<kDecodeEarly>("early", 4),
+      variant<kDecodePrefetch>("prefetch", 4),
+      variant<kDecodeEarly | kDecodePrefetch>("early+prefetch", 4),
+      variant<kDecodePrefetchAll>("prefetch-all", 4),
+      variant<kDecodeNarrow>("narrow", 4),
+      variant<kDecodeNarrow | kDecodeEarly>("narrow+early", 4),
+      variant<kDecodeNarrow | kDecodeEarly | kDecodePrefetch>("narrow+early+prefetch", 4),
+      variant<kDecodeNarrow | kDecodeEarly | kDecodePrefetch>("narrow+early+prefetch bps=6", 6),
+  };
+  for (auto& v : vars) std::printf("  %-30s %3d registers, %d bytes local\n", v.name.c_str(), v.regs, v.local);
+
+  struct Case {
+    int b, len, copies;
+  };
+  const Case cases[] = {{1, 2048, 4}, {16, 2048, 1}, {1, 128, 4}};
+  std::printf("\n%-8s %-6s %-30s %9s %9s %8s %8s %10s\n", "b", "L", "variant", "cold us", "b2b us", "cold",
+              "b2b", "max |diff|");
+  for (const Case& cs : cases) {
+    Inputs in = make_inputs(cs.b, cs.len, cs.copies, 1);
+    const double bytes = 2.0 * cs.b * kNh * cs.len * kHd * sizeof(T) + 2.0 * cs.b * kNh * kHd * sizeof(T);
+    // the pure read of the same bytes (K and V of a copy are contiguous when the cache is full)
+    if (cs.len == kCap) {
+      const size_t n = 2 * cache_elems(cs.b) * sizeof(T) / 16;
+      auto rd = [&](int call, cudaStream_t st) {
+        const int c = call % int(in.k.size());
+        return launch_kernel(pdl, read_kernel<false>, read_kernel<true>, dim3(unsigned((n + 2047) / 2048)),
+                             dim3(256), st, reinterpret_cast<const int4*>(in.k[c]), n, g_sink);
+      };
+      const double tc = time_cold(rd, s), tb = time_b2b(rd, s);
+      std::printf("%-8d %-6d %-30s %9.2f %9.2f %6.0fGB %6.0fGB\n", cs.b, cs.len, "pure read", tc, tb,
+                  bytes / tc * 1e-3, bytes / tb * 1e-3);
+      if (js)
+        std::fprintf(js, "{\"b\": %d, \"L\": %d, \"variant\": \"pure read\", \"cold_us\": %.3f, \"b2b_us\": %.3f, "
+                     "\"bytes\": %.0f}\n", cs.b, cs.len, tc, tb, bytes);
+    }
+    std::vector<float> ref;
+    for (auto& v : vars) {
+      const int sl = v.split_len(cs.b, sms, v.bps);
+      auto fn = [&](int call, cudaStream_t st) { return v.launch(in, call, sl, pdl, st); };
+      CK(cudaMemset(in.out, 0xff, size_t(cs.b) * kNh * kHd * sizeof(T)));
+      CK(fn(0, s));
+      CK(cudaStreamSynchronize(s));
+      std::vector<float> o = output(in);
+      double diff = 0;
+      if (ref.empty()) ref = o;
+      for (size_t i = 0; i < o.size(); ++i)
+        diff = std::isfinite(o[i]) ? std::max(diff, double(std::fabs(o[i] - ref[i]))) : INFINITY;
+      const double tc = time_cold(fn, s), tb = time_b2b(fn, s);
+      std::printf("%-8d %-6d %-30s %9.2f %9.2f %6.0fGB %6.0fGB %10.2g  splits=%d\n", cs.b, cs.len, v.name.c_str(), tc,
+                  tb, bytes / tc * 1e-3, bytes / tb * 1e-3, diff, decode_attention_splits(kCap, sl));
+      if (js)
+        std::fprintf(js,
+                     "{\"b\": %d, \"L\": %d, \"variant\": \"%s\", \"opt\": %d, \"blocks_per_sm\": %d, \"splits\": %d, "
+                     "\"registers\": %d, \"cold_us\": %.3f, \"b2b_us\": %.3f, \"bytes\": %.0f, \"max_abs_diff\": "
+                     "%.3g}\n",
+                     cs.b, cs.len, v.name.c_str(), v.opt, v.bps, decode_attention_splits(kCap, sl), v.regs, tc, tb,
+                     bytes, diff);
+      if (diff > 2e-3) std::printf("  ^ output differs from the default kernel's\n");
+    }
+#ifdef NEOX_RT_DECODE_TRACE
+    if (cs.b == 1 && cs.len == kCap) {
+      Inputs tin = make_inputs(1, cs.len, 4, 8);  // 8 q copies: the trace tells the calls apart by q
+      for (int vi : {0, 4, 5, 8, 10}) {
+        Variant& v = vars[vi];
+        const int sl = v.split_len(1, sms, v.bps);
+        const int blocks = kNh * decode_attention_splits(kCap, sl);
+        trace((v.name + " cold").c_str(), [&](cudaStream_t st) { flush_l2(st); CK(v.launch(tin, 0, sl, pdl, st)); },
+              1, blocks, tin.q, s, js);
+        trace((v.name + " back to back").c_str(),
+              [&](cudaStream_t st) {
+                flush_l2(st);
+                spin_kernel<<<1, 1, 0, st>>>(200000);
+                for (int c = 0; c < 8; ++c) CK(v.launch(tin, c, sl, pdl, st));
+              },
+              8, blocks, tin.q, s, js);
+      }
+    }
+#endif
+  }
+  if (js) std::fclose(js);
+  return 0;
+}
