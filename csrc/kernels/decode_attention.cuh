@@ -298,14 +298,19 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
     }
   };
 
-  if (!(OPT & kDecodeEarly)) load_step(k0, v0, start, end);
   if (!PIPE) {
-    compute_step(k0, v0, start);
-    for (int base = start + L::STEP; base < end; base += L::STEP) {
-      load_step(k0, v0, base, end);
+    int base = start;
+    if (OPT & kDecodeEarly) {
       compute_step(k0, v0, base);
+      base += L::STEP;
+    }
+    for (; base < end; base += L::STEP) {
+      Vec<T, VEC> kr[N][VPL], vr[N][VPL];
+      load_step(kr, vr, base, end);
+      compute_step(kr, vr, base);
     }
   } else {  // two register buffers, unrolled by two so that neither is indexed at run time
+    if (!(OPT & kDecodeEarly)) load_step(k0, v0, start, end);
     Vec<T, VEC> k1[N][VPL], v1[N][VPL];
     int base = start;
     while (true) {
