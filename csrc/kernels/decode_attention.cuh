@@ -24,6 +24,10 @@
 #include <climits>
 #include <type_traits>
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#include <cooperative_groups.h>
+#endif
+
 #include "common.cuh"
 
 namespace neox_rt {
@@ -44,13 +48,18 @@ constexpr bool kDecodePipeDefault = true;  // default step scheme (variant 0): d
 //   (bulk prefetch on sm_90, one line per thread before), bounded by the capacity;
 // - kDecodeNarrow: lane groups as wide as the largest power of two dividing the vectors of a key row (head size
 //   96 in fp16: 4 lanes of 3 vectors instead of 16 lanes of which 4 load nothing);
-// - kDecodePrefetchAll: like kDecodePrefetch, the block's whole split.
+// - kDecodePrefetchAll: like kDecodePrefetch, the block's whole split;
+// - kDecodeCluster (sm_90, at most kDecodeMaxCluster splits): the splits of a head form a thread-block cluster
+//   and merge through distributed shared memory (two cluster barriers) instead of global partials, a ticket and
+//   the last block's reads; blocks past the length join the merge with an empty partial.
 constexpr int kDecodeEarly = 1;
 constexpr int kDecodePrefetch = 2;
 constexpr int kDecodeNarrow = 4;
 constexpr int kDecodePrefetchAll = 8;
+constexpr int kDecodeCluster = 16;
+constexpr int kDecodeMaxCluster = 8;  // the portable cluster size
 
-constexpr int largest_pow2_divisor(int v) { return (v & 1) || v >= 32 ? (v >= 32 ? 32 : 1) : 2 * largest_pow2_divisor(v / 2); }
+constexpr int largest_pow2_divisor(int v) { return v % 32 == 0 ? 32 : (v & 1) ? 1 : 2 * largest_pow2_divisor(v / 2); }
 
 // PIPE: the block's steps are double-buffered (the next step's K/V loads are issued before the current step is
 // computed), with half the keys per step so the registers stay the same; otherwise each step's loads are issued,
@@ -60,8 +69,9 @@ struct DecodeLayout {
   static constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
   static_assert(HD % VEC == 0, "a key row must be whole 16-byte vectors");
   static constexpr int VPK = HD / VEC;  // vectors per key row
-  static constexpr int LPK = (OPT & kDecodeNarrow) ? largest_pow2_divisor(VPK)
-                             : VPK > 16 ? 32 : VPK > 8 ? 16 : VPK > 4 ? 8 : VPK > 2 ? 4 : VPK > 1 ? 2 : 1;
+  static constexpr int WIDE = VPK > 16 ? 32 : VPK > 8 ? 16 : VPK > 4 ? 8 : VPK > 2 ? 4 : VPK > 1 ? 2 : 1;
+  static constexpr int NARROW = largest_pow2_divisor(VPK);  // no idle lanes; used where a lane needs <= 4 vectors
+  static constexpr int LPK = (OPT & kDecodeNarrow) && VPK / NARROW <= 4 ? NARROW : WIDE;
   static constexpr int VPL = (VPK + LPK - 1) / LPK;  // vectors of a key row per lane
   static constexpr int G = kDecodeThreads / LPK;     // lane groups (keys side by side) per block
   static constexpr int N_SINGLE = VPL >= 8 ? 1 : 8 / VPL;  // 8 x 16 bytes of K (and of V) per lane per step
@@ -233,14 +243,17 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
   Vec<T, VEC> k0[N][VPL], v0[N][VPL];
   if (OPT & kDecodeEarly) load_step(k0, v0, start, split_end);
   const int len = static_cast<int>(len_raw < capacity ? len_raw : capacity);
-  if (len <= 0) {  // nothing to attend to: zeros rather than NaN (written by split 0 only)
-    if (split == 0)
-      for (int d = threadIdx.x; d < HD; d += kDecodeThreads) out[bh * HD + d] = from_float<T>(0.f);
-    return;
+  constexpr bool kCluster = (OPT & kDecodeCluster) != 0;
+  if (!kCluster) {  // with clusters every block takes part in the merge (an empty range past the length)
+    if (len <= 0) {  // nothing to attend to: zeros rather than NaN (written by split 0 only)
+      if (split == 0)
+        for (int d = threadIdx.x; d < HD; d += kDecodeThreads) out[bh * HD + d] = from_float<T>(0.f);
+      return;
+    }
+    if (start >= len) return;  // the merge only reads splits below len
   }
-  if (start >= len) return;  // the merge only reads splits below len
-  const int end = split_end < len ? split_end : len;
-  const int used = static_cast<int>((len + split_len - 1) / split_len);
+  const int end = start >= len ? start : split_end < len ? split_end : len;
+  const int used = len > 0 ? static_cast<int>((len + split_len - 1) / split_len) : 0;
   NEOX_RT_DECODE_TRACE_AT(1);
 
   float m = -INFINITY, l = 0.f;
@@ -367,6 +380,61 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
 #pragma unroll
   for (int w = 0; w < NW; ++w) bl += softmax_weight(s_m[w], bm) * s_l[w];
 
+  if constexpr (kCluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // This block's partial into its shared memory; after the cluster barrier block r merges dims
+    // [r * per, (r + 1) * per) from every block's shared memory; the second barrier keeps each block's shared
+    // memory alive until the others have read it.
+    __shared__ float s_part[HD];
+    __shared__ float s_ml[2];
+    for (int d = threadIdx.x; d < HD; d += kDecodeThreads) {
+      float o = 0.f;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) o += softmax_weight(s_m[w], bm) * s_acc[w][d];
+      s_part[d] = o;
+    }
+    if (threadIdx.x == 0) {
+      s_ml[0] = bm;
+      s_ml[1] = bl;
+    }
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    const int cs = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+    const int per = (HD + cs - 1) / cs;
+    const int d = rank * per + threadIdx.x;
+    if (threadIdx.x < per && d < HD) {
+      float ms[kDecodeMaxCluster], ls[kDecodeMaxCluster], ps[kDecodeMaxCluster];
+#pragma unroll
+      for (int r = 0; r < kDecodeMaxCluster; ++r) {
+        if (r < cs) {
+          const float* ml = cluster.map_shared_rank(s_ml, r);
+          ms[r] = ml[0];
+          ls[r] = ml[1];
+          ps[r] = cluster.map_shared_rank(s_part, r)[d];
+        }
+      }
+      float big = -INFINITY;
+#pragma unroll
+      for (int r = 0; r < kDecodeMaxCluster; ++r)
+        if (r < cs) big = fmaxf(big, ms[r]);
+      float num = 0.f, den = 0.f;
+#pragma unroll
+      for (int r = 0; r < kDecodeMaxCluster; ++r) {
+        if (r < cs) {
+          const float w = softmax_weight(ms[r], big);
+          num += w * ps[r];
+          den += w * ls[r];
+        }
+      }
+      out[bh * HD + d] = from_float<T>(den > 0.f ? num / den : 0.f);  // 0: an empty sequence
+    }
+    NEOX_RT_DECODE_TRACE_AT(4);
+    cluster.sync();
+    NEOX_RT_DECODE_TRACE_AT(5);
+#endif
+    return;
+  }
   if (used == 1) {  // the whole sequence is in this split: normalize and write the output
     for (int d = threadIdx.x; d < HD; d += kDecodeThreads) {
       float o = 0.f;
@@ -427,6 +495,36 @@ cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, 
                        decode_attention_split_kernel<T, HD, true, PIPE, OPT>, dim3(splits, nh, b), dim3(kDecodeThreads),
                        stream, q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len,
                        splits, scale_log2);
+}
+
+// kDecodeCluster: one cluster of `splits` (<= kDecodeMaxCluster) blocks per (i, h); sm_90 only (the caller checks).
+template <typename T, int HD, bool PIPE, int OPT>
+cudaError_t launch_decode_split_cluster(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens,
+                                        T* out, int b, int nh, int64_t capacity, int split_len, int splits,
+                                        float scale_log2, bool pdl, cudaStream_t stream) {
+  static_assert(OPT & kDecodeCluster, "a cluster launch of a kernel without the cluster merge");
+  if (splits > kDecodeMaxCluster) return cudaErrorInvalidValue;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(splits, nh, b);
+  config.blockDim = dim3(kDecodeThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = splits;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 2 : 1;
+  float* no_part = nullptr;
+  int* no_counters = nullptr;
+  return pdl ? cudaLaunchKernelEx(&config, decode_attention_split_kernel<T, HD, true, PIPE, OPT>, q, k_cache, v_cache,
+                                  seqlens, out, no_part, no_part, no_counters, nh, capacity, split_len, splits,
+                                  scale_log2)
+             : cudaLaunchKernelEx(&config, decode_attention_split_kernel<T, HD, false, PIPE, OPT>, q, k_cache,
+                                  v_cache, seqlens, out, no_part, no_part, no_counters, nh, capacity, split_len,
+                                  splits, scale_log2);
 }
 
 template <typename T, int HD>

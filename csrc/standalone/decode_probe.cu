@@ -126,6 +126,10 @@ static Variant variant(const char* name, int bps) {
   v.launch = [](const Inputs& in, int call, int split_len, bool pdl, cudaStream_t s) {
     const int c = call % int(in.k.size());
     const int splits = neox_rt::decode_attention_splits(kCap, split_len);
+    if constexpr ((OPT & neox_rt::kDecodeCluster) != 0)
+      return neox_rt::launch_decode_split_cluster<T, kHd, true, OPT>(
+          in.q[call % in.q.size()], in.k[c], in.v[c], in.seqlens, in.out, in.b, kNh, kCap, split_len, splits,
+          (1.f / std::sqrt(float(kHd))) * 1.4426950408889634f, pdl, s);
     return neox_rt::launch_decode_split<T, kHd, true, OPT>(
         in.q[call % in.q.size()], in.k[c], in.v[c], in.seqlens, in.out, in.part_out, in.part_ml, in.counters, in.b,
         kNh, kCap, split_len, splits, (1.f / std::sqrt(float(kHd))) * 1.4426950408889634f, pdl, s);
@@ -221,6 +225,16 @@ static void trace(const char* what, const std::function<void(cudaStream_t)>& fn,
   unsigned long long t_min = ~0ull;
   for (unsigned r = 0; r < cap; ++r)
     if (h[r * 8]) t_min = std::min(t_min, h[r * 8]);
+  if (js && calls == 1)  // the raw records of a single call: SM, block, the six trace points (us)
+    for (unsigned r = 0; r < cap; ++r) {
+      const unsigned long long* x = &h[size_t(r) * 8];
+      if (!x[0]) continue;
+      std::fprintf(js, "{\"raw\": \"%s\", \"sm\": %u, \"block\": %u, \"t\": [", what, unsigned(x[7] >> 32),
+                   unsigned(x[7] & 0xffffffffu));
+      for (int k = 0; k < 6; ++k)
+        std::fprintf(js, "%s%.3f", k ? ", " : "", x[k] ? (x[k] - t_min) * 1e-3 : -1.0);
+      std::fprintf(js, "]}\n");
+    }
   std::printf("trace %s (%d calls, %d blocks each; us from the first block's entry)\n", what, calls, blocks);
   std::printf("  call | entry first/last | len known med | 1st step done med/max | stream end min/med/max | "
               "ticket max | merge end max | SMs idle before end (avg us)\n");
@@ -289,19 +303,16 @@ int main(int argc, char** argv) {
   const bool pdl = prop.major >= 9;
 
   using namespace neox_rt;
+  constexpr int kNP = kDecodeNarrow | kDecodePrefetch;
   std::vector<Variant> vars = {
-      variant<0>("default", 4),
-      variant<0>("default bps=3", 3),
-      variant<0>("default bps=6", 6),
-      variant<0>("default bps=8", 8),
-      variant<kDecodeEarly>("early", 4),
+      variant<0>("session 4 (wide groups)", 4),
       variant<kDecodePrefetch>("prefetch", 4),
-      variant<kDecodeEarly | kDecodePrefetch>("early+prefetch", 4),
-      variant<kDecodePrefetchAll>("prefetch-all", 4),
       variant<kDecodeNarrow>("narrow", 4),
-      variant<kDecodeNarrow | kDecodeEarly>("narrow+early", 4),
-      variant<kDecodeNarrow | kDecodeEarly | kDecodePrefetch>("narrow+early+prefetch", 4),
-      variant<kDecodeNarrow | kDecodeEarly | kDecodePrefetch>("narrow+early+prefetch bps=6", 6),
+      variant<kNP>("narrow+prefetch", 4),
+      variant<kNP | kDecodeEarly>("narrow+prefetch+early", 4),
+      variant<kNP | kDecodeCluster>("narrow+prefetch+cluster", 4),
+      variant<kNP | kDecodeCluster>("narrow+prefetch+cluster bps=3", 3),
+      variant<kDecodeNarrow | kDecodeCluster>("narrow+cluster", 4),
   };
   for (auto& v : vars) std::printf("  %-30s %3d registers, %d bytes local\n", v.name.c_str(), v.regs, v.local);
 
@@ -356,7 +367,7 @@ int main(int argc, char** argv) {
 #ifdef NEOX_RT_DECODE_TRACE
     if (cs.b == 1 && cs.len == kCap) {
       Inputs tin = make_inputs(1, cs.len, 4, 8);  // 8 q copies: the trace tells the calls apart by q
-      for (int vi : {0, 4, 5, 8, 10}) {
+      for (int vi : {0, 3, 5}) {
         Variant& v = vars[vi];
         const int sl = v.split_len(1, sms, v.bps);
         const int blocks = kNh * decode_attention_splits(kCap, sl);
