@@ -46,10 +46,9 @@ if [ -n "$HAVE_BASE" ]; then
   BASE_PID=$!
 fi
 # The framework-free kernel tests (csrc/standalone/test_kernels.cu, as CMakeLists.txt builds them) beside the build.
-# Decode-attention options and plans side by side, timed and traced (csrc/standalone/decode_probe.cu; no torch).
 PROBE_ARCH="-arch=sm_$(echo ${TORCH_CUDA_ARCH_LIST%%;*} | tr -d .+PTX)"
-stage probe ${PROBE_LIMIT:-240} "nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -o /tmp/decode_probe csrc/standalone/decode_probe.cu & nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -DNEOX_RT_DECODE_TRACE -o /tmp/decode_probe_trace csrc/standalone/decode_probe.cu & wait; /tmp/decode_probe $OUT/decode_probe.json && /tmp/decode_probe_trace $OUT/decode_probe_trace.json"
-( stage cxx 300 "nvcc -std=c++17 -O3 --use_fast_math -Icsrc -arch=sm_\$(echo \${TORCH_CUDA_ARCH_LIST%%;*} | tr -d .+PTX) -o /tmp/neox_rt_kernel_test csrc/standalone/test_kernels.cu && /tmp/neox_rt_kernel_test" ) &
+# Then decode-attention options and plans side by side, timed and traced (csrc/standalone/decode_probe.cu, no torch).
+( stage cxx 300 "nvcc -std=c++17 -O3 --use_fast_math -Icsrc -arch=sm_\$(echo \${TORCH_CUDA_ARCH_LIST%%;*} | tr -d .+PTX) -o /tmp/neox_rt_kernel_test csrc/standalone/test_kernels.cu && /tmp/neox_rt_kernel_test" ; stage probe ${PROBE_LIMIT:-240} "nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -o /tmp/decode_probe csrc/standalone/decode_probe.cu & nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -DNEOX_RT_DECODE_TRACE -o /tmp/decode_probe_trace csrc/standalone/decode_probe.cu & wait; /tmp/decode_probe $OUT/decode_probe.json && /tmp/decode_probe_trace $OUT/decode_probe_trace.json" ) &
 CXX_PID=$!
 stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . && python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
 [ -n "${BASE_PID:-}" ] && wait "$BASE_PID"

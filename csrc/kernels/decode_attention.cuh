@@ -4,7 +4,7 @@
 //
 // Kernel 1, grid (splits, nh, b): block (split, h, i) covers slots [split * split_len, +split_len). The cache of
 // one head is contiguous ([B, nh, T, HD]), so a block step is one contiguous run of STEP keys: lane group g
-// (LPK lanes, one 16-byte vector of the key row each) owns keys g, g + G, ..., g + (N-1) G of the step. All of a
+// (LPK lanes, VPL 16-byte vectors of the key row each) owns keys g, g + G, ..., g + (N-1) G of the step. All of a
 // step's K and V loads (N keys x 2 per lane) are issued before the first is used; with PIPE (the default) the
 // next step's loads are issued before the current step is computed (two register buffers of N keys each), so a
 // block always has loads in flight; the scores are reduced over the LPK lanes of a group with shuffles, each group
@@ -16,17 +16,13 @@
 // (i, h) to finish (atomic ticket) merges all its splits' partials and resets the counter to zero, so one
 // launch does everything and graph replays find the counters zeroed. Without counters, a second kernel
 // (grid (nh, b)) merges. A sequence that fits in one split is written directly, without partials.
-// Programmatic dependent launch (sm_90, `pdl`): the kernel waits for its inputs (griddepcontrol.wait) before
-// reading anything and lets its dependents launch at once.
+// Programmatic dependent launch (sm_90, `pdl`): the kernel lets its dependents launch at once, asks the L2 for its
+// first step of old cache slots (kDecodePrefetch), then waits for its inputs (griddepcontrol.wait) before reading.
 // Requires HD * sizeof(T) % 16 == 0 and 16-byte aligned q and caches (every head size of the family).
 #pragma once
 
 #include <climits>
 #include <type_traits>
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#include <cooperative_groups.h>
-#endif
 
 #include "common.cuh"
 
@@ -40,31 +36,28 @@ constexpr int kDecodeMaxSplits = 256;  // the planner never makes more (the merg
 constexpr int kDecodeBlocksPerSm = 4;      // default split plan: about this many blocks per SM over the grid
 constexpr bool kDecodePipeDefault = true;  // default step scheme (variant 0): double-buffered
 
-// Options of the split kernel (template bit mask, 0 = the default kernel), compared by
-// csrc/standalone/decode_probe.cu:
-// - kDecodeEarly: the first step's K/V loads are issued together with seqlens and q, bounded by the split and
-//   the capacity (masked once the length is known), instead of one memory round trip later;
+// Options of the split kernel (template bit mask), both in the default (kDecodeDefaultOpt); OPT = 0 is the
+// session-4 kernel, kept for csrc/standalone/decode_probe.cu's same-run comparisons:
+// - kDecodeNarrow: lane groups as wide as the largest power of two dividing the vectors of a key row where a lane
+//   then loads at most 4 vectors (head size 96 in fp16: groups of 4 lanes with 3 vectors each instead of 16 lanes
+//   of which 4 load nothing); other head sizes are unchanged;
 // - kDecodePrefetch: before waiting on the previous kernel, the block asks the L2 for its first step of K and V
-//   (bulk prefetch on sm_90, one line per thread before), bounded by the capacity;
-// - kDecodeNarrow: lane groups as wide as the largest power of two dividing the vectors of a key row (head size
-//   96 in fp16: 4 lanes of 3 vectors instead of 16 lanes of which 4 load nothing);
-// - kDecodePrefetchAll: like kDecodePrefetch, the block's whole split;
-// - kDecodeCluster (sm_90, at most kDecodeMaxCluster splits): the splits of a head form a thread-block cluster
-//   and merge through distributed shared memory (two cluster barriers) instead of global partials, a ticket and
-//   the last block's reads; blocks past the length join the merge with an empty partial.
-constexpr int kDecodeEarly = 1;
-constexpr int kDecodePrefetch = 2;
+//   (one bulk prefetch on sm_90, one line per thread before), bounded by the capacity, not the length: it reads
+//   old cache slots only, and the L2 is coherent, so it is safe while the previous kernel writes the newest slot.
+// Measured on one H100 (probe, 20B shape, b=1 at 2048 cached): cold 24.5 -> 23.6 us, back to back 22.6 -> 19.9 us.
+// Tried and dropped (NOTES, session 5): issuing the first step's loads before the length is known (no gain beside
+// the prefetch, slower at short lengths), prefetching the whole split (slower), merging the splits of a head in a
+// thread-block cluster through distributed shared memory (clusters of 8 do not all fit at once: slower).
 constexpr int kDecodeNarrow = 4;
-constexpr int kDecodePrefetchAll = 8;
-constexpr int kDecodeCluster = 16;
-constexpr int kDecodeMaxCluster = 8;  // the portable cluster size
+constexpr int kDecodePrefetch = 2;
+constexpr int kDecodeDefaultOpt = kDecodeNarrow | kDecodePrefetch;
 
 constexpr int largest_pow2_divisor(int v) { return v % 32 == 0 ? 32 : (v & 1) ? 1 : 2 * largest_pow2_divisor(v / 2); }
 
 // PIPE: the block's steps are double-buffered (the next step's K/V loads are issued before the current step is
 // computed), with half the keys per step so the registers stay the same; otherwise each step's loads are issued,
 // then used (single-buffered).
-template <typename T, int HD, bool PIPE = false, int OPT = 0>
+template <typename T, int HD, bool PIPE = false, int OPT = kDecodeDefaultOpt>
 struct DecodeLayout {
   static constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
   static_assert(HD % VEC == 0, "a key row must be whole 16-byte vectors");
@@ -128,7 +121,7 @@ __device__ __forceinline__ void prefetch_l2_block(const void* p, int bytes) {
 
 // Keys per split (a multiple of the block step): about `blocks_per_sm` blocks per SM over the whole grid, from
 // the shapes only (never seqlens). Shared by the extension's launcher and the standalone tests.
-template <typename T, int HD, bool PIPE, int OPT = 0>
+template <typename T, int HD, bool PIPE, int OPT = kDecodeDefaultOpt>
 inline int decode_attention_split_len_hd(int b, int nh, int64_t capacity, int sms, int blocks_per_sm) {
   constexpr int STEP = DecodeLayout<T, HD, PIPE, OPT>::STEP;
   const int64_t heads = static_cast<int64_t>(b) * nh > 0 ? static_cast<int64_t>(b) * nh : 1;
@@ -174,7 +167,7 @@ __device__ __forceinline__ void merge_splits(const float* part_out, const float*
   }
 }
 
-template <typename T, int HD, bool PDL, bool PIPE, int OPT = 0>
+template <typename T, int HD, bool PDL, bool PIPE, int OPT = kDecodeDefaultOpt>
 __global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD, PIPE, OPT>::MIN_BLOCKS))
 decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, HD]
                               const T* __restrict__ k_cache,         // [B, nh, T, HD]
@@ -197,9 +190,8 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
   const int split_end = start + split_len < capacity ? start + split_len : static_cast<int>(capacity);
   if (PDL) pdl_launch_dependents();
   NEOX_RT_DECODE_TRACE_BEGIN(q);
-  if (OPT & (kDecodePrefetch | kDecodePrefetchAll)) {  // old slots only: safe before the wait (L2 is coherent)
-    const int keys = (OPT & kDecodePrefetchAll) ? split_end - start
-                                                : (split_end - start < L::STEP ? split_end - start : L::STEP);
+  if (OPT & kDecodePrefetch) {  // old slots only: safe before the wait (L2 is coherent)
+    const int keys = split_end - start < L::STEP ? split_end - start : L::STEP;
     prefetch_l2_block(kb + static_cast<int64_t>(start) * HD, keys * HD * static_cast<int>(sizeof(T)));
     prefetch_l2_block(vb + static_cast<int64_t>(start) * HD, keys * HD * static_cast<int>(sizeof(T)));
   }
@@ -239,21 +231,15 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
     load_rows(kr, kb, base, lim);
     load_rows(vr, vb, base, lim);
   };
-  // kDecodeEarly: the first step is requested before the length is known (bounded by the split only).
-  Vec<T, VEC> k0[N][VPL], v0[N][VPL];
-  if (OPT & kDecodeEarly) load_step(k0, v0, start, split_end);
   const int len = static_cast<int>(len_raw < capacity ? len_raw : capacity);
-  constexpr bool kCluster = (OPT & kDecodeCluster) != 0;
-  if (!kCluster) {  // with clusters every block takes part in the merge (an empty range past the length)
-    if (len <= 0) {  // nothing to attend to: zeros rather than NaN (written by split 0 only)
-      if (split == 0)
-        for (int d = threadIdx.x; d < HD; d += kDecodeThreads) out[bh * HD + d] = from_float<T>(0.f);
-      return;
-    }
-    if (start >= len) return;  // the merge only reads splits below len
+  if (len <= 0) {  // nothing to attend to: zeros rather than NaN (written by split 0 only)
+    if (split == 0)
+      for (int d = threadIdx.x; d < HD; d += kDecodeThreads) out[bh * HD + d] = from_float<T>(0.f);
+    return;
   }
-  const int end = start >= len ? start : split_end < len ? split_end : len;
-  const int used = len > 0 ? static_cast<int>((len + split_len - 1) / split_len) : 0;
+  if (start >= len) return;  // the merge only reads splits below len
+  const int end = split_end < len ? split_end : len;
+  const int used = static_cast<int>((len + split_len - 1) / split_len);
   NEOX_RT_DECODE_TRACE_AT(1);
 
   float m = -INFINITY, l = 0.f;
@@ -312,19 +298,14 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
   };
 
   if (!PIPE) {
-    int base = start;
-    if (OPT & kDecodeEarly) {
-      compute_step(k0, v0, base);
-      base += L::STEP;
-    }
-    for (; base < end; base += L::STEP) {
+    for (int base = start; base < end; base += L::STEP) {
       Vec<T, VEC> kr[N][VPL], vr[N][VPL];
       load_step(kr, vr, base, end);
       compute_step(kr, vr, base);
     }
   } else {  // two register buffers, unrolled by two so that neither is indexed at run time
-    if (!(OPT & kDecodeEarly)) load_step(k0, v0, start, end);
-    Vec<T, VEC> k1[N][VPL], v1[N][VPL];
+    Vec<T, VEC> k0[N][VPL], v0[N][VPL], k1[N][VPL], v1[N][VPL];
+    load_step(k0, v0, start, end);
     int base = start;
     while (true) {
       if (base + L::STEP < end) load_step(k1, v1, base + L::STEP, end);
@@ -380,61 +361,6 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
 #pragma unroll
   for (int w = 0; w < NW; ++w) bl += softmax_weight(s_m[w], bm) * s_l[w];
 
-  if constexpr (kCluster) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // This block's partial into its shared memory; after the cluster barrier block r merges dims
-    // [r * per, (r + 1) * per) from every block's shared memory; the second barrier keeps each block's shared
-    // memory alive until the others have read it.
-    __shared__ float s_part[HD];
-    __shared__ float s_ml[2];
-    for (int d = threadIdx.x; d < HD; d += kDecodeThreads) {
-      float o = 0.f;
-#pragma unroll
-      for (int w = 0; w < NW; ++w) o += softmax_weight(s_m[w], bm) * s_acc[w][d];
-      s_part[d] = o;
-    }
-    if (threadIdx.x == 0) {
-      s_ml[0] = bm;
-      s_ml[1] = bl;
-    }
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();
-    const int cs = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
-    const int per = (HD + cs - 1) / cs;
-    const int d = rank * per + threadIdx.x;
-    if (threadIdx.x < per && d < HD) {
-      float ms[kDecodeMaxCluster], ls[kDecodeMaxCluster], ps[kDecodeMaxCluster];
-#pragma unroll
-      for (int r = 0; r < kDecodeMaxCluster; ++r) {
-        if (r < cs) {
-          const float* ml = cluster.map_shared_rank(s_ml, r);
-          ms[r] = ml[0];
-          ls[r] = ml[1];
-          ps[r] = cluster.map_shared_rank(s_part, r)[d];
-        }
-      }
-      float big = -INFINITY;
-#pragma unroll
-      for (int r = 0; r < kDecodeMaxCluster; ++r)
-        if (r < cs) big = fmaxf(big, ms[r]);
-      float num = 0.f, den = 0.f;
-#pragma unroll
-      for (int r = 0; r < kDecodeMaxCluster; ++r) {
-        if (r < cs) {
-          const float w = softmax_weight(ms[r], big);
-          num += w * ps[r];
-          den += w * ls[r];
-        }
-      }
-      out[bh * HD + d] = from_float<T>(den > 0.f ? num / den : 0.f);  // 0: an empty sequence
-    }
-    NEOX_RT_DECODE_TRACE_AT(4);
-    cluster.sync();
-    NEOX_RT_DECODE_TRACE_AT(5);
-#endif
-    return;
-  }
   if (used == 1) {  // the whole sequence is in this split: normalize and write the output
     for (int d = threadIdx.x; d < HD; d += kDecodeThreads) {
       float o = 0.f;
@@ -487,7 +413,7 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,    // [b, nh,
   merge_splits<T, HD>(part_out, part_ml, static_cast<int64_t>(i) * nh + h, splits, used, out);
 }
 
-template <typename T, int HD, bool PIPE, int OPT = 0>
+template <typename T, int HD, bool PIPE, int OPT = kDecodeDefaultOpt>
 cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                 float* part_out, float* part_ml, int* counters, int b, int nh, int64_t capacity,
                                 int split_len, int splits, float scale_log2, bool pdl, cudaStream_t stream) {
@@ -495,36 +421,6 @@ cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, 
                        decode_attention_split_kernel<T, HD, true, PIPE, OPT>, dim3(splits, nh, b), dim3(kDecodeThreads),
                        stream, q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len,
                        splits, scale_log2);
-}
-
-// kDecodeCluster: one cluster of `splits` (<= kDecodeMaxCluster) blocks per (i, h); sm_90 only (the caller checks).
-template <typename T, int HD, bool PIPE, int OPT>
-cudaError_t launch_decode_split_cluster(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens,
-                                        T* out, int b, int nh, int64_t capacity, int split_len, int splits,
-                                        float scale_log2, bool pdl, cudaStream_t stream) {
-  static_assert(OPT & kDecodeCluster, "a cluster launch of a kernel without the cluster merge");
-  if (splits > kDecodeMaxCluster) return cudaErrorInvalidValue;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(splits, nh, b);
-  config.blockDim = dim3(kDecodeThreads);
-  config.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = splits;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = pdl ? 2 : 1;
-  float* no_part = nullptr;
-  int* no_counters = nullptr;
-  return pdl ? cudaLaunchKernelEx(&config, decode_attention_split_kernel<T, HD, true, PIPE, OPT>, q, k_cache, v_cache,
-                                  seqlens, out, no_part, no_part, no_counters, nh, capacity, split_len, splits,
-                                  scale_log2)
-             : cudaLaunchKernelEx(&config, decode_attention_split_kernel<T, HD, false, PIPE, OPT>, q, k_cache,
-                                  v_cache, seqlens, out, no_part, no_part, no_counters, nh, capacity, split_len,
-                                  splits, scale_log2);
 }
 
 template <typename T, int HD>

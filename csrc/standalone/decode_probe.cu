@@ -1,5 +1,5 @@
 // Decode-attention probe (one GPU, no torch): the options of the split kernel (kDecode* in
-// kernels/decode_attention.cuh) and split plans side by side in one process, at the GPT-NeoX-20B shape (64 heads
+// kernels/decode_attention.cuh; the first variant is the default) and split plans side by side in one process, at the GPT-NeoX-20B shape (64 heads
 // of 96, fp16), timed two ways as bench/kernels.py does: one call with the L2 cold and clean, and calls queued
 // back to back with programmatic dependent launch over rotating caches (each call cold in L2). A pure read of
 // the same bytes (16-byte loads, 8 in flight per thread, same launch) is timed beside them. Built with
@@ -126,10 +126,6 @@ static Variant variant(const char* name, int bps) {
   v.launch = [](const Inputs& in, int call, int split_len, bool pdl, cudaStream_t s) {
     const int c = call % int(in.k.size());
     const int splits = neox_rt::decode_attention_splits(kCap, split_len);
-    if constexpr ((OPT & neox_rt::kDecodeCluster) != 0)
-      return neox_rt::launch_decode_split_cluster<T, kHd, true, OPT>(
-          in.q[call % in.q.size()], in.k[c], in.v[c], in.seqlens, in.out, in.b, kNh, kCap, split_len, splits,
-          (1.f / std::sqrt(float(kHd))) * 1.4426950408889634f, pdl, s);
     return neox_rt::launch_decode_split<T, kHd, true, OPT>(
         in.q[call % in.q.size()], in.k[c], in.v[c], in.seqlens, in.out, in.part_out, in.part_ml, in.counters, in.b,
         kNh, kCap, split_len, splits, (1.f / std::sqrt(float(kHd))) * 1.4426950408889634f, pdl, s);
@@ -303,16 +299,13 @@ int main(int argc, char** argv) {
   const bool pdl = prop.major >= 9;
 
   using namespace neox_rt;
-  constexpr int kNP = kDecodeNarrow | kDecodePrefetch;
   std::vector<Variant> vars = {
+      variant<kDecodeDefaultOpt>("default (narrow+prefetch)", 4),
       variant<0>("session 4 (wide groups)", 4),
-      variant<kDecodePrefetch>("prefetch", 4),
       variant<kDecodeNarrow>("narrow", 4),
-      variant<kNP>("narrow+prefetch", 4),
-      variant<kNP | kDecodeEarly>("narrow+prefetch+early", 4),
-      variant<kNP | kDecodeCluster>("narrow+prefetch+cluster", 4),
-      variant<kNP | kDecodeCluster>("narrow+prefetch+cluster bps=3", 3),
-      variant<kDecodeNarrow | kDecodeCluster>("narrow+cluster", 4),
+      variant<kDecodePrefetch>("prefetch", 4),
+      variant<kDecodeDefaultOpt>("default bps=3", 3),
+      variant<kDecodeDefaultOpt>("default bps=5", 5),
   };
   for (auto& v : vars) std::printf("  %-30s %3d registers, %d bytes local\n", v.name.c_str(), v.regs, v.local);
 
@@ -367,7 +360,7 @@ int main(int argc, char** argv) {
 #ifdef NEOX_RT_DECODE_TRACE
     if (cs.b == 1 && cs.len == kCap) {
       Inputs tin = make_inputs(1, cs.len, 4, 8);  // 8 q copies: the trace tells the calls apart by q
-      for (int vi : {0, 3, 5}) {
+      for (int vi : {0, 1}) {
         Variant& v = vars[vi];
         const int sl = v.split_len(1, sms, v.bps);
         const int blocks = kNh * decode_attention_splits(kCap, sl);
