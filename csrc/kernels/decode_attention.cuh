@@ -42,14 +42,16 @@ constexpr bool kDecodePipeDefault = true;  // default step scheme (variant 0): d
 //   then loads at most 4 vectors (head size 96 in fp16: groups of 4 lanes with 3 vectors each instead of 16 lanes
 //   of which 4 load nothing); other head sizes are unchanged;
 // - kDecodePrefetch: before waiting on the previous kernel, the block asks the L2 for its first step of K and V
-//   (one bulk prefetch on sm_90, one line per thread before), bounded by the capacity, not the length: it reads
-//   old cache slots only, and the L2 is coherent, so it is safe while the previous kernel writes the newest slot.
+//   (one bulk prefetch on sm_90, one line per thread before), bounded by a length read before the wait (at worst
+//   stale: it only bounds the prefetch); it reads old cache slots only, and the L2 is coherent, so it is safe
+//   while the previous kernel writes the newest slot.
 // Measured on one H100 (probe, 20B shape, b=1 at 2048 cached): cold 24.5 -> 23.6 us, back to back 22.6 -> 19.9 us.
 // Tried and dropped (NOTES, session 5): issuing the first step's loads before the length is known (no gain beside
 // the prefetch, slower at short lengths), prefetching the whole split (slower), merging the splits of a head in a
 // thread-block cluster through distributed shared memory (clusters of 8 do not all fit at once: slower).
 constexpr int kDecodeNarrow = 4;
 constexpr int kDecodePrefetch = 2;
+constexpr int kDecodePrefetchNoHint = 8;  // probe only: kDecodePrefetch bounded by the capacity alone (session 5's first form)
 constexpr int kDecodeDefaultOpt = kDecodeNarrow | kDecodePrefetch;
 
 constexpr int largest_pow2_divisor(int v) { return v % 32 == 0 ? 32 : (v & 1) ? 1 : 2 * largest_pow2_divisor(v / 2); }
@@ -190,8 +192,13 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
   const int split_end = start + split_len < capacity ? start + split_len : static_cast<int>(capacity);
   if (PDL) pdl_launch_dependents();
   NEOX_RT_DECODE_TRACE_BEGIN(q);
-  if (OPT & kDecodePrefetch) {  // old slots only: safe before the wait (L2 is coherent)
-    const int keys = split_end - start < L::STEP ? split_end - start : L::STEP;
+  if (OPT & (kDecodePrefetch | kDecodePrefetchNoHint)) {
+    // Old slots only, so safe before the wait (the L2 is coherent). The length read here may be stale (the
+    // previous kernels may still be writing it): it only bounds the prefetch, so that blocks past the sequence
+    // do not pull in slots nobody reads; the real length is read after the wait.
+    const int64_t hint = (OPT & kDecodePrefetchNoHint) ? capacity : __ldcg(seqlens + i);
+    const int lim = hint < split_end ? static_cast<int>(hint > start ? hint : start) : split_end;
+    const int keys = lim - start < L::STEP ? lim - start : L::STEP;
     prefetch_l2_block(kb + static_cast<int64_t>(start) * HD, keys * HD * static_cast<int>(sizeof(T)));
     prefetch_l2_block(vb + static_cast<int64_t>(start) * HD, keys * HD * static_cast<int>(sizeof(T)));
   }

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -27,7 +28,7 @@
 
 using neox_rt::kDecodeThreads;
 using T = __half;
-constexpr int kNh = 64, kHd = 96, kCap = 2048;
+constexpr int kCap = 2048;
 
 __global__ void fill_kernel(T* p, size_t n, unsigned seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -65,7 +66,7 @@ __global__ void spin_kernel(long long ns) {
 }
 
 struct Inputs {
-  int b = 1;
+  int b = 1, nh = 64, hd = 96;
   std::vector<T*> q, k, v;  // rotating copies
   int64_t* seqlens = nullptr;
   T* out = nullptr;
@@ -74,34 +75,36 @@ struct Inputs {
   int* counters = nullptr;
 };
 
-static size_t cache_elems(int b) { return size_t(b) * kNh * kCap * kHd; }
+static size_t cache_elems(const Inputs& in) { return size_t(in.b) * in.nh * kCap * in.hd; }
 
-static Inputs make_inputs(int b, int len, int copies, int q_copies) {
+static Inputs make_inputs(int nh, int hd, int b, int len, int copies, int q_copies) {
   Inputs in;
   in.b = b;
+  in.nh = nh;
+  in.hd = hd;
   for (int c = 0; c < copies; ++c) {  // K and V of a copy in one allocation: the pure read is one launch
     T* k;
-    CK(cudaMalloc(&k, 2 * cache_elems(b) * sizeof(T)));
-    T* v = k + cache_elems(b);
-    fill_kernel<<<1024, 256>>>(k, cache_elems(b), 17u + c);
-    fill_kernel<<<1024, 256>>>(v, cache_elems(b), 91u + c);
+    CK(cudaMalloc(&k, 2 * cache_elems(in) * sizeof(T)));
+    T* v = k + cache_elems(in);
+    fill_kernel<<<1024, 256>>>(k, cache_elems(in), 17u + c);
+    fill_kernel<<<1024, 256>>>(v, cache_elems(in), 91u + c);
     in.k.push_back(k);
     in.v.push_back(v);
   }
   for (int c = 0; c < q_copies; ++c) {
     T* q;
-    CK(cudaMalloc(&q, size_t(b) * kNh * kHd * sizeof(T)));
-    fill_kernel<<<64, 256>>>(q, size_t(b) * kNh * kHd, 5u);  // the same q in every copy
+    CK(cudaMalloc(&q, size_t(b) * nh * hd * sizeof(T)));
+    fill_kernel<<<64, 256>>>(q, size_t(b) * nh * hd, 5u);  // the same q in every copy
     in.q.push_back(q);
   }
   std::vector<int64_t> lens(b, len);
   CK(cudaMalloc(&in.seqlens, b * sizeof(int64_t)));
   CK(cudaMemcpy(in.seqlens, lens.data(), b * sizeof(int64_t), cudaMemcpyHostToDevice));
-  CK(cudaMalloc(&in.out, size_t(b) * kNh * kHd * sizeof(T)));
-  CK(cudaMalloc(&in.part_out, size_t(b) * kNh * neox_rt::kDecodeMaxSplits * kHd * sizeof(float)));
-  CK(cudaMalloc(&in.part_ml, size_t(b) * kNh * neox_rt::kDecodeMaxSplits * 2 * sizeof(float)));
-  CK(cudaMalloc(&in.counters, size_t(b) * kNh * sizeof(int)));
-  CK(cudaMemset(in.counters, 0, size_t(b) * kNh * sizeof(int)));
+  CK(cudaMalloc(&in.out, size_t(b) * nh * hd * sizeof(T)));
+  CK(cudaMalloc(&in.part_out, size_t(b) * nh * neox_rt::kDecodeMaxSplits * hd * sizeof(float)));
+  CK(cudaMalloc(&in.part_ml, size_t(b) * nh * neox_rt::kDecodeMaxSplits * 2 * sizeof(float)));
+  CK(cudaMalloc(&in.counters, size_t(b) * nh * sizeof(int)));
+  CK(cudaMemset(in.counters, 0, size_t(b) * nh * sizeof(int)));
   CK(cudaDeviceSynchronize());
   return in;
 }
@@ -109,29 +112,29 @@ static Inputs make_inputs(int b, int len, int copies, int q_copies) {
 struct Variant {
   std::string name;
   int opt, bps;
-  std::function<int(int b, int sms, int bps)> split_len;
+  std::function<int(int b, int nh, int sms, int bps)> split_len;
   std::function<cudaError_t(const Inputs&, int call, int split_len, bool pdl, cudaStream_t)> launch;
   int regs = 0, local = 0;
 };
 
-template <int OPT>
+template <int HD, int OPT>
 static Variant variant(const char* name, int bps) {
   Variant v;
   v.name = name;
   v.opt = OPT;
   v.bps = bps;
-  v.split_len = [](int b, int sms, int per_sm) {
-    return neox_rt::decode_attention_split_len_hd<T, kHd, true, OPT>(b, kNh, kCap, sms, per_sm);
+  v.split_len = [](int b, int nh, int sms, int per_sm) {
+    return neox_rt::decode_attention_split_len_hd<T, HD, true, OPT>(b, nh, kCap, sms, per_sm);
   };
   v.launch = [](const Inputs& in, int call, int split_len, bool pdl, cudaStream_t s) {
     const int c = call % int(in.k.size());
     const int splits = neox_rt::decode_attention_splits(kCap, split_len);
-    return neox_rt::launch_decode_split<T, kHd, true, OPT>(
+    return neox_rt::launch_decode_split<T, HD, true, OPT>(
         in.q[call % in.q.size()], in.k[c], in.v[c], in.seqlens, in.out, in.part_out, in.part_ml, in.counters, in.b,
-        kNh, kCap, split_len, splits, (1.f / std::sqrt(float(kHd))) * 1.4426950408889634f, pdl, s);
+        in.nh, kCap, split_len, splits, (1.f / std::sqrt(float(HD))) * 1.4426950408889634f, pdl, s);
   };
   cudaFuncAttributes a;
-  CK(cudaFuncGetAttributes(&a, neox_rt::decode_attention_split_kernel<T, kHd, true, true, OPT>));
+  CK(cudaFuncGetAttributes(&a, neox_rt::decode_attention_split_kernel<T, HD, true, true, OPT>));
   v.regs = a.numRegs;
   v.local = int(a.localSizeBytes);
   return v;
@@ -191,7 +194,7 @@ static double time_b2b(const std::function<cudaError_t(int, cudaStream_t)>& fn, 
 }
 
 static std::vector<float> output(const Inputs& in) {
-  std::vector<T> h(size_t(in.b) * kNh * kHd);
+  std::vector<T> h(size_t(in.b) * in.nh * in.hd);
   CK(cudaMemcpy(h.data(), in.out, h.size() * sizeof(T), cudaMemcpyDeviceToHost));
   std::vector<float> f(h.size());
   for (size_t i = 0; i < h.size(); ++i) f[i] = __half2float(h[i]);
@@ -288,8 +291,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const int sms = prop.multiProcessorCount;
-  std::printf("decode_probe on %s (%d SMs), 20B shape: %d heads x %d, capacity %d, fp16\n", prop.name, sms, kNh, kHd,
-              kCap);
+  std::printf("decode_probe on %s (%d SMs), capacity %d, fp16\n", prop.name, sms, kCap);
   g_flush_n = (size_t(256) << 20) / 16;
   CK(cudaMalloc(&g_flush, g_flush_n * 16));
   CK(cudaMemset(g_flush, 1, g_flush_n * 16));
@@ -299,45 +301,58 @@ int main(int argc, char** argv) {
   const bool pdl = prop.major >= 9;
 
   using namespace neox_rt;
-  std::vector<Variant> vars = {
-      variant<kDecodeDefaultOpt>("default (narrow+prefetch)", 4),
-      variant<0>("session 4 (wide groups)", 4),
-      variant<kDecodeNarrow>("narrow", 4),
-      variant<kDecodePrefetch>("prefetch", 4),
-      variant<kDecodeDefaultOpt>("default bps=3", 3),
-      variant<kDecodeDefaultOpt>("default bps=5", 5),
+  // kDecodeNarrow changes head size 96 only; the 1.4B shape (head size 128) shows the prefetch alone.
+  auto variants = [](auto hd_tag) {
+    constexpr int HD = decltype(hd_tag)::value;
+    return std::vector<Variant>{
+        variant<HD, kDecodeDefaultOpt>("default (narrow+prefetch)", 4),
+        variant<HD, 0>("session 4 (wide groups)", 4),
+        variant<HD, kDecodeNarrow>("narrow", 4),
+        variant<HD, kDecodeNarrow | kDecodePrefetchNoHint>("narrow+prefetch, no length hint", 4),
+        variant<HD, kDecodeDefaultOpt>("default bps=3", 3),
+    };
   };
-  for (auto& v : vars) std::printf("  %-30s %3d registers, %d bytes local\n", v.name.c_str(), v.regs, v.local);
+  struct Model {
+    const char* name;
+    int nh, hd;
+    std::vector<Variant> vars;
+  };
+  std::vector<Model> models = {{"gpt-neox-20b", 64, 96, variants(std::integral_constant<int, 96>())},
+                               {"pythia-1.4b", 16, 128, variants(std::integral_constant<int, 128>())}};
+  for (auto& v : models[0].vars) std::printf("  hd 96: %-36s %3d registers, %d bytes local\n", v.name.c_str(), v.regs, v.local);
 
   struct Case {
     int b, len, copies;
   };
-  const Case cases[] = {{1, 2048, 4}, {16, 2048, 1}, {1, 128, 4}};
-  std::printf("\n%-8s %-6s %-30s %9s %9s %8s %8s %10s\n", "b", "L", "variant", "cold us", "b2b us", "cold",
-              "b2b", "max |diff|");
+  const Case cases[] = {{1, 2048, 4}, {16, 2048, 1}, {1, 128, 4}, {1, 1024, 4}};
+  std::printf("\n%-13s %-3s %-5s %-36s %9s %9s %8s %8s %10s\n", "model", "b", "L", "variant", "cold us", "b2b us",
+              "cold", "b2b", "max |diff|");
+  for (Model& md : models)
   for (const Case& cs : cases) {
-    Inputs in = make_inputs(cs.b, cs.len, cs.copies, 1);
-    const double bytes = 2.0 * cs.b * kNh * cs.len * kHd * sizeof(T) + 2.0 * cs.b * kNh * kHd * sizeof(T);
+    if (md.hd != 96 && cs.b == 16) continue;
+    std::vector<Variant>& vars = md.vars;
+    Inputs in = make_inputs(md.nh, md.hd, cs.b, cs.len, cs.copies, 1);
+    const double bytes = 2.0 * cs.b * md.nh * cs.len * md.hd * sizeof(T) + 2.0 * cs.b * md.nh * md.hd * sizeof(T);
     // the pure read of the same bytes (K and V of a copy are contiguous when the cache is full)
     if (cs.len == kCap) {
-      const size_t n = 2 * cache_elems(cs.b) * sizeof(T) / 16;
+      const size_t n = 2 * cache_elems(in) * sizeof(T) / 16;
       auto rd = [&](int call, cudaStream_t st) {
         const int c = call % int(in.k.size());
         return launch_kernel(pdl, read_kernel<false>, read_kernel<true>, dim3(unsigned((n + 2047) / 2048)),
                              dim3(256), st, reinterpret_cast<const int4*>(in.k[c]), n, g_sink);
       };
       const double tc = time_cold(rd, s), tb = time_b2b(rd, s);
-      std::printf("%-8d %-6d %-30s %9.2f %9.2f %6.0fGB %6.0fGB\n", cs.b, cs.len, "pure read", tc, tb,
+      std::printf("%-13s %-3d %-5d %-36s %9.2f %9.2f %6.0fGB %6.0fGB\n", md.name, cs.b, cs.len, "pure read", tc, tb,
                   bytes / tc * 1e-3, bytes / tb * 1e-3);
       if (js)
-        std::fprintf(js, "{\"b\": %d, \"L\": %d, \"variant\": \"pure read\", \"cold_us\": %.3f, \"b2b_us\": %.3f, "
-                     "\"bytes\": %.0f}\n", cs.b, cs.len, tc, tb, bytes);
+        std::fprintf(js, "{\"model\": \"%s\", \"b\": %d, \"L\": %d, \"variant\": \"pure read\", \"cold_us\": %.3f, "
+                     "\"b2b_us\": %.3f, \"bytes\": %.0f}\n", md.name, cs.b, cs.len, tc, tb, bytes);
     }
     std::vector<float> ref;
     for (auto& v : vars) {
-      const int sl = v.split_len(cs.b, sms, v.bps);
+      const int sl = v.split_len(cs.b, md.nh, sms, v.bps);
       auto fn = [&](int call, cudaStream_t st) { return v.launch(in, call, sl, pdl, st); };
-      CK(cudaMemset(in.out, 0xff, size_t(cs.b) * kNh * kHd * sizeof(T)));
+      CK(cudaMemset(in.out, 0xff, size_t(cs.b) * md.nh * md.hd * sizeof(T)));
       CK(fn(0, s));
       CK(cudaStreamSynchronize(s));
       std::vector<float> o = output(in);
@@ -346,24 +361,24 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < o.size(); ++i)
         diff = std::isfinite(o[i]) ? std::max(diff, double(std::fabs(o[i] - ref[i]))) : INFINITY;
       const double tc = time_cold(fn, s), tb = time_b2b(fn, s);
-      std::printf("%-8d %-6d %-30s %9.2f %9.2f %6.0fGB %6.0fGB %10.2g  splits=%d\n", cs.b, cs.len, v.name.c_str(), tc,
-                  tb, bytes / tc * 1e-3, bytes / tb * 1e-3, diff, decode_attention_splits(kCap, sl));
+      std::printf("%-13s %-3d %-5d %-36s %9.2f %9.2f %6.0fGB %6.0fGB %10.2g  splits=%d\n", md.name, cs.b, cs.len,
+                  v.name.c_str(), tc, tb, bytes / tc * 1e-3, bytes / tb * 1e-3, diff, decode_attention_splits(kCap, sl));
       if (js)
         std::fprintf(js,
-                     "{\"b\": %d, \"L\": %d, \"variant\": \"%s\", \"opt\": %d, \"blocks_per_sm\": %d, \"splits\": %d, "
-                     "\"registers\": %d, \"cold_us\": %.3f, \"b2b_us\": %.3f, \"bytes\": %.0f, \"max_abs_diff\": "
-                     "%.3g}\n",
-                     cs.b, cs.len, v.name.c_str(), v.opt, v.bps, decode_attention_splits(kCap, sl), v.regs, tc, tb,
-                     bytes, diff);
+                     "{\"model\": \"%s\", \"b\": %d, \"L\": %d, \"variant\": \"%s\", \"opt\": %d, \"blocks_per_sm\": "
+                     "%d, \"splits\": %d, \"registers\": %d, \"cold_us\": %.3f, \"b2b_us\": %.3f, \"bytes\": %.0f, "
+                     "\"max_abs_diff\": %.3g}\n",
+                     md.name, cs.b, cs.len, v.name.c_str(), v.opt, v.bps, decode_attention_splits(kCap, sl), v.regs, tc,
+                     tb, bytes, diff);
       if (diff > 2e-3) std::printf("  ^ output differs from the default kernel's\n");
     }
 #ifdef NEOX_RT_DECODE_TRACE
-    if (cs.b == 1 && cs.len == kCap) {
-      Inputs tin = make_inputs(1, cs.len, 4, 8);  // 8 q copies: the trace tells the calls apart by q
+    if (md.hd == 96 && cs.b == 1 && cs.len == kCap) {
+      Inputs tin = make_inputs(md.nh, md.hd, 1, cs.len, 4, 8);  // 8 q copies: the trace tells the calls apart by q
       for (int vi : {0, 1}) {
         Variant& v = vars[vi];
-        const int sl = v.split_len(1, sms, v.bps);
-        const int blocks = kNh * decode_attention_splits(kCap, sl);
+        const int sl = v.split_len(1, md.nh, sms, v.bps);
+        const int blocks = md.nh * decode_attention_splits(kCap, sl);
         trace((v.name + " cold").c_str(), [&](cudaStream_t st) { flush_l2(st); CK(v.launch(tin, 0, sl, pdl, st)); },
               1, blocks, tin.q, s, js);
         trace((v.name + " back to back").c_str(),
