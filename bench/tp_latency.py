@@ -3,6 +3,7 @@
     python bench/tp_latency.py --tp 1 --out $OUT/tp1.json
     torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2.json
     NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json
+    torchrun --nproc-per-node 4 bench/tp_latency.py --tp 4 --memory-cap-gib 15 --out $OUT/tp4_cap15.json
     python bench/tp_latency.py --device cpu --layers 2 --hidden 256 --heads 4 --vocab 1001 --new 8   # smoke
 
 Per rank: build the sharded model with ``neox_rt.build_model`` on the GPU and fill it in place
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--memory-cache", type=int, default=2048, help="KV cache tokens for the memory measurement")
     p.add_argument("--no-graphs", action="store_true", help="eager decode even if neox_rt.graphs exists")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="cap each process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 15 for a "
+                        "16 GB T4's usable share; the run fails with an out-of-memory error if the model does not fit")
     p.add_argument("--skip-no-allreduce", action="store_true")
     p.add_argument("--out", default=None, help="JSON file (default: $OUT/tp<N>[_nop2p].json when OUT is set)")
     return p.parse_args(argv)
@@ -214,6 +218,9 @@ def main(argv=None):
     tp = init_from_env(args.tp, device.type)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
+        if args.memory_cap_gib:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
     dtype = neox_rt.api.parse_dtype(args.dtype)
     config = NeoXConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                         num_attention_heads=args.heads, rotary_pct=0.25, hidden_act="gelu_fast",
@@ -283,6 +290,7 @@ def main(argv=None):
         decode_no_allreduce_p50_ms=no_ar,
         allreduce_share_ms=(p50 - no_ar) if no_ar is not None else None,
         peak_memory_bytes_per_rank=peaks, memory_cache_tokens=args.memory_cache, memory_estimate=estimate,
+        memory_cap_gib=args.memory_cap_gib,
         tokens_checksum=sum(ids) % 1000003, **environment(device))
     if tp.is_main:
         suffix = "_nop2p" if os.environ.get("NCCL_P2P_DISABLE", "0") == "1" else ""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,latency,tp,load
+#   info,build,build_baseline,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,latency,tp,tp4,load
 #   (default: info,build,test,kernels,latency,tp)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
 # AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2
@@ -77,8 +77,14 @@ stage ab ${AB_LIMIT:-420} "$AB_CMD true"
 stage profile ${PROFILE_LIMIT:-240} "for e in ${PROFILE_ENVS:-${AB_ENVS:--}}; do for m in ${PROFILE_MODELS:-gpt-neox-20b pythia-1.4b}; do ev=\${e/#-/}; env \${ev//+/ } python3 bench/profile_decode.py --model \$m --out $OUT/profile_\${m}_\$(echo \$e | tr -c 'A-Za-z0-9\\n' '_').json; done; done"
 stage latency ${LATENCY_LIMIT:-420} "python3 bench/latency.py --quick --out $OUT/latency.json ${LATENCY_ARGS:-}"
 if [ "$NGPU" -ge 2 ]; then
-  # TP=1 and the host-path repeat skip the memory measurement (its 2048-token prefill is the slow part; TP=2 keeps it)
-  stage tp ${TP_LIMIT:-420} "python3 bench/tp_latency.py --tp 1 --out $OUT/tp1.json ${TP1_ARGS:---skip-memory} ${TP_ARGS:-} ; torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2.json ${TP_ARGS:-} ; NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json --skip-memory --skip-no-allreduce ${TP_ARGS:-}"
+  # TP=1 and the host-path repeat skip the memory measurement (its 2048-token prefill is the slow part; TP=2 keeps
+  # it); TP_NOP2P=0 skips the host-path repeat.
+  TP_CMD="python3 bench/tp_latency.py --tp 1 --out $OUT/tp1.json ${TP1_ARGS:---skip-memory} ${TP_ARGS:-} ; torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2.json ${TP_ARGS:-}"
+  [ "${TP_NOP2P:-1}" != 0 ] && TP_CMD+=" ; NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json --skip-memory --skip-no-allreduce ${TP_ARGS:-}"
+  stage tp ${TP_LIMIT:-420} "$TP_CMD"
+fi
+if [ "$NGPU" -ge 4 ]; then  # TP=4 with its peak memory (2048-token cache), then each rank capped at 15 GiB (a T4's share)
+  stage tp4 ${TP4_LIMIT:-300} "torchrun --nproc-per-node 4 bench/tp_latency.py --tp 4 --out $OUT/tp4.json ${TP_ARGS:-} ; torchrun --nproc-per-node 4 bench/tp_latency.py --tp 4 --memory-cap-gib 15 --out $OUT/tp4_cap15.json --skip-no-allreduce ${TP_ARGS:-}"
 fi
 stage load ${LOAD_LIMIT:-420} "python3 bench/load_20b.py --layers ${LOAD_LAYERS:-44} --keep --dir /tmp/neox_ck && if [ $NGPU -ge 2 ]; then torchrun --nproc-per-node 2 bench/load_20b.py --load-only --dir /tmp/neox_ck; fi; rm -rf /tmp/neox_ck"
 
