@@ -9,7 +9,7 @@
 TORCH_LIBRARY(neox_rt, m) {
   m.def("scaled_causal_softmax(Tensor scores, Tensor query_positions, float scale) -> Tensor");
   m.def("rotary_kv_write(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, int rotary_ndims, "
-        "Tensor(a!) k_cache, Tensor(b!) v_cache) -> Tensor");
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, bool pdl=False) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float scale, bool pdl=False, "
         "int blocks_per_sm=0, bool merge_kernel=False, int variant=0) -> Tensor");
   m.def("layernorm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");

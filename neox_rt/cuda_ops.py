@@ -44,9 +44,9 @@ GEMV_MAX_ROWS = 1  # measured on H100: at 4 and 16 rows cuBLAS was 1.4-5x faster
 # legacy (the first version), 2/3/4 = stream with k split over 1/2/4 warps, 5/6 = 8-warp blocks of 8 / 4 rows
 # (GemvVariant in csrc/kernels/gemv.cuh; bench/kernels.py --sweep).
 GEMV_VARIANT = _env_int("NEOX_RT_GEMV_VARIANT", 0, 0, 6)
-# Programmatic dependent launch of the GEMV on sm_90 (its first weight loads are issued under the previous
-# kernel's tail; ignored on older GPUs). On by default: 20B decode 14.85 vs 15.00 ms/token on one H100 in the same
-# run (bench/NOTES.md); NEOX_RT_PDL=0 turns it off.
+# Programmatic dependent launch on sm_90 of the GEMV, rotary + KV write and decode attention (each starts under
+# the previous kernel's tail and waits for its inputs inside; ignored on older GPUs). On by default: 20B decode 14.85
+# vs 15.00 ms/token on one H100 in the same run with the GEMV's (bench/NOTES.md); NEOX_RT_PDL=0 turns it off.
 PDL = os.environ.get("NEOX_RT_PDL", "1") != "0"
 # Decode attention's split plan: about this many blocks per SM over the grid (0: the extension's default,
 # kDecodeBlocksPerSm in csrc/kernels/decode_attention.cuh); bench/kernels.py --sweep compares plans.
@@ -83,7 +83,7 @@ def _register_fakes() -> None:
         return torch.empty_like(scores)
 
     @lib.register_fake("neox_rt::rotary_kv_write")
-    def _(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
+    def _(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, pdl=False):
         b, s, _ = qkv.shape
         return qkv.new_empty(b, s, k_cache.shape[1], k_cache.shape[3])
 
@@ -124,7 +124,7 @@ def linear(x, weight, bias=None, activation=None, residual=None):
 
 
 def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
-    return torch.ops.neox_rt.rotary_kv_write(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache)
+    return torch.ops.neox_rt.rotary_kv_write(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache, PDL)
 
 
 def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | None = None,

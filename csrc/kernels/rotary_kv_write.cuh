@@ -5,14 +5,15 @@
 // with d + rd/2, angles cos/sin[p], fp32 math); the rest pass through. k and v go to cache row i, slot p;
 // the rotated q is returned. Each thread moves VEC consecutive elements of one head (VEC * sizeof(T) bytes,
 // 16 where head size, rd/2 and alignment allow), so a vector never straddles the rotated/pass-through
-// boundary or the two rotary halves.
+// boundary or the two rotary halves. With PDL (sm_90 programmatic dependent launch) the kernel lets its dependent
+// (decode attention, which then prefetches old cache slots) launch at once and waits for qkv before reading it.
 #pragma once
 
 #include "common.cuh"
 
 namespace neox_rt {
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool PDL>
 __global__ void rotary_kv_write_kernel(const T* __restrict__ qkv,             // [b, s, nh*3*hd]
                                        const int64_t* __restrict__ positions, // [b, s]
                                        const float* __restrict__ cos_table,   // [max_pos, rd/2]
@@ -21,6 +22,10 @@ __global__ void rotary_kv_write_kernel(const T* __restrict__ qkv,             //
                                        T* __restrict__ k_cache,               // [B, nh, T, hd]
                                        T* __restrict__ v_cache,               // [B, nh, T, hd]
                                        int s, int nh, int hd, int rd, int64_t capacity, int64_t max_pos) {
+  if (PDL) {
+    pdl_launch_dependents();
+    pdl_wait();  // qkv and positions come from earlier kernels
+  }
   const int64_t token = blockIdx.x;  // i * s + j
   const int64_t i = token / s;
   int64_t p = positions[token];
@@ -62,11 +67,11 @@ __global__ void rotary_kv_write_kernel(const T* __restrict__ qkv,             //
 }
 
 // vec: elements per thread (1, 2, 4 or 8; the launcher picks the largest that divides hd and rd/2 and keeps
-// every pointer aligned). tokens = b * s.
+// every pointer aligned). tokens = b * s. `pdl` needs sm_90 (the caller checks the device).
 template <typename T>
 cudaError_t launch_rotary_kv_write(const T* qkv, const int64_t* positions, const float* cos_table,
                                    const float* sin_table, T* q_out, T* k_cache, T* v_cache, int b, int s, int nh,
-                                   int hd, int rd, int64_t capacity, int64_t max_pos, int vec,
+                                   int hd, int rd, int64_t capacity, int64_t max_pos, int vec, bool pdl,
                                    cudaStream_t stream) {
   const int64_t tokens = static_cast<int64_t>(b) * s;
   if (tokens == 0) return cudaSuccess;
@@ -74,17 +79,17 @@ cudaError_t launch_rotary_kv_write(const T* qkv, const int64_t* positions, const
   int threads = ((work + 31) / 32) * 32;
   threads = threads > 512 ? 512 : threads;
   const dim3 grid(static_cast<unsigned>(tokens));
-#define NEOX_RT_ROTARY(V)                                                                                 \
-  rotary_kv_write_kernel<T, V><<<grid, threads, 0, stream>>>(qkv, positions, cos_table, sin_table, q_out, \
-                                                             k_cache, v_cache, s, nh, hd, rd, capacity, max_pos)
+#define NEOX_RT_ROTARY(V)                                                                                   \
+  launch_kernel(pdl, rotary_kv_write_kernel<T, V, false>, rotary_kv_write_kernel<T, V, true>, grid, dim3(threads), \
+                stream, qkv, positions, cos_table, sin_table, q_out, k_cache, v_cache, s, nh, hd, rd, capacity,     \
+                max_pos)
   switch (vec) {
-    case 8: NEOX_RT_ROTARY(8); break;
-    case 4: NEOX_RT_ROTARY(4); break;
-    case 2: NEOX_RT_ROTARY(2); break;
-    default: NEOX_RT_ROTARY(1); break;
+    case 8: return NEOX_RT_ROTARY(8);
+    case 4: return NEOX_RT_ROTARY(4);
+    case 2: return NEOX_RT_ROTARY(2);
+    default: return NEOX_RT_ROTARY(1);
   }
 #undef NEOX_RT_ROTARY
-  return cudaGetLastError();
 }
 
 }  // namespace neox_rt

@@ -88,7 +88,8 @@ at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& que
 }
 
 at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
-                           const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache, at::Tensor& v_cache) {
+                           const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache, at::Tensor& v_cache,
+                           bool pdl) {
   CHECK_CUDA(qkv, "qkv");
   CHECK_SAME_DEVICE(qkv, positions, "qkv", "positions");
   CHECK_SAME_DEVICE(qkv, cos, "qkv", "cos");
@@ -127,7 +128,8 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
     check_cuda(launch_rotary_kv_write<scalar_t>(ptr<scalar_t>(qkv), ptr<int64_t>(positions), ptr<float>(cos),
                                                 ptr<float>(sin), ptr<scalar_t>(q), ptr<scalar_t>(k_cache),
                                                 ptr<scalar_t>(v_cache), b, s, nh, hd, rotary_ndims, cap,
-                                                cos.size(0), vec, stream),
+                                                cos.size(0), vec,
+                                                pdl && at::cuda::getCurrentDeviceProperties()->major >= 9, stream),
                "rotary_kv_write");
   });
   return q;

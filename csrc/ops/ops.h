@@ -13,8 +13,10 @@ namespace neox_rt {
 at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& query_positions, double scale);
 
 // Rotary on q, k + cache write of k, v. qkv [b, s, nh*3*hd] -> q [b, s, nh, hd]; mutates k_cache, v_cache.
+// pdl: programmatic dependent launch (sm_90).
 at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
-                           const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache, at::Tensor& v_cache);
+                           const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache, at::Tensor& v_cache,
+                           bool pdl);
 
 // One query per sequence over its first seqlens[i] slots. q [b, nh, hd] -> [b, nh, hd]. pdl: programmatic
 // dependent launch (sm_90); blocks_per_sm: the split plan (0: the default); merge_kernel: merge the splits in a

@@ -13,7 +13,7 @@ namespace neox_rt {
   template cudaError_t launch_scaled_causal_softmax<T>(const T*, const int64_t*, T*, int, int, int, int, float, \
                                                        cudaStream_t);                                           \
   template cudaError_t launch_rotary_kv_write<T>(const T*, const int64_t*, const float*, const float*, T*, T*, \
-                                                 T*, int, int, int, int, int, int64_t, int64_t, int,           \
+                                                 T*, int, int, int, int, int, int64_t, int64_t, int, bool,     \
                                                  cudaStream_t);                                                 \
   template cudaError_t launch_decode_attention<T>(const T*, const T*, const T*, const int64_t*, T*, float*,   \
                                                   float*, int*, int, int, int, int64_t, int, float, bool, bool,\

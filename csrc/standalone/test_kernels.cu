@@ -179,7 +179,7 @@ template <typename T> static void test_rotary(int b, int s, int nh, int hd, int 
   Dev<int64_t> dp(pos);
   const int vec = (hd % 2 == 0 && (half == 0 || half % 2 == 0)) ? 2 : 1;
   CK(neox_rt::launch_rotary_kv_write<T>(dqkv.p, dp.p, dc.p, ds.p, dq.p, dk.p, dv.p, b, s, nh, hd, rd, cap, max_pos,
-                                        vec, 0));
+                                        vec, false, 0));
   CK(cudaDeviceSynchronize());
   std::vector<double> wq(size_t(b) * s * nh * hd);
   std::vector<double> wk, wv;
