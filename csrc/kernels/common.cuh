@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace neox_rt {
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -78,6 +80,23 @@ __device__ __forceinline__ Vec<T, N> load_vec_stream(const T* p) {
   const int4 raw = __ldcs(reinterpret_cast<const int4*>(p));
   Vec<T, N> v;
   *reinterpret_cast<int4*>(&v) = raw;
+  return v;
+}
+
+// Aligned load of N elements through the L2 only (ld.global.cg): for data another kernel may still be writing when
+// this one starts (programmatic dependent launch), read after griddepcontrol.wait. The default path may use the
+// read-only (non-coherent) cache, whose contract is data that stays unchanged for the kernel's lifetime.
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec_cg(const T* p) {
+  constexpr int B = static_cast<int>(sizeof(T)) * N;
+  static_assert(B == 2 || B == 4 || B == 8 || B == 16, "2, 4, 8 or 16 bytes");
+  using Raw = typename std::conditional<
+      B == 16, uint4,
+      typename std::conditional<B == 8, uint2,
+                                typename std::conditional<B == 4, unsigned, unsigned short>::type>::type>::type;
+  const Raw raw = __ldcg(reinterpret_cast<const Raw*>(p));
+  Vec<T, N> v;
+  *reinterpret_cast<Raw*>(&v) = raw;
   return v;
 }
 

@@ -208,13 +208,14 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
   // seqlens[i] and this lane's slice of q (vectors lig, lig + LPK, ... of the row, in fp32, scaled into log2 units)
   // are loaded together: q's address does not depend on the length, so the block waits one memory round trip
   // before its first K/V loads, not two.
-  const int64_t len_raw = seqlens[i];
+  // Both through the L2 only (__ldcg): with PDL the previous kernels may still be running when this one starts.
+  const int64_t len_raw = __ldcg(seqlens + i);
   float qf[VPL][VEC];
 #pragma unroll
   for (int u = 0; u < VPL; ++u) {
     const int vi = lig + u * LPK;
     if (vi < VPK) {
-      const Vec<T, VEC> qv = load_vec<T, VEC>(q + bh * HD + vi * VEC);
+      const Vec<T, VEC> qv = load_vec_cg<T, VEC>(q + bh * HD + vi * VEC);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) qf[u][e] = to_float(qv.v[e]) * scale_log2;
     } else {

@@ -26,9 +26,10 @@ __global__ void rotary_kv_write_kernel(const T* __restrict__ qkv,             //
     pdl_launch_dependents();
     pdl_wait();  // qkv and positions come from earlier kernels
   }
+  // qkv and positions through the L2 only: with PDL the previous kernel may still be running when this one starts.
   const int64_t token = blockIdx.x;  // i * s + j
   const int64_t i = token / s;
-  int64_t p = positions[token];
+  int64_t p = __ldcg(positions + token);
   const bool in_cache = p >= 0 && p < capacity;       // slots outside the cache are not written
   const int64_t p_tab = p < 0 ? 0 : (p >= max_pos ? max_pos - 1 : p);
   const int half = rd / 2;
@@ -38,16 +39,16 @@ __global__ void rotary_kv_write_kernel(const T* __restrict__ qkv,             //
     const int h = c / chunks_per_head;
     const int d0 = (c - h * chunks_per_head) * VEC;
     const T* head = src + static_cast<int64_t>(h) * 3 * hd;
-    Vec<T, VEC> q = load_vec<T, VEC>(head + d0);
-    Vec<T, VEC> k = load_vec<T, VEC>(head + hd + d0);
-    const Vec<T, VEC> v = load_vec<T, VEC>(head + 2 * hd + d0);
+    Vec<T, VEC> q = load_vec_cg<T, VEC>(head + d0);
+    Vec<T, VEC> k = load_vec_cg<T, VEC>(head + hd + d0);
+    const Vec<T, VEC> v = load_vec_cg<T, VEC>(head + 2 * hd + d0);
     if (d0 < rd) {
       // out[d] = x[d] * cos - x[d + half] * sin (first half); x[d] * cos + x[d - half] * sin (second half)
       const bool first = d0 < half;
       const int partner = first ? d0 + half : d0 - half;
       const int f0 = first ? d0 : d0 - half;  // frequency index
-      const Vec<T, VEC> qp = load_vec<T, VEC>(head + partner);
-      const Vec<T, VEC> kp = load_vec<T, VEC>(head + hd + partner);
+      const Vec<T, VEC> qp = load_vec_cg<T, VEC>(head + partner);
+      const Vec<T, VEC> kp = load_vec_cg<T, VEC>(head + hd + partner);
       const float sign = first ? -1.f : 1.f;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
