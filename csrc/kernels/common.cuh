@@ -89,14 +89,15 @@ __device__ __forceinline__ Vec<T, N> load_vec_stream(const T* p) {
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> load_vec_cg(const T* p) {
   constexpr int B = static_cast<int>(sizeof(T)) * N;
-  static_assert(B == 2 || B == 4 || B == 8 || B == 16, "2, 4, 8 or 16 bytes");
+  static_assert(B == 2 || B == 4 || B == 8 || B % 16 == 0, "2, 4, 8 or a multiple of 16 bytes");
   using Raw = typename std::conditional<
-      B == 16, uint4,
+      B % 16 == 0, uint4,
       typename std::conditional<B == 8, uint2,
                                 typename std::conditional<B == 4, unsigned, unsigned short>::type>::type>::type;
-  const Raw raw = __ldcg(reinterpret_cast<const Raw*>(p));
+  constexpr int R = B % 16 == 0 ? B / 16 : 1;
   Vec<T, N> v;
-  *reinterpret_cast<Raw*>(&v) = raw;
+#pragma unroll
+  for (int r = 0; r < R; ++r) reinterpret_cast<Raw*>(&v)[r] = __ldcg(reinterpret_cast<const Raw*>(p) + r);
   return v;
 }
 
