@@ -105,7 +105,9 @@ gemv_kernel(const T* __restrict__ x,         // [m, k]
 #pragma unroll
         for (int r = 0; r < MT; ++r) {
           if (r < m) {
-            const Vec<T, VEC> xv = load_vec<T, VEC>(x + static_cast<int64_t>(r) * k + col);
+            // x (and the residual below) through the L2 only: with PDL the kernel that writes them may still be
+            // running when this one starts, and the read-only path may keep stale lines of a reused buffer.
+            const Vec<T, VEC> xv = load_vec_cg<T, VEC>(x + static_cast<int64_t>(r) * k + col);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
               const float xf = to_float(xv.v[e]);
@@ -152,7 +154,7 @@ gemv_kernel(const T* __restrict__ x,         // [m, k]
         const int64_t idx = static_cast<int64_t>(r) * n + n0 + o;
         const float b = bias != nullptr ? to_float(bias[n0 + o]) : 0.f;
         float out = apply_activation(v + b, act);
-        if (residual != nullptr) out += to_float(residual[idx]);
+        if (residual != nullptr) out += to_float(__ldcg(residual + idx));
         y[idx] = from_float<T>(out);
       }
     }
