@@ -124,8 +124,7 @@ def linear(x, weight, bias=None, activation=None, residual=None):
 
 
 def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
-    return torch.ops.neox_rt.rotary_kv_write(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache,
-                                             PDL and os.environ.get("NEOX_RT_ROTARY_PDL", "1") != "0")
+    return torch.ops.neox_rt.rotary_kv_write(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache, PDL)
 
 
 def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | None = None,
