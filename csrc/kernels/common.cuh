@@ -101,6 +101,21 @@ __device__ __forceinline__ Vec<T, N> load_vec_cg(const T* p) {
   return v;
 }
 
+// 16-byte load through L1 as an ordinary (weak, coherent) global load, ld.global.ca, never the read-only path
+// the compiler picks for const __restrict__ pointers: for data the previous kernel writes and this one reads many
+// times after griddepcontrol.wait (the GEMV's x), where an L2 round trip per read would cost (see load_vec_cg).
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec_ca(const T* p) {
+  static_assert(sizeof(T) * N == 16, "16-byte loads");
+  uint4 raw;
+  asm volatile("ld.global.ca.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+               : "l"(p));  // volatile: stays after griddepcontrol.wait (also volatile asm); no memory clobber
+  Vec<T, N> v;
+  *reinterpret_cast<uint4*>(&v) = raw;
+  return v;
+}
+
 // atomicAdd with acquire-release semantics at GPU scope: writes ordered before it (in this thread, or in its block
 // through a barrier) are visible to whoever acquires the new value, and writes released before the values it
 // reads are visible to this thread afterwards.
