@@ -45,13 +45,14 @@ constexpr bool kDecodePipeDefault = true;  // default step scheme (variant 0): d
 //   (one bulk prefetch on sm_90, one line per thread before), bounded by a length read before the wait (at worst
 //   stale: it only bounds the prefetch); it reads old cache slots only, and the L2 is coherent, so it is safe
 //   while the previous kernel writes the newest slot.
-// Measured on one H100 (probe, 20B shape, b=1 at 2048 cached): cold 24.5 -> 23.6 us, back to back 22.6 -> 19.9 us.
+// Measured on one H100 (probe, 20B shape, b=1 at 2048 cached, 4d52970): cold 25.3 -> 24.4 us, back to back 23.2 ->
+// 20.5 us (81% of copy bandwidth); b=16 275.1 -> 270.4 us.
 // Tried and dropped (NOTES, session 5): issuing the first step's loads before the length is known (no gain beside
 // the prefetch, slower at short lengths), prefetching the whole split (slower), merging the splits of a head in a
 // thread-block cluster through distributed shared memory (clusters of 8 do not all fit at once: slower).
 constexpr int kDecodeNarrow = 4;
 constexpr int kDecodePrefetch = 2;
-constexpr int kDecodePrefetchNoHint = 8;  // probe only: kDecodePrefetch bounded by the capacity alone (session 5's first form)
+constexpr int kDecodePrefetchNoHint = 8;  // probe only: the prefetch bounded by the capacity alone (its first form)
 constexpr int kDecodeDefaultOpt = kDecodeNarrow | kDecodePrefetch;
 
 constexpr int largest_pow2_divisor(int v) { return v % 32 == 0 ? 32 : (v & 1) ? 1 : 2 * largest_pow2_divisor(v / 2); }

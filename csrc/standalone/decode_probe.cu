@@ -1,11 +1,12 @@
 // Decode-attention probe (one GPU, no torch): the options of the split kernel (kDecode* in
-// kernels/decode_attention.cuh; the first variant is the default) and split plans side by side in one process, at the GPT-NeoX-20B shape (64 heads
-// of 96, fp16), timed two ways as bench/kernels.py does: one call with the L2 cold and clean, and calls queued
-// back to back with programmatic dependent launch over rotating caches (each call cold in L2). A pure read of
-// the same bytes (16-byte loads, 8 in flight per thread, same launch) is timed beside them. Built with
-// -DNEOX_RT_DECODE_TRACE it also records, per block, %globaltimer at the kernel's trace points for one cold call
-// and for a chain of back-to-back calls, and prints where the time goes. Each option's output is compared with
-// the default kernel's. Usage: decode_probe [out.json]; prints a table, writes JSON rows.
+// kernels/decode_attention.cuh; the first variant is the default) and split plans side by side in one process, at
+// the GPT-NeoX-20B (64 heads of 96) and Pythia-1.4B (16 heads of 128) shapes, fp16, timed two ways as
+// bench/kernels.py does: one call with the L2 cold and clean, and calls queued back to back with programmatic
+// dependent launch over rotating caches (each call cold in L2). A pure read of the same bytes (16-byte loads, 8 in
+// flight per thread, same launch) is timed beside them. Built with -DNEOX_RT_DECODE_TRACE it also records, per
+// block, %globaltimer at the kernel's trace points for one cold call and for a chain of back-to-back calls (20B,
+// b=1, 2048 cached), and prints where the time goes. Each option's output is compared with the default kernel's.
+// Usage: decode_probe [out.json]; prints a table, writes JSON rows (and raw trace records).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -107,6 +108,15 @@ static Inputs make_inputs(int nh, int hd, int b, int len, int copies, int q_copi
   CK(cudaMemset(in.counters, 0, size_t(b) * nh * sizeof(int)));
   CK(cudaDeviceSynchronize());
   return in;
+}
+
+static void free_inputs(Inputs& in) {
+  for (T* k : in.k) CK(cudaFree(k));  // K and V of a copy share one allocation
+  for (T* q : in.q) CK(cudaFree(q));
+  for (void* p : {static_cast<void*>(in.seqlens), static_cast<void*>(in.out), static_cast<void*>(in.part_out),
+                  static_cast<void*>(in.part_ml), static_cast<void*>(in.counters)})
+    CK(cudaFree(p));
+  in = Inputs();
 }
 
 struct Variant {
@@ -319,7 +329,8 @@ int main(int argc, char** argv) {
   };
   std::vector<Model> models = {{"gpt-neox-20b", 64, 96, variants(std::integral_constant<int, 96>())},
                                {"pythia-1.4b", 16, 128, variants(std::integral_constant<int, 128>())}};
-  for (auto& v : models[0].vars) std::printf("  hd 96: %-36s %3d registers, %d bytes local\n", v.name.c_str(), v.regs, v.local);
+  for (auto& v : models[0].vars)
+    std::printf("  hd 96: %-36s %3d registers, %d bytes local\n", v.name.c_str(), v.regs, v.local);
 
   struct Case {
     int b, len, copies;
@@ -362,7 +373,8 @@ int main(int argc, char** argv) {
         diff = std::isfinite(o[i]) ? std::max(diff, double(std::fabs(o[i] - ref[i]))) : INFINITY;
       const double tc = time_cold(fn, s), tb = time_b2b(fn, s);
       std::printf("%-13s %-3d %-5d %-36s %9.2f %9.2f %6.0fGB %6.0fGB %10.2g  splits=%d\n", md.name, cs.b, cs.len,
-                  v.name.c_str(), tc, tb, bytes / tc * 1e-3, bytes / tb * 1e-3, diff, decode_attention_splits(kCap, sl));
+                  v.name.c_str(), tc, tb, bytes / tc * 1e-3, bytes / tb * 1e-3, diff,
+                  decode_attention_splits(kCap, sl));
       if (js)
         std::fprintf(js,
                      "{\"model\": \"%s\", \"b\": %d, \"L\": %d, \"variant\": \"%s\", \"opt\": %d, \"blocks_per_sm\": "
@@ -389,8 +401,10 @@ int main(int argc, char** argv) {
               },
               8, blocks, tin.q, s, js);
       }
+      free_inputs(tin);
     }
 #endif
+    free_inputs(in);
   }
   if (js) std::fclose(js);
   return 0;
