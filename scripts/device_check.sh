@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,build_baseline,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,latency,tp,tp4,load
-#   (default: info,build,test,kernels,latency,tp)
+#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,latency,tp,tp4,load
+#   (default: info,build,test,kernels,latency,tp; build_baseline runs whenever .baseline/ is there)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
 # AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2
 # sets two), LATENCY_ARGS,
@@ -40,6 +40,8 @@ stage info 60 "nvidia-smi; python3 -c 'import torch, triton, transformers; print
 # .baseline/ (ignored; `git archive <commit> | tar -x -C .baseline`, carried with the call) is the version to
 # compare against in the same run: its extension is built in place beside the main build.
 HAVE_BASE=; [ -d .baseline ] && [ -n "${BASELINE-1}" ] && HAVE_BASE=1
+# its benches must not run against an unbuilt tree (they would import this tree's extension): always build it
+[ -n "$HAVE_BASE" ] && STAGES="${STAGES}build_baseline,"
 BASE_PY="cd .baseline && NEOX_RT_COMMIT=${BASELINE_COMMIT:-baseline} python3"  # a bench of the baseline tree
 if [ -n "$HAVE_BASE" ]; then
   ( stage build_baseline 420 "cd .baseline && MAX_JOBS=6 python3 setup.py -q build_ext --inplace" ) &
