@@ -40,7 +40,7 @@ stage info 60 "nvidia-smi; python3 -c 'import torch, triton, transformers; print
 # .baseline/ (ignored; `git archive <commit> | tar -x -C .baseline`, carried with the call) is the version to
 # compare against in the same run: its extension is built in place beside the main build.
 HAVE_BASE=; [ -d .baseline ] && [ -n "${BASELINE-1}" ] && HAVE_BASE=1
-# its benches must not run against an unbuilt tree (they would import this tree's extension): always build it
+# its benches must not run against an unbuilt tree (they then measured this tree's kernels): always build it
 [ -n "$HAVE_BASE" ] && STAGES="${STAGES}build_baseline,"
 BASE_PY="cd .baseline && NEOX_RT_COMMIT=${BASELINE_COMMIT:-baseline} python3"  # a bench of the baseline tree
 if [ -n "$HAVE_BASE" ]; then
