@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Compile check of the framework-free CUDA kernels (csrc/kernels/*.cuh) with plain nvcc, no GPU and no torch:
-# csrc/standalone/compile_check.cu includes every header and instantiates every launcher for every dtype; it is
-# compiled for sm_75 (T4: no bf16 arithmetic, no cp.async) and sm_90 (H100). Fails on any error; ptxas register
-# spills are printed as warnings. Env: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc),
+# csrc/standalone/compile_check.cu includes every header and instantiates every launcher for every dtype; it and
+# csrc/standalone/decode_probe.cu (the decode-attention probe, trace build) are compiled for sm_75 (T4: no bf16
+# arithmetic, no cp.async) and sm_90 (H100). Fails on any error; ptxas register spills are printed as warnings. Env: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc),
 # CUDA_ARCHS (default "75 90").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,9 @@ for arch in $ARCHS; do
     t0=$(date +%s) rc=0
     "$NVCC" -std=c++17 -O3 --use_fast_math -Icsrc -arch=sm_$arch -Xptxas -warn-spills \
       -c csrc/standalone/compile_check.cu -o "$TMP/compile_check_sm$arch.o" > "$TMP/sm$arch.log" 2>&1 || rc=$?
+    # the decode-attention probe with its trace build (a tool, but it must keep compiling with the kernel)
+    "$NVCC" -std=c++17 -O3 --use_fast_math -Icsrc -arch=sm_$arch -DNEOX_RT_DECODE_TRACE \
+      -c csrc/standalone/decode_probe.cu -o "$TMP/decode_probe_sm$arch.o" >> "$TMP/sm$arch.log" 2>&1 || rc=$?
     cat "$TMP/sm$arch.log"
     echo "sm_$arch: rc=$rc, $(( $(date +%s) - t0 ))s"
     exit $rc

@@ -30,4 +30,17 @@ template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv
                                                 const __nv_bfloat16*, __nv_bfloat16*, int, int, int, int, int, bool,
                                                 cudaStream_t);
 
+// Decode attention's lane layout (kDecodeNarrow): head size 96 in fp16/bf16 uses groups of 4 lanes with 3 vectors
+// each (no idle lane); 80 keeps 16-lane groups (a narrow group would need 5 vectors a lane); the powers of two are
+// the same in both layouts; the block step stays 32 keys where the measurements were made.
+static_assert(DecodeLayout<__half, 96, true>::LPK == 4 && DecodeLayout<__half, 96, true>::VPL == 3, "narrow 96");
+static_assert(DecodeLayout<__half, 96, true, 0>::LPK == 16, "the session-4 layout of 96");
+static_assert(DecodeLayout<__nv_bfloat16, 96, true>::LPK == 4, "narrow 96, bf16");
+static_assert(DecodeLayout<float, 96, true>::LPK == 8 && DecodeLayout<float, 96, true>::VPL == 3, "narrow 96, fp32");
+static_assert(DecodeLayout<__half, 80, true>::LPK == 16, "80 stays wide");
+static_assert(DecodeLayout<__half, 128, true>::LPK == 16 && DecodeLayout<__half, 64, true>::LPK == 8 &&
+                  DecodeLayout<__half, 256, true>::LPK == 32 && DecodeLayout<__half, 32, true>::LPK == 4,
+              "powers of two unchanged");
+static_assert(DecodeLayout<__half, 96, true>::STEP == 32 && DecodeLayout<__half, 96, true, 0>::STEP == 32, "step");
+
 }  // namespace neox_rt
