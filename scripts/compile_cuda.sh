@@ -2,8 +2,8 @@
 # Compile check of the framework-free CUDA kernels (csrc/kernels/*.cuh) with plain nvcc, no GPU and no torch:
 # csrc/standalone/compile_check.cu includes every header and instantiates every launcher for every dtype; it and
 # csrc/standalone/decode_probe.cu (the decode-attention probe, trace build) are compiled for sm_75 (T4: no bf16
-# arithmetic, no cp.async) and sm_90 (H100). Fails on any error; ptxas register spills are printed as warnings. Env: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc),
-# CUDA_ARCHS (default "75 90").
+# arithmetic, no cp.async) and sm_90 (H100). Fails on any error; ptxas register spills are printed as warnings.
+# Env: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc), CUDA_ARCHS (default "75 90").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
