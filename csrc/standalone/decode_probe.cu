@@ -12,20 +12,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
-#include <type_traits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "check_cuda.h"
 #include "kernels/decode_attention.cuh"
 
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                            \
-    }                                                                                          \
-  } while (0)
 
 using neox_rt::kDecodeThreads;
 using T = __half;
@@ -163,44 +156,48 @@ static double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// One call, L2 cold: median us over reps.
-static double time_cold(const std::function<cudaError_t(int, cudaStream_t)>& fn, cudaStream_t s, int reps = 31) {
+// Median over `reps` runs (after `warm` discarded) of the us between two events around body(r), divided by `per`;
+// before(r) runs ahead of the first event.
+static double median_us(int reps, int warm, const std::function<void(int)>& before,
+                        const std::function<void(int)>& body, double per, cudaStream_t s) {
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
   std::vector<double> t;
-  for (int r = 0; r < reps + 2; ++r) {
-    flush_l2(s);
+  for (int r = 0; r < reps + warm; ++r) {
+    before(r);
     CK(cudaEventRecord(e0, s));
-    CK(fn(r, s));
+    body(r);
     CK(cudaEventRecord(e1, s));
     CK(cudaEventSynchronize(e1));
     float ms;
     CK(cudaEventElapsedTime(&ms, e0, e1));
-    if (r >= 2) t.push_back(ms * 1e3);
+    if (r >= warm) t.push_back(ms * 1e3 / per);
   }
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
   return median(t);
+}
+
+// One call, L2 cold: median us over reps.
+static double time_cold(const std::function<cudaError_t(int, cudaStream_t)>& fn, cudaStream_t s, int reps = 31) {
+  return median_us(
+      reps, 2, [&](int) { flush_l2(s); }, [&](int r) { CK(fn(r, s)); }, 1, s);
 }
 
 // `calls` calls queued behind a spin kernel, each on the next rotating copy: per-call us, median over reps.
 static double time_b2b(const std::function<cudaError_t(int, cudaStream_t)>& fn, cudaStream_t s, int calls = 48,
                        int reps = 7) {
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  std::vector<double> t;
-  for (int r = 0; r < reps + 1; ++r) {
-    flush_l2(s);
-    spin_kernel<<<1, 1, 0, s>>>(200000);  // ~100 us: the launches below queue up behind it
-    CK(cudaEventRecord(e0, s));
-    for (int c = 0; c < calls; ++c) CK(fn(c, s));
-    CK(cudaEventRecord(e1, s));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    if (r >= 1) t.push_back(ms * 1e3 / calls);
-  }
-  return median(t);
+  return median_us(
+      reps, 1,
+      [&](int) {
+        flush_l2(s);
+        spin_kernel<<<1, 1, 0, s>>>(200000);  // ~100 us: the launches below queue up behind it
+      },
+      [&](int) {
+        for (int c = 0; c < calls; ++c) CK(fn(c, s));
+      },
+      calls, s);
 }
 
 static std::vector<float> output(const Inputs& in) {
