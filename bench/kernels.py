@@ -485,22 +485,31 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
         hm = MODELS[mname]["h"]
         shapes.update({f"{prefix}{ln}": s for ln, s in {"qkv": (3 * hm, hm), "dense": (hm, hm), "h->4h": (4 * hm, hm),
                                                          "4h->h": (hm, 4 * hm)}.items()})
+    from neox_rt.kernels import linear as k_lin
     for lname, (n_out, k_in) in shapes.items():
         w = rnd(n_out, k_in, scale=k_in ** -0.5)
-        for rows_ in (1, 2, 4):
+        for rows_ in (1, 2, 4, 8, 16):
             x1 = rnd(rows_, k_in)
             nbytes = (n_out * k_in + rows_ * (k_in + n_out)) * E
             record("linear", f"{lname} m={rows_}", "cuBLAS", lambda: F.linear(x1, w), nbytes)
             if rows_ == 1:  # the same call timed as triton.testing.do_bench times it (dirty L2)
                 record("linear", f"{lname} m={rows_}", "cuBLAS, do_bench timing (L2 zeroed)", lambda: F.linear(x1, w),
                        nbytes, timer=median_ms_do_bench)
+            record("linear", f"{lname} m={rows_}", "triton (default tiles)", lambda: k_lin.linear(x1, w), nbytes)
             for variant, vname in ((0, "gemv auto"), (1, "gemv legacy"), (2, "gemv k/1"), (3, "gemv k/2"),
                                    (4, "gemv k/4"), (5, "gemv 8 warps x 8 rows"),
-                                   (6, "gemv 8 warps x 4 rows")):
-                if rows_ > 2 and variant > 1:
-                    continue  # more than 2 rows always run the legacy configuration
+                                   (6, "gemv 8 warps x 4 rows"), (7, "gemv tensor cores, k over 8 warps"),
+                                   (8, "gemv tensor cores, k over 16 warps"), (9, "gemv tensor cores, k over 4 warps")):
+                if rows_ > 2 and 1 < variant < 7:
+                    continue  # the single-row configurations run the legacy one above 2 rows
                 record("linear", f"{lname} m={rows_}", vname, lambda: ext.gemv(x1, w, None, 0, None, variant, False),
                        nbytes)
+                if variant >= 7 and lname == "dense" and rows_ in (4, 16):  # as the decode graph runs it
+                    record("linear", f"{lname} m={rows_}", vname + ", back to back (PDL)",
+                           lambda: ext.gemv(x1, w, None, 0, None, variant, True), nbytes,
+                           timer=lambda _fn: back_to_back_ms(
+                               lambda x_, w_: ext.gemv(x_, w_, None, 0, None, variant, True),
+                               lambda: (rnd(rows_, k_in), rnd(n_out, k_in, scale=k_in ** -0.5)), nbytes))
     return rows
 
 

@@ -155,14 +155,14 @@ def test_default_selection_and_op_overrides(monkeypatch):
 
 
 @pytest.mark.parametrize("name,value", [("NEOX_RT_DECODE_VARIANT", "7"), ("NEOX_RT_GEMV_VARIANT", "fast"),
-                                        ("NEOX_RT_DECODE_BLOCKS_PER_SM", "-1")])
+                                        ("NEOX_RT_DECODE_BLOCKS_PER_SM", "-1"), ("NEOX_RT_GEMV_MAX_ROWS", "17")])
 def test_bad_kernel_setting_is_a_clear_error(monkeypatch, name, value):
     """The CUDA backend's experiment settings are read when it loads: a bad value is a NeoxRtError naming the
     variable, and backend loading passes it on instead of falling back with a warning."""
     from neox_rt import cuda_ops, ops
     from neox_rt.errors import NeoxRtError
-    bounds = {"NEOX_RT_DECODE_VARIANT": (0, 2), "NEOX_RT_GEMV_VARIANT": (0, 6),
-              "NEOX_RT_DECODE_BLOCKS_PER_SM": (0, None)}
+    bounds = {"NEOX_RT_DECODE_VARIANT": (0, 2), "NEOX_RT_GEMV_VARIANT": (0, 9),
+              "NEOX_RT_DECODE_BLOCKS_PER_SM": (0, None), "NEOX_RT_GEMV_MAX_ROWS": (1, 16)}
     monkeypatch.setenv(name, value)
     with pytest.raises(NeoxRtError, match=name):
         cuda_ops._env_int(name, 0, *bounds[name])

@@ -30,9 +30,11 @@ enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRel
 // kGemvWide4 4 rows a block (k over 8 warps), kGemvWide8 8 rows (two groups of 4 warps, k over 4). (2 chunks of 4
 // rows in flight per lane spills at 128 registers.) More than 2 rows of x always take the legacy configuration (two
 // rows of W per warp share each x load; measured faster there).
+// kGemvMma8 / kGemvMma16 / kGemvMma4: tensor-core tiles for 2-16 rows of x (gemv_mma_kernel below), each warp
+// owning 16 rows of W over one KSPLIT-th of k, blocks of 8 warps (k over 8), 16 warps (k over 16) or 4 (k over 4).
 enum GemvVariant : int {
   kGemvAuto = 0, kGemvLegacy = 1, kGemvSplit1 = 2, kGemvSplit2 = 3, kGemvSplit4 = 4, kGemvWide8 = 5, kGemvWide4 = 6,
-  kGemvVariantLast = kGemvWide4
+  kGemvMma8 = 7, kGemvMma16 = 8, kGemvMma4 = 9, kGemvVariantLast = kGemvMma4
 };
 
 __device__ __forceinline__ float apply_activation(float v, int act) {
@@ -162,6 +164,177 @@ gemv_kernel(const T* __restrict__ x,         // [m, k]
   }
 }
 
+// D += A B for one m16n8k16 tile (A 16x16 row-major, B 16x8 column-major, fp32 D), the operands given as the 32-bit
+// registers of the PTX fragment layout (lane = 4 * group + t: A {row g, k 2t..2t+1}, {row g+8, k 2t..}, {row g,
+// k 2t+8..}, {row g+8, k 2t+8..}; B {k 2t.., column g}, {k 2t+8.., column g}; D {row g, columns 2t, 2t+1}, {row
+// g+8, columns 2t, 2t+1}). sm_80+: one instruction; sm_75 (fp16 only; the T4 has no bf16): two m16n8k8.
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<T, __half>::value) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(b0));
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a2), "r"(a3), "r"(b1));
+#endif
+  } else {
+    static_assert(std::is_same<T, __nv_bfloat16>::value, "fp16 or bf16");
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();  // launch_gemv never takes this kernel for bf16 below sm_80
+#endif
+  }
+#endif
+}
+
+// Tensor-core GEMV for 2-16 rows of x (variants kGemvMma*). A block owns 16 rows of W (output features f0..f0+15)
+// and splits k over its WARPS warps; in each step a warp multiplies a 16 x 32U slice of W with the matching 32U
+// columns of up to 8 (NT = 1) or 16 (NT = 2) rows of x: W is A of m16n8k16 (16 features), x^T is B (8 rows of x
+// per tile). The order of k inside a tile is free as long as A and B agree, so each lane loads whole 16-byte
+// vectors: lane (g, t) reads W rows f0+g and f0+g+8 and x row g (and g+8) at the same 8 columns
+// 32u + 8t .. 32u + 8t + 7, and feeds columns 0-3 of its vectors to one mma and 4-7 to a second. W streams once
+// (evict-first), double-buffered like the other configurations, its first step loaded before griddepcontrol.wait;
+// x is loaded through L1 (never the read-only path, see gemv_kernel) after the next step's weights are asked for. The warps' partial tiles
+// meet in shared memory; bias, activation and residual are applied once per output. Needs k % (8 * WARPS) == 0.
+template <typename T, int NT, int U, int WARPS, bool EVEN, bool PDL>
+__global__ void __launch_bounds__(WARPS * 32, WARPS >= 24 ? 1 : 24 / WARPS)  // 24 warps per SM: <= 85 registers
+gemv_mma_kernel(const T* __restrict__ x,         // [m, k]
+                const T* __restrict__ w,         // [n, k]
+                const T* __restrict__ bias,      // [n] or null
+                const T* __restrict__ residual,  // [m, n] or null
+                T* __restrict__ y,               // [m, n]
+                int m, int n, int k, int act) {
+  // EVEN: k / WARPS is a multiple of STEP (every 20B and Pythia layer at 8 warps but 160m's), no bounds per load
+  static_assert(sizeof(T) == 2, "fp16 / bf16");
+  constexpr int STEP = 32 * U;  // columns of k per warp and step
+  __shared__ float partial[WARPS][NT * 4][32];
+  if (PDL) pdl_launch_dependents();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int f0 = blockIdx.x * 16;
+  const int kpart = k / WARPS;
+  const int64_t kbeg = static_cast<int64_t>(warp) * kpart + t * 8;
+  // Rows of W past n read row n - 1, columns of x past m read row m - 1: valid memory whose products land only in
+  // outputs that are never stored (each output column of the mma depends on its own column of B alone).
+  const T* pa = w + static_cast<int64_t>(min(f0 + g, n - 1)) * k + kbeg;
+  const T* pb = w + static_cast<int64_t>(min(f0 + g + 8, n - 1)) * k + kbeg;
+  const T* px[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) px[j] = x + static_cast<int64_t>(min(g + 8 * j, m - 1)) * k + kbeg;
+
+  uint4 cwa[U], cwb[U], nwa[U], nwb[U], cx[U][NT];
+  // c: this warp's column offset of the step (relative to its slice); the lane's columns start 8t further
+  auto in_range = [&](int c, int u) { return EVEN || c + u * 32 + t * 8 < kpart; };
+  auto load_w = [&](uint4 (&ba)[U], uint4 (&bb)[U], int c) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (in_range(c, u)) {
+        ba[u] = __ldcs(reinterpret_cast<const uint4*>(pa + c + u * 32));
+        bb[u] = __ldcs(reinterpret_cast<const uint4*>(pb + c + u * 32));
+      } else {
+        ba[u] = bb[u] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  auto load_x = [&](uint4 (&bx)[U][NT], int c) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        if (in_range(c, u)) {
+          const Vec<T, 8> v = load_vec_ca<T, 8>(px[j] + c + u * 32);
+          bx[u][j] = *reinterpret_cast<const uint4*>(&v);
+        } else {
+          bx[u][j] = make_uint4(0, 0, 0, 0);
+        }
+      }
+  };
+
+  load_w(cwa, cwb, 0);  // weights do not depend on the previous kernel: load before waiting
+  if (PDL) pdl_wait();
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+
+#pragma unroll 1
+  for (int c = 0; c < kpart; c += STEP) {
+    const bool more = c + STEP < kpart;
+    if (more) load_w(nwa, nwb, c + STEP);
+    load_x(cx, c);  // x (L1 / L2) arrives while the next weights (DRAM) are in flight: no second buffer
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        mma_16x8x16<T>(acc[j], cwa[u].x, cwb[u].x, cwa[u].y, cwb[u].y, cx[u][j].x, cx[u][j].y);  // columns 0-3
+        mma_16x8x16<T>(acc[j], cwa[u].z, cwb[u].z, cwa[u].w, cwb[u].w, cx[u][j].z, cx[u][j].w);  // columns 4-7
+      }
+    if (more) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        cwa[u] = nwa[u];
+        cwb[u] = nwb[u];
+      }
+    }
+  }
+
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][j * 4 + i][lane] = acc[j][i];
+  __syncthreads();
+  // output (feature f0 + r, row q of x) sits in lane 4 (r % 8) + (q % 8) / 2, register 2 (r / 8) + q % 2, tile q / 8
+  for (int o = threadIdx.x; o < 16 * 8 * NT; o += WARPS * 32) {
+    const int r = o & 15, q = o >> 4;
+    if (q >= m || f0 + r >= n) continue;
+    const int src_lane = 4 * (r & 7) + ((q & 7) >> 1), src_reg = (q >> 3) * 4 + 2 * (r >> 3) + (q & 1);
+    float v = 0.f;
+#pragma unroll
+    for (int p = 0; p < WARPS; ++p) v += partial[p][src_reg][src_lane];
+    const int64_t idx = static_cast<int64_t>(q) * n + f0 + r;
+    float out = apply_activation(v + (bias != nullptr ? to_float(bias[f0 + r]) : 0.f), act);
+    if (residual != nullptr) out += to_float(__ldcg(residual + idx));
+    y[idx] = from_float<T>(out);
+  }
+}
+
+// The mma configurations need sm_80 for bf16 (fp16 runs on sm_75 as two k8 instructions).
+template <typename T>
+inline bool gemv_mma_supported() {
+  if (!std::is_same<T, __nv_bfloat16>::value) return true;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  return major >= 8;
+}
+
+template <typename T, int NT, int WARPS>
+cudaError_t launch_gemv_mma(const T* x, const T* w, const T* bias, const T* residual, T* y, int m, int n, int k,
+                            int act, bool pdl, cudaStream_t stream) {
+  constexpr int U = 2;
+  const dim3 grid((n + 15) / 16), block(WARPS * 32);
+  if ((k / WARPS) % (32 * U) == 0)
+    return launch_kernel(pdl, gemv_mma_kernel<T, NT, U, WARPS, true, false>,
+                         gemv_mma_kernel<T, NT, U, WARPS, true, true>, grid, block, stream, x, w, bias, residual, y, m,
+                         n, k, act);
+  return launch_kernel(pdl, gemv_mma_kernel<T, NT, U, WARPS, false, false>,
+                       gemv_mma_kernel<T, NT, U, WARPS, false, true>, grid, block, stream, x, w, bias, residual, y, m,
+                       n, k, act);
+}
+
 inline int gemv_max_rows() { return 16; }
 
 template <typename T, int MT, int NPW, int UNROLL, int KSPLIT, int WARPS = kGemvWarps>
@@ -199,6 +372,14 @@ inline int gemv_auto_wide(int m, int n, int k) {
   return n <= 4096 ? kGemvWide8 : kGemvWide4;
 }
 
+// kGemvAuto at 3-16 rows of x with k % 64 == 0: the tensor-core tiles, 8 warps a block. Returns the variant, or
+// kGemvAuto.
+inline int gemv_auto_mma(int m, int n, int k) {
+  (void)n;
+  if (m < 3 || k % 64 != 0) return kGemvAuto;
+  return kGemvMma8;
+}
+
 // m in 1..16 (rounded up to 1, 2, 4, 8 or 16 rows of registers), k % 8 == 0, 16-byte aligned x and w.
 // residual (nullable) is [m, n] like y. `pdl` needs sm_90 (the caller checks the device).
 template <typename T>
@@ -207,6 +388,20 @@ cudaError_t launch_gemv(const T* x, const T* w, const T* bias, const T* residual
   if (m == 0 || n == 0) return cudaSuccess;
   if (m > gemv_max_rows() || k % (16 / static_cast<int>(sizeof(T))) != 0) return cudaErrorInvalidValue;
   if (variant == kGemvAuto) variant = gemv_auto_wide(m, n, k);
+  if (variant == kGemvAuto) variant = gemv_auto_mma(m, n, k);
+  if (variant == kGemvMma8 || variant == kGemvMma16 || variant == kGemvMma4) {
+    const int warps = variant == kGemvMma16 ? 16 : variant == kGemvMma8 ? 8 : 4;
+    if (k % (8 * warps) == 0 && gemv_mma_supported<T>()) {
+#define NEOX_RT_GEMV_MMA(W_)                                                                                   \
+  return m <= 8 ? launch_gemv_mma<T, 1, W_>(x, w, bias, residual, y, m, n, k, act, pdl, stream)                \
+                : launch_gemv_mma<T, 2, W_>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+      if (warps == 16) NEOX_RT_GEMV_MMA(16);
+      if (warps == 8) NEOX_RT_GEMV_MMA(8);
+      NEOX_RT_GEMV_MMA(4);
+#undef NEOX_RT_GEMV_MMA
+    }
+    variant = kGemvLegacy;
+  }
   if (variant == kGemvAuto && m <= 2 && gemv_auto_ksplit(n, k) == 0) variant = kGemvLegacy;
   const bool wide = variant == kGemvWide8 || variant == kGemvWide4;
   if (wide && m <= 2 && k % 64 == 0) {  // k split over up to 8 warps in whole 16-byte vectors
