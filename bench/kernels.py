@@ -499,7 +499,9 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
             for variant, vname in ((0, "gemv auto"), (1, "gemv legacy"), (2, "gemv k/1"), (3, "gemv k/2"),
                                    (4, "gemv k/4"), (5, "gemv 8 warps x 8 rows"),
                                    (6, "gemv 8 warps x 4 rows"), (7, "gemv tensor cores, k over 8 warps"),
-                                   (8, "gemv tensor cores, k over 16 warps"), (9, "gemv tensor cores, k over 4 warps")):
+                                   (8, "gemv tensor cores, k over 16 warps"),
+                                   (9, "gemv tensor cores, k over 8 warps, 3 steps"),
+                                   (10, "gemv tensor cores, k over 16 warps, 3 steps")):
                 if rows_ > 2 and 1 < variant < 7:
                     continue  # the single-row configurations run the legacy one above 2 rows
                 record("linear", f"{lname} m={rows_}", vname, lambda: ext.gemv(x1, w, None, 0, None, variant, False),

@@ -313,7 +313,7 @@ def test_gemv(ext, dtype, m, n, k, activation):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])  # GemvVariant in gemv.cuh
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])  # GemvVariant in gemv.cuh
 @pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("m,n,k", GEMV_SHAPES + [(1, 97, 1032), (2, 130, 4104), (1, 6, 16392), (2, 5, 8200),
                                                  (12, 45, 768), (9, 17, 384), (16, 1000, 6144), (2, 48, 2048)])

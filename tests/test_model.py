@@ -161,7 +161,7 @@ def test_bad_kernel_setting_is_a_clear_error(monkeypatch, name, value):
     variable, and backend loading passes it on instead of falling back with a warning."""
     from neox_rt import cuda_ops, ops
     from neox_rt.errors import NeoxRtError
-    bounds = {"NEOX_RT_DECODE_VARIANT": (0, 2), "NEOX_RT_GEMV_VARIANT": (0, 9),
+    bounds = {"NEOX_RT_DECODE_VARIANT": (0, 2), "NEOX_RT_GEMV_VARIANT": (0, 10),
               "NEOX_RT_DECODE_BLOCKS_PER_SM": (0, None), "NEOX_RT_GEMV_MAX_ROWS": (1, 16)}
     monkeypatch.setenv(name, value)
     with pytest.raises(NeoxRtError, match=name):

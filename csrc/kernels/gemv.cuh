@@ -30,11 +30,11 @@ enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRel
 // kGemvWide4 4 rows a block (k over 8 warps), kGemvWide8 8 rows (two groups of 4 warps, k over 4). (2 chunks of 4
 // rows in flight per lane spills at 128 registers.) More than 2 rows of x always take the legacy configuration (two
 // rows of W per warp share each x load; measured faster there).
-// kGemvMma8 / kGemvMma16 / kGemvMma4: tensor-core tiles for 2-16 rows of x (gemv_mma_kernel below), each warp
-// owning 16 rows of W over one KSPLIT-th of k, blocks of 8 warps (k over 8), 16 warps (k over 16) or 4 (k over 4).
+// kGemvMma8 / kGemvMma16: tensor-core tiles for 2-16 rows of x (gemv_mma_kernel below), a block owning 16 rows of
+// W with k split over its 8 or 16 warps, 2 steps of W in flight per warp; kGemvMma8Deep / kGemvMma16Deep: 3 steps.
 enum GemvVariant : int {
   kGemvAuto = 0, kGemvLegacy = 1, kGemvSplit1 = 2, kGemvSplit2 = 3, kGemvSplit4 = 4, kGemvWide8 = 5, kGemvWide4 = 6,
-  kGemvMma8 = 7, kGemvMma16 = 8, kGemvMma4 = 9, kGemvVariantLast = kGemvMma4
+  kGemvMma8 = 7, kGemvMma16 = 8, kGemvMma8Deep = 9, kGemvMma16Deep = 10, kGemvVariantLast = kGemvMma16Deep
 };
 
 __device__ __forceinline__ float apply_activation(float v, int act) {
@@ -207,7 +207,7 @@ __device__ __forceinline__ void mma_16x8x16(float (&d)[4], uint32_t a0, uint32_t
 // (evict-first), double-buffered like the other configurations, its first step loaded before griddepcontrol.wait;
 // x is loaded through L1 (never the read-only path, see gemv_kernel) after the next step's weights are asked for. The warps' partial tiles
 // meet in shared memory; bias, activation and residual are applied once per output. Needs k % (8 * WARPS) == 0.
-template <typename T, int NT, int U, int WARPS, bool EVEN, bool PDL>
+template <typename T, int NT, int U, int S, int WARPS, bool EVEN, bool PDL>
 __global__ void __launch_bounds__(WARPS * 32, WARPS >= 24 ? 1 : 24 / WARPS)  // 24 warps per SM: <= 85 registers
 gemv_mma_kernel(const T* __restrict__ x,         // [m, k]
                 const T* __restrict__ w,         // [n, k]
@@ -233,7 +233,7 @@ gemv_mma_kernel(const T* __restrict__ x,         // [m, k]
 #pragma unroll
   for (int j = 0; j < NT; ++j) px[j] = x + static_cast<int64_t>(min(g + 8 * j, m - 1)) * k + kbeg;
 
-  uint4 cwa[U], cwb[U], nwa[U], nwb[U], cx[U][NT];
+  uint4 wa[S][U], wb[S][U], cx[U][NT];  // S steps of W in flight (a ring of register slots), x for one step
   // c: this warp's column offset of the step (relative to its slice); the lane's columns start 8t further
   auto in_range = [&](int c, int u) { return EVEN || c + u * 32 + t * 8 < kpart; };
   auto load_w = [&](uint4 (&ba)[U], uint4 (&bb)[U], int c) {
@@ -261,7 +261,10 @@ gemv_mma_kernel(const T* __restrict__ x,         // [m, k]
       }
   };
 
-  load_w(cwa, cwb, 0);  // weights do not depend on the previous kernel: load before waiting
+  // weights do not depend on the previous kernel: the first S steps are asked for before waiting
+#pragma unroll
+  for (int s = 0; s < S; ++s)
+    if (s * STEP < kpart) load_w(wa[s], wb[s], s * STEP);
   if (PDL) pdl_wait();
   float acc[NT][4];
 #pragma unroll
@@ -269,23 +272,23 @@ gemv_mma_kernel(const T* __restrict__ x,         // [m, k]
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
 
+  // Unrolled by S so that every slot is a fixed set of registers: step c + s STEP is in slot s; once used, the
+  // slot is refilled S steps ahead (moving a slot whose load is pending would wait for it).
 #pragma unroll 1
-  for (int c = 0; c < kpart; c += STEP) {
-    const bool more = c + STEP < kpart;
-    if (more) load_w(nwa, nwb, c + STEP);
-    load_x(cx, c);  // x (L1 / L2) arrives while the next weights (DRAM) are in flight: no second buffer
+  for (int c = 0; c < kpart; c += S * STEP) {
 #pragma unroll
-    for (int u = 0; u < U; ++u)
+    for (int s = 0; s < S; ++s) {
+      const int cs = c + s * STEP;
+      if (cs < kpart) {
+        load_x(cx, cs);  // x (L1 / L2) arrives while the weights of the next steps (DRAM) are in flight
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        mma_16x8x16<T>(acc[j], cwa[u].x, cwb[u].x, cwa[u].y, cwb[u].y, cx[u][j].x, cx[u][j].y);  // columns 0-3
-        mma_16x8x16<T>(acc[j], cwa[u].z, cwb[u].z, cwa[u].w, cwb[u].w, cx[u][j].z, cx[u][j].w);  // columns 4-7
-      }
-    if (more) {
+        for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        cwa[u] = nwa[u];
-        cwb[u] = nwb[u];
+          for (int j = 0; j < NT; ++j) {
+            mma_16x8x16<T>(acc[j], wa[s][u].x, wb[s][u].x, wa[s][u].y, wb[s][u].y, cx[u][j].x, cx[u][j].y);  // 0-3
+            mma_16x8x16<T>(acc[j], wa[s][u].z, wb[s][u].z, wa[s][u].w, wb[s][u].w, cx[u][j].z, cx[u][j].w);  // 4-7
+          }
+        if (cs + S * STEP < kpart) load_w(wa[s], wb[s], cs + S * STEP);
       }
     }
   }
@@ -321,18 +324,18 @@ inline bool gemv_mma_supported() {
   return major >= 8;
 }
 
-template <typename T, int NT, int WARPS>
+template <typename T, int NT, int S, int WARPS>
 cudaError_t launch_gemv_mma(const T* x, const T* w, const T* bias, const T* residual, T* y, int m, int n, int k,
                             int act, bool pdl, cudaStream_t stream) {
   constexpr int U = 2;
   const dim3 grid((n + 15) / 16), block(WARPS * 32);
   if ((k / WARPS) % (32 * U) == 0)
-    return launch_kernel(pdl, gemv_mma_kernel<T, NT, U, WARPS, true, false>,
-                         gemv_mma_kernel<T, NT, U, WARPS, true, true>, grid, block, stream, x, w, bias, residual, y, m,
-                         n, k, act);
-  return launch_kernel(pdl, gemv_mma_kernel<T, NT, U, WARPS, false, false>,
-                       gemv_mma_kernel<T, NT, U, WARPS, false, true>, grid, block, stream, x, w, bias, residual, y, m,
-                       n, k, act);
+    return launch_kernel(pdl, gemv_mma_kernel<T, NT, U, S, WARPS, true, false>,
+                         gemv_mma_kernel<T, NT, U, S, WARPS, true, true>, grid, block, stream, x, w, bias, residual, y,
+                         m, n, k, act);
+  return launch_kernel(pdl, gemv_mma_kernel<T, NT, U, S, WARPS, false, false>,
+                       gemv_mma_kernel<T, NT, U, S, WARPS, false, true>, grid, block, stream, x, w, bias, residual, y,
+                       m, n, k, act);
 }
 
 inline int gemv_max_rows() { return 16; }
@@ -389,15 +392,17 @@ cudaError_t launch_gemv(const T* x, const T* w, const T* bias, const T* residual
   if (m > gemv_max_rows() || k % (16 / static_cast<int>(sizeof(T))) != 0) return cudaErrorInvalidValue;
   if (variant == kGemvAuto) variant = gemv_auto_wide(m, n, k);
   if (variant == kGemvAuto) variant = gemv_auto_mma(m, n, k);
-  if (variant == kGemvMma8 || variant == kGemvMma16 || variant == kGemvMma4) {
-    const int warps = variant == kGemvMma16 ? 16 : variant == kGemvMma8 ? 8 : 4;
+  if (variant >= kGemvMma8 && variant <= kGemvMma16Deep) {
+    const int warps = variant == kGemvMma16 || variant == kGemvMma16Deep ? 16 : 8;
+    const bool deep = variant == kGemvMma8Deep || variant == kGemvMma16Deep;
     if (k % (8 * warps) == 0 && gemv_mma_supported<T>()) {
-#define NEOX_RT_GEMV_MMA(W_)                                                                                   \
-  return m <= 8 ? launch_gemv_mma<T, 1, W_>(x, w, bias, residual, y, m, n, k, act, pdl, stream)                \
-                : launch_gemv_mma<T, 2, W_>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
-      if (warps == 16) NEOX_RT_GEMV_MMA(16);
-      if (warps == 8) NEOX_RT_GEMV_MMA(8);
-      NEOX_RT_GEMV_MMA(4);
+#define NEOX_RT_GEMV_MMA(S_, W_)                                                                               \
+  return m <= 8 ? launch_gemv_mma<T, 1, S_, W_>(x, w, bias, residual, y, m, n, k, act, pdl, stream)            \
+                : launch_gemv_mma<T, 2, S_, W_>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
+      if (warps == 16 && deep) NEOX_RT_GEMV_MMA(3, 16);
+      if (warps == 16) NEOX_RT_GEMV_MMA(2, 16);
+      if (deep) NEOX_RT_GEMV_MMA(3, 8);
+      NEOX_RT_GEMV_MMA(2, 8);
 #undef NEOX_RT_GEMV_MMA
     }
     variant = kGemvLegacy;

@@ -268,8 +268,10 @@ int main() {
                     true);
   test_gemv<__half>(9, 17, 384, neox_rt::kActNone, 2e-3, "gemv fp16 m=9 tensor cores, 16 warps", neox_rt::kGemvMma16,
                     true);
-  test_gemv<__nv_bfloat16>(4, 64, 2048, neox_rt::kActGeluErf, 1.6e-2, "gemv bf16 m=4 tensor cores, 4 warps",
-                           neox_rt::kGemvMma4, true);
+  test_gemv<__nv_bfloat16>(4, 64, 2048, neox_rt::kActGeluErf, 1.6e-2, "gemv bf16 m=4 tensor cores, 3 steps",
+                           neox_rt::kGemvMma8Deep, true);
+  test_gemv<__half>(16, 40, 2560, neox_rt::kActNone, 2e-3, "gemv fp16 m=16 tensor cores, 16 warps, 3 steps",
+                    neox_rt::kGemvMma16Deep, true);
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "all kernel tests passed", failures);
   return failures ? 1 : 0;
 }
