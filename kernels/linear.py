@@ -18,8 +18,10 @@ MAX_ROWS = 16
 # Every linear of up to 16 rows (fp16/bf16): with the tiles below it beat cuBLAS at every 20B shape at 4 and 16
 # rows on one H100 (bench/results/kernels_h100_b20bfea.json, sweep; kernels_h100_linear_87222b7.json): qkv 80.6 vs
 # 85.7 us, dense 31.3 vs 32.7, h->4h + GeLU 104.5-106 vs 114.5 (cuBLAS + a separate GeLU), 4h->h 108.2 vs 112.3.
-# In the default selection the CUDA GEMV still takes single-row inputs first (in the decode graph, with PDL, it
-# beat this kernel: 20B 14.62 vs 14.82 ms per token, bench/results/latency_ab_87222b7_*).
+# In the default selection the CUDA GEMV takes single-row inputs first (in the decode graph, with PDL, it beat this
+# kernel: 20B 14.62 vs 14.82 ms per token, bench/results/latency_ab_87222b7_*) and, since session 6, 2-16 rows of
+# the layers its tensor-core tiles win (cuda_ops.supports_linear); this kernel keeps the large ones (20B qkv, h->4h,
+# 4h->h).
 REGISTER_MAX_ROWS = 16
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_fast": 2, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
 

@@ -3,11 +3,12 @@
 :func:`register_all` imports the extension (its import registers ``torch.ops.neox_rt.*`` through
 ``torch.library``), adds fake implementations so the ops trace under ``torch.compile``, and registers each op
 with :func:`neox_rt.ops.register` together with a cheap ``supports(*args)`` predicate; calls it rejects run
-the PyTorch reference. ``python -m neox_rt.cuda_ops bench`` times the GEMV against cuBLAS (the numbers that
-set :data:`GEMV_MAX_ROWS`).
+the PyTorch reference. ``python -m neox_rt.cuda_ops bench`` times the GEMV against cuBLAS; ``bench/kernels.py
+--sweep`` against the Triton tiles too (the numbers behind :func:`supports_linear`).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,11 +37,13 @@ def _env_int(name: str, default: int, lo: int, hi: int | None = None) -> int:
     return value
 
 
-# The GEMV kernel replaces cuBLAS only for x with at most this many rows: it streams W once and reuses it for
-# every row, but re-reads x per output pair, so cuBLAS wins as rows grow. Set from `python -m neox_rt.cuda_ops
-# bench` on H100; the kernel itself handles up to 16 rows.
-# NEOX_RT_GEMV_MAX_ROWS (1-16) overrides it for A/B runs.
-GEMV_MAX_ROWS = _env_int("NEOX_RT_GEMV_MAX_ROWS", 1, 1, 16)
+# The op table sends the CUDA GEMV x of at most this many rows (the kernel's limit; more rows, prefill, go to
+# cuBLAS); NEOX_RT_GEMV_MAX_ROWS (1-16) lowers it for A/B runs. Above one row it takes only the layers its
+# tensor-core tiles win (k % 64 == 0 and at most GEMV_MMA_MAX_WEIGHT elements of W: 20B dense and every layer of
+# the small models; the Triton tiles keep 20B's qkv, h->4h and 4h->h, 4-7% faster there on one H100:
+# bench/NOTES.md, session 6).
+GEMV_MAX_ROWS = _env_int("NEOX_RT_GEMV_MAX_ROWS", 16, 1, 16)
+GEMV_MMA_MAX_WEIGHT = 48 << 20
 # csrc/kernels/gemv.cuh: 0 = auto (per shape: one row the 8-warp blocks, 2 rows the stream kernel or legacy), 1 =
 # legacy (the first version), 2/3/4 = stream with k split over 1/2/4 warps, 5/6 = 8-warp blocks of 8 / 4 rows,
 # 7/8 = tensor-core tiles for 2-16 rows, k over 8/16 warps, 9/10 = the same with 3 steps of W in flight
@@ -167,6 +170,11 @@ def _cuda_float(t: torch.Tensor, dtypes=FLOAT_DTYPES) -> bool:
     return t.is_cuda and t.dtype in dtypes and t.is_contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _aligned16(*ts) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in ts)
 
@@ -192,11 +200,16 @@ def supports_dual_layernorm(x, weight1, bias1, weight2, bias2, eps=1e-5) -> bool
 
 def supports_linear(x, weight, bias=None, activation=None, residual=None) -> bool:
     """fp16/bf16 CUDA, contiguous, at most GEMV_MAX_ROWS rows, in_features % 8 == 0, 16-byte aligned; an
-    optional residual of the output's shape and dtype."""
+    optional residual of the output's shape and dtype. Above one row only where the tensor-core tiles run and win
+    (in_features % 64 == 0, a weight of at most GEMV_MMA_MAX_WEIGHT elements, bf16 only from sm_80 on)."""
     if activation not in ACTIVATIONS or not _cuda_float(x, (torch.float16, torch.bfloat16)):
         return False
     k = x.shape[-1]
-    if k == 0 or k % 8 or x.numel() // k > GEMV_MAX_ROWS:
+    rows = x.numel() // k if k else 0
+    if k == 0 or k % 8 or rows > GEMV_MAX_ROWS:
+        return False
+    if rows > 1 and (k % 64 or weight.shape[0] * k > GEMV_MMA_MAX_WEIGHT
+                     or (x.dtype == torch.bfloat16 and _capability(x.device)[0] < 8)):
         return False
     if not (weight.dtype == x.dtype and weight.is_contiguous() and weight.dim() == 2 and weight.shape[1] == k):
         return False

@@ -244,7 +244,8 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
         # A/B runs in bench/NOTES.md): Triton for layernorm and prefill attention; the CUDA extension for
         # rotary + KV-cache write (91% vs 66% of copy bandwidth at the 20B prefill shape); CUDA first, then
         # Triton, then the reference for the linear (the CUDA GEMV takes single-row decode with bias, GeLU and
-        # residual fused, the Triton GEMV 2-16 rows, cuBLAS the rest) and for decode attention (the
+        # residual fused, and 2-16 rows where its tensor-core tiles win; the Triton GEMV the other 2-16-row
+        # linears, cuBLAS the rest) and for decode attention (the
         # single-launch CUDA kernel; Triton where it rejects the alignment). Either backend alone serves every
         # op it has when the other is unavailable. NEOX_RT_OP_BACKENDS overrides single ops.
         have_triton = _load_backend("triton")
@@ -290,8 +291,9 @@ PREFER_CUDA = frozenset({"rotary_kv_write", "scaled_causal_softmax"})
 """Ops for which the default ("fastest") selection takes the CUDA extension over Triton."""
 CUDA_THEN_TRITON = frozenset({"linear", "decode_attention"})
 """Ops for which the default selection asks the CUDA extension first, then Triton, then the reference: the
-linear's CUDA GEMV takes single-row decode (every decode linear, bias, GeLU and residual fused), the Triton
-GEMV 2-16 rows (batched decode), cuBLAS the rest (prefill); decode attention's single-launch CUDA kernel
+linear's CUDA GEMV takes single-row decode (every decode linear, bias, GeLU and residual fused) and the batched
+decode (2-16 rows) of the layers its tensor-core tiles win, the Triton GEMV the other 2-16-row linears, cuBLAS the
+rest (prefill); decode attention's single-launch CUDA kernel
 takes aligned inputs, the Triton kernel the rest."""
 
 

@@ -333,14 +333,31 @@ def test_gemv_residual(ext, variant, pdl, m, n, k):
 
 
 @pytest.mark.gpu
+def test_gemv_routing_by_shape(ext):
+    """The op table's CUDA GEMV: one row always; 2-16 rows only where the tensor-core tiles run (k % 64 == 0) and
+    win (weights up to GEMV_MMA_MAX_WEIGHT elements); more rows never."""
+    from neox_rt import cuda_ops
+    small, big = rand(256, 1024, dtype=torch.float16), torch.empty(18432, 6144, dtype=torch.float16, device="cuda")
+    assert big.numel() > cuda_ops.GEMV_MMA_MAX_WEIGHT >= small.numel()
+    for rows, w, want in ((1, small, True), (1, big, True), (4, small, True), (16, small, True), (4, big, False),
+                          (17, small, False)):
+        x = rand(rows, w.shape[1], dtype=torch.float16)
+        assert cuda_ops.supports_linear(x, w) == (want and rows <= cuda_ops.GEMV_MAX_ROWS), (rows, w.shape)
+    odd = rand(100, 1032, dtype=torch.float16)  # k % 64 != 0: the legacy configuration, slow above one row
+    assert cuda_ops.supports_linear(rand(1, 1032, dtype=torch.float16), odd)
+    assert not cuda_ops.supports_linear(rand(4, 1032, dtype=torch.float16), odd)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("pdl", [False, True])
-def test_gemv_chain_in_graph(ext, pdl):
+@pytest.mark.parametrize("rows", [1, 4, 16])  # the 8-warp single-row blocks; the tensor-core tiles
+def test_gemv_chain_in_graph(ext, pdl, rows):
     """A chain of dependent GEMVs (each reads the previous output) captured in a CUDA graph: with programmatic
     dependent launch a kernel starts before its predecessor ends, so a missing wait would read stale input.
     The replay must equal the eager chain bit for bit, replay after replay, with fresh inputs each time."""
     h, f, layers = 1024, 4096, 6
     ws = [(rand(f, h, scale=h ** -0.5), rand(f), rand(h, f, scale=f ** -0.5), rand(h)) for _ in range(layers)]
-    x_static = rand(1, h)
+    x_static = rand(rows, h)
 
     def chain(x, use_pdl):
         for w1, b1, w2, b2 in ws:
@@ -358,7 +375,7 @@ def test_gemv_chain_in_graph(ext, pdl):
             y_static = chain(x_static, pdl)
     torch.cuda.current_stream().wait_stream(stream)
     for trial in range(5):
-        x_static.copy_(rand(1, h))
+        x_static.copy_(rand(rows, h))
         want = chain(x_static.clone(), False)  # plain stream order
         graph.replay()
         torch.cuda.synchronize()

@@ -375,12 +375,17 @@ inline int gemv_auto_wide(int m, int n, int k) {
   return n <= 4096 ? kGemvWide8 : kGemvWide4;
 }
 
-// kGemvAuto at 3-16 rows of x with k % 64 == 0: the tensor-core tiles, 8 warps a block. Returns the variant, or
-// kGemvAuto.
+// kGemvAuto at 2-16 rows of x: the tensor-core tiles, faster than the older configurations at every 20B and
+// pythia-1.4b shape from 2 rows on (one H100, L2 cold, bench/kernels.py --sweep, 1978a62; 20B dense at 2 rows 31.4
+// vs 37.6 us, 4h->h 111.8 vs 117.5). Narrow layers (n <= 4096: n / 16 blocks would not fill the GPU twice) split k
+// over 16 warps (1.4b 4h->h 16.8 vs 19.1 us, dense 7.8 vs 8.4); wider ones over 8 warps, with 3 steps of W in
+// flight up to 8 rows (one H200, 4ff2756: 20B dense at 4 rows back to back 19.1 vs 19.9 us; at 16 rows, where the
+// accumulators double, the third step made it slower: 23.4 vs 19.6). Returns the variant, or kGemvAuto (k % 64 != 0:
+// the legacy configuration).
 inline int gemv_auto_mma(int m, int n, int k) {
-  (void)n;
-  if (m < 3 || k % 64 != 0) return kGemvAuto;
-  return kGemvMma8;
+  if (m < 2 || k % 64 != 0) return kGemvAuto;
+  if (n <= 4096 && k % 128 == 0) return kGemvMma16;
+  return m <= 8 ? kGemvMma8Deep : kGemvMma8;
 }
 
 // m in 1..16 (rounded up to 1, 2, 4, 8 or 16 rows of registers), k % 8 == 0, 16-byte aligned x and w.
