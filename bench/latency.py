@@ -286,10 +286,12 @@ def slug(gpu: str) -> str:
 
 def markdown(report) -> str:
     toks = report["tokens"]
+    batches = sorted({int(b) for r in report["models"].values() for b in r.get("batched", {})})
+    bcol = " / ".join(f"b{b}" for b in batches) or "batched"
     lines = [f"GPU {report['env']['gpu']}, torch {report['env']['torch']}, copy bandwidth "
              f"{report['copy_bandwidth_Bps'] / 1e12:.2f} TB/s, backends {report['env']['backends']}", "",
              "| model | " + " | ".join(f"{t} tok (s)" for t in toks) + " | p50 / p90 ms | ms/tok @128 | floor / target |"
-             " eager ms | tok/s | GB/s (% copy) | flat 1024/100 | TTFT 32/512/2048 ms | b8 / b32 tok/s |"
+             " eager ms | tok/s | GB/s (% copy) | flat 1024/100 | TTFT 32/512/2048 ms | " + bcol + " tok/s |"
              " HF eager ms | HF compile ms (compile s) | peak GB |",
              "|" + "---|" * (len(toks) + 12)]
     for name, r in report["models"].items():

@@ -39,11 +39,11 @@ def _env_int(name: str, default: int, lo: int, hi: int | None = None) -> int:
 
 # The op table sends the CUDA GEMV x of at most this many rows (the kernel's limit; more rows, prefill, go to
 # cuBLAS); NEOX_RT_GEMV_MAX_ROWS (1-16) lowers it for A/B runs. Above one row it takes only the layers its
-# tensor-core tiles win (k % 64 == 0 and at most GEMV_MMA_MAX_WEIGHT elements of W: 20B dense and every layer of
-# the small models; the Triton tiles keep 20B's qkv, h->4h and 4h->h, 4-7% faster there on one H100:
-# bench/NOTES.md, session 6).
+# tensor-core tiles win (k % 64 == 0 and at most GEMV_MMA_MAX_WEIGHT elements of W: every layer of pythia-1.4b and
+# 6.9b and 20B's dense; the Triton tiles keep 20B's qkv, h->4h and 4h->h (113-151M elements), 4-5% faster there as
+# one cold call on an H100 and slower in a batch-8 decode with the tiles everywhere: bench/NOTES.md, session 6).
 GEMV_MAX_ROWS = _env_int("NEOX_RT_GEMV_MAX_ROWS", 16, 1, 16)
-GEMV_MMA_MAX_WEIGHT = 48 << 20
+GEMV_MMA_MAX_WEIGHT = 96 << 20
 # csrc/kernels/gemv.cuh: 0 = auto (per shape: one row the 8-warp blocks, 2 rows the stream kernel or legacy), 1 =
 # legacy (the first version), 2/3/4 = stream with k split over 1/2/4 warps, 5/6 = 8-warp blocks of 8 / 4 rows,
 # 7/8 = tensor-core tiles for 2-16 rows, k over 8/16 warps, 9/10 = the same with 3 steps of W in flight
