@@ -10,8 +10,12 @@
 //    kGemvAuto takes it for every single-row call it fits (decode), 8 rows a block where n <= 4096.
 //  - stream (m <= 2): a row of W is owned by one warp, or split along k over 2 or 4 warps of the block (KSPLIT);
 //    each warp keeps 2 x UNROLL 16-byte loads per lane in flight (double-buffered chunks of 32 * 8 * UNROLL
-//    elements); kGemvAuto takes it (k split over 4 warps) at 2 rows for long rows and narrow layers.
-//  - legacy: the first version (two rows per warp, one load per lane in flight); used for m > 2.
+//    elements); kGemvAuto takes it (k split over 4 warps) at 2 rows where k % 64 != 0, for long rows and narrow
+//    layers.
+//  - tensor cores (2-16 rows, k % 64 == 0; gemv_mma_kernel): blocks of 16 rows of W with k over 8 or 16 warps, the
+//    row products on mma.sync (m16n8k16; two m16n8k8 on sm_75), 2-3 steps of W in flight per warp; kGemvAuto takes
+//    it for every call of 2-16 rows it fits (gemv_auto_mma).
+//  - legacy: the first version (two rows per warp, one load per lane in flight); used for m > 2 where k % 64 != 0.
 // Programmatic dependent launch (sm_90, opt-in by the launcher's `pdl`): the kernel asks for its dependents to be
 // launched as soon as all its blocks run, and issues its first weight loads BEFORE waiting for the previous
 // kernel (griddepcontrol.wait), so the weight stream of this layer overlaps the tail of the one before.
@@ -204,9 +208,9 @@ __device__ __forceinline__ void mma_16x8x16(float (&d)[4], uint32_t a0, uint32_t
 // per tile). The order of k inside a tile is free as long as A and B agree, so each lane loads whole 16-byte
 // vectors: lane (g, t) reads W rows f0+g and f0+g+8 and x row g (and g+8) at the same 8 columns
 // 32u + 8t .. 32u + 8t + 7, and feeds columns 0-3 of its vectors to one mma and 4-7 to a second. W streams once
-// (evict-first), double-buffered like the other configurations, its first step loaded before griddepcontrol.wait;
-// x is loaded through L1 (never the read-only path, see gemv_kernel) after the next step's weights are asked for. The warps' partial tiles
-// meet in shared memory; bias, activation and residual are applied once per output. Needs k % (8 * WARPS) == 0.
+// (evict-first), S steps in flight per warp, the first S asked for before griddepcontrol.wait; x is loaded through
+// L1 (never the read-only path, see gemv_kernel) while the next steps' weights are in flight. The warps' partial
+// tiles meet in shared memory; bias, activation and residual are applied once per output. Needs k % (8 * WARPS) == 0.
 template <typename T, int NT, int U, int S, int WARPS, bool EVEN, bool PDL>
 __global__ void __launch_bounds__(WARPS * 32, WARPS >= 24 ? 1 : 24 / WARPS)  // 24 warps per SM: <= 85 registers
 gemv_mma_kernel(const T* __restrict__ x,         // [m, k]

@@ -264,8 +264,8 @@ int main() {
                     neox_rt::kGemvWide4, true);
   test_gemv<__nv_bfloat16>(2, 37, 1040, neox_rt::kActGeluTanh, 1.6e-2, "gemv bf16 m=2 k split 2",
                            neox_rt::kGemvSplit2, true);
-  test_gemv<__half>(12, 45, 768, neox_rt::kActGeluTanh, 2e-3, "gemv fp16 m=12 tensor cores, 8 warps", neox_rt::kGemvMma8,
-                    true);
+  test_gemv<__half>(12, 45, 768, neox_rt::kActGeluTanh, 2e-3, "gemv fp16 m=12 tensor cores, 8 warps",
+                    neox_rt::kGemvMma8, true);
   test_gemv<__half>(9, 17, 384, neox_rt::kActNone, 2e-3, "gemv fp16 m=9 tensor cores, 16 warps", neox_rt::kGemvMma16,
                     true);
   test_gemv<__nv_bfloat16>(4, 64, 2048, neox_rt::kActGeluErf, 1.6e-2, "gemv bf16 m=4 tensor cores, 3 steps",
