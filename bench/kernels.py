@@ -77,7 +77,7 @@ def cuda_impls():
     cuda_ops.load_extension()
     impls = {}
     for name, (impl, supports) in cuda_ops.IMPLS.items():
-        if name == "linear":  # the GEMV handles up to 16 rows; the registry uses it only up to GEMV_MAX_ROWS
+        if name == "linear":  # the GEMV at up to 16 rows, any shape (the op table: where supports_linear says)
             def impl_linear(x, w, b=None, act=None, _impl=impl):
                 if x.numel() // x.shape[-1] > 16:
                     raise ValueError("GEMV handles at most 16 rows")

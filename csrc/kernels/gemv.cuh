@@ -32,8 +32,8 @@ enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRel
 // kGemvLegacy: the first version; the wide configurations: 8-warp blocks, each warp owning a slice of k of 4 rows
 // with its loads of every row in flight together (short blocks with much in flight, like a pure streaming read):
 // kGemvWide4 4 rows a block (k over 8 warps), kGemvWide8 8 rows (two groups of 4 warps, k over 4). (2 chunks of 4
-// rows in flight per lane spills at 128 registers.) More than 2 rows of x always take the legacy configuration (two
-// rows of W per warp share each x load; measured faster there).
+// rows in flight per lane spills at 128 registers.) More than 2 rows of x take the tensor-core tiles, or the legacy
+// configuration where k % 64 != 0 (two rows of W per warp share each x load).
 // kGemvMma8 / kGemvMma16: tensor-core tiles for 2-16 rows of x (gemv_mma_kernel below), a block owning 16 rows of
 // W with k split over its 8 or 16 warps, 2 steps of W in flight per warp; kGemvMma8Deep / kGemvMma16Deep: 3 steps.
 enum GemvVariant : int {
@@ -381,7 +381,7 @@ inline int gemv_auto_wide(int m, int n, int k) {
 
 // kGemvAuto at 2-16 rows of x: the tensor-core tiles, faster than the older configurations at every 20B and
 // pythia-1.4b shape from 2 rows on (one H100, L2 cold, bench/kernels.py --sweep, 1978a62; 20B dense at 2 rows 31.4
-// vs 37.6 us, 4h->h 111.8 vs 117.5). Narrow layers (n <= 4096: n / 16 blocks would not fill the GPU twice) split k
+// vs 37.6 us, 4h->h 111.8 vs 117.5). Narrow layers (n <= 4096: at most 256 blocks, fewer than 3 per SM) split k
 // over 16 warps (1.4b 4h->h 16.8 vs 19.1 us, dense 7.8 vs 8.4); wider ones over 8 warps, with 3 steps of W in
 // flight up to 8 rows (one H200, 4ff2756: 20B dense at 4 rows back to back 19.1 vs 19.9 us; at 16 rows, where the
 // accumulators double, the third step made it slower: 23.4 vs 19.6). Returns the variant, or kGemvAuto (k % 64 != 0:
