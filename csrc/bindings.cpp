@@ -12,9 +12,9 @@ TORCH_LIBRARY(neox_rt, m) {
         "Tensor(a!) k_cache, Tensor(b!) v_cache, bool pdl=False) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float scale, bool pdl=False, "
         "int blocks_per_sm=0, bool merge_kernel=False, int variant=0) -> Tensor");
-  m.def("layernorm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
-  m.def("dual_layernorm(Tensor x, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, float eps) "
-        "-> (Tensor, Tensor)");
+  m.def("layernorm(Tensor x, Tensor weight, Tensor bias, float eps, bool pdl=False) -> Tensor");
+  m.def("dual_layernorm(Tensor x, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, float eps, "
+        "bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual=None, int variant=0, "
         "bool pdl=False) -> Tensor");
 }

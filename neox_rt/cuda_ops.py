@@ -49,8 +49,8 @@ GEMV_MMA_MAX_WEIGHT = 96 << 20
 # 7/8 = tensor-core tiles for 2-16 rows, k over 8/16 warps, 9/10 = the same with 3 steps of W in flight
 # (GemvVariant in csrc/kernels/gemv.cuh; bench/kernels.py --sweep).
 GEMV_VARIANT = _env_int("NEOX_RT_GEMV_VARIANT", 0, 0, 10)
-# Programmatic dependent launch on sm_90 of the GEMV, rotary + KV write and decode attention (each starts under
-# the previous kernel's tail and waits for its inputs inside; ignored on older GPUs). On by default: 20B decode 14.85
+# Programmatic dependent launch on sm_90 of the GEMV, LayerNorm, rotary + KV write and decode attention (each
+# starts under the previous kernel's tail and waits for its inputs inside; ignored on older GPUs). On by default: 20B decode 14.85
 # vs 15.00 ms/token on one H100 in the same run with the GEMV's (bench/NOTES.md); NEOX_RT_PDL=0 turns it off.
 PDL = os.environ.get("NEOX_RT_PDL", "1") != "0"
 # Decode attention's split plan: about this many blocks per SM over the grid (0: the extension's default,
@@ -97,11 +97,11 @@ def _register_fakes() -> None:
         return torch.empty_like(q)
 
     @lib.register_fake("neox_rt::layernorm")
-    def _(x, weight, bias, eps):
+    def _(x, weight, bias, eps, pdl=False):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @lib.register_fake("neox_rt::dual_layernorm")
-    def _(x, weight1, bias1, weight2, bias2, eps):
+    def _(x, weight1, bias1, weight2, bias2, eps, pdl=False):
         return (torch.empty_like(x, memory_format=torch.contiguous_format),
                 torch.empty_like(x, memory_format=torch.contiguous_format))
 
@@ -117,11 +117,11 @@ def _register_fakes() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 def layernorm(x, weight, bias, eps):
-    return torch.ops.neox_rt.layernorm(x, weight, bias, float(eps))
+    return torch.ops.neox_rt.layernorm(x, weight, bias, float(eps), PDL)
 
 
 def dual_layernorm(x, weight1, bias1, weight2, bias2, eps):
-    return tuple(torch.ops.neox_rt.dual_layernorm(x, weight1, bias1, weight2, bias2, float(eps)))
+    return tuple(torch.ops.neox_rt.dual_layernorm(x, weight1, bias1, weight2, bias2, float(eps), PDL))
 
 
 def linear(x, weight, bias=None, activation=None, residual=None):

@@ -279,15 +279,16 @@ def test_decode_attention_cuda_graph(ext):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", HIDDEN)
 @pytest.mark.parametrize("rows", [1, 13])
-def test_layernorm_and_dual(ext, dtype, n, rows):
+@pytest.mark.parametrize("pdl", [False, True])
+def test_layernorm_and_dual(ext, dtype, n, rows, pdl):
     x = rand(rows, n, dtype=dtype, scale=3.0) + 2  # a mean far from zero
     w1, b1, w2, b2 = (rand(n, dtype=dtype) for _ in range(4))
-    out = ext.layernorm(x, w1, b1, 1e-5)
+    out = ext.layernorm(x, w1, b1, 1e-5, pdl)
     ref = ops.layernorm_ref(x, w1, b1, 1e-5)
     ref64 = ops.layernorm_ref(x.double(), w1.double(), b1.double(), 1e-5)
     assert out.dtype == dtype
     assert_by_rule(out, ref64, ref, f"layernorm n={n}")
-    o1, o2 = ext.dual_layernorm(x, w1, b1, w2, b2, 1e-5)
+    o1, o2 = ext.dual_layernorm(x, w1, b1, w2, b2, 1e-5, pdl)
     assert torch.equal(o1, out)
     ref2 = ops.layernorm_ref(x, w2, b2, 1e-5)
     assert_by_rule(o2, ops.layernorm_ref(x.double(), w2.double(), b2.double(), 1e-5), ref2, f"dual n={n}")
@@ -330,6 +331,44 @@ def test_gemv_residual(ext, variant, pdl, m, n, k):
         ref64 = ops.linear_ref(x.double(), w.double(), None if b is None else b.double(), activation,
                                residual=residual.double())
         assert_by_rule(out, ref64, ref, f"gemv {m}x{n}x{k} {activation} residual v{variant} pdl={pdl}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4])
+def test_layernorm_gemv_chain_in_graph(ext, rows):
+    """A parallel-residual block's chain (dual LayerNorm, two GEMVs reading its outputs, the next LayerNorm reading
+    theirs) captured in a CUDA graph with programmatic dependent launch everywhere: each kernel starts before its
+    predecessor ends, so a LayerNorm reading its x early (or through a stale cache line of a reused buffer) would
+    differ. Replays must equal the chain run in plain stream order, bit for bit."""
+    h, f, layers = 1024, 2048, 6
+    ws = [tuple(rand(h, dtype=torch.float16) for _ in range(4)) + (rand(f, h, scale=h ** -0.5),
+                                                                   rand(h, f, scale=f ** -0.5), rand(h, h, scale=0.03))
+          for _ in range(layers)]
+    x_static = rand(rows, h)
+
+    def chain(x, pdl):
+        for w1, b1, w2, b2, up_w, down_w, attn_w in ws:
+            a_in, m_in = ext.dual_layernorm(x, w1, b1, w2, b2, 1e-5, pdl)
+            a = ext.gemv(a_in, attn_w, None, 0, x, 0, pdl)  # attention stand-in + residual
+            up = ext.gemv(m_in, up_w, None, 2, None, 0, pdl)
+            x = ext.gemv(up, down_w, None, 0, a, 0, pdl)
+        return x
+
+    chain(x_static, True)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            y_static = chain(x_static, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    for trial in range(5):
+        x_static.copy_(rand(rows, h))
+        want = chain(x_static.clone(), False)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_static, want), f"replay {trial}: graph chain differs from the eager chain"
 
 
 @pytest.mark.gpu

@@ -3,7 +3,10 @@
 // out = (x - mean) / sqrt(var + eps) * w + b over the last dim; fp32 statistics computed two-pass from
 // registers (mean first, then the centred sum of squares: no cancellation), the input dtype out. The dual
 // form writes LN1(x) and LN2(x) from the same registers. One block per row; each thread keeps up to MAXV
-// vectors of VEC elements (VEC * sizeof(T) = 16 bytes where hidden and alignment allow).
+// vectors of VEC elements (VEC * sizeof(T) = 16 bytes where hidden and alignment allow). The weights and biases
+// are prefetched into L2 first (they do not depend on x: one DRAM trip less after the statistics). With PDL (sm_90,
+// the launcher's `pdl`) the prefetch is issued before griddepcontrol.wait and x is read through the L2 only
+// (ld.global.cg: the kernel that writes it may still be running when this one starts; see gemv.cuh).
 #pragma once
 
 #include "common.cuh"
@@ -12,7 +15,16 @@ namespace neox_rt {
 
 constexpr int kLayerNormMaxVecs = 8;  // vectors per thread held in registers
 
-template <typename T, int VEC, bool DUAL>
+// Prefetch into L2 the 128-byte lines of p's first nvec vectors, the block's threads taking one line each in turn.
+template <typename T, int VEC>
+__device__ __forceinline__ void prefetch_vectors_l2(const T* p, int nvec) {
+  constexpr int kVecBytes = VEC * static_cast<int>(sizeof(T));
+  constexpr int kPerLine = kVecBytes < 128 ? 128 / kVecBytes : 1;  // vectors per line
+  for (int c = threadIdx.x * kPerLine; c < nvec; c += blockDim.x * kPerLine)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + static_cast<int64_t>(c) * VEC));
+}
+
+template <typename T, int VEC, bool DUAL, bool PDL>
 __global__ void layernorm_kernel(const T* __restrict__ x,     // [rows, n]
                                  const T* __restrict__ w1,    // [n]
                                  const T* __restrict__ b1,    // [n]
@@ -22,16 +34,24 @@ __global__ void layernorm_kernel(const T* __restrict__ x,     // [rows, n]
                                  T* __restrict__ out2,        // [rows, n] (DUAL only)
                                  int n, float eps) {
   __shared__ float scratch[32];
+  if (PDL) pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const int nvec = n / VEC;
   const T* xr = x + row * n;
+  prefetch_vectors_l2<T, VEC>(w1, nvec);
+  prefetch_vectors_l2<T, VEC>(b1, nvec);
+  if (DUAL) {
+    prefetch_vectors_l2<T, VEC>(w2, nvec);
+    prefetch_vectors_l2<T, VEC>(b2, nvec);
+  }
+  if (PDL) pdl_wait();
   float xs[kLayerNormMaxVecs][VEC];
   float sum = 0.f;
 #pragma unroll
   for (int r = 0; r < kLayerNormMaxVecs; ++r) {
     const int c = threadIdx.x + r * blockDim.x;
     if (c < nvec) {
-      const Vec<T, VEC> v = load_vec<T, VEC>(xr + c * VEC);
+      const Vec<T, VEC> v = PDL ? load_vec_cg<T, VEC>(xr + c * VEC) : load_vec<T, VEC>(xr + c * VEC);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         xs[r][e] = to_float(v.v[e]);
@@ -77,10 +97,10 @@ __global__ void layernorm_kernel(const T* __restrict__ x,     // [rows, n]
 inline int layernorm_max_hidden(int vec) { return 1024 * kLayerNormMaxVecs * vec; }
 
 // vec in {1, 2, 4, 8} must divide n and keep all pointers aligned; n <= layernorm_max_hidden(vec).
-// w2/b2/out2 null for a single LayerNorm.
+// w2/b2/out2 null for a single LayerNorm. `pdl` needs sm_90 (the caller checks the device).
 template <typename T>
 cudaError_t launch_layernorm(const T* x, const T* w1, const T* b1, T* out1, const T* w2, const T* b2, T* out2,
-                             int64_t rows, int n, float eps, int vec, cudaStream_t stream) {
+                             int64_t rows, int n, float eps, int vec, bool pdl, cudaStream_t stream) {
   if (rows == 0 || n == 0) return cudaSuccess;
   if (n % vec != 0 || n > layernorm_max_hidden(vec)) return cudaErrorInvalidValue;
   const int nvec = n / vec;
@@ -89,19 +109,19 @@ cudaError_t launch_layernorm(const T* x, const T* w1, const T* b1, T* out1, cons
   threads = ((threads + 31) / 32) * 32;
   threads = threads < 128 ? 128 : (threads > 1024 ? 1024 : threads);
   const bool dual = out2 != nullptr;
-#define NEOX_RT_LN(V)                                                                                  \
-  if (dual) layernorm_kernel<T, V, true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(         \
-      x, w1, b1, out1, w2, b2, out2, n, eps);                                                          \
-  else layernorm_kernel<T, V, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(             \
-      x, w1, b1, out1, w2, b2, out2, n, eps);
+  const dim3 grid(static_cast<unsigned>(rows)), block(threads);
+#define NEOX_RT_LN(V)                                                                                              \
+  return dual ? launch_kernel(pdl, layernorm_kernel<T, V, true, false>, layernorm_kernel<T, V, true, true>, grid,  \
+                              block, stream, x, w1, b1, out1, w2, b2, out2, n, eps)                                \
+              : launch_kernel(pdl, layernorm_kernel<T, V, false, false>, layernorm_kernel<T, V, false, true>, grid, \
+                              block, stream, x, w1, b1, out1, w2, b2, out2, n, eps);
   switch (vec) {
-    case 8: NEOX_RT_LN(8) break;
-    case 4: NEOX_RT_LN(4) break;
-    case 2: NEOX_RT_LN(2) break;
-    default: NEOX_RT_LN(1) break;
+    case 8: NEOX_RT_LN(8)
+    case 4: NEOX_RT_LN(4)
+    case 2: NEOX_RT_LN(2)
+    default: NEOX_RT_LN(1)
   }
 #undef NEOX_RT_LN
-  return cudaGetLastError();
 }
 
 }  // namespace neox_rt

@@ -225,7 +225,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 namespace {
 
 void layernorm_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, at::Tensor& out1,
-                    const at::Tensor* w2, const at::Tensor* b2, at::Tensor* out2, double eps) {
+                    const at::Tensor* w2, const at::Tensor* b2, at::Tensor* out2, double eps, bool pdl) {
   CHECK_CUDA(x, "x");
   CHECK_CONTIGUOUS(x, "x");
   check_float_dtype(x, "x");
@@ -252,25 +252,26 @@ void layernorm_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
     check_cuda(launch_layernorm<scalar_t>(ptr<scalar_t>(x), ptr<scalar_t>(w1), ptr<scalar_t>(b1), ptr<scalar_t>(out1),
                                           w2 ? ptr<scalar_t>(*w2) : nullptr, b2 ? ptr<scalar_t>(*b2) : nullptr,
                                           out2 ? ptr<scalar_t>(*out2) : nullptr, rows, static_cast<int>(n),
-                                          static_cast<float>(eps), vec, stream),
+                                          static_cast<float>(eps), vec,
+                                          pdl && at::cuda::getCurrentDeviceProperties()->major >= 9, stream),
                "layernorm");
   });
 }
 
 }  // namespace
 
-at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps, bool pdl) {
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  layernorm_impl(x, weight, bias, out, nullptr, nullptr, nullptr, eps);
+  layernorm_impl(x, weight, bias, out, nullptr, nullptr, nullptr, eps, pdl);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at::Tensor& weight1,
                                                   const at::Tensor& bias1, const at::Tensor& weight2,
-                                                  const at::Tensor& bias2, double eps) {
+                                                  const at::Tensor& bias2, double eps, bool pdl) {
   auto out1 = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto out2 = at::empty_like(x, at::MemoryFormat::Contiguous);
-  layernorm_impl(x, weight1, bias1, out1, &weight2, &bias2, &out2, eps);
+  layernorm_impl(x, weight1, bias1, out1, &weight2, &bias2, &out2, eps, pdl);
   return {out1, out2};
 }
 

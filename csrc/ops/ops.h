@@ -26,14 +26,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& seqlens, double scale, bool pdl, int64_t blocks_per_sm,
                             bool merge_kernel, int64_t variant);
 
-at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps, bool pdl);
 
 std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at::Tensor& weight1,
                                                   const at::Tensor& bias1, const at::Tensor& weight2,
-                                                  const at::Tensor& bias2, double eps);
+                                                  const at::Tensor& bias2, double eps, bool pdl);
 
 // act(x @ weight.T + bias) + residual for x with <= 16 rows; activation 0 none, 1 gelu (erf), 2 gelu (tanh),
-// 3 relu; variant 0 auto, 1 legacy, 2-4 k split over 1/2/4 warps (csrc/kernels/gemv.cuh); pdl: programmatic
+// 3 relu; variant: GemvVariant (csrc/kernels/gemv.cuh; 0 auto); pdl: programmatic
 // dependent launch (sm_90).
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 int64_t activation, const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);

@@ -19,7 +19,7 @@ namespace neox_rt {
                                                   float*, int*, int, int, int, int64_t, int, float, bool, bool,\
                                                   cudaStream_t);                                               \
   template cudaError_t launch_layernorm<T>(const T*, const T*, const T*, T*, const T*, const T*, T*, int64_t,  \
-                                           int, float, int, cudaStream_t);
+                                           int, float, int, bool, cudaStream_t);
 
 NEOX_RT_INSTANTIATE_ALL(float)
 NEOX_RT_INSTANTIATE_ALL(__half)

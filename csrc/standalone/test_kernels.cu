@@ -95,7 +95,7 @@ template <typename T> static void test_layernorm(int rows, int n, double rtol, c
   auto xt = cast<T>(x), w1t = cast<T>(w1), b1t = cast<T>(b1), w2t = cast<T>(w2), b2t = cast<T>(b2);
   Dev<T> dx(xt), dw1(w1t), db1(b1t), dw2(w2t), db2(b2t), o1(x.size()), o2(x.size());
   const int vec = n % (16 / int(sizeof(T))) == 0 ? 16 / int(sizeof(T)) : 1;
-  CK(neox_rt::launch_layernorm<T>(dx.p, dw1.p, db1.p, o1.p, dw2.p, db2.p, o2.p, rows, n, 1e-5f, vec, 0));
+  CK(neox_rt::launch_layernorm<T>(dx.p, dw1.p, db1.p, o1.p, dw2.p, db2.p, o2.p, rows, n, 1e-5f, vec, false, 0));
   CK(cudaDeviceSynchronize());
   std::vector<double> want1(x.size()), want2(x.size());
   for (int r = 0; r < rows; ++r) {
