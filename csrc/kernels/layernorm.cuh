@@ -3,10 +3,11 @@
 // out = (x - mean) / sqrt(var + eps) * w + b over the last dim; fp32 statistics computed two-pass from
 // registers (mean first, then the centred sum of squares: no cancellation), the input dtype out. The dual
 // form writes LN1(x) and LN2(x) from the same registers. One block per row; each thread keeps up to MAXV
-// vectors of VEC elements (VEC * sizeof(T) = 16 bytes where hidden and alignment allow). The weights and biases
-// are prefetched into L2 first (they do not depend on x: one DRAM trip less after the statistics). With PDL (sm_90,
-// the launcher's `pdl`) the prefetch is issued before griddepcontrol.wait and x is read through the L2 only
-// (ld.global.cg: the kernel that writes it may still be running when this one starts; see gemv.cuh).
+// vectors of VEC elements (VEC * sizeof(T) = 16 bytes where hidden and alignment allow). For a few rows (decode)
+// the weights and biases are prefetched into L2 first (they do not depend on x: one DRAM trip less after the
+// statistics). With PDL (sm_90, the launcher's `pdl`) the prefetch is issued before griddepcontrol.wait and x is
+// read through the L2 only (ld.global.cg: the kernel that writes it may still be running when this one starts; see
+// gemv.cuh).
 #pragma once
 
 #include "common.cuh"
@@ -14,6 +15,9 @@
 namespace neox_rt {
 
 constexpr int kLayerNormMaxVecs = 8;  // vectors per thread held in registers
+// Up to this many rows every block prefetches the parameters (at 2048 rows it cost 20B's dual LayerNorm 34.8 -> 42.0 us
+// on one H100, 0ac76b5; at one row 10.6 -> 9.2 us for the single one: bench/NOTES.md, session 6).
+constexpr int kLayerNormPrefetchRows = 32;
 
 // Prefetch into L2 the 128-byte lines of p's first nvec vectors, the block's threads taking one line each in turn.
 template <typename T, int VEC>
@@ -38,11 +42,13 @@ __global__ void layernorm_kernel(const T* __restrict__ x,     // [rows, n]
   const int64_t row = blockIdx.x;
   const int nvec = n / VEC;
   const T* xr = x + row * n;
-  prefetch_vectors_l2<T, VEC>(w1, nvec);
-  prefetch_vectors_l2<T, VEC>(b1, nvec);
-  if (DUAL) {
-    prefetch_vectors_l2<T, VEC>(w2, nvec);
-    prefetch_vectors_l2<T, VEC>(b2, nvec);
+  if (gridDim.x <= kLayerNormPrefetchRows) {  // decode; with many rows the parameters stay in L2 after the first
+    prefetch_vectors_l2<T, VEC>(w1, nvec);
+    prefetch_vectors_l2<T, VEC>(b1, nvec);
+    if (DUAL) {
+      prefetch_vectors_l2<T, VEC>(w2, nvec);
+      prefetch_vectors_l2<T, VEC>(b2, nvec);
+    }
   }
   if (PDL) pdl_wait();
   float xs[kLayerNormMaxVecs][VEC];
