@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,latency,tp,tp4,load
-#   (default: info,build,test,kernels,latency,tp; build_baseline runs whenever .baseline/ is there)
+#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,latency,tp,tp_nop2p,tp4,load
+#   (default: info,build,test,kernels,latency,tp; build_baseline runs whenever .baseline/ is there; tp brings
+#   tp_nop2p unless TP_NOP2P=0)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
 # AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2
-# sets two), LATENCY_ARGS,
-# TP_ARGS/TP1_ARGS/TP_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline), BASELINE_COMMIT (its commit).
+# sets two; a '+' not followed by NAME= stays in the value, as in NEOX_RT_OP_BACKENDS=linear=cuda+triton),
+# LATENCY_ARGS, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline),
+# BASELINE_COMMIT (its commit).
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
 STAGES=",${1:-info,build,test,kernels,latency,tp},"
@@ -70,20 +72,30 @@ stage ncu ${NCU_LIMIT:-240} "ncu --profile-from-start off --clock-control none -
 AB_FLAGS="--models ${AB_MODELS:-gpt-neox-20b,pythia-1.4b} --skip-hf --tokens ${AB_TOKENS:-100,200} --batch ${AB_BATCH:-1}"
 AB_CMD=""
 [ -n "$HAVE_BASE" ] && AB_CMD="($BASE_PY bench/latency.py $AB_FLAGS --out $OUT/ab_baseline.json) ; "
+envs_of() {  # "A=1+B=x+y" -> "A=1 B=x+y": split on '+' only where a NAME= follows
+  echo "${1/#-/}" | sed -E 's/\+([A-Z_][A-Z0-9_]*=)/ \1/g'
+}
 for e in ${AB_ENVS:--}; do  # an entry may set several variables joined by '+': A=1+B=2
   tag=$(echo "$e" | tr -c 'A-Za-z0-9\n' '_')
-  ev=${e/#-/}
-  AB_CMD+="env ${ev//+/ } python3 bench/latency.py $AB_FLAGS --out $OUT/ab_$tag.json ; "
+  AB_CMD+="env $(envs_of "$e") python3 bench/latency.py $AB_FLAGS --out $OUT/ab_$tag.json ; "
 done
 stage ab ${AB_LIMIT:-420} "$AB_CMD true"
-stage profile ${PROFILE_LIMIT:-240} "for e in ${PROFILE_ENVS:-${AB_ENVS:--}}; do for m in ${PROFILE_MODELS:-gpt-neox-20b pythia-1.4b}; do ev=\${e/#-/}; env \${ev//+/ } python3 bench/profile_decode.py --model \$m --out $OUT/profile_\${m}_\$(echo \$e | tr -c 'A-Za-z0-9\\n' '_').json; done; done"
+PROFILE_CMD=""
+for e in ${PROFILE_ENVS:-${AB_ENVS:--}}; do
+  for m in ${PROFILE_MODELS:-gpt-neox-20b pythia-1.4b}; do
+    PROFILE_CMD+="env $(envs_of "$e") python3 bench/profile_decode.py --model $m --out $OUT/profile_${m}_$(echo "$e" | tr -c 'A-Za-z0-9\n' '_').json ; "
+  done
+done
+stage profile ${PROFILE_LIMIT:-240} "$PROFILE_CMD true"
 stage latency ${LATENCY_LIMIT:-420} "python3 bench/latency.py --quick --out $OUT/latency.json ${LATENCY_ARGS:-}"
 if [ "$NGPU" -ge 2 ]; then
   # TP=1 and the host-path repeat skip the memory measurement (its 2048-token prefill is the slow part; TP=2 keeps
-  # it); TP_NOP2P=0 skips the host-path repeat.
-  TP_CMD="python3 bench/tp_latency.py --tp 1 --out $OUT/tp1.json ${TP1_ARGS:---skip-memory} ${TP_ARGS:-} ; torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2.json ${TP_ARGS:-}"
-  [ "${TP_NOP2P:-1}" != 0 ] && TP_CMD+=" ; NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json --skip-memory --skip-no-allreduce ${TP_ARGS:-}"
-  stage tp ${TP_LIMIT:-420} "$TP_CMD"
+  # it). The host-path repeat (NCCL_P2P_DISABLE=1, as on PCIe-only T4 machines) is its own stage with its own limit:
+  # inside `tp` it was cut off once after the memory-measuring TP=2 run had used the time (session 6).
+  stage tp ${TP_LIMIT:-420} "python3 bench/tp_latency.py --tp 1 --out $OUT/tp1.json ${TP1_ARGS:---skip-memory} ${TP_ARGS:-} ; torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2.json ${TP_ARGS:-}"
+  # `tp` implies its host-path repeat unless TP_NOP2P=0
+  case "$STAGES" in *",tp,"*) [ "${TP_NOP2P:-1}" != 0 ] && STAGES="${STAGES}tp_nop2p," ;; esac
+  stage tp_nop2p ${TP_NOP2P_LIMIT:-240} "NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json --skip-memory --skip-no-allreduce ${TP_ARGS:-}"
 fi
 if [ "$NGPU" -ge 4 ]; then  # TP=4 with its peak memory (2048-token cache), then each rank capped at 15 GiB (a T4's share)
   stage tp4 ${TP4_LIMIT:-300} "torchrun --nproc-per-node 4 bench/tp_latency.py --tp 4 --out $OUT/tp4.json ${TP_ARGS:-} ; torchrun --nproc-per-node 4 bench/tp_latency.py --tp 4 --memory-cap-gib 15 --out $OUT/tp4_cap15.json --skip-no-allreduce ${TP_ARGS:-}"
