@@ -333,6 +333,27 @@ def test_gemv_residual(ext, variant, pdl, m, n, k):
         assert_by_rule(out, ref64, ref, f"gemv {m}x{n}x{k} {activation} residual v{variant} pdl={pdl}")
 
 
+def assert_graph_replay_matches(chain, x_static, fresh, pdl, trials=5):
+    """Capture chain(x_static, pdl) in a CUDA graph (after a warm-up outside capture); then, `trials` times, load
+    fresh() into x_static, replay, and require the output to equal chain run in plain stream order (no PDL) on a copy
+    of the same input, bit for bit."""
+    chain(x_static, pdl)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            y_static = chain(x_static, pdl)
+    torch.cuda.current_stream().wait_stream(stream)
+    for trial in range(trials):
+        x_static.copy_(fresh())
+        want = chain(x_static.clone(), False)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_static, want), f"replay {trial}: graph chain differs from the eager chain"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 4])
 def test_layernorm_gemv_chain_in_graph(ext, rows):
@@ -354,21 +375,7 @@ def test_layernorm_gemv_chain_in_graph(ext, rows):
             x = ext.gemv(up, down_w, None, 0, a, 0, pdl)
         return x
 
-    chain(x_static, True)
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            y_static = chain(x_static, True)
-    torch.cuda.current_stream().wait_stream(stream)
-    for trial in range(5):
-        x_static.copy_(rand(rows, h))
-        want = chain(x_static.clone(), False)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y_static, want), f"replay {trial}: graph chain differs from the eager chain"
+    assert_graph_replay_matches(chain, x_static, lambda: rand(rows, h), pdl=True)
 
 
 @pytest.mark.gpu
@@ -404,21 +411,7 @@ def test_gemv_chain_in_graph(ext, pdl, rows):
             x = ext.gemv(up, w2, b2, 0, x, 0, use_pdl)  # residual: the input of this block
         return x
 
-    chain(x_static, pdl)  # warm-up outside capture
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            y_static = chain(x_static, pdl)
-    torch.cuda.current_stream().wait_stream(stream)
-    for trial in range(5):
-        x_static.copy_(rand(rows, h))
-        want = chain(x_static.clone(), False)  # plain stream order
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y_static, want), f"replay {trial}: graph chain differs from the eager chain"
+    assert_graph_replay_matches(chain, x_static, lambda: rand(rows, h), pdl=pdl)
 
 
 @pytest.mark.gpu
