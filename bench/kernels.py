@@ -416,6 +416,7 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
     ``only``: the ops to sweep (default all: decode_attention, layernorm, triton_linear, linear)."""
     from neox_rt.kernels import decode_attention as k_dec
     from neox_rt.kernels import layernorm as k_ln
+    from neox_rt.kernels import linear as k_lin
     m = MODELS["gpt-neox-20b"]
     h, nh, hd = m["h"], m["nh"], m["hd"]
     rows = []
@@ -463,7 +464,6 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
         record("dual_layernorm", "2048 tok", f"warps={nw}",
                lambda: k_ln.dual_layernorm(x, w1, b1, w2, b2, 1e-5, num_warps=nw), (3 * 2048 * h + 4 * h) * E)
     if not only or "triton_linear" in only:  # tile configurations of the Triton GEMV at 4 and 16 rows
-        from neox_rt.kernels import linear as k_lin
         for lname, (n_out, k_in, act) in {"qkv": (3 * h, h, None), "dense": (h, h, None),
                                           "h->4h+gelu": (4 * h, h, "gelu_fast"), "4h->h": (h, 4 * h, None)}.items():
             w = rnd(n_out, k_in, scale=k_in ** -0.5)
@@ -485,7 +485,6 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
         hm = MODELS[mname]["h"]
         shapes.update({f"{prefix}{ln}": s for ln, s in {"qkv": (3 * hm, hm), "dense": (hm, hm), "h->4h": (4 * hm, hm),
                                                          "4h->h": (hm, 4 * hm)}.items()})
-    from neox_rt.kernels import linear as k_lin
     for lname, (n_out, k_in) in shapes.items():
         w = rnd(n_out, k_in, scale=k_in ** -0.5)
         for rows_ in (1, 2, 4, 8, 16):
