@@ -22,3 +22,26 @@ def git_commit() -> str | None:
 
 def gpu_driver() -> str | None:
     return run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+
+
+def simulated_tp(size: int):
+    """Rank 0's shard of a TP=``size`` model on ONE device, the collectives replaced by local stand-ins
+    (all-reduce: identity, all-gather: the local shard repeated, broadcast: identity). Numerically meaningless,
+    timing-exact for everything but the communication: the per-rank compute of a TP decode on a card of which
+    only one is lent (add the all-reduce share measured on a pair)."""
+    import torch
+
+    from neox_rt.parallel import TensorParallel
+
+    class SimulatedTP(TensorParallel):
+        def all_reduce(self, x):
+            self.all_reduce_calls += 1
+            return x
+
+        def all_gather_last_dim(self, x):
+            return torch.cat([x] * self.size, dim=-1)
+
+        def broadcast(self, x, src=0):
+            return x
+
+    return SimulatedTP(rank=0, size=size)

@@ -98,10 +98,10 @@ def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
     return bw
 
 
-def random_model(name: str, max_tokens: int):
-    """fp16 model of the named shape with random weights generated on the GPU."""
+def random_model(name: str, max_tokens: int, tp=None):
+    """fp16 model of the named shape with random weights generated on the GPU (``tp``: one rank's shard)."""
     cfg = NeoXConfig(max_position_embeddings=max(TTFT_PROMPTS) + max_tokens, **SHAPES[name])
-    model = neox_rt.build_model(cfg, "float16", "cuda")
+    model = neox_rt.build_model(cfg, "float16", "cuda", *([tp] if tp is not None else []))
     torch.manual_seed(0)
     with torch.no_grad():
         for pname, p in model.named_parameters():

@@ -23,7 +23,7 @@ import sys
 from collections import defaultdict
 
 import torch
-from common import git_commit, gpu_driver  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from common import git_commit, gpu_driver, simulated_tp  # noqa: E402  (bench/ is on sys.path as the script's folder)
 from latency import SHAPES, copy_bandwidth, random_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,15 +153,19 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt-neox-20b", choices=sorted(SHAPES))
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--simulate-tp", type=int, default=None, metavar="N",
+                   help="rank 0's shard of TP=N on this one GPU, collectives replaced by local stand-ins")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
     backend = ops.select_backend(None, "cuda")
     copy_bw = copy_bandwidth()
-    model = random_model(args.model, 256)
+    tp = simulated_tp(args.simulate_tp) if args.simulate_tp else None
+    model = random_model(args.model, 256, tp)
     c = model.config
-    h, f = c.hidden_size, c.intermediate_size
-    weight_bytes = {"qkv": 3 * h * h * 2, "dense": h * h * 2, "h->4h": f * h * 2, "4h->h": f * h * 2}
+    h, f, tpn = c.hidden_size, c.intermediate_size, model.tp.size
+    weight_bytes = {"qkv": 3 * h * h * 2 // tpn, "dense": h * h * 2 // tpn, "h->4h": f * h * 2 // tpn,
+                    "4h->h": f * h * 2 // tpn}
     cache = model.new_cache(1, PROMPT + 64)
     ids = torch.randint(2, c.vocab_size, (1, PROMPT), device="cuda")
     with torch.inference_mode():
@@ -181,7 +185,8 @@ def main():
     for _ in range(3):
         graph_step()
         eager_step()
-    report = {"model": args.model, "gpu": torch.cuda.get_device_name(), "driver": gpu_driver(),
+    report = {"model": args.model, "simulated_tp": args.simulate_tp, "gpu": torch.cuda.get_device_name(),
+              "driver": gpu_driver(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
               "backend": backend, "backends": ops.active_backends(), "copy_bandwidth_Bps": copy_bw,
               "env": {k: os.environ[k] for k in ("NEOX_RT_PDL", "NEOX_RT_GEMV_VARIANT") if k in os.environ},
@@ -194,8 +199,9 @@ def main():
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)
-    print(f"\n{args.model} decode b=1 on {report['gpu']}, copy {copy_bw / 1e12:.2f} TB/s, commit {report['commit']}, "
-          f"env {report['env']}")
+    sim = f" (rank 0 of simulated TP={tpn})" if args.simulate_tp else ""
+    print(f"\n{args.model}{sim} decode b=1 on {report['gpu']}, copy {copy_bw / 1e12:.2f} TB/s, "
+          f"commit {report['commit']}, env {report['env']}")
     for mode in ("graph", "eager"):
         r = report[mode]
         if not r:

@@ -30,7 +30,7 @@ import sys
 import time
 
 import torch
-from common import git_commit, gpu_driver  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from common import git_commit, gpu_driver, simulated_tp  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +60,9 @@ def parse_args(argv=None):
                    help="cap each process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 15 for a "
                         "16 GB T4's usable share; the run fails with an out-of-memory error if the model does not fit")
     p.add_argument("--skip-no-allreduce", action="store_true")
+    p.add_argument("--simulate-tp", type=int, default=None, metavar="N",
+                   help="one process: rank 0's shard of TP=N with the collectives replaced by local stand-ins "
+                        "(timing of the per-rank compute without communication; bench/common.py)")
     p.add_argument("--out", default=None, help="JSON file (default: $OUT/tp<N>[_nop2p].json when OUT is set)")
     return p.parse_args(argv)
 
@@ -215,7 +218,7 @@ def gather_float(tp, value: float, device) -> list[float]:
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    tp = init_from_env(args.tp, device.type)
+    tp = simulated_tp(args.simulate_tp) if args.simulate_tp else init_from_env(args.tp, device.type)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
         if args.memory_cap_gib:
@@ -242,9 +245,10 @@ def main(argv=None):
     p50, p90 = statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
 
     # -- the all-reduce share: in isolation, and by skipping it in the model (timing only)
-    alone = allreduce_alone(tp, args.hidden, args.layers + 1, dtype, device, timer)
+    alone = (allreduce_alone(tp, args.hidden, args.layers + 1, dtype, device, timer) if not args.simulate_tp
+             else dict(eager_ms=0.0, graph_ms=0.0, count=0))
     no_ar = None
-    if tp.size > 1 and not args.skip_no_allreduce:
+    if tp.size > 1 and not args.skip_no_allreduce and not args.simulate_tp:
         tp.all_reduce = lambda x: x  # instance attribute shadows the method: every layer skips it
         try:
             skip_step, _ = make_stepper(model, not args.no_graphs and device.type == "cuda")
@@ -281,7 +285,8 @@ def main(argv=None):
 
     result = dict(
         bench="tp_latency", model=f"gpt-neox L{args.layers} h{args.hidden} nh{args.heads} V{args.vocab}",
-        dtype=args.dtype, tp=tp.size, batch=1, prompt_tokens=args.prompt, new_tokens=args.new,
+        dtype=args.dtype, tp=tp.size, simulated=bool(args.simulate_tp), batch=1, prompt_tokens=args.prompt,
+        new_tokens=args.new,
         backend=backend, ops=ops.active_backends(), decode_path=decode_path,
         per_token_ms=dict(p50=p50, p90=p90, min=times[0], wall_mean=wall),
         weight_bytes_per_rank=weight_bytes,
@@ -294,6 +299,7 @@ def main(argv=None):
         tokens_checksum=sum(ids) % 1000003, **environment(device))
     if tp.is_main:
         suffix = "_nop2p" if os.environ.get("NCCL_P2P_DISABLE", "0") == "1" else ""
+        suffix += "_sim" if args.simulate_tp else ""
         out = args.out or (os.path.join(os.environ["OUT"], f"tp{tp.size}{suffix}.json")
                            if os.environ.get("OUT") else None)
         if out:
@@ -308,7 +314,7 @@ def main(argv=None):
         print(f"{tp.size:>3} {p50:>8.3f} {p90:>8.3f} {wall:>8.3f} {result['weight_stream_gbs']:>10.0f} "
               f"{ar:>10.3f} {no_ar if no_ar is not None else float('nan'):>10.3f} "
               f"{max(peaks) / 2**30:>14.2f}")
-    if tp.size > 1:
+    if tp.size > 1 and not args.simulate_tp:
         torch.distributed.destroy_process_group()
     return result
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,latency,tp,tp_nop2p,tp4,load
+#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,tpsim,latency,tp,tp_nop2p,tp4,load
 #   (default: info,build,test,kernels,latency,tp; build_baseline runs whenever .baseline/ is there; tp brings
 #   tp_nop2p unless TP_NOP2P=0)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
-# AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_LIMIT (ENVS entries: A=1+B=2
+# AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_ARGS/PROFILE_LIMIT,
+# TPSIM_SIZES/TPSIM_ENVS/TPSIM_LIMIT (ENVS entries: A=1+B=2
 # sets two; a '+' not followed by NAME= stays in the value, as in NEOX_RT_OP_BACKENDS=linear=cuda+triton),
 # LATENCY_ARGS, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline),
 # BASELINE_COMMIT (its commit).
@@ -83,10 +84,21 @@ stage ab ${AB_LIMIT:-420} "$AB_CMD true"
 PROFILE_CMD=""
 for e in ${PROFILE_ENVS:-${AB_ENVS:--}}; do
   for m in ${PROFILE_MODELS:-gpt-neox-20b pythia-1.4b}; do
-    PROFILE_CMD+="env $(envs_of "$e") python3 bench/profile_decode.py --model $m --out $OUT/profile_${m}_$(echo "$e" | tr -c 'A-Za-z0-9\n' '_').json ; "
+    PROFILE_CMD+="env $(envs_of "$e") python3 bench/profile_decode.py --model $m ${PROFILE_ARGS:-} --out $OUT/profile_${m}_$(echo "$e" | tr -c 'A-Za-z0-9\n' '_').json ; "
   done
 done
 stage profile ${PROFILE_LIMIT:-240} "$PROFILE_CMD true"
+# The per-rank compute of 20B at TP=N on this one card (bench/tp_latency.py --simulate-tp: rank 0's shard, the
+# collectives replaced by local stand-ins), beside TP=1, for each NEOX_RT_* setting in TPSIM_ENVS; the baseline first.
+TPSIM_CMD=""
+for n in ${TPSIM_SIZES:-1 2}; do
+  a=$([ "$n" = 1 ] && echo "--tp 1" || echo "--simulate-tp $n")
+  [ -n "$HAVE_BASE" ] && TPSIM_CMD+="($BASE_PY bench/tp_latency.py $a --skip-memory --out $OUT/tpsim${n}_baseline.json) ; "
+  for e in ${TPSIM_ENVS:--}; do
+    TPSIM_CMD+="env $(envs_of "$e") python3 bench/tp_latency.py $a --skip-memory --out $OUT/tpsim${n}_$(echo "$e" | tr -c 'A-Za-z0-9\n' '_').json ; "
+  done
+done
+stage tpsim ${TPSIM_LIMIT:-300} "$TPSIM_CMD true"
 stage latency ${LATENCY_LIMIT:-420} "python3 bench/latency.py --quick --out $OUT/latency.json ${LATENCY_ARGS:-}"
 if [ "$NGPU" -ge 2 ]; then
   # TP=1 and the host-path repeat skip the memory measurement (its 2048-token prefill is the slow part; TP=2 keeps
