@@ -413,7 +413,8 @@ def slug(gpu: str) -> str:
 def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
     """Tuning variants of the kernels that miss their targets, 20B shapes, timed like the main table.
 
-    ``only``: the ops to sweep (default all: decode_attention, layernorm, triton_linear, linear)."""
+    ``only``: the ops to sweep (default all: decode_attention, layernorm, triton_linear, linear, linear_tp: one row
+    at the per-rank 20B shapes of TP=2 and 4)."""
     from neox_rt.kernels import decode_attention as k_dec
     from neox_rt.kernels import layernorm as k_ln
     from neox_rt.kernels import linear as k_lin
@@ -454,7 +455,7 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
                        f"{'merge kernel' if merge else 'in-kernel merge'}",
                        lambda: cuda_ops.decode_attention(q, kc, vc, sl, hd ** -0.5, blocks_per_sm=bps,
                                                          merge_kernel=merge, variant=var), nbytes)
-    if only and not {"layernorm", "linear", "triton_linear"} & set(only):
+    if only and not {"layernorm", "linear", "triton_linear", "linear_tp"} & set(only):
         return rows
     x = rnd(2048, h)
     w1, b1, w2, b2 = rnd(h) + 1, rnd(h, scale=0.1), rnd(h) + 1, rnd(h, scale=0.1)
@@ -477,6 +478,23 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
                     record("linear", f"{lname} m={rows_}", f"triton block_n={bn} block_k={bk} warps={nw} stages={ns}",
                            lambda: k_lin.linear(x1, w, bias, act, block_n=bn, block_k=bk, num_warps=nw,
                                                 num_stages=ns), nbytes)
+    if ext is not None and (not only or "linear_tp" in only):
+        # one row (batch-1 decode) at the per-rank 20B shapes of TP=2 and TP=4, cold and back to back with PDL as
+        # in the decode graph: k / 8 warps is not a whole number of 256-element chunks for dense at TP=2 / 4
+        for lname, (n_out, k_in) in {"tp2 qkv": (3 * h // 2, h), "tp2 dense": (h, h // 2),
+                                     "tp2 h->4h": (2 * h, h), "tp2 4h->h": (h, 2 * h), "tp4 qkv": (3 * h // 4, h),
+                                     "tp4 dense": (h, h // 4), "tp4 4h->h": (h, h)}.items():
+            w = rnd(n_out, k_in, scale=k_in ** -0.5)
+            x1 = rnd(1, k_in)
+            nbytes = (n_out * k_in + k_in + n_out) * E
+            for variant, vname in ((0, "gemv auto"), (4, "gemv k/4"), (6, "gemv 8 warps x 4 rows"),
+                                   (5, "gemv 8 warps x 8 rows"), (11, "gemv 8 warps x 16 rows")):
+                record("linear", f"{lname} m=1", vname, lambda: ext.gemv(x1, w, None, 0, None, variant, False), nbytes)
+                record("linear", f"{lname} m=1", vname + ", back to back (PDL)",
+                       lambda: ext.gemv(x1, w, None, 0, None, variant, True), nbytes,
+                       timer=lambda _fn: back_to_back_ms(
+                           lambda x_, w_: ext.gemv(x_, w_, None, 0, None, variant, True),
+                           lambda: (rnd(1, k_in), rnd(n_out, k_in, scale=k_in ** -0.5)), nbytes))
     if ext is None or (only and "linear" not in only):
         return rows
     import torch.nn.functional as F
@@ -500,8 +518,9 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
                                    (6, "gemv 8 warps x 4 rows"), (7, "gemv tensor cores, k over 8 warps"),
                                    (8, "gemv tensor cores, k over 16 warps"),
                                    (9, "gemv tensor cores, k over 8 warps, 3 steps"),
-                                   (10, "gemv tensor cores, k over 16 warps, 3 steps")):
-                if rows_ > 2 and 1 < variant < 7:
+                                   (10, "gemv tensor cores, k over 16 warps, 3 steps"),
+                                   (11, "gemv 8 warps x 16 rows")):
+                if rows_ > 2 and (1 < variant < 7 or variant == 11):
                     continue  # the single-row configurations run the legacy one above 2 rows
                 record("linear", f"{lname} m={rows_}", vname, lambda: ext.gemv(x1, w, None, 0, None, variant, False),
                        nbytes)
@@ -532,7 +551,7 @@ def main(argv=None) -> int:
                    f"move >= {B2B_MIN_BYTES >> 20} MiB")
     p.add_argument("--sweep", action="store_true", help="also time tuning variants (20B shapes) and report them")
     p.add_argument("--sweep-ops", nargs="+", default=None, help="sweep only these ops (decode_attention, layernorm, "
-                   "linear, triton_linear)")
+                   "linear, triton_linear, linear_tp)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)

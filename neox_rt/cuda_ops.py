@@ -48,7 +48,7 @@ GEMV_MMA_MAX_WEIGHT = 96 << 20
 # k % 64 != 0 the stream kernel or legacy), 1 = legacy (the first version), 2/3/4 = stream with k split over 1/2/4 warps, 5/6 = 8-warp blocks of 8 / 4 rows,
 # 7/8 = tensor-core tiles for 2-16 rows, k over 8/16 warps, 9/10 = the same with 3 steps of W in flight
 # (GemvVariant in csrc/kernels/gemv.cuh; bench/kernels.py --sweep).
-GEMV_VARIANT = _env_int("NEOX_RT_GEMV_VARIANT", 0, 0, 10)
+GEMV_VARIANT = _env_int("NEOX_RT_GEMV_VARIANT", 0, 0, 11)
 # Programmatic dependent launch on sm_90 of the GEMV, LayerNorm, rotary + KV write and decode attention (each
 # starts under the previous kernel's tail and waits for its inputs inside; ignored on older GPUs). On by default:
 # 20B decode 14.85 vs 15.00 ms/token on one H100 in the same run with the GEMV's (bench/NOTES.md); NEOX_RT_PDL=0

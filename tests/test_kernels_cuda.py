@@ -314,10 +314,11 @@ def test_gemv(ext, dtype, m, n, k, activation):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])  # GemvVariant in gemv.cuh
+@pytest.mark.parametrize("variant", list(range(12)))  # GemvVariant in gemv.cuh
 @pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("m,n,k", GEMV_SHAPES + [(1, 97, 1032), (2, 130, 4104), (1, 6, 16392), (2, 5, 8200),
-                                                 (12, 45, 768), (9, 17, 384), (16, 1000, 6144), (2, 48, 2048)])
+                                                 (12, 45, 768), (9, 17, 384), (16, 1000, 6144), (2, 48, 2048),
+                                                 (1, 301, 1536)])
 def test_gemv_residual(ext, variant, pdl, m, n, k):
     """act(x W^T + b) + residual, the residual added in the epilogue, for both variants, with and without PDL."""
     dtype = torch.float16

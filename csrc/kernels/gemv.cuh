@@ -34,11 +34,14 @@ enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRel
 // kGemvWide4 4 rows a block (k over 8 warps), kGemvWide8 8 rows (two groups of 4 warps, k over 4). (2 chunks of 4
 // rows in flight per lane spills at 128 registers.) More than 2 rows of x take the tensor-core tiles, or the legacy
 // configuration where k % 64 != 0 (two rows of W per warp share each x load).
+// kGemvWide16: 16 rows a block (four groups of 2 warps, k over 2), for short rows (k / 8 not a whole number of
+// 256-element chunks: the 20B dense layer at TP=2 and 4).
 // kGemvMma8 / kGemvMma16: tensor-core tiles for 2-16 rows of x (gemv_mma_kernel below), a block owning 16 rows of
 // W with k split over its 8 or 16 warps, 2 steps of W in flight per warp; kGemvMma8Deep / kGemvMma16Deep: 3 steps.
 enum GemvVariant : int {
   kGemvAuto = 0, kGemvLegacy = 1, kGemvSplit1 = 2, kGemvSplit2 = 3, kGemvSplit4 = 4, kGemvWide8 = 5, kGemvWide4 = 6,
-  kGemvMma8 = 7, kGemvMma16 = 8, kGemvMma8Deep = 9, kGemvMma16Deep = 10, kGemvVariantLast = kGemvMma16Deep
+  kGemvMma8 = 7, kGemvMma16 = 8, kGemvMma8Deep = 9, kGemvMma16Deep = 10, kGemvWide16 = 11,
+  kGemvVariantLast = kGemvWide16
 };
 
 __device__ __forceinline__ float apply_activation(float v, int act) {
@@ -374,9 +377,16 @@ inline int gemv_auto_ksplit(int n, int k) {
 // where n <= 4096 (fewer, fuller blocks for narrow layers: pythia-1.4b dense 8.2 vs 9.3 with 4 rows and 10.2 before,
 // 4h->h 17.3 vs 19.5 / 20.6), 4 rows above (1.4b qkv 14.8 vs 15.2, h->4h 17.5 vs 18.3). Returns the variant, or
 // kGemvAuto where the older choice stands (more rows, other k).
+// Short rows (k / 8 < 512, e.g. 20B dense at TP=2 / 4, k = 3072 / 1536): with k over 8 warps each warp's slice is
+// 1.5 or 0.75 chunks of 32 lanes x 16 bytes, so lanes idle in the last one and the blocks live for one or two round
+// trips; k over 4 (8 rows a block) or 2 warps (16 rows) where that gives each warp whole chunks.
 inline int gemv_auto_wide(int m, int n, int k) {
   if (m != 1 || k % 64 != 0) return kGemvAuto;
-  return n <= 4096 ? kGemvWide8 : kGemvWide4;
+  if (n <= 4096) return kGemvWide8;
+  if (k / 8 >= 512 || (k / 8) % 256 == 0) return kGemvWide4;
+  if ((k / 4) % 256 == 0) return kGemvWide8;
+  if ((k / 2) % 256 == 0) return kGemvWide16;
+  return kGemvWide4;
 }
 
 // kGemvAuto at 2-16 rows of x: the tensor-core tiles, faster than the older configurations at every 20B and
@@ -417,11 +427,13 @@ cudaError_t launch_gemv(const T* x, const T* w, const T* bias, const T* residual
     variant = kGemvLegacy;
   }
   if (variant == kGemvAuto && m <= 2 && gemv_auto_ksplit(n, k) == 0) variant = kGemvLegacy;
-  const bool wide = variant == kGemvWide8 || variant == kGemvWide4;
+  const bool wide = variant == kGemvWide8 || variant == kGemvWide4 || variant == kGemvWide16;
   if (wide && m <= 2 && k % 64 == 0) {  // k split over up to 8 warps in whole 16-byte vectors
 #define NEOX_RT_GEMV_WIDE(MT_)                                                                                    \
   return variant == kGemvWide8                                                                                     \
              ? launch_gemv_config<T, MT_, 4, 1, 4, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream)           \
+         : variant == kGemvWide16                                                                                  \
+             ? launch_gemv_config<T, MT_, 4, 1, 2, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream)           \
              : launch_gemv_config<T, MT_, 4, 1, 8, 8>(x, w, bias, residual, y, m, n, k, act, pdl, stream);
     if (m <= 1) NEOX_RT_GEMV_WIDE(1);
     NEOX_RT_GEMV_WIDE(2);

@@ -302,7 +302,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   }
   TORCH_CHECK(variant >= kGemvAuto && variant <= kGemvVariantLast, "neox_rt: gemv variant must be 0 (auto), ",
               "1 (legacy), 2, 3 or 4 (k split over 1, 2 or 4 warps), 5 or 6 (8-warp blocks of 8 or 4 rows), ",
-              "7 or 8 (tensor-core tiles, k over 8 or 16 warps), 9 or 10 (the same, 3 steps in flight), got ",
+              "7 or 8 (tensor-core tiles, k over 8 or 16 warps), 9 or 10 (the same, 3 steps in flight), ",
+              "11 (8-warp blocks of 16 rows), got ",
               variant);
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;

@@ -258,6 +258,8 @@ int main() {
   test_gemv<__half>(1, 45, 4096, neox_rt::kActNone, 2e-3, "gemv fp16 m=1 k split 4", neox_rt::kGemvSplit4, true);
   test_gemv<__half>(1, 301, 512, neox_rt::kActGeluErf, 2e-3, "gemv fp16 m=1 wide 8 rows", neox_rt::kGemvWide8, true);
   test_gemv<__half>(1, 45, 4096, neox_rt::kActNone, 2e-3, "gemv fp16 m=1 wide 4 rows", neox_rt::kGemvWide4, true);
+  test_gemv<__half>(1, 301, 1536, neox_rt::kActGeluTanh, 2e-3, "gemv fp16 m=1 wide 16 rows", neox_rt::kGemvWide16,
+                    true);
   test_gemv<__nv_bfloat16>(2, 37, 1024, neox_rt::kActGeluTanh, 1.6e-2, "gemv bf16 m=2 wide 4 rows",
                            neox_rt::kGemvWide4, true);
   test_gemv<__half>(1, 97, 1032, neox_rt::kActNone, 2e-3, "gemv fp16 m=1 wide, k % 64 != 0 (legacy)",
