@@ -9,7 +9,9 @@ LayerNorm kernel) and to a slot inside the layer (LayerNorm, qkv, rotary + cache
 h->4h, 4h->h, other); per slot: kernels per layer, mean us per layer, us per token, share of the step, and
 for the linears the achieved GB/s of their weight bytes and its % of the copy bandwidth measured in the same
 run. "gaps" is the step's wall time (first kernel start to last kernel end) minus the time some kernel ran:
-launch latency, kernel drain and fill between dependent kernels. JSON to --out, a table printed last.
+launch latency, kernel drain and fill between dependent kernels. "adds" is the wall a slot adds: per kernel, in
+start order, how far its end passes the latest end before it (under PDL a kernel starts early and waits; its
+duration then overlaps its predecessor's, the part it adds does not), summed per slot. JSON to --out, a table printed last.
 """
 from __future__ import annotations
 
@@ -57,13 +59,16 @@ def assign(kernels, num_layers: int):
     # is the last one of the step
     per_layer = (len(starts) - 1) // num_layers if num_layers else 0
     if per_layer < 1 or len(starts) != per_layer * num_layers + 1:
-        return None, None
+        return None, None, None
     slots = defaultdict(list)
     extra = defaultdict(list)
+    slot_of = {}  # kernel index -> slot (or extra) name
     bounds = [starts[i * per_layer] for i in range(num_layers)] + [starts[-1]]
     for i, (name, _, dur) in enumerate(kernels):
         if i < bounds[0] or i >= bounds[-1]:
-            extra[("embedding" if i < bounds[0] else "final LN + LM head + argmax")].append(dur)
+            key = "embedding" if i < bounds[0] else "final LN + LM head + argmax"
+            extra[key].append(dur)
+            slot_of[i] = key
             continue
         layer = max(j for j in range(num_layers) if bounds[j] <= i)
         kind = kernel_kind(name)
@@ -71,7 +76,8 @@ def assign(kernels, num_layers: int):
             nth = sum(1 for j in range(bounds[layer], i) if kernel_kind(kernels[j][0]) == "linear")
             kind = LINEAR_SLOTS[nth] if nth < len(LINEAR_SLOTS) else "linear (more)"
         slots[(layer, kind)].append(dur)
-    return slots, extra
+        slot_of[i] = kind
+    return slots, extra, slot_of
 
 
 def profile_steps(step_fn, steps: int):
@@ -102,11 +108,12 @@ def profile_steps(step_fn, steps: int):
 
 def summarize(step_kernels, num_layers: int, weight_bytes: dict, copy_bw: float):
     rows = defaultdict(list)  # slot -> per-step total us
+    added = defaultdict(list)  # slot -> per-step wall added (see below)
     counts = defaultdict(list)
     extras = defaultdict(list)
     walls, busy = [], []
     for ks in step_kernels:
-        slots, extra = assign(ks, num_layers)
+        slots, extra, slot_of = assign(ks, num_layers)
         if slots is None:
             continue
         wall = ks[-1][1] + ks[-1][2] - ks[0][1]
@@ -125,6 +132,15 @@ def summarize(step_kernels, num_layers: int, weight_bytes: dict, copy_bw: float)
         for slot, t in per_slot.items():
             rows[slot].append(t)
             counts[slot].append(per_count[slot])
+        # the wall each kernel adds: how far its end passes the latest end before it (kernels in start order); a
+        # kernel that starts early under PDL and waits is charged only for what it runs past its predecessor
+        adds = defaultdict(float)
+        end = ks[0][1]
+        for i, (_, s, d) in enumerate(ks):
+            adds[slot_of.get(i, "other")] += max(0.0, s + d - end)
+            end = max(end, s + d)
+        for slot, t in adds.items():
+            added[slot].append(t)
         for k, durs in extra.items():
             extras[k].append(sum(durs))
     if not walls:
@@ -142,10 +158,14 @@ def summarize(step_kernels, num_layers: int, weight_bytes: dict, copy_bw: float)
             gbps = weight_bytes[slot] * num_layers / (t * 1e-6) / 1e9
             r["GBps"] = gbps
             r["pct_of_copy"] = 100 * gbps * 1e9 / copy_bw
+        if added.get(slot):
+            r["added_us_per_layer"] = statistics.median(added[slot]) / num_layers
         out["slots"][slot] = r
     for k, v in extras.items():
         out["slots"][k] = {"kernels_per_layer": None, "us_per_layer": None, "us_per_token": statistics.median(v),
                            "share_of_wall": statistics.median(v) / wall}
+        if added.get(k):
+            out["slots"][k]["added_us_per_token"] = statistics.median(added[k])
     return out
 
 
@@ -209,13 +229,16 @@ def main():
             continue
         print(f"{mode}: wall {r['wall_us_per_token'] / 1e3:.2f} ms/token, kernels busy "
               f"{r['kernel_busy_us_per_token'] / 1e3:.2f} ms, gaps {r['gaps_us_per_token'] / 1e3:.2f} ms")
-        print(f"  {'slot':28s} {'k/layer':>7s} {'us/layer':>9s} {'ms/token':>9s} {'share':>6s} {'% copy':>7s}")
+        print(f"  {'slot':28s} {'k/layer':>7s} {'us/layer':>9s} {'ms/token':>9s} {'share':>6s} {'% copy':>7s} "
+              f"{'adds us/layer':>13s}")
         for slot, s in r["slots"].items():
             kpl = f"{s['kernels_per_layer']:.0f}" if s["kernels_per_layer"] is not None else "-"
             upl = f"{s['us_per_layer']:.1f}" if s["us_per_layer"] is not None else "-"
             pct = f"{s['pct_of_copy']:.0f}%" if "pct_of_copy" in s else ""
+            add = (f"{s['added_us_per_layer']:.1f}" if "added_us_per_layer" in s
+                   else f"{s['added_us_per_token']:.1f}/tok" if "added_us_per_token" in s else "")
             print(f"  {slot:28s} {kpl:>7s} {upl:>9s} {s['us_per_token'] / 1e3:9.3f} {100 * s['share_of_wall']:5.1f}% "
-                  f"{pct:>7s}")
+                  f"{pct:>7s} {add:>13s}")
 
 
 if __name__ == "__main__":

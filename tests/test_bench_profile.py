@@ -28,7 +28,7 @@ def _step(layers: int, t0: float = 0.0):
 
 
 def test_assign_slots_per_layer():
-    slots, extra = profile_decode.assign(_step(3), 3)
+    slots, extra, _ = profile_decode.assign(_step(3), 3)
     assert set(extra) == {"embedding", "final LN + LM head + argmax"}
     for layer in range(3):
         assert len(slots[(layer, "layernorm")]) == 1
@@ -49,10 +49,24 @@ def test_summarize_gaps_and_bandwidth():
     qkv = r["slots"]["qkv"]
     assert qkv["kernels_per_layer"] == 1 and qkv["us_per_layer"] == pytest.approx(10.0)
     assert qkv["GBps"] == pytest.approx(3e6 / 10e-6 / 1e9)  # 300 GB/s: bytes per layer / us per layer
+    # with a gap before every kernel, each adds its own duration plus the gap before it
+    assert qkv["added_us_per_layer"] == pytest.approx(11.0)
+
+
+def test_summarize_added_wall_under_overlap():
+    """Kernels that start early (PDL) and overlap their predecessor add only what they run past its end."""
+    step = [(n, 8.0 * i, 10.0) for i, (n, _, _) in enumerate(_step(2))]  # each starts 2 us before the last ends
+    r = profile_decode.summarize([step], 2, {}, copy_bw=3e12)
+    assert r["slots"]["qkv"]["us_per_layer"] == pytest.approx(10.0)
+    assert r["slots"]["qkv"]["added_us_per_layer"] == pytest.approx(8.0)
+    assert r["slots"]["attention"]["added_us_per_layer"] == pytest.approx(16.0)  # two kernels
+    total = sum(v.get("added_us_per_layer", 0.0) * 2 for v in r["slots"].values())
+    total += sum(v.get("added_us_per_token", 0.0) for v in r["slots"].values())
+    assert total == pytest.approx(r["wall_us_per_token"])  # the adds partition the wall
 
 
 def test_assign_rejects_unrecognised_step():
-    assert profile_decode.assign([("gemv_kernel", 0.0, 1.0)], 2) == (None, None)
+    assert profile_decode.assign([("gemv_kernel", 0.0, 1.0)], 2) == (None, None, None)
 
 
 def test_assign_sequential_residual_layers():
@@ -63,7 +77,7 @@ def test_assign_sequential_residual_layers():
                   "gemv_kernel", "_layernorm_kernel", "gemv_kernel", "gemv_kernel"]
     names += ["_layernorm_kernel", "sm90_xmma_gemm_f16"]
     kernels = [(n, float(i), 1.0) for i, n in enumerate(names)]
-    slots, _ = profile_decode.assign(kernels, 2)
+    slots, _, _ = profile_decode.assign(kernels, 2)
     for layer in range(2):
         assert len(slots[(layer, "layernorm")]) == 2
         assert all(len(slots[(layer, s)]) == 1 for s in ("qkv", "dense", "h->4h", "4h->h"))
