@@ -6,8 +6,10 @@
 //
 // Configurations (GemvVariant), measured side by side by bench/kernels.py --sweep:
 //  - wide (m <= 2, k % 64 == 0): blocks of 8 warps; each warp owns a slice of k of 4 rows and keeps one 16-byte load
-//    per row and lane in flight, double-buffered (4 rows a block with k over 8 warps, or 8 rows with k over 4);
-//    kGemvAuto takes it for every single-row call it fits (decode), 8 rows a block where n <= 4096.
+//    per row and lane in flight, double-buffered (4 rows a block with k over 8 warps, 8 rows with k over 4, or 16
+//    rows with k over 2);
+//    kGemvAuto takes it for every single-row call it fits (decode): 16 rows a block (k over 2 warps) for wide layers,
+//    8 rows where n <= 4096 (gemv_auto_wide).
 //  - stream (m <= 2): a row of W is owned by one warp, or split along k over 2 or 4 warps of the block (KSPLIT);
 //    each warp keeps 2 x UNROLL 16-byte loads per lane in flight (double-buffered chunks of 32 * 8 * UNROLL
 //    elements); kGemvAuto takes it (k split over 4 warps) at 2 rows where k % 64 != 0, for long rows and narrow
@@ -36,8 +38,8 @@ enum Activation : int { kActNone = 0, kActGeluErf = 1, kActGeluTanh = 2, kActRel
 // kGemvWide4 4 rows a block (k over 8 warps), kGemvWide8 8 rows (two groups of 4 warps, k over 4). (2 chunks of 4
 // rows in flight per lane spills at 128 registers.) More than 2 rows of x take the tensor-core tiles, or the legacy
 // configuration where k % 64 != 0 (two rows of W per warp share each x load).
-// kGemvWide16: 16 rows a block (four groups of 2 warps, k over 2), for short rows (k / 8 not a whole number of
-// 256-element chunks: the 20B dense layer at TP=2 and 4).
+// kGemvWide16: 16 rows a block (four groups of 2 warps, k over 2): kGemvAuto's single-row choice for wide layers
+// (gemv_auto_wide).
 // kGemvMma8 / kGemvMma16: tensor-core tiles for 2-16 rows of x (gemv_mma_kernel below), a block owning 16 rows of
 // W with k split over its 8 or 16 warps, 2 steps of W in flight per warp; kGemvMma8Deep / kGemvMma16Deep: 3 steps.
 enum GemvVariant : int {
@@ -381,18 +383,22 @@ inline int gemv_auto_ksplit(int n, int k) {
   return (k / 8) % 2 == 0 ? 2 : 1;
 }
 
-// kGemvAuto at m == 1 with k % 64 == 0 (every GPT-NeoX / Pythia layer): the wide configurations, faster than all of
-// the above in the same sweep (one H100, L2 cold, us, d7f8ef5; bench/NOTES.md): 20B qkv 80.2 (auto before 90.0,
-// cuBLAS 85.0), dense 32.1 (36.0, 31.7), h->4h 103.4 (111.4, 109.1), 4h->h 106.3 (113.4, 111.7); 8 rows a block
-// where n <= 4096 (fewer, fuller blocks for narrow layers: pythia-1.4b dense 8.2 vs 9.3 with 4 rows and 10.2 before,
-// 4h->h 17.3 vs 19.5 / 20.6), 4 rows above (1.4b qkv 14.8 vs 15.2, h->4h 17.5 vs 18.3). Returns the variant, or
-// kGemvAuto where the older choice stands (more rows, other k).
-// Short rows (k / 8 < 512, e.g. 20B dense at TP=2 / 4, k = 3072 / 1536): with k over 8 warps each warp's slice is
-// 1.5 or 0.75 chunks of 32 lanes x 16 bytes, so lanes idle in the last one and the blocks live for one or two round
-// trips; k over 4 (8 rows a block) or 2 warps (16 rows) where that gives each warp whole chunks.
+// kGemvAuto at m == 1 with k % 64 == 0 (every GPT-NeoX / Pythia layer), the 8-warp wide configurations:
+//  - n >= 6144 and k % 512 == 0: 16 rows a block, k over 2 warps (each warp streams 4 rows for a long run). In the
+//    decode graph (one H100, e0cf1a2, same run, 20B per token): 14.44 ms vs 14.68 with 4 rows a block (k over 8
+//    warps, the earlier choice), 14.56 with 8; rank 0 of TP=2 (bench/tp_latency.py --simulate-tp 2) 7.80 vs 8.06 /
+//    7.86. As one cold call 4 rows had measured best (d7f8ef5: 20B qkv 80.2 us, dense 32.1, h->4h 103.4, 4h->h 106.3),
+//    but in the graph, where each GEMV starts under its predecessor's tail, fewer, longer-lived blocks win. Below
+//    6144 rows (384 blocks) too few blocks: at TP=4 the 20B qkv (4608 rows) measured 18.1 us back to back vs 16.6
+//    with 4 rows a block (one H200).
+//  - n <= 4096: 8 rows a block (pythia-1.4b dense 8.2 vs 9.3 us with 4 rows and 10.2 before, 4h->h 17.3 vs 19.5).
+//  - otherwise 4 rows a block (k over 8 warps), but for short rows (k / 8 < 512 and not whole 256-element chunks:
+//    lanes idle in a warp's last chunk) k over 4 or 2 warps where that gives each warp whole chunks.
+// Returns the variant, or kGemvAuto where the older choice stands (more rows, other k).
 inline int gemv_auto_wide(int m, int n, int k) {
   if (m != 1 || k % 64 != 0) return kGemvAuto;
   if (n <= 4096) return kGemvWide8;
+  if (n >= 6144 && k % 512 == 0) return kGemvWide16;
   if (k / 8 >= 512 || (k / 8) % 256 == 0) return kGemvWide4;
   if ((k / 4) % 256 == 0) return kGemvWide8;
   if ((k / 2) % 256 == 0) return kGemvWide16;
