@@ -32,7 +32,9 @@ import time
 import torch
 from common import git_commit, gpu_driver, simulated_tp  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the tree this script belongs to first (a baseline copy under .baseline/ must run its own neox_rt, not the
+# installed one: the tpsim stages of session 7 timed the installed tree twice before this line existed)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import neox_rt  # noqa: E402
 from neox_rt import ops  # noqa: E402
