@@ -11,7 +11,8 @@ for the linears the achieved GB/s of their weight bytes and its % of the copy ba
 run. "gaps" is the step's wall time (first kernel start to last kernel end) minus the time some kernel ran:
 launch latency, kernel drain and fill between dependent kernels. "adds" is the wall a slot adds: per kernel, in
 start order, how far its end passes the latest end before it (under PDL a kernel starts early and waits; its
-duration then overlaps its predecessor's, the part it adds does not), summed per slot. JSON to --out, a table printed last.
+duration then overlaps its predecessor's, the part it adds does not), summed per slot. JSON to --out, a table printed
+last.
 """
 from __future__ import annotations
 

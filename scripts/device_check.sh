@@ -93,9 +93,11 @@ stage profile ${PROFILE_LIMIT:-240} "$PROFILE_CMD true"
 TPSIM_CMD=""
 for n in ${TPSIM_SIZES:-1 2}; do
   a=$([ "$n" = 1 ] && echo "--tp 1" || echo "--simulate-tp $n")
-  [ -n "$HAVE_BASE" ] && TPSIM_CMD+="($BASE_PY bench/tp_latency.py $a --skip-memory --out $OUT/tpsim${n}_baseline.json) ; "
+  [ -n "$HAVE_BASE" ] && TPSIM_CMD+="($BASE_PY bench/tp_latency.py $a --skip-memory \
+--out $OUT/tpsim${n}_baseline.json) ; "
   for e in ${TPSIM_ENVS:--}; do
-    TPSIM_CMD+="env $(envs_of "$e") python3 bench/tp_latency.py $a --skip-memory --out $OUT/tpsim${n}_$(echo "$e" | tr -c 'A-Za-z0-9\n' '_').json ; "
+    tag=$(echo "$e" | tr -c 'A-Za-z0-9\n' '_')
+    TPSIM_CMD+="env $(envs_of "$e") python3 bench/tp_latency.py $a --skip-memory --out $OUT/tpsim${n}_$tag.json ; "
   done
 done
 stage tpsim ${TPSIM_LIMIT:-300} "$TPSIM_CMD true"
