@@ -7,6 +7,12 @@ import os
 import subprocess
 import sys
 
+import torch
+
+from neox_rt.config import NeoXConfig
+from neox_rt.model import NeoXForCausalLM
+from neox_rt.parallel import TensorParallel
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--device", "cpu", "--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "101", "--prompt", "4",
          "--new", "3", "--skip-memory"]
@@ -27,11 +33,6 @@ def test_simulated_tp_runs_rank0_shard(tmp_path):
     assert sim["tp"] == 2 and sim["simulated"]
     assert sim["per_token_ms"]["p50"] > 0 and sim["decode_path"] == "eager"
     # rank 0 holds its shard of every split weight and all of the replicated ones
-    import torch
-
-    from neox_rt.config import NeoXConfig
-    from neox_rt.model import NeoXForCausalLM
-    from neox_rt.parallel import TensorParallel
     cfg = NeoXConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
                      hidden_act="gelu_fast", max_position_embeddings=2048)
 
