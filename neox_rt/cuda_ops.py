@@ -46,7 +46,8 @@ GEMV_MAX_ROWS = _env_int("NEOX_RT_GEMV_MAX_ROWS", 16, 1, 16)
 GEMV_MMA_MAX_WEIGHT = 96 << 20
 # csrc/kernels/gemv.cuh: 0 = auto (per shape: one row the 8-warp blocks, 2-16 rows the tensor-core tiles; where
 # k % 64 != 0 the stream kernel or legacy), 1 = legacy (the first version), 2/3/4 = stream with k split over 1/2/4 warps, 5/6 = 8-warp blocks of 8 / 4 rows,
-# 7/8 = tensor-core tiles for 2-16 rows, k over 8/16 warps, 9/10 = the same with 3 steps of W in flight
+# 7/8 = tensor-core tiles for 2-16 rows, k over 8/16 warps, 9/10 = the same with 3 steps of W in flight, 11 = 8-warp
+# blocks of 16 rows (k over 2 warps)
 # (GemvVariant in csrc/kernels/gemv.cuh; bench/kernels.py --sweep).
 GEMV_VARIANT = _env_int("NEOX_RT_GEMV_VARIANT", 0, 0, 11)
 # Programmatic dependent launch on sm_90 of the GEMV, LayerNorm, rotary + KV write and decode attention (each
