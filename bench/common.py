@@ -24,18 +24,34 @@ def gpu_driver() -> str | None:
     return run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
 
 
-def simulated_tp(size: int):
+def simulated_tp(size: int, allreduce_us: float = 0.0):
     """Rank 0's shard of a TP=``size`` model on ONE device, the collectives replaced by local stand-ins
     (all-reduce: identity, all-gather: the local shard repeated, broadcast: identity). Numerically meaningless,
     timing-exact for everything but the communication: the per-rank compute of a TP decode on a card of which
-    only one is lent (add the all-reduce share measured on a pair)."""
+    only one is lent (add the all-reduce share measured on a pair).
+
+    ``allreduce_us`` > 0: on a GPU each all-reduce is a one-thread kernel that spins that long (torch.cuda._sleep,
+    calibrated once), standing in for the time an NVLink all-reduce keeps the next layer waiting while moving next
+    to no memory: what an L2 prefetch issued before it can use (neox_rt.model.L2_PREFETCH_LAYER_MB)."""
     import torch
 
     from neox_rt.parallel import TensorParallel
 
+    spin_cycles = 0
+    if allreduce_us > 0 and torch.cuda.is_available():  # calibrated here, never inside a graph capture
+        torch.cuda._sleep(1000)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        torch.cuda._sleep(4_000_000)
+        b.record()
+        b.synchronize()
+        spin_cycles = int(allreduce_us * 4_000_000 / (a.elapsed_time(b) * 1000))
+
     class SimulatedTP(TensorParallel):
         def all_reduce(self, x):
             self.all_reduce_calls += 1
+            if spin_cycles and x.is_cuda:
+                torch.cuda._sleep(spin_cycles)
             return x
 
         def all_gather_last_dim(self, x):

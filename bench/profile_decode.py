@@ -176,12 +176,15 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--simulate-tp", type=int, default=None, metavar="N",
                    help="rank 0's shard of TP=N on this one GPU, collectives replaced by local stand-ins")
+    p.add_argument("--simulate-allreduce-us", type=float, default=0.0, metavar="US",
+                   help="with --simulate-tp: each all-reduce spins this long on the GPU (a stand-in for the "
+                        "NVLink all-reduce's wait, e.g. 8; bench/common.py)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
     backend = ops.select_backend(None, "cuda")
     copy_bw = copy_bandwidth()
-    tp = simulated_tp(args.simulate_tp) if args.simulate_tp else None
+    tp = simulated_tp(args.simulate_tp, args.simulate_allreduce_us) if args.simulate_tp else None
     model = random_model(args.model, 256, tp)
     c = model.config
     h, f, tpn = c.hidden_size, c.intermediate_size, model.tp.size
@@ -206,11 +209,13 @@ def main():
     for _ in range(3):
         graph_step()
         eager_step()
-    report = {"model": args.model, "simulated_tp": args.simulate_tp, "gpu": torch.cuda.get_device_name(),
+    report = {"model": args.model, "simulated_tp": args.simulate_tp,
+              "simulated_allreduce_us": args.simulate_allreduce_us if args.simulate_tp else None, "gpu": torch.cuda.get_device_name(),
               "driver": gpu_driver(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
               "backend": backend, "backends": ops.active_backends(), "copy_bandwidth_Bps": copy_bw,
-              "env": {k: os.environ[k] for k in ("NEOX_RT_PDL", "NEOX_RT_GEMV_VARIANT") if k in os.environ},
+              "env": {k: os.environ[k] for k in ("NEOX_RT_PDL", "NEOX_RT_GEMV_VARIANT", "NEOX_RT_L2_PREFETCH_MB",
+                                                     "NEOX_RT_L2_PREFETCH_ATTN_MB") if k in os.environ},
               "weight_bytes_per_layer": weight_bytes, "layers": c.num_hidden_layers}
     for mode, fn in (("graph", graph_step), ("eager", eager_step)):
         steps = profile_steps(fn, args.steps)

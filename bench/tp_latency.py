@@ -65,6 +65,14 @@ def parse_args(argv=None):
     p.add_argument("--simulate-tp", type=int, default=None, metavar="N",
                    help="one process: rank 0's shard of TP=N with the collectives replaced by local stand-ins "
                         "(timing of the per-rank compute without communication; bench/common.py)")
+    p.add_argument("--simulate-allreduce-us", type=float, default=0.0, metavar="US",
+                   help="with --simulate-tp: each all-reduce spins this long on the GPU (a stand-in for the "
+                        "NVLink all-reduce's wait, e.g. 8; bench/common.py)")
+    p.add_argument("--sweep-prefetch", default=None, metavar="L:A,...",
+                   help="after the main run, decode again per L2 prefetch setting (L = NEOX_RT_L2_PREFETCH_MB, "
+                        "A = NEOX_RT_L2_PREFETCH_ATTN_MB; the same model, graphs captured anew), in --sweep-rounds "
+                        "interleaved rounds: e.g. 0:0,16:0,16:8")
+    p.add_argument("--sweep-rounds", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON file (default: $OUT/tp<N>[_nop2p].json when OUT is set)")
     return p.parse_args(argv)
 
@@ -151,6 +159,34 @@ def decode_run(model, cache, step, timer, prompt_ids, new: int):
     return [timer.ms(a, b) for a, b in marks], wall, torch.cat(out).tolist()
 
 
+def prefetch_sweep(model, cache, timer, prompt_ids, args) -> list[dict]:
+    """p50 ms/token per L2 prefetch setting (neox_rt.model.L2_PREFETCH_LAYER_MB / _ATTN_MB), the settings
+    interleaved over rounds so that a drift of the card's clock hits them alike; tokens checked equal to the
+    first setting's (the prefetch reads and writes nothing)."""
+    from neox_rt import model as model_mod
+    settings = [tuple(int(v) for v in item.split(":")) for item in args.sweep_prefetch.split(",") if item.strip()]
+    saved = model_mod.L2_PREFETCH_LAYER_MB, model_mod.L2_PREFETCH_ATTN_MB
+    runs = {st: [] for st in settings}
+    first_ids = None
+    same = True
+    try:
+        for _ in range(args.sweep_rounds):
+            for st in settings:
+                model_mod.L2_PREFETCH_LAYER_MB, model_mod.L2_PREFETCH_ATTN_MB = st
+                step, _ = make_stepper(model, not args.no_graphs and prompt_ids.device.type == "cuda")
+                decode_run(model, cache, step, timer, prompt_ids, args.new)
+                times, _, ids = decode_run(model, cache, step, timer, prompt_ids, args.new)
+                runs[st].append(statistics.median(times))
+                first_ids = first_ids or ids
+                same = same and ids == first_ids
+                del step
+                gc.collect()
+    finally:
+        model_mod.L2_PREFETCH_LAYER_MB, model_mod.L2_PREFETCH_ATTN_MB = saved
+    return [dict(layer_mb=st[0], attn_mb=st[1], p50_ms_rounds=v, p50_ms=statistics.median(v), same_tokens=same)
+            for st, v in runs.items()]
+
+
 def allreduce_alone(tp, hidden: int, count: int, dtype, device, timer, reps: int = 50) -> dict:
     """ms of ``count`` all-reduces of [1, 1, hidden] + one token broadcast: eager, and as one CUDA graph."""
     if tp.size == 1:
@@ -209,6 +245,7 @@ def environment(device) -> dict:
             env["nccl"] = None
         env["driver"] = gpu_driver()
     env["nccl_p2p_disable"] = os.environ.get("NCCL_P2P_DISABLE", "0")
+    env["settings"] = {k: v for k, v in os.environ.items() if k.startswith("NEOX_RT_") and k != "NEOX_RT_COMMIT"}
     return env
 
 
@@ -220,7 +257,8 @@ def gather_float(tp, value: float, device) -> list[float]:
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    tp = simulated_tp(args.simulate_tp) if args.simulate_tp else init_from_env(args.tp, device.type)
+    tp = (simulated_tp(args.simulate_tp, args.simulate_allreduce_us) if args.simulate_tp
+          else init_from_env(args.tp, device.type))
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
         if args.memory_cap_gib:
@@ -259,6 +297,7 @@ def main(argv=None):
             del skip_step  # its graphs and their memory pool
         finally:
             del tp.all_reduce
+    sweep = prefetch_sweep(model, cache, timer, prompt_ids, args) if args.sweep_prefetch else None
     decode_path = path()
     del step, path, cache  # the graph runner (closures) and its memory pool, before measuring memory
     gc.collect()
@@ -287,13 +326,15 @@ def main(argv=None):
 
     result = dict(
         bench="tp_latency", model=f"gpt-neox L{args.layers} h{args.hidden} nh{args.heads} V{args.vocab}",
-        dtype=args.dtype, tp=tp.size, simulated=bool(args.simulate_tp), batch=1, prompt_tokens=args.prompt,
-        new_tokens=args.new,
+        dtype=args.dtype, tp=tp.size, simulated=bool(args.simulate_tp),
+        simulated_allreduce_us=args.simulate_allreduce_us if args.simulate_tp else None, batch=1,
+        prompt_tokens=args.prompt, new_tokens=args.new,
         backend=backend, ops=ops.active_backends(), decode_path=decode_path,
         per_token_ms=dict(p50=p50, p90=p90, min=times[0], wall_mean=wall),
         weight_bytes_per_rank=weight_bytes,
         weight_stream_gbs=weight_bytes / (p50 * 1e-3) / 1e9,
         allreduce_per_token_ms=alone,
+        prefetch_sweep=sweep,
         decode_no_allreduce_p50_ms=no_ar,
         allreduce_share_ms=(p50 - no_ar) if no_ar is not None else None,
         peak_memory_bytes_per_rank=peaks, memory_cache_tokens=args.memory_cache, memory_estimate=estimate,
@@ -316,6 +357,10 @@ def main(argv=None):
         print(f"{tp.size:>3} {p50:>8.3f} {p90:>8.3f} {wall:>8.3f} {result['weight_stream_gbs']:>10.0f} "
               f"{ar:>10.3f} {no_ar if no_ar is not None else float('nan'):>10.3f} "
               f"{max(peaks) / 2**30:>14.2f}")
+        for r in sweep or ():
+            print(f"    L2 prefetch {r['layer_mb']:>3} MB at the layer end, {r['attn_mb']:>3} MB at attention: p50 "
+                  f"{r['p50_ms']:.3f} ms ({', '.join(f'{v:.3f}' for v in r['p50_ms_rounds'])})"
+                  f"{'' if r['same_tokens'] else '  TOKENS DIFFER'}")
     if tp.size > 1 and not args.simulate_tp:
         torch.distributed.destroy_process_group()
     return result

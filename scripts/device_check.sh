@@ -93,11 +93,12 @@ stage profile ${PROFILE_LIMIT:-240} "$PROFILE_CMD true"
 TPSIM_CMD=""
 for n in ${TPSIM_SIZES:-1 2}; do
   a=$([ "$n" = 1 ] && echo "--tp 1" || echo "--simulate-tp $n")
-  [ -n "$HAVE_BASE" ] && TPSIM_CMD+="($BASE_PY bench/tp_latency.py $a --skip-memory \
+  [ -n "$HAVE_BASE" ] && TPSIM_CMD+="($BASE_PY bench/tp_latency.py $a --skip-memory ${TPSIM_BASE_ARGS:-} \
 --out $OUT/tpsim${n}_baseline.json) ; "
   for e in ${TPSIM_ENVS:--}; do
     tag=$(echo "$e" | tr -c 'A-Za-z0-9\n' '_')
-    TPSIM_CMD+="env $(envs_of "$e") python3 bench/tp_latency.py $a --skip-memory --out $OUT/tpsim${n}_$tag.json ; "
+    TPSIM_CMD+="env $(envs_of "$e") python3 bench/tp_latency.py $a --skip-memory ${TPSIM_ARGS:-} \
+--out $OUT/tpsim${n}_$tag.json ; "
   done
 done
 stage tpsim ${TPSIM_LIMIT:-300} "$TPSIM_CMD true"

@@ -174,3 +174,47 @@ def test_bad_kernel_setting_is_a_clear_error(monkeypatch, name, value):
     monkeypatch.setattr(cuda_ops, "register_all", bad_settings)
     with pytest.raises(NeoxRtError, match=name):
         ops._load_backend("cuda")
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_l2_prefetch_sites(monkeypatch, parallel):
+    """Decode asks for the weight each wait precedes: after the QKV GEMV attention's dense, before a layer's last
+    all-reduce the next layer's QKV (the LM head after the last layer), with the sequential residual also the MLP's
+    h->4h before the first all-reduce; prefill asks for nothing, and a site set to 0 is silent. The reference op
+    does nothing, so the logits are those of a run without prefetch."""
+    from neox_rt import model as model_mod
+    from neox_rt import ops
+    from neox_rt.config import NeoXConfig
+    calls = []
+    cfg = NeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, rotary_pct=0.5,
+                     max_position_embeddings=32, hidden_act="gelu", use_parallel_residual=parallel)
+    m = neox_rt.build_model(cfg, "float32", "cpu")
+    neox_rt.init_random(m, seed=0)
+    ids, pos = torch.tensor([[3, 5, 7]]), torch.arange(3)[None]
+
+    def run(layer_mb, attn_mb):
+        monkeypatch.setattr(model_mod, "L2_PREFETCH_LAYER_MB", layer_mb)
+        monkeypatch.setattr(model_mod, "L2_PREFETCH_ATTN_MB", attn_mb)
+        calls.clear()
+        cache = m.new_cache(1, 8)
+        m(ids, pos, cache)
+        assert calls == []  # prefill
+        return m(torch.tensor([[9]]), torch.tensor([[3]]), cache, decode=True)
+
+    monkeypatch.setitem(ops.OPS, "prefetch_l2", lambda t, nbytes: calls.append((t, nbytes)))
+    off = run(0, 0)
+    assert calls == []
+    on = run(3, 2)
+    layers = m.gpt_neox.layers
+    want = []
+    for i, layer in enumerate(layers):
+        nxt = layers[i + 1].attention.query_key_value.weight if i + 1 < len(layers) else m.lm_head_weight()
+        want += [(layer.attention.dense.weight, 2 << 20)]
+        if not parallel:
+            want += [(layer.mlp.dense_h_to_4h.weight, 3 << 20)]
+        want += [(nxt, 3 << 20)]
+    assert [(id(t), n) for t, n in calls] == [(id(t), n) for t, n in want]
+    torch.testing.assert_close(on, off, rtol=0, atol=0)
+    run(3, 0)
+    assert [n for _, n in calls] == [3 << 20] * (len(layers) * (1 if parallel else 2))
+

@@ -38,4 +38,8 @@ std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at:
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 int64_t activation, const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);
 
+// Ask the L2 for the first min(bytes, size) bytes of t (rounded down to 16) and return at once; reads and writes
+// nothing (csrc/kernels/prefetch.cuh). pdl: programmatic dependent launch (sm_90).
+void prefetch_l2(const at::Tensor& t, int64_t bytes, bool pdl);
+
 }  // namespace neox_rt
