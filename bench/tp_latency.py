@@ -69,9 +69,10 @@ def parse_args(argv=None):
                    help="with --simulate-tp: each all-reduce spins this long on the GPU (a stand-in for the "
                         "NVLink all-reduce's wait, e.g. 8; bench/common.py)")
     p.add_argument("--sweep-prefetch", default=None, metavar="L:A,...",
-                   help="after the main run, decode again per L2 prefetch setting (L = NEOX_RT_L2_PREFETCH_MB, "
-                        "A = NEOX_RT_L2_PREFETCH_ATTN_MB; the same model, graphs captured anew), in --sweep-rounds "
-                        "interleaved rounds: e.g. 0:0,16:0,16:8")
+                   help="after the main run, decode again per L2 prefetch setting L:A[:S[:V]] (L = "
+                        "NEOX_RT_L2_PREFETCH_MB, A = NEOX_RT_L2_PREFETCH_ATTN_MB, S = NEOX_RT_L2_PREFETCH_STREAM, V = "
+                        "NEOX_RT_PREFETCH_VARIANT; the same model, graphs captured anew), in --sweep-rounds "
+                        "interleaved rounds: e.g. 0:0,16:0,16:8:1:1")
     p.add_argument("--sweep-rounds", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON file (default: $OUT/tp<N>[_nop2p].json when OUT is set)")
     return p.parse_args(argv)
@@ -160,19 +161,26 @@ def decode_run(model, cache, step, timer, prompt_ids, new: int):
 
 
 def prefetch_sweep(model, cache, timer, prompt_ids, args) -> list[dict]:
-    """p50 ms/token per L2 prefetch setting (neox_rt.model.L2_PREFETCH_LAYER_MB / _ATTN_MB), the settings
-    interleaved over rounds so that a drift of the card's clock hits them alike; tokens checked equal to the
-    first setting's (the prefetch reads and writes nothing)."""
+    """p50 ms/token per L2 prefetch setting (neox_rt.model.L2_PREFETCH_LAYER_MB / _ATTN_MB / _SIDE and
+    neox_rt.cuda_ops.PREFETCH_VARIANT), the settings interleaved over rounds so that a drift of the card's clock
+    hits them alike; tokens checked equal to the first setting's (the prefetch reads and writes nothing)."""
+    from neox_rt import cuda_ops
     from neox_rt import model as model_mod
-    settings = [tuple(int(v) for v in item.split(":")) for item in args.sweep_prefetch.split(",") if item.strip()]
-    saved = model_mod.L2_PREFETCH_LAYER_MB, model_mod.L2_PREFETCH_ATTN_MB
+    names = ("L2_PREFETCH_LAYER_MB", "L2_PREFETCH_ATTN_MB", "L2_PREFETCH_SIDE")
+    settings = []
+    for item in filter(None, (t.strip() for t in args.sweep_prefetch.split(","))):
+        v = [int(f) for f in item.split(":")]
+        settings.append(tuple(v + [0] * (4 - len(v))))
+    saved = [getattr(model_mod, n) for n in names] + [cuda_ops.PREFETCH_VARIANT]
     runs = {st: [] for st in settings}
     first_ids = None
     same = True
     try:
         for _ in range(args.sweep_rounds):
             for st in settings:
-                model_mod.L2_PREFETCH_LAYER_MB, model_mod.L2_PREFETCH_ATTN_MB = st
+                for n, v in zip(names, st):
+                    setattr(model_mod, n, v)
+                cuda_ops.PREFETCH_VARIANT = st[3]
                 step, _ = make_stepper(model, not args.no_graphs and prompt_ids.device.type == "cuda")
                 decode_run(model, cache, step, timer, prompt_ids, args.new)
                 times, _, ids = decode_run(model, cache, step, timer, prompt_ids, args.new)
@@ -182,9 +190,11 @@ def prefetch_sweep(model, cache, timer, prompt_ids, args) -> list[dict]:
                 del step
                 gc.collect()
     finally:
-        model_mod.L2_PREFETCH_LAYER_MB, model_mod.L2_PREFETCH_ATTN_MB = saved
-    return [dict(layer_mb=st[0], attn_mb=st[1], p50_ms_rounds=v, p50_ms=statistics.median(v), same_tokens=same)
-            for st, v in runs.items()]
+        for n, v in zip(names, saved):
+            setattr(model_mod, n, v)
+        cuda_ops.PREFETCH_VARIANT = saved[3]
+    return [dict(layer_mb=st[0], attn_mb=st[1], side_stream=st[2], variant=st[3], p50_ms_rounds=v,
+                 p50_ms=statistics.median(v), same_tokens=same) for st, v in runs.items()]
 
 
 def allreduce_alone(tp, hidden: int, count: int, dtype, device, timer, reps: int = 50) -> dict:
@@ -358,7 +368,8 @@ def main(argv=None):
               f"{ar:>10.3f} {no_ar if no_ar is not None else float('nan'):>10.3f} "
               f"{max(peaks) / 2**30:>14.2f}")
         for r in sweep or ():
-            print(f"    L2 prefetch {r['layer_mb']:>3} MB at the layer end, {r['attn_mb']:>3} MB at attention: p50 "
+            print(f"    L2 prefetch {r['layer_mb']:>3} MB at the layer end, {r['attn_mb']:>3} MB at attention, "
+                  f"{'side stream' if r['side_stream'] else 'in line'}, form {r['variant']}: p50 "
                   f"{r['p50_ms']:.3f} ms ({', '.join(f'{v:.3f}' for v in r['p50_ms_rounds'])})"
                   f"{'' if r['same_tokens'] else '  TOKENS DIFFER'}")
     if tp.size > 1 and not args.simulate_tp:

@@ -17,7 +17,7 @@ TORCH_LIBRARY(neox_rt, m) {
         "bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual=None, int variant=0, "
         "bool pdl=False) -> Tensor");
-  m.def("prefetch_l2(Tensor t, int bytes, bool pdl=False) -> ()");
+  m.def("prefetch_l2(Tensor t, int bytes, int variant=0, bool pdl=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {

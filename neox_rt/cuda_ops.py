@@ -45,6 +45,8 @@ PDL = os.environ.get("NEOX_RT_PDL", "1") != "0"
 DECODE_BLOCKS_PER_SM = _env_int("NEOX_RT_DECODE_BLOCKS_PER_SM", 0, 0)
 # Its step scheme: 0 the extension's default, 1 single-buffered, 2 double-buffered (pipelined) steps.
 DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
+# The L2 prefetch's form (csrc/kernels/prefetch.cuh): 0 the bulk-copy unit, 1 line by line.
+PREFETCH_VARIANT = _env_int("NEOX_RT_PREFETCH_VARIANT", 0, 0, 1)
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -131,7 +133,7 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | N
 
 
 def prefetch_l2(t, nbytes):
-    torch.ops.neox_rt.prefetch_l2(t, int(nbytes), PDL)
+    torch.ops.neox_rt.prefetch_l2(t, int(nbytes), PREFETCH_VARIANT, PDL)
 
 
 def scaled_causal_softmax(scores, query_positions, scale):

@@ -20,11 +20,33 @@ OPS = ops.OPS
 # attention's output projection (rotary + KV write and decode attention fill it). 0 turns a site off.
 L2_PREFETCH_LAYER_MB = ops.env_int("NEOX_RT_L2_PREFETCH_MB", 0, 0, 256)
 L2_PREFETCH_ATTN_MB = ops.env_int("NEOX_RT_L2_PREFETCH_ATTN_MB", 0, 0, 256)
+# 1: the prefetch kernels run on a second stream, beside the wait instead of before it (joined at the end of the
+# forward, so a CUDA graph captures the fork and the join).
+L2_PREFETCH_SIDE = ops.env_int("NEOX_RT_L2_PREFETCH_STREAM", 0, 0, 1)
+_side_streams: dict = {}
 
 
-def prefetch(weight: torch.Tensor | None, mb: int) -> None:
-    if weight is not None and mb:
+def prefetch(weight: torch.Tensor | None, mb: int) -> bool:
+    """Ask for the first ``mb`` MB of ``weight`` in the L2 (see L2_PREFETCH_*); True if a side stream was forked."""
+    if weight is None or not mb:
+        return False
+    if not (L2_PREFETCH_SIDE and weight.is_cuda):
         OPS["prefetch_l2"](weight, mb << 20)
+        return False
+    side = _side_streams.get(weight.device)
+    if side is None:
+        side = _side_streams[weight.device] = torch.cuda.Stream(weight.device)
+    side.wait_stream(torch.cuda.current_stream(weight.device))
+    with torch.cuda.stream(side):
+        OPS["prefetch_l2"](weight, mb << 20)
+    return True
+
+
+def join_prefetch(device: torch.device) -> None:
+    """The current stream waits for the side stream's prefetch kernels (a no-op when none was forked)."""
+    side = _side_streams.get(device)
+    if side is not None:
+        torch.cuda.current_stream(device).wait_stream(side)
 
 
 class Linear(nn.Module):
@@ -209,6 +231,8 @@ class NeoXForCausalLM(nn.Module):
             following = (layers[i + 1].attention.query_key_value.weight if i + 1 < len(layers)
                          else self.lm_head_weight())
             x = layer(x, positions, cache.k[i], cache.v[i], cos, sin, seqlens, following)
+        if decode and L2_PREFETCH_SIDE and x.is_cuda:
+            join_prefetch(x.device)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]  # [b, 1, h]
         fln = self.gpt_neox.final_layer_norm

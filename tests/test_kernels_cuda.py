@@ -530,8 +530,9 @@ def test_supports_prefetch_l2_rejects_cpu_and_nothing_asked():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", [0, 1])
 @pytest.mark.parametrize("pdl", [False, True])
-def test_prefetch_l2_between_gemvs_in_a_graph(ext, pdl):
+def test_prefetch_l2_between_gemvs_in_a_graph(ext, pdl, variant):
     """prefetch_l2 between two GEMVs (eager and captured; byte counts below, above and not a multiple of 16 of the
     tensor's size): the GEMVs' results are those without it; a misaligned tensor is an error naming the op."""
     w1, w2 = rand(256, 512, scale=0.05), rand(512, 256, scale=0.05)
@@ -541,11 +542,11 @@ def test_prefetch_l2_between_gemvs_in_a_graph(ext, pdl):
     def step():
         h = ext.gemv(x, w1, None, 1, None, 0, pdl)
         for n in (16, 1000, w2.numel() * 2, 1 << 30):
-            ext.prefetch_l2(w2, n, pdl)
+            ext.prefetch_l2(w2, n, variant, pdl)
         return ext.gemv(h, w2, None, 0, None, 0, pdl)
 
     assert torch.equal(step(), want)
-    ext.prefetch_l2(w2, 0, pdl)  # nothing asked: nothing launched
+    ext.prefetch_l2(w2, 0, variant, pdl)  # nothing asked: nothing launched
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -554,4 +555,6 @@ def test_prefetch_l2_between_gemvs_in_a_graph(ext, pdl):
     g.replay()
     torch.testing.assert_close(out, ext.gemv(ext.gemv(x, w1, None, 1), w2, None, 0), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="prefetch_l2"):
-        ext.prefetch_l2(w2.view(-1)[1:], 64, pdl)
+        ext.prefetch_l2(w2.view(-1)[1:], 64, variant, pdl)
+    with pytest.raises(RuntimeError, match="variant"):
+        ext.prefetch_l2(w2, 64, 2, pdl)

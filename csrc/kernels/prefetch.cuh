@@ -21,6 +21,23 @@ constexpr int kPrefetchThreads = 32;
 constexpr int kPrefetchPiece = 4 << 10;  // bytes per bulk prefetch (one per thread per step): 128 KB a block
 constexpr int kPrefetchMaxBlocks = 264;
 
+// Line by line (prefetch.global.L2, one 128-byte line a thread a step, 256-thread blocks): the form that needs no
+// bulk-copy unit (kPrefetchLines); the default asks the bulk-copy unit of each SM for 4 KB at a time.
+constexpr int kPrefetchBulk = 0;
+constexpr int kPrefetchLines = 1;
+constexpr int kPrefetchLineThreads = 256;
+
+template <bool PDL>
+__global__ void __launch_bounds__(kPrefetchLineThreads)
+    prefetch_l2_lines_kernel(const char* __restrict__ p, int64_t bytes) {
+  if (PDL) pdl_launch_dependents();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kPrefetchLineThreads * 128;
+  for (int64_t off = (static_cast<int64_t>(blockIdx.x) * kPrefetchLineThreads + threadIdx.x) * 128; off < bytes;
+       off += stride)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
+  if (PDL) pdl_wait();
+}
+
 template <bool PDL>
 __global__ void __launch_bounds__(kPrefetchThreads) prefetch_l2_kernel(const char* __restrict__ p, int64_t bytes) {
   if (PDL) pdl_launch_dependents();
@@ -38,9 +55,18 @@ __global__ void __launch_bounds__(kPrefetchThreads) prefetch_l2_kernel(const cha
 }
 
 // p 16-byte aligned, bytes a multiple of 16 (the launcher rounds down). bytes <= 0: nothing is launched.
-inline cudaError_t launch_prefetch_l2(const void* p, int64_t bytes, bool pdl, cudaStream_t stream) {
+// variant: kPrefetchBulk or kPrefetchLines; sms: the GPU's SM count (the line form's grid).
+inline cudaError_t launch_prefetch_l2(const void* p, int64_t bytes, int variant, int sms, bool pdl,
+                                      cudaStream_t stream) {
   bytes &= ~static_cast<int64_t>(15);
   if (bytes <= 0) return cudaSuccess;
+  if (variant == kPrefetchLines) {
+    const int64_t lines = (bytes + 127) / 128;
+    const int64_t want = (lines + kPrefetchLineThreads - 1) / kPrefetchLineThreads;
+    const int blocks = static_cast<int>(want < sms ? want : sms);
+    return launch_kernel(pdl, prefetch_l2_lines_kernel<false>, prefetch_l2_lines_kernel<true>, dim3(blocks),
+                         dim3(kPrefetchLineThreads), stream, static_cast<const char*>(p), bytes);
+  }
   const int64_t per_block = static_cast<int64_t>(kPrefetchThreads) * kPrefetchPiece;
   const int blocks = static_cast<int>((bytes + per_block - 1) / per_block < kPrefetchMaxBlocks
                                           ? (bytes + per_block - 1) / per_block

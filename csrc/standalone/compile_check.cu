@@ -31,8 +31,8 @@ template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv
                                                 const __nv_bfloat16*, __nv_bfloat16*, int, int, int, int, int, bool,
                                                 cudaStream_t);
 
-cudaError_t compile_prefetch_l2(const void* p, int64_t bytes, bool pdl, cudaStream_t stream) {
-  return launch_prefetch_l2(p, bytes, pdl, stream);
+cudaError_t compile_prefetch_l2(const void* p, int64_t bytes, int variant, bool pdl, cudaStream_t stream) {
+  return launch_prefetch_l2(p, bytes, variant, 132, pdl, stream);
 }
 
 // Decode attention's lane layout (kDecodeNarrow): head size 96 in fp16/bf16 uses groups of 4 lanes with 3 vectors
