@@ -210,12 +210,11 @@ def main():
         graph_step()
         eager_step()
     report = {"model": args.model, "simulated_tp": args.simulate_tp,
-              "simulated_allreduce_us": args.simulate_allreduce_us if args.simulate_tp else None, "gpu": torch.cuda.get_device_name(),
-              "driver": gpu_driver(),
+              "simulated_allreduce_us": args.simulate_allreduce_us if args.simulate_tp else None,
+              "gpu": torch.cuda.get_device_name(), "driver": gpu_driver(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
               "backend": backend, "backends": ops.active_backends(), "copy_bandwidth_Bps": copy_bw,
-              "env": {k: os.environ[k] for k in ("NEOX_RT_PDL", "NEOX_RT_GEMV_VARIANT", "NEOX_RT_L2_PREFETCH_MB",
-                                                     "NEOX_RT_L2_PREFETCH_ATTN_MB") if k in os.environ},
+              "env": {k: os.environ[k] for k in ("NEOX_RT_PDL", "NEOX_RT_GEMV_VARIANT") if k in os.environ},
               "weight_bytes_per_layer": weight_bytes, "layers": c.num_hidden_layers}
     for mode, fn in (("graph", graph_step), ("eager", eager_step)):
         steps = profile_steps(fn, args.steps)

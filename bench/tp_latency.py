@@ -68,12 +68,6 @@ def parse_args(argv=None):
     p.add_argument("--simulate-allreduce-us", type=float, default=0.0, metavar="US",
                    help="with --simulate-tp: each all-reduce spins this long on the GPU (a stand-in for the "
                         "NVLink all-reduce's wait, e.g. 8; bench/common.py)")
-    p.add_argument("--sweep-prefetch", default=None, metavar="L:A,...",
-                   help="after the main run, decode again per L2 prefetch setting L:A[:S[:V]] (L = "
-                        "NEOX_RT_L2_PREFETCH_MB, A = NEOX_RT_L2_PREFETCH_ATTN_MB, S = NEOX_RT_L2_PREFETCH_STREAM, V = "
-                        "NEOX_RT_PREFETCH_VARIANT; the same model, graphs captured anew), in --sweep-rounds "
-                        "interleaved rounds: e.g. 0:0,16:0,16:8:1:1")
-    p.add_argument("--sweep-rounds", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON file (default: $OUT/tp<N>[_nop2p].json when OUT is set)")
     return p.parse_args(argv)
 
@@ -158,43 +152,6 @@ def decode_run(model, cache, step, timer, prompt_ids, new: int):
     timer.sync()
     wall = (time.perf_counter() - t0) * 1e3 / new
     return [timer.ms(a, b) for a, b in marks], wall, torch.cat(out).tolist()
-
-
-def prefetch_sweep(model, cache, timer, prompt_ids, args) -> list[dict]:
-    """p50 ms/token per L2 prefetch setting (neox_rt.model.L2_PREFETCH_LAYER_MB / _ATTN_MB / _SIDE and
-    neox_rt.cuda_ops.PREFETCH_VARIANT), the settings interleaved over rounds so that a drift of the card's clock
-    hits them alike; tokens checked equal to the first setting's (the prefetch reads and writes nothing)."""
-    from neox_rt import cuda_ops
-    from neox_rt import model as model_mod
-    names = ("L2_PREFETCH_LAYER_MB", "L2_PREFETCH_ATTN_MB", "L2_PREFETCH_SIDE")
-    settings = []
-    for item in filter(None, (t.strip() for t in args.sweep_prefetch.split(","))):
-        v = [int(f) for f in item.split(":")]
-        settings.append(tuple(v + [0] * (4 - len(v))))
-    saved = [getattr(model_mod, n) for n in names] + [cuda_ops.PREFETCH_VARIANT]
-    runs = {st: [] for st in settings}
-    first_ids = None
-    same = True
-    try:
-        for _ in range(args.sweep_rounds):
-            for st in settings:
-                for n, v in zip(names, st):
-                    setattr(model_mod, n, v)
-                cuda_ops.PREFETCH_VARIANT = st[3]
-                step, _ = make_stepper(model, not args.no_graphs and prompt_ids.device.type == "cuda")
-                decode_run(model, cache, step, timer, prompt_ids, args.new)
-                times, _, ids = decode_run(model, cache, step, timer, prompt_ids, args.new)
-                runs[st].append(statistics.median(times))
-                first_ids = first_ids or ids
-                same = same and ids == first_ids
-                del step
-                gc.collect()
-    finally:
-        for n, v in zip(names, saved):
-            setattr(model_mod, n, v)
-        cuda_ops.PREFETCH_VARIANT = saved[3]
-    return [dict(layer_mb=st[0], attn_mb=st[1], side_stream=st[2], variant=st[3], p50_ms_rounds=v,
-                 p50_ms=statistics.median(v), same_tokens=same) for st, v in runs.items()]
 
 
 def allreduce_alone(tp, hidden: int, count: int, dtype, device, timer, reps: int = 50) -> dict:
@@ -307,7 +264,6 @@ def main(argv=None):
             del skip_step  # its graphs and their memory pool
         finally:
             del tp.all_reduce
-    sweep = prefetch_sweep(model, cache, timer, prompt_ids, args) if args.sweep_prefetch else None
     decode_path = path()
     del step, path, cache  # the graph runner (closures) and its memory pool, before measuring memory
     gc.collect()
@@ -344,7 +300,6 @@ def main(argv=None):
         weight_bytes_per_rank=weight_bytes,
         weight_stream_gbs=weight_bytes / (p50 * 1e-3) / 1e9,
         allreduce_per_token_ms=alone,
-        prefetch_sweep=sweep,
         decode_no_allreduce_p50_ms=no_ar,
         allreduce_share_ms=(p50 - no_ar) if no_ar is not None else None,
         peak_memory_bytes_per_rank=peaks, memory_cache_tokens=args.memory_cache, memory_estimate=estimate,
@@ -367,11 +322,6 @@ def main(argv=None):
         print(f"{tp.size:>3} {p50:>8.3f} {p90:>8.3f} {wall:>8.3f} {result['weight_stream_gbs']:>10.0f} "
               f"{ar:>10.3f} {no_ar if no_ar is not None else float('nan'):>10.3f} "
               f"{max(peaks) / 2**30:>14.2f}")
-        for r in sweep or ():
-            print(f"    L2 prefetch {r['layer_mb']:>3} MB at the layer end, {r['attn_mb']:>3} MB at attention, "
-                  f"{'side stream' if r['side_stream'] else 'in line'}, form {r['variant']}: p50 "
-                  f"{r['p50_ms']:.3f} ms ({', '.join(f'{v:.3f}' for v in r['p50_ms_rounds'])})"
-                  f"{'' if r['same_tokens'] else '  TOKENS DIFFER'}")
     if tp.size > 1 and not args.simulate_tp:
         torch.distributed.destroy_process_group()
     return result

@@ -17,7 +17,6 @@ TORCH_LIBRARY(neox_rt, m) {
         "bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual=None, int variant=0, "
         "bool pdl=False) -> Tensor");
-  m.def("prefetch_l2(Tensor t, int bytes, int variant=0, bool pdl=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
@@ -27,7 +26,6 @@ TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
   m.impl("layernorm", &neox_rt::layernorm);
   m.impl("dual_layernorm", &neox_rt::dual_layernorm);
   m.impl("gemv", &neox_rt::gemv);
-  m.impl("prefetch_l2", &neox_rt::prefetch_l2);
 }
 
 // `import neox_rt._C` needs a module init function; the ops are reached through torch.ops.neox_rt.

@@ -14,12 +14,27 @@ import os
 import torch
 
 from neox_rt import ops
-from neox_rt.ops import env_int as _env_int
 
 # Extension ops and their activation codes (csrc/kernels/gemv.cuh).
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_fast": 2, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
 DECODE_HEAD_SIZES = (32, 64, 80, 96, 128, 256)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _env_int(name: str, default: int, lo: int, hi: int | None = None) -> int:
+    """An integer setting from the environment; a bad value is a one-line NeoxRtError naming it."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < lo or (hi is not None and value > hi):
+        from neox_rt.errors import NeoxRtError
+        span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise NeoxRtError(f"{name}={text!r}: expected an integer {span}")
+    return value
 
 
 # The op table sends the CUDA GEMV x of at most this many rows (the kernel's limit; more rows, prefill, go to
@@ -45,8 +60,6 @@ PDL = os.environ.get("NEOX_RT_PDL", "1") != "0"
 DECODE_BLOCKS_PER_SM = _env_int("NEOX_RT_DECODE_BLOCKS_PER_SM", 0, 0)
 # Its step scheme: 0 the extension's default, 1 single-buffered, 2 double-buffered (pipelined) steps.
 DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
-# The L2 prefetch's form (csrc/kernels/prefetch.cuh): 0 the bulk-copy unit, 1 line by line.
-PREFETCH_VARIANT = _env_int("NEOX_RT_PREFETCH_VARIANT", 0, 0, 1)
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -130,10 +143,6 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | N
     var = DECODE_VARIANT if variant is None else int(variant)
     return torch.ops.neox_rt.decode_attention(q, k_cache, v_cache, seqlens, float(scale), PDL, bps,
                                               bool(merge_kernel), var)
-
-
-def prefetch_l2(t, nbytes):
-    torch.ops.neox_rt.prefetch_l2(t, int(nbytes), PREFETCH_VARIANT, PDL)
 
 
 def scaled_causal_softmax(scores, query_positions, scale):
@@ -242,13 +251,6 @@ def supports_scaled_causal_softmax(scores, query_positions, scale) -> bool:
     return _cuda_float(scores) and scores.dim() == 4 and query_positions.dtype == torch.int64
 
 
-def supports_prefetch_l2(t, nbytes) -> bool:
-    """A contiguous, 16-byte aligned CUDA tensor on sm_90 or newer (the bulk L2 prefetch; older GPUs' L2 of a few MB
-    would hold too little of a weight to matter) and at least 16 bytes asked for."""
-    return (t.is_cuda and t.is_contiguous() and nbytes >= 16 and _aligned16(t)
-            and _capability(t.device) >= (9, 0))
-
-
 IMPLS = {
     "layernorm": (layernorm, supports_layernorm),
     "dual_layernorm": (dual_layernorm, supports_dual_layernorm),
@@ -257,7 +259,6 @@ IMPLS = {
     "decode_attention": (decode_attention, supports_decode_attention),
     "attention": (attention, supports_attention),
     "scaled_causal_softmax": (scaled_causal_softmax, supports_scaled_causal_softmax),
-    "prefetch_l2": (prefetch_l2, supports_prefetch_l2),
 }
 
 

@@ -14,39 +14,6 @@ from neox_rt.kv_cache import KVCache
 from neox_rt.parallel import SINGLE, TensorParallel, check_tp_size, padded_vocab_size
 
 OPS = ops.OPS
-# Decode only: L2 prefetch (OPS["prefetch_l2"], sm_90) of the first MB of the weight the next GEMV streams, issued
-# where the GPU is about to wait on something that moves little memory. LAYER: at the end of a layer, before its
-# all-reduce, the next layer's QKV weight (the all-reduce and the LayerNorm fill it); ATTN: after the QKV GEMV,
-# attention's output projection (rotary + KV write and decode attention fill it). 0 turns a site off.
-L2_PREFETCH_LAYER_MB = ops.env_int("NEOX_RT_L2_PREFETCH_MB", 0, 0, 256)
-L2_PREFETCH_ATTN_MB = ops.env_int("NEOX_RT_L2_PREFETCH_ATTN_MB", 0, 0, 256)
-# 1: the prefetch kernels run on a second stream, beside the wait instead of before it (joined at the end of the
-# forward, so a CUDA graph captures the fork and the join).
-L2_PREFETCH_SIDE = ops.env_int("NEOX_RT_L2_PREFETCH_STREAM", 0, 0, 1)
-_side_streams: dict = {}
-
-
-def prefetch(weight: torch.Tensor | None, mb: int) -> bool:
-    """Ask for the first ``mb`` MB of ``weight`` in the L2 (see L2_PREFETCH_*); True if a side stream was forked."""
-    if weight is None or not mb:
-        return False
-    if not (L2_PREFETCH_SIDE and weight.is_cuda):
-        OPS["prefetch_l2"](weight, mb << 20)
-        return False
-    side = _side_streams.get(weight.device)
-    if side is None:
-        side = _side_streams[weight.device] = torch.cuda.Stream(weight.device)
-    side.wait_stream(torch.cuda.current_stream(weight.device))
-    with torch.cuda.stream(side):
-        OPS["prefetch_l2"](weight, mb << 20)
-    return True
-
-
-def join_prefetch(device: torch.device) -> None:
-    """The current stream waits for the side stream's prefetch kernels (a no-op when none was forked)."""
-    side = _side_streams.get(device)
-    if side is not None:
-        torch.cuda.current_stream(device).wait_stream(side)
 
 
 class Linear(nn.Module):
@@ -85,8 +52,6 @@ class Attention(nn.Module):
         """
         b, s, _ = x.shape
         qkv = OPS["linear"](x, self.query_key_value.weight, self.query_key_value.bias)  # [b, s, nh*3*hd]
-        if decode_seqlens is not None:
-            prefetch(self.dense.weight, L2_PREFETCH_ATTN_MB)
         q = OPS["rotary_kv_write"](qkv, positions, cos, sin, self.rotary_ndims, k_cache, v_cache)  # [b, s, nh, hd]
         if decode_seqlens is not None and s == 1:
             ctx = OPS["decode_attention"](q[:, 0], k_cache, v_cache, decode_seqlens, self.scale)[:, None]
@@ -120,9 +85,7 @@ class Layer(nn.Module):
         self.attention = Attention(config, tp)
         self.mlp = MLP(config, tp)
 
-    def forward(self, x, positions, k_cache, v_cache, cos, sin, decode_seqlens=None, next_weight=None):
-        """``next_weight``: the weight the model reads next (the next layer's QKV, or the LM head), prefetched into
-        the L2 before the layer's last all-reduce in decode (L2_PREFETCH_LAYER_MB)."""
+    def forward(self, x, positions, k_cache, v_cache, cos, sin, decode_seqlens=None):
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
         # The residual stream and the row-parallel output biases ride in the output projections' epilogues
         # (no separate add kernels). Under TP only rank 0 adds them, so the all-reduce sums them exactly once.
@@ -134,21 +97,13 @@ class Layer(nn.Module):
             a_in, m_in = OPS["dual_layernorm"](x, ln1.weight, ln1.bias, ln2.weight, ln2.bias, self.eps)
             partial = self.attention(a_in, positions, k_cache, v_cache, cos, sin, decode_seqlens,
                                      bias=attn_bias, residual=x if lead else None)
-            out = self.mlp(m_in, bias=mlp_bias, residual=partial)
-            if decode_seqlens is not None:
-                prefetch(next_weight, L2_PREFETCH_LAYER_MB)
-            return self.tp.all_reduce(out)
+            return self.tp.all_reduce(self.mlp(m_in, bias=mlp_bias, residual=partial))
         # a = x + attn(ln1(x)); x = a + mlp(ln2(a)): two all-reduces
-        a = self.attention(OPS["layernorm"](x, ln1.weight, ln1.bias, self.eps), positions, k_cache, v_cache, cos,
-                           sin, decode_seqlens, bias=attn_bias, residual=x if lead else None)
-        if decode_seqlens is not None:
-            prefetch(self.mlp.dense_h_to_4h.weight, L2_PREFETCH_LAYER_MB)
-        a = self.tp.all_reduce(a)
-        out = self.mlp(OPS["layernorm"](a, ln2.weight, ln2.bias, self.eps), bias=mlp_bias,
-                       residual=a if lead else None)
-        if decode_seqlens is not None:
-            prefetch(next_weight, L2_PREFETCH_LAYER_MB)
-        return self.tp.all_reduce(out)
+        a = self.tp.all_reduce(self.attention(OPS["layernorm"](x, ln1.weight, ln1.bias, self.eps), positions,
+                                              k_cache, v_cache, cos, sin, decode_seqlens,
+                                              bias=attn_bias, residual=x if lead else None))
+        return self.tp.all_reduce(self.mlp(OPS["layernorm"](a, ln2.weight, ln2.bias, self.eps), bias=mlp_bias,
+                                           residual=a if lead else None))
 
 
 class Embedding(nn.Module):
@@ -226,13 +181,8 @@ class NeoXForCausalLM(nn.Module):
         cos, sin = self.rotary()
         x = self.gpt_neox.embed_in(input_ids)  # [b, s, h]
         seqlens = positions[:, 0] + 1 if decode else None
-        layers = self.gpt_neox.layers
-        for i, layer in enumerate(layers):
-            following = (layers[i + 1].attention.query_key_value.weight if i + 1 < len(layers)
-                         else self.lm_head_weight())
-            x = layer(x, positions, cache.k[i], cache.v[i], cos, sin, seqlens, following)
-        if decode and L2_PREFETCH_SIDE and x.is_cuda:
-            join_prefetch(x.device)
+        for i, layer in enumerate(self.gpt_neox.layers):
+            x = layer(x, positions, cache.k[i], cache.v[i], cos, sin, seqlens)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]  # [b, 1, h]
         fln = self.gpt_neox.final_layer_norm

@@ -23,22 +23,6 @@ import torch.nn.functional as F
 log = logging.getLogger("neox_rt")
 
 
-def env_int(name: str, default: int, lo: int, hi: int | None = None) -> int:
-    """An integer setting from the environment; a bad value is a one-line NeoxRtError naming it."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < lo or (hi is not None and value > hi):
-        from neox_rt.errors import NeoxRtError
-        span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise NeoxRtError(f"{name}={text!r}: expected an integer {span}")
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------
 # References
 # ----------------------------------------------------------------------------------------------------
@@ -168,12 +152,6 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out.to(q.dtype)
 
 
-def prefetch_l2_ref(t: torch.Tensor, nbytes: int) -> None:
-    """A hint that the first ``nbytes`` of ``t`` (a weight) will be read soon: the GPU backend asks the L2 for them
-    and returns at once (filling the L2 during the all-reduce or a small kernel); the reference does nothing."""
-    return None
-
-
 # ----------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------
@@ -205,7 +183,6 @@ OPS: dict[str, Op] = {
     "attention": Op("attention", attention_ref),
     "decode_attention": Op("decode_attention", decode_attention_ref),
     "scaled_causal_softmax": Op("scaled_causal_softmax", scaled_causal_softmax_ref),
-    "prefetch_l2": Op("prefetch_l2", prefetch_l2_ref),
 }
 
 BACKENDS = ("cuda", "triton", "torch")
@@ -310,7 +287,7 @@ def op_backend_overrides() -> dict[str, str]:
     return out
 
 
-PREFER_CUDA = frozenset({"rotary_kv_write", "scaled_causal_softmax", "prefetch_l2"})
+PREFER_CUDA = frozenset({"rotary_kv_write", "scaled_causal_softmax"})
 """Ops for which the default ("fastest") selection takes the CUDA extension over Triton."""
 CUDA_THEN_TRITON = frozenset({"linear", "decode_attention"})
 """Ops for which the default selection asks the CUDA extension first, then Triton, then the reference: the

@@ -46,12 +46,12 @@ def test_simulated_tp_runs_rank0_shard(tmp_path):
     assert sim["allreduce_per_token_ms"]["count"] == 0  # nothing communicated, nothing timed
 
 
-def test_prefetch_sweep_records_each_setting(tmp_path):
-    """--sweep-prefetch: one entry per setting with a p50 per round, the same greedy tokens in each (on CPU the
-    prefetch is the reference's no-op); the simulated all-reduce time is recorded (it spins only on a GPU)."""
-    res = _run(tmp_path, "sweep", "--simulate-tp", "2", "--simulate-allreduce-us", "8",
-               "--sweep-prefetch", "0:0,4:2", "--sweep-rounds", "2")
-    assert res["simulated_allreduce_us"] == 8
-    sweep = res["prefetch_sweep"]
-    assert [(r["layer_mb"], r["attn_mb"]) for r in sweep] == [(0, 0), (4, 2)]
-    assert all(len(r["p50_ms_rounds"]) == 2 and r["p50_ms"] > 0 and r["same_tokens"] for r in sweep)
+
+def test_simulated_allreduce_wait_is_recorded(tmp_path):
+    """--simulate-allreduce-us: recorded with the result (the spin runs only on a GPU: on CPU the all-reduce stays
+    the identity, and the run is the one without it); the NEOX_RT_* settings in force are recorded too."""
+    res = _run(tmp_path, "ar", "--simulate-tp", "2", "--simulate-allreduce-us", "8")
+    assert res["simulated_allreduce_us"] == 8 and res["per_token_ms"]["p50"] > 0
+    assert isinstance(res["settings"], dict)
+    plain = _run(tmp_path, "tp1", "--tp", "1", "--simulate-allreduce-us", "8")
+    assert plain["simulated_allreduce_us"] is None  # only meaningful with --simulate-tp

@@ -289,32 +289,3 @@ def test_graphs_recaptured_for_a_new_cache(gpu_models, monkeypatch):
     assert gen.graphs.captures == captures + 1
     assert_same_greedy(again, first, short, m32, "short prompt in the reused cache")
     ops.reset()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("parallel,side,variant", [(True, 0, 0), (False, 0, 1), (True, 1, 1), (False, 1, 0)])
-def test_l2_prefetch_leaves_graph_decode_unchanged(gpu_models, monkeypatch, parallel, side, variant):
-    """The L2 prefetch kernels (both sites, more MB than the weights hold; in line or on a side stream, either
-    form) in the captured decode: the same tokens as without them, bit for bit (they read and write nothing), and
-    the kernels really run (sm_90)."""
-    from neox_rt import cuda_ops
-    from neox_rt import model as model_mod
-    monkeypatch.delenv("NEOX_RT_CUDA_GRAPHS", raising=False)
-    m16, _ = gpu_models
-    if not parallel:
-        m16 = small_model("cuda", "float16", seed=1, std=0.05, use_parallel_residual=False, **GPU_CONFIG)
-    prompt = torch.randint(2, 512, (9,), generator=torch.Generator().manual_seed(7)).tolist()
-    off, _ = _generate(m16, [prompt], graphs=True, backend=None)
-    launched = []
-    real = cuda_ops.prefetch_l2
-    monkeypatch.setitem(cuda_ops.IMPLS, "prefetch_l2",
-                        (lambda t, n: launched.append(n) or real(t, n), cuda_ops.supports_prefetch_l2))
-    monkeypatch.setattr(model_mod, "L2_PREFETCH_LAYER_MB", 64)
-    monkeypatch.setattr(model_mod, "L2_PREFETCH_ATTN_MB", 1)
-    monkeypatch.setattr(model_mod, "L2_PREFETCH_SIDE", side)
-    monkeypatch.setattr(cuda_ops, "PREFETCH_VARIANT", variant)
-    on, _ = _generate(m16, [prompt], graphs=True, backend=None)
-    assert on == off
-    if torch.cuda.get_device_capability() >= (9, 0):
-        assert launched and set(launched) == {64 << 20, 1 << 20}
-    ops.reset()

@@ -125,17 +125,6 @@ __device__ __forceinline__ int atomic_add_acq_rel_gpu(int* p, int v) {
   return old;
 }
 
-// Ask the L2 for [p, p + bytes) (bytes a multiple of 16, p 16-byte aligned) on behalf of the whole block.
-__device__ __forceinline__ void prefetch_l2_block(const void* p, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (threadIdx.x == 0 && bytes > 0)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-  for (int off = threadIdx.x * 128; off < bytes; off += blockDim.x * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + off));
-#endif
-}
-
 // Grid dependency control (PTX griddepcontrol, sm_90+); no-ops on older architectures.
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -111,6 +111,17 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
 #define NEOX_RT_DECODE_TRACE_AT(slot) ((void)0)
 #endif
 
+// Ask the L2 for [p, p + bytes) (bytes a multiple of 16, p 16-byte aligned) on behalf of the whole block.
+__device__ __forceinline__ void prefetch_l2_block(const void* p, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (threadIdx.x == 0 && bytes > 0)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+  for (int off = threadIdx.x * 128; off < bytes; off += blockDim.x * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + off));
+#endif
+}
+
 // Keys per split (a multiple of the block step): about `blocks_per_sm` blocks per SM over the whole grid, from
 // the shapes only (never seqlens). Shared by the extension's launcher and the standalone tests.
 template <typename T, int HD, bool PIPE, int OPT = kDecodeDefaultOpt>

@@ -10,7 +10,6 @@
 #include "kernels/decode_attention.cuh"
 #include "kernels/gemv.cuh"
 #include "kernels/layernorm.cuh"
-#include "kernels/prefetch.cuh"
 #include "kernels/rotary_kv_write.cuh"
 #include "kernels/softmax.cuh"
 #include "ops/ops.h"
@@ -332,22 +331,6 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   if (x.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
   else run(static_cast<__nv_bfloat16*>(nullptr));
   return y;
-}
-
-void prefetch_l2(const at::Tensor& t, int64_t bytes, int64_t variant, bool pdl) {
-  CHECK_CUDA(t, "t");
-  CHECK_CONTIGUOUS(t, "t");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
-              "neox_rt: prefetch_l2 needs a 16-byte aligned tensor");
-  const int64_t size = t.numel() * t.element_size();
-  bytes = bytes < size ? bytes : size;
-  TORCH_CHECK(variant == kPrefetchBulk || variant == kPrefetchLines, "neox_rt: prefetch_l2 variant must be 0 ",
-              "(bulk) or 1 (lines), got ", variant);
-  const c10::cuda::CUDAGuard guard(t.device());
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  check_cuda(launch_prefetch_l2(t.data_ptr(), bytes, static_cast<int>(variant), prop->multiProcessorCount,
-                                pdl && prop->major >= 9, at::cuda::getCurrentCUDAStream()),
-             "prefetch_l2");
 }
 
 }  // namespace neox_rt

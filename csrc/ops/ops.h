@@ -38,9 +38,4 @@ std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at:
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 int64_t activation, const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);
 
-// Ask the L2 for the first min(bytes, size) bytes of t (rounded down to 16) and return at once; reads and writes
-// nothing (csrc/kernels/prefetch.cuh). variant: 0 bulk (sm_90 bulk-copy unit), 1 line by line; pdl: programmatic
-// dependent launch (sm_90).
-void prefetch_l2(const at::Tensor& t, int64_t bytes, int64_t variant, bool pdl);
-
 }  // namespace neox_rt

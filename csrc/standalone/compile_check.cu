@@ -4,7 +4,6 @@
 #include "kernels/decode_attention.cuh"
 #include "kernels/gemv.cuh"
 #include "kernels/layernorm.cuh"
-#include "kernels/prefetch.cuh"
 #include "kernels/rotary_kv_write.cuh"
 #include "kernels/softmax.cuh"
 
@@ -30,10 +29,6 @@ template cudaError_t launch_gemv<__half>(const __half*, const __half*, const __h
 template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*,
                                                 const __nv_bfloat16*, __nv_bfloat16*, int, int, int, int, int, bool,
                                                 cudaStream_t);
-
-cudaError_t compile_prefetch_l2(const void* p, int64_t bytes, int variant, bool pdl, cudaStream_t stream) {
-  return launch_prefetch_l2(p, bytes, variant, 132, pdl, stream);
-}
 
 // Decode attention's lane layout (kDecodeNarrow): head size 96 in fp16/bf16 uses groups of 4 lanes with 3 vectors
 // each (no idle lane); 80 keeps 16-lane groups (a narrow group would need 5 vectors a lane); the powers of two are
