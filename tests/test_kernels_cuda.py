@@ -521,3 +521,26 @@ def test_whole_model_cuda_backend_matches_reference(ext):
                 break
     finally:
         ops.reset()
+
+
+ERROR_CASES = {  # op call on bad input -> the message it must raise (numbers and shapes in it)
+    "gemv activation": (lambda e, x, w: e.gemv(x, w, None, 7), r"activation must be .* got 7"),
+    "gemv k mismatch": (lambda e, x, w: e.gemv(x, w[:, :32].contiguous(), None, 0),
+                        r"got x \[1, 64\] and weight \[8, 32\]"),
+    "gemv variant": (lambda e, x, w: e.gemv(x, w, None, 0, None, 99), r"variant must be .* got 99"),
+    "layernorm weight": (lambda e, x, w: e.layernorm(x, w[0, :32], w[0, :32], 1e-5), r"must be \[64\], got \[32\]"),
+    "decode head size": (lambda e, x, w: e.decode_attention(x[:, None, :48].contiguous(), rand(1, 1, 8, 48),
+                                                            rand(1, 1, 8, 48), torch.tensor([3], device="cuda"),
+                                                            0.1), r"head sizes .* got 48"),
+    "bias shape": (lambda e, x, w: e.gemv(x, w, w[0, :5].contiguous(), 0), r"must have shape \[8\], got \[5\]"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_bad_input_raises_with_numbers(ext, case):
+    """A bad argument is a RuntimeError whose message names the numbers (it once crashed the process: an integer
+    streamed into the message from the extension's translation unit; see fmt() in csrc/ops/ops.cu)."""
+    call, pattern = ERROR_CASES[case]
+    with pytest.raises(RuntimeError, match=pattern):
+        call(ext, rand(1, 64), rand(8, 64))

@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <mutex>
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -17,6 +19,21 @@
 namespace neox_rt {
 namespace {
 
+// Numbers and shapes in error messages go through fmt(): a string made here (std::to_string), never an integer
+// streamed by c10::str. On the device machine (extension built by /opt/gcc, torch's own libstdc++ at run time) an
+// integer streamed into the message from this translation unit crashed the process (segfault) instead of raising;
+// strings, dtypes and devices streamed fine (bench/NOTES.md, session 8).
+template <typename I, typename = std::enable_if_t<std::is_integral<I>::value>>
+std::string fmt(I v) {
+  return std::to_string(v);
+}
+
+std::string fmt(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
 #define CHECK_CUDA(t, name) TORCH_CHECK((t).is_cuda(), "neox_rt: ", name, " must be a CUDA tensor, got ", (t).device())
 #define CHECK_CONTIGUOUS(t, name) \
   TORCH_CHECK((t).is_contiguous(), "neox_rt: ", name, " must be contiguous (call .contiguous() first)")
@@ -26,8 +43,8 @@ namespace {
 #define CHECK_DTYPE(t, dt, name) \
   TORCH_CHECK((t).scalar_type() == (dt), "neox_rt: ", name, " must be ", dt, ", got ", (t).scalar_type())
 #define CHECK_SHAPE(t, ...)                                                                              \
-  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), "neox_rt: ", #t, " must have shape [",     \
-              at::IntArrayRef({__VA_ARGS__}), "], got ", (t).sizes())
+  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), "neox_rt: ", #t, " must have shape ",       \
+              fmt(at::IntArrayRef({__VA_ARGS__})), ", got ", fmt((t).sizes()))
 
 void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
@@ -72,7 +89,7 @@ at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& que
   CHECK_CONTIGUOUS(query_positions, "query_positions");
   check_float_dtype(scores, "scores");
   CHECK_DTYPE(query_positions, at::kLong, "query_positions");
-  TORCH_CHECK(scores.dim() == 4, "neox_rt: scores must be [b, nh, s, t], got ", scores.sizes());
+  TORCH_CHECK(scores.dim() == 4, "neox_rt: scores must be [b, nh, s, t], got ", fmt(scores.sizes()));
   const int64_t b = scores.size(0), nh = scores.size(1), s = scores.size(2), t = scores.size(3);
   CHECK_SHAPE(query_positions, b, s);
   const c10::cuda::CUDAGuard guard(scores.device());
@@ -104,21 +121,23 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
   CHECK_DTYPE(sin, at::kFloat, "sin");
   CHECK_DTYPE(k_cache, qkv.scalar_type(), "k_cache");
   CHECK_DTYPE(v_cache, qkv.scalar_type(), "v_cache");
-  TORCH_CHECK(qkv.dim() == 3, "neox_rt: qkv must be [b, s, nh*3*hd], got ", qkv.sizes());
-  TORCH_CHECK(k_cache.dim() == 4, "neox_rt: k_cache must be [B, nh, T, hd], got ", k_cache.sizes());
+  TORCH_CHECK(qkv.dim() == 3, "neox_rt: qkv must be [b, s, nh*3*hd], got ", fmt(qkv.sizes()));
+  TORCH_CHECK(k_cache.dim() == 4, "neox_rt: k_cache must be [B, nh, T, hd], got ", fmt(k_cache.sizes()));
   const int64_t b = qkv.size(0), s = qkv.size(1), nh = k_cache.size(1), cap = k_cache.size(2),
                 hd = k_cache.size(3);
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "neox_rt: v_cache ", v_cache.sizes(), " must match k_cache ",
-              k_cache.sizes());
-  TORCH_CHECK(k_cache.size(0) >= b, "neox_rt: the cache has ", k_cache.size(0), " rows but the batch is ", b);
-  TORCH_CHECK(qkv.size(2) == nh * 3 * hd, "neox_rt: qkv last dim ", qkv.size(2), " != nh*3*hd = ", nh * 3 * hd,
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "neox_rt: v_cache ", fmt(v_cache.sizes()),
+              " must match k_cache ", fmt(k_cache.sizes()));
+  TORCH_CHECK(k_cache.size(0) >= b, "neox_rt: the cache has ", fmt(k_cache.size(0)), " rows but the batch is ",
+              fmt(b));
+  TORCH_CHECK(qkv.size(2) == nh * 3 * hd, "neox_rt: qkv last dim ", fmt(qkv.size(2)), " != nh*3*hd = ",
+              fmt(nh * 3 * hd),
               " (nh, hd from the cache)");
   CHECK_SHAPE(positions, b, s);
   TORCH_CHECK(rotary_ndims >= 0 && rotary_ndims <= hd && rotary_ndims % 2 == 0, "neox_rt: rotary_ndims ",
-              rotary_ndims, " must be even and in [0, head_dim=", hd, "]");
+              fmt(rotary_ndims), " must be even and in [0, head_dim=", fmt(hd), "]");
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) == rotary_ndims / 2 && sin.sizes() == cos.sizes(),
-              "neox_rt: cos and sin must be [max_pos, rotary_ndims/2=", rotary_ndims / 2, "], got ", cos.sizes(),
-              " and ", sin.sizes());
+              "neox_rt: cos and sin must be [max_pos, rotary_ndims/2=", fmt(rotary_ndims / 2), "], got ",
+              fmt(cos.sizes()), " and ", fmt(sin.sizes()));
   const c10::cuda::CUDAGuard guard(qkv.device());
   auto q = at::empty({b, s, nh, hd}, qkv.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -177,27 +196,29 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   CHECK_DTYPE(k_cache, q.scalar_type(), "k_cache");
   CHECK_DTYPE(v_cache, q.scalar_type(), "v_cache");
   CHECK_DTYPE(seqlens, at::kLong, "seqlens");
-  TORCH_CHECK(q.dim() == 3, "neox_rt: q must be [b, nh, hd], got ", q.sizes());
+  TORCH_CHECK(q.dim() == 3, "neox_rt: q must be [b, nh, hd], got ", fmt(q.sizes()));
   const int64_t b = q.size(0), nh = q.size(1), hd = q.size(2);
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) >= b && k_cache.size(1) == nh && k_cache.size(3) == hd,
-              "neox_rt: k_cache must be [B >= ", b, ", ", nh, ", T, ", hd, "], got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "neox_rt: v_cache ", v_cache.sizes(), " must match k_cache ",
-              k_cache.sizes());
+              "neox_rt: k_cache must be [B >= ", fmt(b), ", ", fmt(nh), ", T, ", fmt(hd), "], got ",
+              fmt(k_cache.sizes()));
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "neox_rt: v_cache ", fmt(v_cache.sizes()),
+              " must match k_cache ", fmt(k_cache.sizes()));
   TORCH_CHECK(hd == 32 || hd == 64 || hd == 80 || hd == 96 || hd == 128 || hd == 256,
-              "neox_rt: decode_attention supports head sizes 32, 64, 80, 96, 128, 256; got ", hd);
+              "neox_rt: decode_attention supports head sizes 32, 64, 80, 96, 128, 256; got ", fmt(hd));
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
                 "neox_rt: decode_attention needs 16-byte aligned q and caches");
   CHECK_SHAPE(seqlens, b);
-  TORCH_CHECK(blocks_per_sm >= 0, "neox_rt: blocks_per_sm must be >= 0 (0: the default), got ", blocks_per_sm);
+  TORCH_CHECK(blocks_per_sm >= 0, "neox_rt: blocks_per_sm must be >= 0 (0: the default), got ",
+              fmt(blocks_per_sm));
   TORCH_CHECK(variant >= 0 && variant <= 2,
               "neox_rt: decode_attention variant must be 0 (default), 1 (single-buffered) or 2 (pipelined), got ",
-              variant);
+              fmt(variant));
   const bool pipe = variant == 0 ? kDecodePipeDefault : variant == 2;
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t cap = k_cache.size(2);
   TORCH_CHECK(cap <= INT_MAX / hd, "neox_rt: decode_attention supports caches of at most 2^31 / head size = ",
-              INT_MAX / hd, " slots, got ", cap);
+              fmt(INT_MAX / hd), " slots, got ", fmt(cap));
   // Split length from the capacity and the device only (never from seqlens: no host sync, graph-capturable).
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const int per_sm = blocks_per_sm > 0 ? static_cast<int>(blocks_per_sm) : kDecodeBlocksPerSm;
@@ -236,15 +257,15 @@ void layernorm_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
     CHECK_SAME_DEVICE(x, *p, "x", "a LayerNorm weight/bias");
     CHECK_CONTIGUOUS(*p, "a LayerNorm weight/bias");
     CHECK_DTYPE(*p, x.scalar_type(), "a LayerNorm weight/bias (same dtype as x)");
-    TORCH_CHECK(p->dim() == 1 && p->size(0) == n, "neox_rt: LayerNorm weight/bias must be [", n, "], got ",
-                p->sizes());
+    TORCH_CHECK(p->dim() == 1 && p->size(0) == n, "neox_rt: LayerNorm weight/bias must be [", fmt(n),
+                "], got ", fmt(p->sizes()));
   }
   const int vec = pick_vec(x.element_size(), {n},
                            {x.data_ptr(), w1.data_ptr(), b1.data_ptr(), out1.data_ptr(),
                             w2 ? w2->data_ptr() : nullptr, b2 ? b2->data_ptr() : nullptr,
                             out2 ? out2->data_ptr() : nullptr});
-  TORCH_CHECK(n <= layernorm_max_hidden(vec), "neox_rt: layernorm supports hidden <= ", layernorm_max_hidden(vec),
-              " at this alignment, got ", n);
+  TORCH_CHECK(n <= layernorm_max_hidden(vec), "neox_rt: layernorm supports hidden <= ",
+              fmt(layernorm_max_hidden(vec)), " at this alignment, got ", fmt(n));
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -285,15 +306,15 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
               "neox_rt: gemv supports float16 and bfloat16, got ", x.scalar_type());
   CHECK_DTYPE(weight, x.scalar_type(), "weight");
   TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), "neox_rt: gemv needs x [..., k] and ",
-              "weight [n, k]; got x ", x.sizes(), " and weight ", weight.sizes());
+              "weight [n, k]; got x ", fmt(x.sizes()), " and weight ", fmt(weight.sizes()));
   const int64_t k = x.size(-1), n = weight.size(0), m = k == 0 ? 0 : x.numel() / k;
-  TORCH_CHECK(m <= gemv_max_rows(), "neox_rt: gemv handles at most ", gemv_max_rows(), " rows of x, got ", m,
+  TORCH_CHECK(m <= gemv_max_rows(), "neox_rt: gemv handles at most ", fmt(gemv_max_rows()), " rows of x, got ", fmt(m),
               " (use F.linear)");
   TORCH_CHECK(k % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
               "neox_rt: gemv needs in_features % 8 == 0 and 16-byte aligned x and weight");
   TORCH_CHECK(activation >= 0 && activation <= 3, "neox_rt: gemv activation must be 0 (none), 1 (gelu erf), ",
-              "2 (gelu tanh) or 3 (relu), got ", activation);
+              "2 (gelu tanh) or 3 (relu), got ", fmt(activation));
   if (bias.has_value()) {
     CHECK_SAME_DEVICE(x, *bias, "x", "bias");
     CHECK_CONTIGUOUS(*bias, "bias");
@@ -303,8 +324,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   TORCH_CHECK(variant >= kGemvAuto && variant <= kGemvVariantLast, "neox_rt: gemv variant must be 0 (auto), ",
               "1 (legacy), 2, 3 or 4 (k split over 1, 2 or 4 warps), 5 or 6 (8-warp blocks of 8 or 4 rows), ",
               "7 or 8 (tensor-core tiles, k over 8 or 16 warps), 9 or 10 (the same, 3 steps in flight), ",
-              "11 (8-warp blocks of 16 rows), got ",
-              variant);
+              "11 (8-warp blocks of 16 rows), got ", fmt(variant));
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
   if (residual.has_value()) {
@@ -312,7 +332,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
     CHECK_CONTIGUOUS(*residual, "residual");
     CHECK_DTYPE(*residual, x.scalar_type(), "residual");
     TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_shape), "neox_rt: gemv residual must have the output's ",
-                "shape ", at::IntArrayRef(out_shape), ", got ", residual->sizes());
+                "shape ", fmt(at::IntArrayRef(out_shape)), ", got ", fmt(residual->sizes()));
   }
   const c10::cuda::CUDAGuard guard(x.device());
   // Programmatic dependent launch exists from sm_90 on; elsewhere the flag is ignored.
