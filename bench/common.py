@@ -32,7 +32,7 @@ def simulated_tp(size: int, allreduce_us: float = 0.0):
 
     ``allreduce_us`` > 0: on a GPU each all-reduce is a one-thread kernel that spins that long (torch.cuda._sleep,
     calibrated once), standing in for the time an NVLink all-reduce keeps the next layer waiting while moving next
-    to no memory: what an L2 prefetch issued before it can use (neox_rt.model.L2_PREFETCH_LAYER_MB)."""
+    to no memory (what an overlap with that wait can win; bench/NOTES.md, session 8)."""
     import torch
 
     from neox_rt.parallel import TensorParallel

@@ -130,8 +130,7 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
   TORCH_CHECK(k_cache.size(0) >= b, "neox_rt: the cache has ", fmt(k_cache.size(0)), " rows but the batch is ",
               fmt(b));
   TORCH_CHECK(qkv.size(2) == nh * 3 * hd, "neox_rt: qkv last dim ", fmt(qkv.size(2)), " != nh*3*hd = ",
-              fmt(nh * 3 * hd),
-              " (nh, hd from the cache)");
+              fmt(nh * 3 * hd), " (nh, hd from the cache)");
   CHECK_SHAPE(positions, b, s);
   TORCH_CHECK(rotary_ndims >= 0 && rotary_ndims <= hd && rotary_ndims % 2 == 0, "neox_rt: rotary_ndims ",
               fmt(rotary_ndims), " must be even and in [0, head_dim=", fmt(hd), "]");
