@@ -42,6 +42,7 @@ from neox_rt.config import NeoXConfig  # noqa: E402
 from neox_rt.parallel import init_from_env  # noqa: E402
 
 MIB = 2 ** 20
+START = time.perf_counter()
 
 
 def parse_args(argv=None):
@@ -221,6 +222,12 @@ def gather_float(tp, value: float, device) -> list[float]:
     return tp.all_gather_last_dim(t).tolist()
 
 
+def phase(tp, what: str) -> None:
+    """Rank 0 logs the seconds since start at each phase to stderr (where a run's time goes, e.g. its exit)."""
+    if tp.is_main:
+        print(f"tp_latency: {time.perf_counter() - START:7.1f} s  {what}", file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -239,6 +246,7 @@ def main(argv=None):
     timer = Timer(device)
     model = neox_rt.build_model(config, dtype, device, tp)
     fill_random(model, seed=1234 + tp.rank)
+    phase(tp, "model built and filled")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(2, args.vocab, (1, args.prompt), generator=g).to(device)
@@ -248,6 +256,7 @@ def main(argv=None):
     step, path = make_stepper(model, not args.no_graphs and device.type == "cuda")
     decode_run(model, cache, step, timer, prompt_ids, args.new)  # warm-up (captures the graph)
     times, wall, ids = decode_run(model, cache, step, timer, prompt_ids, args.new)
+    phase(tp, "decode timed")
     times.sort()
     p50, p90 = statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
 
@@ -281,6 +290,7 @@ def main(argv=None):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         del big
+    phase(tp, "all-reduce share and memory measured")
     peaks = gather_float(tp, float(peak or 0), device)
 
     estimate = None
@@ -322,8 +332,10 @@ def main(argv=None):
         print(f"{tp.size:>3} {p50:>8.3f} {p90:>8.3f} {wall:>8.3f} {result['weight_stream_gbs']:>10.0f} "
               f"{ar:>10.3f} {no_ar if no_ar is not None else float('nan'):>10.3f} "
               f"{max(peaks) / 2**30:>14.2f}")
+    phase(tp, "results written")
     if tp.size > 1 and not args.simulate_tp:
         torch.distributed.destroy_process_group()
+        phase(tp, "process group destroyed")
     return result
 
 
