@@ -39,8 +39,11 @@ def cuda_extension():
         name="neox_rt._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3"],  # the C++ standard comes from torch (C++20 since 2.10)
+        extra_compile_args={"cxx": ["-O3"],  # the C++ standard comes from torch
                             "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        # The module only registers torch ops (csrc/bindings.cpp): CPython's stable ABI, so one build serves every
+        # Python >= 3.9 with the same torch (scripts/prebuild_extension.sh builds the device's on a CPU machine).
+        py_limited_api=True,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -55,7 +55,20 @@ PROBE_ARCH="-arch=sm_$(echo ${TORCH_CUDA_ARCH_LIST%%;*} | tr -d .+PTX)"
 # Then decode-attention options and plans side by side, timed and traced (csrc/standalone/decode_probe.cu, no torch).
 ( stage cxx 300 "nvcc -std=c++17 -O3 --use_fast_math -Icsrc -arch=sm_\$(echo \${TORCH_CUDA_ARCH_LIST%%;*} | tr -d .+PTX) -o /tmp/neox_rt_kernel_test csrc/standalone/test_kernels.cu && /tmp/neox_rt_kernel_test" ; stage probe ${PROBE_LIMIT:-240} "nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -o /tmp/decode_probe csrc/standalone/decode_probe.cu & nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -DNEOX_RT_DECODE_TRACE -o /tmp/decode_probe_trace csrc/standalone/decode_probe.cu & wait; /tmp/decode_probe $OUT/decode_probe.json && /tmp/decode_probe_trace $OUT/decode_probe_trace.json" ) &
 CXX_PID=$!
-stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . && python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
+# A prebuilt extension (scripts/prebuild_extension.sh on the CPU machine, carried as .prebuilt/) replaces the build
+# when it was made from the same csrc/ and setup.py, for this torch and this card's arch: the package is installed
+# without the extension and the prebuilt module copied in (saves ~100 s of device time a call).
+EXT_CHECK="python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
+ARCH_NOW=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+PREBUILT=$(ls .prebuilt/_C*.so 2>/dev/null | head -n 1)
+if [ -n "$PREBUILT" ] && [ "$(cat .prebuilt/csrc.sha256)" = "$(bash scripts/csrc_hash.sh)" ] \
+   && [ "$(cat .prebuilt/torch_version)" = "$(python3 -c 'import torch; print(torch.__version__)')" ] \
+   && grep -q "$ARCH_NOW" .prebuilt/archs; then
+  stage build 420 "rm -f neox_rt/_C*.so && NEOX_RT_SKIP_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e . && cp $PREBUILT neox_rt/ && echo 'prebuilt extension: $PREBUILT' && $EXT_CHECK"
+else
+  [ -n "$PREBUILT" ] && echo "device_check: .prebuilt/ does not match this tree, torch or arch $ARCH_NOW: building"
+  stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . && $EXT_CHECK"
+fi
 [ -n "${BASE_PID:-}" ] && wait "$BASE_PID"
 wait "$CXX_PID"
 wait "$TRAIN_PID"
