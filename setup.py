@@ -42,7 +42,7 @@ def cuda_extension():
         extra_compile_args={"cxx": ["-O3"],  # the C++ standard comes from torch
                             "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
         # The module only registers torch ops (csrc/bindings.cpp): CPython's stable ABI, so one build serves every
-        # Python >= 3.9 with the same torch (scripts/prebuild_extension.sh builds the device's on a CPU machine).
+        # Python >= 3.10 with the same torch (scripts/prebuild_extension.sh builds the device's on a CPU machine).
         py_limited_api=True,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

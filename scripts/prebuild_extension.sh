@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the CUDA extension for the GPU device on this CPU-only machine, into .prebuilt/ (ignored), so that
 # scripts/device_check.sh skips its ~100 s build: carry .prebuilt with the device call.
-#   bash scripts/prebuild_extension.sh          # torch 2.11.0 (the device's, a CUDA 13.0 build), sm_90
+#   bash scripts/prebuild_extension.sh          # torch 2.11.0 (the device's, a CUDA 13.0 build), sm_90a
 # How (../shared/BUILD_NOTES.md): a venv with the CUDA build of that torch from PyPI (~5 GB, once), the machine's
 # nvcc, CUDA_HOME and CPATH pointing at the toolkit headers that come with torch's nvidia wheels. The module uses
 # CPython's stable ABI (setup.py: py_limited_api), so a build made with this machine's Python imports under the
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION=${TORCH_VERSION:-2.11.0}
-ARCHS=${TORCH_CUDA_ARCH_LIST:-9.0}
+ARCHS=${TORCH_CUDA_ARCH_LIST:-9.0a}  # what the device builds (its TORCH_CUDA_ARCH_LIST)
 VENV=${VENV:-/tmp/neox_rt_prebuild_venv}
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null
 then

@@ -46,7 +46,6 @@ def test_simulated_tp_runs_rank0_shard(tmp_path):
     assert sim["allreduce_per_token_ms"]["count"] == 0  # nothing communicated, nothing timed
 
 
-
 def test_simulated_allreduce_wait_is_recorded(tmp_path):
     """--simulate-allreduce-us: recorded with the result (the spin runs only on a GPU: on CPU the all-reduce stays
     the identity, and the run is the one without it); the NEOX_RT_* settings in force are recorded too."""
