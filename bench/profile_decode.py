@@ -6,7 +6,7 @@ Random fp16 weights of the named shape (bench/latency.py's shapes), a 32-token p
 replayed as the runtime's CUDA graph (neox_rt.graphs.DecodeGraphRunner) under torch.profiler, and the same
 steps run eagerly. Every GPU kernel of the profiled steps is assigned to its layer (a layer starts at its
 LayerNorm kernel) and to a slot inside the layer (LayerNorm, qkv, rotary + cache write, attention, dense,
-h->4h, 4h->h, other); per slot: kernels per layer, mean us per layer, us per token, share of the step, and
+h->4h, 4h->h, other; with the fused GEMV pairs "qkv + h->4h" and "dense + 4h->h"); per slot: kernels per layer, mean us per layer, us per token, share of the step, and
 for the linears the achieved GB/s of their weight bytes and its % of the copy bandwidth measured in the same
 run. "gaps" is the step's wall time (first kernel start to last kernel end) minus the time some kernel ran:
 launch latency, kernel drain and fill between dependent kernels. "adds" is the wall a slot adds: per kernel, in
@@ -38,10 +38,14 @@ from neox_rt.graphs import DecodeGraphRunner  # noqa: E402
 PROMPT = 32
 LINEAR_RE = re.compile(r"gemv|gemm|xmma|cutlass|cublas|splitk|Kernel2", re.I)
 LINEAR_SLOTS = ("qkv", "dense", "h->4h", "4h->h")
+FUSED_SLOTS = {"gemv_pair": "qkv + h->4h", "gemv_sum": "dense + 4h->h"}  # csrc/kernels/gemv_fused.cuh
 
 
 def kernel_kind(name: str) -> str:
     n = name.lower()
+    for key, slot in FUSED_SLOTS.items():
+        if key in n:
+            return slot
     if "layernorm" in n or "layer_norm" in n:
         return "layernorm"
     if LINEAR_RE.search(name):
@@ -149,8 +153,8 @@ def summarize(step_kernels, num_layers: int, weight_bytes: dict, copy_bw: float)
     wall = statistics.median(walls)
     out = {"steps": len(walls), "wall_us_per_token": wall, "kernel_busy_us_per_token": statistics.median(busy),
            "gaps_us_per_token": wall - statistics.median(busy), "slots": {}}
-    order = ["layernorm", "qkv", "rotary+kv write", "attention", "dense", "h->4h", "4h->h", "other",
-             "linear (more)"]
+    order = ["layernorm", "qkv + h->4h", "qkv", "rotary+kv write", "attention", "dense + 4h->h", "dense", "h->4h",
+             "4h->h", "other", "linear (more)"]
     for slot in sorted(rows, key=lambda s: order.index(s) if s in order else 99):
         t = statistics.median(rows[slot])
         r = {"kernels_per_layer": statistics.median(counts[slot]) / num_layers, "us_per_layer": t / num_layers,
@@ -190,6 +194,8 @@ def main():
     h, f, tpn = c.hidden_size, c.intermediate_size, model.tp.size
     weight_bytes = {"qkv": 3 * h * h * 2 // tpn, "dense": h * h * 2 // tpn, "h->4h": f * h * 2 // tpn,
                     "4h->h": f * h * 2 // tpn}
+    weight_bytes["qkv + h->4h"] = weight_bytes["qkv"] + weight_bytes["h->4h"]
+    weight_bytes["dense + 4h->h"] = weight_bytes["dense"] + weight_bytes["4h->h"]
     cache = model.new_cache(1, PROMPT + 64)
     ids = torch.randint(2, c.vocab_size, (1, PROMPT), device="cuda")
     with torch.inference_mode():

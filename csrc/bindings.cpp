@@ -17,6 +17,10 @@ TORCH_LIBRARY(neox_rt, m) {
         "bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual=None, int variant=0, "
         "bool pdl=False) -> Tensor");
+  m.def("gemv_pair(Tensor x1, Tensor weight1, Tensor? bias1, int activation1, Tensor x2, Tensor weight2, "
+        "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False) -> (Tensor, Tensor)");
+  m.def("gemv_sum(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "
+        "Tensor? residual=None, int ksplit=0, int min_blocks=0, bool pdl=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
@@ -26,6 +30,8 @@ TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
   m.impl("layernorm", &neox_rt::layernorm);
   m.impl("dual_layernorm", &neox_rt::dual_layernorm);
   m.impl("gemv", &neox_rt::gemv);
+  m.impl("gemv_pair", &neox_rt::gemv_pair);
+  m.impl("gemv_sum", &neox_rt::gemv_sum);
 }
 
 // `import neox_rt._C` needs a module init function; the ops are reached through torch.ops.neox_rt.

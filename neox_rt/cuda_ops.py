@@ -37,6 +37,15 @@ def _env_int(name: str, default: int, lo: int, hi: int | None = None) -> int:
     return value
 
 
+def _env_choice(name: str, choices: tuple[int, ...]) -> int:
+    """An integer setting that must be one of ``choices`` (the first is the default)."""
+    value = _env_int(name, choices[0], min(choices), max(choices))
+    if value not in choices:
+        from neox_rt.errors import NeoxRtError
+        raise NeoxRtError(f"{name}={value}: expected one of {', '.join(map(str, choices))}")
+    return value
+
+
 # The op table sends the CUDA GEMV x of at most this many rows (the kernel's limit; more rows, prefill, go to
 # cuBLAS); NEOX_RT_GEMV_MAX_ROWS (1-16) lowers it for A/B runs. Above one row it takes only the layers its
 # tensor-core tiles win (k % 64 == 0 and at most GEMV_MMA_MAX_WEIGHT elements of W: every layer of pythia-1.4b and
@@ -60,6 +69,10 @@ PDL = os.environ.get("NEOX_RT_PDL", "1") != "0"
 DECODE_BLOCKS_PER_SM = _env_int("NEOX_RT_DECODE_BLOCKS_PER_SM", 0, 0)
 # Its step scheme: 0 the extension's default, 1 single-buffered, 2 double-buffered (pipelined) steps.
 DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
+# The fused pairs of single-row GEMVs (linear_pair, linear_sum; csrc/kernels/gemv_fused.cuh): warps splitting a
+# row's k (0 auto, 2, 4, 8) and the blocks per SM their registers are fitted to (0 auto = 3, 2 or 3), for A/B runs.
+GEMV2_KSPLIT = _env_choice("NEOX_RT_GEMV2_KSPLIT", (0, 2, 4, 8))
+GEMV2_MIN_BLOCKS = _env_choice("NEOX_RT_GEMV2_MIN_BLOCKS", (0, 2, 3))
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -111,6 +124,14 @@ def _register_fakes() -> None:
     def _(x, weight, bias, activation, residual=None, variant=0, pdl=False):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
+    @lib.register_fake("neox_rt::gemv_pair")
+    def _(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, ksplit=0, min_blocks=0, pdl=False):
+        return x1.new_empty(*x1.shape[:-1], weight1.shape[0]), x2.new_empty(*x2.shape[:-1], weight2.shape[0])
+
+    @lib.register_fake("neox_rt::gemv_sum")
+    def _(x1, weight1, x2, weight2, bias1, bias2, residual=None, ksplit=0, min_blocks=0, pdl=False):
+        return x1.new_empty(*x1.shape[:-1], weight1.shape[0])
+
     _fakes_registered = True
 
 
@@ -128,6 +149,15 @@ def dual_layernorm(x, weight1, bias1, weight2, bias2, eps):
 
 def linear(x, weight, bias=None, activation=None, residual=None):
     return torch.ops.neox_rt.gemv(x, weight, bias, ACTIVATIONS[activation], residual, GEMV_VARIANT, PDL)
+
+
+def linear_pair(x1, w1, b1, act1, x2, w2, b2, act2):
+    return tuple(torch.ops.neox_rt.gemv_pair(x1, w1, b1, ACTIVATIONS[act1], x2, w2, b2, ACTIVATIONS[act2],
+                                             GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL))
+
+
+def linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
+    return torch.ops.neox_rt.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL)
 
 
 def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
@@ -223,6 +253,32 @@ def supports_linear(x, weight, bias=None, activation=None, residual=None) -> boo
     return _aligned16(x, weight)
 
 
+def _gemv2_operand(x, weight, bias, like) -> bool:
+    """One row of x (numel == in_features, a multiple of 16) of ``like``'s dtype and device, weight [n, in], bias [n],
+    contiguous and 16-byte aligned: an operand of the fused GEMV pairs."""
+    k = x.shape[-1] if x.dim() else 0
+    return (_cuda_float(x, (torch.float16, torch.bfloat16)) and x.dtype == like.dtype and x.device == like.device
+            and k > 0 and k % 16 == 0 and x.numel() == k and weight.dtype == x.dtype and weight.is_contiguous()
+            and weight.dim() == 2 and weight.shape[1] == k and weight.device == x.device
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == weight.shape[:1]))
+            and _aligned16(x, weight))
+
+
+def supports_linear_pair(x1, w1, b1, act1, x2, w2, b2, act2) -> bool:
+    """Both problems one row (decode at batch 1), fp16/bf16 CUDA, in_features % 16 == 0, 16-byte aligned."""
+    return act1 in ACTIVATIONS and act2 in ACTIVATIONS and _gemv2_operand(x1, w1, b1, x1) and _gemv2_operand(
+        x2, w2, b2, x1)
+
+
+def supports_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None) -> bool:
+    """As supports_linear_pair, weights of the same out_features, a residual of the output's shape."""
+    if not (_gemv2_operand(x1, w1, bias1, x1) and _gemv2_operand(x2, w2, bias2, x1) and w1.shape[0] == w2.shape[0]
+            and x1.shape[:-1] == x2.shape[:-1]):
+        return False
+    return residual is None or (residual.dtype == x1.dtype and residual.is_contiguous()
+                                and residual.shape == (*x1.shape[:-1], w1.shape[0]))
+
+
 def supports_rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache) -> bool:
     """CUDA float, everything contiguous, caches of qkv's dtype, int64 positions, fp32 tables."""
     return (_cuda_float(qkv) and k_cache.dtype == qkv.dtype and v_cache.dtype == qkv.dtype
@@ -255,6 +311,8 @@ IMPLS = {
     "layernorm": (layernorm, supports_layernorm),
     "dual_layernorm": (dual_layernorm, supports_dual_layernorm),
     "linear": (linear, supports_linear),
+    "linear_pair": (linear_pair, supports_linear_pair),
+    "linear_sum": (linear_sum, supports_linear_sum),
     "rotary_kv_write": (rotary_kv_write, supports_rotary_kv_write),
     "decode_attention": (decode_attention, supports_decode_attention),
     "attention": (attention, supports_attention),

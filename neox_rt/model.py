@@ -50,14 +50,19 @@ class Attention(nn.Module):
         selects the one-token decode kernel. ``bias`` (dense's, row-parallel) and ``residual`` [b, s, h] are
         added in the output projection's epilogue; the layer passes them on one rank only.
         """
-        b, s, _ = x.shape
         qkv = OPS["linear"](x, self.query_key_value.weight, self.query_key_value.bias)  # [b, s, nh*3*hd]
+        ctx = self.attend(qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens)
+        return OPS["linear"](ctx, self.dense.weight, bias, residual=residual)  # [b, s, h]
+
+    def attend(self, qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens=None):
+        """Rotary + cache write of the new k, v, then attention: qkv [b, s, nh*3*hd] -> context [b, s, nh*hd]."""
+        b, s, _ = qkv.shape
         q = OPS["rotary_kv_write"](qkv, positions, cos, sin, self.rotary_ndims, k_cache, v_cache)  # [b, s, nh, hd]
         if decode_seqlens is not None and s == 1:
             ctx = OPS["decode_attention"](q[:, 0], k_cache, v_cache, decode_seqlens, self.scale)[:, None]
         else:
             ctx = OPS["attention"](q, k_cache, v_cache, positions, self.scale)  # [b, s, nh, hd]
-        return OPS["linear"](ctx.reshape(b, s, -1), self.dense.weight, bias, residual=residual)  # [b, s, h]
+        return ctx.reshape(b, s, -1)
 
 
 class MLP(nn.Module):
@@ -93,11 +98,17 @@ class Layer(nn.Module):
         attn_bias = self.attention.dense.bias if lead else None
         mlp_bias = self.mlp.dense_4h_to_h.bias if lead else None
         if self.parallel:
-            # x + attn(ln1(x)) + mlp(ln2(x)): dense adds x, dense_4h_to_h adds that partial; ONE all-reduce.
+            # x + attn(ln1(x)) + mlp(ln2(x)), ONE all-reduce. The two column-parallel linears (QKV, h->4h) are one op,
+            # and so are the two row-parallel ones with the sum (dense + 4h->h + biases + x): a backend may run each
+            # pair as one launch (the fallback: two linears, dense adding x and 4h->h adding that partial).
+            att, mlp = self.attention, self.mlp
             a_in, m_in = OPS["dual_layernorm"](x, ln1.weight, ln1.bias, ln2.weight, ln2.bias, self.eps)
-            partial = self.attention(a_in, positions, k_cache, v_cache, cos, sin, decode_seqlens,
-                                     bias=attn_bias, residual=x if lead else None)
-            return self.tp.all_reduce(self.mlp(m_in, bias=mlp_bias, residual=partial))
+            qkv, up = OPS["linear_pair"](a_in, att.query_key_value.weight, att.query_key_value.bias, None,
+                                         m_in, mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, mlp.act)
+            ctx = att.attend(qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens)  # [b, s, nh*hd]
+            partial = OPS["linear_sum"](ctx, att.dense.weight, up, mlp.dense_4h_to_h.weight, attn_bias, mlp_bias,
+                                        x if lead else None)
+            return self.tp.all_reduce(partial)
         # a = x + attn(ln1(x)); x = a + mlp(ln2(a)): two all-reduces
         a = self.tp.all_reduce(self.attention(OPS["layernorm"](x, ln1.weight, ln1.bias, self.eps), positions,
                                               k_cache, v_cache, cos, sin, decode_seqlens,

@@ -65,6 +65,25 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return out if residual is None else out + residual
 
 
+def linear_pair_ref(x1, w1, b1, act1, x2, w2, b2, act2):
+    """Two independent linears in one op: (act1(x1 @ w1.T + b1), act2(x2 @ w2.T + b2)).
+
+    The parallel-residual layer's column-parallel pair (QKV from LN1(x), h->4h from LN2(x)), so that a backend runs
+    both in one launch. This fallback calls the ``linear`` op twice (each call served by that op's backend).
+    """
+    return OPS["linear"](x1, w1, b1, act1), OPS["linear"](x2, w2, b2, act2)
+
+
+def linear_sum_ref(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
+    """x1 @ w1.T + x2 @ w2.T + bias1 + bias2 + residual: two linears of the same out_features, summed.
+
+    The parallel-residual layer's row-parallel pair (attention's dense, 4h->h: x + attn + mlp), so that a backend
+    runs them as one GEMV over the concatenated k. This fallback calls the ``linear`` op twice, the first output
+    the second's residual (each rounded to the dtype; a fused backend sums in fp32 and rounds once).
+    """
+    return OPS["linear"](x2, w2, bias2, residual=OPS["linear"](x1, w1, bias1, residual=residual))
+
+
 def rotary_tables(rotary_ndims: int, max_positions: int, base: float, device=None):
     """cos, sin tables [max_positions, rotary_ndims // 2] in fp32 (inv_freq = 1 / base^(2i / rd))."""
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_ndims, 2, dtype=torch.int64, device=device).float()
@@ -179,6 +198,8 @@ OPS: dict[str, Op] = {
     "layernorm": Op("layernorm", layernorm_ref),
     "dual_layernorm": Op("dual_layernorm", dual_layernorm_ref),
     "linear": Op("linear", linear_ref),
+    "linear_pair": Op("linear_pair", linear_pair_ref),
+    "linear_sum": Op("linear_sum", linear_sum_ref),
     "rotary_kv_write": Op("rotary_kv_write", rotary_kv_write_ref),
     "attention": Op("attention", attention_ref),
     "decode_attention": Op("decode_attention", decode_attention_ref),
@@ -287,7 +308,7 @@ def op_backend_overrides() -> dict[str, str]:
     return out
 
 
-PREFER_CUDA = frozenset({"rotary_kv_write", "scaled_causal_softmax"})
+PREFER_CUDA = frozenset({"rotary_kv_write", "scaled_causal_softmax", "linear_pair", "linear_sum"})
 """Ops for which the default ("fastest") selection takes the CUDA extension over Triton."""
 CUDA_THEN_TRITON = frozenset({"linear", "decode_attention"})
 """Ops for which the default selection asks the CUDA extension first, then Triton, then the reference: the

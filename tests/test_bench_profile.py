@@ -27,6 +27,21 @@ def _step(layers: int, t0: float = 0.0):
     return kernels
 
 
+def test_assign_fused_pair_slots():
+    """With the fused GEMV pairs a layer has two linear kernels, each in its own slot."""
+    names = ["indexSelectLargeIndex"]
+    for _ in range(2):
+        names += ["_dual_layernorm_kernel", "void neox_rt::gemv_pair_kernel<__half, 2, 3, true>",
+                  "rotary_kv_write_kernel", "_decode_attention_kernel",
+                  "void neox_rt::gemv_sum_kernel<__half, 2, 3, true>"]
+    names += ["_layernorm_kernel", "sm90_xmma_gemm_f16", "argmax_kernel"]
+    kernels = [(n, 3.0 * i, 2.0) for i, n in enumerate(names)]
+    slots, extra, _ = profile_decode.assign(kernels, 2)
+    for layer in range(2):
+        assert slots[(layer, "qkv + h->4h")] == [2.0] and slots[(layer, "dense + 4h->h")] == [2.0]
+        assert not any((layer, lin) in slots for lin in ("qkv", "dense", "h->4h", "4h->h"))
+
+
 def test_assign_slots_per_layer():
     slots, extra, _ = profile_decode.assign(_step(3), 3)
     assert set(extra) == {"embedding", "final LN + LM head + argmax"}

@@ -18,7 +18,7 @@ from neox_rt import ops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_HEADERS = ["common.cuh", "softmax.cuh", "rotary_kv_write.cuh", "decode_attention.cuh", "layernorm.cuh",
-                  "gemv.cuh"]
+                  "gemv.cuh", "gemv_fused.cuh"]
 DTYPES = [torch.float16, torch.bfloat16]
 HEAD_SIZES = [32, 64, 80, 96, 128, 256]
 ROTARY = {32: 8, 64: 16, 80: 20, 96: 24, 128: 32, 256: 64}  # rotary_pct 0.25 as in the family
@@ -334,6 +334,98 @@ def test_gemv_residual(ext, variant, pdl, m, n, k):
         assert_by_rule(out, ref64, ref, f"gemv {m}x{n}x{k} {activation} residual v{variant} pdl={pdl}")
 
 
+GEMV2_SHAPES = [  # (n1, k1, n2, k2): the 20B layer's pairs at TP=2 and TP=4, pythia-1.4b's, and awkward ones
+    (9216, 6144, 12288, 6144), (4608, 6144, 6144, 6144), (6144, 2048, 8192, 2048), (301, 1040, 45, 4096),
+    (6144, 3072, 6144, 12288), (2048, 2048, 2048, 8192), (77, 16, 77, 4112)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n1,k1,n2,k2", GEMV2_SHAPES)
+@pytest.mark.parametrize("ksplit,min_blocks", [(0, 0), (2, 3), (4, 2), (8, 3), (8, 2)])
+def test_gemv_pair(ext, dtype, n1, k1, n2, k2, ksplit, min_blocks):
+    """Two single-row GEMVs in one launch against two references, with bias and activation, each problem its own;
+    leading dims kept."""
+    from neox_rt.cuda_ops import ACTIVATIONS
+    x1, x2 = rand(1, 1, k1, dtype=dtype), rand(1, 1, k2, dtype=dtype)
+    w1, w2 = rand(n1, k1, dtype=dtype, scale=k1 ** -0.5), rand(n2, k2, dtype=dtype, scale=k2 ** -0.5)
+    b1, b2 = rand(n1, dtype=dtype), rand(n2, dtype=dtype)
+    for act1, act2, bias1, bias2 in ((None, "gelu_fast", b1, b2), ("gelu", None, None, b2), ("relu", None, b1, None)):
+        y1, y2 = ext.gemv_pair(x1, w1, bias1, ACTIVATIONS[act1], x2, w2, bias2, ACTIVATIONS[act2], ksplit,
+                               min_blocks, True)
+        assert y1.shape == (1, 1, n1) and y2.shape == (1, 1, n2) and y1.dtype == y2.dtype == dtype
+        for y, x, w, b, act, name in ((y1, x1, w1, bias1, act1, "first"), (y2, x2, w2, bias2, act2, "second")):
+            ref64 = ops.linear_ref(x.double(), w.double(), None if b is None else b.double(), act)
+            assert_by_rule(y, ref64, ops.linear_ref(x, w, b, act), f"gemv_pair {name} {n1}x{k1}, {n2}x{k2} "
+                           f"ksplit {ksplit} min_blocks {min_blocks} {act1}/{act2}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k1,k2", [(6144, 3072, 12288), (6144, 1536, 6144), (2048, 2048, 8192), (45, 4112, 16),
+                                     (301, 1040, 4096)])
+@pytest.mark.parametrize("ksplit,min_blocks", [(0, 0), (2, 3), (4, 2), (8, 3)])
+def test_gemv_sum(ext, dtype, n, k1, k2, ksplit, min_blocks):
+    """x1 W1^T + x2 W2^T + b1 + b2 + residual as one GEMV over the concatenated k, against the fp64 sum; every
+    optional operand left out once."""
+    x1, x2 = rand(1, k1, dtype=dtype), rand(1, k2, dtype=dtype)
+    w1, w2 = rand(n, k1, dtype=dtype, scale=k1 ** -0.5), rand(n, k2, dtype=dtype, scale=k2 ** -0.5)
+    b1, b2, res = rand(n, dtype=dtype), rand(n, dtype=dtype), rand(1, n, dtype=dtype, scale=4.0)
+    for bias1, bias2, residual in ((b1, b2, res), (None, b2, res), (b1, None, None), (None, None, res)):
+        y = ext.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, ksplit, min_blocks, True)
+        assert y.shape == (1, n) and y.dtype == dtype
+
+        def total(a, b, w_, v, c1, c2, r):
+            out = a @ w_.T + b @ v.T
+            for t in (c1, c2, r):
+                out = out if t is None else out + t
+            return out
+        d = (lambda t: None if t is None else t.double())
+        ref64 = total(x1.double(), x2.double(), w1.double(), w2.double(), d(bias1), d(bias2), d(residual))
+        assert_by_rule(y, ref64, total(x1, x2, w1, w2, bias1, bias2, residual),
+                       f"gemv_sum {n}x({k1}+{k2}) ksplit {ksplit} min_blocks {min_blocks}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+def test_fused_pair_layer_chain_in_graph(ext, pdl):
+    """The parallel-residual layer as the decode graph runs it with the fused pairs: dual LayerNorm, gemv_pair
+    (QKV stand-in, h->4h + GeLU), an elementwise stand-in for attention, gemv_sum (dense + 4h->h + x), six layers
+    captured with programmatic dependent launch. The sum reads h->4h's output two kernels later: a missing wait
+    would read it stale. Replays must equal the chain in plain stream order, bit for bit."""
+    h, f, layers = 1024, 4096, 6
+    ws = [tuple(rand(h) for _ in range(4)) + (rand(3 * h // 2, h, scale=h ** -0.5), rand(f, h, scale=h ** -0.5),
+                                              rand(h, h // 2, scale=0.03), rand(h, f, scale=f ** -0.5), rand(f))
+          for _ in range(layers)]
+    x_static = rand(1, h)
+
+    def chain(x, use_pdl):
+        for g1, c1, g2, c2, qkv_w, up_w, dense_w, down_w, up_b in ws:
+            a_in, m_in = ext.dual_layernorm(x, g1, c1, g2, c2, 1e-5, use_pdl)
+            qkv, up = ext.gemv_pair(a_in, qkv_w, None, 0, m_in, up_w, up_b, 2, 0, 0, use_pdl)
+            ctx = (qkv[:, : h // 2] * 0.5).contiguous()  # attention stand-in (a plain PyTorch kernel, no PDL)
+            x = ext.gemv_sum(ctx, dense_w, up, down_w, None, None, x, 0, 0, use_pdl)
+        return x
+
+    assert_graph_replay_matches(chain, x_static, lambda: rand(1, h), pdl=pdl)
+
+
+@pytest.mark.gpu
+def test_fused_pair_routing(ext):
+    """The op table sends the pairs to the fused kernels for one row only; more rows, odd k or mixed dtypes take
+    the fallback (two linears)."""
+    from neox_rt import cuda_ops
+    w1, w2, b = rand(64, 256), rand(32, 256), rand(64)
+    x = rand(1, 256)
+    assert cuda_ops.supports_linear_pair(x, w1, b, None, x, w2, None, "gelu")
+    assert not cuda_ops.supports_linear_pair(rand(2, 256), w1, b, None, rand(2, 256), w2, None, "gelu")
+    assert not cuda_ops.supports_linear_pair(x, w1, b, None, x.float(), w2.float(), None, "gelu")
+    assert not cuda_ops.supports_linear_pair(rand(1, 264), rand(64, 264), None, None, x, w2, None, None)
+    assert cuda_ops.supports_linear_sum(x, w1, rand(1, 128), rand(64, 128), b, None, rand(1, 64))
+    assert not cuda_ops.supports_linear_sum(x, w1, x, w2, None, None, None)  # out_features differ
+    assert not cuda_ops.supports_linear_sum(x, w1, x, w1, None, None, rand(1, 32))  # residual shape
+
+
 def assert_graph_replay_matches(chain, x_static, fresh, pdl, trials=5):
     """Capture chain(x_static, pdl) in a CUDA graph (after a warm-up outside capture); then, `trials` times, load
     fresh() into x_static, replay, and require the output to equal chain run in plain stream order (no PDL) on a copy
@@ -451,6 +543,10 @@ def test_opcheck(ext):
     torch.library.opcheck(ext.layernorm, (x, w, w, 1e-5), test_utils=tests)
     torch.library.opcheck(ext.dual_layernorm, (x, w, w, w, w, 1e-5), test_utils=tests)
     torch.library.opcheck(ext.gemv, (x[:2], rand(24, 256), rand(24), 1), test_utils=tests)
+    torch.library.opcheck(ext.gemv_pair, (x[:1], rand(24, 256), rand(24), 1, x[1:2], rand(40, 256), None, 0),
+                          test_utils=tests)
+    torch.library.opcheck(ext.gemv_sum, (x[:1], rand(24, 256), rand(1, 512), rand(24, 512), rand(24), None,
+                                         rand(1, 24)), test_utils=tests)
 
 
 @pytest.mark.gpu
@@ -458,7 +554,8 @@ def test_backend_registers_ops(ext):
     try:
         assert ops.select_backend("cuda", "cuda") == "cuda"
         backends = ops.active_backends()
-        for name in ("layernorm", "dual_layernorm", "linear", "rotary_kv_write", "decode_attention", "attention"):
+        for name in ("layernorm", "dual_layernorm", "linear", "linear_pair", "linear_sum", "rotary_kv_write",
+                     "decode_attention", "attention"):
             assert backends[name] == "cuda", name
     finally:
         ops.reset()
@@ -533,6 +630,12 @@ ERROR_CASES = {  # op call on bad input -> the message it must raise (numbers an
                                                             rand(1, 1, 8, 48), torch.tensor([3], device="cuda"),
                                                             0.1), r"head sizes .* got 48"),
     "bias shape": (lambda e, x, w: e.gemv(x, w, w[0, :5].contiguous(), 0), r"must have shape \[8\], got \[5\]"),
+    "gemv_pair two rows": (lambda e, x, w: e.gemv_pair(torch.cat([x, x]), w, None, 0, x, w, None, 0),
+                           r"one row of x1, got \[2, 64\]"),
+    "gemv_pair ksplit": (lambda e, x, w: e.gemv_pair(x, w, None, 0, x, w, None, 0, 3), r"ksplit .* got 3"),
+    "gemv_sum out_features": (lambda e, x, w: e.gemv_sum(x, w, x, w[:4].contiguous(), None, None),
+                              r"same out_features, got \[8, 64\] and \[4, 64\]"),
+    "gemv_sum min_blocks": (lambda e, x, w: e.gemv_sum(x, w, x, w, None, None, None, 0, 5), r"min_blocks .* got 5"),
 }
 
 

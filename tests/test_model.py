@@ -174,3 +174,36 @@ def test_bad_kernel_setting_is_a_clear_error(monkeypatch, name, value):
     monkeypatch.setattr(cuda_ops, "register_all", bad_settings)
     with pytest.raises(NeoxRtError, match=name):
         ops._load_backend("cuda")
+
+
+def test_linear_pair_and_sum_references():
+    """The fused-pair ops' fallbacks equal their formulas: (act1(x1 W1^T + b1), act2(x2 W2^T + b2)) and
+    x1 W1^T + x2 W2^T + b1 + b2 + residual (None biases and residual allowed)."""
+    from neox_rt import ops
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 12, generator=g)
+    w1, w2, w3 = torch.randn(5, 8, generator=g), torch.randn(7, 12, generator=g), torch.randn(5, 12, generator=g)
+    b1, b2, b3, res = (torch.randn(5, generator=g), torch.randn(7, generator=g), torch.randn(5, generator=g),
+                       torch.randn(2, 3, 5, generator=g))
+    y1, y2 = ops.OPS["linear_pair"](x1, w1, b1, None, x2, w2, b2, "gelu")
+    torch.testing.assert_close(y1, x1 @ w1.T + b1)
+    torch.testing.assert_close(y2, torch.nn.functional.gelu(x2 @ w2.T + b2))
+    y1, y2 = ops.OPS["linear_pair"](x1, w1, None, "relu", x2, w2, None, None)
+    torch.testing.assert_close(y1, torch.relu(x1 @ w1.T))
+    torch.testing.assert_close(y2, x2 @ w2.T)
+    torch.testing.assert_close(ops.OPS["linear_sum"](x1, w1, x2, w3, b1, b3, res),
+                               x1 @ w1.T + x2 @ w3.T + b1 + b3 + res)
+    torch.testing.assert_close(ops.OPS["linear_sum"](x1, w1, x2, w3), x1 @ w1.T + x2 @ w3.T)
+
+
+@pytest.mark.parametrize("name,value", [("NEOX_RT_GEMV2_KSPLIT", "3"), ("NEOX_RT_GEMV2_MIN_BLOCKS", "1"),
+                                        ("NEOX_RT_GEMV2_KSPLIT", "two")])
+def test_bad_choice_setting_is_a_clear_error(monkeypatch, name, value):
+    """Settings with a fixed set of values (the fused GEMV pairs' split and occupancy) reject anything else."""
+    from neox_rt import cuda_ops
+    from neox_rt.errors import NeoxRtError
+    monkeypatch.setenv(name, value)
+    with pytest.raises(NeoxRtError, match=name):
+        cuda_ops._env_choice(name, (0, 2, 4, 8) if "KSPLIT" in name else (0, 2, 3))
+    monkeypatch.setenv(name, "2")
+    assert cuda_ops._env_choice(name, (0, 2, 4, 8) if "KSPLIT" in name else (0, 2, 3)) == 2

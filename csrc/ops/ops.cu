@@ -11,6 +11,7 @@
 
 #include "kernels/decode_attention.cuh"
 #include "kernels/gemv.cuh"
+#include "kernels/gemv_fused.cuh"
 #include "kernels/layernorm.cuh"
 #include "kernels/rotary_kv_write.cuh"
 #include "kernels/softmax.cuh"
@@ -348,6 +349,120 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                "gemv");
   };
   if (x.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
+  else run(static_cast<__nv_bfloat16*>(nullptr));
+  return y;
+}
+
+namespace {
+
+// One operand set of gemv_pair / gemv_sum: one row of x [..., k] (x.numel() == k), weight [n, k], bias [n].
+void check_gemv2_operand(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& like, const char* op, const char* xname, const char* wname) {
+  CHECK_CUDA(x, xname);
+  CHECK_SAME_DEVICE(like, x, "x1", xname);
+  CHECK_SAME_DEVICE(like, weight, "x1", wname);
+  CHECK_CONTIGUOUS(x, xname);
+  CHECK_CONTIGUOUS(weight, wname);
+  TORCH_CHECK(like.scalar_type() == at::kHalf || like.scalar_type() == at::kBFloat16, "neox_rt: ", op,
+              " supports float16 and bfloat16, got ", like.scalar_type());
+  CHECK_DTYPE(x, like.scalar_type(), xname);
+  CHECK_DTYPE(weight, like.scalar_type(), wname);
+  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), "neox_rt: ", op, " needs ", xname,
+              " [..., k] and ", wname, " [n, k]; got ", fmt(x.sizes()), " and ", fmt(weight.sizes()));
+  TORCH_CHECK(x.numel() == x.size(-1), "neox_rt: ", op, " takes one row of ", xname, ", got ", fmt(x.sizes()));
+  TORCH_CHECK(x.size(-1) % 16 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
+              "neox_rt: ", op, " needs in_features % 16 == 0 and 16-byte aligned ", xname, " and ", wname);
+  if (bias.has_value()) {
+    CHECK_SAME_DEVICE(like, *bias, "x1", "bias");
+    CHECK_CONTIGUOUS(*bias, "bias");
+    CHECK_DTYPE(*bias, like.scalar_type(), "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "neox_rt: ", op, " bias of ", wname,
+                " must have shape [", fmt(weight.size(0)), "], got ", fmt(bias->sizes()));
+  }
+}
+
+std::vector<int64_t> out_shape_of(const at::Tensor& x, int64_t n) {
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  return shape;
+}
+
+template <typename T>
+GemvProblem<T> problem(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor* residual, at::Tensor* y, int64_t activation) {
+  return GemvProblem<T>{ptr<T>(x), ptr<T>(weight), bias.has_value() ? ptr<T>(*bias) : nullptr,
+                        residual != nullptr ? ptr<T>(*residual) : nullptr, y != nullptr ? ptr<T>(*y) : nullptr,
+                        static_cast<int>(weight.size(0)), static_cast<int>(weight.size(1)),
+                        static_cast<int>(activation)};
+}
+
+void check_gemv2_config(int64_t ksplit, int64_t min_blocks, const char* op) {
+  TORCH_CHECK(ksplit == 0 || ksplit == 2 || ksplit == 4 || ksplit == 8, "neox_rt: ", op,
+              " ksplit must be 0 (auto), 2, 4 or 8, got ", fmt(ksplit));
+  TORCH_CHECK(min_blocks == 0 || min_blocks == 2 || min_blocks == 3, "neox_rt: ", op,
+              " min_blocks must be 0 (auto), 2 or 3, got ", fmt(min_blocks));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Tensor& weight1,
+                                             const std::optional<at::Tensor>& bias1, int64_t activation1,
+                                             const at::Tensor& x2, const at::Tensor& weight2,
+                                             const std::optional<at::Tensor>& bias2, int64_t activation2,
+                                             int64_t ksplit, int64_t min_blocks, bool pdl) {
+  check_gemv2_operand(x1, weight1, bias1, x1, "gemv_pair", "x1", "weight1");
+  check_gemv2_operand(x2, weight2, bias2, x1, "gemv_pair", "x2", "weight2");
+  for (const int64_t a : {activation1, activation2})
+    TORCH_CHECK(a >= 0 && a <= 3, "neox_rt: gemv_pair activation must be 0 (none), 1 (gelu erf), 2 (gelu tanh) ",
+                "or 3 (relu), got ", fmt(a));
+  check_gemv2_config(ksplit, min_blocks, "gemv_pair");
+  const c10::cuda::CUDAGuard guard(x1.device());
+  const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  auto y1 = at::empty(out_shape_of(x1, weight1.size(0)), x1.options());
+  auto y2 = at::empty(out_shape_of(x2, weight2.size(0)), x1.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto run = [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    check_cuda(launch_gemv2<scalar_t>(problem<scalar_t>(x1, weight1, bias1, nullptr, &y1, activation1),
+                                      problem<scalar_t>(x2, weight2, bias2, nullptr, &y2, activation2), false,
+                                      static_cast<int>(ksplit), static_cast<int>(min_blocks), use_pdl, stream),
+               "gemv_pair");
+  };
+  if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
+  else run(static_cast<__nv_bfloat16*>(nullptr));
+  return {y1, y2};
+}
+
+at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
+                    const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
+                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl) {
+  check_gemv2_operand(x1, weight1, bias1, x1, "gemv_sum", "x1", "weight1");
+  check_gemv2_operand(x2, weight2, bias2, x1, "gemv_sum", "x2", "weight2");
+  TORCH_CHECK(weight1.size(0) == weight2.size(0), "neox_rt: gemv_sum needs weights of the same out_features, got ",
+              fmt(weight1.sizes()), " and ", fmt(weight2.sizes()));
+  check_gemv2_config(ksplit, min_blocks, "gemv_sum");
+  const auto shape = out_shape_of(x1, weight1.size(0));
+  if (residual.has_value()) {
+    CHECK_SAME_DEVICE(x1, *residual, "x1", "residual");
+    CHECK_CONTIGUOUS(*residual, "residual");
+    CHECK_DTYPE(*residual, x1.scalar_type(), "residual");
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape), "neox_rt: gemv_sum residual must have the output's ",
+                "shape ", fmt(at::IntArrayRef(shape)), ", got ", fmt(residual->sizes()));
+  }
+  const c10::cuda::CUDAGuard guard(x1.device());
+  const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  auto y = at::empty(shape, x1.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto run = [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    check_cuda(launch_gemv2<scalar_t>(
+                   problem<scalar_t>(x1, weight1, bias1, residual.has_value() ? &*residual : nullptr, &y, 0),
+                   problem<scalar_t>(x2, weight2, bias2, nullptr, nullptr, 0), true, static_cast<int>(ksplit),
+                   static_cast<int>(min_blocks), use_pdl, stream),
+               "gemv_sum");
+  };
+  if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
   else run(static_cast<__nv_bfloat16*>(nullptr));
   return y;
 }

@@ -1,0 +1,175 @@
+// Two single-row GEMVs in one launch, for the parallel-residual GPT-NeoX layer at batch 1 (decode):
+//  - pair (gemv_pair_kernel): y1 = act1(x1 W1^T + b1), y2 = act2(x2 W2^T + b2), two independent problems (the layer's
+//    column-parallel linears: QKV from LN1(x), h->4h from LN2(x)); the first blocks take the first problem, the
+//    rest the second.
+//  - sum (gemv_sum_kernel): y = x1 W1^T + x2 W2^T + b1 + b2 + residual, one GEMV over the concatenated k (the layer's
+//    row-parallel linears, attention's dense and 4h->h, whose outputs the layer adds anyway: x + attn + mlp). The
+//    sum is accumulated in fp32 and rounded once.
+// Why: at TP=2 a 20B layer spends ~18 us above its weight floor in four GEMVs, whose weight runs are half as long as
+// at TP=1 while each launch's ramp-up and drain are not (bench/NOTES.md, session 7); two launches pay two ramps.
+// The scheme is gemv_kernel's wide configuration (gemv.cuh): blocks of 8 warps, a group of KSPLIT warps owns 4 rows
+// of W and splits its k (in sum: each warp takes its KSPLIT-th of k1, then of k2), each lane keeps one 16-byte
+// streaming (evict-first) load per row in flight, double-buffered; x through L1 after griddepcontrol.wait, the first
+// weights asked for before it. Blocks own 32 / KSPLIT rows. Needs k1, k2 % (8 * KSPLIT) == 0 and 16-byte aligned x
+// and W (fp16 / bf16).
+#pragma once
+
+#include <algorithm>
+
+#include "common.cuh"
+#include "gemv.cuh"
+
+namespace neox_rt {
+
+// One single-row GEMV: y[n] = act(x[k] . W[n, :] + bias[n]) + residual[n].
+template <typename T>
+struct GemvProblem {
+  const T* x;         // [k]
+  const T* w;         // [n, k]
+  const T* bias;      // [n] or null
+  const T* residual;  // [n] or null
+  T* y;               // [n]
+  int n, k, act;
+};
+
+constexpr int kGemv2Warps = 8, kGemv2RowsPerGroup = 4;
+
+// SUM: one problem over k1 + k2 (p1's n, bias, residual and y; p2's x, W and bias); else blocks [0, blocks1) take p1
+// and the rest p2.
+template <typename T, int KSPLIT, bool SUM, bool PDL>
+__device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvProblem<T>& p2, int blocks1) {
+  constexpr int VEC = 16 / sizeof(T), NPW = kGemv2RowsPerGroup, WARPS = kGemv2Warps, SPAN = 32 * VEC;
+  static_assert(WARPS % KSPLIT == 0, "KSPLIT divides the warps");
+  __shared__ float partial[WARPS][NPW];
+  if (PDL) pdl_launch_dependents();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int group = warp / KSPLIT, part = warp % KSPLIT;
+  const bool second = !SUM && static_cast<int>(blockIdx.x) >= blocks1;
+  // this block's problem, field by field (selects on the kernel parameters, no copy of either to local memory)
+  const T* const px = second ? p2.x : p1.x;
+  const T* const pw = second ? p2.w : p1.w;
+  const int n = second ? p2.n : p1.n, k = second ? p2.k : p1.k;
+  const int blk = second ? static_cast<int>(blockIdx.x) - blocks1 : static_cast<int>(blockIdx.x);
+  const int n0 = (blk * (WARPS / KSPLIT) + group) * NPW;
+  const bool active = n0 < n;  // an idle warp still waits and meets the barrier below
+  // this warp's columns: [part * ka, (part + 1) * ka) of the first segment, then (sum) the same share of the second
+  const int ka = k / KSPLIT, kb = SUM ? p2.k / KSPLIT : 0, total = ka + kb;
+  const T* xa = px + static_cast<int64_t>(part) * ka;
+  const T* xb = SUM ? p2.x + static_cast<int64_t>(part) * kb : nullptr;
+  // row o of the group: n0 + o, clamped to n - 1 past the end (valid memory; its output is never stored). One base
+  // pointer per segment and a row stride, not a pointer per row: four 64-bit pointers spilled at 80 registers.
+  const int last = active ? min(NPW - 1, n - 1 - n0) : 0;
+  const T* const wa = pw + static_cast<int64_t>(active ? n0 : 0) * k + static_cast<int64_t>(part) * ka;
+  const T* const wb = SUM ? p2.w + static_cast<int64_t>(active ? n0 : 0) * p2.k + static_cast<int64_t>(part) * kb
+                          : nullptr;
+  // a vector never straddles the segments: ka % VEC == 0
+  auto load_w = [&](Vec<T, VEC> (&buf)[NPW], int c) {
+#pragma unroll
+    for (int o = 0; o < NPW; ++o) {
+      const int64_t r = min(o, last);
+      buf[o] = load_vec_stream<T, VEC>(!SUM || c < ka ? wa + r * k + c : wb + r * p2.k + (c - ka));
+    }
+  };
+
+  Vec<T, VEC> cur[NPW], nxt[NPW];
+  const int c0 = lane * VEC;
+  if (active && c0 < total) load_w(cur, c0);  // weights do not depend on the previous kernel: asked for first
+  if (PDL) pdl_wait();
+  float acc[NPW];
+#pragma unroll
+  for (int o = 0; o < NPW; ++o) acc[o] = 0.f;
+#pragma unroll 1  // one chunk an iteration: the double buffer is the lookahead (unrolling spilled at 85 registers)
+  for (int c = c0; active && c < total; c += SPAN) {
+    const bool more = c + SPAN < total;
+    if (more) load_w(nxt, c + SPAN);
+    const Vec<T, VEC> xv = load_vec_ca<T, VEC>(!SUM || c < ka ? xa + c : xb + (c - ka));
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float xf = to_float(xv.v[e]);
+#pragma unroll
+      for (int o = 0; o < NPW; ++o) acc[o] += xf * to_float(cur[o].v[e]);
+    }
+    if (more) {
+#pragma unroll
+      for (int o = 0; o < NPW; ++o) cur[o] = nxt[o];
+    }
+  }
+#pragma unroll
+  for (int o = 0; o < NPW; ++o) {
+    const float v = warp_sum(acc[o]);
+    if (lane == 0) partial[warp][o] = v;
+  }
+  __syncthreads();
+  // the group's first warp: lane o writes row n0 + o
+  if (part != 0 || !active || lane >= NPW || n0 + lane >= n) return;
+  const int f = n0 + lane;
+  float v = 0.f;
+#pragma unroll
+  for (int q = 0; q < KSPLIT; ++q) v += partial[warp + q][lane];
+  const T* const bias = second ? p2.bias : p1.bias;
+  const T* const residual = second ? p2.residual : p1.residual;
+  if (bias != nullptr) v += to_float(bias[f]);
+  if (SUM && p2.bias != nullptr) v += to_float(p2.bias[f]);
+  float out = apply_activation(v, second ? p2.act : p1.act);
+  if (residual != nullptr) out += to_float(__ldcg(residual + f));
+  (second ? p2.y : p1.y)[f] = from_float<T>(out);
+}
+
+// MINB: blocks per SM the registers are fitted to (__launch_bounds__): 3 (80 registers, 24 warps an SM; the loop
+// state spills a few words to L1) or 2 (up to 128 registers, no spills, 16 warps).
+template <typename T, int KSPLIT, int MINB, bool PDL>
+__global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
+gemv_pair_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1) {
+  gemv2_body<T, KSPLIT, false, PDL>(p1, p2, blocks1);
+}
+
+template <typename T, int KSPLIT, int MINB, bool PDL>
+__global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
+gemv_sum_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1) {
+  gemv2_body<T, KSPLIT, true, PDL>(p1, p2, blocks1);
+}
+
+// Warps splitting each row's k (2, 4 or 8: blocks of 16, 8 or 4 rows). Auto (0): as gemv_auto_wide for one GEMV,
+// 16 rows a block where the narrowest output has >= 6144 rows (long-lived blocks won in the decode graph), else 8;
+// halved (down to 2) until it divides every k into whole vectors.
+inline int gemv2_ksplit(int requested, int n_min, int k1, int k2) {
+  int ks = requested > 0 ? requested : (n_min >= 6144 ? 2 : 4);
+  while (ks > 2 && (k1 % (8 * ks) != 0 || k2 % (8 * ks) != 0)) ks /= 2;
+  return ks;
+}
+
+template <typename T, int KSPLIT, int MINB>
+cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, bool pdl,
+                            cudaStream_t stream) {
+  constexpr int rows = kGemv2Warps / KSPLIT * kGemv2RowsPerGroup;
+  const int blocks1 = (p1.n + rows - 1) / rows;
+  const dim3 block(kGemv2Warps * 32);
+  if (sum)
+    return launch_kernel(pdl, gemv_sum_kernel<T, KSPLIT, MINB, false>, gemv_sum_kernel<T, KSPLIT, MINB, true>,
+                         dim3(blocks1), block, stream, p1, p2, blocks1);
+  const dim3 grid(blocks1 + (p2.n + rows - 1) / rows);
+  return launch_kernel(pdl, gemv_pair_kernel<T, KSPLIT, MINB, false>, gemv_pair_kernel<T, KSPLIT, MINB, true>, grid,
+                       block, stream, p1, p2, blocks1);
+}
+
+// sum: p2.n == p1.n; p2's x, W and bias join p1's (p2's residual and y unused). k1, k2 % 16 == 0, 16-byte aligned x
+// and W. ksplit: 0 auto, else 2, 4 or 8 (reduced where a k does not divide); min_blocks: 0 auto (3), 2 or 3.
+template <typename T>
+cudaError_t launch_gemv2(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, int ksplit, int min_blocks,
+                         bool pdl, cudaStream_t stream) {
+  if (p1.k % 16 != 0 || p2.k % 16 != 0 || (sum && p1.n != p2.n)) return cudaErrorInvalidValue;
+  if (p1.n == 0 && (sum || p2.n == 0)) return cudaSuccess;
+  const int n_min = sum ? p1.n : std::min(p1.n > 0 ? p1.n : p2.n, p2.n > 0 ? p2.n : p1.n);
+  const int ks = gemv2_ksplit(ksplit, n_min, p1.k, p2.k);
+#define NEOX_RT_GEMV2(MINB_)                                                   \
+  switch (ks) {                                                                \
+    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, pdl, stream);     \
+    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, pdl, stream);     \
+    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, pdl, stream);    \
+  }
+  if (min_blocks == 2) NEOX_RT_GEMV2(2);
+  NEOX_RT_GEMV2(3);
+#undef NEOX_RT_GEMV2
+}
+
+}  // namespace neox_rt
