@@ -36,8 +36,10 @@ constexpr int kGemv2Warps = 8, kGemv2RowsPerGroup = 4;
 
 // SUM: one problem over k1 + k2 (p1's n, bias, residual and y; p2's x, W and bias); else blocks [0, blocks1) take p1
 // and the rest p2.
+// sync (a LayerSync, or null): pair blocks signal it when their outputs are written, the sum waits on it (common.cuh).
 template <typename T, int KSPLIT, bool SUM, bool PDL>
-__device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvProblem<T>& p2, int blocks1) {
+__device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvProblem<T>& p2, int blocks1,
+                                           int* sync) {
   constexpr int VEC = 16 / sizeof(T), NPW = kGemv2RowsPerGroup, WARPS = kGemv2Warps, SPAN = 32 * VEC;
   static_assert(WARPS % KSPLIT == 0, "KSPLIT divides the warps");
   __shared__ float partial[WARPS][NPW];
@@ -75,6 +77,14 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
   const int c0 = lane * VEC;
   if (active && c0 < total) load_w(cur, c0);  // weights do not depend on the previous kernel: asked for first
   if (PDL) pdl_wait();
+  if (SUM && sync != nullptr) {
+    // x2 (h->4h's output) comes from the pair GEMV two kernels back, which the grid dependency no longer implies
+    block_wait_flag(sync + kSyncPairReady);
+    if (threadIdx.x == 0 && atomic_add_acq_rel_gpu(sync + kSyncSumSeen, 1) == static_cast<int>(gridDim.x) - 1) {
+#pragma unroll
+      for (int i = 0; i < kSyncSlots; ++i) sync[i] = 0;  // every sum block has passed; rotary finished before
+    }
+  }
   float acc[NPW];
 #pragma unroll
   for (int o = 0; o < NPW; ++o) acc[o] = 0.f;
@@ -101,32 +111,44 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
   }
   __syncthreads();
   // the group's first warp: lane o writes row n0 + o
-  if (part != 0 || !active || lane >= NPW || n0 + lane >= n) return;
-  const int f = n0 + lane;
-  float v = 0.f;
+  if (part == 0 && active && lane < NPW && n0 + lane < n) {
+    const int f = n0 + lane;
+    float v = 0.f;
 #pragma unroll
-  for (int q = 0; q < KSPLIT; ++q) v += partial[warp + q][lane];
-  const T* const bias = second ? p2.bias : p1.bias;
-  const T* const residual = second ? p2.residual : p1.residual;
-  if (bias != nullptr) v += to_float(bias[f]);
-  if (SUM && p2.bias != nullptr) v += to_float(p2.bias[f]);
-  float out = apply_activation(v, second ? p2.act : p1.act);
-  if (residual != nullptr) out += to_float(__ldcg(residual + f));
-  (second ? p2.y : p1.y)[f] = from_float<T>(out);
+    for (int q = 0; q < KSPLIT; ++q) v += partial[warp + q][lane];
+    const T* const bias = second ? p2.bias : p1.bias;
+    const T* const residual = second ? p2.residual : p1.residual;
+    if (bias != nullptr) v += to_float(bias[f]);
+    if (SUM && p2.bias != nullptr) v += to_float(p2.bias[f]);
+    float out = apply_activation(v, second ? p2.act : p1.act);
+    if (residual != nullptr) out += to_float(__ldcg(residual + f));
+    (second ? p2.y : p1.y)[f] = from_float<T>(out);
+  }
+  if (!SUM && sync != nullptr) {
+    __syncthreads();  // this block's outputs are written
+    if (threadIdx.x == 0) {
+      if (!second && atomic_add_acq_rel_gpu(sync + kSyncQkvBlocks, 1) == blocks1 - 1)
+        st_release_gpu(sync + kSyncQkvReady, 1);
+      if (atomic_add_acq_rel_gpu(sync + kSyncPairBlocks, 1) == static_cast<int>(gridDim.x) - 1)
+        st_release_gpu(sync + kSyncPairReady, 1);
+    }
+  }
 }
 
 // MINB: blocks per SM the registers are fitted to (__launch_bounds__): 3 (80 registers, 24 warps an SM; the loop
 // state spills a few words to L1) or 2 (up to 128 registers, no spills, 16 warps).
 template <typename T, int KSPLIT, int MINB, bool PDL>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
-gemv_pair_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1) {
-  gemv2_body<T, KSPLIT, false, PDL>(p1, p2, blocks1);
+gemv_pair_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1,
+                 int* sync) {
+  gemv2_body<T, KSPLIT, false, PDL>(p1, p2, blocks1, sync);
 }
 
 template <typename T, int KSPLIT, int MINB, bool PDL>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
-gemv_sum_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1) {
-  gemv2_body<T, KSPLIT, true, PDL>(p1, p2, blocks1);
+gemv_sum_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1,
+                int* sync) {
+  gemv2_body<T, KSPLIT, true, PDL>(p1, p2, blocks1, sync);
 }
 
 // Warps splitting each row's k (2, 4 or 8: blocks of 16, 8 or 4 rows). Auto (0): as gemv_auto_wide for one GEMV,
@@ -139,33 +161,36 @@ inline int gemv2_ksplit(int requested, int n_min, int k1, int k2) {
 }
 
 template <typename T, int KSPLIT, int MINB>
-cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, bool pdl,
+cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, int* sync, bool pdl,
                             cudaStream_t stream) {
   constexpr int rows = kGemv2Warps / KSPLIT * kGemv2RowsPerGroup;
   const int blocks1 = (p1.n + rows - 1) / rows;
   const dim3 block(kGemv2Warps * 32);
   if (sum)
     return launch_kernel(pdl, gemv_sum_kernel<T, KSPLIT, MINB, false>, gemv_sum_kernel<T, KSPLIT, MINB, true>,
-                         dim3(blocks1), block, stream, p1, p2, blocks1);
+                         dim3(blocks1), block, stream, p1, p2, blocks1, sync);
   const dim3 grid(blocks1 + (p2.n + rows - 1) / rows);
   return launch_kernel(pdl, gemv_pair_kernel<T, KSPLIT, MINB, false>, gemv_pair_kernel<T, KSPLIT, MINB, true>, grid,
-                       block, stream, p1, p2, blocks1);
+                       block, stream, p1, p2, blocks1, sync);
 }
 
 // sum: p2.n == p1.n; p2's x, W and bias join p1's (p2's residual and y unused). k1, k2 % 16 == 0, 16-byte aligned x
 // and W. ksplit: 0 auto, else 2, 4 or 8 (reduced where a k does not divide); min_blocks: 0 auto (3), 2 or 3.
+// sync: a zeroed LayerSync (int[kSyncSlots]) that the pair signals and the sum waits on and zeroes again, or null;
+// with it the pair needs both n > 0 (its QKV flag is raised by the first problem's last block).
 template <typename T>
 cudaError_t launch_gemv2(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, int ksplit, int min_blocks,
-                         bool pdl, cudaStream_t stream) {
+                         int* sync, bool pdl, cudaStream_t stream) {
   if (p1.k % 16 != 0 || p2.k % 16 != 0 || (sum && p1.n != p2.n)) return cudaErrorInvalidValue;
+  if (sync != nullptr && (p1.n == 0 || p2.n == 0)) return cudaErrorInvalidValue;
   if (p1.n == 0 && (sum || p2.n == 0)) return cudaSuccess;
   const int n_min = sum ? p1.n : std::min(p1.n > 0 ? p1.n : p2.n, p2.n > 0 ? p2.n : p1.n);
   const int ks = gemv2_ksplit(ksplit, n_min, p1.k, p2.k);
 #define NEOX_RT_GEMV2(MINB_)                                                   \
   switch (ks) {                                                                \
-    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, pdl, stream);     \
-    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, pdl, stream);     \
-    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, pdl, stream);    \
+    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, sync, pdl, stream);     \
+    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, sync, pdl, stream);     \
+    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, sync, pdl, stream);    \
   }
   if (min_blocks == 2) NEOX_RT_GEMV2(2);
   NEOX_RT_GEMV2(3);
