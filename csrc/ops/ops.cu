@@ -81,6 +81,17 @@ int pick_vec(int64_t elem_size, std::initializer_list<int64_t> sizes, std::initi
 template <typename T>
 T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
+// A LayerSync (neox_rt/ops.py): int32 [kSyncSlots] on x's device, or none.
+int* sync_ptr(const std::optional<at::Tensor>& sync, const at::Tensor& like, const char* op) {
+  if (!sync.has_value()) return nullptr;
+  CHECK_SAME_DEVICE(like, *sync, "x", "sync");
+  CHECK_CONTIGUOUS(*sync, "sync");
+  CHECK_DTYPE(*sync, at::kInt, "sync");
+  TORCH_CHECK(sync->numel() == kSyncSlots, "neox_rt: ", op, " sync must have ", fmt(static_cast<int>(kSyncSlots)),
+              " elements, got ", fmt(sync->numel()));
+  return sync->data_ptr<int>();
+}
+
 }  // namespace
 
 at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& query_positions, double scale) {
@@ -397,17 +408,6 @@ GemvProblem<T> problem(const at::Tensor& x, const at::Tensor& weight, const std:
                         residual != nullptr ? ptr<T>(*residual) : nullptr, y != nullptr ? ptr<T>(*y) : nullptr,
                         static_cast<int>(weight.size(0)), static_cast<int>(weight.size(1)),
                         static_cast<int>(activation)};
-}
-
-// A LayerSync (neox_rt/ops.py): int32 [kSyncSlots] on x's device, or none.
-int* sync_ptr(const std::optional<at::Tensor>& sync, const at::Tensor& like, const char* op) {
-  if (!sync.has_value()) return nullptr;
-  CHECK_SAME_DEVICE(like, *sync, "x", "sync");
-  CHECK_CONTIGUOUS(*sync, "sync");
-  CHECK_DTYPE(*sync, at::kInt, "sync");
-  TORCH_CHECK(sync->numel() == kSyncSlots, "neox_rt: ", op, " sync must have ", fmt(static_cast<int>(kSyncSlots)),
-              " elements, got ", fmt(sync->numel()));
-  return sync->data_ptr<int>();
 }
 
 void check_gemv2_config(int64_t ksplit, int64_t min_blocks, const char* op) {
