@@ -9,7 +9,7 @@
 TORCH_LIBRARY(neox_rt, m) {
   m.def("scaled_causal_softmax(Tensor scores, Tensor query_positions, float scale) -> Tensor");
   m.def("rotary_kv_write(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, int rotary_ndims, "
-        "Tensor(a!) k_cache, Tensor(b!) v_cache, bool pdl=False, Tensor? sync=None) -> Tensor");
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, bool pdl=False) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float scale, bool pdl=False, "
         "int blocks_per_sm=0, bool merge_kernel=False, int variant=0) -> Tensor");
   m.def("layernorm(Tensor x, Tensor weight, Tensor bias, float eps, bool pdl=False) -> Tensor");
@@ -18,10 +18,9 @@ TORCH_LIBRARY(neox_rt, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual=None, int variant=0, "
         "bool pdl=False) -> Tensor");
   m.def("gemv_pair(Tensor x1, Tensor weight1, Tensor? bias1, int activation1, Tensor x2, Tensor weight2, "
-        "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False, Tensor(a!)? sync=None) "
-        "-> (Tensor, Tensor)");
+        "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv_sum(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "
-        "Tensor? residual=None, int ksplit=0, int min_blocks=0, bool pdl=False, Tensor(a!)? sync=None) -> Tensor");
+        "Tensor? residual=None, int ksplit=0, int min_blocks=0, bool pdl=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {

@@ -57,9 +57,8 @@ def _rotary_kv_write_kernel(
 
 
 def rotary_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    rotary_ndims: int, k_cache: torch.Tensor, v_cache: torch.Tensor, sync=None) -> torch.Tensor:
-    """qkv [b, s, nh*3*hd], positions [b, s] -> rotated q [b, s, nh, hd]; k, v written to the caches. ``sync``
-    (the CUDA backend's LayerSync) is not needed here: a Triton launch waits for every earlier kernel."""
+                    rotary_ndims: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """qkv [b, s, nh*3*hd], positions [b, s] -> rotated q [b, s, nh, hd]; k, v written to the caches."""
     b, s, _ = qkv.shape
     nh, T, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     q = torch.empty(b, s, nh, hd, dtype=qkv.dtype, device=qkv.device)
@@ -73,7 +72,7 @@ def rotary_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tenso
     return q
 
 
-def supports_rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, sync=None) -> bool:
+def supports_rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache) -> bool:
     """Float qkv [b, s, 3*nh*hd] and caches [B >= b, nh, T, hd] of one dtype, all contiguous; int positions
     [b, s]; fp32 contiguous tables [max_pos, rd/2]; even rotary_ndims <= hd."""
     if qkv.dim() != 3 or k_cache.dim() != 4 or positions.dim() != 2:

@@ -70,9 +70,9 @@ DECODE_BLOCKS_PER_SM = _env_int("NEOX_RT_DECODE_BLOCKS_PER_SM", 0, 0)
 # Its step scheme: 0 the extension's default, 1 single-buffered, 2 double-buffered (pipelined) steps.
 DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
 # The fused pairs of single-row GEMVs (linear_pair, linear_sum; csrc/kernels/gemv_fused.cuh): warps splitting a
-# row's k (0 auto, 2, 4, 8) and the blocks per SM their registers are fitted to (0 auto = 3, 2 or 3), for A/B runs.
+# row's k (0 auto, 2, 4, 8) and the blocks per SM their registers are fitted to (0 auto = 3, 2, 3 or 4), for A/B runs.
 GEMV2_KSPLIT = _env_choice("NEOX_RT_GEMV2_KSPLIT", (0, 2, 4, 8))
-GEMV2_MIN_BLOCKS = _env_choice("NEOX_RT_GEMV2_MIN_BLOCKS", (0, 2, 3))
+GEMV2_MIN_BLOCKS = _env_choice("NEOX_RT_GEMV2_MIN_BLOCKS", (0, 2, 3, 4))
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -103,7 +103,7 @@ def _register_fakes() -> None:
         return torch.empty_like(scores)
 
     @lib.register_fake("neox_rt::rotary_kv_write")
-    def _(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, pdl=False, sync=None):
+    def _(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, pdl=False):
         b, s, _ = qkv.shape
         return qkv.new_empty(b, s, k_cache.shape[1], k_cache.shape[3])
 
@@ -125,12 +125,11 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     @lib.register_fake("neox_rt::gemv_pair")
-    def _(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, ksplit=0, min_blocks=0, pdl=False,
-          sync=None):
+    def _(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, ksplit=0, min_blocks=0, pdl=False):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0]), x2.new_empty(*x2.shape[:-1], weight2.shape[0])
 
     @lib.register_fake("neox_rt::gemv_sum")
-    def _(x1, weight1, x2, weight2, bias1, bias2, residual=None, ksplit=0, min_blocks=0, pdl=False, sync=None):
+    def _(x1, weight1, x2, weight2, bias1, bias2, residual=None, ksplit=0, min_blocks=0, pdl=False):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0])
 
     _fakes_registered = True
@@ -152,36 +151,17 @@ def linear(x, weight, bias=None, activation=None, residual=None):
     return torch.ops.neox_rt.gemv(x, weight, bias, ACTIVATIONS[activation], residual, GEMV_VARIANT, PDL)
 
 
-# The fused pair signals the layer's LayerSync (rotary + KV write then waits for its QKV blocks only, the fused sum for
-# the rest); NEOX_RT_LAYER_SYNC=0 turns that off (each kernel then waits for the whole kernel before it).
-LAYER_SYNC = os.environ.get("NEOX_RT_LAYER_SYNC", "1") != "0"
+def linear_pair(x1, w1, b1, act1, x2, w2, b2, act2):
+    return tuple(torch.ops.neox_rt.gemv_pair(x1, w1, b1, ACTIVATIONS[act1], x2, w2, b2, ACTIVATIONS[act2],
+                                             GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL))
 
 
-def linear_pair(x1, w1, b1, act1, x2, w2, b2, act2, sync=None):
-    use = sync is not None and LAYER_SYNC
-    out = tuple(torch.ops.neox_rt.gemv_pair(x1, w1, b1, ACTIVATIONS[act1], x2, w2, b2, ACTIVATIONS[act2],
-                                            GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL,
-                                            sync.buffer(x1.device) if use else None))
-    if use:
-        sync.armed = True
-    return out
+def linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
+    return torch.ops.neox_rt.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL)
 
 
-def _armed(sync):
-    return sync.tensor if sync is not None and sync.armed else None
-
-
-def linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None, sync=None):
-    t = _armed(sync)
-    y = torch.ops.neox_rt.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL, t)
-    if t is not None:
-        sync.armed = False  # the sum zeroes the buffer
-    return y
-
-
-def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, sync=None):
-    return torch.ops.neox_rt.rotary_kv_write(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache, PDL,
-                                             _armed(sync))
+def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
+    return torch.ops.neox_rt.rotary_kv_write(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache, PDL)
 
 
 def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | None = None,
@@ -284,13 +264,13 @@ def _gemv2_operand(x, weight, bias, like) -> bool:
             and _aligned16(x, weight))
 
 
-def supports_linear_pair(x1, w1, b1, act1, x2, w2, b2, act2, sync=None) -> bool:
+def supports_linear_pair(x1, w1, b1, act1, x2, w2, b2, act2) -> bool:
     """Both problems one row (decode at batch 1), fp16/bf16 CUDA, in_features % 16 == 0, 16-byte aligned."""
     return act1 in ACTIVATIONS and act2 in ACTIVATIONS and _gemv2_operand(x1, w1, b1, x1) and _gemv2_operand(
         x2, w2, b2, x1)
 
 
-def supports_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None, sync=None) -> bool:
+def supports_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None) -> bool:
     """As supports_linear_pair, weights of the same out_features, a residual of the output's shape."""
     if not (_gemv2_operand(x1, w1, bias1, x1) and _gemv2_operand(x2, w2, bias2, x1) and w1.shape[0] == w2.shape[0]
             and x1.shape[:-1] == x2.shape[:-1]):
@@ -299,7 +279,7 @@ def supports_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None, s
                                 and residual.shape == (*x1.shape[:-1], w1.shape[0]))
 
 
-def supports_rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, sync=None) -> bool:
+def supports_rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache) -> bool:
     """CUDA float, everything contiguous, caches of qkv's dtype, int64 positions, fp32 tables."""
     return (_cuda_float(qkv) and k_cache.dtype == qkv.dtype and v_cache.dtype == qkv.dtype
             and k_cache.is_contiguous() and v_cache.is_contiguous() and positions.dtype == torch.int64

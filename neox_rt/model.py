@@ -54,12 +54,10 @@ class Attention(nn.Module):
         ctx = self.attend(qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens)
         return OPS["linear"](ctx, self.dense.weight, bias, residual=residual)  # [b, s, h]
 
-    def attend(self, qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens=None, sync=None):
-        """Rotary + cache write of the new k, v, then attention: qkv [b, s, nh*3*hd] -> context [b, s, nh*hd].
-        ``sync``: the layer's ops.LayerSync when qkv comes from the fused pair op."""
+    def attend(self, qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens=None):
+        """Rotary + cache write of the new k, v, then attention: qkv [b, s, nh*3*hd] -> context [b, s, nh*hd]."""
         b, s, _ = qkv.shape
-        q = OPS["rotary_kv_write"](qkv, positions, cos, sin, self.rotary_ndims, k_cache, v_cache,
-                                   sync=sync)  # [b, s, nh, hd]
+        q = OPS["rotary_kv_write"](qkv, positions, cos, sin, self.rotary_ndims, k_cache, v_cache)  # [b, s, nh, hd]
         if decode_seqlens is not None and s == 1:
             ctx = OPS["decode_attention"](q[:, 0], k_cache, v_cache, decode_seqlens, self.scale)[:, None]
         else:
@@ -91,7 +89,6 @@ class Layer(nn.Module):
         self.post_attention_layernorm = LayerNorm(config.hidden_size)
         self.attention = Attention(config, tp)
         self.mlp = MLP(config, tp)
-        self.sync = ops.LayerSync()  # signals between this layer's kernels (not a parameter: not in checkpoints)
 
     def forward(self, x, positions, k_cache, v_cache, cos, sin, decode_seqlens=None):
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
@@ -104,15 +101,13 @@ class Layer(nn.Module):
             # x + attn(ln1(x)) + mlp(ln2(x)), ONE all-reduce. The two column-parallel linears (QKV, h->4h) are one op,
             # and so are the two row-parallel ones with the sum (dense + 4h->h + biases + x): a backend may run each
             # pair as one launch (the fallback: two linears, dense adding x and 4h->h adding that partial).
-            # A backend may also let rotary + attention start when QKV is done, before h->4h (self.sync).
-            att, mlp, sync = self.attention, self.mlp, self.sync
+            att, mlp = self.attention, self.mlp
             a_in, m_in = OPS["dual_layernorm"](x, ln1.weight, ln1.bias, ln2.weight, ln2.bias, self.eps)
             qkv, up = OPS["linear_pair"](a_in, att.query_key_value.weight, att.query_key_value.bias, None,
-                                         m_in, mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, mlp.act, sync=sync)
-            ctx = att.attend(qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens, sync=sync)  # [b, s, nh*hd]
+                                         m_in, mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, mlp.act)
+            ctx = att.attend(qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens)  # [b, s, nh*hd]
             partial = OPS["linear_sum"](ctx, att.dense.weight, up, mlp.dense_4h_to_h.weight, attn_bias, mlp_bias,
-                                        x if lead else None, sync=sync)
-            sync.finish()
+                                        x if lead else None)
             return self.tp.all_reduce(partial)
         # a = x + attn(ln1(x)); x = a + mlp(ln2(a)): two all-reduces
         a = self.tp.all_reduce(self.attention(OPS["layernorm"](x, ln1.weight, ln1.bias, self.eps), positions,

@@ -65,53 +65,21 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return out if residual is None else out + residual
 
 
-class LayerSync:
-    """Signals between the kernels of one parallel-residual decode layer, for backends that run them early.
-
-    The CUDA backend's fused pair GEMV signals into an int32 buffer (one per layer and device, zero between layers)
-    when its QKV blocks and then all its blocks are done; its rotary + KV write waits for the QKV part only (so it and
-    attention run while h->4h still streams) and its fused sum GEMV waits for the rest and zeroes the buffer
-    (csrc/kernels/common.cuh). ``armed``: a kernel signalled this layer and no sum has consumed it yet. Other
-    backends ignore it (their launches wait for every earlier kernel).
-    """
-
-    SLOTS = 8
-
-    def __init__(self):
-        self.tensor: torch.Tensor | None = None
-        self.armed = False
-
-    def buffer(self, device: torch.device) -> torch.Tensor:
-        if self.tensor is None or self.tensor.device != device:
-            self.tensor = torch.zeros(self.SLOTS, dtype=torch.int32, device=device)
-            self.armed = False
-        return self.tensor
-
-    def finish(self) -> None:
-        """At the end of the layer: a signal that no sum kernel consumed (the sum took another backend) is zeroed
-        here, in stream order, so that the next layer starts from zero."""
-        if self.armed:
-            self.tensor.zero_()
-            self.armed = False
-
-
-def linear_pair_ref(x1, w1, b1, act1, x2, w2, b2, act2, sync=None):
+def linear_pair_ref(x1, w1, b1, act1, x2, w2, b2, act2):
     """Two independent linears in one op: (act1(x1 @ w1.T + b1), act2(x2 @ w2.T + b2)).
 
     The parallel-residual layer's column-parallel pair (QKV from LN1(x), h->4h from LN2(x)), so that a backend runs
     both in one launch. This fallback calls the ``linear`` op twice (each call served by that op's backend).
-    ``sync``: the layer's :class:`LayerSync`, for a backend that signals the layer's later kernels (unused here).
     """
     return OPS["linear"](x1, w1, b1, act1), OPS["linear"](x2, w2, b2, act2)
 
 
-def linear_sum_ref(x1, w1, x2, w2, bias1=None, bias2=None, residual=None, sync=None):
+def linear_sum_ref(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     """x1 @ w1.T + x2 @ w2.T + bias1 + bias2 + residual: two linears of the same out_features, summed.
 
     The parallel-residual layer's row-parallel pair (attention's dense, 4h->h: x + attn + mlp), so that a backend
     runs them as one GEMV over the concatenated k. This fallback calls the ``linear`` op twice, the first output
-    the second's residual (each rounded to the dtype; a fused backend sums in fp32 and rounds once). ``sync``:
-    as for :func:`linear_pair_ref` (unused here).
+    the second's residual (each rounded to the dtype; a fused backend sums in fp32 and rounds once).
     """
     return OPS["linear"](x2, w2, bias2, residual=OPS["linear"](x1, w1, bias1, residual=residual))
 
@@ -138,13 +106,12 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rota
 
 
 def rotary_kv_write_ref(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        rotary_ndims: int, k_cache: torch.Tensor, v_cache: torch.Tensor, sync=None) -> torch.Tensor:
+                        rotary_ndims: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """Split the per-head fused QKV, rotate q and k at each token's position, write k and v to the cache.
 
     qkv [b, s, nh*3*hd] (per-head layout: feature head*3*hd + part*hd + d), positions [b, s] int64,
     cos/sin [max_pos, rd/2] fp32, k_cache/v_cache [B >= b, nh, T, hd]. Cache row i receives token j of
-    sequence i at slot positions[i, j]. Returns the rotated q [b, s, nh, hd]. ``sync``: the layer's
-    :class:`LayerSync` (a backend's kernel may wait on it instead of on every earlier kernel; unused here).
+    sequence i at slot positions[i, j]. Returns the rotated q [b, s, nh, hd].
     """
     b, s, _ = qkv.shape
     nh, hd = k_cache.shape[1], k_cache.shape[3]

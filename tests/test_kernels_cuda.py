@@ -342,7 +342,7 @@ GEMV2_SHAPES = [  # (n1, k1, n2, k2): the 20B layer's pairs at TP=2 and TP=4, py
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n1,k1,n2,k2", GEMV2_SHAPES)
-@pytest.mark.parametrize("ksplit,min_blocks", [(0, 0), (2, 3), (4, 2), (8, 3), (8, 2)])
+@pytest.mark.parametrize("ksplit,min_blocks", [(0, 0), (2, 3), (4, 2), (8, 3), (8, 2), (2, 4)])
 def test_gemv_pair(ext, dtype, n1, k1, n2, k2, ksplit, min_blocks):
     """Two single-row GEMVs in one launch against two references, with bias and activation, each problem its own;
     leading dims kept."""
@@ -364,7 +364,7 @@ def test_gemv_pair(ext, dtype, n1, k1, n2, k2, ksplit, min_blocks):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k1,k2", [(6144, 3072, 12288), (6144, 1536, 6144), (2048, 2048, 8192), (45, 4112, 16),
                                      (301, 1040, 4096)])
-@pytest.mark.parametrize("ksplit,min_blocks", [(0, 0), (2, 3), (4, 2), (8, 3)])
+@pytest.mark.parametrize("ksplit,min_blocks", [(0, 0), (2, 3), (4, 2), (8, 3), (2, 4)])
 def test_gemv_sum(ext, dtype, n, k1, k2, ksplit, min_blocks):
     """x1 W1^T + x2 W2^T + b1 + b2 + residual as one GEMV over the concatenated k, against the fp64 sum; every
     optional operand left out once."""
@@ -388,61 +388,26 @@ def test_gemv_sum(ext, dtype, n, k1, k2, ksplit, min_blocks):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("use_sync", [False, True])
-def test_fused_pair_layer_chain_in_graph(ext, pdl, use_sync):
-    """The parallel-residual decode layer as the graph runs it with the fused pairs: dual LayerNorm, gemv_pair (QKV,
-    h->4h + GeLU), rotary + KV write, decode attention, gemv_sum (dense + 4h->h + x), six layers captured with
-    programmatic dependent launch, with and without the LayerSync signals (rotary then waits for the pair's QKV
-    blocks only, the sum for the rest; attention and rotary overlap h->4h). The sum reads h->4h's output three kernels
-    later: a missing wait would read it stale. Replays must equal the chain run in plain stream order, bit for bit,
-    and every layer's sync buffer must be zero again after each run."""
-    from neox_rt.ops import LayerSync
-    h, f, nh, hd, layers, pos = 1024, 4096, 8, 64, 6, 37
-    cos, sin = ops.rotary_tables(16, 64, 10000.0, "cuda")
-    ws = [tuple(rand(h) for _ in range(4)) + (rand(3 * nh * hd, h, scale=h ** -0.5), rand(f, h, scale=h ** -0.5),
-                                              rand(h, nh * hd, scale=0.03), rand(h, f, scale=f ** -0.5), rand(f),
-                                              rand(1, nh, 64, hd), rand(1, nh, 64, hd), LayerSync())
+def test_fused_pair_layer_chain_in_graph(ext, pdl):
+    """The parallel-residual layer as the decode graph runs it with the fused pairs: dual LayerNorm, gemv_pair
+    (QKV stand-in, h->4h + GeLU), an elementwise stand-in for attention, gemv_sum (dense + 4h->h + x), six layers
+    captured with programmatic dependent launch. The sum reads h->4h's output two kernels later: a missing wait
+    would read it stale. Replays must equal the chain in plain stream order, bit for bit."""
+    h, f, layers = 1024, 4096, 6
+    ws = [tuple(rand(h) for _ in range(4)) + (rand(3 * h // 2, h, scale=h ** -0.5), rand(f, h, scale=h ** -0.5),
+                                              rand(h, h // 2, scale=0.03), rand(h, f, scale=f ** -0.5), rand(f))
           for _ in range(layers)]
-    positions, seqlens = torch.tensor([[pos]], device="cuda"), torch.tensor([pos + 1], device="cuda")
     x_static = rand(1, h)
 
     def chain(x, use_pdl):
-        for g1, c1, g2, c2, qkv_w, up_w, dense_w, down_w, up_b, kc, vc, sync in ws:
-            t = sync.buffer(x.device) if use_sync else None
+        for g1, c1, g2, c2, qkv_w, up_w, dense_w, down_w, up_b in ws:
             a_in, m_in = ext.dual_layernorm(x, g1, c1, g2, c2, 1e-5, use_pdl)
-            qkv, up = ext.gemv_pair(a_in, qkv_w, None, 0, m_in, up_w, up_b, 2, 0, 0, use_pdl, t)
-            q = ext.rotary_kv_write(qkv[None], positions, cos, sin, 16, kc, vc, use_pdl, t)
-            ctx = ext.decode_attention(q[:, 0], kc, vc, seqlens, hd ** -0.5, use_pdl).reshape(1, nh * hd)
-            x = ext.gemv_sum(ctx, dense_w, up, down_w, None, None, x, 0, 0, use_pdl, t)
+            qkv, up = ext.gemv_pair(a_in, qkv_w, None, 0, m_in, up_w, up_b, 2, 0, 0, use_pdl)
+            ctx = (qkv[:, : h // 2] * 0.5).contiguous()  # attention stand-in (a plain PyTorch kernel, no PDL)
+            x = ext.gemv_sum(ctx, dense_w, up, down_w, None, None, x, 0, 0, use_pdl)
         return x
 
     assert_graph_replay_matches(chain, x_static, lambda: rand(1, h), pdl=pdl)
-    if use_sync:
-        for w in ws:
-            assert int(w[-1].tensor.abs().sum()) == 0, w[-1].tensor
-
-
-@pytest.mark.gpu
-def test_layer_sync_signals_and_finish(ext):
-    """The pair's signals (QKV blocks counted and flagged, all blocks counted and flagged), the sum zeroing them, and
-    LayerSync.finish zeroing them when a sum of another backend took the layer."""
-    from neox_rt import cuda_ops
-    from neox_rt.ops import LayerSync
-    x, w1, w2, w3 = rand(1, 256), rand(96, 256), rand(80, 256), rand(96, 80)
-    sync = LayerSync()
-    qkv, up = cuda_ops.linear_pair(x, w1, None, None, x, w2, None, "gelu", sync=sync)
-    torch.cuda.synchronize()
-    blocks1, blocks2 = -(-96 // 8), -(-80 // 8)  # auto below 6144 rows: blocks of 8 rows (k over 4 warps)
-    assert sync.armed and sync.tensor[:5].tolist() == [blocks1, 1, blocks1 + blocks2, 1, 0], sync.tensor
-    y = cuda_ops.linear_sum(qkv[:, :96], w1[:, :96].contiguous(), up, w3, sync=sync)
-    torch.cuda.synchronize()
-    assert not sync.armed and int(sync.tensor.abs().sum()) == 0
-    torch.testing.assert_close(y.float(), (qkv[:, :96].float() @ w1[:, :96].float().T + up.float() @ w3.float().T),
-                               rtol=2e-2, atol=2e-2)
-    cuda_ops.linear_pair(x, w1, None, None, x, w2, None, "gelu", sync=sync)
-    sync.finish()  # no CUDA sum consumed it
-    torch.cuda.synchronize()
-    assert not sync.armed and int(sync.tensor.abs().sum()) == 0
 
 
 @pytest.mark.gpu
@@ -580,11 +545,6 @@ def test_opcheck(ext):
     torch.library.opcheck(ext.gemv, (x[:2], rand(24, 256), rand(24), 1), test_utils=tests)
     torch.library.opcheck(ext.gemv_pair, (x[:1], rand(24, 256), rand(24), 1, x[1:2], rand(40, 256), None, 0),
                           test_utils=tests)
-    sync = torch.zeros(8, dtype=torch.int32, device="cuda")
-    torch.library.opcheck(ext.gemv_pair, (x[:1], rand(24, 256), None, 0, x[1:2], rand(40, 256), None, 0, 0, 0, False,
-                                          sync), test_utils=tests)
-    torch.library.opcheck(ext.gemv_sum, (x[:1], rand(24, 256), x[1:2], rand(24, 256), None, None, None, 0, 0, False,
-                                         sync), test_utils=tests)
     torch.library.opcheck(ext.gemv_sum, (x[:1], rand(24, 256), rand(1, 512), rand(24, 512), rand(24), None,
                                          rand(1, 24)), test_utils=tests)
 

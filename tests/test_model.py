@@ -197,6 +197,7 @@ def test_linear_pair_and_sum_references():
 
 
 @pytest.mark.parametrize("name,value", [("NEOX_RT_GEMV2_KSPLIT", "3"), ("NEOX_RT_GEMV2_MIN_BLOCKS", "1"),
+                                        ("NEOX_RT_GEMV2_MIN_BLOCKS", "5"),
                                         ("NEOX_RT_GEMV2_KSPLIT", "two")])
 def test_bad_choice_setting_is_a_clear_error(monkeypatch, name, value):
     """Settings with a fixed set of values (the fused GEMV pairs' split and occupancy) reject anything else."""
@@ -204,21 +205,6 @@ def test_bad_choice_setting_is_a_clear_error(monkeypatch, name, value):
     from neox_rt.errors import NeoxRtError
     monkeypatch.setenv(name, value)
     with pytest.raises(NeoxRtError, match=name):
-        cuda_ops._env_choice(name, (0, 2, 4, 8) if "KSPLIT" in name else (0, 2, 3))
+        cuda_ops._env_choice(name, (0, 2, 4, 8) if "KSPLIT" in name else (0, 2, 3, 4))
     monkeypatch.setenv(name, "2")
-    assert cuda_ops._env_choice(name, (0, 2, 4, 8) if "KSPLIT" in name else (0, 2, 3)) == 2
-
-
-def test_layer_sync_finish_zeroes_an_unconsumed_signal():
-    """LayerSync: the buffer is made on the asked device; finish() zeroes it only while armed (a pair signalled and no
-    sum consumed the signal), and disarms."""
-    from neox_rt.ops import LayerSync
-    sync = LayerSync()
-    t = sync.buffer(torch.device("cpu"))
-    assert t.dtype == torch.int32 and t.shape == (LayerSync.SLOTS,) and not sync.armed
-    t.fill_(3)
-    sync.finish()  # not armed: left alone
-    assert int(t.sum()) == 3 * LayerSync.SLOTS
-    sync.armed = True
-    sync.finish()
-    assert not sync.armed and int(t.abs().sum()) == 0 and sync.buffer(torch.device("cpu")) is t
+    assert cuda_ops._env_choice(name, (0, 2, 4, 8) if "KSPLIT" in name else (0, 2, 3, 4)) == 2

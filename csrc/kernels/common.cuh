@@ -125,35 +125,6 @@ __device__ __forceinline__ int atomic_add_acq_rel_gpu(int* p, int v) {
   return old;
 }
 
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_release_gpu(int* p, int v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-// Signals between the kernels of one parallel-residual decode layer (LayerSync in neox_rt/ops.py: int32[8] per layer,
-// zero between layers), so that rotary + KV write and attention run while the fused column-parallel GEMV
-// (gemv_pair_kernel) still streams h->4h, instead of after the whole grid: the pair's QKV blocks count themselves
-// and the last one raises kSyncQkvReady (rotary_kv_write waits for it instead of the grid); every pair block counts
-// itself and the last raises kSyncPairReady, which gemv_sum_kernel waits for after its grid dependency (attention)
-// before reading h->4h's output; the sum's blocks count that they passed, and the last one zeroes the slots for the
-// next layer. Release/acquire at GPU scope order the outputs before the flags.
-enum LayerSyncSlot : int {
-  kSyncQkvBlocks = 0, kSyncQkvReady = 1, kSyncPairBlocks = 2, kSyncPairReady = 3, kSyncSumSeen = 4, kSyncSlots = 8
-};
-
-// Thread 0 of the block spins until *flag != 0 (acquire), then the whole block proceeds.
-__device__ __forceinline__ void block_wait_flag(const int* flag) {
-  if (threadIdx.x == 0) {
-    while (ld_acquire_gpu(flag) == 0) __nanosleep(100);
-  }
-  __syncthreads();
-}
-
 // Grid dependency control (PTX griddepcontrol, sm_90+); no-ops on older architectures.
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

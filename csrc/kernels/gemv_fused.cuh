@@ -36,10 +36,8 @@ constexpr int kGemv2Warps = 8, kGemv2RowsPerGroup = 4;
 
 // SUM: one problem over k1 + k2 (p1's n, bias, residual and y; p2's x, W and bias); else blocks [0, blocks1) take p1
 // and the rest p2.
-// sync (a LayerSync, or null): pair blocks signal it when their outputs are written, the sum waits on it (common.cuh).
 template <typename T, int KSPLIT, bool SUM, bool PDL>
-__device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvProblem<T>& p2, int blocks1,
-                                           int* sync) {
+__device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvProblem<T>& p2, int blocks1) {
   constexpr int VEC = 16 / sizeof(T), NPW = kGemv2RowsPerGroup, WARPS = kGemv2Warps, SPAN = 32 * VEC;
   static_assert(WARPS % KSPLIT == 0, "KSPLIT divides the warps");
   __shared__ float partial[WARPS][NPW];
@@ -58,51 +56,43 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
   const int ka = k / KSPLIT, kb = SUM ? p2.k / KSPLIT : 0, total = ka + kb;
   const T* xa = px + static_cast<int64_t>(part) * ka;
   const T* xb = SUM ? p2.x + static_cast<int64_t>(part) * kb : nullptr;
-  // row o of the group: n0 + o, clamped to n - 1 past the end (valid memory; its output is never stored). One base
-  // pointer per segment and a row stride, not a pointer per row: four 64-bit pointers spilled at 80 registers.
-  const int last = active ? min(NPW - 1, n - 1 - n0) : 0;
-  const T* const wa = pw + static_cast<int64_t>(active ? n0 : 0) * k + static_cast<int64_t>(part) * ka;
-  const T* const wb = SUM ? p2.w + static_cast<int64_t>(active ? n0 : 0) * p2.k + static_cast<int64_t>(part) * kb
-                          : nullptr;
-  // a vector never straddles the segments: ka % VEC == 0
+  const T* wa[NPW];
+  const T* wb[NPW];
+#pragma unroll
+  for (int o = 0; o < NPW; ++o) {
+    const int64_t row = active && n0 + o < n ? n0 + o : 0;
+    wa[o] = pw + row * k + static_cast<int64_t>(part) * ka;
+    wb[o] = SUM ? p2.w + row * p2.k + static_cast<int64_t>(part) * kb : nullptr;
+  }
   auto load_w = [&](Vec<T, VEC> (&buf)[NPW], int c) {
 #pragma unroll
-    for (int o = 0; o < NPW; ++o) {
-      const int64_t r = min(o, last);
-      buf[o] = load_vec_stream<T, VEC>(!SUM || c < ka ? wa + r * k + c : wb + r * p2.k + (c - ka));
-    }
+    for (int o = 0; o < NPW; ++o) buf[o] = load_vec_stream<T, VEC>(!SUM || c < ka ? wa[o] + c : wb[o] + (c - ka));
   };
 
   Vec<T, VEC> cur[NPW], nxt[NPW];
   const int c0 = lane * VEC;
   if (active && c0 < total) load_w(cur, c0);  // weights do not depend on the previous kernel: asked for first
   if (PDL) pdl_wait();
-  if (SUM && sync != nullptr) {
-    // x2 (h->4h's output) comes from the pair GEMV two kernels back, which the grid dependency no longer implies
-    block_wait_flag(sync + kSyncPairReady);
-    if (threadIdx.x == 0 && atomic_add_acq_rel_gpu(sync + kSyncSumSeen, 1) == static_cast<int>(gridDim.x) - 1) {
-#pragma unroll
-      for (int i = 0; i < kSyncSlots; ++i) sync[i] = 0;  // every sum block has passed; rotary finished before
-    }
-  }
   float acc[NPW];
 #pragma unroll
   for (int o = 0; o < NPW; ++o) acc[o] = 0.f;
-#pragma unroll 1  // one chunk an iteration: the double buffer is the lookahead (unrolling spilled at 85 registers)
-  for (int c = c0; active && c < total; c += SPAN) {
-    const bool more = c + SPAN < total;
-    if (more) load_w(nxt, c + SPAN);
+  auto fma_chunk = [&](const Vec<T, VEC> (&buf)[NPW], int c) {
     const Vec<T, VEC> xv = load_vec_ca<T, VEC>(!SUM || c < ka ? xa + c : xb + (c - ka));
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       const float xf = to_float(xv.v[e]);
 #pragma unroll
-      for (int o = 0; o < NPW; ++o) acc[o] += xf * to_float(cur[o].v[e]);
+      for (int o = 0; o < NPW; ++o) acc[o] += xf * to_float(buf[o].v[e]);
     }
-    if (more) {
-#pragma unroll
-      for (int o = 0; o < NPW; ++o) cur[o] = nxt[o];
-    }
+  };
+  // two chunks an iteration, the buffers taking turns (no register moves between them)
+#pragma unroll 1
+  for (int c = c0; active && c < total; c += 2 * SPAN) {
+    if (c + SPAN < total) load_w(nxt, c + SPAN);
+    fma_chunk(cur, c);
+    if (c + SPAN >= total) break;
+    if (c + 2 * SPAN < total) load_w(cur, c + 2 * SPAN);
+    fma_chunk(nxt, c + SPAN);
   }
 #pragma unroll
   for (int o = 0; o < NPW; ++o) {
@@ -124,31 +114,20 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
     if (residual != nullptr) out += to_float(__ldcg(residual + f));
     (second ? p2.y : p1.y)[f] = from_float<T>(out);
   }
-  if (!SUM && sync != nullptr) {
-    __syncthreads();  // this block's outputs are written
-    if (threadIdx.x == 0) {
-      if (!second && atomic_add_acq_rel_gpu(sync + kSyncQkvBlocks, 1) == blocks1 - 1)
-        st_release_gpu(sync + kSyncQkvReady, 1);
-      if (atomic_add_acq_rel_gpu(sync + kSyncPairBlocks, 1) == static_cast<int>(gridDim.x) - 1)
-        st_release_gpu(sync + kSyncPairReady, 1);
-    }
-  }
 }
 
-// MINB: blocks per SM the registers are fitted to (__launch_bounds__): 3 (80 registers, 24 warps an SM; the loop
-// state spills a few words to L1) or 2 (up to 128 registers, no spills, 16 warps).
+// MINB: blocks per SM the registers are fitted to (__launch_bounds__): 3 (up to 80 registers, 24 warps an SM), 4 (64,
+// 32 warps) or 2 (128, 16 warps).
 template <typename T, int KSPLIT, int MINB, bool PDL>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
-gemv_pair_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1,
-                 int* sync) {
-  gemv2_body<T, KSPLIT, false, PDL>(p1, p2, blocks1, sync);
+gemv_pair_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1) {
+  gemv2_body<T, KSPLIT, false, PDL>(p1, p2, blocks1);
 }
 
 template <typename T, int KSPLIT, int MINB, bool PDL>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
-gemv_sum_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1,
-                int* sync) {
-  gemv2_body<T, KSPLIT, true, PDL>(p1, p2, blocks1, sync);
+gemv_sum_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1) {
+  gemv2_body<T, KSPLIT, true, PDL>(p1, p2, blocks1);
 }
 
 // Warps splitting each row's k (2, 4 or 8: blocks of 16, 8 or 4 rows). Auto (0): as gemv_auto_wide for one GEMV,
@@ -161,38 +140,36 @@ inline int gemv2_ksplit(int requested, int n_min, int k1, int k2) {
 }
 
 template <typename T, int KSPLIT, int MINB>
-cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, int* sync, bool pdl,
+cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, bool pdl,
                             cudaStream_t stream) {
   constexpr int rows = kGemv2Warps / KSPLIT * kGemv2RowsPerGroup;
   const int blocks1 = (p1.n + rows - 1) / rows;
   const dim3 block(kGemv2Warps * 32);
   if (sum)
     return launch_kernel(pdl, gemv_sum_kernel<T, KSPLIT, MINB, false>, gemv_sum_kernel<T, KSPLIT, MINB, true>,
-                         dim3(blocks1), block, stream, p1, p2, blocks1, sync);
+                         dim3(blocks1), block, stream, p1, p2, blocks1);
   const dim3 grid(blocks1 + (p2.n + rows - 1) / rows);
   return launch_kernel(pdl, gemv_pair_kernel<T, KSPLIT, MINB, false>, gemv_pair_kernel<T, KSPLIT, MINB, true>, grid,
-                       block, stream, p1, p2, blocks1, sync);
+                       block, stream, p1, p2, blocks1);
 }
 
 // sum: p2.n == p1.n; p2's x, W and bias join p1's (p2's residual and y unused). k1, k2 % 16 == 0, 16-byte aligned x
-// and W. ksplit: 0 auto, else 2, 4 or 8 (reduced where a k does not divide); min_blocks: 0 auto (3), 2 or 3.
-// sync: a zeroed LayerSync (int[kSyncSlots]) that the pair signals and the sum waits on and zeroes again, or null;
-// with it the pair needs both n > 0 (its QKV flag is raised by the first problem's last block).
+// and W. ksplit: 0 auto, else 2, 4 or 8 (reduced where a k does not divide); min_blocks: 0 auto (3), 2, 3 or 4.
 template <typename T>
 cudaError_t launch_gemv2(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, int ksplit, int min_blocks,
-                         int* sync, bool pdl, cudaStream_t stream) {
+                         bool pdl, cudaStream_t stream) {
   if (p1.k % 16 != 0 || p2.k % 16 != 0 || (sum && p1.n != p2.n)) return cudaErrorInvalidValue;
-  if (sync != nullptr && (p1.n == 0 || p2.n == 0)) return cudaErrorInvalidValue;
   if (p1.n == 0 && (sum || p2.n == 0)) return cudaSuccess;
   const int n_min = sum ? p1.n : std::min(p1.n > 0 ? p1.n : p2.n, p2.n > 0 ? p2.n : p1.n);
   const int ks = gemv2_ksplit(ksplit, n_min, p1.k, p2.k);
 #define NEOX_RT_GEMV2(MINB_)                                                   \
   switch (ks) {                                                                \
-    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, sync, pdl, stream);     \
-    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, sync, pdl, stream);     \
-    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, sync, pdl, stream);    \
+    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, pdl, stream);     \
+    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, pdl, stream);     \
+    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, pdl, stream);    \
   }
   if (min_blocks == 2) NEOX_RT_GEMV2(2);
+  if (min_blocks == 4) NEOX_RT_GEMV2(4);
   NEOX_RT_GEMV2(3);
 #undef NEOX_RT_GEMV2
 }

@@ -6,8 +6,7 @@
 // the rotated q is returned. Each thread moves VEC consecutive elements of one head (VEC * sizeof(T) bytes,
 // 16 where head size, rd/2 and alignment allow), so a vector never straddles the rotated/pass-through
 // boundary or the two rotary halves. With PDL (sm_90 programmatic dependent launch) the kernel lets its dependent
-// (decode attention, which then prefetches old cache slots) launch at once and waits for qkv before reading it;
-// after the fused pair GEMV (gemv_fused.cuh) it waits for that grid's QKV blocks only (qkv_ready, a LayerSync flag).
+// (decode attention, which then prefetches old cache slots) launch at once and waits for qkv before reading it.
 #pragma once
 
 #include "common.cuh"
@@ -22,13 +21,11 @@ __global__ void rotary_kv_write_kernel(const T* __restrict__ qkv,             //
                                        T* __restrict__ q_out,                 // [b, s, nh, hd]
                                        T* __restrict__ k_cache,               // [B, nh, T, hd]
                                        T* __restrict__ v_cache,               // [B, nh, T, hd]
-                                       int s, int nh, int hd, int rd, int64_t capacity, int64_t max_pos,
-                                       const int* __restrict__ qkv_ready) {  // LayerSync flag, or null
-  if (PDL) pdl_launch_dependents();
-  // qkv and positions come from earlier kernels: wait for the grid before, or only for the QKV blocks of the fused
-  // pair GEMV before (kSyncQkvReady; their grid still runs h->4h, which this kernel does not read)
-  if (qkv_ready != nullptr) block_wait_flag(qkv_ready);
-  else if (PDL) pdl_wait();
+                                       int s, int nh, int hd, int rd, int64_t capacity, int64_t max_pos) {
+  if (PDL) {
+    pdl_launch_dependents();
+    pdl_wait();  // qkv and positions come from earlier kernels
+  }
   // qkv and positions through the L2 only: with PDL the previous kernel may still be running when this one starts.
   const int64_t token = blockIdx.x;  // i * s + j
   const int64_t i = token / s;
@@ -76,7 +73,7 @@ template <typename T>
 cudaError_t launch_rotary_kv_write(const T* qkv, const int64_t* positions, const float* cos_table,
                                    const float* sin_table, T* q_out, T* k_cache, T* v_cache, int b, int s, int nh,
                                    int hd, int rd, int64_t capacity, int64_t max_pos, int vec, bool pdl,
-                                   cudaStream_t stream, const int* qkv_ready = nullptr) {
+                                   cudaStream_t stream) {
   const int64_t tokens = static_cast<int64_t>(b) * s;
   if (tokens == 0) return cudaSuccess;
   const int work = nh * hd / vec;
@@ -86,7 +83,7 @@ cudaError_t launch_rotary_kv_write(const T* qkv, const int64_t* positions, const
 #define NEOX_RT_ROTARY(V)                                                                                   \
   launch_kernel(pdl, rotary_kv_write_kernel<T, V, false>, rotary_kv_write_kernel<T, V, true>, grid, dim3(threads), \
                 stream, qkv, positions, cos_table, sin_table, q_out, k_cache, v_cache, s, nh, hd, rd, capacity,     \
-                max_pos, qkv_ready)
+                max_pos)
   switch (vec) {
     case 8: return NEOX_RT_ROTARY(8);
     case 4: return NEOX_RT_ROTARY(4);

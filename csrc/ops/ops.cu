@@ -81,17 +81,6 @@ int pick_vec(int64_t elem_size, std::initializer_list<int64_t> sizes, std::initi
 template <typename T>
 T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
-// A LayerSync (neox_rt/ops.py): int32 [kSyncSlots] on x's device, or none.
-int* sync_ptr(const std::optional<at::Tensor>& sync, const at::Tensor& like, const char* op) {
-  if (!sync.has_value()) return nullptr;
-  CHECK_SAME_DEVICE(like, *sync, "x", "sync");
-  CHECK_CONTIGUOUS(*sync, "sync");
-  CHECK_DTYPE(*sync, at::kInt, "sync");
-  TORCH_CHECK(sync->numel() == kSyncSlots, "neox_rt: ", op, " sync must have ", fmt(static_cast<int>(kSyncSlots)),
-              " elements, got ", fmt(sync->numel()));
-  return sync->data_ptr<int>();
-}
-
 }  // namespace
 
 at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& query_positions, double scale) {
@@ -118,7 +107,7 @@ at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& que
 
 at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
                            const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache, at::Tensor& v_cache,
-                           bool pdl, const std::optional<at::Tensor>& sync) {
+                           bool pdl) {
   CHECK_CUDA(qkv, "qkv");
   CHECK_SAME_DEVICE(qkv, positions, "qkv", "positions");
   CHECK_SAME_DEVICE(qkv, cos, "qkv", "cos");
@@ -149,7 +138,6 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) == rotary_ndims / 2 && sin.sizes() == cos.sizes(),
               "neox_rt: cos and sin must be [max_pos, rotary_ndims/2=", fmt(rotary_ndims / 2), "], got ",
               fmt(cos.sizes()), " and ", fmt(sin.sizes()));
-  const int* const sync_p = sync_ptr(sync, qkv, "rotary_kv_write");
   const c10::cuda::CUDAGuard guard(qkv.device());
   auto q = at::empty({b, s, nh, hd}, qkv.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -160,8 +148,7 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
                                                 ptr<float>(sin), ptr<scalar_t>(q), ptr<scalar_t>(k_cache),
                                                 ptr<scalar_t>(v_cache), b, s, nh, hd, rotary_ndims, cap,
                                                 cos.size(0), vec,
-                                                pdl && at::cuda::getCurrentDeviceProperties()->major >= 9, stream,
-                                                sync_p != nullptr ? sync_p + kSyncQkvReady : nullptr),
+                                                pdl && at::cuda::getCurrentDeviceProperties()->major >= 9, stream),
                "rotary_kv_write");
   });
   return q;
@@ -413,8 +400,8 @@ GemvProblem<T> problem(const at::Tensor& x, const at::Tensor& weight, const std:
 void check_gemv2_config(int64_t ksplit, int64_t min_blocks, const char* op) {
   TORCH_CHECK(ksplit == 0 || ksplit == 2 || ksplit == 4 || ksplit == 8, "neox_rt: ", op,
               " ksplit must be 0 (auto), 2, 4 or 8, got ", fmt(ksplit));
-  TORCH_CHECK(min_blocks == 0 || min_blocks == 2 || min_blocks == 3, "neox_rt: ", op,
-              " min_blocks must be 0 (auto), 2 or 3, got ", fmt(min_blocks));
+  TORCH_CHECK(min_blocks == 0 || (min_blocks >= 2 && min_blocks <= 4), "neox_rt: ", op,
+              " min_blocks must be 0 (auto), 2, 3 or 4, got ", fmt(min_blocks));
 }
 
 }  // namespace
@@ -423,17 +410,13 @@ std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Ten
                                              const std::optional<at::Tensor>& bias1, int64_t activation1,
                                              const at::Tensor& x2, const at::Tensor& weight2,
                                              const std::optional<at::Tensor>& bias2, int64_t activation2,
-                                             int64_t ksplit, int64_t min_blocks, bool pdl,
-                                             const std::optional<at::Tensor>& sync) {
+                                             int64_t ksplit, int64_t min_blocks, bool pdl) {
   check_gemv2_operand(x1, weight1, bias1, x1, "gemv_pair", "x1", "weight1");
   check_gemv2_operand(x2, weight2, bias2, x1, "gemv_pair", "x2", "weight2");
   for (const int64_t a : {activation1, activation2})
     TORCH_CHECK(a >= 0 && a <= 3, "neox_rt: gemv_pair activation must be 0 (none), 1 (gelu erf), 2 (gelu tanh) ",
                 "or 3 (relu), got ", fmt(a));
   check_gemv2_config(ksplit, min_blocks, "gemv_pair");
-  int* const sync_p = sync_ptr(sync, x1, "gemv_pair");
-  TORCH_CHECK(sync_p == nullptr || (weight1.size(0) > 0 && weight2.size(0) > 0),
-              "neox_rt: gemv_pair with sync needs out_features > 0 in both weights");
   const c10::cuda::CUDAGuard guard(x1.device());
   const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
   auto y1 = at::empty(out_shape_of(x1, weight1.size(0)), x1.options());
@@ -443,8 +426,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Ten
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     check_cuda(launch_gemv2<scalar_t>(problem<scalar_t>(x1, weight1, bias1, nullptr, &y1, activation1),
                                       problem<scalar_t>(x2, weight2, bias2, nullptr, &y2, activation2), false,
-                                      static_cast<int>(ksplit), static_cast<int>(min_blocks), sync_p, use_pdl,
-                                      stream),
+                                      static_cast<int>(ksplit), static_cast<int>(min_blocks), use_pdl, stream),
                "gemv_pair");
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
@@ -454,14 +436,12 @@ std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Ten
 
 at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
                     const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl,
-                    const std::optional<at::Tensor>& sync) {
+                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl) {
   check_gemv2_operand(x1, weight1, bias1, x1, "gemv_sum", "x1", "weight1");
   check_gemv2_operand(x2, weight2, bias2, x1, "gemv_sum", "x2", "weight2");
   TORCH_CHECK(weight1.size(0) == weight2.size(0), "neox_rt: gemv_sum needs weights of the same out_features, got ",
               fmt(weight1.sizes()), " and ", fmt(weight2.sizes()));
   check_gemv2_config(ksplit, min_blocks, "gemv_sum");
-  int* const sync_p = sync_ptr(sync, x1, "gemv_sum");
   const auto shape = out_shape_of(x1, weight1.size(0));
   if (residual.has_value()) {
     CHECK_SAME_DEVICE(x1, *residual, "x1", "residual");
@@ -479,7 +459,7 @@ at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::T
     check_cuda(launch_gemv2<scalar_t>(
                    problem<scalar_t>(x1, weight1, bias1, residual.has_value() ? &*residual : nullptr, &y, 0),
                    problem<scalar_t>(x2, weight2, bias2, nullptr, nullptr, 0), true, static_cast<int>(ksplit),
-                   static_cast<int>(min_blocks), sync_p, use_pdl, stream),
+                   static_cast<int>(min_blocks), use_pdl, stream),
                "gemv_sum");
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));

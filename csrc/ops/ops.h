@@ -13,10 +13,10 @@ namespace neox_rt {
 at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& query_positions, double scale);
 
 // Rotary on q, k + cache write of k, v. qkv [b, s, nh*3*hd] -> q [b, s, nh, hd]; mutates k_cache, v_cache.
-// pdl: programmatic dependent launch (sm_90); sync: the LayerSync a gemv_pair signals (wait for its QKV blocks only).
+// pdl: programmatic dependent launch (sm_90).
 at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
                            const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache, at::Tensor& v_cache,
-                           bool pdl, const std::optional<at::Tensor>& sync);
+                           bool pdl);
 
 // One query per sequence over its first seqlens[i] slots. q [b, nh, hd] -> [b, nh, hd]. pdl: programmatic
 // dependent launch (sm_90); blocks_per_sm: the split plan (0: the default); merge_kernel: merge the splits in a
@@ -40,19 +40,16 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
 
 // Two single-row GEMVs in one launch (csrc/kernels/gemv_fused.cuh): (act1(x1 W1^T + b1), act2(x2 W2^T + b2)).
 // x1, x2: one row each ([..., k], numel k, k % 16 == 0). ksplit: warps per row's k (0 auto, 2, 4, 8); min_blocks:
-// blocks per SM the registers are fitted to (0 auto, 2, 3). sync: a zeroed LayerSync (int32[8]) to signal (the pair)
-// or to wait on and zero (the sum); see csrc/kernels/common.cuh.
+// blocks per SM the registers are fitted to (0 auto, 2, 3, 4).
 std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Tensor& weight1,
                                              const std::optional<at::Tensor>& bias1, int64_t activation1,
                                              const at::Tensor& x2, const at::Tensor& weight2,
                                              const std::optional<at::Tensor>& bias2, int64_t activation2,
-                                             int64_t ksplit, int64_t min_blocks, bool pdl,
-                                             const std::optional<at::Tensor>& sync);
+                                             int64_t ksplit, int64_t min_blocks, bool pdl);
 
 // x1 W1^T + x2 W2^T + b1 + b2 + residual for one row (one GEMV over the concatenated k, fp32 sum, one rounding).
 at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
                     const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl,
-                    const std::optional<at::Tensor>& sync);
+                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl);
 
 }  // namespace neox_rt
