@@ -18,9 +18,10 @@ TORCH_LIBRARY(neox_rt, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual=None, int variant=0, "
         "bool pdl=False) -> Tensor");
   m.def("gemv_pair(Tensor x1, Tensor weight1, Tensor? bias1, int activation1, Tensor x2, Tensor weight2, "
-        "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False) -> (Tensor, Tensor)");
+        "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False, int prefetch=-1) "
+        "-> (Tensor, Tensor)");
   m.def("gemv_sum(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "
-        "Tensor? residual=None, int ksplit=0, int min_blocks=0, bool pdl=False) -> Tensor");
+        "Tensor? residual=None, int ksplit=0, int min_blocks=0, bool pdl=False, int prefetch=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {

@@ -73,6 +73,9 @@ DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
 # row's k (0 auto, 2, 4, 8) and the blocks per SM their registers are fitted to (0 auto = 3, 2, 3 or 4), for A/B runs.
 GEMV2_KSPLIT = _env_choice("NEOX_RT_GEMV2_KSPLIT", (0, 2, 4, 8))
 GEMV2_MIN_BLOCKS = _env_choice("NEOX_RT_GEMV2_MIN_BLOCKS", (0, 2, 3, 4))
+# ... and the 2 KB chunks per warp they ask for into shared memory before waiting for the previous kernel (-1 auto:
+# 3 where 3 blocks an SM fit them, sm_80+; 0 off).
+GEMV2_PREFETCH = _env_choice("NEOX_RT_GEMV2_PREFETCH", (-1, 0, 1, 2, 3))
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -125,11 +128,12 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     @lib.register_fake("neox_rt::gemv_pair")
-    def _(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, ksplit=0, min_blocks=0, pdl=False):
+    def _(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, ksplit=0, min_blocks=0, pdl=False,
+          prefetch=-1):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0]), x2.new_empty(*x2.shape[:-1], weight2.shape[0])
 
     @lib.register_fake("neox_rt::gemv_sum")
-    def _(x1, weight1, x2, weight2, bias1, bias2, residual=None, ksplit=0, min_blocks=0, pdl=False):
+    def _(x1, weight1, x2, weight2, bias1, bias2, residual=None, ksplit=0, min_blocks=0, pdl=False, prefetch=-1):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0])
 
     _fakes_registered = True
@@ -153,11 +157,12 @@ def linear(x, weight, bias=None, activation=None, residual=None):
 
 def linear_pair(x1, w1, b1, act1, x2, w2, b2, act2):
     return tuple(torch.ops.neox_rt.gemv_pair(x1, w1, b1, ACTIVATIONS[act1], x2, w2, b2, ACTIVATIONS[act2],
-                                             GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL))
+                                             GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL, GEMV2_PREFETCH))
 
 
 def linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
-    return torch.ops.neox_rt.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL)
+    return torch.ops.neox_rt.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL,
+                                      GEMV2_PREFETCH)
 
 
 def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):

@@ -342,37 +342,38 @@ GEMV2_SHAPES = [  # (n1, k1, n2, k2): the 20B layer's pairs at TP=2 and TP=4, py
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n1,k1,n2,k2", GEMV2_SHAPES)
-@pytest.mark.parametrize("ksplit,min_blocks", [(0, 0), (2, 3), (4, 2), (8, 3), (8, 2), (2, 4)])
-def test_gemv_pair(ext, dtype, n1, k1, n2, k2, ksplit, min_blocks):
+@pytest.mark.parametrize("ksplit,min_blocks,prefetch", [(0, 0, -1), (2, 3, 0), (4, 2, 3), (8, 3, 1), (8, 2, 2),
+                                                       (2, 4, 3)])
+def test_gemv_pair(ext, dtype, n1, k1, n2, k2, ksplit, min_blocks, prefetch):
     """Two single-row GEMVs in one launch against two references, with bias and activation, each problem its own;
-    leading dims kept."""
+    leading dims kept; with 0-3 chunks a warp prefetched into shared memory (more than some warps' whole share)."""
     from neox_rt.cuda_ops import ACTIVATIONS
     x1, x2 = rand(1, 1, k1, dtype=dtype), rand(1, 1, k2, dtype=dtype)
     w1, w2 = rand(n1, k1, dtype=dtype, scale=k1 ** -0.5), rand(n2, k2, dtype=dtype, scale=k2 ** -0.5)
     b1, b2 = rand(n1, dtype=dtype), rand(n2, dtype=dtype)
     for act1, act2, bias1, bias2 in ((None, "gelu_fast", b1, b2), ("gelu", None, None, b2), ("relu", None, b1, None)):
         y1, y2 = ext.gemv_pair(x1, w1, bias1, ACTIVATIONS[act1], x2, w2, bias2, ACTIVATIONS[act2], ksplit,
-                               min_blocks, True)
+                               min_blocks, True, prefetch)
         assert y1.shape == (1, 1, n1) and y2.shape == (1, 1, n2) and y1.dtype == y2.dtype == dtype
         for y, x, w, b, act, name in ((y1, x1, w1, bias1, act1, "first"), (y2, x2, w2, bias2, act2, "second")):
             ref64 = ops.linear_ref(x.double(), w.double(), None if b is None else b.double(), act)
             assert_by_rule(y, ref64, ops.linear_ref(x, w, b, act), f"gemv_pair {name} {n1}x{k1}, {n2}x{k2} "
-                           f"ksplit {ksplit} min_blocks {min_blocks} {act1}/{act2}")
+                           f"ksplit {ksplit} min_blocks {min_blocks} prefetch {prefetch} {act1}/{act2}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k1,k2", [(6144, 3072, 12288), (6144, 1536, 6144), (2048, 2048, 8192), (45, 4112, 16),
                                      (301, 1040, 4096)])
-@pytest.mark.parametrize("ksplit,min_blocks", [(0, 0), (2, 3), (4, 2), (8, 3), (2, 4)])
-def test_gemv_sum(ext, dtype, n, k1, k2, ksplit, min_blocks):
+@pytest.mark.parametrize("ksplit,min_blocks,prefetch", [(0, 0, -1), (2, 3, 0), (4, 2, 3), (8, 3, 1), (2, 4, 2)])
+def test_gemv_sum(ext, dtype, n, k1, k2, ksplit, min_blocks, prefetch):
     """x1 W1^T + x2 W2^T + b1 + b2 + residual as one GEMV over the concatenated k, against the fp64 sum; every
     optional operand left out once."""
     x1, x2 = rand(1, k1, dtype=dtype), rand(1, k2, dtype=dtype)
     w1, w2 = rand(n, k1, dtype=dtype, scale=k1 ** -0.5), rand(n, k2, dtype=dtype, scale=k2 ** -0.5)
     b1, b2, res = rand(n, dtype=dtype), rand(n, dtype=dtype), rand(1, n, dtype=dtype, scale=4.0)
     for bias1, bias2, residual in ((b1, b2, res), (None, b2, res), (b1, None, None), (None, None, res)):
-        y = ext.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, ksplit, min_blocks, True)
+        y = ext.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, ksplit, min_blocks, True, prefetch)
         assert y.shape == (1, n) and y.dtype == dtype
 
         def total(a, b, w_, v, c1, c2, r):
@@ -383,28 +384,34 @@ def test_gemv_sum(ext, dtype, n, k1, k2, ksplit, min_blocks):
         d = (lambda t: None if t is None else t.double())
         ref64 = total(x1.double(), x2.double(), w1.double(), w2.double(), d(bias1), d(bias2), d(residual))
         assert_by_rule(y, ref64, total(x1, x2, w1, w2, bias1, bias2, residual),
-                       f"gemv_sum {n}x({k1}+{k2}) ksplit {ksplit} min_blocks {min_blocks}")
+                       f"gemv_sum {n}x({k1}+{k2}) ksplit {ksplit} min_blocks {min_blocks} prefetch {prefetch}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pdl", [False, True])
-def test_fused_pair_layer_chain_in_graph(ext, pdl):
-    """The parallel-residual layer as the decode graph runs it with the fused pairs: dual LayerNorm, gemv_pair
-    (QKV stand-in, h->4h + GeLU), an elementwise stand-in for attention, gemv_sum (dense + 4h->h + x), six layers
-    captured with programmatic dependent launch. The sum reads h->4h's output two kernels later: a missing wait
-    would read it stale. Replays must equal the chain in plain stream order, bit for bit."""
-    h, f, layers = 1024, 4096, 6
-    ws = [tuple(rand(h) for _ in range(4)) + (rand(3 * h // 2, h, scale=h ** -0.5), rand(f, h, scale=h ** -0.5),
-                                              rand(h, h // 2, scale=0.03), rand(h, f, scale=f ** -0.5), rand(f))
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_fused_pair_layer_chain_in_graph(ext, pdl, prefetch):
+    """The parallel-residual decode layer as the graph runs it with the fused pairs: dual LayerNorm, gemv_pair (QKV,
+    h->4h + GeLU), rotary + KV write, decode attention, gemv_sum (dense + 4h->h + x), six layers captured with
+    programmatic dependent launch, without and with weights prefetched into shared memory while the GEMVs wait. The
+    sum reads h->4h's output three kernels later: a missing wait would read it stale. Replays must equal the chain
+    run in plain stream order, bit for bit."""
+    h, f, nh, hd, layers, pos = 1024, 4096, 8, 64, 6, 37
+    cos, sin = ops.rotary_tables(16, 64, 10000.0, "cuda")
+    ws = [tuple(rand(h) for _ in range(4)) + (rand(3 * nh * hd, h, scale=h ** -0.5), rand(f, h, scale=h ** -0.5),
+                                              rand(h, nh * hd, scale=0.03), rand(h, f, scale=f ** -0.5), rand(f),
+                                              rand(1, nh, 64, hd), rand(1, nh, 64, hd))
           for _ in range(layers)]
+    positions, seqlens = torch.tensor([[pos]], device="cuda"), torch.tensor([pos + 1], device="cuda")
     x_static = rand(1, h)
 
     def chain(x, use_pdl):
-        for g1, c1, g2, c2, qkv_w, up_w, dense_w, down_w, up_b in ws:
+        for g1, c1, g2, c2, qkv_w, up_w, dense_w, down_w, up_b, kc, vc in ws:
             a_in, m_in = ext.dual_layernorm(x, g1, c1, g2, c2, 1e-5, use_pdl)
-            qkv, up = ext.gemv_pair(a_in, qkv_w, None, 0, m_in, up_w, up_b, 2, 0, 0, use_pdl)
-            ctx = (qkv[:, : h // 2] * 0.5).contiguous()  # attention stand-in (a plain PyTorch kernel, no PDL)
-            x = ext.gemv_sum(ctx, dense_w, up, down_w, None, None, x, 0, 0, use_pdl)
+            qkv, up = ext.gemv_pair(a_in, qkv_w, None, 0, m_in, up_w, up_b, 2, 0, 0, use_pdl, prefetch)
+            q = ext.rotary_kv_write(qkv[None], positions, cos, sin, 16, kc, vc, use_pdl)
+            ctx = ext.decode_attention(q[:, 0], kc, vc, seqlens, hd ** -0.5, use_pdl).reshape(1, nh * hd)
+            x = ext.gemv_sum(ctx, dense_w, up, down_w, None, None, x, 0, 0, use_pdl, prefetch)
         return x
 
     assert_graph_replay_matches(chain, x_static, lambda: rand(1, h), pdl=pdl)
@@ -636,6 +643,8 @@ ERROR_CASES = {  # op call on bad input -> the message it must raise (numbers an
     "gemv_sum out_features": (lambda e, x, w: e.gemv_sum(x, w, x, w[:4].contiguous(), None, None),
                               r"same out_features, got \[8, 64\] and \[4, 64\]"),
     "gemv_sum min_blocks": (lambda e, x, w: e.gemv_sum(x, w, x, w, None, None, None, 0, 5), r"min_blocks .* got 5"),
+    "gemv_sum prefetch": (lambda e, x, w: e.gemv_sum(x, w, x, w, None, None, None, 0, 0, False, 7),
+                          r"prefetch .* got 7"),
 }
 
 

@@ -404,19 +404,25 @@ void check_gemv2_config(int64_t ksplit, int64_t min_blocks, const char* op) {
               " min_blocks must be 0 (auto), 2, 3 or 4, got ", fmt(min_blocks));
 }
 
+void check_gemv2_prefetch(int64_t prefetch, const char* op) {
+  TORCH_CHECK(prefetch >= -1 && prefetch <= kGemv2MaxPre, "neox_rt: ", op, " prefetch must be -1 (auto) or 0..",
+              fmt(kGemv2MaxPre), ", got ", fmt(prefetch));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Tensor& weight1,
                                              const std::optional<at::Tensor>& bias1, int64_t activation1,
                                              const at::Tensor& x2, const at::Tensor& weight2,
                                              const std::optional<at::Tensor>& bias2, int64_t activation2,
-                                             int64_t ksplit, int64_t min_blocks, bool pdl) {
+                                             int64_t ksplit, int64_t min_blocks, bool pdl, int64_t prefetch) {
   check_gemv2_operand(x1, weight1, bias1, x1, "gemv_pair", "x1", "weight1");
   check_gemv2_operand(x2, weight2, bias2, x1, "gemv_pair", "x2", "weight2");
   for (const int64_t a : {activation1, activation2})
     TORCH_CHECK(a >= 0 && a <= 3, "neox_rt: gemv_pair activation must be 0 (none), 1 (gelu erf), 2 (gelu tanh) ",
                 "or 3 (relu), got ", fmt(a));
   check_gemv2_config(ksplit, min_blocks, "gemv_pair");
+  check_gemv2_prefetch(prefetch, "gemv_pair");
   const c10::cuda::CUDAGuard guard(x1.device());
   const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
   auto y1 = at::empty(out_shape_of(x1, weight1.size(0)), x1.options());
@@ -426,7 +432,8 @@ std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Ten
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     check_cuda(launch_gemv2<scalar_t>(problem<scalar_t>(x1, weight1, bias1, nullptr, &y1, activation1),
                                       problem<scalar_t>(x2, weight2, bias2, nullptr, &y2, activation2), false,
-                                      static_cast<int>(ksplit), static_cast<int>(min_blocks), use_pdl, stream),
+                                      static_cast<int>(ksplit), static_cast<int>(min_blocks),
+                                      static_cast<int>(prefetch), use_pdl, stream),
                "gemv_pair");
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
@@ -436,12 +443,14 @@ std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Ten
 
 at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
                     const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl) {
+                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl,
+                    int64_t prefetch) {
   check_gemv2_operand(x1, weight1, bias1, x1, "gemv_sum", "x1", "weight1");
   check_gemv2_operand(x2, weight2, bias2, x1, "gemv_sum", "x2", "weight2");
   TORCH_CHECK(weight1.size(0) == weight2.size(0), "neox_rt: gemv_sum needs weights of the same out_features, got ",
               fmt(weight1.sizes()), " and ", fmt(weight2.sizes()));
   check_gemv2_config(ksplit, min_blocks, "gemv_sum");
+  check_gemv2_prefetch(prefetch, "gemv_sum");
   const auto shape = out_shape_of(x1, weight1.size(0));
   if (residual.has_value()) {
     CHECK_SAME_DEVICE(x1, *residual, "x1", "residual");
@@ -459,7 +468,7 @@ at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::T
     check_cuda(launch_gemv2<scalar_t>(
                    problem<scalar_t>(x1, weight1, bias1, residual.has_value() ? &*residual : nullptr, &y, 0),
                    problem<scalar_t>(x2, weight2, bias2, nullptr, nullptr, 0), true, static_cast<int>(ksplit),
-                   static_cast<int>(min_blocks), use_pdl, stream),
+                   static_cast<int>(min_blocks), static_cast<int>(prefetch), use_pdl, stream),
                "gemv_sum");
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
