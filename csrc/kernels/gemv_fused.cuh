@@ -34,6 +34,8 @@ struct GemvProblem {
   const T* residual;  // [n] or null
   T* y;               // [n]
   int n, k, act;
+  const T* ln_w;      // [k]: with the pair's LayerNorm (gemv_pair_ln), x is normalized with these first
+  const T* ln_b;      // [k]
 };
 
 constexpr int kGemv2Warps = 8, kGemv2RowsPerGroup = 4;
@@ -41,12 +43,16 @@ constexpr int kGemv2Warps = 8, kGemv2RowsPerGroup = 4;
 // x 16 bytes), 16 KB a block; 3: 48 KB a block, 144 KB an SM at 3 blocks.
 constexpr int kGemv2MaxPre = 3;
 constexpr int kGemv2PreBytes = kGemv2Warps * kGemv2RowsPerGroup * 32 * 16;  // shared memory a block per chunk
+constexpr int kGemv2MaxLnHidden = 16384;  // gemv_pair_ln: the normalized x in shared memory (32 KB in fp16)
 
 // SUM: one problem over k1 + k2 (p1's n, bias, residual and y; p2's x, W and bias); else blocks [0, blocks1) take p1
 // and the rest p2. pre: chunks per warp prefetched into shared memory (dynamic, pre * kGemv2PreBytes a block).
-template <typename T, int KSPLIT, bool SUM, bool PDL>
+// LN (pair only): x is the layer input, and each block first computes its problem's LayerNorm of it (fp32, two-pass
+// statistics as layernorm.cuh, rounded to T) into shared memory (after the prefetch slots), which the loop reads
+// instead of x: the dual LayerNorm kernel and its launch disappear from the layer.
+template <typename T, int KSPLIT, bool SUM, bool LN, bool PDL>
 __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvProblem<T>& p2, int blocks1,
-                                           int pre) {
+                                           int pre, float eps) {
   constexpr int VEC = 16 / sizeof(T), NPW = kGemv2RowsPerGroup, WARPS = kGemv2Warps, SPAN = 32 * VEC;
   static_assert(WARPS % KSPLIT == 0, "KSPLIT divides the warps");
   __shared__ float partial[WARPS][NPW];
@@ -95,11 +101,48 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
     if (c0 + (pre + 1) * SPAN < total) load_w(nxt, c0 + (pre + 1) * SPAN);
   }
   if (PDL) pdl_wait();
+  T* const xn = reinterpret_cast<T*>(gemv2_prefetched + static_cast<int64_t>(WARPS) * pre * NPW * 32);  // LN: [k]
+  if (LN) {
+    __shared__ float scratch[32];
+    const int nv = k / VEC;
+    float sum = 0.f;
+    for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+      const Vec<T, VEC> xv = load_vec_ca<T, VEC>(px + v * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sum += to_float(xv.v[e]);
+    }
+    const float mean = block_sum(sum, scratch) / k;
+    float sq = 0.f;
+    for (int v = threadIdx.x; v < nv; v += blockDim.x) {  // x again, from L1
+      const Vec<T, VEC> xv = load_vec_ca<T, VEC>(px + v * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float d = to_float(xv.v[e]) - mean;
+        sq += d * d;
+      }
+    }
+    const float rstd = rsqrtf(block_sum(sq, scratch) / k + eps);
+    const T* const lw = second ? p2.ln_w : p1.ln_w;
+    const T* const lb = second ? p2.ln_b : p1.ln_b;
+    for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+      const Vec<T, VEC> xv = load_vec_ca<T, VEC>(px + v * VEC);
+      const Vec<T, VEC> wv = load_vec<T, VEC>(lw + v * VEC), bv = load_vec<T, VEC>(lb + v * VEC);
+      Vec<T, VEC> out;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        out.v[e] = from_float<T>((to_float(xv.v[e]) - mean) * rstd * to_float(wv.v[e]) + to_float(bv.v[e]));
+      *reinterpret_cast<Vec<T, VEC>*>(xn + v * VEC) = out;
+    }
+    __syncthreads();
+  }
   cp_async_wait_all();  // this thread's own copies (each lane reads back only what it asked for)
   float acc[NPW];
 #pragma unroll
   for (int o = 0; o < NPW; ++o) acc[o] = 0.f;
-  auto x_at = [&](int c) { return load_vec_ca<T, VEC>(!SUM || c < ka ? xa + c : xb + (c - ka)); };
+  auto x_at = [&](int c) {
+    if (LN) return *reinterpret_cast<const Vec<T, VEC>*>(xn + static_cast<int64_t>(part) * ka + c);
+    return load_vec_ca<T, VEC>(!SUM || c < ka ? xa + c : xb + (c - ka));
+  };
   auto fma_chunk = [&](const Vec<T, VEC> (&buf)[NPW], int c) {
     const Vec<T, VEC> xv = x_at(c);
 #pragma unroll
@@ -161,18 +204,18 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
 
 // MINB: blocks per SM the registers are fitted to (__launch_bounds__): 3 (up to 80 registers, 24 warps an SM), 4 (64,
 // 32 warps) or 2 (128, 16 warps).
-template <typename T, int KSPLIT, int MINB, bool PDL>
+template <typename T, int KSPLIT, int MINB, bool LN, bool PDL>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
 gemv_pair_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1,
-                 int pre) {
-  gemv2_body<T, KSPLIT, false, PDL>(p1, p2, blocks1, pre);
+                 int pre, float eps) {
+  gemv2_body<T, KSPLIT, false, LN, PDL>(p1, p2, blocks1, pre, eps);
 }
 
 template <typename T, int KSPLIT, int MINB, bool PDL>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
 gemv_sum_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1,
                 int pre) {
-  gemv2_body<T, KSPLIT, true, PDL>(p1, p2, blocks1, pre);
+  gemv2_body<T, KSPLIT, true, false, PDL>(p1, p2, blocks1, pre, 0.f);
 }
 
 // Warps splitting each row's k (2, 4 or 8: blocks of 16, 8 or 4 rows). Auto (0): as gemv_auto_wide for one GEMV,
@@ -205,13 +248,15 @@ inline int gemv2_prefetch_chunks(int requested, int min_blocks) {
 }
 
 template <typename T, int KSPLIT, int MINB>
-cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, int prefetch, bool pdl,
-                            cudaStream_t stream) {
+cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, bool ln, float eps,
+                            int prefetch, bool pdl, cudaStream_t stream) {
   constexpr int rows = kGemv2Warps / KSPLIT * kGemv2RowsPerGroup;
   const int blocks1 = (p1.n + rows - 1) / rows;
   const dim3 block(kGemv2Warps * 32);
   const int pre = gemv2_prefetch_chunks(prefetch, MINB);
-  const size_t smem = static_cast<size_t>(pre) * kGemv2PreBytes;
+  // the prefetch slots, then (LN) the normalized x: k elements rounded up to 16 bytes
+  const size_t smem = static_cast<size_t>(pre) * kGemv2PreBytes +
+                      (ln ? (static_cast<size_t>(p1.k) * sizeof(T) + 15) / 16 * 16 : 0);
   // above 48 KB of dynamic shared memory a kernel must be opted in (a host-side attribute, cheap; set every launch)
   auto opt_in = [&](auto* plain, auto* programmatic) {
     cudaError_t err = cudaSuccess;
@@ -228,29 +273,35 @@ cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, 
     if (const cudaError_t err = opt_in(plain, programmatic); err != cudaSuccess) return err;
     return launch_kernel_smem(pdl, plain, programmatic, dim3(blocks1), block, smem, stream, p1, p2, blocks1, pre);
   }
-  auto plain = gemv_pair_kernel<T, KSPLIT, MINB, false>;
-  auto programmatic = gemv_pair_kernel<T, KSPLIT, MINB, true>;
-  if (const cudaError_t err = opt_in(plain, programmatic); err != cudaSuccess) return err;
   const dim3 grid(blocks1 + (p2.n + rows - 1) / rows);
-  return launch_kernel_smem(pdl, plain, programmatic, grid, block, smem, stream, p1, p2, blocks1, pre);
+  auto launch = [&](auto* plain, auto* programmatic) {
+    if (const cudaError_t err = opt_in(plain, programmatic); err != cudaSuccess) return err;
+    return launch_kernel_smem(pdl, plain, programmatic, grid, block, smem, stream, p1, p2, blocks1, pre, eps);
+  };
+  if (ln) return launch(gemv_pair_kernel<T, KSPLIT, MINB, true, false>, gemv_pair_kernel<T, KSPLIT, MINB, true, true>);
+  return launch(gemv_pair_kernel<T, KSPLIT, MINB, false, false>, gemv_pair_kernel<T, KSPLIT, MINB, false, true>);
 }
 
-// sum: p2.n == p1.n; p2's x, W and bias join p1's (p2's residual and y unused). k1, k2 % 16 == 0, 16-byte aligned x
-// and W. ksplit: 0 auto, else 2, 4 or 8 (reduced where a k does not divide); min_blocks: 0 auto (fp16 3, bf16 2), 2,
-// 3 or 4;
-// prefetch: chunks per warp into shared memory before the wait, -1 auto (gemv2_prefetch_chunks), else 0..3.
+// sum: p2.n == p1.n; p2's x, W and bias join p1's (p2's residual and y unused). ln (pair only): p1.x == p2.x is the
+// layer input, normalized per block with each problem's ln_w / ln_b and eps first (p1.k == p2.k). k1, k2 % 16 == 0,
+// 16-byte aligned x and W. ksplit: 0 auto, else 2, 4 or 8 (reduced where a k does not divide); min_blocks: 0 auto
+// (fp16 3, bf16 2), 2, 3 or 4; prefetch: chunks per warp into shared memory before the wait, -1 as many as fit
+// (gemv2_prefetch_chunks), else 0..3.
 template <typename T>
-cudaError_t launch_gemv2(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, int ksplit, int min_blocks,
-                         int prefetch, bool pdl, cudaStream_t stream) {
+cudaError_t launch_gemv2(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, bool ln, float eps,
+                         int ksplit, int min_blocks, int prefetch, bool pdl, cudaStream_t stream) {
   if (p1.k % 16 != 0 || p2.k % 16 != 0 || (sum && p1.n != p2.n)) return cudaErrorInvalidValue;
+  if (ln && (sum || p1.k != p2.k || p1.x != p2.x || p1.ln_w == nullptr || p1.ln_b == nullptr ||
+             p2.ln_w == nullptr || p2.ln_b == nullptr))
+    return cudaErrorInvalidValue;
   if (p1.n == 0 && (sum || p2.n == 0)) return cudaSuccess;
   const int n_min = sum ? p1.n : std::min(p1.n > 0 ? p1.n : p2.n, p2.n > 0 ? p2.n : p1.n);
   const int ks = gemv2_ksplit(ksplit, n_min, p1.k, p2.k);
-#define NEOX_RT_GEMV2(MINB_)                                                               \
-  switch (ks) {                                                                            \
-    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, prefetch, pdl, stream);      \
-    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, prefetch, pdl, stream);      \
-    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, prefetch, pdl, stream);     \
+#define NEOX_RT_GEMV2(MINB_)                                                                       \
+  switch (ks) {                                                                                    \
+    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, ln, eps, prefetch, pdl, stream);     \
+    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, ln, eps, prefetch, pdl, stream);     \
+    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, ln, eps, prefetch, pdl, stream);    \
   }
   // auto: 3 blocks an SM in fp16 (76-78 registers, no spills); 2 in bf16, whose conversions spill at 80 registers
   if (min_blocks == 0) min_blocks = std::is_same<T, __nv_bfloat16>::value ? 2 : 3;

@@ -48,6 +48,16 @@ std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Ten
                                              const std::optional<at::Tensor>& bias2, int64_t activation2,
                                              int64_t ksplit, int64_t min_blocks, bool pdl, int64_t prefetch);
 
+// gemv_pair of (LN1(x), LN2(x)): each block normalizes x (fp32 two-pass statistics, rounded to x's dtype) with its
+// problem's LayerNorm into shared memory first (the dual LayerNorm kernel folded into the GEMV). hidden <= 16384.
+std::tuple<at::Tensor, at::Tensor> gemv_pair_ln(const at::Tensor& x, const at::Tensor& ln_weight1,
+                                                const at::Tensor& ln_bias1, const at::Tensor& ln_weight2,
+                                                const at::Tensor& ln_bias2, double eps, const at::Tensor& weight1,
+                                                const std::optional<at::Tensor>& bias1, int64_t activation1,
+                                                const at::Tensor& weight2, const std::optional<at::Tensor>& bias2,
+                                                int64_t activation2, int64_t ksplit, int64_t min_blocks, bool pdl,
+                                                int64_t prefetch);
+
 // x1 W1^T + x2 W2^T + b1 + b2 + residual for one row (one GEMV over the concatenated k, fp32 sum, one rounding).
 at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
                     const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
