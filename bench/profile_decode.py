@@ -61,10 +61,7 @@ def assign(kernels, num_layers: int):
     """kernels: [(name, start_us, dur_us)] of one step in start order -> {(layer, slot): [dur...]}, extra."""
     starts = [i for i, (n, _, _) in enumerate(kernels) if kernel_kind(n) == "layernorm"]
     # a parallel-residual layer has one (dual) LayerNorm kernel, a sequential one two; the final LayerNorm
-    # is the last one of the step. With the LayerNorm folded into the fused pair GEMV (gemv_pair_ln) that GEMV starts
-    # the layer.
-    if num_layers and len(starts) == 1:
-        starts = [i for i, (n, _, _) in enumerate(kernels) if kernel_kind(n) == "qkv + h->4h"] + starts
+    # is the last one of the step
     per_layer = (len(starts) - 1) // num_layers if num_layers else 0
     if per_layer < 1 or len(starts) != per_layer * num_layers + 1:
         return None, None, None

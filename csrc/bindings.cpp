@@ -18,13 +18,9 @@ TORCH_LIBRARY(neox_rt, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual=None, int variant=0, "
         "bool pdl=False) -> Tensor");
   m.def("gemv_pair(Tensor x1, Tensor weight1, Tensor? bias1, int activation1, Tensor x2, Tensor weight2, "
-        "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False, int prefetch=-1) "
-        "-> (Tensor, Tensor)");
-  m.def("gemv_pair_ln(Tensor x, Tensor ln_weight1, Tensor ln_bias1, Tensor ln_weight2, Tensor ln_bias2, float eps, "
-        "Tensor weight1, Tensor? bias1, int activation1, Tensor weight2, Tensor? bias2, int activation2, "
-        "int ksplit=0, int min_blocks=0, bool pdl=False, int prefetch=-1) -> (Tensor, Tensor)");
+        "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv_sum(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "
-        "Tensor? residual=None, int ksplit=0, int min_blocks=0, bool pdl=False, int prefetch=-1) -> Tensor");
+        "Tensor? residual=None, int ksplit=0, int min_blocks=0, bool pdl=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
@@ -35,7 +31,6 @@ TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
   m.impl("dual_layernorm", &neox_rt::dual_layernorm);
   m.impl("gemv", &neox_rt::gemv);
   m.impl("gemv_pair", &neox_rt::gemv_pair);
-  m.impl("gemv_pair_ln", &neox_rt::gemv_pair_ln);
   m.impl("gemv_sum", &neox_rt::gemv_sum);
 }
 

@@ -73,14 +73,6 @@ DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
 # row's k (0 auto, 2, 4, 8) and the blocks per SM their registers are fitted to (0 auto = 3, 2, 3 or 4), for A/B runs.
 GEMV2_KSPLIT = _env_choice("NEOX_RT_GEMV2_KSPLIT", (0, 2, 4, 8))
 GEMV2_MIN_BLOCKS = _env_choice("NEOX_RT_GEMV2_MIN_BLOCKS", (0, 2, 3, 4))
-# ... and the 2 KB chunks per warp they ask for into shared memory before waiting for the previous kernel (-1: as many
-# as fit, 3 where 3 blocks an SM fit them, sm_80+; 0 off). The sum's wait is rotary + attention (~8 us of idle DRAM);
-# the pair's is the LayerNorm, under which its blocks find the SMs still full of the sum's. One H100, f1b37c9, 20B
-# rank 0 of TP=2: 3 chunks in both 7.375 ms vs none 7.381; the sum's slot -3.5 us a layer, the pair's +3.6
-# (bench/NOTES.md, session 9). So: the sum prefetches, the pair does not.
-GEMV2_PAIR_PREFETCH = _env_choice("NEOX_RT_GEMV2_PAIR_PREFETCH", (0, -1, 1, 2, 3))
-GEMV2_SUM_PREFETCH = _env_choice("NEOX_RT_GEMV2_SUM_PREFETCH", (-1, 0, 1, 2, 3))
-GEMV2_MAX_LN_HIDDEN = 16384  # kGemv2MaxLnHidden (csrc/kernels/gemv_fused.cuh)
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -133,17 +125,11 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     @lib.register_fake("neox_rt::gemv_pair")
-    def _(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, ksplit=0, min_blocks=0, pdl=False,
-          prefetch=-1):
+    def _(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, ksplit=0, min_blocks=0, pdl=False):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0]), x2.new_empty(*x2.shape[:-1], weight2.shape[0])
 
-    @lib.register_fake("neox_rt::gemv_pair_ln")
-    def _(x, ln_weight1, ln_bias1, ln_weight2, ln_bias2, eps, weight1, bias1, activation1, weight2, bias2, activation2,
-          ksplit=0, min_blocks=0, pdl=False, prefetch=-1):
-        return x.new_empty(*x.shape[:-1], weight1.shape[0]), x.new_empty(*x.shape[:-1], weight2.shape[0])
-
     @lib.register_fake("neox_rt::gemv_sum")
-    def _(x1, weight1, x2, weight2, bias1, bias2, residual=None, ksplit=0, min_blocks=0, pdl=False, prefetch=-1):
+    def _(x1, weight1, x2, weight2, bias1, bias2, residual=None, ksplit=0, min_blocks=0, pdl=False):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0])
 
     _fakes_registered = True
@@ -167,18 +153,11 @@ def linear(x, weight, bias=None, activation=None, residual=None):
 
 def linear_pair(x1, w1, b1, act1, x2, w2, b2, act2):
     return tuple(torch.ops.neox_rt.gemv_pair(x1, w1, b1, ACTIVATIONS[act1], x2, w2, b2, ACTIVATIONS[act2],
-                                             GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL, GEMV2_PAIR_PREFETCH))
-
-
-def layernorm_linear_pair(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2, b2, act2):
-    return tuple(torch.ops.neox_rt.gemv_pair_ln(x, ln_w1, ln_b1, ln_w2, ln_b2, float(eps), w1, b1, ACTIVATIONS[act1],
-                                                w2, b2, ACTIVATIONS[act2], GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL,
-                                                GEMV2_PAIR_PREFETCH))
+                                             GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL))
 
 
 def linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
-    return torch.ops.neox_rt.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL,
-                                      GEMV2_SUM_PREFETCH)
+    return torch.ops.neox_rt.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL)
 
 
 def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
@@ -291,16 +270,6 @@ def supports_linear_pair(x1, w1, b1, act1, x2, w2, b2, act2) -> bool:
         x2, w2, b2, x1)
 
 
-def supports_layernorm_linear_pair(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2, b2, act2) -> bool:
-    """As supports_linear_pair with x for both problems, and LayerNorm parameters [hidden] of x's dtype, contiguous and
-    16-byte aligned, hidden at most GEMV2_MAX_LN_HIDDEN (the normalized row lives in shared memory)."""
-    k = x.shape[-1] if x.dim() else 0
-    lns = (ln_w1, ln_b1, ln_w2, ln_b2)
-    return (supports_linear_pair(x, w1, b1, act1, x, w2, b2, act2) and k <= GEMV2_MAX_LN_HIDDEN
-            and all(t.dtype == x.dtype and t.is_contiguous() and t.shape == (k,) and t.device == x.device
-                    for t in lns) and _aligned16(*lns))
-
-
 def supports_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None) -> bool:
     """As supports_linear_pair, weights of the same out_features, a residual of the output's shape."""
     if not (_gemv2_operand(x1, w1, bias1, x1) and _gemv2_operand(x2, w2, bias2, x1) and w1.shape[0] == w2.shape[0]
@@ -343,7 +312,6 @@ IMPLS = {
     "dual_layernorm": (dual_layernorm, supports_dual_layernorm),
     "linear": (linear, supports_linear),
     "linear_pair": (linear_pair, supports_linear_pair),
-    "layernorm_linear_pair": (layernorm_linear_pair, supports_layernorm_linear_pair),
     "linear_sum": (linear_sum, supports_linear_sum),
     "rotary_kv_write": (rotary_kv_write, supports_rotary_kv_write),
     "decode_attention": (decode_attention, supports_decode_attention),

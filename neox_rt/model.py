@@ -101,11 +101,10 @@ class Layer(nn.Module):
             # x + attn(ln1(x)) + mlp(ln2(x)), ONE all-reduce. The two column-parallel linears (QKV, h->4h) are one op,
             # and so are the two row-parallel ones with the sum (dense + 4h->h + biases + x): a backend may run each
             # pair as one launch (the fallback: two linears, dense adding x and 4h->h adding that partial).
-            # The dual LayerNorm rides with the first pair (a backend may normalize x inside the GEMV).
             att, mlp = self.attention, self.mlp
-            qkv, up = OPS["layernorm_linear_pair"](x, ln1.weight, ln1.bias, ln2.weight, ln2.bias, self.eps,
-                                                   att.query_key_value.weight, att.query_key_value.bias, None,
-                                                   mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, mlp.act)
+            a_in, m_in = OPS["dual_layernorm"](x, ln1.weight, ln1.bias, ln2.weight, ln2.bias, self.eps)
+            qkv, up = OPS["linear_pair"](a_in, att.query_key_value.weight, att.query_key_value.bias, None,
+                                         m_in, mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, mlp.act)
             ctx = att.attend(qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens)  # [b, s, nh*hd]
             partial = OPS["linear_sum"](ctx, att.dense.weight, up, mlp.dense_4h_to_h.weight, attn_bias, mlp_bias,
                                         x if lead else None)

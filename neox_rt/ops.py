@@ -74,15 +74,6 @@ def linear_pair_ref(x1, w1, b1, act1, x2, w2, b2, act2):
     return OPS["linear"](x1, w1, b1, act1), OPS["linear"](x2, w2, b2, act2)
 
 
-def layernorm_linear_pair_ref(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2, b2, act2):
-    """The parallel-residual layer's dual LayerNorm and its two column-parallel linears in one op:
-    (act1(LN1(x) @ w1.T + b1), act2(LN2(x) @ w2.T + b2)), so that a backend folds the LayerNorm into the GEMV. This
-    fallback calls the ``dual_layernorm`` and ``linear_pair`` ops.
-    """
-    a, m = OPS["dual_layernorm"](x, ln_w1, ln_b1, ln_w2, ln_b2, eps)
-    return OPS["linear_pair"](a, w1, b1, act1, m, w2, b2, act2)
-
-
 def linear_sum_ref(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     """x1 @ w1.T + x2 @ w2.T + bias1 + bias2 + residual: two linears of the same out_features, summed.
 
@@ -208,7 +199,6 @@ OPS: dict[str, Op] = {
     "dual_layernorm": Op("dual_layernorm", dual_layernorm_ref),
     "linear": Op("linear", linear_ref),
     "linear_pair": Op("linear_pair", linear_pair_ref),
-    "layernorm_linear_pair": Op("layernorm_linear_pair", layernorm_linear_pair_ref),
     "linear_sum": Op("linear_sum", linear_sum_ref),
     "rotary_kv_write": Op("rotary_kv_write", rotary_kv_write_ref),
     "attention": Op("attention", attention_ref),
@@ -318,8 +308,7 @@ def op_backend_overrides() -> dict[str, str]:
     return out
 
 
-PREFER_CUDA = frozenset({"rotary_kv_write", "scaled_causal_softmax", "linear_pair", "layernorm_linear_pair",
-                         "linear_sum"})
+PREFER_CUDA = frozenset({"rotary_kv_write", "scaled_causal_softmax", "linear_pair", "linear_sum"})
 """Ops for which the default ("fastest") selection takes the CUDA extension over Triton."""
 CUDA_THEN_TRITON = frozenset({"linear", "decode_attention"})
 """Ops for which the default selection asks the CUDA extension first, then Triton, then the reference: the

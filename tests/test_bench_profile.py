@@ -42,22 +42,6 @@ def test_assign_fused_pair_slots():
         assert not any((layer, lin) in slots for lin in ("qkv", "dense", "h->4h", "4h->h"))
 
 
-def test_assign_with_the_layernorm_in_the_pair():
-    """With the LayerNorm folded into the pair GEMV there is no LayerNorm kernel but the final one: the pair starts
-    each layer."""
-    names = ["indexSelectLargeIndex"]
-    for _ in range(3):
-        names += ["void neox_rt::gemv_pair_kernel<__half, 2, 3, true, true>", "rotary_kv_write_kernel",
-                  "_decode_attention_kernel", "void neox_rt::gemv_sum_kernel<__half, 2, 3, true>"]
-    names += ["_layernorm_kernel", "sm90_xmma_gemm_f16", "argmax_kernel"]
-    kernels = [(n, 3.0 * i, 2.0) for i, n in enumerate(names)]
-    slots, extra, _ = profile_decode.assign(kernels, 3)
-    assert set(extra) == {"embedding", "final LN + LM head + argmax"}
-    for layer in range(3):
-        assert slots[(layer, "qkv + h->4h")] == [2.0] and slots[(layer, "dense + 4h->h")] == [2.0]
-        assert (layer, "layernorm") not in slots and len(slots[(layer, "attention")]) == 1
-
-
 def test_assign_slots_per_layer():
     slots, extra, _ = profile_decode.assign(_step(3), 3)
     assert set(extra) == {"embedding", "final LN + LM head + argmax"}

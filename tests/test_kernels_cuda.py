@@ -342,61 +342,37 @@ GEMV2_SHAPES = [  # (n1, k1, n2, k2): the 20B layer's pairs at TP=2 and TP=4, py
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n1,k1,n2,k2", GEMV2_SHAPES)
-@pytest.mark.parametrize("ksplit,min_blocks,prefetch", [(0, 0, -1), (2, 3, 0), (4, 2, 3), (8, 3, 1), (8, 2, 2),
-                                                       (2, 4, 3)])
-def test_gemv_pair(ext, dtype, n1, k1, n2, k2, ksplit, min_blocks, prefetch):
+@pytest.mark.parametrize("ksplit,min_blocks", [(0, 0), (2, 3), (4, 2), (8, 3), (8, 2), (2, 4)])
+def test_gemv_pair(ext, dtype, n1, k1, n2, k2, ksplit, min_blocks):
     """Two single-row GEMVs in one launch against two references, with bias and activation, each problem its own;
-    leading dims kept; with 0-3 chunks a warp prefetched into shared memory (more than some warps' whole share)."""
+    leading dims kept."""
     from neox_rt.cuda_ops import ACTIVATIONS
     x1, x2 = rand(1, 1, k1, dtype=dtype), rand(1, 1, k2, dtype=dtype)
     w1, w2 = rand(n1, k1, dtype=dtype, scale=k1 ** -0.5), rand(n2, k2, dtype=dtype, scale=k2 ** -0.5)
     b1, b2 = rand(n1, dtype=dtype), rand(n2, dtype=dtype)
     for act1, act2, bias1, bias2 in ((None, "gelu_fast", b1, b2), ("gelu", None, None, b2), ("relu", None, b1, None)):
         y1, y2 = ext.gemv_pair(x1, w1, bias1, ACTIVATIONS[act1], x2, w2, bias2, ACTIVATIONS[act2], ksplit,
-                               min_blocks, True, prefetch)
+                               min_blocks, True)
         assert y1.shape == (1, 1, n1) and y2.shape == (1, 1, n2) and y1.dtype == y2.dtype == dtype
         for y, x, w, b, act, name in ((y1, x1, w1, bias1, act1, "first"), (y2, x2, w2, bias2, act2, "second")):
             ref64 = ops.linear_ref(x.double(), w.double(), None if b is None else b.double(), act)
             assert_by_rule(y, ref64, ops.linear_ref(x, w, b, act), f"gemv_pair {name} {n1}x{k1}, {n2}x{k2} "
-                           f"ksplit {ksplit} min_blocks {min_blocks} prefetch {prefetch} {act1}/{act2}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("h,n1,n2", [(6144, 9216, 12288), (2048, 6144, 8192), (1040, 301, 45), (16, 77, 77)])
-@pytest.mark.parametrize("ksplit,prefetch", [(0, 0), (0, 3), (8, 1)])
-def test_gemv_pair_ln(ext, dtype, h, n1, n2, ksplit, prefetch):
-    """The pair with the dual LayerNorm folded in: (act1(LN1(x) W1^T + b1), act2(LN2(x) W2^T + b2)) against fp64,
-    x off-centre (mean 3, so one-pass statistics would cancel) and LayerNorm parameters of their own per problem."""
-    from neox_rt.cuda_ops import ACTIVATIONS
-    x = (rand(1, h, dtype=torch.float64) * 2 + 3).to(dtype)
-    lns = [rand(h, dtype=dtype) for _ in range(4)]
-    w1, w2 = rand(n1, h, dtype=dtype, scale=h ** -0.5), rand(n2, h, dtype=dtype, scale=h ** -0.5)
-    b1, b2 = rand(n1, dtype=dtype), rand(n2, dtype=dtype)
-    y1, y2 = ext.gemv_pair_ln(x, *lns, 1e-5, w1, b1, 0, w2, b2, ACTIVATIONS["gelu_fast"], ksplit, 0, True, prefetch)
-    assert y1.shape == (1, n1) and y2.shape == (1, n2) and y1.dtype == dtype
-    d = [t.double() for t in lns]
-    a64, m64 = ops.layernorm_ref(x.double(), d[0], d[1], 1e-5), ops.layernorm_ref(x.double(), d[2], d[3], 1e-5)
-    a, m = ops.layernorm_ref(x, lns[0], lns[1], 1e-5), ops.layernorm_ref(x, lns[2], lns[3], 1e-5)
-    assert_by_rule(y1, ops.linear_ref(a64, w1.double(), b1.double()), ops.linear_ref(a, w1, b1),
-                   f"gemv_pair_ln first {h} -> {n1}")
-    assert_by_rule(y2, ops.linear_ref(m64, w2.double(), b2.double(), "gelu_fast"), ops.linear_ref(m, w2, b2, "gelu_fast"),
-                   f"gemv_pair_ln second {h} -> {n2}")
+                           f"ksplit {ksplit} min_blocks {min_blocks} {act1}/{act2}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k1,k2", [(6144, 3072, 12288), (6144, 1536, 6144), (2048, 2048, 8192), (45, 4112, 16),
                                      (301, 1040, 4096)])
-@pytest.mark.parametrize("ksplit,min_blocks,prefetch", [(0, 0, -1), (2, 3, 0), (4, 2, 3), (8, 3, 1), (2, 4, 2)])
-def test_gemv_sum(ext, dtype, n, k1, k2, ksplit, min_blocks, prefetch):
+@pytest.mark.parametrize("ksplit,min_blocks", [(0, 0), (2, 3), (4, 2), (8, 3), (2, 4)])
+def test_gemv_sum(ext, dtype, n, k1, k2, ksplit, min_blocks):
     """x1 W1^T + x2 W2^T + b1 + b2 + residual as one GEMV over the concatenated k, against the fp64 sum; every
     optional operand left out once."""
     x1, x2 = rand(1, k1, dtype=dtype), rand(1, k2, dtype=dtype)
     w1, w2 = rand(n, k1, dtype=dtype, scale=k1 ** -0.5), rand(n, k2, dtype=dtype, scale=k2 ** -0.5)
     b1, b2, res = rand(n, dtype=dtype), rand(n, dtype=dtype), rand(1, n, dtype=dtype, scale=4.0)
     for bias1, bias2, residual in ((b1, b2, res), (None, b2, res), (b1, None, None), (None, None, res)):
-        y = ext.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, ksplit, min_blocks, True, prefetch)
+        y = ext.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, ksplit, min_blocks, True)
         assert y.shape == (1, n) and y.dtype == dtype
 
         def total(a, b, w_, v, c1, c2, r):
@@ -407,20 +383,16 @@ def test_gemv_sum(ext, dtype, n, k1, k2, ksplit, min_blocks, prefetch):
         d = (lambda t: None if t is None else t.double())
         ref64 = total(x1.double(), x2.double(), w1.double(), w2.double(), d(bias1), d(bias2), d(residual))
         assert_by_rule(y, ref64, total(x1, x2, w1, w2, bias1, bias2, residual),
-                       f"gemv_sum {n}x({k1}+{k2}) ksplit {ksplit} min_blocks {min_blocks} prefetch {prefetch}")
+                       f"gemv_sum {n}x({k1}+{k2}) ksplit {ksplit} min_blocks {min_blocks}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("prefetch", [0, 3])
-@pytest.mark.parametrize("ln_fused", [False, True])
-def test_fused_pair_layer_chain_in_graph(ext, pdl, prefetch, ln_fused):
+def test_fused_pair_layer_chain_in_graph(ext, pdl):
     """The parallel-residual decode layer as the graph runs it with the fused pairs: dual LayerNorm, gemv_pair (QKV,
     h->4h + GeLU), rotary + KV write, decode attention, gemv_sum (dense + 4h->h + x), six layers captured with
-    programmatic dependent launch, without and with weights prefetched into shared memory while the GEMVs wait, and
-    with the dual LayerNorm as its own kernel or folded into the pair (gemv_pair_ln). The
-    sum reads h->4h's output three kernels later: a missing wait would read it stale. Replays must equal the chain
-    run in plain stream order, bit for bit."""
+    programmatic dependent launch. The sum reads h->4h's output three kernels later: a missing wait would read it
+    stale. Replays must equal the chain run in plain stream order, bit for bit."""
     h, f, nh, hd, layers, pos = 1024, 4096, 8, 64, 6, 37
     cos, sin = ops.rotary_tables(16, 64, 10000.0, "cuda")
     ws = [tuple(rand(h) for _ in range(4)) + (rand(3 * nh * hd, h, scale=h ** -0.5), rand(f, h, scale=h ** -0.5),
@@ -432,15 +404,11 @@ def test_fused_pair_layer_chain_in_graph(ext, pdl, prefetch, ln_fused):
 
     def chain(x, use_pdl):
         for g1, c1, g2, c2, qkv_w, up_w, dense_w, down_w, up_b, kc, vc in ws:
-            if ln_fused:
-                qkv, up = ext.gemv_pair_ln(x, g1, c1, g2, c2, 1e-5, qkv_w, None, 0, up_w, up_b, 2, 0, 0, use_pdl,
-                                           prefetch)
-            else:
-                a_in, m_in = ext.dual_layernorm(x, g1, c1, g2, c2, 1e-5, use_pdl)
-                qkv, up = ext.gemv_pair(a_in, qkv_w, None, 0, m_in, up_w, up_b, 2, 0, 0, use_pdl, prefetch)
+            a_in, m_in = ext.dual_layernorm(x, g1, c1, g2, c2, 1e-5, use_pdl)
+            qkv, up = ext.gemv_pair(a_in, qkv_w, None, 0, m_in, up_w, up_b, 2, 0, 0, use_pdl)
             q = ext.rotary_kv_write(qkv[None], positions, cos, sin, 16, kc, vc, use_pdl)
             ctx = ext.decode_attention(q[:, 0], kc, vc, seqlens, hd ** -0.5, use_pdl).reshape(1, nh * hd)
-            x = ext.gemv_sum(ctx, dense_w, up, down_w, None, None, x, 0, 0, use_pdl, prefetch)
+            x = ext.gemv_sum(ctx, dense_w, up, down_w, None, None, x, 0, 0, use_pdl)
         return x
 
     assert_graph_replay_matches(chain, x_static, lambda: rand(1, h), pdl=pdl)
@@ -457,12 +425,6 @@ def test_fused_pair_routing(ext):
     assert not cuda_ops.supports_linear_pair(rand(2, 256), w1, b, None, rand(2, 256), w2, None, "gelu")
     assert not cuda_ops.supports_linear_pair(x, w1, b, None, x.float(), w2.float(), None, "gelu")
     assert not cuda_ops.supports_linear_pair(rand(1, 264), rand(64, 264), None, None, x, w2, None, None)
-    g = rand(256)
-    assert cuda_ops.supports_layernorm_linear_pair(x, g, g, g, g, 1e-5, w1, b, None, w2, None, "gelu")
-    assert not cuda_ops.supports_layernorm_linear_pair(x, g, g, g[:128], g, 1e-5, w1, b, None, w2, None, "gelu")
-    big, gb = rand(1, 16400), rand(16400)  # more features than the shared-memory row holds
-    assert not cuda_ops.supports_layernorm_linear_pair(big, gb, gb, gb, gb, 1e-5, rand(8, 16400), None, None,
-                                                       rand(8, 16400), None, None)
     assert cuda_ops.supports_linear_sum(x, w1, rand(1, 128), rand(64, 128), b, None, rand(1, 64))
     assert not cuda_ops.supports_linear_sum(x, w1, x, w2, None, None, None)  # out_features differ
     assert not cuda_ops.supports_linear_sum(x, w1, x, w1, None, None, rand(1, 32))  # residual shape
@@ -587,8 +549,6 @@ def test_opcheck(ext):
     torch.library.opcheck(ext.gemv, (x[:2], rand(24, 256), rand(24), 1), test_utils=tests)
     torch.library.opcheck(ext.gemv_pair, (x[:1], rand(24, 256), rand(24), 1, x[1:2], rand(40, 256), None, 0),
                           test_utils=tests)
-    torch.library.opcheck(ext.gemv_pair_ln, (x[:1], w, w, w, w, 1e-5, rand(24, 256), rand(24), 1, rand(40, 256), None,
-                                             0), test_utils=tests)
     torch.library.opcheck(ext.gemv_sum, (x[:1], rand(24, 256), rand(1, 512), rand(24, 512), rand(24), None,
                                          rand(1, 24)), test_utils=tests)
 
@@ -598,8 +558,8 @@ def test_backend_registers_ops(ext):
     try:
         assert ops.select_backend("cuda", "cuda") == "cuda"
         backends = ops.active_backends()
-        for name in ("layernorm", "dual_layernorm", "linear", "linear_pair", "layernorm_linear_pair", "linear_sum",
-                     "rotary_kv_write", "decode_attention", "attention"):
+        for name in ("layernorm", "dual_layernorm", "linear", "linear_pair", "linear_sum", "rotary_kv_write",
+                     "decode_attention", "attention"):
             assert backends[name] == "cuda", name
     finally:
         ops.reset()
@@ -680,10 +640,6 @@ ERROR_CASES = {  # op call on bad input -> the message it must raise (numbers an
     "gemv_sum out_features": (lambda e, x, w: e.gemv_sum(x, w, x, w[:4].contiguous(), None, None),
                               r"same out_features, got \[8, 64\] and \[4, 64\]"),
     "gemv_sum min_blocks": (lambda e, x, w: e.gemv_sum(x, w, x, w, None, None, None, 0, 5), r"min_blocks .* got 5"),
-    "gemv_pair_ln weight": (lambda e, x, w: e.gemv_pair_ln(x, x[0], x[0], x[0, :32].contiguous(), x[0], 1e-5, w, None,
-                                                           0, w, None, 0), r"ln_weight2 must be \[64\], got \[32\]"),
-    "gemv_sum prefetch": (lambda e, x, w: e.gemv_sum(x, w, x, w, None, None, None, 0, 0, False, 7),
-                          r"prefetch .* got 7"),
 }
 
 

@@ -140,19 +140,18 @@ __device__ __forceinline__ void pdl_wait() {
 
 // Launch a kernel, as `plain` or, with `pdl` (sm_90 programmatic dependent launch), as `programmatic` (the same
 // kernel instantiated to call pdl_wait() before reading the previous kernel's outputs) with programmatic stream
-// serialization, so that it may start while the previous kernel of the stream drains. `smem`: dynamic shared memory
-// bytes (launch_kernel_smem; above 48 KB the caller opts the kernels in first).
+// serialization, so that it may start while the previous kernel of the stream drains.
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel_smem(bool pdl, void (*plain)(Params...), void (*programmatic)(Params...), dim3 grid,
-                               dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+cudaError_t launch_kernel(bool pdl, void (*plain)(Params...), void (*programmatic)(Params...), dim3 grid, dim3 block,
+                          cudaStream_t stream, Args... args) {
   if (!pdl) {
-    plain<<<grid, block, smem, stream>>>(args...);
+    plain<<<grid, block, 0, stream>>>(args...);
     return cudaGetLastError();
   }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
-  config.dynamicSmemBytes = smem;
+  config.dynamicSmemBytes = 0;
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -160,34 +159,6 @@ cudaError_t launch_kernel_smem(bool pdl, void (*plain)(Params...), void (*progra
   config.attrs = attr;
   config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, programmatic, args...);
-}
-
-template <typename... Params, typename... Args>
-cudaError_t launch_kernel(bool pdl, void (*plain)(Params...), void (*programmatic)(Params...), dim3 grid, dim3 block,
-                          cudaStream_t stream, Args... args) {
-  return launch_kernel_smem(pdl, plain, programmatic, grid, block, 0, stream, args...);
-}
-
-// 16-byte asynchronous copy global -> shared (sm_80+, cp.async.cg: through the L2 only, marked evict-first there:
-// weights read once), and the wait for all of this thread's copies. No-ops below sm_80 (callers copy nothing there).
-__device__ __forceinline__ void cp_async16_evict_first(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile(
-      "{\n"
-      "  .reg .b64 policy;\n"
-      "  createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
-      "  cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, policy;\n"
-      "}\n" ::"r"(dst),
-      "l"(gmem)
-      : "memory");
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
 }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }

@@ -9,16 +9,12 @@
 // at TP=1 while each launch's ramp-up and drain are not (bench/NOTES.md, session 7); two launches pay two ramps.
 // The scheme is gemv_kernel's wide configuration (gemv.cuh): blocks of 8 warps, a group of KSPLIT warps owns 4 rows
 // of W and splits its k (in sum: each warp takes its KSPLIT-th of k1, then of k2), each lane keeps one 16-byte
-// streaming (evict-first) load per row in flight, double-buffered; x through L1 after griddepcontrol.wait.
-// Before the wait (the previous kernel may still run: LayerNorm before the pair, rotary + attention before the sum,
-// DRAM idle but for them) each warp asks for more than the register buffers hold: chunk 0 and chunk pre + 1 into
-// registers and chunks 1..pre (`pre`, up to kGemv2MaxPre) into shared memory with cp.async, so a resident block has
-// (pre + 2) x 2 KB a warp on the way while it waits. Blocks own 32 / KSPLIT rows. Needs k1, k2 % (8 * KSPLIT) == 0
-// and 16-byte aligned x and W (fp16 / bf16).
+// streaming (evict-first) load per row in flight, double-buffered; x through L1 after griddepcontrol.wait, the first
+// weights asked for before it. Blocks own 32 / KSPLIT rows. Needs k1, k2 % (8 * KSPLIT) == 0 and 16-byte aligned x
+// and W (fp16 / bf16).
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 
 #include "common.cuh"
 #include "gemv.cuh"
@@ -34,29 +30,17 @@ struct GemvProblem {
   const T* residual;  // [n] or null
   T* y;               // [n]
   int n, k, act;
-  const T* ln_w;      // [k]: with the pair's LayerNorm (gemv_pair_ln), x is normalized with these first
-  const T* ln_b;      // [k]
 };
 
 constexpr int kGemv2Warps = 8, kGemv2RowsPerGroup = 4;
-// Chunks per warp prefetched into shared memory before the grid dependency wait: 2 KB a warp each (4 rows x 32 lanes
-// x 16 bytes), 16 KB a block; 3: 48 KB a block, 144 KB an SM at 3 blocks.
-constexpr int kGemv2MaxPre = 3;
-constexpr int kGemv2PreBytes = kGemv2Warps * kGemv2RowsPerGroup * 32 * 16;  // shared memory a block per chunk
-constexpr int kGemv2MaxLnHidden = 16384;  // gemv_pair_ln: the normalized x in shared memory (32 KB in fp16)
 
 // SUM: one problem over k1 + k2 (p1's n, bias, residual and y; p2's x, W and bias); else blocks [0, blocks1) take p1
-// and the rest p2. pre: chunks per warp prefetched into shared memory (dynamic, pre * kGemv2PreBytes a block).
-// LN (pair only): x is the layer input, and each block first computes its problem's LayerNorm of it (fp32, two-pass
-// statistics as layernorm.cuh, rounded to T) into shared memory (after the prefetch slots), which the loop reads
-// instead of x: the dual LayerNorm kernel and its launch disappear from the layer.
-template <typename T, int KSPLIT, bool SUM, bool LN, bool PDL>
-__device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvProblem<T>& p2, int blocks1,
-                                           int pre, float eps) {
+// and the rest p2.
+template <typename T, int KSPLIT, bool SUM, bool PDL>
+__device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvProblem<T>& p2, int blocks1) {
   constexpr int VEC = 16 / sizeof(T), NPW = kGemv2RowsPerGroup, WARPS = kGemv2Warps, SPAN = 32 * VEC;
   static_assert(WARPS % KSPLIT == 0, "KSPLIT divides the warps");
   __shared__ float partial[WARPS][NPW];
-  extern __shared__ uint4 gemv2_prefetched[];  // [WARPS][pre][NPW][32]
   if (PDL) pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int group = warp / KSPLIT, part = warp % KSPLIT;
@@ -72,79 +56,28 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
   const int ka = k / KSPLIT, kb = SUM ? p2.k / KSPLIT : 0, total = ka + kb;
   const T* xa = px + static_cast<int64_t>(part) * ka;
   const T* xb = SUM ? p2.x + static_cast<int64_t>(part) * kb : nullptr;
-  // row o of the group: n0 + o, clamped to n - 1 past the end (valid memory; its output is never stored). A base
-  // pointer per segment and a row stride, not a pointer per row: fewer registers live across the loop.
-  const int last = active ? min(NPW - 1, n - 1 - n0) : 0;
-  const T* const wa = pw + static_cast<int64_t>(active ? n0 : 0) * k + static_cast<int64_t>(part) * ka;
-  const T* const wb = SUM ? p2.w + static_cast<int64_t>(active ? n0 : 0) * p2.k + static_cast<int64_t>(part) * kb
-                          : nullptr;
-  auto w_at = [&](int o, int c) {
-    const int64_t r = min(o, last);
-    return !SUM || c < ka ? wa + r * k + c : wb + r * p2.k + (c - ka);
-  };
+  const T* wa[NPW];
+  const T* wb[NPW];
+#pragma unroll
+  for (int o = 0; o < NPW; ++o) {
+    const int64_t row = active && n0 + o < n ? n0 + o : 0;
+    wa[o] = pw + row * k + static_cast<int64_t>(part) * ka;
+    wb[o] = SUM ? p2.w + row * p2.k + static_cast<int64_t>(part) * kb : nullptr;
+  }
   auto load_w = [&](Vec<T, VEC> (&buf)[NPW], int c) {
 #pragma unroll
-    for (int o = 0; o < NPW; ++o) buf[o] = load_vec_stream<T, VEC>(w_at(o, c));
+    for (int o = 0; o < NPW; ++o) buf[o] = load_vec_stream<T, VEC>(!SUM || c < ka ? wa[o] + c : wb[o] + (c - ka));
   };
-  // chunk j of this warp: columns c0 + j * SPAN (c0 = lane * VEC) of its share; slot (j - 1, o) of its shared memory
-  uint4* const slots = gemv2_prefetched + static_cast<int64_t>(warp) * pre * NPW * 32 + lane;
-  const int c0 = lane * VEC;
 
-  // weights do not depend on the previous kernel: chunks 0 .. pre + 1 are asked for before waiting
   Vec<T, VEC> cur[NPW], nxt[NPW];
-  if (active && c0 < total) {
-    load_w(cur, c0);
-#pragma unroll 1
-    for (int j = 1; j <= pre && c0 + j * SPAN < total; ++j)
-#pragma unroll
-      for (int o = 0; o < NPW; ++o) cp_async16_evict_first(slots + ((j - 1) * NPW + o) * 32, w_at(o, c0 + j * SPAN));
-    if (c0 + (pre + 1) * SPAN < total) load_w(nxt, c0 + (pre + 1) * SPAN);
-  }
+  const int c0 = lane * VEC;
+  if (active && c0 < total) load_w(cur, c0);  // weights do not depend on the previous kernel: asked for first
   if (PDL) pdl_wait();
-  T* const xn = reinterpret_cast<T*>(gemv2_prefetched + static_cast<int64_t>(WARPS) * pre * NPW * 32);  // LN: [k]
-  if (LN) {
-    __shared__ float scratch[32];
-    const int nv = k / VEC;
-    float sum = 0.f;
-    for (int v = threadIdx.x; v < nv; v += blockDim.x) {
-      const Vec<T, VEC> xv = load_vec_ca<T, VEC>(px + v * VEC);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) sum += to_float(xv.v[e]);
-    }
-    const float mean = block_sum(sum, scratch) / k;
-    float sq = 0.f;
-    for (int v = threadIdx.x; v < nv; v += blockDim.x) {  // x again, from L1
-      const Vec<T, VEC> xv = load_vec_ca<T, VEC>(px + v * VEC);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const float d = to_float(xv.v[e]) - mean;
-        sq += d * d;
-      }
-    }
-    const float rstd = rsqrtf(block_sum(sq, scratch) / k + eps);
-    const T* const lw = second ? p2.ln_w : p1.ln_w;
-    const T* const lb = second ? p2.ln_b : p1.ln_b;
-    for (int v = threadIdx.x; v < nv; v += blockDim.x) {
-      const Vec<T, VEC> xv = load_vec_ca<T, VEC>(px + v * VEC);
-      const Vec<T, VEC> wv = load_vec<T, VEC>(lw + v * VEC), bv = load_vec<T, VEC>(lb + v * VEC);
-      Vec<T, VEC> out;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e)
-        out.v[e] = from_float<T>((to_float(xv.v[e]) - mean) * rstd * to_float(wv.v[e]) + to_float(bv.v[e]));
-      *reinterpret_cast<Vec<T, VEC>*>(xn + v * VEC) = out;
-    }
-    __syncthreads();
-  }
-  cp_async_wait_all();  // this thread's own copies (each lane reads back only what it asked for)
   float acc[NPW];
 #pragma unroll
   for (int o = 0; o < NPW; ++o) acc[o] = 0.f;
-  auto x_at = [&](int c) {
-    if (LN) return *reinterpret_cast<const Vec<T, VEC>*>(xn + static_cast<int64_t>(part) * ka + c);
-    return load_vec_ca<T, VEC>(!SUM || c < ka ? xa + c : xb + (c - ka));
-  };
   auto fma_chunk = [&](const Vec<T, VEC> (&buf)[NPW], int c) {
-    const Vec<T, VEC> xv = x_at(c);
+    const Vec<T, VEC> xv = load_vec_ca<T, VEC>(!SUM || c < ka ? xa + c : xb + (c - ka));
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       const float xf = to_float(xv.v[e]);
@@ -152,33 +85,14 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
       for (int o = 0; o < NPW; ++o) acc[o] += xf * to_float(buf[o].v[e]);
     }
   };
-  if (active && c0 < total) {
-    fma_chunk(cur, c0);
-    if (c0 + (pre + 2) * SPAN < total) load_w(cur, c0 + (pre + 2) * SPAN);
+  // two chunks an iteration, the buffers taking turns (no register moves between them)
 #pragma unroll 1
-    for (int j = 1; j <= pre && c0 + j * SPAN < total; ++j) {  // the prefetched chunks, a row at a time
-      float xf[VEC];
-      const Vec<T, VEC> xv = x_at(c0 + j * SPAN);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) xf[e] = to_float(xv.v[e]);
-#pragma unroll
-      for (int o = 0; o < NPW; ++o) {
-        const uint4 raw = slots[((j - 1) * NPW + o) * 32];
-        const Vec<T, VEC>& wv = *reinterpret_cast<const Vec<T, VEC>*>(&raw);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[o] += xf[e] * to_float(wv.v[e]);
-      }
-    }
-    // steady state: nxt holds chunk c, cur is on the way with chunk c + SPAN; the buffers take turns (no register
-    // moves between them)
-#pragma unroll 1
-    for (int c = c0 + (pre + 1) * SPAN; c < total; c += 2 * SPAN) {
-      fma_chunk(nxt, c);
-      if (c + 2 * SPAN < total) load_w(nxt, c + 2 * SPAN);
-      if (c + SPAN >= total) break;
-      fma_chunk(cur, c + SPAN);
-      if (c + 3 * SPAN < total) load_w(cur, c + 3 * SPAN);
-    }
+  for (int c = c0; active && c < total; c += 2 * SPAN) {
+    if (c + SPAN < total) load_w(nxt, c + SPAN);
+    fma_chunk(cur, c);
+    if (c + SPAN >= total) break;
+    if (c + 2 * SPAN < total) load_w(cur, c + 2 * SPAN);
+    fma_chunk(nxt, c + SPAN);
   }
 #pragma unroll
   for (int o = 0; o < NPW; ++o) {
@@ -203,19 +117,18 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
 }
 
 // MINB: blocks per SM the registers are fitted to (__launch_bounds__): 3 (up to 80 registers, 24 warps an SM), 4 (64,
-// 32 warps) or 2 (128, 16 warps).
-template <typename T, int KSPLIT, int MINB, bool LN, bool PDL>
+// 32 warps) or 2 (128, 16 warps). One H100, 20B rank 0 of TP=2: 3 blocks 7.38 ms, 4 blocks 8.50 (the pair spills),
+// 2 blocks 8.26 (at a5eed32, before the loop lost its spills).
+template <typename T, int KSPLIT, int MINB, bool PDL>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
-gemv_pair_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1,
-                 int pre, float eps) {
-  gemv2_body<T, KSPLIT, false, LN, PDL>(p1, p2, blocks1, pre, eps);
+gemv_pair_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1) {
+  gemv2_body<T, KSPLIT, false, PDL>(p1, p2, blocks1);
 }
 
 template <typename T, int KSPLIT, int MINB, bool PDL>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
-gemv_sum_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1,
-                int pre) {
-  gemv2_body<T, KSPLIT, true, false, PDL>(p1, p2, blocks1, pre, 0.f);
+gemv_sum_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1) {
+  gemv2_body<T, KSPLIT, true, PDL>(p1, p2, blocks1);
 }
 
 // Warps splitting each row's k (2, 4 or 8: blocks of 16, 8 or 4 rows). Auto (0): as gemv_auto_wide for one GEMV,
@@ -227,83 +140,37 @@ inline int gemv2_ksplit(int requested, int n_min, int k1, int k2) {
   return ks;
 }
 
-// Chunks per warp to prefetch into shared memory: `requested` (0..kGemv2MaxPre), or -1 auto: as many as fit MINB
-// blocks an SM with 8 KB to spare, at most kGemv2MaxPre; none below sm_80 (no cp.async). Asked once per device.
-inline int gemv2_prefetch_chunks(int requested, int min_blocks) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> smem_known[kMaxDevices];  // 0 not asked yet, else shared memory per SM + 1 (0 below sm_80)
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  int per_sm = dev >= 0 && dev < kMaxDevices ? smem_known[dev].load(std::memory_order_relaxed) - 1 : -1;
-  if (per_sm < 0) {
-    int major = 0, bytes = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess)
-      return 0;
-    per_sm = major >= 8 ? bytes : 0;
-    if (dev >= 0 && dev < kMaxDevices) smem_known[dev].store(per_sm + 1, std::memory_order_relaxed);
-  }
-  const int fit = std::max(0, (per_sm / min_blocks - 8192) / kGemv2PreBytes);
-  return std::min(requested >= 0 ? requested : kGemv2MaxPre, std::min(fit, kGemv2MaxPre));
-}
-
 template <typename T, int KSPLIT, int MINB>
-cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, bool ln, float eps,
-                            int prefetch, bool pdl, cudaStream_t stream) {
+cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, bool pdl,
+                            cudaStream_t stream) {
   constexpr int rows = kGemv2Warps / KSPLIT * kGemv2RowsPerGroup;
   const int blocks1 = (p1.n + rows - 1) / rows;
   const dim3 block(kGemv2Warps * 32);
-  const int pre = gemv2_prefetch_chunks(prefetch, MINB);
-  // the prefetch slots, then (LN) the normalized x: k elements rounded up to 16 bytes
-  const size_t smem = static_cast<size_t>(pre) * kGemv2PreBytes +
-                      (ln ? (static_cast<size_t>(p1.k) * sizeof(T) + 15) / 16 * 16 : 0);
-  // above 48 KB of dynamic shared memory a kernel must be opted in (a host-side attribute, cheap; set every launch)
-  auto opt_in = [&](auto* plain, auto* programmatic) {
-    cudaError_t err = cudaSuccess;
-    if (smem > 48 * 1024 - 1024) {
-      err = cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (err == cudaSuccess)
-        err = cudaFuncSetAttribute(programmatic, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    }
-    return err;
-  };
-  if (sum) {
-    auto plain = gemv_sum_kernel<T, KSPLIT, MINB, false>;
-    auto programmatic = gemv_sum_kernel<T, KSPLIT, MINB, true>;
-    if (const cudaError_t err = opt_in(plain, programmatic); err != cudaSuccess) return err;
-    return launch_kernel_smem(pdl, plain, programmatic, dim3(blocks1), block, smem, stream, p1, p2, blocks1, pre);
-  }
+  if (sum)
+    return launch_kernel(pdl, gemv_sum_kernel<T, KSPLIT, MINB, false>, gemv_sum_kernel<T, KSPLIT, MINB, true>,
+                         dim3(blocks1), block, stream, p1, p2, blocks1);
   const dim3 grid(blocks1 + (p2.n + rows - 1) / rows);
-  auto launch = [&](auto* plain, auto* programmatic) {
-    if (const cudaError_t err = opt_in(plain, programmatic); err != cudaSuccess) return err;
-    return launch_kernel_smem(pdl, plain, programmatic, grid, block, smem, stream, p1, p2, blocks1, pre, eps);
-  };
-  if (ln) return launch(gemv_pair_kernel<T, KSPLIT, MINB, true, false>, gemv_pair_kernel<T, KSPLIT, MINB, true, true>);
-  return launch(gemv_pair_kernel<T, KSPLIT, MINB, false, false>, gemv_pair_kernel<T, KSPLIT, MINB, false, true>);
+  return launch_kernel(pdl, gemv_pair_kernel<T, KSPLIT, MINB, false>, gemv_pair_kernel<T, KSPLIT, MINB, true>, grid,
+                       block, stream, p1, p2, blocks1);
 }
 
-// sum: p2.n == p1.n; p2's x, W and bias join p1's (p2's residual and y unused). ln (pair only): p1.x == p2.x is the
-// layer input, normalized per block with each problem's ln_w / ln_b and eps first (p1.k == p2.k). k1, k2 % 16 == 0,
-// 16-byte aligned x and W. ksplit: 0 auto, else 2, 4 or 8 (reduced where a k does not divide); min_blocks: 0 auto
-// (fp16 3, bf16 2), 2, 3 or 4; prefetch: chunks per warp into shared memory before the wait, -1 as many as fit
-// (gemv2_prefetch_chunks), else 0..3.
+// sum: p2.n == p1.n; p2's x, W and bias join p1's (p2's residual and y unused). k1, k2 % 16 == 0, 16-byte aligned x
+// and W. ksplit: 0 auto, else 2, 4 or 8 (reduced where a k does not divide); min_blocks: 0 auto (fp16 3, bf16 2), 2,
+// 3 or 4.
 template <typename T>
-cudaError_t launch_gemv2(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, bool ln, float eps,
-                         int ksplit, int min_blocks, int prefetch, bool pdl, cudaStream_t stream) {
+cudaError_t launch_gemv2(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, int ksplit, int min_blocks,
+                         bool pdl, cudaStream_t stream) {
   if (p1.k % 16 != 0 || p2.k % 16 != 0 || (sum && p1.n != p2.n)) return cudaErrorInvalidValue;
-  if (ln && (sum || p1.k != p2.k || p1.x != p2.x || p1.ln_w == nullptr || p1.ln_b == nullptr ||
-             p2.ln_w == nullptr || p2.ln_b == nullptr))
-    return cudaErrorInvalidValue;
   if (p1.n == 0 && (sum || p2.n == 0)) return cudaSuccess;
   const int n_min = sum ? p1.n : std::min(p1.n > 0 ? p1.n : p2.n, p2.n > 0 ? p2.n : p1.n);
   const int ks = gemv2_ksplit(ksplit, n_min, p1.k, p2.k);
-#define NEOX_RT_GEMV2(MINB_)                                                                       \
-  switch (ks) {                                                                                    \
-    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, ln, eps, prefetch, pdl, stream);     \
-    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, ln, eps, prefetch, pdl, stream);     \
-    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, ln, eps, prefetch, pdl, stream);    \
+#define NEOX_RT_GEMV2(MINB_)                                                   \
+  switch (ks) {                                                                \
+    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, pdl, stream);     \
+    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, pdl, stream);     \
+    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, pdl, stream);    \
   }
-  // auto: 3 blocks an SM in fp16 (76-78 registers, no spills); 2 in bf16, whose conversions spill at 80 registers
+  // auto: 3 blocks an SM in fp16 (68 / 60 registers, no spills); 2 in bf16, whose conversions spill at 80 registers
   if (min_blocks == 0) min_blocks = std::is_same<T, __nv_bfloat16>::value ? 2 : 3;
   if (min_blocks == 2) NEOX_RT_GEMV2(2);
   if (min_blocks == 4) NEOX_RT_GEMV2(4);

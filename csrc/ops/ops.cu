@@ -394,7 +394,7 @@ GemvProblem<T> problem(const at::Tensor& x, const at::Tensor& weight, const std:
   return GemvProblem<T>{ptr<T>(x), ptr<T>(weight), bias.has_value() ? ptr<T>(*bias) : nullptr,
                         residual != nullptr ? ptr<T>(*residual) : nullptr, y != nullptr ? ptr<T>(*y) : nullptr,
                         static_cast<int>(weight.size(0)), static_cast<int>(weight.size(1)),
-                        static_cast<int>(activation), nullptr, nullptr};
+                        static_cast<int>(activation)};
 }
 
 void check_gemv2_config(int64_t ksplit, int64_t min_blocks, const char* op) {
@@ -404,44 +404,19 @@ void check_gemv2_config(int64_t ksplit, int64_t min_blocks, const char* op) {
               " min_blocks must be 0 (auto), 2, 3 or 4, got ", fmt(min_blocks));
 }
 
-void check_gemv2_prefetch(int64_t prefetch, const char* op) {
-  TORCH_CHECK(prefetch >= -1 && prefetch <= kGemv2MaxPre, "neox_rt: ", op, " prefetch must be -1 (auto) or 0..",
-              fmt(kGemv2MaxPre), ", got ", fmt(prefetch));
-}
-
 }  // namespace
 
-namespace {
-
-// gemv_pair and gemv_pair_ln: ln holds the four LayerNorm parameters (x1 is then the layer input, also x2).
-std::tuple<at::Tensor, at::Tensor> launch_pair(const at::Tensor& x1, const at::Tensor& weight1,
-                                               const std::optional<at::Tensor>& bias1, int64_t activation1,
-                                               const at::Tensor& x2, const at::Tensor& weight2,
-                                               const std::optional<at::Tensor>& bias2, int64_t activation2,
-                                               const at::Tensor* const* ln, double eps, int64_t ksplit,
-                                               int64_t min_blocks, bool pdl, int64_t prefetch, const char* op) {
-  check_gemv2_operand(x1, weight1, bias1, x1, op, "x1", "weight1");
-  check_gemv2_operand(x2, weight2, bias2, x1, op, "x2", "weight2");
+std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Tensor& weight1,
+                                             const std::optional<at::Tensor>& bias1, int64_t activation1,
+                                             const at::Tensor& x2, const at::Tensor& weight2,
+                                             const std::optional<at::Tensor>& bias2, int64_t activation2,
+                                             int64_t ksplit, int64_t min_blocks, bool pdl) {
+  check_gemv2_operand(x1, weight1, bias1, x1, "gemv_pair", "x1", "weight1");
+  check_gemv2_operand(x2, weight2, bias2, x1, "gemv_pair", "x2", "weight2");
   for (const int64_t a : {activation1, activation2})
-    TORCH_CHECK(a >= 0 && a <= 3, "neox_rt: ", op, " activation must be 0 (none), 1 (gelu erf), 2 (gelu tanh) ",
+    TORCH_CHECK(a >= 0 && a <= 3, "neox_rt: gemv_pair activation must be 0 (none), 1 (gelu erf), 2 (gelu tanh) ",
                 "or 3 (relu), got ", fmt(a));
-  check_gemv2_config(ksplit, min_blocks, op);
-  check_gemv2_prefetch(prefetch, op);
-  if (ln != nullptr) {
-    const char* names[4] = {"ln_weight1", "ln_bias1", "ln_weight2", "ln_bias2"};
-    for (int i = 0; i < 4; ++i) {
-      const at::Tensor& t = *ln[i];
-      CHECK_SAME_DEVICE(x1, t, "x", names[i]);
-      CHECK_CONTIGUOUS(t, names[i]);
-      CHECK_DTYPE(t, x1.scalar_type(), names[i]);
-      TORCH_CHECK(t.dim() == 1 && t.size(0) == x1.size(-1), "neox_rt: ", op, " ", names[i], " must be [",
-                  fmt(x1.size(-1)), "], got ", fmt(t.sizes()));
-      TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "neox_rt: ", op, " needs a 16-byte aligned ",
-                  names[i]);
-    }
-    TORCH_CHECK(x1.size(-1) <= kGemv2MaxLnHidden, "neox_rt: ", op, " normalizes at most ", fmt(kGemv2MaxLnHidden),
-                " features in shared memory, got ", fmt(x1.size(-1)));
-  }
+  check_gemv2_config(ksplit, min_blocks, "gemv_pair");
   const c10::cuda::CUDAGuard guard(x1.device());
   const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
   auto y1 = at::empty(out_shape_of(x1, weight1.size(0)), x1.options());
@@ -449,56 +424,24 @@ std::tuple<at::Tensor, at::Tensor> launch_pair(const at::Tensor& x1, const at::T
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto run = [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    auto a = problem<scalar_t>(x1, weight1, bias1, nullptr, &y1, activation1);
-    auto b = problem<scalar_t>(x2, weight2, bias2, nullptr, &y2, activation2);
-    if (ln != nullptr) {
-      a.ln_w = ptr<scalar_t>(*ln[0]);
-      a.ln_b = ptr<scalar_t>(*ln[1]);
-      b.ln_w = ptr<scalar_t>(*ln[2]);
-      b.ln_b = ptr<scalar_t>(*ln[3]);
-    }
-    check_cuda(launch_gemv2<scalar_t>(a, b, false, ln != nullptr, static_cast<float>(eps), static_cast<int>(ksplit),
-                                      static_cast<int>(min_blocks), static_cast<int>(prefetch), use_pdl, stream),
-               op);
+    check_cuda(launch_gemv2<scalar_t>(problem<scalar_t>(x1, weight1, bias1, nullptr, &y1, activation1),
+                                      problem<scalar_t>(x2, weight2, bias2, nullptr, &y2, activation2), false,
+                                      static_cast<int>(ksplit), static_cast<int>(min_blocks), use_pdl, stream),
+               "gemv_pair");
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
   else run(static_cast<__nv_bfloat16*>(nullptr));
   return {y1, y2};
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Tensor& weight1,
-                                             const std::optional<at::Tensor>& bias1, int64_t activation1,
-                                             const at::Tensor& x2, const at::Tensor& weight2,
-                                             const std::optional<at::Tensor>& bias2, int64_t activation2,
-                                             int64_t ksplit, int64_t min_blocks, bool pdl, int64_t prefetch) {
-  return launch_pair(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, nullptr, 0.0, ksplit,
-                     min_blocks, pdl, prefetch, "gemv_pair");
-}
-
-std::tuple<at::Tensor, at::Tensor> gemv_pair_ln(const at::Tensor& x, const at::Tensor& ln_weight1,
-                                                const at::Tensor& ln_bias1, const at::Tensor& ln_weight2,
-                                                const at::Tensor& ln_bias2, double eps, const at::Tensor& weight1,
-                                                const std::optional<at::Tensor>& bias1, int64_t activation1,
-                                                const at::Tensor& weight2, const std::optional<at::Tensor>& bias2,
-                                                int64_t activation2, int64_t ksplit, int64_t min_blocks, bool pdl,
-                                                int64_t prefetch) {
-  const at::Tensor* ln[4] = {&ln_weight1, &ln_bias1, &ln_weight2, &ln_bias2};
-  return launch_pair(x, weight1, bias1, activation1, x, weight2, bias2, activation2, ln, eps, ksplit, min_blocks, pdl,
-                     prefetch, "gemv_pair_ln");
-}
-
 at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
                     const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl,
-                    int64_t prefetch) {
+                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl) {
   check_gemv2_operand(x1, weight1, bias1, x1, "gemv_sum", "x1", "weight1");
   check_gemv2_operand(x2, weight2, bias2, x1, "gemv_sum", "x2", "weight2");
   TORCH_CHECK(weight1.size(0) == weight2.size(0), "neox_rt: gemv_sum needs weights of the same out_features, got ",
               fmt(weight1.sizes()), " and ", fmt(weight2.sizes()));
   check_gemv2_config(ksplit, min_blocks, "gemv_sum");
-  check_gemv2_prefetch(prefetch, "gemv_sum");
   const auto shape = out_shape_of(x1, weight1.size(0));
   if (residual.has_value()) {
     CHECK_SAME_DEVICE(x1, *residual, "x1", "residual");
@@ -515,9 +458,8 @@ at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::T
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     check_cuda(launch_gemv2<scalar_t>(
                    problem<scalar_t>(x1, weight1, bias1, residual.has_value() ? &*residual : nullptr, &y, 0),
-                   problem<scalar_t>(x2, weight2, bias2, nullptr, nullptr, 0), true, false, 0.f,
-                   static_cast<int>(ksplit),
-                   static_cast<int>(min_blocks), static_cast<int>(prefetch), use_pdl, stream),
+                   problem<scalar_t>(x2, weight2, bias2, nullptr, nullptr, 0), true, static_cast<int>(ksplit),
+                   static_cast<int>(min_blocks), use_pdl, stream),
                "gemv_sum");
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));

@@ -40,28 +40,16 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
 
 // Two single-row GEMVs in one launch (csrc/kernels/gemv_fused.cuh): (act1(x1 W1^T + b1), act2(x2 W2^T + b2)).
 // x1, x2: one row each ([..., k], numel k, k % 16 == 0). ksplit: warps per row's k (0 auto, 2, 4, 8); min_blocks:
-// blocks per SM the registers are fitted to (0 auto, 2, 3, 4); prefetch: 2 KB chunks per warp asked for into shared
-// memory before the grid dependency wait (-1 auto, 0..3).
+// blocks per SM the registers are fitted to (0 auto, 2, 3, 4).
 std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Tensor& weight1,
                                              const std::optional<at::Tensor>& bias1, int64_t activation1,
                                              const at::Tensor& x2, const at::Tensor& weight2,
                                              const std::optional<at::Tensor>& bias2, int64_t activation2,
-                                             int64_t ksplit, int64_t min_blocks, bool pdl, int64_t prefetch);
-
-// gemv_pair of (LN1(x), LN2(x)): each block normalizes x (fp32 two-pass statistics, rounded to x's dtype) with its
-// problem's LayerNorm into shared memory first (the dual LayerNorm kernel folded into the GEMV). hidden <= 16384.
-std::tuple<at::Tensor, at::Tensor> gemv_pair_ln(const at::Tensor& x, const at::Tensor& ln_weight1,
-                                                const at::Tensor& ln_bias1, const at::Tensor& ln_weight2,
-                                                const at::Tensor& ln_bias2, double eps, const at::Tensor& weight1,
-                                                const std::optional<at::Tensor>& bias1, int64_t activation1,
-                                                const at::Tensor& weight2, const std::optional<at::Tensor>& bias2,
-                                                int64_t activation2, int64_t ksplit, int64_t min_blocks, bool pdl,
-                                                int64_t prefetch);
+                                             int64_t ksplit, int64_t min_blocks, bool pdl);
 
 // x1 W1^T + x2 W2^T + b1 + b2 + residual for one row (one GEMV over the concatenated k, fp32 sum, one rounding).
 at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
                     const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl,
-                    int64_t prefetch);
+                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl);
 
 }  // namespace neox_rt

@@ -30,11 +30,10 @@ template cudaError_t launch_gemv<__half>(const __half*, const __half*, const __h
 template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*,
                                                 const __nv_bfloat16*, __nv_bfloat16*, int, int, int, int, int, bool,
                                                 cudaStream_t);
-template cudaError_t launch_gemv2<__half>(const GemvProblem<__half>&, const GemvProblem<__half>&, bool, bool, float,
-                                          int, int, int, bool, cudaStream_t);
+template cudaError_t launch_gemv2<__half>(const GemvProblem<__half>&, const GemvProblem<__half>&, bool, int, int,
+                                          bool, cudaStream_t);
 template cudaError_t launch_gemv2<__nv_bfloat16>(const GemvProblem<__nv_bfloat16>&,
-                                                 const GemvProblem<__nv_bfloat16>&, bool, bool, float, int, int, int,
-                                                 bool, cudaStream_t);
+                                                 const GemvProblem<__nv_bfloat16>&, bool, int, int, bool, cudaStream_t);
 
 // Decode attention's lane layout (kDecodeNarrow): head size 96 in fp16/bf16 uses groups of 4 lanes with 3 vectors
 // each (no idle lane); 80 keeps 16-lane groups (a narrow group would need 5 vectors a lane); the powers of two are
