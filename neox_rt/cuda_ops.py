@@ -70,7 +70,8 @@ DECODE_BLOCKS_PER_SM = _env_int("NEOX_RT_DECODE_BLOCKS_PER_SM", 0, 0)
 # Its step scheme: 0 the extension's default, 1 single-buffered, 2 double-buffered (pipelined) steps.
 DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
 # The fused pairs of single-row GEMVs (linear_pair, linear_sum; csrc/kernels/gemv_fused.cuh): warps splitting a
-# row's k (0 auto, 2, 4, 8) and the blocks per SM their registers are fitted to (0 auto = 3, 2, 3 or 4), for A/B runs.
+# row's k (0 auto, 2, 4, 8) and the blocks per SM their registers are fitted to (0 auto: 3 in fp16, 2 in bf16; 2, 3 or
+# 4), for A/B runs.
 GEMV2_KSPLIT = _env_choice("NEOX_RT_GEMV2_KSPLIT", (0, 2, 4, 8))
 GEMV2_MIN_BLOCKS = _env_choice("NEOX_RT_GEMV2_MIN_BLOCKS", (0, 2, 3, 4))
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
@@ -276,7 +277,7 @@ def supports_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None) -
             and x1.shape[:-1] == x2.shape[:-1]):
         return False
     return residual is None or (residual.dtype == x1.dtype and residual.is_contiguous()
-                                and residual.shape == (*x1.shape[:-1], w1.shape[0]))
+                                and residual.device == x1.device and residual.shape == (*x1.shape[:-1], w1.shape[0]))
 
 
 def supports_rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache) -> bool:

@@ -7,6 +7,8 @@
 //    sum is accumulated in fp32 and rounded once.
 // Why: at TP=2 a 20B layer spends ~18 us above its weight floor in four GEMVs, whose weight runs are half as long as
 // at TP=1 while each launch's ramp-up and drain are not (bench/NOTES.md, session 7); two launches pay two ramps.
+// Measured (bench/NOTES.md, session 9): 20B rank 0 of TP=2 on one H100 7.44 vs 7.80 ms a token with four GEMVs, TP=1
+// 14.06 vs 14.43; TP=2 on two H100s 7.86 vs 8.22.
 // The scheme is gemv_kernel's wide configuration (gemv.cuh): blocks of 8 warps, a group of KSPLIT warps owns 4 rows
 // of W and splits its k (in sum: each warp takes its KSPLIT-th of k1, then of k2), each lane keeps one 16-byte
 // streaming (evict-first) load per row in flight, double-buffered; x through L1 after griddepcontrol.wait, the first

@@ -81,6 +81,17 @@ int pick_vec(int64_t elem_size, std::initializer_list<int64_t> sizes, std::initi
 template <typename T>
 T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
+// The residual a GEMV adds in its epilogue: none, or the output's shape, dtype and device, contiguous.
+void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& x, const std::vector<int64_t>& shape,
+                    const char* op) {
+  if (!residual.has_value()) return;
+  CHECK_SAME_DEVICE(x, *residual, "x", "residual");
+  CHECK_CONTIGUOUS(*residual, "residual");
+  CHECK_DTYPE(*residual, x.scalar_type(), "residual");
+  TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape), "neox_rt: ", op, " residual must have the output's shape ",
+              fmt(at::IntArrayRef(shape)), ", got ", fmt(residual->sizes()));
+}
+
 }  // namespace
 
 at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& query_positions, double scale) {
@@ -327,13 +338,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
               "11 (8-warp blocks of 16 rows), got ", fmt(variant));
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
-  if (residual.has_value()) {
-    CHECK_SAME_DEVICE(x, *residual, "x", "residual");
-    CHECK_CONTIGUOUS(*residual, "residual");
-    CHECK_DTYPE(*residual, x.scalar_type(), "residual");
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_shape), "neox_rt: gemv residual must have the output's ",
-                "shape ", fmt(at::IntArrayRef(out_shape)), ", got ", fmt(residual->sizes()));
-  }
+  check_residual(residual, x, out_shape, "gemv");
   const c10::cuda::CUDAGuard guard(x.device());
   // Programmatic dependent launch exists from sm_90 on; elsewhere the flag is ignored.
   const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
@@ -443,13 +448,7 @@ at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::T
               fmt(weight1.sizes()), " and ", fmt(weight2.sizes()));
   check_gemv2_config(ksplit, min_blocks, "gemv_sum");
   const auto shape = out_shape_of(x1, weight1.size(0));
-  if (residual.has_value()) {
-    CHECK_SAME_DEVICE(x1, *residual, "x1", "residual");
-    CHECK_CONTIGUOUS(*residual, "residual");
-    CHECK_DTYPE(*residual, x1.scalar_type(), "residual");
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape), "neox_rt: gemv_sum residual must have the output's ",
-                "shape ", fmt(at::IntArrayRef(shape)), ", got ", fmt(residual->sizes()));
-  }
+  check_residual(residual, x1, shape, "gemv_sum");
   const c10::cuda::CUDAGuard guard(x1.device());
   const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
   auto y = at::empty(shape, x1.options());
