@@ -119,8 +119,8 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
 }
 
 // MINB: blocks per SM the registers are fitted to (__launch_bounds__): 3 (up to 80 registers, 24 warps an SM), 4 (64,
-// 32 warps) or 2 (128, 16 warps). One H100, 20B rank 0 of TP=2: 3 blocks 7.38 ms, 4 blocks 8.50 (the pair spills),
-// 2 blocks 8.26 (at a5eed32, before the loop lost its spills).
+// 32 warps) or 2 (128, 16 warps). One H100, 20B rank 0 of TP=2: 3 blocks 7.44 ms (ad8624d); 4 blocks 8.50 (f1b37c9's
+// form of the loop, the pair spilling) and 2 blocks 8.26 (a5eed32, before the loop lost its spills) in earlier runs.
 template <typename T, int KSPLIT, int MINB, bool PDL>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
 gemv_pair_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1) {
