@@ -310,6 +310,8 @@ def main(argv=None):
         weight_bytes_per_rank=weight_bytes,
         weight_stream_gbs=weight_bytes / (p50 * 1e-3) / 1e9,
         allreduce_per_token_ms=alone,
+        allreduce_impl=("p2p in graphs, nccl eager" if tp.p2p.mode == 1 else "p2p") if tp.p2p is not None
+        else "nccl" + (f" ({tp.p2p_off_reason})" if tp.p2p_off_reason else ""),
         decode_no_allreduce_p50_ms=no_ar,
         allreduce_share_ms=(p50 - no_ar) if no_ar is not None else None,
         peak_memory_bytes_per_rank=peaks, memory_cache_tokens=args.memory_cache, memory_estimate=estimate,
@@ -326,7 +328,8 @@ def main(argv=None):
                 json.dump(result, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
         ar = alone.get("graph_ms", alone["eager_ms"])
         print(f"device {result.get('gpu', 'cpu')}  torch {torch.__version__}  backend {backend}  "
-              f"decode {result['decode_path']}  NCCL_P2P_DISABLE={result['nccl_p2p_disable']}")
+              f"decode {result['decode_path']}  NCCL_P2P_DISABLE={result['nccl_p2p_disable']}  "
+              f"all-reduce {result['allreduce_impl']}")
         print(f"{'tp':>3} {'p50 ms':>8} {'p90 ms':>8} {'wall ms':>8} {'GB/s/rank':>10} {'AR ms/tok':>10} "
               f"{'no-AR p50':>10} {'peak GiB/rank':>14}")
         print(f"{tp.size:>3} {p50:>8.3f} {p90:>8.3f} {wall:>8.3f} {result['weight_stream_gbs']:>10.0f} "

@@ -21,6 +21,7 @@ TORCH_LIBRARY(neox_rt, m) {
         "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv_sum(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "
         "Tensor? residual=None, int ksplit=0, int min_blocks=0, bool pdl=False) -> Tensor");
+  m.def("p2p_all_reduce(Tensor x, int[] buffers, int rank, int slot_bytes, bool pdl=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
@@ -32,6 +33,7 @@ TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
   m.impl("gemv", &neox_rt::gemv);
   m.impl("gemv_pair", &neox_rt::gemv_pair);
   m.impl("gemv_sum", &neox_rt::gemv_sum);
+  m.impl("p2p_all_reduce", &neox_rt::p2p_all_reduce);
 }
 
 // `import neox_rt._C` needs a module init function; the ops are reached through torch.ops.neox_rt.

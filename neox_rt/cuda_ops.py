@@ -133,6 +133,10 @@ def _register_fakes() -> None:
     def _(x1, weight1, x2, weight2, bias1, bias2, residual=None, ksplit=0, min_blocks=0, pdl=False):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0])
 
+    @lib.register_fake("neox_rt::p2p_all_reduce")
+    def _(x, buffers, rank, slot_bytes, pdl=False):
+        return torch.empty_like(x)
+
     _fakes_registered = True
 
 

@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+# The one-shot peer-to-peer all-reduce (csrc/kernels/allreduce.cuh) for tensors of at most this many bytes (decode's
+# hidden state: 12 KB a row for 20B); larger ones (prefill) go to NCCL.
+P2P_SLOT_BYTES = 64 << 10
+P2P_HEADER_BYTES = 256  # kP2PHeaderBytes: the arrival counters and this rank's state, before the slots
+P2P_MAX_RANKS = 8
+
 
 @dataclass
 class TensorParallel:
@@ -20,11 +26,18 @@ class TensorParallel:
     group: object | None = None
     all_reduce_calls: int = field(default=0, repr=False)
     """Count of all-reduces issued (tests check one per layer with the parallel residual)."""
+    p2p: "P2PAllReduce | None" = field(default=None, repr=False)
+    """The peer-to-peer all-reduce where every rank's GPU maps the others' memory (see :func:`setup_p2p`)."""
+    p2p_off_reason: str = field(default="", repr=False)
+    """Why ``p2p`` is None on a multi-GPU run (reported by the benchmarks)."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of x over the ranks (may be x itself, summed in place)."""
         if self.size == 1:
             return x
         self.all_reduce_calls += 1
+        if self.p2p is not None and self.p2p.wants(x):
+            return self.p2p(x)
         dist.all_reduce(x, group=self.group)
         return x
 
@@ -47,6 +60,105 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+
+
+def p2p_mode() -> int:
+    """NEOX_RT_P2P_ALLREDUCE: 0 off (NCCL only), 1 inside CUDA graphs (the default: the decode graph, where ranks
+    run in lock-step), 2 in eager calls too."""
+    text = os.environ.get("NEOX_RT_P2P_ALLREDUCE", "1").strip() or "1"
+    if text not in ("0", "1", "2"):
+        from neox_rt.errors import NeoxRtError
+        raise NeoxRtError(f"NEOX_RT_P2P_ALLREDUCE={text!r}: expected 0 (off), 1 (in CUDA graphs) or 2 (always)")
+    return int(text)
+
+
+class P2PAllReduce:
+    """The one-shot all-reduce over peer memory (``torch.ops.neox_rt.p2p_all_reduce``) for small CUDA tensors.
+
+    Each rank's buffer comes from PyTorch's symmetric memory and is mapped into every rank's process
+    (``buffer_ptrs``); the kernel pushes this rank's input into each peer's slot, signals, waits for the peers'
+    signals and sums in rank order, so every rank gets the same bits. It replaces NCCL for tensors of at most
+    ``slot_bytes`` inside CUDA graphs (mode 1) or everywhere (mode 2); NCCL takes the rest.
+    """
+
+    def __init__(self, buffer: torch.Tensor, handle, rank: int, mode: int, slot_bytes: int = P2P_SLOT_BYTES):
+        self.buffer, self.handle = buffer, handle  # kept alive: the peers' mappings point into them
+        self.ptrs = [int(p) for p in handle.buffer_ptrs]
+        self.rank, self.mode, self.slot_bytes = rank, mode, slot_bytes
+
+    def wants(self, x: torch.Tensor) -> bool:
+        nbytes = x.numel() * x.element_size()
+        return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_contiguous()
+                and 0 < nbytes <= self.slot_bytes and nbytes % 16 == 0 and x.data_ptr() % 16 == 0
+                and (self.mode == 2 or torch.cuda.is_current_stream_capturing()))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from neox_rt.cuda_ops import PDL
+        return torch.ops.neox_rt.p2p_all_reduce(x, self.ptrs, self.rank, self.slot_bytes, PDL)
+
+
+def _p2p_local_reason(size: int, device: torch.device) -> str:
+    """Why this rank cannot take part in the peer-to-peer all-reduce ("" if it can)."""
+    if p2p_mode() == 0:
+        return "NEOX_RT_P2P_ALLREDUCE=0"
+    if size > P2P_MAX_RANKS:
+        return f"more than {P2P_MAX_RANKS} ranks"
+    if os.environ.get("NCCL_P2P_DISABLE", "0") not in ("", "0"):
+        return "NCCL_P2P_DISABLE is set"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", size)) != size:
+        return "the ranks span several nodes"
+    if torch.cuda.device_count() < size:
+        return "fewer GPUs than ranks on this node"
+    me = device.index if device.index is not None else torch.cuda.current_device()
+    if not all(torch.cuda.can_device_access_peer(me, j) for j in range(size) if j != me):
+        return "the GPUs cannot access each other's memory (no P2P)"
+    try:
+        from neox_rt import cuda_ops
+        cuda_ops.load_extension()
+        if not hasattr(torch.ops.neox_rt, "p2p_all_reduce"):
+            return "the CUDA extension has no p2p_all_reduce (rebuild it)"
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError as e:
+        return f"not available: {e}"
+    return ""
+
+
+def _agree(ok: bool, device: torch.device, group) -> bool:
+    """True on every rank iff ``ok`` on every rank (a MIN all-reduce over the process group)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def setup_p2p(tp: "TensorParallel", device: torch.device) -> None:
+    """Give ``tp`` the peer-to-peer all-reduce where every rank can (a collective: every rank calls it); else
+    record why not in ``tp.p2p_off_reason``. NVLink multicast stays off (never used here)."""
+    reason = _p2p_local_reason(tp.size, device)
+    if not _agree(not reason, device, tp.group):
+        tp.p2p_off_reason = reason or "another rank cannot"
+        return
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    buf = handle = None
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+        try:
+            symm_mem.set_backend("CUDA")
+        except Exception:  # noqa: BLE001 - older torch or a backend already chosen: keep what is there
+            pass
+        nbytes = P2P_HEADER_BYTES + 2 * tp.size * P2P_SLOT_BYTES
+        buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        buf.zero_()
+        group = tp.group if tp.group is not None else dist.group.WORLD
+        handle = symm_mem.rendezvous(buf, group.group_name)
+        error = "" if len(handle.buffer_ptrs) == tp.size else "symmetric memory mapped a different number of ranks"
+    except Exception as e:  # noqa: BLE001 - any failure means NCCL, on every rank (agreed below)
+        error = f"symmetric memory: {type(e).__name__}: {e}".splitlines()[0][:200]
+    if not _agree(not error, device, tp.group):
+        tp.p2p_off_reason = error or "another rank could not map its buffer"
+        return
+    torch.cuda.synchronize(device)
+    dist.barrier(group=tp.group)  # every buffer zeroed before any rank signals into it
+    tp.p2p = P2PAllReduce(buf, handle, tp.rank, p2p_mode())
 
 
 def init_from_env(tp_size: int | None = None, device_type: str = "cpu") -> TensorParallel:
@@ -79,7 +191,10 @@ def init_from_env(tp_size: int | None = None, device_type: str = "cpu") -> Tenso
     elif device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     rank = dist.get_rank()
-    return TensorParallel(rank=rank, size=tp_size, group=None)
+    tp = TensorParallel(rank=rank, size=tp_size, group=None)
+    if device_type == "cuda":
+        setup_p2p(tp, torch.device("cuda", torch.cuda.current_device()))
+    return tp
 
 
 def check_tp_size(config, tp_size: int) -> None:

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,tpsim,latency,tp,tp_nop2p,tp4,load
+#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,tpsim,latency,tp,tp_nop2p,tpab,tp4,load
 #   (default: info,build,test,kernels,latency,tp; build_baseline runs whenever .baseline/ is there; tp brings
 #   tp_nop2p unless TP_NOP2P=0)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
 # AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_ARGS/PROFILE_LIMIT,
 # TPSIM_SIZES/TPSIM_ENVS/TPSIM_ARGS/TPSIM_BASE_ARGS/TPSIM_LIMIT (ENVS entries: A=1+B=2
 # sets two; a '+' not followed by NAME= stays in the value, as in NEOX_RT_OP_BACKENDS=linear=cuda+triton),
-# LATENCY_ARGS, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline),
+# LATENCY_ARGS, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, TPAB_ENVS/TPAB_ROUNDS/TPAB_ARGS/TPAB_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline),
 # BASELINE_COMMIT (its commit).
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
@@ -124,6 +124,16 @@ if [ "$NGPU" -ge 2 ]; then
   # `tp` implies its host-path repeat unless TP_NOP2P=0
   case "$STAGES" in *",tp,"*) [ "${TP_NOP2P:-1}" != 0 ] && STAGES="${STAGES}tp_nop2p," ;; esac
   stage tp_nop2p ${TP_NOP2P_LIMIT:-240} "NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --out $OUT/tp2_nop2p.json --skip-memory --skip-no-allreduce ${TP_ARGS:-}"
+  # A/B of TP=2 settings on this pair: each entry of TPAB_ENVS (as TPSIM_ENVS) in turn, TPAB_ROUNDS rounds interleaved
+  TPAB_CMD=""
+  for r in $(seq 1 "${TPAB_ROUNDS:-2}"); do
+    for e in ${TPAB_ENVS:--}; do
+      tag=$(echo "$e" | tr -c 'A-Za-z0-9\n' '_')
+      TPAB_CMD+="env $(envs_of "$e") torchrun --nproc-per-node 2 bench/tp_latency.py --tp 2 --skip-memory \
+--skip-no-allreduce ${TPAB_ARGS:-} --out $OUT/tpab_${tag}_r$r.json ; "
+    done
+  done
+  stage tpab ${TPAB_LIMIT:-400} "$TPAB_CMD true"
 fi
 if [ "$NGPU" -ge 4 ]; then  # TP=4 with its peak memory (2048-token cache), then each rank capped at 15 GiB (a T4's share)
   stage tp4 ${TP4_LIMIT:-300} "torchrun --nproc-per-node 4 bench/tp_latency.py --tp 4 --out $OUT/tp4.json ${TP_ARGS:-} ; torchrun --nproc-per-node 4 bench/tp_latency.py --tp 4 --memory-cap-gib 15 --out $OUT/tp4_cap15.json --skip-no-allreduce ${TP_ARGS:-}"

@@ -81,17 +81,18 @@ def run_case(model, tp: TensorParallel, seed: int) -> dict:
                 logprobs=greedy.logprobs, sampled=[r.token_ids for r in sampled])
 
 
-def _tp_worker(rank: int, world: int, port: int, dirs: dict, out_dir: str, device: str, dtype: str) -> None:
-    """One rank of a torchrun-like launch: the environment torchrun sets, then init_from_env."""
+def _tp_worker(rank: int, world: int, port: int, dirs: dict, out_dir: str, device: str, dtype: str,
+               env: dict | None = None) -> None:
+    """One rank of a torchrun-like launch: the environment torchrun sets (and ``env``), then init_from_env."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
     import torch.distributed as dist
 
     from neox_rt.parallel import init_from_env
     torch.set_num_threads(1)
     tp = init_from_env(world, device)
     try:
-        results = {}
+        results = {"p2p": (tp.p2p is not None, tp.p2p_off_reason)}
         for name, d in dirs.items():
             model = neox_rt.load(d, dtype=dtype, device=device, tp=tp, progress=False)
             results[name] = run_case(model, tp, seed=100 + rank)
@@ -105,9 +106,11 @@ def _tp_worker(rank: int, world: int, port: int, dirs: dict, out_dir: str, devic
         dist.destroy_process_group()
 
 
-def spawn_tp(dirs: dict, out_dir, world: int = 2, device: str = "cpu", dtype: str = "float32") -> list[dict]:
+def spawn_tp(dirs: dict, out_dir, world: int = 2, device: str = "cpu", dtype: str = "float32",
+             env: dict | None = None) -> list[dict]:
     import torch.multiprocessing as mp
-    mp.spawn(_tp_worker, args=(world, _free_port(), dirs, str(out_dir), device, dtype), nprocs=world, join=True)
+    mp.spawn(_tp_worker, args=(world, _free_port(), dirs, str(out_dir), device, dtype, env), nprocs=world,
+             join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 
@@ -322,15 +325,28 @@ def _near_tie(ref_logits_fn, prompt, a: list[int], b: list[int], tol: float) -> 
     return abs(logits[a[k]] - logits[b[k]]).item() <= tol
 
 
+ALLREDUCES = {  # the all-reduce under test: NCCL; the peer-to-peer kernel in every call; in the decode graphs only
+    "nccl": {"NEOX_RT_P2P_ALLREDUCE": "0"},
+    "p2p": {"NEOX_RT_P2P_ALLREDUCE": "2"},
+    "p2p_graphs": {"NEOX_RT_P2P_ALLREDUCE": "1", "NEOX_RT_CUDA_GRAPHS": "1"},
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.multigpu
-def test_tp2_nccl_fp16_matches_tp1(tmp_path):
-    """NCCL, fp16, 2 GPUs. Rule: |TP2 fp16 - fp32| <= 2 |TP1 fp16 - fp32| (max over logits), and greedy
-    tokens equal to TP=1 fp16, or diverging only where the fp32 logits of the two choices nearly tie."""
+@pytest.mark.parametrize("allreduce", sorted(ALLREDUCES))
+def test_tp2_nccl_fp16_matches_tp1(tmp_path, allreduce):
+    """NCCL (and the peer-to-peer all-reduce), fp16, 2 GPUs. Rule: |TP2 fp16 - fp32| <= 2 |TP1 fp16 - fp32| (max
+    over logits), and greedy tokens equal to TP=1 fp16, or diverging only where the fp32 logits of the two choices
+    nearly tie."""
+    if allreduce != "nccl" and not torch.cuda.can_device_access_peer(0, 1):
+        pytest.skip("GPUs 0 and 1 cannot access each other's memory: no peer-to-peer all-reduce here")
     dirs = _make_checkpoints(tmp_path / "ckpt")
     out = tmp_path / "out"
     out.mkdir()
-    r0, r1 = spawn_tp(dirs, out, device="cuda", dtype="float16")
+    r0, r1 = spawn_tp(dirs, out, device="cuda", dtype="float16", env=ALLREDUCES[allreduce])
+    for r in (r0, r1):
+        assert r["p2p"][0] == (allreduce != "nccl"), r["p2p"]
     for case in CASES:
         ref = r0[f"{case}/tp1/float32"]
         base = r0[f"{case}/tp1/float16"]

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/allreduce.cuh"
 #include "kernels/decode_attention.cuh"
 #include "kernels/gemv.cuh"
 #include "kernels/gemv_fused.cuh"
@@ -463,6 +464,41 @@ at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::T
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
   else run(static_cast<__nv_bfloat16*>(nullptr));
+  return y;
+}
+
+at::Tensor p2p_all_reduce(const at::Tensor& x, at::IntArrayRef buffers, int64_t rank, int64_t slot_bytes, bool pdl) {
+  CHECK_CUDA(x, "x");
+  CHECK_CONTIGUOUS(x, "x");
+  check_float_dtype(x, "p2p_all_reduce x");
+  const int64_t world = static_cast<int64_t>(buffers.size());
+  TORCH_CHECK(world >= 2 && world <= kP2PMaxRanks, "neox_rt: p2p_all_reduce needs 2 to ", fmt(kP2PMaxRanks),
+              " buffers (one a rank), got ", fmt(world));
+  TORCH_CHECK(rank >= 0 && rank < world, "neox_rt: p2p_all_reduce rank ", fmt(rank), " is not in [0, ",
+              fmt(world), ")");
+  TORCH_CHECK(slot_bytes > 0 && slot_bytes % 16 == 0, "neox_rt: p2p_all_reduce slot_bytes must be a positive ",
+              "multiple of 16, got ", fmt(slot_bytes));
+  const int64_t bytes = x.numel() * x.element_size();
+  TORCH_CHECK(bytes % 16 == 0 && bytes <= slot_bytes && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "neox_rt: p2p_all_reduce needs a 16-byte aligned x of a multiple of 16 bytes, at most ",
+              fmt(slot_bytes), "; got ", fmt(bytes), " bytes");
+  P2PBuffers b{};
+  for (int64_t r = 0; r < world; ++r) {
+    TORCH_CHECK(buffers[r] != 0 && buffers[r] % 16 == 0, "neox_rt: p2p_all_reduce buffer ", fmt(r),
+                " is null or not 16-byte aligned");
+    b.base[r] = reinterpret_cast<char*>(static_cast<uintptr_t>(buffers[r]));
+  }
+  b.rank = static_cast<int>(rank);
+  b.world = static_cast<int>(world);
+  b.slot_bytes = slot_bytes;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  auto y = at::empty_like(x);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  NEOX_RT_DISPATCH_FLOAT(x.scalar_type(), "p2p_all_reduce", [&] {
+    check_cuda(launch_p2p_all_reduce<scalar_t>(ptr<scalar_t>(x), ptr<scalar_t>(y), bytes / 16, b, use_pdl, stream),
+               "p2p_all_reduce");
+  });
   return y;
 }
 

@@ -1,6 +1,7 @@
 // Compile check for the framework-free kernels: includes every header in csrc/kernels and instantiates every
 // launcher for every dtype, so `nvcc -c` for one arch compiles every kernel template that the extension uses.
 // scripts/compile_cuda.sh runs it for sm_75 and sm_90; CMakeLists.txt builds it into neox_rt_kernels.
+#include "kernels/allreduce.cuh"
 #include "kernels/decode_attention.cuh"
 #include "kernels/gemv.cuh"
 #include "kernels/gemv_fused.cuh"
@@ -20,7 +21,8 @@ namespace neox_rt {
                                                   float*, int*, int, int, int, int64_t, int, float, bool, bool,\
                                                   cudaStream_t);                                               \
   template cudaError_t launch_layernorm<T>(const T*, const T*, const T*, T*, const T*, const T*, T*, int64_t,  \
-                                           int, float, int, bool, cudaStream_t);
+                                           int, float, int, bool, cudaStream_t);                 \
+  template cudaError_t launch_p2p_all_reduce<T>(const T*, T*, long long, const P2PBuffers&, bool, cudaStream_t);
 
 NEOX_RT_INSTANTIATE_ALL(float)
 NEOX_RT_INSTANTIATE_ALL(__half)

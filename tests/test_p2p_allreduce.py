@@ -1,0 +1,158 @@
+"""The peer-to-peer all-reduce kernel (csrc/kernels/allreduce.cuh, ``torch.ops.neox_rt.p2p_all_reduce``).
+
+On one GPU several "ranks" run in one process, each on its own stream, their buffers plain device memory of the
+same GPU (what symmetric memory maps across GPUs): each rank's kernel pushes into the others' buffers and waits for
+their signals, so the kernels only finish if they run concurrently and the protocol is right. The sum must be the
+fp32 sum in rank order rounded once, the same bits on every rank, over many calls (both parities, the counters
+growing). The two-GPU path (symmetric memory, NCCL beside it) is tested in test_tensor_parallel.py. The selection
+logic (which tensors go to the kernel, the setting) is tested on CPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neox_rt import parallel
+from neox_rt.errors import NeoxRtError
+from neox_rt.parallel import P2P_HEADER_BYTES, P2P_SLOT_BYTES, P2PAllReduce
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+class _Handle:
+    def __init__(self, ptrs):
+        self.buffer_ptrs = ptrs
+
+
+def test_p2p_mode_setting(monkeypatch):
+    monkeypatch.delenv("NEOX_RT_P2P_ALLREDUCE", raising=False)
+    assert parallel.p2p_mode() == 1
+    for v in ("0", "1", "2"):
+        monkeypatch.setenv("NEOX_RT_P2P_ALLREDUCE", v)
+        assert parallel.p2p_mode() == int(v)
+    monkeypatch.setenv("NEOX_RT_P2P_ALLREDUCE", "yes")
+    with pytest.raises(NeoxRtError, match="NEOX_RT_P2P_ALLREDUCE='yes'"):
+        parallel.p2p_mode()
+
+
+def test_p2p_wants_only_small_aligned_cuda_tensors_in_graphs(monkeypatch):
+    """CPU tensors, odd sizes, non-contiguous or oversized tensors go to NCCL; mode 1 only while capturing."""
+    p2p = P2PAllReduce(torch.empty(0), _Handle([16, 32]), rank=0, mode=2)
+    assert not p2p.wants(torch.zeros(8))  # CPU
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert p2p.wants(torch.zeros(8))  # 32 bytes
+    assert not p2p.wants(torch.zeros(3))  # 12 bytes: not a multiple of 16
+    assert not p2p.wants(torch.zeros(0))
+    assert not p2p.wants(torch.zeros(P2P_SLOT_BYTES // 4 + 4))  # over the slot
+    assert p2p.wants(torch.zeros(P2P_SLOT_BYTES // 4))
+    assert not p2p.wants(torch.zeros(8, 2).t())  # not contiguous
+    assert not p2p.wants(torch.zeros(8, dtype=torch.int32))
+    graphs_only = P2PAllReduce(torch.empty(0), _Handle([16, 32]), rank=0, mode=1)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not graphs_only.wants(torch.zeros(8))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert graphs_only.wants(torch.zeros(8))
+
+
+def test_p2p_off_reasons_on_cpu(monkeypatch):
+    monkeypatch.setenv("NEOX_RT_P2P_ALLREDUCE", "0")
+    assert parallel._p2p_local_reason(2, torch.device("cpu")) == "NEOX_RT_P2P_ALLREDUCE=0"
+    monkeypatch.setenv("NEOX_RT_P2P_ALLREDUCE", "1")
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
+    assert parallel._p2p_local_reason(2, torch.device("cpu")) == "NCCL_P2P_DISABLE is set"
+    monkeypatch.delenv("NCCL_P2P_DISABLE")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert parallel._p2p_local_reason(4, torch.device("cpu")) == "the ranks span several nodes"
+    assert "more than" in parallel._p2p_local_reason(16, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: several ranks in one process
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ext():
+    from neox_rt import cuda_ops
+    try:
+        return cuda_ops.load_extension()
+    except ImportError as e:
+        pytest.fail(f"extension not built on the GPU machine: {e}")
+
+
+def _buffers(world: int, slot: int = P2P_SLOT_BYTES):
+    return [torch.zeros(P2P_HEADER_BYTES + 2 * world * slot, dtype=torch.uint8, device="cuda")
+            for _ in range(world)]
+
+
+def _run_ranks(ext, xs, bufs, slot=P2P_SLOT_BYTES, pdl=False):
+    """Each rank's call on its own stream (concurrently), the outputs after all finished."""
+    ptrs = [b.data_ptr() for b in bufs]
+    streams = [torch.cuda.Stream() for _ in xs]
+    outs = []
+    torch.cuda.synchronize()
+    for r, (x, s) in enumerate(zip(xs, streams)):
+        with torch.cuda.stream(s):
+            outs.append(ext.p2p_all_reduce(x, ptrs, r, slot, pdl))
+    torch.cuda.synchronize()
+    return outs
+
+
+def _expected(xs):
+    acc = torch.zeros_like(xs[0], dtype=torch.float32)
+    for x in xs:
+        acc += x.float()
+    return acc.to(xs[0].dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_p2p_all_reduce_ranks_on_streams(ext, dtype, world):
+    """Many calls (both parities, counters growing) of varied sizes: every rank gets the fp32 sum in rank order,
+    rounded once, bit for bit."""
+    bufs = _buffers(world)
+    g = torch.Generator(device="cuda").manual_seed(world)
+    elems16 = 16 // torch.tensor([], dtype=dtype).element_size()
+    for call, n in enumerate([6144, 6144, 8 * elems16, elems16, 6144 * 2, P2P_SLOT_BYTES // (16 // elems16), 6144]):
+        xs = [torch.randn(1, 1, n, generator=g, device="cuda").mul_(3).to(dtype) for _ in range(world)]
+        outs = _run_ranks(ext, xs, bufs, pdl=call % 2 == 1)
+        want = _expected(xs)
+        for r, out in enumerate(outs):
+            assert out.shape == xs[r].shape and out.dtype == dtype
+            assert torch.equal(out, want), (call, n, r)
+
+
+@pytest.mark.gpu
+def test_p2p_all_reduce_inputs_unchanged_and_state_advances(ext):
+    bufs = _buffers(2)
+    xs = [torch.randn(6144, device="cuda", dtype=torch.float16) for _ in range(2)]
+    copies = [x.clone() for x in xs]
+    for _ in range(5):
+        _run_ranks(ext, xs, bufs)
+    for x, c in zip(xs, copies):
+        assert torch.equal(x, c)
+    for b in bufs:
+        arrivals = b[:8].view(torch.int32).tolist()
+        state = b[128:144].view(torch.int32).tolist()  # parity, expected[2], error
+        assert arrivals == [3, 2] and state == [1, 3, 2, 0]  # 5 calls: parities 0, 1, 0, 1, 0
+
+
+@pytest.mark.gpu
+def test_p2p_all_reduce_bad_input(ext):
+    bufs = _buffers(2)
+    ptrs = [b.data_ptr() for b in bufs]
+    x = torch.randn(6144, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="needs 2 to 8 buffers"):
+        ext.p2p_all_reduce(x, ptrs[:1], 0, P2P_SLOT_BYTES)
+    with pytest.raises(RuntimeError, match=r"rank 2 is not in \[0, 2\)"):
+        ext.p2p_all_reduce(x, ptrs, 2, P2P_SLOT_BYTES)
+    with pytest.raises(RuntimeError, match="at most 65536; got 65552 bytes"):
+        ext.p2p_all_reduce(torch.zeros(32776, device="cuda", dtype=torch.float16), ptrs, 0, P2P_SLOT_BYTES)
+    with pytest.raises(RuntimeError, match="multiple of 16 bytes"):
+        ext.p2p_all_reduce(torch.zeros(7, device="cuda", dtype=torch.float16), ptrs, 0, P2P_SLOT_BYTES)
+    with pytest.raises(RuntimeError, match="buffer 1 is null"):
+        ext.p2p_all_reduce(x, [ptrs[0], 0], 0, P2P_SLOT_BYTES)
+    with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
+        ext.p2p_all_reduce(torch.zeros(8, device="cuda", dtype=torch.int32), ptrs, 0, P2P_SLOT_BYTES)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        ext.p2p_all_reduce(torch.zeros(8), ptrs, 0, P2P_SLOT_BYTES)
