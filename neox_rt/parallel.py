@@ -6,6 +6,7 @@ row-parallel biases are replicated and the biases are added once, after the all-
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass, field
 
@@ -117,7 +118,7 @@ def _p2p_local_reason(size: int, device: torch.device) -> str:
         cuda_ops.load_extension()
         if not hasattr(torch.ops.neox_rt, "p2p_all_reduce"):
             return "the CUDA extension has no p2p_all_reduce (rebuild it)"
-        import torch.distributed._symmetric_memory  # noqa: F401
+        importlib.import_module("torch.distributed._symmetric_memory")
     except ImportError as e:
         return f"not available: {e}"
     return ""
