@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-# The one-shot peer-to-peer all-reduce (csrc/kernels/allreduce.cuh) for tensors of at most this many bytes (decode's
-# hidden state: 12 KB a row for 20B); larger ones (prefill) go to NCCL.
-P2P_SLOT_BYTES = 64 << 10
-P2P_HEADER_BYTES = 256  # kP2PHeaderBytes: the arrival counters and this rank's state, before the slots
+# The one-shot peer-to-peer all-reduce (csrc/kernels/allreduce.cuh): each rank's slot in each buffer, carrying half
+# as much data (its lines hold flags beside the data): tensors of up to 64 KB (decode's hidden state: 12 KB a row for
+# 20B); larger ones (prefill) go to NCCL.
+P2P_SLOT_BYTES = 128 << 10
+P2P_HEADER_BYTES = 256  # kP2PHeaderBytes: this rank's state, before the slots
 P2P_MAX_RANKS = 8
 
 
@@ -79,7 +80,7 @@ class P2PAllReduce:
     Each rank's buffer comes from PyTorch's symmetric memory and is mapped into every rank's process
     (``buffer_ptrs``); the kernel pushes this rank's input into each peer's slot, signals, waits for the peers'
     signals and sums in rank order, so every rank gets the same bits. It replaces NCCL for tensors of at most
-    ``slot_bytes`` inside CUDA graphs (mode 1) or everywhere (mode 2); NCCL takes the rest.
+    ``slot_bytes / 2`` inside CUDA graphs (mode 1) or everywhere (mode 2); NCCL takes the rest.
     """
 
     def __init__(self, buffer: torch.Tensor, handle, rank: int, mode: int, slot_bytes: int = P2P_SLOT_BYTES):
@@ -90,7 +91,7 @@ class P2PAllReduce:
     def wants(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
         return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_contiguous()
-                and 0 < nbytes <= self.slot_bytes and nbytes % 16 == 0 and x.data_ptr() % 16 == 0
+                and 0 < 2 * nbytes <= self.slot_bytes and nbytes % 16 == 0 and x.data_ptr() % 16 == 0
                 and (self.mode == 2 or torch.cuda.is_current_stream_capturing()))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

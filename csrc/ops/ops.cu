@@ -479,9 +479,9 @@ at::Tensor p2p_all_reduce(const at::Tensor& x, at::IntArrayRef buffers, int64_t 
   TORCH_CHECK(slot_bytes > 0 && slot_bytes % 16 == 0, "neox_rt: p2p_all_reduce slot_bytes must be a positive ",
               "multiple of 16, got ", fmt(slot_bytes));
   const int64_t bytes = x.numel() * x.element_size();
-  TORCH_CHECK(bytes % 16 == 0 && bytes <= slot_bytes && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+  TORCH_CHECK(bytes % 16 == 0 && 2 * bytes <= slot_bytes && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "neox_rt: p2p_all_reduce needs a 16-byte aligned x of a multiple of 16 bytes, at most ",
-              fmt(slot_bytes), "; got ", fmt(bytes), " bytes");
+              fmt(slot_bytes / 2), " (half a slot); got ", fmt(bytes), " bytes");
   P2PBuffers b{};
   for (int64_t r = 0; r < world; ++r) {
     TORCH_CHECK(buffers[r] != 0 && buffers[r] % 16 == 0, "neox_rt: p2p_all_reduce buffer ", fmt(r),
@@ -496,7 +496,7 @@ at::Tensor p2p_all_reduce(const at::Tensor& x, at::IntArrayRef buffers, int64_t 
   auto y = at::empty_like(x);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   NEOX_RT_DISPATCH_FLOAT(x.scalar_type(), "p2p_all_reduce", [&] {
-    check_cuda(launch_p2p_all_reduce<scalar_t>(ptr<scalar_t>(x), ptr<scalar_t>(y), bytes / 16, b, use_pdl, stream),
+    check_cuda(launch_p2p_all_reduce<scalar_t>(ptr<scalar_t>(x), ptr<scalar_t>(y), bytes / 8, b, use_pdl, stream),
                "p2p_all_reduce");
   });
   return y;

@@ -53,7 +53,7 @@ at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::T
                     const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl);
 
 // Sum of x over the ranks whose peer-to-peer buffers are `buffers` (csrc/kernels/allreduce.cuh; this rank's own at
-// index `rank`): a one-shot all-reduce for tensors of at most slot_bytes (x.nbytes % 16 == 0). Every rank must call
+// index `rank`): a one-shot all-reduce for tensors of at most slot_bytes / 2 (x.nbytes % 16 == 0). Every rank must call
 // it the same number of times, in the same order.
 at::Tensor p2p_all_reduce(const at::Tensor& x, at::IntArrayRef buffers, int64_t rank, int64_t slot_bytes, bool pdl);
 
