@@ -130,8 +130,13 @@ def _register_fakes() -> None:
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0]), x2.new_empty(*x2.shape[:-1], weight2.shape[0])
 
     @lib.register_fake("neox_rt::gemv_sum")
-    def _(x1, weight1, x2, weight2, bias1, bias2, residual=None, ksplit=0, min_blocks=0, pdl=False):
+    def _(x1, weight1, x2, weight2, bias1, bias2, residual=None, ksplit=0, min_blocks=0, pdl=False,
+          push_buffers=None, push_rank=0, push_slot_bytes=0):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0])
+
+    @lib.register_fake("neox_rt::p2p_reduce_dual_layernorm")
+    def _(x, buffers, rank, slot_bytes, weight1, bias1, weight2, bias2, eps, pdl=False):
+        return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(3))
 
     @lib.register_fake("neox_rt::p2p_all_reduce")
     def _(x, buffers, rank, slot_bytes, pdl=False):
@@ -163,6 +168,28 @@ def linear_pair(x1, w1, b1, act1, x2, w2, b2, act2):
 
 def linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     return torch.ops.neox_rt.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL)
+
+
+def linear_sum_push(p2p, x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
+    """linear_sum whose output also goes, flagged, into every peer's slot of ``p2p`` (a parallel.P2PAllReduce),
+    for :func:`p2p_reduce_dual_layernorm` there; the caller checks :func:`serves` for linear_sum first."""
+    return torch.ops.neox_rt.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL,
+                                      p2p.ptrs, p2p.rank, p2p.slot_bytes)
+
+
+def p2p_reduce_dual_layernorm(p2p, partial, weight1, bias1, weight2, bias2, eps):
+    """(sum over ranks of the partial, LN1(sum), LN2(sum)): the all-reduce of the peers' linear_sum_push outputs and
+    the dual LayerNorm in one kernel."""
+    return tuple(torch.ops.neox_rt.p2p_reduce_dual_layernorm(partial, p2p.ptrs, p2p.rank, p2p.slot_bytes, weight1,
+                                                             bias1, weight2, bias2, float(eps), PDL))
+
+
+def serves(op_name: str, *args) -> bool:
+    """Whether the op table runs this call of ``op_name`` with this module's kernel (registered, and it accepts)."""
+    for impl, supports in ops.OPS[op_name].impls:
+        if supports is None or supports(*args):
+            return getattr(impl, "__module__", None) == __name__
+    return False
 
 
 def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):

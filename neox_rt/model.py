@@ -90,7 +90,9 @@ class Layer(nn.Module):
         self.attention = Attention(config, tp)
         self.mlp = MLP(config, tp)
 
-    def forward(self, x, positions, k_cache, v_cache, cos, sin, decode_seqlens=None):
+    def forward(self, x, positions, k_cache, v_cache, cos, sin, decode_seqlens=None, fuse_next: bool = False):
+        """x [b, s, h], or the previous layer's :class:`PendingSum` -> this layer's output, or (``fuse_next``, where
+        the peer-to-peer all-reduce can fuse, see :meth:`_pushes`) its PendingSum for the next layer."""
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
         # The residual stream and the row-parallel output biases ride in the output projections' epilogues
         # (no separate add kernels). Under TP only rank 0 adds them, so the all-reduce sums them exactly once.
@@ -102,19 +104,56 @@ class Layer(nn.Module):
             # and so are the two row-parallel ones with the sum (dense + 4h->h + biases + x): a backend may run each
             # pair as one launch (the fallback: two linears, dense adding x and 4h->h adding that partial).
             att, mlp = self.attention, self.mlp
-            a_in, m_in = OPS["dual_layernorm"](x, ln1.weight, ln1.bias, ln2.weight, ln2.bias, self.eps)
+            if isinstance(x, PendingSum):  # the previous layer's all-reduce, in this LayerNorm's kernel
+                x, a_in, m_in = x.reduce_dual_layernorm(ln1, ln2, self.eps)
+            else:
+                a_in, m_in = OPS["dual_layernorm"](x, ln1.weight, ln1.bias, ln2.weight, ln2.bias, self.eps)
             qkv, up = OPS["linear_pair"](a_in, att.query_key_value.weight, att.query_key_value.bias, None,
                                          m_in, mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, mlp.act)
             ctx = att.attend(qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens)  # [b, s, nh*hd]
-            partial = OPS["linear_sum"](ctx, att.dense.weight, up, mlp.dense_4h_to_h.weight, attn_bias, mlp_bias,
-                                        x if lead else None)
-            return self.tp.all_reduce(partial)
+            args = (ctx, att.dense.weight, up, mlp.dense_4h_to_h.weight, attn_bias, mlp_bias, x if lead else None)
+            if fuse_next and self._pushes(*args):
+                from neox_rt import cuda_ops
+                self.tp.all_reduce_calls += 1
+                return PendingSum(cuda_ops.linear_sum_push(self.tp.p2p, *args), self.tp.p2p)
+            return self.tp.all_reduce(OPS["linear_sum"](*args))
         # a = x + attn(ln1(x)); x = a + mlp(ln2(a)): two all-reduces
         a = self.tp.all_reduce(self.attention(OPS["layernorm"](x, ln1.weight, ln1.bias, self.eps), positions,
                                               k_cache, v_cache, cos, sin, decode_seqlens,
                                               bias=attn_bias, residual=x if lead else None))
         return self.tp.all_reduce(self.mlp(OPS["layernorm"](a, ln2.weight, ln2.bias, self.eps), bias=mlp_bias,
                                            residual=a if lead else None))
+
+
+    def _pushes(self, *sum_args) -> bool:
+        """Whether this layer's all-reduce can go into the next layer's LayerNorm: the peer-to-peer all-reduce is on
+        for this call (see parallel.P2PAllReduce), the CUDA kernels serve the sum (one row) and the dual LayerNorm
+        (float16 / bfloat16, 8-byte vectors: hidden % 4 == 0), and the row fits a slot."""
+        p2p = self.tp.p2p
+        if p2p is None or not p2p.fuses():
+            return False
+        from neox_rt import cuda_ops
+        x1 = sum_args[0]
+        h = self.input_layernorm.weight.shape[0]
+        return (cuda_ops.serves("linear_sum", *sum_args) and x1.dtype in (torch.float16, torch.bfloat16)
+                and h % 4 == 0 and 4 * h <= p2p.slot_bytes
+                and all(t.data_ptr() % 16 == 0 for t in (self.input_layernorm.weight, self.input_layernorm.bias,
+                                                          self.post_attention_layernorm.weight,
+                                                          self.post_attention_layernorm.bias)))
+
+
+class PendingSum:
+    """A parallel-residual layer's partial output whose all-reduce is left to the next layer's LayerNorm kernel: the
+    sum kernel pushed it into every peer's slot (cuda_ops.linear_sum_push); the next layer reduces it and normalises
+    in one kernel (cuda_ops.p2p_reduce_dual_layernorm), which returns the reduced x too (the residual stream)."""
+
+    def __init__(self, partial: torch.Tensor, p2p):
+        self.partial, self.p2p = partial, p2p
+
+    def reduce_dual_layernorm(self, ln1, ln2, eps):
+        from neox_rt import cuda_ops
+        return cuda_ops.p2p_reduce_dual_layernorm(self.p2p, self.partial, ln1.weight, ln1.bias, ln2.weight, ln2.bias,
+                                                  eps)
 
 
 class Embedding(nn.Module):
@@ -192,8 +231,9 @@ class NeoXForCausalLM(nn.Module):
         cos, sin = self.rotary()
         x = self.gpt_neox.embed_in(input_ids)  # [b, s, h]
         seqlens = positions[:, 0] + 1 if decode else None
-        for i, layer in enumerate(self.gpt_neox.layers):
-            x = layer(x, positions, cache.k[i], cache.v[i], cos, sin, seqlens)
+        last = len(self.gpt_neox.layers) - 1
+        for i, layer in enumerate(self.gpt_neox.layers):  # every layer but the last may leave its all-reduce to the next
+            x = layer(x, positions, cache.k[i], cache.v[i], cos, sin, seqlens, fuse_next=i < last)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]  # [b, 1, h]
         fln = self.gpt_neox.final_layer_norm

@@ -80,19 +80,30 @@ class P2PAllReduce:
     Each rank's buffer comes from PyTorch's symmetric memory and is mapped into every rank's process
     (``buffer_ptrs``); the kernel pushes this rank's input into each peer's slot, signals, waits for the peers'
     signals and sums in rank order, so every rank gets the same bits. It replaces NCCL for tensors of at most
-    ``slot_bytes / 2`` inside CUDA graphs (mode 1) or everywhere (mode 2); NCCL takes the rest.
+    ``slot_bytes / 2`` inside CUDA graphs (mode 1) or everywhere (mode 2); NCCL takes the rest. Where it is on, a
+    parallel-residual layer at batch 1 skips the separate kernel: its sum kernel pushes the partial output and the
+    next layer's LayerNorm kernel reduces it (model.PendingSum; NEOX_RT_P2P_FUSE=0 keeps the separate kernel).
     """
 
     def __init__(self, buffer: torch.Tensor, handle, rank: int, mode: int, slot_bytes: int = P2P_SLOT_BYTES):
         self.buffer, self.handle = buffer, handle  # kept alive: the peers' mappings point into them
         self.ptrs = [int(p) for p in handle.buffer_ptrs]
         self.rank, self.mode, self.slot_bytes = rank, mode, slot_bytes
+        self.fuse = os.environ.get("NEOX_RT_P2P_FUSE", "1") != "0"
 
     def wants(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
         return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_contiguous()
                 and 0 < 2 * nbytes <= self.slot_bytes and nbytes % 16 == 0 and x.data_ptr() % 16 == 0
-                and (self.mode == 2 or torch.cuda.is_current_stream_capturing()))
+                and self.active())
+
+    def active(self) -> bool:
+        """Whether this call may use the kernels: always (mode 2), or while a CUDA graph is being captured."""
+        return self.mode == 2 or torch.cuda.is_current_stream_capturing()
+
+    def fuses(self) -> bool:
+        """Whether a layer may push its partial sum for the next LayerNorm to reduce (NEOX_RT_P2P_FUSE=0: never)."""
+        return self.fuse and self.active()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from neox_rt.cuda_ops import PDL

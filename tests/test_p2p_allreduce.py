@@ -157,3 +157,61 @@ def test_p2p_all_reduce_bad_input(ext):
         ext.p2p_all_reduce(torch.zeros(8, device="cuda", dtype=torch.int32), ptrs, 0, P2P_SLOT_BYTES)
     with pytest.raises((RuntimeError, NotImplementedError), match="CPU"):  # no CPU kernel is registered
         ext.p2p_all_reduce(torch.zeros(8), ptrs, 0, P2P_SLOT_BYTES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("world", [2, 3])
+def test_sum_push_then_reduce_dual_layernorm(ext, dtype, world):
+    """The fused form, several calls interleaved with the separate kernel (one sequence number for both): each rank's
+    gemv_sum pushes its output (its own result unchanged), each rank's p2p_reduce_dual_layernorm returns the fp32 sum
+    in rank order rounded once and the dual LayerNorm of exactly that, as the LayerNorm kernel computes it."""
+    h, k1, k2 = 768, 256, 1024
+    bufs = _buffers(world)
+    ptrs = [b.data_ptr() for b in bufs]
+    g = torch.Generator(device="cuda").manual_seed(7)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
+
+    ln = [rnd(h, scale=0.1) + 1, rnd(h, scale=0.1), rnd(h, scale=0.1) + 1, rnd(h, scale=0.1)]
+    streams = [torch.cuda.Stream() for _ in range(world)]
+    for call in range(4):
+        args = [(rnd(1, 1, k1), rnd(h, k1, scale=0.05), rnd(1, 1, k2), rnd(h, k2, scale=0.05), rnd(h), rnd(h),
+                 rnd(1, 1, h) if r == 0 else None) for r in range(world)]
+        torch.cuda.synchronize()
+        partials, reduced = [], []
+        for r, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                partials.append(ext.gemv_sum(*args[r], 0, 0, call % 2 == 0, ptrs, r, P2P_SLOT_BYTES))
+        for r, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                reduced.append(ext.p2p_reduce_dual_layernorm(partials[r], ptrs, r, P2P_SLOT_BYTES, *ln, 1e-5,
+                                                             call % 2 == 1))
+        torch.cuda.synchronize()
+        want = _expected(partials)
+        want_ln = ext.dual_layernorm(want, *ln, 1e-5)
+        for r in range(world):
+            assert torch.equal(partials[r], ext.gemv_sum(*args[r], 0, 0, False)), (call, r)
+            xs, a, m = reduced[r]
+            assert torch.equal(xs, want), (call, r)
+            assert torch.equal(a, want_ln[0]) and torch.equal(m, want_ln[1]), (call, r)
+        if call == 1:  # the separate all-reduce in between takes the next sequence number
+            xs = [rnd(1, 1, h) for _ in range(world)]
+            assert all(torch.equal(o, _expected(xs)) for o in _run_ranks(ext, xs, bufs))
+    for b in bufs:
+        assert b[128:136].view(torch.int32).tolist() == [5, 0]
+
+
+@pytest.mark.gpu
+def test_sum_push_bad_input(ext):
+    bufs = _buffers(2)
+    ptrs = [b.data_ptr() for b in bufs]
+    x1, w1 = torch.randn(1, 64, device="cuda", dtype=torch.float16), torch.randn(6, 64, device="cuda",
+                                                                                  dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="out_features % 4 == 0"):
+        ext.gemv_sum(x1, w1, x1, w1, None, None, None, 0, 0, False, ptrs, 0, P2P_SLOT_BYTES)
+    with pytest.raises(RuntimeError, match="takes one row"):
+        w = torch.ones(64, device="cuda", dtype=torch.float16)
+        ext.p2p_reduce_dual_layernorm(torch.zeros(2, 64, device="cuda", dtype=torch.float16), ptrs, 0,
+                                      P2P_SLOT_BYTES, w, w, w, w, 1e-5)

@@ -325,9 +325,10 @@ def _near_tie(ref_logits_fn, prompt, a: list[int], b: list[int], tol: float) -> 
     return abs(logits[a[k]] - logits[b[k]]).item() <= tol
 
 
-ALLREDUCES = {  # the all-reduce under test: NCCL; the peer-to-peer kernel in every call; in the decode graphs only
+ALLREDUCES = {  # the all-reduce under test: NCCL; the peer-to-peer kernels in every call; in the decode graphs only
     "nccl": {"NEOX_RT_P2P_ALLREDUCE": "0"},
-    "p2p": {"NEOX_RT_P2P_ALLREDUCE": "2"},
+    "p2p": {"NEOX_RT_P2P_ALLREDUCE": "2"},  # at batch 1 the layers' all-reduces fused into the LayerNorms
+    "p2p_unfused": {"NEOX_RT_P2P_ALLREDUCE": "2", "NEOX_RT_P2P_FUSE": "0"},
     "p2p_graphs": {"NEOX_RT_P2P_ALLREDUCE": "1", "NEOX_RT_CUDA_GRAPHS": "1"},
 }
 

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 
+#include "allreduce.cuh"
 #include "common.cuh"
 #include "gemv.cuh"
 
@@ -37,9 +38,11 @@ struct GemvProblem {
 constexpr int kGemv2Warps = 8, kGemv2RowsPerGroup = 4;
 
 // SUM: one problem over k1 + k2 (p1's n, bias, residual and y; p2's x, W and bias); else blocks [0, blocks1) take p1
-// and the rest p2.
+// and the rest p2. SUM with push.world > 0: each group also pushes its 4 outputs, flagged, into its slot on every
+// peer (allreduce.cuh's lines, 4 rows of 2 bytes a line, n % 4 == 0), for the next LayerNorm to reduce.
 template <typename T, int KSPLIT, bool SUM, bool PDL>
-__device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvProblem<T>& p2, int blocks1) {
+__device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvProblem<T>& p2, int blocks1,
+                                           const P2PBuffers& push) {
   constexpr int VEC = 16 / sizeof(T), NPW = kGemv2RowsPerGroup, WARPS = kGemv2Warps, SPAN = 32 * VEC;
   static_assert(WARPS % KSPLIT == 0, "KSPLIT divides the warps");
   __shared__ float partial[WARPS][NPW];
@@ -103,7 +106,9 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
   }
   __syncthreads();
   // the group's first warp: lane o writes row n0 + o
-  if (part == 0 && active && lane < NPW && n0 + lane < n) {
+  if (part != 0 || !active) return;
+  T result = from_float<T>(0.f);
+  if (lane < NPW && n0 + lane < n) {
     const int f = n0 + lane;
     float v = 0.f;
 #pragma unroll
@@ -114,7 +119,21 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
     if (SUM && p2.bias != nullptr) v += to_float(p2.bias[f]);
     float out = apply_activation(v, second ? p2.act : p1.act);
     if (residual != nullptr) out += to_float(__ldcg(residual + f));
-    (second ? p2.y : p1.y)[f] = from_float<T>(out);
+    result = from_float<T>(out);
+    (second ? p2.y : p1.y)[f] = result;
+  }
+  if (SUM && push.world > 0) {  // lanes 0-3 hold rows n0..n0+3: lane 0 sends them as one line to every peer
+    static_assert(sizeof(T) == 2, "a pushed line holds 4 outputs of 2 bytes");
+    const unsigned bits = *reinterpret_cast<const unsigned short*>(&result);
+    const unsigned r1 = __shfl_sync(0xffffffffu, bits, 1), r2 = __shfl_sync(0xffffffffu, bits, 2),
+                   r3 = __shfl_sync(0xffffffffu, bits, 3);
+    if (lane == 0) {
+      // the sequence number of the LayerNorm that reduces this: set by the last reduction, before pdl_wait returned
+      const unsigned seq = *reinterpret_cast<volatile unsigned*>(&p2p_state(push.base[push.rank])->seq) + 1u;
+      const uint4 line = make_uint4(bits | (r1 << 16), seq, r2 | (r3 << 16), seq);
+      for (int r = 0; r < push.world; ++r)
+        if (r != push.rank) st_volatile_v4(p2p_slot(push, push.base[r], seq & 1u, push.rank) + n0 / NPW, line);
+    }
   }
 }
 
@@ -124,13 +143,14 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
 template <typename T, int KSPLIT, int MINB, bool PDL>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
 gemv_pair_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1) {
-  gemv2_body<T, KSPLIT, false, PDL>(p1, p2, blocks1);
+  gemv2_body<T, KSPLIT, false, PDL>(p1, p2, blocks1, P2PBuffers{});
 }
 
 template <typename T, int KSPLIT, int MINB, bool PDL>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
-gemv_sum_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1) {
-  gemv2_body<T, KSPLIT, true, PDL>(p1, p2, blocks1);
+gemv_sum_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1,
+                const __grid_constant__ P2PBuffers push) {
+  gemv2_body<T, KSPLIT, true, PDL>(p1, p2, blocks1, push);
 }
 
 // Warps splitting each row's k (2, 4 or 8: blocks of 16, 8 or 4 rows). Auto (0): as gemv_auto_wide for one GEMV,
@@ -143,14 +163,14 @@ inline int gemv2_ksplit(int requested, int n_min, int k1, int k2) {
 }
 
 template <typename T, int KSPLIT, int MINB>
-cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, bool pdl,
-                            cudaStream_t stream) {
+cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, const P2PBuffers& push,
+                            bool pdl, cudaStream_t stream) {
   constexpr int rows = kGemv2Warps / KSPLIT * kGemv2RowsPerGroup;
   const int blocks1 = (p1.n + rows - 1) / rows;
   const dim3 block(kGemv2Warps * 32);
   if (sum)
     return launch_kernel(pdl, gemv_sum_kernel<T, KSPLIT, MINB, false>, gemv_sum_kernel<T, KSPLIT, MINB, true>,
-                         dim3(blocks1), block, stream, p1, p2, blocks1);
+                         dim3(blocks1), block, stream, p1, p2, blocks1, push);
   const dim3 grid(blocks1 + (p2.n + rows - 1) / rows);
   return launch_kernel(pdl, gemv_pair_kernel<T, KSPLIT, MINB, false>, gemv_pair_kernel<T, KSPLIT, MINB, true>, grid,
                        block, stream, p1, p2, blocks1);
@@ -158,19 +178,22 @@ cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, 
 
 // sum: p2.n == p1.n; p2's x, W and bias join p1's (p2's residual and y unused). k1, k2 % 16 == 0, 16-byte aligned x
 // and W. ksplit: 0 auto, else 2, 4 or 8 (reduced where a k does not divide); min_blocks: 0 auto (fp16 3, bf16 2), 2,
-// 3 or 4.
+// 3 or 4. push (sum only; world 0: none): the output also goes, flagged, to every peer's slot (n % 4 == 0, n <= the
+// lines of a slot).
 template <typename T>
 cudaError_t launch_gemv2(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, int ksplit, int min_blocks,
-                         bool pdl, cudaStream_t stream) {
+                         bool pdl, cudaStream_t stream, const P2PBuffers& push = P2PBuffers{}) {
   if (p1.k % 16 != 0 || p2.k % 16 != 0 || (sum && p1.n != p2.n)) return cudaErrorInvalidValue;
+  if (push.world > 0 && (!sum || p1.n % kGemv2RowsPerGroup != 0 || 4LL * p1.n > push.slot_bytes))
+    return cudaErrorInvalidValue;
   if (p1.n == 0 && (sum || p2.n == 0)) return cudaSuccess;
   const int n_min = sum ? p1.n : std::min(p1.n > 0 ? p1.n : p2.n, p2.n > 0 ? p2.n : p1.n);
   const int ks = gemv2_ksplit(ksplit, n_min, p1.k, p2.k);
 #define NEOX_RT_GEMV2(MINB_)                                                   \
   switch (ks) {                                                                \
-    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, pdl, stream);     \
-    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, pdl, stream);     \
-    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, pdl, stream);    \
+    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, push, pdl, stream);  \
+    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, push, pdl, stream);  \
+    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, push, pdl, stream); \
   }
   // auto: 3 blocks an SM in fp16 (68 / 60 registers, no spills); 2 in bf16, whose conversions spill at 80 registers
   if (min_blocks == 0) min_blocks = std::is_same<T, __nv_bfloat16>::value ? 2 : 3;

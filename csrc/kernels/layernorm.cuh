@@ -8,8 +8,13 @@
 // statistics). With PDL (sm_90, the launcher's `pdl`) the prefetch is issued before griddepcontrol.wait and x is
 // read through the L2 only (ld.global.cg: the kernel that writes it may still be running when this one starts; see
 // gemv.cuh).
+// The reducing form (p2p_reduce_layernorm): x is this rank's partial sum of a tensor-parallel layer, the peers' are
+// in this rank's peer-to-peer slots (pushed by gemv_sum, csrc/kernels/allreduce.cuh's flagged lines); the block
+// waits for them, sums the partials in rank order in fp32 (rounded once, as p2p_all_reduce), writes that sum (the
+// residual stream) and normalises it: the all-reduce and the LayerNorm after it in one kernel. One row.
 #pragma once
 
+#include "allreduce.cuh"
 #include "common.cuh"
 
 namespace neox_rt {
@@ -28,7 +33,7 @@ __device__ __forceinline__ void prefetch_vectors_l2(const T* p, int nvec) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p + static_cast<int64_t>(c) * VEC));
 }
 
-template <typename T, int VEC, bool DUAL, bool PDL>
+template <typename T, int VEC, bool DUAL, bool PDL, bool REDUCE = false>
 __global__ void layernorm_kernel(const T* __restrict__ x,     // [rows, n]
                                  const T* __restrict__ w1,    // [n]
                                  const T* __restrict__ b1,    // [n]
@@ -36,7 +41,11 @@ __global__ void layernorm_kernel(const T* __restrict__ x,     // [rows, n]
                                  const T* __restrict__ w2,    // [n] (DUAL only)
                                  const T* __restrict__ b2,    // [n] (DUAL only)
                                  T* __restrict__ out2,        // [rows, n] (DUAL only)
-                                 int n, float eps) {
+                                 int n, float eps,
+                                 const __grid_constant__ P2PBuffers peers,  // (REDUCE only)
+                                 T* __restrict__ xsum) {                    // [n] the reduced x (REDUCE only)
+  static_assert(!REDUCE || (VEC * sizeof(T)) % 8 == 0, "a vector is whole 8-byte lines");
+  constexpr int kLines = REDUCE ? static_cast<int>(VEC * sizeof(T)) / 8 : 1, kPerLine = 8 / sizeof(T);
   __shared__ float scratch[32];
   if (PDL) pdl_launch_dependents();
   const int64_t row = blockIdx.x;
@@ -51,13 +60,42 @@ __global__ void layernorm_kernel(const T* __restrict__ x,     // [rows, n]
     }
   }
   if (PDL) pdl_wait();
+  unsigned seq = 0;
+  P2PState* st = nullptr;
+  if (REDUCE) {
+    st = p2p_state(peers.base[peers.rank]);
+    seq = *reinterpret_cast<volatile unsigned*>(&st->seq) + 1u;
+  }
   float xs[kLayerNormMaxVecs][VEC];
   float sum = 0.f;
 #pragma unroll
   for (int r = 0; r < kLayerNormMaxVecs; ++r) {
     const int c = threadIdx.x + r * blockDim.x;
     if (c < nvec) {
-      const Vec<T, VEC> v = PDL ? load_vec_cg<T, VEC>(xr + c * VEC) : load_vec<T, VEC>(xr + c * VEC);
+      Vec<T, VEC> v = PDL || REDUCE ? load_vec_cg<T, VEC>(xr + c * VEC) : load_vec<T, VEC>(xr + c * VEC);
+      if (REDUCE) {  // x + the peers' partials in rank order, fp32, rounded once
+        float acc[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+        for (int q = 0; q < peers.world; ++q) {
+          if (q == peers.rank) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[e] += to_float(v.v[e]);
+            continue;
+          }
+          const uint4* line = p2p_slot(peers, peers.base[peers.rank], seq & 1u, q) + c * kLines;
+#pragma unroll
+          for (int l = 0; l < kLines; ++l) {
+            const uint2 d = p2p_wait_line(line + l, seq, st);
+            const T* dv = reinterpret_cast<const T*>(&d);
+#pragma unroll
+            for (int e = 0; e < kPerLine; ++e) acc[l * kPerLine + e] += to_float(dv[e]);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v.v[e] = from_float<T>(acc[e]);
+        store_vec<T, VEC>(xsum + c * VEC, v);
+      }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         xs[r][e] = to_float(v.v[e]);
@@ -66,6 +104,7 @@ __global__ void layernorm_kernel(const T* __restrict__ x,     // [rows, n]
     }
   }
   const float mean = block_sum(sum, scratch) / n;
+  if (REDUCE && threadIdx.x == 0) st->seq = seq;  // every thread read it before block_sum's barriers
   float sq = 0.f;
 #pragma unroll
   for (int r = 0; r < kLayerNormMaxVecs; ++r) {
@@ -116,11 +155,13 @@ cudaError_t launch_layernorm(const T* x, const T* w1, const T* b1, T* out1, cons
   threads = threads < 128 ? 128 : (threads > 1024 ? 1024 : threads);
   const bool dual = out2 != nullptr;
   const dim3 grid(static_cast<unsigned>(rows)), block(threads);
+  const P2PBuffers none{};
+  T* const no_sum = nullptr;
 #define NEOX_RT_LN(V)                                                                                              \
   return dual ? launch_kernel(pdl, layernorm_kernel<T, V, true, false>, layernorm_kernel<T, V, true, true>, grid,  \
-                              block, stream, x, w1, b1, out1, w2, b2, out2, n, eps)                                \
+                              block, stream, x, w1, b1, out1, w2, b2, out2, n, eps, none, no_sum)                  \
               : launch_kernel(pdl, layernorm_kernel<T, V, false, false>, layernorm_kernel<T, V, false, true>, grid, \
-                              block, stream, x, w1, b1, out1, w2, b2, out2, n, eps);
+                              block, stream, x, w1, b1, out1, w2, b2, out2, n, eps, none, no_sum);
   switch (vec) {
     case 8: NEOX_RT_LN(8)
     case 4: NEOX_RT_LN(4)
@@ -128,6 +169,41 @@ cudaError_t launch_layernorm(const T* x, const T* w1, const T* b1, T* out1, cons
     default: NEOX_RT_LN(1)
   }
 #undef NEOX_RT_LN
+}
+
+// The all-reduce of a tensor-parallel layer's partial x [n] (this rank's; the peers' pushed by gemv_sum into this
+// rank's slots) fused with the LayerNorm(s) after it: xsum = the sum over ranks, out1 = LN1(xsum), out2 = LN2(xsum)
+// (w2/b2/out2 null: one LayerNorm). One row; vec (elements a thread's vector) as launch_layernorm, vec * sizeof(T)
+// a multiple of 8; n <= the lines of a slot. Every rank calls it once per gemv_sum push, in the same order.
+template <typename T>
+cudaError_t launch_p2p_reduce_layernorm(const T* x, const P2PBuffers& peers, T* xsum, const T* w1, const T* b1,
+                                        T* out1, const T* w2, const T* b2, T* out2, int n, float eps, int vec,
+                                        bool pdl, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (n % vec != 0 || n > layernorm_max_hidden(vec) || (vec * sizeof(T)) % 8 != 0 ||
+      2LL * n * static_cast<long long>(sizeof(T)) > peers.slot_bytes)
+    return cudaErrorInvalidValue;
+  int threads = (n / vec + kLayerNormMaxVecs - 1) / kLayerNormMaxVecs;
+  threads = ((threads + 31) / 32) * 32;
+  threads = threads < 128 ? 128 : (threads > 1024 ? 1024 : threads);
+  const bool dual = out2 != nullptr;
+  const dim3 grid(1), block(threads);
+#define NEOX_RT_LN_REDUCE(V)                                                                                    \
+  return dual ? launch_kernel(pdl, layernorm_kernel<T, V, true, false, true>,                                    \
+                              layernorm_kernel<T, V, true, true, true>, grid, block, stream, x, w1, b1, out1, w2, \
+                              b2, out2, n, eps, peers, xsum)                                                     \
+              : launch_kernel(pdl, layernorm_kernel<T, V, false, false, true>,                                   \
+                              layernorm_kernel<T, V, false, true, true>, grid, block, stream, x, w1, b1, out1, w2, \
+                              b2, out2, n, eps, peers, xsum);
+  if constexpr (sizeof(T) == 2) {
+    if (vec == 8) NEOX_RT_LN_REDUCE(8)
+    if (vec == 4) NEOX_RT_LN_REDUCE(4)
+  } else {
+    if (vec == 4) NEOX_RT_LN_REDUCE(4)
+    if (vec == 2) NEOX_RT_LN_REDUCE(2)
+  }
+  return cudaErrorInvalidValue;
+#undef NEOX_RT_LN_REDUCE
 }
 
 }  // namespace neox_rt

@@ -257,8 +257,30 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 
 namespace {
 
+// Every rank's peer-to-peer buffer as mapped here (csrc/kernels/allreduce.cuh), checked.
+P2PBuffers p2p_buffers(at::IntArrayRef buffers, int64_t rank, int64_t slot_bytes, const char* op) {
+  const int64_t world = static_cast<int64_t>(buffers.size());
+  TORCH_CHECK(world >= 2 && world <= kP2PMaxRanks, "neox_rt: ", op, " needs 2 to ", fmt(kP2PMaxRanks),
+              " buffers (one a rank), got ", fmt(world));
+  TORCH_CHECK(rank >= 0 && rank < world, "neox_rt: ", op, " rank ", fmt(rank), " is not in [0, ", fmt(world), ")");
+  TORCH_CHECK(slot_bytes > 0 && slot_bytes % 16 == 0, "neox_rt: ", op, " slot_bytes must be a positive multiple of ",
+              "16, got ", fmt(slot_bytes));
+  P2PBuffers b{};
+  for (int64_t r = 0; r < world; ++r) {
+    TORCH_CHECK(buffers[r] != 0 && buffers[r] % 16 == 0, "neox_rt: ", op, " buffer ", fmt(r),
+                " is null or not 16-byte aligned");
+    b.base[r] = reinterpret_cast<char*>(static_cast<uintptr_t>(buffers[r]));
+  }
+  b.rank = static_cast<int>(rank);
+  b.world = static_cast<int>(world);
+  b.slot_bytes = slot_bytes;
+  return b;
+}
+
+// peers (with xsum): the reducing form, x this rank's partial of one row (launch_p2p_reduce_layernorm).
 void layernorm_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, at::Tensor& out1,
-                    const at::Tensor* w2, const at::Tensor* b2, at::Tensor* out2, double eps, bool pdl) {
+                    const at::Tensor* w2, const at::Tensor* b2, at::Tensor* out2, double eps, bool pdl,
+                    const P2PBuffers* peers = nullptr, at::Tensor* xsum = nullptr) {
   CHECK_CUDA(x, "x");
   CHECK_CONTIGUOUS(x, "x");
   check_float_dtype(x, "x");
@@ -281,6 +303,21 @@ void layernorm_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (peers != nullptr) {
+    TORCH_CHECK(rows == 1, "neox_rt: p2p_reduce_dual_layernorm takes one row, got ", fmt(x.sizes()));
+    TORCH_CHECK(vec * x.element_size() % 8 == 0 && 2 * n * x.element_size() <= peers->slot_bytes,
+                "neox_rt: p2p_reduce_dual_layernorm needs 8-byte vectors and a row of at most half a slot (",
+                fmt(peers->slot_bytes / 2), " bytes), got ", fmt(n * x.element_size()), " bytes");
+    NEOX_RT_DISPATCH_FLOAT(x.scalar_type(), "p2p_reduce_dual_layernorm", [&] {
+      check_cuda(launch_p2p_reduce_layernorm<scalar_t>(
+                     ptr<scalar_t>(x), *peers, ptr<scalar_t>(*xsum), ptr<scalar_t>(w1), ptr<scalar_t>(b1),
+                     ptr<scalar_t>(out1), w2 ? ptr<scalar_t>(*w2) : nullptr, b2 ? ptr<scalar_t>(*b2) : nullptr,
+                     out2 ? ptr<scalar_t>(*out2) : nullptr, static_cast<int>(n), static_cast<float>(eps), vec,
+                     pdl && at::cuda::getCurrentDeviceProperties()->major >= 9, stream),
+                 "p2p_reduce_dual_layernorm");
+    });
+    return;
+  }
   NEOX_RT_DISPATCH_FLOAT(x.scalar_type(), "layernorm", [&] {
     check_cuda(launch_layernorm<scalar_t>(ptr<scalar_t>(x), ptr<scalar_t>(w1), ptr<scalar_t>(b1), ptr<scalar_t>(out1),
                                           w2 ? ptr<scalar_t>(*w2) : nullptr, b2 ? ptr<scalar_t>(*b2) : nullptr,
@@ -306,6 +343,17 @@ std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at:
   auto out2 = at::empty_like(x, at::MemoryFormat::Contiguous);
   layernorm_impl(x, weight1, bias1, out1, &weight2, &bias2, &out2, eps, pdl);
   return {out1, out2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> p2p_reduce_dual_layernorm(
+    const at::Tensor& x, at::IntArrayRef buffers, int64_t rank, int64_t slot_bytes, const at::Tensor& weight1,
+    const at::Tensor& bias1, const at::Tensor& weight2, const at::Tensor& bias2, double eps, bool pdl) {
+  const P2PBuffers peers = p2p_buffers(buffers, rank, slot_bytes, "p2p_reduce_dual_layernorm");
+  auto xsum = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto out1 = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto out2 = at::empty_like(x, at::MemoryFormat::Contiguous);
+  layernorm_impl(x, weight1, bias1, out1, &weight2, &bias2, &out2, eps, pdl, &peers, &xsum);
+  return {xsum, out1, out2};
 }
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -442,7 +490,8 @@ std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Ten
 
 at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
                     const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl) {
+                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl,
+                    at::OptionalIntArrayRef push_buffers, int64_t push_rank, int64_t push_slot_bytes) {
   check_gemv2_operand(x1, weight1, bias1, x1, "gemv_sum", "x1", "weight1");
   check_gemv2_operand(x2, weight2, bias2, x1, "gemv_sum", "x2", "weight2");
   TORCH_CHECK(weight1.size(0) == weight2.size(0), "neox_rt: gemv_sum needs weights of the same out_features, got ",
@@ -450,6 +499,15 @@ at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::T
   check_gemv2_config(ksplit, min_blocks, "gemv_sum");
   const auto shape = out_shape_of(x1, weight1.size(0));
   check_residual(residual, x1, shape, "gemv_sum");
+  P2PBuffers push{};
+  if (push_buffers.has_value()) {
+    push = p2p_buffers(*push_buffers, push_rank, push_slot_bytes, "gemv_sum push");
+    TORCH_CHECK(x1.scalar_type() == at::kHalf || x1.scalar_type() == at::kBFloat16, "neox_rt: gemv_sum push ",
+                "needs float16 or bfloat16");
+    TORCH_CHECK(weight1.size(0) % 4 == 0 && 4 * weight1.size(0) <= push_slot_bytes, "neox_rt: gemv_sum push needs ",
+                "out_features % 4 == 0 and at most a quarter slot (", fmt(push_slot_bytes / 4), "), got ",
+                fmt(weight1.size(0)));
+  }
   const c10::cuda::CUDAGuard guard(x1.device());
   const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
   auto y = at::empty(shape, x1.options());
@@ -459,7 +517,7 @@ at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::T
     check_cuda(launch_gemv2<scalar_t>(
                    problem<scalar_t>(x1, weight1, bias1, residual.has_value() ? &*residual : nullptr, &y, 0),
                    problem<scalar_t>(x2, weight2, bias2, nullptr, nullptr, 0), true, static_cast<int>(ksplit),
-                   static_cast<int>(min_blocks), use_pdl, stream),
+                   static_cast<int>(min_blocks), use_pdl, stream, push),
                "gemv_sum");
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
@@ -471,26 +529,11 @@ at::Tensor p2p_all_reduce(const at::Tensor& x, at::IntArrayRef buffers, int64_t 
   CHECK_CUDA(x, "x");
   CHECK_CONTIGUOUS(x, "x");
   check_float_dtype(x, "p2p_all_reduce x");
-  const int64_t world = static_cast<int64_t>(buffers.size());
-  TORCH_CHECK(world >= 2 && world <= kP2PMaxRanks, "neox_rt: p2p_all_reduce needs 2 to ", fmt(kP2PMaxRanks),
-              " buffers (one a rank), got ", fmt(world));
-  TORCH_CHECK(rank >= 0 && rank < world, "neox_rt: p2p_all_reduce rank ", fmt(rank), " is not in [0, ",
-              fmt(world), ")");
-  TORCH_CHECK(slot_bytes > 0 && slot_bytes % 16 == 0, "neox_rt: p2p_all_reduce slot_bytes must be a positive ",
-              "multiple of 16, got ", fmt(slot_bytes));
+  const P2PBuffers b = p2p_buffers(buffers, rank, slot_bytes, "p2p_all_reduce");
   const int64_t bytes = x.numel() * x.element_size();
   TORCH_CHECK(bytes % 16 == 0 && 2 * bytes <= slot_bytes && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "neox_rt: p2p_all_reduce needs a 16-byte aligned x of a multiple of 16 bytes, at most ",
               fmt(slot_bytes / 2), " (half a slot); got ", fmt(bytes), " bytes");
-  P2PBuffers b{};
-  for (int64_t r = 0; r < world; ++r) {
-    TORCH_CHECK(buffers[r] != 0 && buffers[r] % 16 == 0, "neox_rt: p2p_all_reduce buffer ", fmt(r),
-                " is null or not 16-byte aligned");
-    b.base[r] = reinterpret_cast<char*>(static_cast<uintptr_t>(buffers[r]));
-  }
-  b.rank = static_cast<int>(rank);
-  b.world = static_cast<int>(world);
-  b.slot_bytes = slot_bytes;
   const c10::cuda::CUDAGuard guard(x.device());
   const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
   auto y = at::empty_like(x);

@@ -48,9 +48,17 @@ std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Ten
                                              int64_t ksplit, int64_t min_blocks, bool pdl);
 
 // x1 W1^T + x2 W2^T + b1 + b2 + residual for one row (one GEMV over the concatenated k, fp32 sum, one rounding).
+// push_buffers (p2p_all_reduce's): the output also goes to every peer's slot, for p2p_reduce_dual_layernorm there.
 at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
                     const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl);
+                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl,
+                    at::OptionalIntArrayRef push_buffers, int64_t push_rank, int64_t push_slot_bytes);
+
+// The all-reduce of a tensor-parallel layer's partial x (one row; the peers' pushed by gemv_sum) with the dual
+// LayerNorm after it: (sum over ranks, LN1(sum), LN2(sum)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> p2p_reduce_dual_layernorm(
+    const at::Tensor& x, at::IntArrayRef buffers, int64_t rank, int64_t slot_bytes, const at::Tensor& weight1,
+    const at::Tensor& bias1, const at::Tensor& weight2, const at::Tensor& bias2, double eps, bool pdl);
 
 // Sum of x over the ranks whose peer-to-peer buffers are `buffers` (csrc/kernels/allreduce.cuh; this rank's own at
 // index `rank`): a one-shot all-reduce for tensors of at most slot_bytes / 2 (x.nbytes % 16 == 0). Every rank must call

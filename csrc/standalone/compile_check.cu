@@ -22,7 +22,9 @@ namespace neox_rt {
                                                   cudaStream_t);                                               \
   template cudaError_t launch_layernorm<T>(const T*, const T*, const T*, T*, const T*, const T*, T*, int64_t,  \
                                            int, float, int, bool, cudaStream_t);                 \
-  template cudaError_t launch_p2p_all_reduce<T>(const T*, T*, long long, const P2PBuffers&, bool, cudaStream_t);
+  template cudaError_t launch_p2p_all_reduce<T>(const T*, T*, long long, const P2PBuffers&, bool, cudaStream_t); \
+  template cudaError_t launch_p2p_reduce_layernorm<T>(const T*, const P2PBuffers&, T*, const T*, const T*, T*,      \
+                                                      const T*, const T*, T*, int, float, int, bool, cudaStream_t);
 
 NEOX_RT_INSTANTIATE_ALL(float)
 NEOX_RT_INSTANTIATE_ALL(__half)
@@ -33,9 +35,10 @@ template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv
                                                 const __nv_bfloat16*, __nv_bfloat16*, int, int, int, int, int, bool,
                                                 cudaStream_t);
 template cudaError_t launch_gemv2<__half>(const GemvProblem<__half>&, const GemvProblem<__half>&, bool, int, int,
-                                          bool, cudaStream_t);
+                                          bool, cudaStream_t, const P2PBuffers&);
 template cudaError_t launch_gemv2<__nv_bfloat16>(const GemvProblem<__nv_bfloat16>&,
-                                                 const GemvProblem<__nv_bfloat16>&, bool, int, int, bool, cudaStream_t);
+                                                 const GemvProblem<__nv_bfloat16>&, bool, int, int, bool, cudaStream_t,
+                                                 const P2PBuffers&);
 
 // Decode attention's lane layout (kDecodeNarrow): head size 96 in fp16/bf16 uses groups of 4 lanes with 3 vectors
 // each (no idle lane); 80 keeps 16-lane groups (a narrow group would need 5 vectors a lane); the powers of two are
