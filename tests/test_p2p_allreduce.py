@@ -162,11 +162,12 @@ def test_p2p_all_reduce_bad_input(ext):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("world", [2, 3])
-def test_sum_push_then_reduce_dual_layernorm(ext, dtype, world):
+@pytest.mark.parametrize("h", [768, 6144])  # 128 threads waiting for 2 lines a vector each / 768 (20B's hidden)
+def test_sum_push_then_reduce_dual_layernorm(ext, dtype, world, h):
     """The fused form, several calls interleaved with the separate kernel (one sequence number for both): each rank's
     gemv_sum pushes its output (its own result unchanged), each rank's p2p_reduce_dual_layernorm returns the fp32 sum
     in rank order rounded once and the dual LayerNorm of exactly that, as the LayerNorm kernel computes it."""
-    h, k1, k2 = 768, 256, 1024
+    k1, k2 = 256, 1024
     bufs = _buffers(world)
     ptrs = [b.data_ptr() for b in bufs]
     g = torch.Generator(device="cuda").manual_seed(7)

@@ -81,6 +81,23 @@ __device__ __forceinline__ uint2 p2p_wait_line(const uint4* p, unsigned seq, P2P
   return make_uint2(w.x, w.z);
 }
 
+// L consecutive lines at p, their loads issued together, then each waited for as p2p_wait_line does.
+template <int L>
+__device__ __forceinline__ void p2p_wait_lines(const uint4* p, unsigned seq, P2PState* st, uint2 (&out)[L]) {
+  uint4 w[L];
+#pragma unroll
+  for (int l = 0; l < L; ++l) w[l] = ld_volatile_v4(p + l);
+#pragma unroll
+  for (int l = 0; l < L; ++l) {
+    if (w[l].y != seq || w[l].w != seq) {
+      const uint2 d = p2p_wait_line(p + l, seq, st);
+      w[l].x = d.x;
+      w[l].z = d.y;
+    }
+    out[l] = make_uint2(w[l].x, w[l].z);
+  }
+}
+
 // 8 bytes of T (4 fp16 / bf16 or 2 fp32) accumulated into fp32.
 template <typename T>
 __device__ __forceinline__ void add_vec8(float (&acc)[8 / sizeof(T)], const uint2& raw) {

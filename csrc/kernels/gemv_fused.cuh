@@ -78,6 +78,11 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
   const int c0 = lane * VEC;
   if (active && c0 < total) load_w(cur, c0);  // weights do not depend on the previous kernel: asked for first
   if (PDL) pdl_wait();
+  // push: the sequence number of the LayerNorm that will reduce this output (the last reduction set it, and it has
+  // completed: the kernels before this one waited in turn), read now so that the epilogue does not wait for it
+  unsigned push_seq = 0;
+  if (SUM && push.world > 0 && part == 0 && lane == 0)
+    push_seq = *reinterpret_cast<volatile unsigned*>(&p2p_state(push.base[push.rank])->seq) + 1u;
   float acc[NPW];
 #pragma unroll
   for (int o = 0; o < NPW; ++o) acc[o] = 0.f;
@@ -128,11 +133,9 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
     const unsigned r1 = __shfl_sync(0xffffffffu, bits, 1), r2 = __shfl_sync(0xffffffffu, bits, 2),
                    r3 = __shfl_sync(0xffffffffu, bits, 3);
     if (lane == 0) {
-      // the sequence number of the LayerNorm that reduces this: set by the last reduction, before pdl_wait returned
-      const unsigned seq = *reinterpret_cast<volatile unsigned*>(&p2p_state(push.base[push.rank])->seq) + 1u;
-      const uint4 line = make_uint4(bits | (r1 << 16), seq, r2 | (r3 << 16), seq);
+      const uint4 line = make_uint4(bits | (r1 << 16), push_seq, r2 | (r3 << 16), push_seq);
       for (int r = 0; r < push.world; ++r)
-        if (r != push.rank) st_volatile_v4(p2p_slot(push, push.base[r], seq & 1u, push.rank) + n0 / NPW, line);
+        if (r != push.rank) st_volatile_v4(p2p_slot(push, push.base[r], push_seq & 1u, push.rank) + n0 / NPW, line);
     }
   }
 }

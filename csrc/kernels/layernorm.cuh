@@ -45,7 +45,7 @@ __global__ void layernorm_kernel(const T* __restrict__ x,     // [rows, n]
                                  const __grid_constant__ P2PBuffers peers,  // (REDUCE only)
                                  T* __restrict__ xsum) {                    // [n] the reduced x (REDUCE only)
   static_assert(!REDUCE || (VEC * sizeof(T)) % 8 == 0, "a vector is whole 8-byte lines");
-  constexpr int kLines = REDUCE ? static_cast<int>(VEC * sizeof(T)) / 8 : 1, kPerLine = 8 / sizeof(T);
+  constexpr int kLines = REDUCE ? static_cast<int>(VEC * sizeof(T)) / 8 : 1;  // pushed lines a vector
   __shared__ float scratch[32];
   if (PDL) pdl_launch_dependents();
   const int64_t row = blockIdx.x;
@@ -83,14 +83,11 @@ __global__ void layernorm_kernel(const T* __restrict__ x,     // [rows, n]
             for (int e = 0; e < VEC; ++e) acc[e] += to_float(v.v[e]);
             continue;
           }
-          const uint4* line = p2p_slot(peers, peers.base[peers.rank], seq & 1u, q) + c * kLines;
+          uint2 d[kLines];
+          p2p_wait_lines<kLines>(p2p_slot(peers, peers.base[peers.rank], seq & 1u, q) + c * kLines, seq, st, d);
+          const T* dv = reinterpret_cast<const T*>(d);
 #pragma unroll
-          for (int l = 0; l < kLines; ++l) {
-            const uint2 d = p2p_wait_line(line + l, seq, st);
-            const T* dv = reinterpret_cast<const T*>(&d);
-#pragma unroll
-            for (int e = 0; e < kPerLine; ++e) acc[l * kPerLine + e] += to_float(dv[e]);
-          }
+          for (int e = 0; e < VEC; ++e) acc[e] += to_float(dv[e]);
         }
 #pragma unroll
         for (int e = 0; e < VEC; ++e) v.v[e] = from_float<T>(acc[e]);
@@ -183,7 +180,10 @@ cudaError_t launch_p2p_reduce_layernorm(const T* x, const P2PBuffers& peers, T* 
   if (n % vec != 0 || n > layernorm_max_hidden(vec) || (vec * sizeof(T)) % 8 != 0 ||
       2LL * n * static_cast<long long>(sizeof(T)) > peers.slot_bytes)
     return cudaErrorInvalidValue;
-  int threads = (n / vec + kLayerNormMaxVecs - 1) / kLayerNormMaxVecs;
+  // a vector a thread where n allows (one 1024-thread block, else up to kLayerNormMaxVecs each): the peers' lines
+  // are waited for by as many threads at once (20B: 768 threads; at 128, six waits a thread in turn cost more than
+  // the separate all-reduce kernel saved)
+  int threads = n / vec > 1024 ? (n / vec + kLayerNormMaxVecs - 1) / kLayerNormMaxVecs : n / vec;
   threads = ((threads + 31) / 32) * 32;
   threads = threads < 128 ? 128 : (threads > 1024 ? 1024 : threads);
   const bool dual = out2 != nullptr;
