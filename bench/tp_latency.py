@@ -285,8 +285,8 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
         big = model.new_cache(1, args.memory_cache)
         n = min(args.memory_cache, config.max_position_embeddings)
-        ids = torch.randint(2, args.vocab, (1, n), generator=g).to(device)
-        model(ids, torch.arange(n, device=device)[None], big, last_index=torch.tensor([n - 1], device=device))
+        long_ids = torch.randint(2, args.vocab, (1, n), generator=g).to(device)
+        model(long_ids, torch.arange(n, device=device)[None], big, last_index=torch.tensor([n - 1], device=device))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         del big

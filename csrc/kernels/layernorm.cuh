@@ -14,12 +14,15 @@
 // residual stream) and normalises it: the all-reduce and the LayerNorm after it in one kernel. One row.
 #pragma once
 
+#include <algorithm>
+
 #include "allreduce.cuh"
 #include "common.cuh"
 
 namespace neox_rt {
 
 constexpr int kLayerNormMaxVecs = 8;  // vectors per thread held in registers
+constexpr int kP2PReduceThreads = 512;  // the reducing form's block, where n has as many vectors (its registers: <= 64K)
 // Up to this many rows every block prefetches the parameters (at 2048 rows it cost 20B's dual LayerNorm 34.8 -> 42.0 us
 // on one H100, 0ac76b5; at one row 10.6 -> 9.2 us for the single one: bench/NOTES.md, session 6).
 constexpr int kLayerNormPrefetchRows = 32;
@@ -180,10 +183,10 @@ cudaError_t launch_p2p_reduce_layernorm(const T* x, const P2PBuffers& peers, T* 
   if (n % vec != 0 || n > layernorm_max_hidden(vec) || (vec * sizeof(T)) % 8 != 0 ||
       2LL * n * static_cast<long long>(sizeof(T)) > peers.slot_bytes)
     return cudaErrorInvalidValue;
-  // a vector a thread where n allows (one 1024-thread block, else up to kLayerNormMaxVecs each): the peers' lines
-  // are waited for by as many threads at once (20B: 768 threads; at 128, six waits a thread in turn cost more than
-  // the separate all-reduce kernel saved)
-  int threads = n / vec > 1024 ? (n / vec + kLayerNormMaxVecs - 1) / kLayerNormMaxVecs : n / vec;
+  // as many threads as the registers allow (~104 a thread: 512), each waiting for its vectors' lines: at 128 threads
+  // (six vectors a thread for 20B, waited for in turn) the fused form measured slower than the separate all-reduce
+  int threads = (n / vec + kLayerNormMaxVecs - 1) / kLayerNormMaxVecs;
+  threads = std::max(threads, std::min(n / vec, kP2PReduceThreads));
   threads = ((threads + 31) / 32) * 32;
   threads = threads < 128 ? 128 : (threads > 1024 ? 1024 : threads);
   const bool dual = out2 != nullptr;
