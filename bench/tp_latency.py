@@ -266,6 +266,7 @@ def main(argv=None):
     no_ar = None
     if tp.size > 1 and not args.skip_no_allreduce and not args.simulate_tp:
         tp.all_reduce = lambda x: x  # instance attribute shadows the method: every layer skips it
+        p2p, tp.p2p = tp.p2p, None  # and no layer leaves its all-reduce to the next LayerNorm (model.PendingSum)
         try:
             skip_step, _ = make_stepper(model, not args.no_graphs and device.type == "cuda")
             decode_run(model, cache, skip_step, timer, prompt_ids, args.new)
@@ -273,6 +274,7 @@ def main(argv=None):
             del skip_step  # its graphs and their memory pool
         finally:
             del tp.all_reduce
+            tp.p2p = p2p
     decode_path = path()
     del step, path, cache  # the graph runner (closures) and its memory pool, before measuring memory
     gc.collect()
