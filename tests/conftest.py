@@ -90,3 +90,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (runs on the device machine)"))
         if "multigpu" in item.keywords and n_gpu < 2:
             item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """torch.ops.neox_rt, for the GPU tests (on the GPU machine a missing extension is a failure, not a skip)."""
+    from neox_rt import cuda_ops
+    try:
+        return cuda_ops.load_extension()
+    except ImportError as e:
+        pytest.fail(f"extension not built on the GPU machine: {e}")

@@ -89,15 +89,6 @@ def test_supports_rejects_cpu_tensors():
 # GPU tests
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ext():
-    from neox_rt import cuda_ops
-    try:
-        return cuda_ops.load_extension()
-    except ImportError as e:
-        pytest.fail(f"extension not built on the GPU machine: {e}")
-
-
 def rand(*shape, dtype=torch.float16, scale=1.0, device="cuda"):
     """Random normal values, never zero (zeros hide missing writes and wrong scales)."""
     x = torch.randn(*shape, device=device, dtype=torch.float64) * scale

@@ -72,15 +72,6 @@ def test_p2p_off_reasons_on_cpu(monkeypatch):
 # GPU: several ranks in one process
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ext():
-    from neox_rt import cuda_ops
-    try:
-        return cuda_ops.load_extension()
-    except ImportError as e:
-        pytest.fail(f"extension not built on the GPU machine: {e}")
-
-
 def _buffers(world: int, slot: int = P2P_SLOT_BYTES):
     return [torch.zeros(P2P_HEADER_BYTES + 2 * world * slot, dtype=torch.uint8, device="cuda")
             for _ in range(world)]
