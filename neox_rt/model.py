@@ -124,7 +124,6 @@ class Layer(nn.Module):
         return self.tp.all_reduce(self.mlp(OPS["layernorm"](a, ln2.weight, ln2.bias, self.eps), bias=mlp_bias,
                                            residual=a if lead else None))
 
-
     def _pushes(self, *sum_args) -> bool:
         """Whether this layer's all-reduce can go into the next layer's LayerNorm: the peer-to-peer all-reduce is on
         for this call (see parallel.P2PAllReduce), the CUDA kernels serve the sum (one row) and the dual LayerNorm

@@ -78,8 +78,8 @@ class P2PAllReduce:
     """The one-shot all-reduce over peer memory (``torch.ops.neox_rt.p2p_all_reduce``) for small CUDA tensors.
 
     Each rank's buffer comes from PyTorch's symmetric memory and is mapped into every rank's process
-    (``buffer_ptrs``); the kernel pushes this rank's input into each peer's slot, signals, waits for the peers'
-    signals and sums in rank order, so every rank gets the same bits. It replaces NCCL for tensors of at most
+    (``buffer_ptrs``); the kernel pushes this rank's input into each peer's slot as lines that carry their own
+    flags, waits for the peers' lines in its own buffer and sums in rank order, so every rank gets the same bits. It replaces NCCL for tensors of at most
     ``slot_bytes / 2`` inside CUDA graphs (mode 1) or everywhere (mode 2); NCCL takes the rest. Where it is on, a
     parallel-residual layer at batch 1 skips the separate kernel: its sum kernel pushes the partial output and the
     next layer's LayerNorm kernel reduces it (model.PendingSum; NEOX_RT_P2P_FUSE=0 keeps the separate kernel).

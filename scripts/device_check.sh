@@ -8,8 +8,8 @@
 # AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_ARGS/PROFILE_LIMIT,
 # TPSIM_SIZES/TPSIM_ENVS/TPSIM_ARGS/TPSIM_BASE_ARGS/TPSIM_LIMIT (ENVS entries: A=1+B=2
 # sets two; a '+' not followed by NAME= stays in the value, as in NEOX_RT_OP_BACKENDS=linear=cuda+triton),
-# LATENCY_ARGS, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, TPAB_ENVS/TPAB_ROUNDS/TPAB_ARGS/TPAB_LIMIT, LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline),
-# BASELINE_COMMIT (its commit).
+# LATENCY_ARGS, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, TPAB_ENVS/TPAB_ROUNDS/TPAB_ARGS/TPAB_LIMIT,
+# LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline), BASELINE_COMMIT (its commit).
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
 STAGES=",${1:-info,build,test,kernels,latency,tp},"

@@ -22,7 +22,7 @@
 namespace neox_rt {
 
 constexpr int kLayerNormMaxVecs = 8;  // vectors per thread held in registers
-constexpr int kP2PReduceThreads = 512;  // the reducing form's block, where n has as many vectors (its registers: <= 64K)
+constexpr int kP2PReduceThreads = 512;  // the reducing form's block where n has that many vectors (64K registers)
 // Up to this many rows every block prefetches the parameters (at 2048 rows it cost 20B's dual LayerNorm 34.8 -> 42.0 us
 // on one H100, 0ac76b5; at one row 10.6 -> 9.2 us for the single one: bench/NOTES.md, session 6).
 constexpr int kLayerNormPrefetchRows = 32;
