@@ -2,9 +2,9 @@
 
 On one GPU several "ranks" run in one process, each on its own stream, their buffers plain device memory of the
 same GPU (what symmetric memory maps across GPUs): each rank's kernel pushes its flagged input into the others'
-buffers and waits for theirs, so the kernels only finish if they run concurrently and the protocol is right. The sum must be the
-fp32 sum in rank order rounded once, the same bits on every rank, over many calls (both parities, the counters
-growing). The two-GPU path (symmetric memory, NCCL beside it) is tested in test_tensor_parallel.py. The selection
+buffers and waits for theirs, so the kernels only finish if they run concurrently and the protocol is right. The sum
+must be the fp32 sum in rank order rounded once, the same bits on every rank, over many calls (both parities, the
+sequence numbers growing). The two-GPU path (symmetric memory, NCCL beside it) is tested in test_tensor_parallel.py. The selection
 logic (which tensors go to the kernel, the setting) is tested on CPU.
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ def test_p2p_all_reduce_bad_input(ext):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("h", [768, 6144])  # 128 threads waiting for 2 lines a vector each / 768 (20B's hidden)
+@pytest.mark.parametrize("h", [768, 6144])  # a reducing block of 128 threads / of 512 (20B's hidden: 768 vectors)
 def test_sum_push_then_reduce_dual_layernorm(ext, dtype, world, h):
     """The fused form, several calls interleaved with the separate kernel (one sequence number for both): each rank's
     gemv_sum pushes its output (its own result unchanged), each rank's p2p_reduce_dual_layernorm returns the fp32 sum
