@@ -1,9 +1,10 @@
 // One-shot all-reduce of a small tensor (decode's hidden state, 12 KB a token for 20B) over peer-to-peer memory
 // (NVLink), as one single-block kernel that can sit in the programmatic-dependent-launch chain of the decode graph.
 //
-// Why: NCCL's all-reduce of 12 KB costs ~7.6 us inside a CUDA graph on two H100s or H200s (bench/NOTES.md, session
-// 8), ~0.37 ms of a 20B token at TP=2, and its kernel breaks the PDL chain, so the LayerNorm after it cannot launch
-// early. Here every rank PUSHES its input into each peer's buffer and reads the peers' pushes from its own: one
+// Why: NCCL's all-reduce of 12 KB costs ~7.6 us inside a CUDA graph (two H200s, bench/NOTES.md, session 8), ~0.37
+// ms of a 20B token at TP=2 on two H100s, and its kernel breaks the PDL chain, so the LayerNorm after it cannot
+// launch early. Measured on two H100s (session 10): 20B TP=2 7.68 ms with this kernel, 7.48 with its push and
+// reduction fused into the kernels around it (gemv_fused.cuh, layernorm.cuh), 7.88 with NCCL. Here every rank PUSHES its input into each peer's buffer and reads the peers' pushes from its own: one
 // NVLink one-way trip. The pushes carry their own flags (NCCL's "LL" scheme): each 16-byte store holds 8 bytes of
 // data as two 4-byte halves, each beside the call's sequence number, and an 8-byte half arrives whole, so a reader
 // that sees the sequence number in both flag words has the data: no fence, no separate signal.
