@@ -360,7 +360,7 @@ class Probe:
         return err
 
     def capture(self, body):
-        """One graph of --layers calls of body, after one eager pass on a side stream (as neox_rt/graphs.py)."""
+        """One graph of --layers calls of body, after one eager pass on a side stream (as neox_rt/engine/graphs.py)."""
         torch = self.torch
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -73,7 +73,7 @@ def triton_impls():
 
 
 def cuda_impls():
-    from neox_rt import cuda_ops
+    from neox_rt.ops import cuda as cuda_ops
     cuda_ops.load_extension()
     impls = {}
     for name, (impl, supports) in cuda_ops.IMPLS.items():
@@ -434,7 +434,7 @@ def sweep(copy_gbps: float, only: list[str] | None = None) -> list[dict]:
         print(f"  sweep {op} {shape} {variant}: {r.get('ms', float('nan')) * 1e3:.1f} us", file=sys.stderr)
 
     try:
-        from neox_rt import cuda_ops
+        from neox_rt.ops import cuda as cuda_ops
         ext = cuda_ops.load_extension()
     except ImportError as e:
         print(f"sweep: no extension ({e})", file=sys.stderr)

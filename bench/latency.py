@@ -44,10 +44,11 @@ from common import git_commit, gpu_driver, run  # noqa: E402  (bench/ is on sys.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from neox_rt.engine.kv_cache import KVCache  # noqa: E402
 import neox_rt  # noqa: E402
 from neox_rt import ops  # noqa: E402
-from neox_rt.config import NeoXConfig  # noqa: E402
-from neox_rt.generation import Generator  # noqa: E402
+from neox_rt.model.config import NeoXConfig  # noqa: E402
+from neox_rt.engine.generation import Generator  # noqa: E402
 
 SHAPES = {  # NEOX_FACTS.md sizes
     "pythia-1.4b": dict(vocab_size=50304, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
@@ -148,7 +149,7 @@ def prompts_of(b: int, n: int, vocab: int, seed: int = 0):
 
 def ttft(model, n: int, reps: int = 3) -> float:
     """Median ms of prefill(n tokens) + greedy first token, batch 1, from an empty cache."""
-    cache = model.new_cache(1, n + 1)
+    cache = KVCache.for_model(model, 1, n + 1)
     ids = torch.randint(2, model.config.vocab_size, (1, n), device="cuda")
     pos = torch.arange(n, device="cuda")[None]
     last = torch.tensor([n - 1], device="cuda")

@@ -139,8 +139,8 @@ def load_and_measure(directory: str) -> dict:
     tp = init_from_env(world, device_type="cuda")
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     # Warm up what is not loading (CUDA context, lazy imports of the first to_empty) so it stays out of load_s.
-    from neox_rt.api import build_model
-    from neox_rt.config import NeoXConfig
+    from neox_rt.model.build import build_model
+    from neox_rt.model.config import NeoXConfig
     build_model(NeoXConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
                 torch.float16, device)
     rss_before = proc_status_kb("VmRSS")

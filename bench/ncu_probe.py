@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from neox_rt import cuda_ops  # noqa: E402
+from neox_rt.ops import cuda as cuda_ops  # noqa: E402
 from neox_rt.kernels import linear as k_lin  # noqa: E402
 
 

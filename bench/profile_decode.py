@@ -3,7 +3,7 @@
     python bench/profile_decode.py --model gpt-neox-20b --out $OUT/profile_20b.json
 
 Random fp16 weights of the named shape (bench/latency.py's shapes), a 32-token prompt, then decode steps
-replayed as the runtime's CUDA graph (neox_rt.graphs.DecodeGraphRunner) under torch.profiler, and the same
+replayed as the runtime's CUDA graph (neox_rt.engine.graphs.DecodeGraphRunner) under torch.profiler, and the same
 steps run eagerly. Every GPU kernel of the profiled steps is assigned to its layer (a layer starts at its
 LayerNorm kernel) and to a slot inside the layer (LayerNorm, qkv, rotary + cache write, attention, dense,
 h->4h, 4h->h, other; with the fused GEMV pairs "qkv + h->4h" and "dense + 4h->h"); per slot: kernels per layer, mean us per layer, us per token, share of the step, and
@@ -32,8 +32,9 @@ from latency import SHAPES, copy_bandwidth, random_model  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from neox_rt.engine.kv_cache import KVCache  # noqa: E402
 from neox_rt import ops  # noqa: E402
-from neox_rt.graphs import DecodeGraphRunner  # noqa: E402
+from neox_rt.engine.graphs import DecodeGraphRunner  # noqa: E402
 
 PROMPT = 32
 LINEAR_RE = re.compile(r"gemv|gemm|xmma|cutlass|cublas|splitk|Kernel2", re.I)
@@ -196,7 +197,7 @@ def main():
                     "4h->h": f * h * 2 // tpn}
     weight_bytes["qkv + h->4h"] = weight_bytes["qkv"] + weight_bytes["h->4h"]
     weight_bytes["dense + 4h->h"] = weight_bytes["dense"] + weight_bytes["4h->h"]
-    cache = model.new_cache(1, PROMPT + 64)
+    cache = KVCache.for_model(model, 1, PROMPT + 64)
     ids = torch.randint(2, c.vocab_size, (1, PROMPT), device="cuda")
     with torch.inference_mode():
         model(ids, torch.arange(PROMPT, device="cuda")[None], cache, last_index=torch.tensor([PROMPT - 1],

@@ -8,7 +8,7 @@
 
 Per rank: build the sharded model with ``neox_rt.build_model`` on the GPU and fill it in place
 (``normal_``; nothing goes through host memory), prefill a 32-token prompt, then decode 128 tokens greedily
-the way ``Generator`` does (the CUDA-graph runner ``neox_rt.graphs.DecodeGraphRunner`` when present, else
+the way ``Generator`` does (the CUDA-graph runner ``neox_rt.engine.graphs.DecodeGraphRunner`` when present, else
 the eager forward; rank 0's token broadcast to all ranks). Each step is timed with CUDA events after a
 warm-up run of the same length; the median and p90 per token are reported, with the wall-clock mean.
 
@@ -36,9 +36,11 @@ from common import git_commit, gpu_driver, simulated_tp  # noqa: E402  (bench/ i
 # installed one: the tpsim stages of session 7 timed the installed tree twice before this line existed)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from neox_rt.engine.kv_cache import KVCache  # noqa: E402
 import neox_rt  # noqa: E402
 from neox_rt import ops  # noqa: E402
-from neox_rt.config import NeoXConfig  # noqa: E402
+from neox_rt.model.config import NeoXConfig  # noqa: E402
+from neox_rt.model.build import parse_dtype  # noqa: E402
 from neox_rt.parallel import init_from_env  # noqa: E402
 
 MIB = 2 ** 20
@@ -111,7 +113,7 @@ def make_stepper(model, use_graphs: bool):
     runner = None
     if use_graphs:
         try:
-            from neox_rt.graphs import DecodeGraphRunner
+            from neox_rt.engine.graphs import DecodeGraphRunner
             runner = DecodeGraphRunner(model, 0)
         except ImportError:
             runner = None
@@ -238,7 +240,7 @@ def main(argv=None):
         if args.memory_cap_gib:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
-    dtype = neox_rt.api.parse_dtype(args.dtype)
+    dtype = parse_dtype(args.dtype)
     config = NeoXConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                         num_attention_heads=args.heads, rotary_pct=0.25, hidden_act="gelu_fast",
                         max_position_embeddings=2048)
@@ -252,7 +254,7 @@ def main(argv=None):
     prompt_ids = torch.randint(2, args.vocab, (1, args.prompt), generator=g).to(device)
 
     # -- decode latency: cache as Generator allocates it (prompt + new tokens)
-    cache = model.new_cache(1, args.prompt + args.new)
+    cache = KVCache.for_model(model, 1, args.prompt + args.new)
     step, path = make_stepper(model, not args.no_graphs and device.type == "cuda")
     decode_run(model, cache, step, timer, prompt_ids, args.new)  # warm-up (captures the graph)
     times, wall, ids = decode_run(model, cache, step, timer, prompt_ids, args.new)
@@ -266,7 +268,7 @@ def main(argv=None):
     no_ar = None
     if tp.size > 1 and not args.skip_no_allreduce and not args.simulate_tp:
         tp.all_reduce = lambda x: x  # instance attribute shadows the method: every layer skips it
-        p2p, tp.p2p = tp.p2p, None  # and no layer leaves its all-reduce to the next LayerNorm (model.PendingSum)
+        p2p, tp.p2p = tp.p2p, None  # and no layer leaves its all-reduce to the next LayerNorm (model.layers.PendingSum)
         try:
             skip_step, _ = make_stepper(model, not args.no_graphs and device.type == "cuda")
             decode_run(model, cache, skip_step, timer, prompt_ids, args.new)
@@ -285,7 +287,7 @@ def main(argv=None):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        big = model.new_cache(1, args.memory_cache)
+        big = KVCache.for_model(model, 1, args.memory_cache)
         n = min(args.memory_cache, config.max_position_embeddings)
         long_ids = torch.randint(2, args.vocab, (1, n), generator=g).to(device)
         model(long_ids, torch.arange(n, device=device)[None], big, last_index=torch.tensor([n - 1], device=device))

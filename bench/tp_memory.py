@@ -30,7 +30,7 @@ NEOX_20B = dict(vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_at
 
 def weight_bytes(config, tp: int, dtype=torch.float16) -> dict:
     """Exact bytes of one rank's parameters: split ones (sharded), replicated ones (LayerNorms, row biases)."""
-    from neox_rt.api import build_model
+    from neox_rt.model.build import build_model
     from neox_rt.parallel import TensorParallel, tp_split_dim
     model = build_model(config, dtype, "meta", TensorParallel(rank=0, size=tp))
     split = replicated = 0
@@ -91,7 +91,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    from neox_rt.config import NeoXConfig
+    from neox_rt.model.config import NeoXConfig
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--cache-tokens", type=int, default=2048)

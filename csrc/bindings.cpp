@@ -1,6 +1,6 @@
 // The single registration point of the neox_rt CUDA ops: schemas (mutated arguments marked with (a!)) in
 // TORCH_LIBRARY, the CUDA kernels in TORCH_LIBRARY_IMPL. Fake (meta) implementations for torch.compile live in
-// neox_rt/cuda_ops.py. Importing neox_rt._C runs these registrations; the module itself has no functions.
+// neox_rt/ops/cuda.py. Importing neox_rt._C runs these registrations; the module itself has no functions.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,7 +1,7 @@
 """Prefill attention, flash style: causal attention of new queries over the KV cache in one kernel.
 
 out[i, j, h] = softmax(scale * q[i, j, h] . K[i, h, :p+1]^T) V[i, h, :p+1] with p = positions[i, j]
-(the contract of :func:`neox_rt.ops.attention_ref`). Program (query block, i*nh + h) walks the cache in
+(the contract of :func:`neox_rt.ops.reference.attention_ref`). Program (query block, i*nh + h) walks the cache in
 blocks of keys with an online softmax in fp32; scores never reach memory, so the separate scale + mask +
 softmax kernel is not needed on this path. The loop stops after the block holding the largest position
 of the query block (computed on the device: no host sync); keys past a query's position are masked.

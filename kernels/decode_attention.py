@@ -1,7 +1,7 @@
 """Flash-decoding: one query per sequence over its first seqlens[i] cache slots.
 
 out[i, h] = softmax(scale * q[i, h] . K[i, h, :L]^T) V[i, h, :L] with L = seqlens[i] (the contract of
-:func:`neox_rt.ops.decode_attention_ref`). The cache capacity T is cut into ``num_splits`` equal chunks;
+:func:`neox_rt.ops.reference.decode_attention_ref`). The cache capacity T is cut into ``num_splits`` equal chunks;
 program (i, h, c) runs an online softmax over the keys of chunk c that lie below L (none when the chunk
 starts at or past L) and writes its partial max, sum and weighted sum of V; a second kernel merges the
 chunks. All math in fp32. The grid depends only on shapes, never on seqlens' values, so the op does no host

@@ -1,7 +1,7 @@
 """LayerNorm and the dual LayerNorm of a parallel-residual layer, one program per row.
 
 out = (x - mean) / sqrt(var + eps) * weight + bias over the last dim, statistics in fp32, output in x's dtype
-(the contract of :func:`neox_rt.ops.layernorm_ref`). ``dual_layernorm`` reads x once and writes both
+(the contract of :func:`neox_rt.ops.reference.layernorm_ref`). ``dual_layernorm`` reads x once and writes both
 LN1(x) and LN2(x): the statistics are the same, only weight and bias differ.
 """
 from __future__ import annotations

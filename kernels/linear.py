@@ -1,7 +1,7 @@
 """Skinny linear (decode GEMV, up to 16 rows) with the bias and activation fused into the epilogue.
 
 out = act(x @ weight.T + bias), x [..., in] with at most MAX_ROWS rows, weight [out, in] (the contract of
-:func:`neox_rt.ops.linear_ref`). Decode is memory-bound: the kernel streams each weight tile once and
+:func:`neox_rt.ops.reference.linear_ref`). Decode is memory-bound: the kernel streams each weight tile once and
 multiplies it with all rows (padded to 16 for the tensor cores), fp32 accumulation, then adds the bias and
 applies the activation before the one store. Whether it replaces cuBLAS is decided by measurement
 (``bench/kernels.py``): :data:`REGISTER_MAX_ROWS` is the largest row count that the op table sends here.
@@ -120,4 +120,5 @@ def supports_linear(x, weight, bias=None, activation=None, residual=None, max_ro
 def supports_registered_linear(x, weight, bias=None, activation=None, residual=None) -> bool:
     """The registered predicate: fp16/bf16 and at most REGISTER_MAX_ROWS rows (see there for the measurements);
     fp32 and larger row counts (prefill) stay on cuBLAS."""
-    return x.dtype in (torch.float16, torch.bfloat16) and supports_linear(x, weight, bias, activation, residual)
+    return (isinstance(weight, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
+            and supports_linear(x, weight, bias, activation, residual))

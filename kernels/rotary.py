@@ -3,7 +3,7 @@
 For every token (row i, column j) at position p = positions[i, j] and every head: q and k get the NeoX
 rotate-half rotary on their first rotary_ndims dims (dim d pairs with d + rd/2; fp32 math with the cos/sin
 tables), k and v go to cache slot p of cache row i, and q is returned [b, s, nh, hd] (the contract of
-:func:`neox_rt.ops.rotary_kv_write_ref`). v is copied bit for bit.
+:func:`neox_rt.ops.reference.rotary_kv_write_ref`). v is copied bit for bit.
 """
 from __future__ import annotations
 

@@ -6,53 +6,17 @@ from typing import Sequence
 
 import torch
 
-from neox_rt import ops
-from neox_rt.config import NeoXConfig
+from neox_rt.checkpoints import neox as neox_checkpoint
+from neox_rt.checkpoints.hf import load_weights, resolve_checkpoint
+from neox_rt.engine.generation import GenerationResult, Generator
+from neox_rt.engine.sampling import SamplingParams
+from neox_rt.engine.tokenizer import Tokenizer
 from neox_rt.errors import NeoxRtError
-from neox_rt.generation import GenerationResult, Generator
-from neox_rt.model import NeoXForCausalLM
-from neox_rt.parallel import SINGLE, TensorParallel
-from neox_rt.sampling import SamplingParams
-from neox_rt.tokenizer import Tokenizer
-from neox_rt.weights import load_weights, resolve_checkpoint
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise NeoxRtError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
-    return DTYPES[dtype]
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_model(config: NeoXConfig, dtype=torch.float32, device="cpu", tp: TensorParallel = SINGLE):
-    """An uninitialised model on ``device`` (parameters allocated, not filled), in inference mode."""
-    with torch.device("meta"):
-        model = NeoXForCausalLM(config, tp)
-    # dtype first, on meta: allocating fp32 then casting would need twice the memory (82 GB for 20B).
-    model = model.to(parse_dtype(dtype)).to_empty(device=device)
-    return model.eval()
-
-
-def init_random(model, seed: int = 0, std: float = 0.02) -> None:
-    """Fill a model with random weights (benchmarks and tests; LayerNorms near identity)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name or "layer_norm" in name:
-                base = 1.0 if name.endswith("weight") else 0.0
-                vals = base + 0.1 * torch.randn(p.shape, generator=g)
-            else:
-                vals = std * torch.randn(p.shape, generator=g)
-            p.copy_(vals)
-
+from neox_rt.model.build import build_model, default_device
+from neox_rt.model.config import NeoXConfig
+from neox_rt.model.model import NeoXForCausalLM
+from neox_rt.ops.backends import select_backend
+from neox_rt.parallel.context import SINGLE, TensorParallel
 
 class NeoX:
     """A loaded model with its tokenizer."""
@@ -69,11 +33,11 @@ class NeoX:
 
     @property
     def device(self) -> torch.device:
-        return self.model.gpt_neox.final_layer_norm.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.gpt_neox.final_layer_norm.weight.dtype
+        return self.model.dtype
 
     def _need_tokenizer(self) -> Generator:
         if self._generator is None:
@@ -120,20 +84,24 @@ def load(path: str, dtype="float32", device: str | None = None, tokenizer: str |
     """Load an HF GPT-NeoX checkpoint directory (or hub id) onto ``device`` in ``dtype``.
 
     A gpt-neox native checkpoint directory (``latest`` + ``global_stepN/``, any TP/PP layout) is resharded
-    to ``tp`` on load (:mod:`neox_rt.neox_checkpoint`); ``config`` is then its YAML file(s) or mapping
-    (default: the YAML files found in the checkpoint).
+    to ``tp`` on load (:mod:`neox_rt.checkpoints.neox`); ``config`` is then its YAML file(s) or mapping
+    (default: the YAML files found in the checkpoint). For an HF directory ``config`` may be a
+    :class:`NeoXConfig` that replaces its ``config.json`` (weights saved without one).
 
     Weights stream tensor by tensor (peak host memory about one tensor). ``tokenizer`` is a tokenizers
     JSON file; by default the directory's ``tokenizer.json``. ``backend`` picks the kernels
     (``cuda``, ``triton``, ``torch``; default: ``NEOX_RT_BACKEND`` or the fastest available).
     """
-    from neox_rt import neox_checkpoint
-    if neox_checkpoint.is_neox_checkpoint(path):
-        return neox_checkpoint.load(path, dtype, device, tokenizer, backend, tp, progress, config)
     device = device or default_device()
+    if neox_checkpoint.is_neox_checkpoint(path):
+        select_backend(backend, device)
+        model, tokenizer_path, root = neox_checkpoint.load_model(path, dtype, device, tp, progress, config,
+                                                                 tokenizer)
+        return NeoX(model, Tokenizer(tokenizer_path) if tokenizer_path else None, root)
     directory = resolve_checkpoint(path)
-    config = NeoXConfig.from_json(directory)
-    ops.select_backend(backend, device)
+    if not isinstance(config, NeoXConfig):
+        config = NeoXConfig.from_json(directory)
+    select_backend(backend, device)
     model = build_model(config, dtype, device, tp)
     load_weights(model, directory, progress=progress)
     return NeoX(model, find_tokenizer(directory, tokenizer), directory)

@@ -3,7 +3,7 @@
 - gpt-neox -> HF (``--to hf``): ``config.json``, ``model.safetensors`` (or shards plus
   ``model.safetensors.index.json`` above ``--max-shard-size``) and a copy of the tokenizer as
   ``tokenizer.json``; loadable by ``transformers.GPTNeoXForCausalLM``. TP shards are merged as
-  :mod:`neox_rt.neox_checkpoint` describes (row-parallel biases summed); one pipeline layer is in memory at
+  :mod:`neox_rt.checkpoints.neox` describes (row-parallel biases summed); one pipeline layer is in memory at
   a time, plus the safetensors shard being written.
 - HF -> gpt-neox (``--to neox --tp T --pp P``): ``latest``, ``<tag>/layer_LL-model_TT-model_states.pt``
   (``--pp`` >= 1; the files are the same for every pipeline size, the YAML records it) or, with ``--pp 0``,
@@ -24,11 +24,12 @@ import sys
 
 import torch
 
-from neox_rt.config import NeoXConfig
+from neox_rt.checkpoints.hf import IGNORED, index_checkpoint, resolve_checkpoint
+from neox_rt.checkpoints.neox import (fill_tensor, full_shapes, is_neox_checkpoint, layer_file_name, open_checkpoint,
+                                      rank_file_name, split_kind, stage_plan)
 from neox_rt.errors import NeoxRtError
-from neox_rt.neox_checkpoint import (fill_tensor, full_shapes, is_neox_checkpoint, layer_file_name,
-                                     open_checkpoint, rank_file_name, split_kind, stage_plan)
-from neox_rt.parallel import padded_vocab_size
+from neox_rt.model.config import NeoXConfig
+from neox_rt.parallel.context import padded_vocab_size
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -168,7 +169,6 @@ def hf_to_neox(src: str, dst: str, tp: int = 1, pp: int = 1, tag: str = "global_
     """Write the gpt-neox checkpoint ``dst`` (``pp`` >= 1: pipeline layout; 0: sequential) from an HF dir."""
     import yaml
 
-    from neox_rt.weights import IGNORED, index_checkpoint, resolve_checkpoint
     directory = resolve_checkpoint(src)
     config = NeoXConfig.from_json(directory)
     if tp < 1 or pp < 0:

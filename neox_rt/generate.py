@@ -8,7 +8,7 @@ Three modes as in gpt-neox (``text_gen_type``): ``unconditional`` (``num_samples
 ``<|endoftext|>``), ``input-file`` (prompts from a file, split on ``prompt_end``) and ``interactive``.
 Every prompt gives one JSON record per line, written and flushed as soon as its batch finishes:
 ``{"context", "text", "length", "finished", "message", "duration_seconds"}`` (+ ``logprobs``).
-Settings come from gpt-neox YAML configs (merged in order, see :mod:`neox_rt.neox_yaml`), then from flags,
+Settings come from gpt-neox YAML configs (merged in order, see :mod:`neox_rt.checkpoints.neox_yaml`), then from flags,
 which override the config key of the same name. Generation itself is :meth:`neox_rt.NeoX.generate`.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from neox_rt import neox_yaml
+from neox_rt.checkpoints import neox_yaml
+from neox_rt.engine.sampling import SamplingParams
 from neox_rt.errors import NeoxRtError, read_bytes
-from neox_rt.sampling import SamplingParams
 
 MODES = ("unconditional", "input-file", "interactive")
 INTERACTIVE_PROMPT = "Context prompt >>> "
@@ -100,7 +100,7 @@ class Settings:
         if self.on_invalid_utf8 not in ("fail", "skip"):
             raise NeoxRtError(f"on_invalid_utf8 must be fail or skip, got {self.on_invalid_utf8!r}")
         if self.dtype is not None:
-            from neox_rt.api import parse_dtype
+            from neox_rt.model.build import parse_dtype
             parse_dtype(self.dtype)
         if self.text_gen_type == "input-file" and self.sample_input_file is None and self.prompt is None:
             raise NeoxRtError("input-file mode needs a prompts file: -i/--sample-input-file (or --prompt TEXT)")
@@ -511,18 +511,19 @@ def setup_parallel(s: Settings, device_type: str):
 def load_model(s: Settings, device: str, dtype: str, tp, main_rank: bool):
     """The model: the embedded default, an HF checkpoint, or a checkpoint whose shape the config gives."""
     import neox_rt
+    from neox_rt.checkpoints.hf import resolve_checkpoint
+    from neox_rt.checkpoints.neox import is_neox_checkpoint
     from neox_rt.default_model import load_default
     progress = main_rank and sys.stderr.isatty()
     if s.load is None:
         if s.vocab_file is not None:
             raise NeoxRtError("--tokenizer needs --model (the embedded default model has its own tokenizer)")
         return load_default(dtype, device, tp=tp, notice=main_rank)
-    from neox_rt.weights import resolve_checkpoint
     directory = resolve_checkpoint(s.load)  # a missing checkpoint is named before a missing tokenizer
     tokenizer = neox_yaml.resolve_vocab_file(s.vocab_file, directory)
     if tokenizer is not None and not os.path.isfile(tokenizer):
         raise NeoxRtError(f"tokenizer not found: {tokenizer}")
-    if _is_native_checkpoint(directory):
+    if is_neox_checkpoint(directory):
         # gpt-neox native layout (latest + global_stepN/): neox_checkpoint reshards it to tp; the shape comes
         # from our config when it has one, else from the YAML files saved in the checkpoint
         config = s.model_config if neox_yaml.has_model_shape(s.model_config) else None
@@ -531,25 +532,12 @@ def load_model(s: Settings, device: str, dtype: str, tp, main_rank: bool):
     no_config_json = os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, "config.json"))
     if no_config_json and neox_yaml.has_model_shape(s.model_config):
         # HF-format weights without a config.json: the shape comes from the YAML config
-        from neox_rt import ops
-        from neox_rt.api import NeoX, build_model, find_tokenizer
-        from neox_rt.tokenizer import Tokenizer
-        from neox_rt.weights import load_weights
+        from neox_rt.engine.tokenizer import Tokenizer
         tok_size = Tokenizer(tokenizer).vocab_size if tokenizer is not None else None
         config = neox_yaml.to_model_config(s.model_config, tok_size)
-        ops.select_backend(None, device)
-        model = build_model(config, dtype, device, tp)
-        load_weights(model, directory, progress=progress)
-        return NeoX(model, find_tokenizer(directory, tokenizer), directory)
+        return neox_rt.load(directory, dtype=dtype, device=device, tokenizer=tokenizer, tp=tp, progress=progress,
+                            config=config)
     return neox_rt.load(directory, dtype=dtype, device=device, tokenizer=tokenizer, tp=tp, progress=progress)
-
-
-def _is_native_checkpoint(directory: str) -> bool:
-    try:
-        from neox_rt import neox_checkpoint
-    except ImportError:
-        return False
-    return neox_checkpoint.is_neox_checkpoint(directory)
 
 
 def _device(s: Settings) -> str:

@@ -95,7 +95,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="module")
 def ext():
     """torch.ops.neox_rt, for the GPU tests (on the GPU machine a missing extension is a failure, not a skip)."""
-    from neox_rt import cuda_ops
+    from neox_rt.ops import cuda as cuda_ops
     try:
         return cuda_ops.load_extension()
     except ImportError as e:

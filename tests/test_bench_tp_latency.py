@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from neox_rt.config import NeoXConfig
+from neox_rt.model.config import NeoXConfig
 from neox_rt.model import NeoXForCausalLM
 from neox_rt.parallel import TensorParallel
 

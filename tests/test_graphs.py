@@ -1,15 +1,16 @@
-"""CUDA-graph decode (neox_rt/graphs.py): buckets, padding, wiring into Generator, and on a GPU the graph
+"""CUDA-graph decode (neox_rt/engine/graphs.py): buckets, padding, wiring into Generator, and on a GPU the graph
 path against the eager fused path and the PyTorch reference."""
 import pytest
 import torch
 
+from neox_rt.engine.kv_cache import KVCache
 import neox_rt
 from neox_rt import ops
-from neox_rt.config import NeoXConfig
+from neox_rt.model.config import NeoXConfig
 from neox_rt.errors import NeoxRtError
-from neox_rt.generation import Generator
-from neox_rt.graphs import BUCKETS, DecodeGraphRunner, bucket_for, graphs_enabled
-from neox_rt.sampling import SamplingParams, sample
+from neox_rt.engine.generation import Generator
+from neox_rt.engine.graphs import BUCKETS, DecodeGraphRunner, bucket_for, graphs_enabled
+from neox_rt.engine.sampling import SamplingParams, sample
 
 
 class IdsTokenizer:
@@ -91,7 +92,7 @@ def test_padded_step_writes_only_own_slots_and_matches_eager(cpu_model):
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]  # b = 3 -> bucket 4
     runner = DecodeGraphRunner(model, pad_id=0, capture=False)
     assert runner.cache_rows(3) == 4
-    padded, plain = model.new_cache(4, 16), model.new_cache(3, 16)
+    padded, plain = KVCache.for_model(model, 4, 16), KVCache.for_model(model, 3, 16)
     _prefill(model, prompts, padded)
     logits = _prefill(model, prompts, plain)
     positions = torch.tensor([len(p) for p in prompts])
@@ -114,9 +115,9 @@ def test_padded_step_writes_only_own_slots_and_matches_eager(cpu_model):
 
 def test_runner_declines_batches_it_cannot_hold(cpu_model):
     runner = DecodeGraphRunner(cpu_model, capture=False, buckets=(1, 2))
-    cache = cpu_model.new_cache(2, 8)
+    cache = KVCache.for_model(cpu_model, 2, 8)
     assert runner.step(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), cache) is None
-    small = cpu_model.new_cache(1, 8)  # a batch of 2 needs 2 cache rows
+    small = KVCache.for_model(cpu_model, 1, 8)  # a batch of 2 needs 2 cache rows
     assert runner.step(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), small) is None
     assert runner.supports(2) and not runner.supports(3)
 
@@ -217,7 +218,7 @@ def test_graph_greedy_equals_eager_fused_and_reference(gpu_models, monkeypatch):
 def _teacher_forced(model, prompt, continuation, runner=None):
     """Logits [len(continuation), V] (fp32) of prefill then decode steps fed ``continuation``."""
     dev = "cuda"
-    cache = model.new_cache(1, len(prompt) + len(continuation))
+    cache = KVCache.for_model(model, 1, len(prompt) + len(continuation))
     ids = torch.tensor([prompt], device=dev)
     out = [model(ids, torch.arange(len(prompt), device=dev)[None], cache,
                  last_index=torch.tensor([len(prompt) - 1], device=dev)).float()]

@@ -1,4 +1,4 @@
-"""The CUDA extension ``neox_rt._C`` against the references in neox_rt/ops.py.
+"""The CUDA extension ``neox_rt._C`` against the references in neox_rt/ops/reference.py.
 
 GPU tests (``@pytest.mark.gpu``) compare every kernel with its reference on awkward shapes. Tolerance rule
 (house style): the kernel's max error against an fp64 reference is at most twice PyTorch's own error at the
@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 
+from neox_rt.engine.kv_cache import KVCache
 from neox_rt import ops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def test_compile_check_sources_exist():
         assert os.path.isfile(os.path.join(REPO, f)), f
     # Every op registered in bindings.cpp has a Python wrapper and a fake implementation.
     bindings = open(os.path.join(REPO, "csrc", "bindings.cpp")).read()
-    cuda_ops_src = open(os.path.join(REPO, "neox_rt", "cuda_ops.py")).read()
+    cuda_ops_src = open(os.path.join(REPO, "neox_rt", "ops", "cuda.py")).read()
     for name in ("scaled_causal_softmax", "rotary_kv_write", "decode_attention", "layernorm", "dual_layernorm",
                  "gemv"):
         assert f'm.impl("{name}"' in bindings
@@ -75,7 +76,7 @@ def test_missing_extension_falls_back_with_one_warning(caplog):
 
 
 def test_supports_rejects_cpu_tensors():
-    from neox_rt import cuda_ops
+    from neox_rt.ops import cuda as cuda_ops
     x = torch.randn(2, 64)
     w = torch.randn(64)
     assert not cuda_ops.supports_layernorm(x, w, w, 1e-5)
@@ -199,7 +200,7 @@ def test_decode_attention_split_plans(ext, dtype, hd, blocks_per_sm, merge_kerne
     (last block of each head, ticket counters) and the separate merge kernel, PDL on and off, single-buffered
     (variant 1) and pipelined (2) steps; a batch of 13 sequences of different lengths, one of them inside the
     first split and one at the full capacity."""
-    from neox_rt import cuda_ops
+    from neox_rt.ops import cuda as cuda_ops
     b, nh, T = 13, 5, 2047
     q = rand(b, nh, hd, dtype=dtype)
     kc, vc = rand(b + 1, nh, T, hd, dtype=dtype), rand(b + 1, nh, T, hd, dtype=dtype)
@@ -226,7 +227,7 @@ def test_decode_attention_split_plans(ext, dtype, hd, blocks_per_sm, merge_kerne
 def test_decode_attention_long_cache_caps_splits(ext, merge_kernel, variant):
     """One head over a 40000-slot cache with a plan that asks for thousands of splits: the planner caps them at
     256 (the merge keeps one weight per split in shared memory) and the result still follows the rule."""
-    from neox_rt import cuda_ops
+    from neox_rt.ops import cuda as cuda_ops
     q, kc, vc = rand(1, 1, 64), rand(1, 1, 40000, 64), rand(1, 1, 40000, 64)
     for L in (40000, 39999, 300):
         sl = torch.tensor([L], device="cuda")
@@ -290,7 +291,7 @@ def test_layernorm_and_dual(ext, dtype, n, rows, pdl):
 @pytest.mark.parametrize("m,n,k", GEMV_SHAPES)
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_fast"])
 def test_gemv(ext, dtype, m, n, k, activation):
-    from neox_rt.cuda_ops import ACTIVATIONS
+    from neox_rt.ops.cuda import ACTIVATIONS
     x = rand(m, k, dtype=dtype)
     w = rand(n, k, dtype=dtype, scale=k ** -0.5)
     bias = rand(n, dtype=dtype)
@@ -317,7 +318,7 @@ def test_gemv_residual(ext, variant, pdl, m, n, k):
     w = rand(n, k, dtype=dtype, scale=k ** -0.5)
     bias, residual = rand(n, dtype=dtype), rand(m, n, dtype=dtype, scale=4.0)
     for activation, b in ((None, bias), (None, None), ("gelu_fast", bias)):
-        from neox_rt.cuda_ops import ACTIVATIONS
+        from neox_rt.ops.cuda import ACTIVATIONS
         out = ext.gemv(x, w, b, ACTIVATIONS[activation], residual, variant, pdl)
         ref = ops.linear_ref(x, w, b, activation, residual=residual)
         ref64 = ops.linear_ref(x.double(), w.double(), None if b is None else b.double(), activation,
@@ -337,7 +338,7 @@ GEMV2_SHAPES = [  # (n1, k1, n2, k2): the 20B layer's pairs at TP=2 and TP=4, py
 def test_gemv_pair(ext, dtype, n1, k1, n2, k2, ksplit, min_blocks):
     """Two single-row GEMVs in one launch against two references, with bias and activation, each problem its own;
     leading dims kept."""
-    from neox_rt.cuda_ops import ACTIVATIONS
+    from neox_rt.ops.cuda import ACTIVATIONS
     x1, x2 = rand(1, 1, k1, dtype=dtype), rand(1, 1, k2, dtype=dtype)
     w1, w2 = rand(n1, k1, dtype=dtype, scale=k1 ** -0.5), rand(n2, k2, dtype=dtype, scale=k2 ** -0.5)
     b1, b2 = rand(n1, dtype=dtype), rand(n2, dtype=dtype)
@@ -409,7 +410,7 @@ def test_fused_pair_layer_chain_in_graph(ext, pdl):
 def test_fused_pair_routing(ext):
     """The op table sends the pairs to the fused kernels for one row only; more rows, odd k or mixed dtypes take
     the fallback (two linears)."""
-    from neox_rt import cuda_ops
+    from neox_rt.ops import cuda as cuda_ops
     w1, w2, b = rand(64, 256), rand(32, 256), rand(64)
     x = rand(1, 256)
     assert cuda_ops.supports_linear_pair(x, w1, b, None, x, w2, None, "gelu")
@@ -470,7 +471,7 @@ def test_layernorm_gemv_chain_in_graph(ext, rows):
 def test_gemv_routing_by_shape(ext):
     """The op table's CUDA GEMV: one row always; 2-16 rows only where the tensor-core tiles run (k % 64 == 0) and
     win (weights up to GEMV_MMA_MAX_WEIGHT elements); more rows never."""
-    from neox_rt import cuda_ops
+    from neox_rt.ops import cuda as cuda_ops
     small, big = rand(256, 1024, dtype=torch.float16), torch.empty(18432, 6144, dtype=torch.float16, device="cuda")
     assert big.numel() > cuda_ops.GEMV_MMA_MAX_WEIGHT >= small.numel()
     for rows, w, want in ((1, small, True), (1, big, True), (4, small, True), (16, small, True), (4, big, False),
@@ -506,7 +507,7 @@ def test_gemv_chain_in_graph(ext, pdl, rows):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hd", [64, 80, 96])
 def test_prefill_attention(ext, dtype, hd):
-    from neox_rt import cuda_ops
+    from neox_rt.ops import cuda as cuda_ops
     b, s, nh, T = 2, 37, 3, 64
     q = rand(b, s, nh, hd, dtype=dtype)
     kc, vc = rand(b, nh, T, hd, dtype=dtype), rand(b, nh, T, hd, dtype=dtype)
@@ -563,7 +564,7 @@ MODEL_CONFIG = dict(vocab_size=512, hidden_size=384, num_hidden_layers=4, num_at
 
 def _greedy(model, prompt, steps):
     """Greedy tokens and the logits of every step (prefill + cached decode), batch 1."""
-    cache = model.new_cache(1, len(prompt) + steps)
+    cache = KVCache.for_model(model, 1, len(prompt) + steps)
     ids = torch.tensor([prompt], device="cuda")
     pos = torch.arange(len(prompt), device="cuda")[None]
     logits = model(ids, pos, cache, last_index=torch.tensor([len(prompt) - 1], device="cuda"))  # [1, V]
@@ -581,7 +582,7 @@ def _greedy(model, prompt, steps):
 @pytest.mark.gpu
 def test_whole_model_cuda_backend_matches_reference(ext):
     import neox_rt
-    from neox_rt.config import NeoXConfig
+    from neox_rt.model.config import NeoXConfig
     cfg = NeoXConfig(**MODEL_CONFIG)
     m16 = neox_rt.build_model(cfg, torch.float16, "cuda")
     neox_rt.init_random(m16, seed=1, std=0.05)
@@ -598,14 +599,14 @@ def test_whole_model_cuda_backend_matches_reference(ext):
         tokens, logits = _greedy(m16, prompt, 64)
         ops.select_backend("torch")
         # Logits by rule on the prefill and the first decode step, both fed the same tokens.
-        cache = m64.new_cache(1, len(prompt) + 1)
+        cache = KVCache.for_model(m64, 1, len(prompt) + 1)
         l64 = m64(torch.tensor([prompt], device="cuda"), torch.arange(len(prompt), device="cuda")[None], cache,
                   last_index=torch.tensor([len(prompt) - 1], device="cuda"))[0]
         assert_by_rule(logits[0], l64, ref_logits[0], "model prefill logits")
         for d, (x, y) in enumerate(zip(tokens, ref_tokens)):
             if x != y:  # only a near tie of the fp64 logits may flip an argmax
                 seq = prompt + tokens[:d]
-                c = m64.new_cache(1, len(seq))
+                c = KVCache.for_model(m64, 1, len(seq))
                 l = m64(torch.tensor([seq], device="cuda"), torch.arange(len(seq), device="cuda")[None], c,
                         last_index=torch.tensor([len(seq) - 1], device="cuda"))[0]
                 gap = (l[x] - l[y]).abs().item()

@@ -1,4 +1,4 @@
-"""The Triton kernels (neox_rt.kernels) against the references in neox_rt/ops.py.
+"""The Triton kernels (neox_rt.kernels) against the references in neox_rt/ops/reference.py.
 
 On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set below before triton is imported,
 only when no GPU is present) on small shapes; the GPU tests (@pytest.mark.gpu) run the full awkward set:
@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from neox_rt.engine.kv_cache import KVCache  # noqa: E402
 from neox_rt import ops  # noqa: E402
 
 triton = pytest.importorskip("triton")
@@ -327,7 +328,7 @@ class IdsTokenizer:
 
 def _tiny_model(dtype, device, hidden=64, heads=2, layers=2, parallel=True, act="gelu"):
     import neox_rt
-    from neox_rt.config import NeoXConfig
+    from neox_rt.model.config import NeoXConfig
     config = NeoXConfig(vocab_size=96, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=4 * hidden, rotary_pct=0.25, max_position_embeddings=128,
                         use_parallel_residual=parallel, hidden_act=act)
@@ -337,7 +338,7 @@ def _tiny_model(dtype, device, hidden=64, heads=2, layers=2, parallel=True, act=
 
 
 def _generate_both(model, prompts, steps, backend):
-    from neox_rt.generation import Generator
+    from neox_rt.engine.generation import Generator
     results = {}
     for name in ("torch", backend):
         ops.select_backend(name, model.gpt_neox.final_layer_norm.weight.device)
@@ -459,12 +460,12 @@ def test_model_triton_backend_gpu(parallel, act):
     model32 = _tiny_model(torch.float64, "cuda", hidden=384, heads=4, layers=4, parallel=parallel, act=act)
     model32.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     ops.select_backend("torch")
-    ref64 = model32(ids, positions, model32.new_cache(3, 64))
+    ref64 = model32(ids, positions, KVCache.for_model(model32, 3, 64))
     low = {}
     for name in ("torch", "triton"):
         ops.select_backend(name, "cuda")
         try:
-            low[name] = model(ids, positions, model.new_cache(3, 64))
+            low[name] = model(ids, positions, KVCache.for_model(model, 3, 64))
         finally:
             ops.select_backend("torch")
     assert_by_rule(low["triton"], low["torch"], ref64, torch.float16, "model logits")
@@ -483,6 +484,6 @@ def assert_same_or_near_tie(model64, prompt, ref_ids, got_ids, rel_gap=1e-2):
     seq = torch.tensor([prompt + ref_ids[:i]], device=DEV)
     positions = torch.arange(seq.shape[1], device=DEV)[None]
     ops.select_backend("torch")
-    logits = model64(seq, positions, model64.new_cache(1, seq.shape[1]))[0, -1]
+    logits = model64(seq, positions, KVCache.for_model(model64, 1, seq.shape[1]))[0, -1]
     gap = ((logits[ref_ids[i]] - logits[got_ids[i]]).abs() / logits.abs().max()).item()
     assert gap < rel_gap, f"greedy ids part at step {i} with a fp64 logit gap of {gap:.3g} (not a near-tie)"

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import neox_rt
-from neox_rt.generation import Generator
+from neox_rt.engine.generation import Generator
+from neox_rt.engine.kv_cache import KVCache
+from neox_rt.model.config import NeoXConfig
 from tests.conftest import SMALL_CONFIGS, make_hf_model, save_hf
 
 
@@ -118,6 +120,7 @@ def test_default_selection_and_op_overrides(monkeypatch):
     CUDA-preferred ops, NEOX_RT_OP_BACKENDS exceptions, and a clear error for a bad entry."""
     from neox_rt import ops
     from neox_rt.errors import NeoxRtError
+    from neox_rt.ops import backends
 
     def fake(tag):
         return lambda *a, **k: tag
@@ -129,7 +132,7 @@ def test_default_selection_and_op_overrides(monkeypatch):
             ops.register(k, fake(f"{name}:{k}"), None, name)
         return True
 
-    monkeypatch.setattr(ops, "_load_backend", load)
+    monkeypatch.setattr(backends, "_load_backend", load)
     try:
         monkeypatch.delenv("NEOX_RT_OP_BACKENDS", raising=False)
         ops.select_backend(None, "cuda")
@@ -159,8 +162,9 @@ def test_default_selection_and_op_overrides(monkeypatch):
 def test_bad_kernel_setting_is_a_clear_error(monkeypatch, name, value):
     """The CUDA backend's experiment settings are read when it loads: a bad value is a NeoxRtError naming the
     variable, and backend loading passes it on instead of falling back with a warning."""
-    from neox_rt import cuda_ops, ops
     from neox_rt.errors import NeoxRtError
+    from neox_rt.ops import backends
+    from neox_rt.ops import cuda as cuda_ops
     bounds = {"NEOX_RT_DECODE_VARIANT": (0, 2), "NEOX_RT_GEMV_VARIANT": (0, 10),
               "NEOX_RT_DECODE_BLOCKS_PER_SM": (0, None), "NEOX_RT_GEMV_MAX_ROWS": (1, 16)}
     monkeypatch.setenv(name, value)
@@ -171,9 +175,9 @@ def test_bad_kernel_setting_is_a_clear_error(monkeypatch, name, value):
 
     def bad_settings():
         raise NeoxRtError(f"{name}={value!r}: expected an integer")
-    monkeypatch.setattr(cuda_ops, "register_all", bad_settings)
+    monkeypatch.setattr(cuda_ops, "implementations", bad_settings)
     with pytest.raises(NeoxRtError, match=name):
-        ops._load_backend("cuda")
+        backends._load_backend("cuda")
 
 
 def test_linear_pair_and_sum_references():
@@ -201,10 +205,48 @@ def test_linear_pair_and_sum_references():
                                         ("NEOX_RT_GEMV2_KSPLIT", "two")])
 def test_bad_choice_setting_is_a_clear_error(monkeypatch, name, value):
     """Settings with a fixed set of values (the fused GEMV pairs' split and occupancy) reject anything else."""
-    from neox_rt import cuda_ops
+    from neox_rt.ops import cuda as cuda_ops
     from neox_rt.errors import NeoxRtError
     monkeypatch.setenv(name, value)
     with pytest.raises(NeoxRtError, match=name):
         cuda_ops._env_choice(name, (0, 2, 4, 8) if "KSPLIT" in name else (0, 2, 3, 4))
     monkeypatch.setenv(name, "2")
     assert cuda_ops._env_choice(name, (0, 2, 4, 8) if "KSPLIT" in name else (0, 2, 3, 4)) == 2
+
+
+class _ToyInt8Weight(torch.nn.Module):
+    """A stand-in weight format (int8 per output channel): only what the op table's references need."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127  # [out, 1]
+        self.register_buffer("qweight", torch.round(weight / scale).to(torch.int8))  # [out, in]
+        self.register_buffer("scale", scale)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.qweight.float() * self.scale).to(dtype)
+
+
+def test_a_weight_format_needs_no_branch_in_the_model():
+    """A linear whose weight comes in another format runs through the same model code: the op table's reference
+    dequantizes it, and the logits equal the model holding the dequantized weights as plain tensors."""
+    from neox_rt.model.layers import Linear
+    config = NeoXConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=32)
+    quantized, plain = neox_rt.build_model(config), neox_rt.build_model(config)
+    neox_rt.init_random(quantized, seed=3)
+    plain.load_state_dict(quantized.state_dict())
+    swapped = 0
+    for mod, plain_mod in list(zip(quantized.modules(), plain.modules())):
+        if isinstance(mod, Linear):
+            fmt = _ToyInt8Weight(mod.weight.data)
+            del mod.weight  # the parameter goes; the format takes its place
+            mod.weight = fmt
+            plain_mod.weight.data.copy_(fmt.dequantize(torch.float32))
+            swapped += 1
+    assert swapped == 2 * 4 + 1  # four linears a layer, and the LM head
+    ids = torch.tensor([[5, 17, 3, 42, 8]])
+    positions = torch.arange(5)[None]
+    got = quantized(ids, positions, KVCache.for_model(quantized, 1, 8))
+    want = plain(ids, positions, KVCache.for_model(plain, 1, 8))
+    assert torch.equal(got, want)

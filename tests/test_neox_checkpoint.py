@@ -402,7 +402,7 @@ def test_convert_cli_round_trip(hf_dirs, tmp_path):
 def test_streams_one_pipeline_layer_at_a_time(by_hand, monkeypatch):
     """When a layer's files are opened, no tensor of an earlier layer is still alive (mmaps dropped)."""
     import weakref
-    from neox_rt import neox_checkpoint
+    from neox_rt.checkpoints import neox as neox_checkpoint
     live, stale = [], []
     real = neox_checkpoint.NeoxCheckpoint.read_stage
 

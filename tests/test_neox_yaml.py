@@ -5,7 +5,7 @@ import os
 import pytest
 
 from neox_rt import NeoxRtError
-from neox_rt import neox_yaml
+from neox_rt.checkpoints import neox_yaml
 from tests.conftest import REPO
 
 CONFIGS = os.path.join(REPO, "configs")

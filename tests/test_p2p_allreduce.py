@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neox_rt import parallel
+from neox_rt.parallel import p2p as parallel
 from neox_rt.errors import NeoxRtError
 from neox_rt.parallel import P2P_HEADER_BYTES, P2P_SLOT_BYTES, P2PAllReduce
 

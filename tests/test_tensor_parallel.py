@@ -14,7 +14,7 @@ import torch
 
 import neox_rt
 from neox_rt.errors import NeoxRtError
-from neox_rt.generation import Generator
+from neox_rt.engine.generation import Generator
 from neox_rt.parallel import TensorParallel, check_tp_size, padded_vocab_size, tp_split_dim
 from tests.conftest import make_hf_model, save_hf
 
@@ -213,7 +213,7 @@ def parallel_ckpt(tmp_path_factory):
 def test_each_rank_reads_only_its_slice(parallel_ckpt, monkeypatch, tp_size):
     """Every tensor a rank reads has the shape of its shard (never the full tensor, except replicated
     ones), and the shards of all ranks put together are the checkpoint (plus zero padding rows)."""
-    from neox_rt import weights
+    from neox_rt.checkpoints import hf as weights
     directory, state = parallel_ckpt
     reads: dict[str, tuple] = {}
     real_index = weights.index_checkpoint

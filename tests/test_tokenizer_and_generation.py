@@ -6,8 +6,8 @@ import torch
 
 import neox_rt
 from neox_rt import NeoxRtError
-from neox_rt.sampling import SamplingParams, filter_logits, sample
-from neox_rt.tokenizer import Tokenizer
+from neox_rt.engine.sampling import SamplingParams, filter_logits, sample
+from neox_rt.engine.tokenizer import Tokenizer
 from tests.conftest import TOKENIZER_20B
 
 needs_20b = pytest.mark.skipif(not os.path.isfile(TOKENIZER_20B),

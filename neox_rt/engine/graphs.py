@@ -27,8 +27,8 @@ import os
 
 import torch
 
-from neox_rt import ops
 from neox_rt.errors import NeoxRtError
+from neox_rt.ops.table import active_backends
 
 log = logging.getLogger("neox_rt")
 
@@ -108,7 +108,7 @@ class DecodeGraphRunner:
         # Addresses, not references: holding the old cache would keep its memory alive after the
         # generator frees it. Same addresses and shape mean the graphs still write the right memory.
         sig = (cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape), cache.k.dtype,
-               tuple(sorted(ops.active_backends().items())))
+               tuple(sorted(active_backends().items())))
         if sig != self._bound:
             self.invalidate()
             self._bound = sig

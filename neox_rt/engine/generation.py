@@ -13,10 +13,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from neox_rt.engine.graphs import DecodeGraphRunner, graphs_enabled
+from neox_rt.engine.kv_cache import KVCache
+from neox_rt.engine.sampling import SamplingParams, sample
+from neox_rt.engine.tokenizer import Tokenizer
 from neox_rt.errors import NeoxRtError
-from neox_rt.graphs import DecodeGraphRunner, graphs_enabled
-from neox_rt.sampling import SamplingParams, sample
-from neox_rt.tokenizer import Tokenizer
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Generator:
     def _get_cache(self, batch: int, capacity: int):
         if self.cache is None or not self.cache.fits(batch, capacity, self.dtype, self.device):
             self.cache = None  # free the old buffers first
-            self.cache = self.model.new_cache(batch, capacity)
+            self.cache = KVCache.for_model(self.model, batch, capacity)
         else:
             self.cache.reset()
         return self.cache

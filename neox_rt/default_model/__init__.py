@@ -12,9 +12,15 @@ import os
 import sys
 import tempfile
 
-from neox_rt.config import NeoXConfig
+from neox_rt.api import NeoX, load
+from neox_rt.engine.tokenizer import Tokenizer
+from neox_rt.errors import NeoxRtError
+from neox_rt.model.build import build_model, default_device, init_random, parse_dtype
+from neox_rt.model.config import NeoXConfig
+from neox_rt.ops.backends import select_backend
+from neox_rt.parallel.context import SINGLE
 
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+DEFAULT_MODEL_DIR = os.path.dirname(os.path.abspath(__file__))
 
 RANDOM_NOTICE = ("the embedded default model has random weights (no trained default model is installed), so "
                  "its output is noise; pass --model CHECKPOINT_DIR or a config for real text")
@@ -53,7 +59,6 @@ def _train_tokenizer(path: str) -> None:
 
 def random_tokenizer():
     """The stand-in's tokenizer (deterministic: same text, same merges)."""
-    from neox_rt.tokenizer import Tokenizer
     with tempfile.TemporaryDirectory(prefix="neox_rt_default_") as d:
         path = os.path.join(d, "tokenizer.json")
         _train_tokenizer(path)
@@ -67,30 +72,24 @@ def random_config(tokenizer_vocab_size: int) -> NeoXConfig:
 
 def load_default(dtype="float32", device: str | None = None, tp=None, notice: bool = True, progress: bool = False):
     """The embedded default model as a :class:`neox_rt.NeoX`: the shipped trained one, else the stand-in."""
-    import neox_rt
-    from neox_rt.parallel import SINGLE
     tp = tp or SINGLE
     path = default_model_path()
     if path is not None:
-        return neox_rt.load(path, dtype=dtype, device=device, tp=tp, progress=progress)
+        return load(path, dtype=dtype, device=device, tp=tp, progress=progress)
     if tp.size > 1:
-        from neox_rt.errors import NeoxRtError
         raise NeoxRtError("the random stand-in default model runs in one process only: pass --model for --tp > 1")
     return load_random(dtype, device, notice)
 
 
 def load_random(dtype="float32", device: str | None = None, notice: bool = True):
     """The stand-in: a tiny model with seeded random weights and an in-process tokenizer (a notice on stderr)."""
-    import neox_rt
-    from neox_rt import ops
-    from neox_rt.api import build_model, default_device, init_random, parse_dtype
     if notice:
         print(f"neox_rt: notice: {RANDOM_NOTICE}", file=sys.stderr)
     device = device or default_device()
     tokenizer = random_tokenizer()
     config = random_config(tokenizer.vocab_size)
-    ops.select_backend(None, device)
+    select_backend(None, device)
     model = build_model(config, "float32", "cpu")
     init_random(model, seed=RANDOM_SEED, std=0.2)  # std 0.2: peaked next-token distributions, not uniform
     model = model.to(device=device, dtype=parse_dtype(dtype))
-    return neox_rt.NeoX(model, tokenizer, None)
+    return NeoX(model, tokenizer, None)

@@ -1,9 +1,9 @@
-"""The ``cuda`` backend: ops of the CUDA extension ``neox_rt._C`` (sources in csrc/) in the op table.
+"""The ``cuda`` backend: ops of the CUDA extension ``neox_rt._C`` (sources in csrc/) as op-table implementations.
 
-:func:`register_all` imports the extension (its import registers ``torch.ops.neox_rt.*`` through
-``torch.library``), adds fake implementations so the ops trace under ``torch.compile``, and registers each op
-with :func:`neox_rt.ops.register` together with a cheap ``supports(*args)`` predicate; calls it rejects run
-the PyTorch reference. ``python -m neox_rt.cuda_ops bench`` times the GEMV against cuBLAS; ``bench/kernels.py
+:func:`implementations` imports the extension (its import registers ``torch.ops.neox_rt.*`` through
+``torch.library``), adds fake implementations so the ops trace under ``torch.compile``, and returns each op with
+a cheap ``supports(*args)`` predicate; calls it rejects run the PyTorch reference. The peer-to-peer all-reduce
+kernels are called by :mod:`neox_rt.parallel.p2p`. ``python -m neox_rt.ops.cuda bench`` times the GEMV against cuBLAS; ``bench/kernels.py
 --sweep`` against the Triton tiles too (the numbers behind :func:`supports_linear`).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from neox_rt import ops
+from neox_rt.errors import NeoxRtError
 
 # Extension ops and their activation codes (csrc/kernels/gemv.cuh).
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_fast": 2, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
@@ -31,7 +31,6 @@ def _env_int(name: str, default: int, lo: int, hi: int | None = None) -> int:
     except ValueError:
         value = None
     if value is None or value < lo or (hi is not None and value > hi):
-        from neox_rt.errors import NeoxRtError
         span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise NeoxRtError(f"{name}={text!r}: expected an integer {span}")
     return value
@@ -41,7 +40,6 @@ def _env_choice(name: str, choices: tuple[int, ...]) -> int:
     """An integer setting that must be one of ``choices`` (the first is the default)."""
     value = _env_int(name, choices[0], min(choices), max(choices))
     if value not in choices:
-        from neox_rt.errors import NeoxRtError
         raise NeoxRtError(f"{name}={value}: expected one of {', '.join(map(str, choices))}")
     return value
 
@@ -172,7 +170,7 @@ def linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
 
 def linear_sum_push(p2p, x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     """linear_sum whose output also goes, flagged, into every peer's slot of ``p2p`` (a parallel.P2PAllReduce),
-    for :func:`p2p_reduce_dual_layernorm` there; the caller checks :func:`serves` for linear_sum first."""
+    for :func:`p2p_reduce_dual_layernorm` there; the caller checks that this module serves the linear_sum call."""
     return torch.ops.neox_rt.gemv_sum(x1, w1, x2, w2, bias1, bias2, residual, GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL,
                                       p2p.ptrs, p2p.rank, p2p.slot_bytes)
 
@@ -182,14 +180,6 @@ def p2p_reduce_dual_layernorm(p2p, partial, weight1, bias1, weight2, bias2, eps)
     the dual LayerNorm in one kernel."""
     return tuple(torch.ops.neox_rt.p2p_reduce_dual_layernorm(partial, p2p.ptrs, p2p.rank, p2p.slot_bytes, weight1,
                                                              bias1, weight2, bias2, float(eps), PDL))
-
-
-def serves(op_name: str, *args) -> bool:
-    """Whether the op table runs this call of ``op_name`` with this module's kernel (registered, and it accepts)."""
-    for impl, supports in ops.OPS[op_name].impls:
-        if supports is None or supports(*args):
-            return getattr(impl, "__module__", None) == __name__
-    return False
 
 
 def rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache):
@@ -266,7 +256,8 @@ def supports_linear(x, weight, bias=None, activation=None, residual=None) -> boo
     """fp16/bf16 CUDA, contiguous, at most GEMV_MAX_ROWS rows, in_features % 8 == 0, 16-byte aligned; an
     optional residual of the output's shape and dtype. Above one row only where the tensor-core tiles run and win
     (in_features % 64 == 0, a weight of at most GEMV_MMA_MAX_WEIGHT elements, bf16 only from sm_80 on)."""
-    if activation not in ACTIVATIONS or not _cuda_float(x, (torch.float16, torch.bfloat16)):
+    if (activation not in ACTIVATIONS or not isinstance(weight, torch.Tensor)
+            or not _cuda_float(x, (torch.float16, torch.bfloat16))):
         return False
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
@@ -289,7 +280,8 @@ def _gemv2_operand(x, weight, bias, like) -> bool:
     """One row of x (numel == in_features, a multiple of 16) of ``like``'s dtype and device, weight [n, in], bias [n],
     contiguous and 16-byte aligned: an operand of the fused GEMV pairs."""
     k = x.shape[-1] if x.dim() else 0
-    return (_cuda_float(x, (torch.float16, torch.bfloat16)) and x.dtype == like.dtype and x.device == like.device
+    return (isinstance(weight, torch.Tensor) and _cuda_float(x, (torch.float16, torch.bfloat16))
+            and x.dtype == like.dtype and x.device == like.device
             and k > 0 and k % 16 == 0 and x.numel() == k and weight.dtype == x.dtype and weight.is_contiguous()
             and weight.dim() == 2 and weight.shape[1] == k and weight.device == x.device
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == weight.shape[:1]))
@@ -352,16 +344,14 @@ IMPLS = {
 }
 
 
-def register_all() -> None:
-    """Register every extension op in :data:`neox_rt.ops.OPS` (ImportError if the extension is missing)."""
+def implementations() -> dict:
+    """op name -> (implementation, supports predicate); loads the extension (ImportError if it is missing)."""
     load_extension()
-    for name, (impl, supports) in IMPLS.items():
-        if name in ops.OPS:
-            ops.register(name, impl, supports, "cuda")
+    return dict(IMPLS)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Benchmark: GEMV vs cuBLAS (python -m neox_rt.cuda_ops bench [--out FILE])
+# Benchmark: GEMV vs cuBLAS (python -m neox_rt.ops.cuda bench [--out FILE])
 # ----------------------------------------------------------------------------------------------------
 
 def _time_ms(fn, iters=50, warmup=10) -> float:

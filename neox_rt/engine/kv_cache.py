@@ -27,6 +27,14 @@ class KVCache:
         return (self.batch >= batch and self.capacity >= capacity and self.k.dtype == dtype
                 and self.k.device == torch.device(device))
 
+    @classmethod
+    def for_model(cls, model, batch: int, capacity: int) -> "KVCache":
+        """A cache for ``batch`` sequences of up to ``capacity`` tokens, of the model's (this rank's) heads, dtype
+        and device."""
+        c = model.config
+        return cls(c.num_hidden_layers, batch, c.num_attention_heads // model.tp.size, capacity, c.head_dim,
+                   dtype=model.dtype, device=model.device)
+
     def reset(self) -> None:
         self.k.zero_()
         self.v.zero_()

@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import torch
 
 from neox_rt.errors import NeoxRtError
+from neox_rt.parallel.context import tp_split_dim
 
 IGNORED = re.compile(r"(attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq)$")
 """Buffers some HF uploads carry; they are recomputed, never loaded."""
@@ -135,7 +136,6 @@ def index_checkpoint(directory: str) -> dict[str, TensorSource]:
 
 def _param_plan(model) -> dict[str, tuple[torch.nn.Parameter, tuple[int, ...], int | None]]:
     """Checkpoint name -> (parameter, expected full shape, tp split dim) for every model parameter."""
-    from neox_rt.parallel import tp_split_dim
     tp = model.tp
     plan = {}
     for name, p in model.named_parameters():
@@ -182,7 +182,7 @@ def load_weights(model, directory: str, progress: bool = True) -> None:
     if bad:
         raise NeoxRtError(f"checkpoint {directory} does not match the config: {'; '.join(bad[:4])}"
                           + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""))
-    bar = _progress(sum(p.numel() * p.element_size() for p, _, _ in plan.values()), enabled=progress)
+    bar = progress_bar(sum(p.numel() * p.element_size() for p, _, _ in plan.values()), enabled=progress)
     tp = model.tp
     for name, (p, shape, dim) in plan.items():
         src = sources[name]
@@ -210,7 +210,7 @@ def _names(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _progress(total_bytes: int, enabled: bool):
+def progress_bar(total_bytes: int, enabled: bool):
     """A tqdm bar on stderr that appears only if loading takes more than a second."""
     if not enabled:
         return None

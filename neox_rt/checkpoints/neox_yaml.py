@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Callable, Iterable
 
-from neox_rt.config import ACTIVATIONS, NeoXConfig
+from neox_rt.model.config import ACTIVATIONS, NeoXConfig
 from neox_rt.errors import NeoxRtError, read_bytes
 
 TOKENIZER_20B_SIZE = 50277

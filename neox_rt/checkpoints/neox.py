@@ -18,7 +18,7 @@ so the full bias is the SUM of the per-rank copies (summed in float64); with the
 is replicated and added once. Files are opened with ``torch.load(mmap=True, weights_only=True)`` one
 pipeline layer at a time and dropped once copied, so peak host memory stays around one layer.
 
-The model shape comes from the gpt-neox YAML config (via :mod:`neox_rt.neox_yaml`) plus the vocabulary rows
+The model shape comes from the gpt-neox YAML config (via :mod:`neox_rt.checkpoints.neox_yaml`) plus the vocabulary rows
 found in the checkpoint; metadata files (``mp_rank_XX_model_states.pt`` in the pipeline layout: args, RNG
 state) are never opened.
 """
@@ -33,10 +33,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from neox_rt.config import NeoXConfig
+from neox_rt.checkpoints import neox_yaml
+from neox_rt.checkpoints.hf import progress_bar, torch_load_weights_only
 from neox_rt.errors import NeoxRtError
-from neox_rt.parallel import SINGLE, TensorParallel, tp_split_dim
-from neox_rt.weights import torch_load_weights_only
+from neox_rt.model.build import build_model, default_device
+from neox_rt.model.config import NeoXConfig
+from neox_rt.model.model import NeoXForCausalLM
+from neox_rt.parallel.context import SINGLE, TensorParallel, tp_split_dim
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 RANK_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
@@ -92,7 +95,6 @@ def split_kind(hf_name: str, parallel_residual: bool) -> str:
 
 def full_shapes(config: NeoXConfig) -> dict[str, tuple[int, ...]]:
     """HF name -> full (unsharded) shape of every parameter, in the model's order (no memory allocated)."""
-    from neox_rt.model import NeoXForCausalLM
     with torch.device("meta"):
         model = NeoXForCausalLM(config, SINGLE)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -341,7 +343,6 @@ def fill_tensor(dst: torch.Tensor, key: str, full: tuple[int, ...], kind: str, r
 # ---------------------------------------------------------------------------------------------------------
 
 def _read_config(config, root: str, tag_dir: str) -> tuple[dict, list[str]]:
-    from neox_rt import neox_yaml
     if isinstance(config, dict):
         return neox_yaml.parse_config(config, where="config", warn=None), []
     if config is None:
@@ -361,7 +362,6 @@ def open_checkpoint(path: str, config=None, tokenizer: str | None = None) -> Neo
     ``config``: YAML path(s) or an already-read mapping; by default the checkpoint's own YAML files.
     Only file names and the embedding's shape are read here; tensors are read by :func:`load_into`.
     """
-    from neox_rt import neox_yaml
     root, tag_dir = find_tag_dir(path)
     cfg, config_paths = _read_config(config, root, tag_dir)
     names = os.listdir(tag_dir)
@@ -434,10 +434,9 @@ def open_checkpoint(path: str, config=None, tokenizer: str | None = None) -> Neo
 
 def load_into(model, ckpt: NeoxCheckpoint, progress: bool = True) -> None:
     """Fill every parameter of ``model`` (built for ``ckpt.config`` at any TP size) from the checkpoint."""
-    from neox_rt.weights import _progress
     tp = model.tp
     params = dict(model.named_parameters())
-    bar = _progress(sum(p.numel() * p.element_size() for p in params.values()), enabled=progress)
+    bar = progress_bar(sum(p.numel() * p.element_size() for p in params.values()), enabled=progress)
     done = set()
     with torch.no_grad():
         for _stage, items, reader in ckpt.stages():
@@ -455,16 +454,11 @@ def load_into(model, ckpt: NeoxCheckpoint, progress: bool = True) -> None:
         raise RuntimeError(f"parameters not loaded: {missing[:4]}")
 
 
-def load(path: str, dtype="float32", device: str | None = None, tokenizer: str | None = None,
-         backend: str | None = None, tp: TensorParallel = SINGLE, progress: bool = True, config=None):
-    """``neox_rt.load`` for a gpt-neox checkpoint directory: a :class:`neox_rt.api.NeoX` at runtime ``tp``."""
-    from neox_rt import ops
-    from neox_rt.api import NeoX, build_model, default_device
-    from neox_rt.tokenizer import Tokenizer
+def load_model(path: str, dtype="float32", device: str | None = None, tp: TensorParallel = SINGLE,
+               progress: bool = True, config=None, tokenizer: str | None = None):
+    """A gpt-neox checkpoint directory as (model at runtime ``tp`` on ``device``, tokenizer path or None, root)."""
     device = device or default_device()
     ckpt = open_checkpoint(path, config=config, tokenizer=tokenizer)
-    ops.select_backend(backend, device)
     model = build_model(ckpt.config, dtype, device, tp)
     load_into(model, ckpt, progress=progress)
-    return NeoX(model, Tokenizer(ckpt.tokenizer) if ckpt.tokenizer else None, ckpt.root)
-
+    return model, ckpt.tokenizer, ckpt.root

@@ -1,0 +1,90 @@
+"""The op table: every op the model calls, its PyTorch reference and the kernels registered to replace it.
+
+An :class:`Op` holds the implementations a backend registered, each with a cheap ``supports(*args)`` predicate; a
+call runs the first implementation that accepts its arguments, else the reference (:mod:`neox_rt.ops.reference`).
+Which backend's implementations an op holds is decided once, by :func:`neox_rt.ops.backends.select_backend`. The
+two pair ops of the parallel-residual layer fall back to two calls of the ``linear`` op, so each half still runs on
+the linear's kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from neox_rt.ops.reference import (attention_ref, decode_attention_ref, dual_layernorm_ref, layernorm_ref,
+                                   linear_ref, rotary_kv_write_ref, scaled_causal_softmax_ref)
+
+
+def linear_pair_ref(x1, w1, b1, act1, x2, w2, b2, act2):
+    """Two independent linears in one op: (act1(x1 @ w1.T + b1), act2(x2 @ w2.T + b2)).
+
+    The parallel-residual layer's column-parallel pair (QKV from LN1(x), h->4h from LN2(x)), so that a backend runs
+    both in one launch. This fallback calls the ``linear`` op twice (each call served by that op's backend).
+    """
+    return OPS["linear"](x1, w1, b1, act1), OPS["linear"](x2, w2, b2, act2)
+
+
+def linear_sum_ref(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
+    """x1 @ w1.T + x2 @ w2.T + bias1 + bias2 + residual: two linears of the same out_features, summed.
+
+    The parallel-residual layer's row-parallel pair (attention's dense, 4h->h: x + attn + mlp), so that a backend
+    runs them as one GEMV over the concatenated k. This fallback calls the ``linear`` op twice, the first output
+    the second's residual (each rounded to the dtype; a fused backend sums in fp32 and rounds once).
+    """
+    return OPS["linear"](x2, w2, bias2, residual=OPS["linear"](x1, w1, bias1, residual=residual))
+
+@dataclass
+class Op:
+    name: str
+    reference: Callable
+    impls: tuple[tuple[Callable, Callable[..., bool] | None], ...] = ()  # (impl, supports) tried in order
+    backend: str = "torch"
+    impl_backends: tuple[str, ...] = ()  # the backend of each entry of impls
+
+    @property
+    def impl(self) -> Callable | None:
+        """The first registered implementation (None: the reference serves every call)."""
+        return self.impls[0][0] if self.impls else None
+
+    def __call__(self, *args, **kwargs):
+        for impl, supports in self.impls:
+            if supports is None or supports(*args, **kwargs):
+                return impl(*args, **kwargs)
+        return self.reference(*args, **kwargs)
+
+    def served_by(self, *args, **kwargs) -> str:
+        """The backend that would run this call: the first accepting implementation's, or "torch"."""
+        for (impl, supports), backend in zip(self.impls, self.impl_backends or (self.backend,) * len(self.impls)):
+            if supports is None or supports(*args, **kwargs):
+                return backend
+        return "torch"
+
+
+OPS: dict[str, Op] = {
+    "layernorm": Op("layernorm", layernorm_ref),
+    "dual_layernorm": Op("dual_layernorm", dual_layernorm_ref),
+    "linear": Op("linear", linear_ref),
+    "linear_pair": Op("linear_pair", linear_pair_ref),
+    "linear_sum": Op("linear_sum", linear_sum_ref),
+    "rotary_kv_write": Op("rotary_kv_write", rotary_kv_write_ref),
+    "attention": Op("attention", attention_ref),
+    "decode_attention": Op("decode_attention", decode_attention_ref),
+    "scaled_causal_softmax": Op("scaled_causal_softmax", scaled_causal_softmax_ref),
+}
+
+
+def register(op_name: str, impl: Callable, supports: Callable[..., bool] | None, backend: str) -> None:
+    """Install ``impl`` for ``op_name``; calls that ``supports`` rejects run the reference."""
+    op = OPS[op_name]
+    op.impls, op.backend, op.impl_backends = ((impl, supports),), backend, (backend,)
+
+
+def clear() -> None:
+    """Every op back to its reference."""
+    for op in OPS.values():
+        op.impls, op.backend, op.impl_backends = (), "torch", ()
+
+
+def active_backends() -> dict[str, str]:
+    """Which backend serves each op (for logs and benchmarks)."""
+    return {k: op.backend for k, op in OPS.items()}
