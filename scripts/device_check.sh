@@ -46,7 +46,9 @@ HAVE_BASE=; [ -d .baseline ] && [ -n "${BASELINE-1}" ] && HAVE_BASE=1
 # its benches must not run against an unbuilt tree (they then measured this tree's kernels): always build it
 [ -n "$HAVE_BASE" ] && STAGES="${STAGES}build_baseline,"
 BASE_PY="cd .baseline && NEOX_RT_COMMIT=${BASELINE_COMMIT:-baseline} python3"  # a bench of the baseline tree
-if [ -n "$HAVE_BASE" ]; then
+# BASELINE_EXT=reuse: the baseline's csrc/ builds the same extension (checked: the two csrc/ trees differ in comments
+# at most), so it gets a copy of this tree's build instead of its own (a Python-only change measured beside its parent).
+if [ -n "$HAVE_BASE" ] && [ "${BASELINE_EXT:-build}" != reuse ]; then
   ( stage build_baseline 420 "cd .baseline && MAX_JOBS=6 python3 setup.py -q build_ext --inplace" ) &
   BASE_PID=$!
 fi
@@ -70,6 +72,14 @@ else
   stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . && $EXT_CHECK"
 fi
 [ -n "${BASE_PID:-}" ] && wait "$BASE_PID"
+if [ -n "$HAVE_BASE" ] && [ "${BASELINE_EXT:-build}" = reuse ]; then
+  code_diff() { diff -r -q -I '^ *//' -I '^ *\*' "$1" "$2" >/dev/null; }  # differences in comment lines only
+  if code_diff csrc .baseline/csrc && cmp -s setup.py .baseline/setup.py; then
+    cp neox_rt/_C*.so .baseline/neox_rt/ && echo "device_check: the baseline uses this tree's extension" | tee -a "$SUMMARY"
+  else
+    echo "device_check: BASELINE_EXT=reuse refused: csrc/ or setup.py differ beyond comments" | tee -a "$SUMMARY"
+  fi
+fi
 wait "$CXX_PID"
 wait "$TRAIN_PID"
 stage test ${TEST_LIMIT:-420} "python3 -m pytest -q -rf -m 'gpu or multigpu' ${TEST_PATHS:-tests} ${TEST_ARGS:-}"
