@@ -128,6 +128,7 @@ class Probe:
         self.hard_timeout = self.agree_timeout + self.coll_timeout + 30  # faulthandler: the process ends
         self.poisoned = False
         self.save_error: str | None = None
+        self.write_result = self.environment = None  # bench/common.py's writer and block, set by describe()
         self.keep: list = []  # symmetric buffers and handles: alive until the process group goes
         self.inputs: dict = {}  # dtype name -> (this rank's input, NCCL sum over ranks)
         self.baselines: dict = {}  # "dtype/kind" -> record
@@ -153,8 +154,9 @@ class Probe:
     def describe(self) -> dict:
         torch = self.torch
         try:
-            from common import git_commit, gpu_driver  # bench/common.py, when run from bench/
+            from common import environment, git_commit, gpu_driver, write_result  # bench/common.py, run from bench/
             commit, driver = git_commit(), gpu_driver()
+            self.write_result, self.environment = write_result, environment()  # one block for every save
         except Exception:  # noqa: BLE001 - standalone copy: the report just lacks the fields
             commit = driver = None
         try:
@@ -182,6 +184,9 @@ class Probe:
         if self.rank != 0:
             return
         try:  # never raise here: rank 0 failing alone would leave the other ranks waiting in an agreement
+            if self.write_result is not None:  # bench/common.py: + the "environment" block, written atomically
+                self.write_result(self.out_path, self.report, env=self.environment)
+                return
             os.makedirs(os.path.dirname(os.path.abspath(self.out_path)), exist_ok=True)
             tmp = self.out_path + ".tmp"
             with open(tmp, "w") as f:

@@ -17,20 +17,19 @@ pure read of the op's bytes timed the same way (no kernel that must read them be
 ops moving >= 32 MiB, back-to-back timing (48 calls queued over rotating input copies, each cold in L2, no host or
 flush gap: how the decode graph runs them; --no-back-to-back skips it). A provider that fails or does not
 support a shape gets an error row and the run continues. Results: JSON (GPU, CUDA, torch, triton, commit,
-shapes, rows) to --out (default $OUT/kernels.json when OUT is set, else bench/results/kernels_<gpu>.json),
-then a markdown table, printed last.
+shapes, rows; the "environment" block of bench/common.py) to --out (default $OUT/kernels.json when OUT is set,
+else bench/results/kernels_<gpu>.json), then a markdown table, printed last.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 import traceback
 
 import torch
-from common import git_commit, gpu_driver, run  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from common import git_commit, gpu_driver, run, write_result  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -583,14 +582,12 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     out = a.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
                     else os.path.join(REPO, "bench", "results", f"kernels_{slug(report['env']['gpu'])}.json"))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     table = markdown(report)
     report["table"] = table
     if a.sweep:
         report["sweep"] = sweep(copy_gbps, a.sweep_ops)
         table += "\n\nTuning variants (20B shapes, same timing):\n\n" + sweep_table(report["sweep"])
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_result(out, report)  # + the "environment" block (bench/common.py)
     print(f"wrote {out}", file=sys.stderr)
     print(table)
     return 0

@@ -39,7 +39,7 @@ import sys
 import time
 
 import torch
-from common import git_commit, gpu_driver, run  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from common import environment, git_commit, gpu_driver, run, write_result  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -399,20 +399,17 @@ def main(argv=None) -> int:
     report["seconds"] = time.time() - t_start
     gpu = slug(report["env"]["gpu"])
     out = args.out or os.path.join(REPO, "bench", "results", f"latency-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     table = markdown(report)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+    run_env = environment()  # one "environment" block (bench/common.py) for every copy of this run
+    write_result(out, report, env=run_env)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         f.write(table + "\n")
     if os.environ.get("OUT") and not os.path.abspath(out).startswith(os.path.abspath(os.environ["OUT"])):
-        with open(os.path.join(os.environ["OUT"], "latency.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        write_result(os.path.join(os.environ["OUT"], "latency.json"), report, env=run_env)
     rc = 0
     base_path = os.path.join(REPO, "bench", "baselines", f"{gpu}.json")
     if args.write_baseline:
-        with open(base_path, "w") as f:
-            json.dump(report, f, indent=1)
+        write_result(base_path, report, env=run_env)
         print(f"baseline written: {base_path}")
     if args.check:
         if not os.path.exists(base_path):

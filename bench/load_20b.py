@@ -28,7 +28,7 @@ import sys
 import time
 
 import torch
-from common import git_commit  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from common import git_commit, write_result  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 HIDDEN, HEADS, VOCAB, LAYERS_20B, TP_SRC = 6144, 64, 50432, 44, 2
 TAG = "global_step150000"
@@ -205,8 +205,7 @@ def main() -> None:
             print("RESULT " + json.dumps(res), flush=True)
             return
         name = f"load_20b_tp{res['tp']}_rank{res['rank']}_{layers}layers.json"
-        with open(os.path.join(results_dir(), name), "w") as f:
-            json.dump(res, f, indent=2)
+        write_result(os.path.join(results_dir(), name), res)  # + the "environment" block (bench/common.py)
         _table([res])
         return
 
@@ -227,8 +226,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
     res.update(write_s=round(write_s, 1), write_GBps=round(written / write_s / 1e9, 3))
-    with open(os.path.join(results_dir(), f"load_20b_tp1_{args.layers}layers.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    write_result(os.path.join(results_dir(), f"load_20b_tp1_{args.layers}layers.json"), res)
     _table([res])
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import os
 import re
 import statistics
@@ -26,7 +25,7 @@ import sys
 from collections import defaultdict
 
 import torch
-from common import git_commit, gpu_driver, simulated_tp  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from common import git_commit, gpu_driver, simulated_tp, write_result  # noqa: E402  (bench/ is on sys.path as the script's folder)
 from latency import SHAPES, copy_bandwidth, random_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,8 +228,7 @@ def main():
         if steps:
             report[mode + "_kernel_names_layer0"] = sorted({n for n, _, _ in steps[len(steps) // 2]})[:40]
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
+        write_result(args.out, report)  # + the "environment" block (bench/common.py)
     sim = f" (rank 0 of simulated TP={tpn})" if args.simulate_tp else ""
     print(f"\n{args.model}{sim} decode b=1 on {report['gpu']}, copy {copy_bw / 1e12:.2f} TB/s, "
           f"commit {report['commit']}, env {report['env']}")

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
 import time
 
 import torch
-from common import git_commit, gpu_driver, simulated_tp  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from common import git_commit, gpu_driver, simulated_tp, write_result  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 # the tree this script belongs to first (a baseline copy under .baseline/ must run its own neox_rt, not the
 # installed one: the tpsim stages of session 7 timed the installed tree twice before this line existed)
@@ -327,9 +326,7 @@ def main(argv=None):
         out = args.out or (os.path.join(os.environ["OUT"], f"tp{tp.size}{suffix}.json")
                            if os.environ.get("OUT") else None)
         if out:
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            with open(out, "w") as f:
-                json.dump(result, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+            write_result(out, result)  # + the "environment" block (bench/common.py)
         ar = alone.get("graph_ms", alone["eager_ms"])
         print(f"device {result.get('gpu', 'cpu')}  torch {torch.__version__}  backend {backend}  "
               f"decode {result['decode_path']}  NCCL_P2P_DISABLE={result['nccl_p2p_disable']}  "

@@ -13,7 +13,6 @@ bench/tp_latency.py measures max_memory_allocated at TP=1 and TP=2 on the device
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
@@ -103,8 +102,8 @@ def main(argv=None):
     rows = [estimate(config, tp, args.cache_tokens, args.prefill_tokens, args.batch) for tp in args.tp]
     out = args.out or (os.path.join(os.environ["OUT"], "tp_memory.json") if os.environ.get("OUT") else None)
     if out:
-        with open(out, "w") as f:
-            json.dump(dict(model="gpt-neox-20b", dtype="float16", rows=rows), f, indent=1)
+        from common import write_result  # bench/common.py (bench/ is on sys.path as the script's folder)
+        write_result(out, dict(model="gpt-neox-20b", dtype="float16", rows=rows))
     print(f"GPT-NeoX-20B fp16, batch {args.batch}, KV cache {args.cache_tokens} tokens "
           f"({kv_cache_bytes(config, 1, 1) / 2**20:.3f} MiB per token over all ranks), activations of a "
           f"{rows[0]['prefill_tokens']}-token prefill (reference attention), +{CONTEXT_AND_NCCL / GIB:.1f} GiB "
