@@ -8,7 +8,7 @@ import torch
 
 from neox_rt.checkpoints import neox as neox_checkpoint
 from neox_rt.checkpoints.hf import load_weights, resolve_checkpoint
-from neox_rt.engine.generation import GenerationResult, Generator
+from neox_rt.engine.generation import GenerationResult, Generator, normalize_prompts
 from neox_rt.engine.sampling import SamplingParams
 from neox_rt.engine.tokenizer import Tokenizer
 from neox_rt.errors import NeoxRtError
@@ -44,20 +44,42 @@ class NeoX:
             raise NeoxRtError("no tokenizer: pass tokenizer=PATH to neox_rt.load (e.g. 20B_tokenizer.json)")
         return self._generator
 
-    def generate(self, prompts: str | Sequence, max_new_tokens: int = 64, temperature: float = 0.0,
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 0.0, stop: Sequence[str] = (), seed: int | None = None,
                  truncate: str = "error", recompute: bool = False, return_logprobs: bool = False,
                  on_text=None) -> list[GenerationResult] | GenerationResult:
-        """Continue each prompt (text or token ids). A single str prompt returns one result."""
-        single = isinstance(prompts, str)
-        batch = [prompts] if single else list(prompts)
+        """Continue each prompt; one :class:`GenerationResult` for one prompt, a list of them for a batch.
+
+        One prompt (returns a ``GenerationResult``):
+
+        - a ``str``;
+        - a list (or tuple) of token ids, e.g. ``[12092, 1533]``;
+        - a 1-D integer ``torch.Tensor`` (any device) or numpy array.
+
+        A batch (returns a list of results in the same order, ``[]`` for an empty list):
+
+        - a list of the above, str and id prompts mixed as you like, e.g. ``["Hello", [12092, 1533]]``;
+        - a 2-D integer tensor or numpy array ``[batch, seq]`` (each row one prompt).
+
+        An empty prompt (``""``, ``[]`` inside a batch, a tensor with no ids) starts from ``<|endoftext|>``
+        like an unconditional sample. Token ids must lie in ``0 .. vocab_size - 1`` of the model's vocabulary.
+        Anything else (None, a dict, a float, a bare int, bools, a list mixing ints and strs, a float tensor,
+        a 3-D tensor, an id out of range) raises :class:`NeoxRtError` naming what was passed.
+
+        ``temperature`` 0 is greedy; otherwise logits / temperature, then ``top_k``, then ``top_p``.
+        ``seed`` makes sampling reproducible. ``stop`` strings end a sequence and cut its text before them.
+        ``truncate="left"`` keeps the end of a prompt too long for the context (else an error). ``on_text(i,
+        delta)`` streams sequence i's text. ``return_logprobs`` fills each result's ``logprobs``.
+        """
+        batch, single = normalize_prompts(prompts, self.config.vocab_size)
         results = self._need_tokenizer().generate(
             batch, max_new_tokens, SamplingParams(temperature, top_k, top_p), stop=stop, seed=seed,
             truncate=truncate, recompute=recompute, return_logprobs=return_logprobs, on_text=on_text)
         return results[0] if single else results
 
     def score(self, text) -> tuple[list[int], list[float]]:
-        """(token ids, log-probabilities of tokens 1..n-1 given their prefix)."""
+        """(token ids, log-probabilities of tokens 1..n-1 given their prefix) of one text, or of one prompt of
+        token ids (a list of ints, a 1-D integer tensor or array)."""
         return self._need_tokenizer().score(text)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

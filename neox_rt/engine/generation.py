@@ -7,6 +7,8 @@ the decode loop does not synchronise per token.
 """
 from __future__ import annotations
 
+import numbers
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -18,6 +20,112 @@ from neox_rt.engine.kv_cache import KVCache
 from neox_rt.engine.sampling import SamplingParams, sample
 from neox_rt.engine.tokenizer import Tokenizer
 from neox_rt.errors import NeoxRtError
+
+
+ACCEPTED_PROMPTS = ("a str, a list of token ids (ints) or a 1-D integer tensor/array for one prompt; a list of "
+                    "those or a 2-D integer tensor/array [batch, seq] for a batch")
+
+
+def _describe(x) -> str:
+    """What was passed, for an error message: the type and a short repr (a tensor's dtype and shape)."""
+    if _is_array(x):
+        return f"a {x.ndim}-D {type(x).__name__} of {x.dtype} with shape {tuple(x.shape)}"
+    text = repr(x)
+    note = " (a bool is not a token id)" if isinstance(x, bool) else ""
+    return f"{type(x).__name__} {text if len(text) <= 40 else text[:37] + '...'}{note}"
+
+
+def _is_array(x) -> bool:
+    """A torch tensor or a numpy array (numpy is not imported for this: only if the caller already did)."""
+    if isinstance(x, torch.Tensor):
+        return True
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(x, np.ndarray)
+
+
+def _is_token_id(x) -> bool:
+    """A Python or numpy integer; bool (True is an int in Python) is not a token id."""
+    if type(x) is int:
+        return True
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        return False
+    np = sys.modules.get("numpy")
+    return np is None or not isinstance(x, np.bool_)
+
+
+def _array_ids(x, where: str) -> list:
+    """A tensor or array of integer dtype as (nested) Python ints, on the CPU."""
+    if isinstance(x, torch.Tensor):
+        integer = not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool
+        if not integer:
+            raise NeoxRtError(f"{where} is {_describe(x)}: token ids must have an integer dtype "
+                              f"(e.g. torch.long); accepted: {ACCEPTED_PROMPTS}")
+        return x.detach().cpu().tolist()
+    if x.dtype.kind not in "iu":
+        raise NeoxRtError(f"{where} is {_describe(x)}: token ids must have an integer dtype "
+                          f"(e.g. int64); accepted: {ACCEPTED_PROMPTS}")
+    return x.tolist()
+
+
+def _check_ids(ids: list[int], vocab_size: int | None, where: str) -> list[int]:
+    if ids and vocab_size is not None:
+        low, high = min(ids), max(ids)
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise NeoxRtError(f"{where}: token id {bad} at position {ids.index(bad)} is outside the model's "
+                              f"vocabulary of {vocab_size} ids (0..{vocab_size - 1})")
+    return ids
+
+
+def _one_prompt(p, vocab_size: int | None, where: str) -> str | list[int]:
+    """One prompt as a str or a list of Python ints (validated against the vocabulary)."""
+    if isinstance(p, str):
+        return p
+    if _is_array(p):
+        if p.ndim != 1:
+            raise NeoxRtError(f"{where} is {_describe(p)}: one prompt of token ids must be 1-D; "
+                              f"accepted: {ACCEPTED_PROMPTS}")
+        return _check_ids(_array_ids(p, where), vocab_size, where)
+    if isinstance(p, (list, tuple)):
+        for i, x in enumerate(p):
+            if not _is_token_id(x):
+                raise NeoxRtError(f"{where} is a list of token ids but item {i} is {_describe(x)}: "
+                                  f"token ids are ints (not bool, float or str); accepted: {ACCEPTED_PROMPTS}")
+        return _check_ids([int(x) for x in p], vocab_size, where)
+    raise NeoxRtError(f"{where} is {_describe(p)}; accepted: {ACCEPTED_PROMPTS}")
+
+
+def normalize_prompts(prompts, vocab_size: int | None = None) -> tuple[list[str | list[int]], bool]:
+    """``(batch, single)``: every accepted prompt form as a list of prompts, each a str or a list of ints.
+
+    One prompt (``single`` True): a str, a list/tuple of ints, a 1-D integer tensor or numpy array. A batch:
+    a list/tuple of such prompts (str and id prompts may mix), or a 2-D integer tensor/array [batch, seq].
+    An empty list or tuple is an empty batch; an empty prompt ("" or no ids) starts from <|endoftext|>.
+    Token ids must lie in ``0..vocab_size - 1`` (when given); a tensor on any device is copied to CPU ints.
+    Anything else raises :class:`NeoxRtError` naming what was passed and what is accepted.
+    """
+    if isinstance(prompts, str):
+        return [prompts], True
+    if _is_array(prompts):
+        if prompts.ndim == 1:
+            return [_one_prompt(prompts, vocab_size, "the prompt")], True
+        if prompts.ndim == 2:
+            rows = _array_ids(prompts, "prompts")
+            return [_check_ids(r, vocab_size, f"prompt {i} of the batch") for i, r in enumerate(rows)], False
+        raise NeoxRtError(f"prompts is {_describe(prompts)}: a tensor of token ids must be 1-D (one prompt) or "
+                          f"2-D [batch, seq]; accepted: {ACCEPTED_PROMPTS}")
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            return [], False
+        if any(_is_token_id(x) for x in prompts):  # one prompt of token ids; every item must be an id
+            for i, x in enumerate(prompts):
+                if not _is_token_id(x):
+                    raise NeoxRtError(f"prompts is a list mixing token ids (ints) with {_describe(x)} (item {i}): "
+                                      f"a list of ints is one prompt, a list of prompts is a batch; "
+                                      f"accepted: {ACCEPTED_PROMPTS}")
+            return [_check_ids([int(x) for x in prompts], vocab_size, "the prompt")], True
+        return [_one_prompt(p, vocab_size, f"prompt {i} of the batch") for i, p in enumerate(prompts)], False
+    raise NeoxRtError(f"prompts is {_describe(prompts)}; accepted: {ACCEPTED_PROMPTS}")
 
 
 @dataclass
@@ -75,8 +183,10 @@ class Generator:
         return self.cache
 
     def prepare_prompt(self, prompt, max_new_tokens: int, truncate: str = "error") -> tuple[list[int], str | None]:
-        """Token ids of a prompt (str or ids) that fit with max_new_tokens in the model's positions."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        """Token ids of a prompt (str or ids, see :func:`normalize_prompts`) that fit with max_new_tokens in
+        the model's positions; an empty prompt becomes [<|endoftext|>]."""
+        prompt = _one_prompt(prompt, self.model.config.vocab_size, "the prompt")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         if not ids:
             ids = [self.tokenizer.eos_id]  # an empty prompt starts like an unconditional sample
         if max_new_tokens >= self.max_positions:
@@ -109,13 +219,15 @@ class Generator:
                  recompute: bool = False, return_logprobs: bool = False,
                  on_text: Callable[[int, str], None] | None = None,
                  check_every: int | None = None) -> list[GenerationResult]:
-        """Generate a continuation for each prompt (text or token ids). See :class:`GenerationResult`.
+        """Generate a continuation for each prompt of a batch (any form :func:`normalize_prompts` accepts; a
+        single prompt is a batch of one here). See :class:`GenerationResult`.
 
         ``on_text(i, delta)`` receives sequence i's text as it is produced (streaming). ``recompute``
         reruns the whole sequence each step instead of using the KV cache (gpt-neox's ``recompute``).
         """
         if max_new_tokens <= 0:
             raise NeoxRtError(f"maximum_tokens must be positive, got {max_new_tokens}")
+        prompts, _ = normalize_prompts(prompts, self.model.config.vocab_size)
         if not prompts:
             return []
         sampling = sampling or SamplingParams()
@@ -236,8 +348,10 @@ class Generator:
     # -- scoring ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def score(self, text_or_ids) -> tuple[list[int], list[float]]:
-        """Token ids of a text and log p(token_t | tokens_<t) for t >= 1 (len(ids) - 1 values)."""
-        ids = self.tokenizer.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
+        """Token ids of a text (or the ids given: a list of ints, a 1-D integer tensor) and
+        log p(token_t | tokens_<t) for t >= 1 (len(ids) - 1 values)."""
+        prompt = _one_prompt(text_or_ids, self.model.config.vocab_size, "the text to score")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         if len(ids) > self.max_positions:
             raise NeoxRtError(f"text of {len(ids)} tokens exceeds the model's {self.max_positions} positions")
         if len(ids) < 2:
