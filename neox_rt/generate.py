@@ -1,15 +1,20 @@
 """``python -m neox_rt.generate``: gpt-neox's ``generate.py``, run by neox_rt.
 
-    python -m neox_rt.generate                                   # embedded default model, one sample
+    python -m neox_rt.generate                                   # embedded default model, 3 samples
     python -m neox_rt.generate configs/20B.yml -i prompt.txt -o sample_outputs.txt
     python -m neox_rt.generate --model CHECKPOINT_DIR --text-gen-type interactive
 
 Three modes as in gpt-neox (``text_gen_type``): ``unconditional`` (``num_samples`` samples started from
 ``<|endoftext|>``), ``input-file`` (prompts from a file, split on ``prompt_end``) and ``interactive``.
 Every prompt gives one JSON record per line, written and flushed as soon as its batch finishes:
-``{"context", "text", "length", "finished", "message", "duration_seconds"}`` (+ ``logprobs``).
+``{"context", "text", "length", "finished", "message", "duration_seconds"}`` (+ ``logprobs``), to the output
+file or to stdout; on a terminal (stdout not redirected, no output file) each sample's text is printed under a
+header line instead.
 Settings come from gpt-neox YAML configs (merged in order, see :mod:`neox_rt.checkpoints.neox_yaml`), then from flags,
-which override the config key of the same name. Generation itself is :meth:`neox_rt.NeoX.generate`.
+which override the config key of the same name. The defaults of the keys no config or flag sets depend on the run:
+:data:`DEFAULT_MODEL_SAMPLING` for the embedded default model without a config, gpt-neox's
+:data:`GPT_NEOX_GENERATION_DEFAULTS` when a config is given, else :class:`Settings`' (greedy, 64 tokens).
+Generation itself is :meth:`neox_rt.NeoX.generate`.
 """
 from __future__ import annotations
 
@@ -27,6 +32,16 @@ from neox_rt.errors import NeoxRtError, read_bytes
 
 MODES = ("unconditional", "input-file", "interactive")
 INTERACTIVE_PROMPT = "Context prompt >>> "
+
+# The first impression: `python -m neox_rt.generate` with no config and no --model runs the embedded default model
+# (trained on Python source) with these, unless flags set them: a few reproducible samples that read as Python.
+# configs/default.yml holds the same values.
+DEFAULT_MODEL_SAMPLING = dict(num_samples=3, maximum_tokens=100, temperature=0.8, top_k=0, top_p=0.95, seed=1234)
+
+# gpt-neox's configs/text_generation.yml: what a run given a YAML config uses for the keys neither the config nor a
+# flag sets (gpt-neox samples at temperature 1 with no filter; it is greedy when temperature, top_k and top_p are
+# all 0).
+GPT_NEOX_GENERATION_DEFAULTS = dict(maximum_tokens=102, temperature=1.0, top_k=0, top_p=0.0)
 
 
 # -- settings ---------------------------------------------------------------------------------------
@@ -46,19 +61,21 @@ class Settings:
     prompt: str | None = None
     """A single prompt given on the command line (input-file mode without a file)."""
     num_samples: int = 1
-    """Unconditional samples."""
+    """Unconditional samples (3 on the embedded default model without a config)."""
     maximum_tokens: int = 64
-    """New tokens per prompt at most."""
+    """New tokens per prompt at most (100 on the embedded default model without a config, 102 with a config)."""
     temperature: float = 0.0
-    """0 is greedy (gpt-neox: greedy when temperature, top_k and top_p are all 0; here temperature 0 suffices)."""
+    """0 is greedy (gpt-neox: greedy when temperature, top_k and top_p are all 0; here temperature 0 suffices).
+    0.8 on the embedded default model without a config, 1.0 with a config (gpt-neox's default)."""
     top_k: int = 0
     """Top-k filter (0: off)."""
     top_p: float = 0.0
-    """Nucleus filter in [0, 1] (0: off)."""
+    """Nucleus filter in [0, 1] (0: off; 0.95 on the embedded default model without a config)."""
     stop: tuple[str, ...] = ()
     """Stop strings: generation ends where one appears, the text is cut before it."""
     seed: int | None = None
-    """Sampling seed; batch i of a run uses seed + index of its first prompt."""
+    """Sampling seed; batch i of a run uses seed + index of its first prompt. None: a random seed (1234 on the
+    embedded default model without a config)."""
     prompt_end: str = "\n"
     """Prompt separator in input files and interactive mode."""
     recompute: bool = False
@@ -116,13 +133,25 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _flags_text(values: dict) -> str:
+    """``{"top_p": 0.95}`` as ``top-p 0.95``, for the help."""
+    return ", ".join(f"{k.replace('_', '-')} {v}" for k, v in values.items())
+
+
+def _default_model_sampling_text() -> str:
+    d = DEFAULT_MODEL_SAMPLING
+    return (f"{d['num_samples']} samples of up to {d['maximum_tokens']} tokens at temperature {d['temperature']}, "
+            f"top-p {d['top_p']}, top-k {d['top_k']}, seed {d['seed']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
     p = _Parser(
         prog="python -m neox_rt.generate", allow_abbrev=False, argument_default=S,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Generate text with a GPT-NeoX-family model, driven like gpt-neox's generate.py.\n"
-                    "Without a model or config it runs the embedded default model.",
+                    "Without a model or config it runs the embedded default model (trained on Python source):\n"
+                    + _default_model_sampling_text() + ".",
         epilog="""modes (text-gen-type):
   unconditional  num-samples samples started from <|endoftext|> (the default without -i/--prompt)
   input-file     prompts from -i, split on prompt-end, stripped, empty ones skipped; records in input order
@@ -132,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
 records (one JSON object per line, to -o or stdout):
   {"context", "text", "length", "finished", "message", "duration_seconds"} (+ "logprobs" with
   --return-logits). A prompt too long for the context gives text null and a message (an error with --strict).
+  On a terminal (no -o, stdout not redirected) each prompt's text is printed under a header line instead;
+  pipe stdout (e.g. | cat) for the JSON lines.
+
+sampling defaults (a flag always wins):
+  embedded default model, no config: @DEFAULT_MODEL_SAMPLING@
+                                     (the values of configs/default.yml)
+  a config given (gpt-neox):         @GPT_NEOX_GENERATION_DEFAULTS@ unless it sets them
+  --model without a config:          greedy (temperature 0), maximum-tokens 64, num-samples 1, random seed
 
 configs: gpt-neox YAML files (keys with - or _), merged in order, then the flags on top. Read keys: the model
   shape (num-layers, hidden-size, num-attention-heads, seq-length, max-position-embeddings, rotary-pct,
@@ -147,7 +184,9 @@ examples:
   torchrun --nproc-per-node 2 -m neox_rt.generate configs/20B.yml --tp 2 -i prompt.txt -o out.jsonl
 
 exit status: 0 done, 2 bad input (one line 'neox_rt: error: ...' on stderr), 130 interrupted; records
-already written stay in the output file (continue with --resume).""")
+already written stay in the output file (continue with --resume).""".replace(
+            "@DEFAULT_MODEL_SAMPLING@", _flags_text(DEFAULT_MODEL_SAMPLING)).replace(
+            "@GPT_NEOX_GENERATION_DEFAULTS@", _flags_text(GPT_NEOX_GENERATION_DEFAULTS)))
     p.add_argument("configs", nargs="*", metavar="CONFIG.yml",
                    help="gpt-neox YAML config files, merged in order (a later file's key wins)")
     g = p.add_argument_group("model")
@@ -176,7 +215,7 @@ already written stay in the output file (continue with --resume).""")
                    help="prompt separator in the input file and interactive mode (default: newline; "
                         "\\n and \\t are understood)")
     g.add_argument("--num-samples", dest="num_samples", type=int, metavar="N",
-                   help="samples in unconditional mode (default 1)")
+                   help="samples in unconditional mode (default 1; 3 on the embedded default model)")
     g.add_argument("--batch-size", dest="batch_size", type=int, metavar="N",
                    help="prompts generated together (default 8 on a GPU, 4 on CPU)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction,
@@ -189,14 +228,16 @@ already written stay in the output file (continue with --resume).""")
                         "record with text null")
     g = p.add_argument_group("sampling")
     g.add_argument("--maximum-tokens", dest="maximum_tokens", type=int, metavar="N",
-                   help="new tokens per prompt at most (default 64)")
-    g.add_argument("--temperature", type=float, help="0 is greedy (default 0); otherwise logits / temperature")
+                   help="new tokens per prompt at most (default: see sampling defaults below)")
+    g.add_argument("--temperature", type=float,
+                   help="0 is greedy; otherwise logits / temperature (default: see sampling defaults below)")
     g.add_argument("--top-k", dest="top_k", type=int, metavar="K", help="keep the K most likely tokens (0: off)")
     g.add_argument("--top-p", dest="top_p", type=float, metavar="P",
                    help="nucleus sampling, P in [0, 1] (0: off); applied after top-k")
     g.add_argument("--stop", action="append", metavar="STR",
                    help="stop string (repeatable): generation ends there, the text is cut before it")
-    g.add_argument("--seed", type=int, help="sampling seed (reproducible runs)")
+    g.add_argument("--seed", type=int,
+                   help="sampling seed (reproducible runs; default: random, 1234 on the embedded default model)")
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction,
                    help="no KV cache: rerun the whole sequence every step (slow; for checking)")
     g.add_argument("--return-logits", dest="return_logits", action=argparse.BooleanOptionalAction,
@@ -208,6 +249,14 @@ def _unescape(s: str) -> str:
     return s.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def run_defaults(config_given: bool, model_given: bool) -> dict:
+    """The generation defaults under the configs and flags: gpt-neox's with a config, the embedded default
+    model's without a config or --model, else none (Settings' own: greedy, 64 tokens, one sample)."""
+    if config_given:
+        return dict(GPT_NEOX_GENERATION_DEFAULTS)
+    return {} if model_given else dict(DEFAULT_MODEL_SAMPLING)
+
+
 def parse_settings(argv, warn=None) -> Settings:
     """Configs merged in order, then the flags; the mode chosen as gpt-neox does."""
     args = vars(build_parser().parse_args(argv))
@@ -217,7 +266,7 @@ def parse_settings(argv, warn=None) -> Settings:
     if "prompt_end" in flags:
         flags["prompt_end"] = _unescape(flags["prompt_end"])
     tp = flags.pop("tp", None)
-    merged = {**cfg, **flags}
+    merged = {**run_defaults(bool(paths), "load" in flags), **cfg, **flags}
     # the mode: the flag; else -i or --prompt on the command line; else the config's; else unconditional
     if "text_gen_type" in flags:
         mode = flags["text_gen_type"]
@@ -308,11 +357,33 @@ def read_done(path: str, contexts: list[str], warn=None) -> int:
     return done
 
 
+def _stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
+
+
+def readable_record(record: dict, number: int) -> str:
+    """A record for a person at a terminal: a header line, then the prompt and its continuation."""
+    kind = "sample" if record["context"] == "" else "prompt"
+    if record["text"] is None:
+        return f"--- {kind} {number}: skipped ---\n{record['context']}\n({record['message']})\n\n"
+    end = "ended" if record["finished"] else "cut at maximum_tokens"
+    head = f"--- {kind} {number}: {record['length']} tokens, {end} ---"
+    if record.get("message"):
+        head += f" ({record['message']})"
+    return f"{head}\n{record['context']}{record['text']}\n\n"
+
+
 class RecordWriter:
-    """JSON lines to a file (opened on first use, flushed after every record) or to stdout."""
+    """JSON lines to a file (opened on first use, flushed after every record) or to stdout; to a terminal
+    (no file, stdout not redirected) each record is printed readably instead (:func:`readable_record`)."""
 
     def __init__(self, path: str | None, append: bool):
         self.path, self.append, self.file = path, append, None
+        self.readable = path is None and _stdout_is_terminal()
+        self.written = 0
         if path is not None:
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
@@ -330,8 +401,14 @@ class RecordWriter:
 
     def write(self, record: dict) -> None:
         out = self.open().file or sys.stdout
-        ascii_only = out is sys.stdout and (getattr(out, "encoding", None) or "").lower().replace("-", "") != "utf8"
-        out.write(json.dumps(record, ensure_ascii=ascii_only) + "\n")
+        self.written += 1
+        if self.readable and out is sys.stdout:
+            text = readable_record(record, self.written)
+            encoding = getattr(out, "encoding", None) or "utf-8"
+            out.write(text.encode(encoding, "replace").decode(encoding))  # a terminal that is not UTF-8
+        else:
+            ascii_only = out is sys.stdout and (getattr(out, "encoding", None) or "").lower().replace("-", "") != "utf8"
+            out.write(json.dumps(record, ensure_ascii=ascii_only) + "\n")
         out.flush()
 
     def close(self):

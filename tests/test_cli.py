@@ -14,7 +14,9 @@ import torch
 
 import neox_rt
 from neox_rt import default_model
-from neox_rt.generate import main, parse_settings
+from neox_rt import generate as cli
+from neox_rt.engine.sampling import SamplingParams
+from neox_rt.generate import DEFAULT_MODEL_SAMPLING, GPT_NEOX_GENERATION_DEFAULTS, main, parse_settings
 from tests.conftest import REPO, make_hf_model, save_hf
 
 FIELDS = {"context": str, "text": str, "length": int, "finished": bool, "duration_seconds": float}
@@ -126,6 +128,124 @@ def test_prompt_flag_on_embedded_default(capsys):
     (r,) = records_of(out)
     check_record(r)
     assert r["context"] == "The quick brown fox"
+
+
+# -- the defaults: the embedded default model, a config, --model ----------------------------------------------
+SAMPLING_KEYS = ("num_samples", "maximum_tokens", "temperature", "top_k", "top_p", "seed")
+
+
+def sampling_of(s):
+    return {k: getattr(s, k) for k in SAMPLING_KEYS}
+
+
+def test_default_run_samples_reproducibly(capsys):
+    """`python -m neox_rt.generate` alone: several sampled texts, the same again, others with another seed."""
+    code, out, err = run_cli(capsys)
+    assert code == 0, err
+    recs = records_of(out)
+    assert len(recs) == DEFAULT_MODEL_SAMPLING["num_samples"] >= 2
+    for r in recs:
+        check_record(r)
+        assert r["context"] == "" and 0 < r["length"] <= DEFAULT_MODEL_SAMPLING["maximum_tokens"]
+    texts = [r["text"] for r in recs]
+    assert len(set(texts)) > 1  # sampled, not greedy
+    assert [r["text"] for r in records_of(run_cli(capsys)[1])] == texts  # the fixed default seed
+    assert [r["text"] for r in records_of(run_cli(capsys, "--seed", DEFAULT_MODEL_SAMPLING["seed"])[1])] == texts
+    other = [r["text"] for r in records_of(run_cli(capsys, "--seed", 99)[1])]
+    assert len(other) == len(texts) and other != texts
+
+
+def test_default_run_settings_and_configs_default_yml():
+    """No config, no --model: DEFAULT_MODEL_SAMPLING, which configs/default.yml repeats key for key."""
+    s = parse_settings([])
+    assert sampling_of(s) == DEFAULT_MODEL_SAMPLING
+    assert not SamplingParams(s.temperature, s.top_k, s.top_p).greedy
+    from_yml = parse_settings([os.path.join(REPO, "configs", "default.yml")])
+    assert sampling_of(from_yml) == DEFAULT_MODEL_SAMPLING and from_yml.load is None
+    # the other modes on the default model sample the same way
+    assert sampling_of(parse_settings(["--prompt", "def f():"]))["temperature"] == DEFAULT_MODEL_SAMPLING["temperature"]
+
+
+def test_config_given_uses_gpt_neox_defaults(tmp_path):
+    """A config that sets no generation key: gpt-neox's text_generation.yml values (102 tokens, temperature
+    1.0, no top-k or top-p), with or without a load key; what the config sets stays."""
+    for text in ("load: some/checkpoint\n", "seq-length: 2048\n"):
+        cfg = tmp_path / "c.yml"
+        cfg.write_text(text)
+        s = parse_settings([str(cfg)])
+        assert {k: getattr(s, k) for k in GPT_NEOX_GENERATION_DEFAULTS} == GPT_NEOX_GENERATION_DEFAULTS
+        assert GPT_NEOX_GENERATION_DEFAULTS == dict(maximum_tokens=102, temperature=1.0, top_k=0, top_p=0.0)
+        assert not SamplingParams(s.temperature, s.top_k, s.top_p).greedy  # plain sampling at temperature 1
+        assert s.num_samples == 1 and s.seed is None
+    cfg = tmp_path / "greedy.yml"
+    cfg.write_text("temperature: 0\ntop_k: 0\ntop-p: 0\nmaximum_tokens: 20\n")
+    s = parse_settings([str(cfg)])
+    assert (s.temperature, s.top_k, s.top_p, s.maximum_tokens) == (0.0, 0, 0.0, 20)
+    assert SamplingParams(s.temperature, s.top_k, s.top_p).greedy  # gpt-neox: all three 0 is greedy
+    cfg.write_text("top_p: 0.5\n")
+    s = parse_settings([str(cfg)])
+    assert (s.temperature, s.top_p, s.maximum_tokens) == (1.0, 0.5, 102)
+
+
+def test_model_without_config_stays_greedy():
+    s = parse_settings(["--model", "some/checkpoint"])
+    assert sampling_of(s) == dict(num_samples=1, maximum_tokens=64, temperature=0.0, top_k=0, top_p=0.0, seed=None)
+
+
+def test_flags_override_every_default(tmp_path):
+    flags = ["--num-samples", "2", "--maximum-tokens", "7", "--temperature", "0.3", "--top-k", "5", "--top-p",
+             "0.5", "--seed", "11"]
+    want = dict(num_samples=2, maximum_tokens=7, temperature=0.3, top_k=5, top_p=0.5, seed=11)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("temperature: 0.9\nmaximum_tokens: 40\nnum-samples: 4\nseed: 3\n")
+    for head in ([], ["--model", "some/checkpoint"], [str(cfg)], [os.path.join(REPO, "configs", "default.yml")]):
+        assert sampling_of(parse_settings(head + flags)) == want, head
+    s = parse_settings(["--temperature", "0"])  # greedy on the default model: only the flag changed
+    assert s.temperature == 0.0 and s.maximum_tokens == DEFAULT_MODEL_SAMPLING["maximum_tokens"]
+
+
+def test_greedy_flag_on_the_default_model(capsys):
+    code, out, err = run_cli(capsys, "--temperature", 0, "--num-samples", 2, "--maximum-tokens", 8)
+    assert code == 0, err
+    a, b = records_of(out)
+    assert a["text"] == b["text"] and a["length"] <= 8
+
+
+def test_terminal_gets_readable_text_files_and_pipes_json(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: True)
+    code, out, err = run_cli(capsys, "--maximum-tokens", 12)
+    assert code == 0, err
+    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: False)
+    recs = records_of(run_cli(capsys, "--maximum-tokens", 12)[1])
+    n = DEFAULT_MODEL_SAMPLING["num_samples"]
+    assert len(recs) == n
+    expected = "".join(cli.readable_record(r, i + 1) for i, r in enumerate(recs))
+    assert out == expected and "{" not in out.splitlines()[0]
+    for i, r in enumerate(recs):
+        assert f"--- sample {i + 1}: {r['length']} tokens, " in out and r["text"] in out
+    # with an output file the records go there as JSON lines, terminal or not
+    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: True)
+    path = tmp_path / "out.jsonl"
+    code, out, err = run_cli(capsys, "--maximum-tokens", 12, "-o", path)
+    assert code == 0 and out == ""
+    assert [r["text"] for r in records_of(path.read_text())] == [r["text"] for r in recs]
+
+
+def test_readable_record_of_a_prompt_and_a_skipped_one():
+    r = {"context": "def f(", "text": "x):", "length": 2, "finished": False, "message": None}
+    assert cli.readable_record(r, 4) == "--- prompt 4: 2 tokens, cut at maximum_tokens ---\ndef f(x):\n\n"
+    r = {"context": "long", "text": None, "length": 0, "finished": False, "message": "too long; prompt skipped"}
+    assert cli.readable_record(r, 1) == "--- prompt 1: skipped ---\nlong\n(too long; prompt skipped)\n\n"
+
+
+def test_default_run_piped_is_json_lines():
+    proc = subprocess.run([sys.executable, "-m", "neox_rt.generate", "--maximum-tokens", "8"], capture_output=True,
+                          text=True, cwd=REPO, timeout=300, stdin=subprocess.DEVNULL, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    recs = records_of(proc.stdout)
+    assert len(recs) == DEFAULT_MODEL_SAMPLING["num_samples"]
+    for r in recs:
+        check_record(r)
 
 
 # -- input-file mode on an HF checkpoint -------------------------------------------------------------------
@@ -283,12 +403,13 @@ def test_yaml_config_drives_the_run(capsys, tmp_path, tiny_checkpoint, api, prom
                  f"text-gen-type: unconditional\nmaximum_tokens: 50\n")
     b = tmp_path / "b.yml"
     b.write_text(f"sample-input-file: {prompts_file}\nsample_output_file: {out_path}\n"
-                 f"text-gen-type: input-file\nmaximum-tokens: 7\nbatch_size: 8\nmysterious-key: 1\n")
+                 f"text-gen-type: input-file\nmaximum-tokens: 7\nbatch_size: 8\nmysterious-key: 1\nseed: 7\n")
     code, out, err = run_cli(capsys, a, b, "--maximum-tokens", 5)  # the flag beats both files
     assert code == 0, err
     assert "mysterious-key" in err and "train-iters" not in err and "optimizer" not in err
     recs = records_of(out_path.read_text())
-    expected = api.generate(PROMPTS, max_new_tokens=5)
+    # no sampling keys in the configs: gpt-neox's temperature 1.0, no top-k or top-p
+    expected = api.generate(PROMPTS, max_new_tokens=5, temperature=1.0, seed=7)
     assert [r["text"] for r in recs] == [e.text for e in expected]
 
 
@@ -300,7 +421,7 @@ def test_model_shape_from_yaml_when_no_config_json(capsys, tmp_path, tiny_checkp
                    f"num-attention-heads: {c.num_attention_heads}\nmax-position-embeddings: 128\n"
                    f"rotary-pct: 0.25\ngpt-j-residual: true\nno-weight-tying: true\n"
                    f"padded-vocab-size: {c.vocab_size}\npipe-parallel-size: 1\nmodel-parallel-size: 1\n")
-    code, out, err = run_cli(capsys, cfg, "--prompt", "Hello world", "--maximum-tokens", 8)
+    code, out, err = run_cli(capsys, cfg, "--prompt", "Hello world", "--maximum-tokens", 8, "--temperature", 0)
     assert code == 0, err
     assert records_of(out)[0]["text"] == api.generate("Hello world", max_new_tokens=8).text
 
