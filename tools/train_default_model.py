@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""Train neox_rt's embedded default model: a small GPT-NeoX on the Python standard library's sources.
+"""Train neox_rt's embedded default model: a small GPT-NeoX on Python source code.
 
 The architecture is the real GPT-NeoX one (parallel residual, partial rotary 0.25, untied embeddings,
 erf gelu) in HF ``config.json`` format, trained with transformers' ``GPTNeoXForCausalLM`` and torch AdamW
-(bf16 autocast on a GPU). The text is what every Python installation carries: the ``*.py`` files of the
-running interpreter's standard library (test suites excluded), sorted by path and joined with
-``<|endoftext|>``. A fixed list of stdlib files (:data:`HELDOUT_FILES`) is held out of both the
-tokenizer's and the model's training and gives the held-out perplexity.
+(bf16 autocast on a GPU). The text is the ``*.py`` files of the running interpreter's standard library (test
+suites excluded), sorted by path, plus (``--extra-corpus``) the Python sources of permissively licensed PyPI
+packages built by ``tools/build_default_corpus.py`` (``.corpus/extra.txt.xz``; per-package names, versions,
+licenses and sizes in ``tools/default_model_corpus.json``), every file preceded by ``<|endoftext|>``. A fixed
+list of stdlib files (:data:`HELDOUT_FILES`) is held out of both the tokenizer's and the model's training and
+gives the held-out perplexity; extra files that share long lines with them are dropped here once more.
 
 Modes::
 
-    # train (GPU: about 3 minutes of optimisation; CPU smoke test with --tiny)
-    python tools/train_default_model.py --out $OUT/default_model --minutes 3 --device cuda --seed 0
-    python tools/train_default_model.py --out /tmp/x --minutes 0.3 --device cpu --tiny
+    # train (GPU: 7.5 minutes of optimisation, ~9 minutes in all; CPU smoke test with --tiny)
+    python tools/train_default_model.py --out $OUT/default_model --minutes 7.5 --device cuda --seed 0 \
+        --extra-corpus .corpus/extra.txt.xz --compile --dropout 0
+    python tools/train_default_model.py --out /tmp/x --minutes 0.3 --device cpu --tiny \
+        --extra-corpus .corpus/extra.txt.xz
     # recompute tests/data/default_model_golden.json and the card's heldout_sample_perplexity (CPU fp32)
     python tools/train_default_model.py --write-golden neox_rt/default_model
     # rewrite tests/data/heldout_sample.txt from this interpreter's held-out files
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import lzma
 import math
 import os
 import platform
@@ -62,14 +67,24 @@ GOLDEN_NEW_TOKENS = 32
 
 EOS, PAD = "<|endoftext|>", "<|padding|>"
 
-# Model shapes. Full: hidden 256, 6 layers, 4 heads of 64 -> 6.84M parameters, 13.7 MB in fp16.
+# Model shapes. Full: hidden 384, 6 layers, 6 heads of 64 -> 13.77M parameters (10.62M without the two
+# 4096 x 384 embeddings), 27.5 MB in fp16. (The first default model, 6.84M parameters: hidden 256, 4 heads.)
 SHAPES = {
-    "full": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, vocab_size=4096,
-                 max_position_embeddings=1024, seq_len=1024, batch_size=32, lr=2e-3, warmup=100),
+    "full": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, vocab_size=4096,
+                 max_position_embeddings=1024, seq_len=1024, batch_size=64, lr=1.5e-3, warmup=200),
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, vocab_size=512,
                  max_position_embeddings=256, seq_len=128, batch_size=16, lr=3e-3, warmup=10),
 }
 MAX_CHECKPOINT_BYTES = 16 * 2**20  # files come back from the GPU machine only up to 16 MiB
+MAX_SHARD_SIZE = "15MB"
+"""save_pretrained's shard limit (15e6 bytes < 15 MiB): the weights go out as model-0000k-of-0000n.safetensors."""
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+MANIFEST_PATH = os.path.join(TOOLS, "default_model_corpus.json")
+EXTRA_SEPARATOR = "\x00"
+TOKENIZER_EXTRA_CHARS = 60_000_000
+"""The tokenizer trains on the stdlib files plus an evenly spread subset of the extra files of about this size."""
+TINY_EXTRA_CHARS = 2_000_000
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,6 +119,79 @@ def stdlib_files(root: str | None = None) -> tuple[list[tuple[str, str]], list[t
     return train, heldout
 
 
+def read_manifest(path: str = MANIFEST_PATH) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+_LEAK_DOCS: list[str] = []
+_LEAK_LINES: set[str] = set()
+
+
+def _leak_flags(bounds: tuple[int, int]) -> list[bool]:
+    from build_default_corpus import shares_heldout
+    return [shares_heldout(_LEAK_DOCS[i], _LEAK_LINES) for i in range(*bounds)]
+
+
+def extra_files(path: str, heldout: list[tuple[str, str]], train_texts: list[str],
+                max_chars: int | None = None) -> tuple[list[str], dict]:
+    """The extra corpus's files (NUL-separated text, xz), less any that could leak the held-out files.
+
+    Dropped: files that share long lines with this machine's held-out files (the build's check, repeated
+    against the real held-out text) and files identical to a stdlib training file. ``max_chars``: only the
+    first files up to about that many characters (the smoke test).
+    """
+    global _LEAK_DOCS, _LEAK_LINES
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)
+    from build_default_corpus import leak_lines
+    t0 = time.perf_counter()
+    with open(path, "rb") as f:
+        blob = f.read()
+    sha = hashlib.sha256(blob).hexdigest()
+    docs = lzma.decompress(blob).decode("utf-8").split(EXTRA_SEPARATOR)
+    del blob
+    info = dict(path=path, sha256=sha, files_in_file=len(docs))
+    if max_chars is not None:
+        n, total = 0, 0
+        while n < len(docs) and total < max_chars:
+            total += len(docs[n])
+            n += 1
+        docs = docs[:n]
+    _LEAK_DOCS, _LEAK_LINES = docs, leak_lines({rel: [text] for rel, text in heldout})
+    workers = min(16, os.cpu_count() or 1)
+    step = -(-len(docs) // (workers * 4))
+    bounds = [(i, min(len(docs), i + step)) for i in range(0, len(docs), step)]
+    if workers > 1 and len(docs) > 1000:
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            flags = [x for part in pool.map(_leak_flags, bounds) for x in part]
+    else:
+        flags = [x for b in bounds for x in _leak_flags(b)]
+    stdlib_hashes = {hashlib.sha256(t.encode("utf-8")).digest() for t in train_texts}
+    kept, leaks, dups = [], 0, 0
+    for text, leak in zip(docs, flags):
+        if leak:
+            leaks += 1
+        elif hashlib.sha256(text.encode("utf-8")).digest() in stdlib_hashes:
+            dups += 1
+        else:
+            kept.append(text)
+    _LEAK_DOCS, _LEAK_LINES = [], set()
+    info.update(files_read=len(docs), dropped_heldout_lines=leaks, dropped_stdlib_duplicates=dups,
+                files=len(kept), chars=sum(len(t) for t in kept), seconds=round(time.perf_counter() - t0, 1))
+    return kept, info
+
+
+def tokenizer_subset(stdlib_texts: list[str], extra: list[str], extra_chars: int) -> list[str]:
+    """The stdlib files plus every k-th extra file, k chosen so that about ``extra_chars`` are taken."""
+    total = sum(len(t) for t in extra)
+    k = max(1, round(total / extra_chars)) if extra_chars else len(extra) + 1
+    return stdlib_texts + extra[::k]
+
+
 def heldout_sample(heldout: list[tuple[str, str]]) -> str:
     """The first whole lines (up to :data:`SAMPLE_CHARS_PER_FILE` characters) of each held-out file."""
     parts = []
@@ -129,14 +217,21 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
-def encode_corpus(tok, texts: list[str]) -> torch.Tensor:
-    """All texts as one int32 stream: <eos> file0 <eos> file1 ... (every file follows an <eos>)."""
+def encode_corpus(tok, texts: list[str], batch: int = 2048) -> torch.Tensor:
+    """All texts as one int32 stream: <eos> file0 <eos> file1 ... (every file follows an <eos>).
+
+    ``encode_batch`` runs on all cores; batches keep the Encoding objects (offsets etc.) few at a time.
+    """
+    import numpy as np
     eos = tok.token_to_id(EOS)
-    out = []
-    for enc in tok.encode_batch(texts, add_special_tokens=False):
-        out.append(eos)
-        out.extend(enc.ids)
-    return torch.tensor(out, dtype=torch.int32)
+    parts = []
+    for i in range(0, len(texts), batch):
+        for enc in tok.encode_batch(texts[i:i + batch], add_special_tokens=False):
+            ids = np.empty(len(enc.ids) + 1, dtype=np.int32)
+            ids[0] = eos
+            ids[1:] = enc.ids
+            parts.append(ids)
+    return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.int32)
 
 
 def scoring_chunks(ids: list[int], max_positions: int, eos: int) -> list[list[int]]:
@@ -240,16 +335,39 @@ def train(args) -> dict:
         + (f" (missing here: {', '.join(missing)})" if missing else ""))
 
     t0 = time.perf_counter()
-    tok = train_tokenizer([t for _, t in train_files], shape["vocab_size"])
-    data = encode_corpus(tok, [t for _, t in train_files])
+    stdlib_texts = [t for _, t in train_files]
+    extra, extra_info = [], None
+    if args.extra_corpus:
+        max_chars = args.extra_max_chars if args.extra_max_chars is not None else (
+            TINY_EXTRA_CHARS if args.tiny else None)
+        extra, extra_info = extra_files(args.extra_corpus, heldout, stdlib_texts, max_chars)
+        log(f"extra corpus {args.extra_corpus}: {extra_info['files']:,} files, {extra_info['chars'] / 1e6:.1f} M chars "
+            f"(dropped: {extra_info['dropped_heldout_lines']} sharing held-out lines, "
+            f"{extra_info['dropped_stdlib_duplicates']} stdlib copies) in {extra_info['seconds']} s")
+    t1 = time.perf_counter()
+    tok_texts = tokenizer_subset(stdlib_texts, extra, TOKENIZER_EXTRA_CHARS)
+    tok = train_tokenizer(tok_texts, shape["vocab_size"])
+    tok_seconds = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    stdlib_data = encode_corpus(tok, stdlib_texts)
+    extra_data = encode_corpus(tok, extra)
+    encode_seconds = time.perf_counter() - t1
+    # The stdlib (the held-out files' own distribution) is repeated --stdlib-repeat times in the stream.
+    data = torch.cat([stdlib_data] * max(1, args.stdlib_repeat) + [extra_data])
     eos = tok.token_to_id(EOS)
     heldout_chunks = []
     for _, text in heldout:
         heldout_chunks += scoring_chunks(tok.encode(text, add_special_tokens=False).ids,
                                          shape["max_position_embeddings"], eos)
     prep_seconds = time.perf_counter() - t0
-    log(f"tokenizer {tok.get_vocab_size()} entries; {data.numel():,} training tokens "
-        f"({sum(len(t) for _, t in train_files) / data.numel():.2f} chars/token); prep {prep_seconds:.1f} s")
+    stdlib_chars = sum(len(t) for t in stdlib_texts)
+    extra_chars = sum(len(t) for t in extra)
+    log(f"tokenizer {tok.get_vocab_size()} entries from {sum(len(t) for t in tok_texts) / 1e6:.1f} M chars in "
+        f"{tok_seconds:.1f} s; encoded in {encode_seconds:.1f} s: stdlib {stdlib_data.numel():,} tokens "
+        f"({stdlib_chars / max(1, stdlib_data.numel()):.2f} chars/token), extra {extra_data.numel():,} tokens "
+        f"({extra_chars / max(1, extra_data.numel()):.2f} chars/token); stream {data.numel():,} tokens; "
+        f"prep {prep_seconds:.1f} s")
+    del extra
     data = data.to(device)
 
     config = hf_config(shape, args.dropout)
@@ -258,9 +376,16 @@ def train(args) -> dict:
     log(f"model: {n_params:,} parameters ({2 * n_params / 2**20:.1f} MiB in fp16)")
     opt = torch.optim.AdamW(decay_groups(model, args.weight_decay), lr=shape["lr"], betas=(0.9, 0.95),
                             eps=1e-8, fused=gpu)
-    step_fn = model
+    def loss_of(x, y):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=gpu):
+            logits = model(input_ids=x).logits
+        return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+
+    step_fn = loss_of
     if args.compile:
-        step_fn = torch.compile(model)
+        import torch._dynamo as dynamo
+        dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
+        step_fn = torch.compile(loss_of)
     gen = torch.Generator().manual_seed(args.seed)
     seq_len, bsz, warmup = shape["seq_len"], shape["batch_size"], shape["warmup"]
     budget = args.minutes * 60.0
@@ -306,9 +431,10 @@ def train(args) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = batch_at(data, seq_len, bsz, gen, device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=gpu):
-            logits = step_fn(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+        loss = step_fn(x, y)
+        if step == 0:
+            sync(device)
+            log(f"first step (compile included) {time.perf_counter() - t_train:.1f} s")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -326,8 +452,11 @@ def train(args) -> dict:
     # Save the shipped form (fp16) and evaluate exactly those weights in fp32.
     os.makedirs(args.out, exist_ok=True)
     model = model.eval().half()
-    model.save_pretrained(args.out)
+    model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
     fix_config(os.path.join(args.out, "config.json"))
+    gen_config = os.path.join(args.out, "generation_config.json")
+    if os.path.isfile(gen_config):  # neox_rt does not read it; one file fewer to bring back
+        os.remove(gen_config)
     tok.save(os.path.join(args.out, "tokenizer.json"))
     model = model.float()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -338,20 +467,32 @@ def train(args) -> dict:
     import neox_rt
     neox = neox_rt.load(args.out, dtype="float32", device="cpu", progress=False)
     sample_ppl, sample_tokens = sample_perplexity(neox, read_sample())
+    extra_files_n = extra_info["files"] if extra_info else 0
     results = dict(
-        seed=args.seed, python_version=platform.python_version(), train_files=len(train_files),
-        train_chars=sum(len(t) for _, t in train_files), train_tokens=int(data.numel()),
+        seed=args.seed, python_version=platform.python_version(), train_files=len(train_files) + extra_files_n,
+        stdlib_files=len(train_files), stdlib_chars=stdlib_chars, stdlib_tokens=int(stdlib_data.numel()),
+        stdlib_repeat=max(1, args.stdlib_repeat), extra_files=extra_files_n, extra_chars=extra_chars,
+        extra_tokens=int(extra_data.numel()), extra=extra_info, train_chars=stdlib_chars + extra_chars,
+        train_tokens=int(stdlib_data.numel() + extra_data.numel()), stream_tokens=int(data.numel()),
+        tokenizer_chars=sum(len(t) for t in tok_texts), vocab_size=tok.get_vocab_size(),
         heldout_files=[rel for rel, _ in heldout], heldout_chars=heldout_text_chars, heldout_tokens=n,
         heldout_loss=round(nll / n, 5), heldout_perplexity=round(math.exp(nll / n), 4),
+        heldout_nats_per_char=round(nll / heldout_text_chars, 5),
+        heldout_bits_per_char=round(nll / heldout_text_chars / math.log(2), 5),
+        epochs=round(step * bsz * seq_len / max(1, data.numel()), 2),
         heldout_sample_tokens=sample_tokens, heldout_sample_perplexity=round(sample_ppl, 6),
         parameters=n_params, steps=step, batch_size=bsz, seq_len=seq_len, tokens_seen=step * bsz * seq_len,
         peak_lr=shape["lr"], warmup_steps=warmup, weight_decay=args.weight_decay, dropout=args.dropout,
         train_seconds=round(train_seconds, 1), prep_seconds=round(prep_seconds, 1),
+        tokenizer_seconds=round(tok_seconds, 1), encode_seconds=round(encode_seconds, 1),
+        hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"],
         tokens_per_second=round(step * bsz * seq_len / train_seconds),
         total_seconds=round(time.perf_counter() - t_start, 1), device=device_name(device),
         torch=torch.__version__, transformers=__import__("transformers").__version__,
         tokenizers=__import__("tokenizers").__version__, tiny=bool(args.tiny), compile=bool(args.compile),
         command=" ".join(["python", "tools/train_default_model.py"] + sys.argv[1:]), curve=curve)
+    results.update(weight_files=len(weight_files(args.out)), max_shard_size=args.max_shard_size)
     write_card(args.out, results)
     return results
 
@@ -394,13 +535,53 @@ def read_sample() -> str:
 
 CARD_KEYS = ("seed", "python_version", "train_files", "train_tokens", "steps", "tokens_seen", "train_seconds",
              "tokens_per_second", "device", "parameters", "heldout_loss", "heldout_perplexity",
-             "heldout_sample_perplexity")
+             "heldout_bits_per_char", "heldout_sample_perplexity")
+
+
+def license_list(packages: list[dict]) -> str:
+    """'MIT: attrs 26.1.0, black 26.10.1, ...; BSD-3-Clause: ...' from the manifest's kept packages."""
+    groups: dict[str, list[str]] = {}
+    for p in packages:
+        if p["files"]:
+            groups.setdefault(p["license"], []).append(f"{p['name']} {p['version']}")
+    order = sorted(groups, key=lambda k: (-len(groups[k]), k))
+    return "\n".join(f"  - {lic}: {', '.join(sorted(groups[lic], key=str.lower))}" for lic in order)
 
 
 def write_card(out: str, r: dict) -> None:
-    front = "\n".join(f"{k}: {json.dumps(r[k])}" for k in CARD_KEYS)
+    front = "\n".join(f"{k}: {json.dumps(r[k])}" for k in CARD_KEYS if k in r)
     curve = "\n".join(f"| {p['step']} | {p['seconds']} | {p['lr']:.2e} | {p['train_loss']} | "
                       f"{p['heldout_loss_subset']} |" for p in r["curve"])
+    manifest = read_manifest() if r.get("extra") else None
+    extra = r.get("extra")
+    if extra:
+        pkgs = [p for p in (manifest or {}).get("packages", []) if p["files"]]
+        matches = manifest is not None and manifest.get("sha256") == extra["sha256"]
+        part = extra["files_read"] < extra["files_in_file"]
+        where = (f"the first {extra['files_read']:,} of the {extra['files_in_file']:,} files of"
+                 if part else "all the files of")
+        data = f"""- Data, {r['train_chars']:,} characters, {r['train_tokens']:,} tokens in all (each file preceded by
+  `<|endoftext|>`; the stdlib part appears {r['stdlib_repeat']} times in the training stream of {r['stream_tokens']:,} tokens):
+  - {r['stdlib_files']} `*.py` files of the Python {r['python_version']} stdlib (test suites, `site-packages`, `lib2to3`,
+    `turtledemo` excluded): {r['stdlib_chars']:,} characters, {r['stdlib_tokens']:,} tokens, PSF license.
+  - {r['extra_files']:,} `*.py` files of PyPI packages: {where} `{os.path.basename(extra['path'])}` (sha256
+    `{extra['sha256'][:16]}...`{'' if matches else ', NOT the corpus that tools/default_model_corpus.json describes'}):
+    {r['extra_chars']:,} characters, {r['extra_tokens']:,} tokens; built by `tools/build_default_corpus.py`
+    from the pinned wheels (test folders, vendored third-party trees, generated and non-UTF-8 files left out;
+    at most {(manifest or {}).get('filters', {}).get('max_package_chars', 0):,} characters per package; exact duplicates dropped);
+    {extra['dropped_heldout_lines']} more files dropped here for sharing long lines with the held-out files and
+    {extra['dropped_stdlib_duplicates']} as copies of stdlib files. Per-package versions, licenses, files and
+    characters: `tools/default_model_corpus.json`. Packages by license (as their wheels' metadata states it):
+{license_list(pkgs)}"""
+        about = ("the source code of the Python standard library and of\n"
+                 f"{len(pkgs)} permissively licensed (MIT, BSD, Apache-2.0, PSF, ISC) PyPI packages")
+    else:
+        data = f"""- Data: {r['train_files']} `*.py` files of the Python {r['python_version']} stdlib (test suites,
+  `site-packages`, `lib2to3`, `turtledemo` excluded), sorted by path, joined with `<|endoftext|>`:
+  {r['train_chars']:,} characters, {r['train_tokens']:,} tokens. The text is under the PSF license."""
+        about = f"the source code of the Python {r['python_version']} standard library"
+    tok_data = "the same files" if not extra else (
+        f"the stdlib files and {r['tokenizer_chars'] - r['stdlib_chars']:,} characters of the others (every k-th file)")
     text = f"""---
 library_name: neox_rt
 model_type: gpt_neox
@@ -408,29 +589,30 @@ model_type: gpt_neox
 ---
 # neox_rt default model
 
-A {r['parameters'] / 1e6:.2f}M-parameter GPT-NeoX (parallel residual, rotary on 25% of each head's dims,
-untied embeddings, erf gelu) trained from scratch on the source code of the Python {r['python_version']}
-standard library, with a byte-level BPE tokenizer trained on the same files (`<|endoftext|>` = 0,
-`<|padding|>` = 1). It writes Python-looking code; it knows nothing else. It exists so that neox_rt runs
+A {r['parameters'] / 1e6:.2f}M-parameter GPT-NeoX (hidden {r['hidden_size']}, {r['num_hidden_layers']} layers,
+{r['num_attention_heads']} heads of 64; parallel residual, rotary on 25% of each head's dims, untied embeddings,
+erf gelu) trained from scratch on {about},
+with a byte-level BPE tokenizer of {r['vocab_size']} entries trained on {tok_data}
+(`<|endoftext|>` = 0, `<|padding|>` = 1). It writes Python-looking code; it knows nothing else. It exists so that neox_rt runs
 out of the box and its tests have a real trained model; it is not a useful language model.
 
 - Command: `{r['command']}`
 - Seed {r['seed']}; {r['device']}; torch {r['torch']}, transformers {r['transformers']}, tokenizers {r['tokenizers']}
-- Data: {r['train_files']} `*.py` files of the Python {r['python_version']} stdlib (test suites,
-  `site-packages`, `lib2to3`, `turtledemo` excluded), sorted by path, joined with `<|endoftext|>`:
-  {r['train_chars']:,} characters, {r['train_tokens']:,} tokens. The text is under the PSF license.
+{data}
 - Held out of the tokenizer and of training: {', '.join(f'`{f}`' for f in r['heldout_files'])}
   ({r['heldout_chars']:,} characters, {r['heldout_tokens']:,} tokens).
 - Training: {r['steps']} AdamW steps (betas 0.9/0.95, weight decay {r['weight_decay']}, peak LR
   {r['peak_lr']}, {r['warmup_steps']} warmup steps, cosine to 10% over the steps or the time budget), batch {r['batch_size']} x {r['seq_len']}
-  tokens, dropout {r['dropout']} (0 in the shipped config), bf16 autocast on GPU, gradient clip 1.0:
-  {r['tokens_seen']:,} tokens seen in {r['train_seconds']} s ({r['tokens_per_second']:,} tokens/s);
-  data preparation (tokenizer training and encoding) {r['prep_seconds']} s.
+  tokens, dropout {r['dropout']} (0 in the shipped config), bf16 autocast on GPU, gradient clip 1.0{', torch.compile' if r['compile'] else ''}:
+  {r['tokens_seen']:,} tokens seen ({r['epochs']} passes over the stream) in {r['train_seconds']} s ({r['tokens_per_second']:,} tokens/s);
+  data preparation {r['prep_seconds']} s (tokenizer training {r['tokenizer_seconds']} s, encoding {r['encode_seconds']} s).
 - Held-out loss {r['heldout_loss']} nats/token, perplexity {r['heldout_perplexity']} (fp32, the shipped
-  fp16 weights, every token predicted once in chunks that start with `<|endoftext|>`).
+  fp16 weights, every token predicted once in chunks that start with `<|endoftext|>`); per character (comparable
+  across tokenizers): {r['heldout_nats_per_char']} nats, {r['heldout_bits_per_char']} bits.
 - `heldout_sample_perplexity` {r['heldout_sample_perplexity']}: the same measure on
   `tests/data/heldout_sample.txt` ({r['heldout_sample_tokens']} tokens), computed with neox_rt's reference
   runtime (CPU, float32); the tests check it.
+- Weights: fp16 safetensors, {r['weight_files']} file(s) of at most {r['max_shard_size']} (`save_pretrained`'s `max_shard_size`).
 
 | step | seconds | lr | train loss | held-out loss (first 16 chunks, bf16) |
 |---|---|---|---|---|
@@ -453,6 +635,25 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def weight_files(model_dir: str) -> list[str]:
+    """The checkpoint's safetensors files: model.safetensors, or the shards its index names (sorted)."""
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    with open(os.path.join(model_dir, "model.safetensors.index.json"), encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(model_dir, s) for s in shards]
+
+
+def weights_sha256(model_dir: str) -> str:
+    """sha256 of model.safetensors; for a sharded checkpoint, of the lines "<shard name> <sha256>\\n"."""
+    files = weight_files(model_dir)
+    if len(files) == 1 and os.path.basename(files[0]) == "model.safetensors":
+        return file_sha256(files[0])
+    lines = "".join(f"{os.path.basename(p)} {file_sha256(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def greedy_continuations(neox) -> list[dict]:
     out = []
     for prompt in GOLDEN_PROMPTS:
@@ -467,7 +668,7 @@ def write_golden(model_dir: str, golden_path: str = GOLDEN_PATH) -> dict:
     neox = neox_rt.load(model_dir, dtype="float32", device="cpu", backend="torch", progress=False)
     ppl, tokens = sample_perplexity(neox, read_sample())
     golden = dict(
-        model_sha256=file_sha256(os.path.join(model_dir, "model.safetensors")),
+        model_sha256=weights_sha256(model_dir),
         max_new_tokens=GOLDEN_NEW_TOKENS, heldout_sample_perplexity=round(ppl, 6), heldout_sample_tokens=tokens,
         continuations=greedy_continuations(neox))
     with open(golden_path, "w", encoding="utf-8") as f:  # one line per continuation
@@ -504,6 +705,14 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.1)
     p.add_argument("--dropout", type=float, default=0.1, help="hidden dropout during training")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time counts)")
+    p.add_argument("--extra-corpus", dest="extra_corpus", default=None,
+                   help="extra training text: .corpus/extra.txt.xz from tools/build_default_corpus.py")
+    p.add_argument("--extra-max-chars", dest="extra_max_chars", type=int, default=None,
+                   help=f"only the first extra files up to this many characters (--tiny: {TINY_EXTRA_CHARS:,})")
+    p.add_argument("--max-shard-size", dest="max_shard_size", default=MAX_SHARD_SIZE,
+                   help=f"save_pretrained's shard limit (default {MAX_SHARD_SIZE}; every file must stay under 16 MiB)")
+    p.add_argument("--stdlib-repeat", dest="stdlib_repeat", type=int, default=2,
+                   help="times the stdlib files appear in the training stream (default 2)")
     p.add_argument("--write-golden", metavar="MODEL_DIR",
                    help="recompute tests/data/default_model_golden.json and the card's sample perplexity")
     p.add_argument("--write-sample", action="store_true", help="rewrite tests/data/heldout_sample.txt")
@@ -540,6 +749,8 @@ def main(argv=None) -> int:
     if too_big:
         print(f"ERROR: files of 16 MiB or more will not come back from the device: {too_big}")
         return 1
+    if len(files) > 7:  # the device returns at most 8 files: these plus train_default_model.json
+        print(f"WARNING: {len(files)} files in {args.out}: with train_default_model.json more than 8 files")
     return 0
 
 
