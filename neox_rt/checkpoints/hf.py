@@ -185,24 +185,29 @@ def load_weights(model, directory: str, progress: bool = True) -> None:
     bar = progress_bar(sum(p.numel() * p.element_size() for p, _, _ in plan.values()), enabled=progress)
     tp = model.tp
     for name, (p, shape, dim) in plan.items():
-        src = sources[name]
-        with torch.no_grad():
-            if dim is None:
-                p.copy_(src.read(None, 0, 0))
-            else:
-                local = p.shape[dim]
-                start, stop = tp.rank * local, (tp.rank + 1) * local
-                avail = src.shape[dim]
-                if stop <= avail:
-                    p.copy_(src.read(dim, start, stop))
-                else:  # vocabulary padding rows beyond the checkpoint: zeros
-                    p.zero_()
-                    if start < avail:
-                        p.narrow(dim, 0, avail - start).copy_(src.read(dim, start, avail))
+        copy_slice(p, sources[name], dim, tp)
         if bar is not None:
             bar.update(p.numel() * p.element_size())
     if bar is not None:
         bar.close()
+
+
+def copy_slice(p: torch.Tensor, src: TensorSource, dim: int | None, tp) -> None:
+    """Copy this rank's slice of ``src`` (split on ``dim``, None: whole) into ``p``; vocabulary rows beyond the
+    checkpoint's (padding for tensor parallelism) become zeros."""
+    with torch.no_grad():
+        if dim is None:
+            p.copy_(src.read(None, 0, 0))
+        else:
+            local = p.shape[dim]
+            start, stop = tp.rank * local, (tp.rank + 1) * local
+            avail = src.shape[dim]
+            if stop <= avail:
+                p.copy_(src.read(dim, start, stop))
+            else:  # vocabulary padding rows beyond the checkpoint: zeros
+                p.zero_()
+                if start < avail:
+                    p.narrow(dim, 0, avail - start).copy_(src.read(dim, start, avail))
 
 
 def _names(names: list[str], limit: int = 6) -> str:
