@@ -36,9 +36,9 @@ def _load_backend(name: str) -> bool:
             from neox_rt.ops import cuda as module  # imported on demand: it loads the compiled extension
         else:
             from neox_rt.ops import triton as module  # imported on demand: triton is optional and slow to import
-        for op_name, (impl, supports) in module.implementations().items():
-            if op_name in OPS:
-                register(op_name, impl, supports, name)
+        for op_name, entry in module.implementations().items():
+            if op_name in OPS:  # entry: (impl, supports), or a list of them tried in order
+                register(op_name, *((entry, None) if isinstance(entry, list) else entry), name)
         return True
     except NeoxRtError:
         raise

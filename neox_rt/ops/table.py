@@ -73,10 +73,13 @@ OPS: dict[str, Op] = {
 }
 
 
-def register(op_name: str, impl: Callable, supports: Callable[..., bool] | None, backend: str) -> None:
-    """Install ``impl`` for ``op_name``; calls that ``supports`` rejects run the reference."""
+def register(op_name: str, impl, supports: Callable[..., bool] | None, backend: str) -> None:
+    """Install ``impl`` for ``op_name``; calls that ``supports`` rejects run the reference. ``impl`` may also be a
+    list of (impl, supports) pairs (``supports`` then None), tried in order (e.g. the linear's fp16 kernel, then
+    the kernels of the weight formats)."""
     op = OPS[op_name]
-    op.impls, op.backend, op.impl_backends = ((impl, supports),), backend, (backend,)
+    pairs = tuple(impl) if isinstance(impl, list) else ((impl, supports),)
+    op.impls, op.backend, op.impl_backends = pairs, backend, (backend,) * len(pairs)
 
 
 def clear() -> None:
