@@ -17,6 +17,8 @@ from neox_rt.model.config import NeoXConfig
 from neox_rt.model.model import NeoXForCausalLM
 from neox_rt.ops.backends import select_backend
 from neox_rt.parallel.context import SINGLE, TensorParallel
+from neox_rt.quant.apply import load_quantizing, memory_report, quantize_model
+from neox_rt.quant.checkpoint import load_quantized_checkpoint, quantization_config
 
 class NeoX:
     """A loaded model with its tokenizer."""
@@ -38,6 +40,11 @@ class NeoX:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    def memory_report(self):
+        """Bytes of the weights: quantized linears (formats) and what stays float (embedding, LM head, LayerNorms
+        and biases); ``str()`` of it is one line (:class:`neox_rt.quant.apply.MemoryReport`)."""
+        return memory_report(self.model)
 
     def _need_tokenizer(self) -> Generator:
         if self._generator is None:
@@ -102,7 +109,7 @@ def find_tokenizer(directory: str, tokenizer: str | None) -> Tokenizer | None:
 
 def load(path: str, dtype="float32", device: str | None = None, tokenizer: str | None = None,
          backend: str | None = None, tp: TensorParallel = SINGLE, progress: bool = True,
-         config=None) -> NeoX:
+         config=None, quantize: str | None = None, group_size: int = 128) -> NeoX:
     """Load an HF GPT-NeoX checkpoint directory (or hub id) onto ``device`` in ``dtype``.
 
     A gpt-neox native checkpoint directory (``latest`` + ``global_stepN/``, any TP/PP layout) is resharded
@@ -113,17 +120,33 @@ def load(path: str, dtype="float32", device: str | None = None, tokenizer: str |
     Weights stream tensor by tensor (peak host memory about one tensor). ``tokenizer`` is a tokenizers
     JSON file; by default the directory's ``tokenizer.json``. ``backend`` picks the kernels
     (``cuda``, ``triton``, ``torch``; default: ``NEOX_RT_BACKEND`` or the fastest available).
+
+    ``quantize="int8"|"int4"`` (``group_size`` for int4) quantizes the layers' linears by round to nearest while
+    an HF checkpoint streams in, layer by layer (the float model is never held whole; :mod:`neox_rt.quant.apply`);
+    the embedding and the LM head stay in ``dtype``. A quantized checkpoint (``quantization_config`` in its
+    config.json: ours, written by ``python -m neox_rt.quantize``, or GPTQ 4-bit) loads as it is.
     """
     device = device or default_device()
     if neox_checkpoint.is_neox_checkpoint(path):
         select_backend(backend, device)
         model, tokenizer_path, root = neox_checkpoint.load_model(path, dtype, device, tp, progress, config,
                                                                  tokenizer)
+        if quantize is not None:  # after the float load: this layout is not streamed into formats yet
+            quantize_model(model, quantize, group_size)
         return NeoX(model, Tokenizer(tokenizer_path) if tokenizer_path else None, root)
     directory = resolve_checkpoint(path)
     if not isinstance(config, NeoXConfig):
         config = NeoXConfig.from_json(directory)
     select_backend(backend, device)
-    model = build_model(config, dtype, device, tp)
-    load_weights(model, directory, progress=progress)
+    qc = quantization_config(directory)
+    if qc is not None:
+        if quantize is not None:
+            raise NeoxRtError(f"checkpoint {directory} is already quantized ({qc.get('quant_method')}); load it "
+                              f"without quantize=")
+        model = load_quantized_checkpoint(directory, config, qc, dtype, device, tp, progress)
+    elif quantize is not None:
+        model = load_quantizing(config, directory, quantize, group_size, dtype, device, tp, progress=progress)
+    else:
+        model = build_model(config, dtype, device, tp)
+        load_weights(model, directory, progress=progress)
     return NeoX(model, find_tokenizer(directory, tokenizer), directory)

@@ -88,6 +88,10 @@ class Settings:
     """None: cuda if available, else cpu."""
     batch_size: int | None = None
     """Prompts per generate call; None: 8 on a GPU, 4 on CPU."""
+    quantize: str | None = None
+    """int8 or int4: quantize the layers' linears at load (weight-only; --quantize); None: as stored."""
+    group_size: int = 128
+    """int4 group size along the input features (--group-size)."""
     tp: int | None = None
     """Tensor-parallel size (--tp); None: model_parallel_size when run under torchrun, else 1."""
     model_parallel_size: int = 1
@@ -109,6 +113,10 @@ class Settings:
                 raise NeoxRtError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_size is not None and self.batch_size <= 0:
             raise NeoxRtError(f"batch_size must be positive, got {self.batch_size}")
+        if self.quantize not in (None, "int8", "int4"):
+            raise NeoxRtError(f"quantize must be int8 or int4, got {self.quantize!r}")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise NeoxRtError(f"group size must be a positive multiple of 8, got {self.group_size}")
         if self.tp is not None and self.tp <= 0:
             raise NeoxRtError(f"--tp must be positive, got {self.tp}")
         SamplingParams(self.temperature, self.top_k, self.top_p)  # raises NeoxRtError naming the value
@@ -202,6 +210,11 @@ already written stay in the output file (continue with --resume).""".replace(
     g.add_argument("--tp", type=int, metavar="N",
                    help="tensor-parallel size; launch with torchrun --nproc-per-node N "
                         "(default: model-parallel-size under torchrun, else 1)")
+    g.add_argument("--quantize", choices=("int8", "int4"),
+                   help="weight-only quantization of the layers' linears at load (int8 per output channel, int4 "
+                        "in groups); the embedding and the LM head stay in --dtype")
+    g.add_argument("--group-size", dest="group_size", type=int, metavar="N",
+                   help="int4 group size along the input features (default 128)")
     g = p.add_argument_group("mode and files")
     g.add_argument("--text-gen-type", dest="text_gen_type", choices=MODES,
                    help="unconditional, input-file or interactive (default: input-file with -i or --prompt, "
@@ -595,6 +608,15 @@ def load_model(s: Settings, device: str, dtype: str, tp, main_rank: bool):
     if s.load is None:
         if s.vocab_file is not None:
             raise NeoxRtError("--tokenizer needs --model (the embedded default model has its own tokenizer)")
+        if s.quantize is not None:
+            from neox_rt.default_model import default_model_path
+            from neox_rt.quant.apply import quantize_model
+            if default_model_path() is not None:
+                return neox_rt.load(default_model_path(), dtype=dtype, device=device, tp=tp, progress=False,
+                                    quantize=s.quantize, group_size=s.group_size)
+            stand_in = load_default(dtype, device, tp=tp, notice=main_rank)
+            quantize_model(stand_in.model, s.quantize, s.group_size)
+            return stand_in
         return load_default(dtype, device, tp=tp, notice=main_rank)
     directory = resolve_checkpoint(s.load)  # a missing checkpoint is named before a missing tokenizer
     tokenizer = neox_yaml.resolve_vocab_file(s.vocab_file, directory)
@@ -605,7 +627,8 @@ def load_model(s: Settings, device: str, dtype: str, tp, main_rank: bool):
         # from our config when it has one, else from the YAML files saved in the checkpoint
         config = s.model_config if neox_yaml.has_model_shape(s.model_config) else None
         return neox_rt.load(directory, dtype=dtype, device=device, tokenizer=tokenizer, tp=tp,
-                            progress=progress, config=config)
+                            progress=progress, config=config,
+                            quantize=s.quantize, group_size=s.group_size)
     no_config_json = os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, "config.json"))
     if no_config_json and neox_yaml.has_model_shape(s.model_config):
         # HF-format weights without a config.json: the shape comes from the YAML config
@@ -613,8 +636,9 @@ def load_model(s: Settings, device: str, dtype: str, tp, main_rank: bool):
         tok_size = Tokenizer(tokenizer).vocab_size if tokenizer is not None else None
         config = neox_yaml.to_model_config(s.model_config, tok_size)
         return neox_rt.load(directory, dtype=dtype, device=device, tokenizer=tokenizer, tp=tp, progress=progress,
-                            config=config)
-    return neox_rt.load(directory, dtype=dtype, device=device, tokenizer=tokenizer, tp=tp, progress=progress)
+                            config=config, quantize=s.quantize, group_size=s.group_size)
+    return neox_rt.load(directory, dtype=dtype, device=device, tokenizer=tokenizer, tp=tp, progress=progress,
+                        quantize=s.quantize, group_size=s.group_size)
 
 
 def _device(s: Settings) -> str:
@@ -682,6 +706,9 @@ def _run(s: Settings, device: str, device_type: str, dtype: str, tp) -> int:
         _info(f"model {model.path or 'embedded default'}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
               f"{c.num_parameters() / 1e6:.1f}M parameters, {device} {dtype}"
               f"{f', tp {tp.size}' if tp.size > 1 else ''}, loaded in {time.perf_counter() - t0:.1f} s")
+        report = model.memory_report()
+        if report.quantized_linears:
+            _info(f"quantized: {report}")
 
     items = [(context, [model.tokenizer.eos_id] if prompt is None else prompt) for context, prompt in items]
     writer = RecordWriter(s.sample_output_file, append=s.resume) if main_rank else None
