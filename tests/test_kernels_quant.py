@@ -153,3 +153,30 @@ def test_op_table_runs_the_format_kernels():
 def test_decode_shapes_gpu(shape, dtype, fmt):
     m, n, k, group = shape
     check(fmt, m, n, k, group, dtype)
+
+
+@cpu_only
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_model_triton_backend_interpreter(fmt):
+    """A tiny quantized model through the Triton backend (every linear on the format kernels, interpreter, fp32):
+    the same logits as the reference runtime on the same formats."""
+    import neox_rt
+    from neox_rt.engine.kv_cache import KVCache
+    from neox_rt.model.config import NeoXConfig
+    from neox_rt.quant.apply import quantize_model
+    config = NeoXConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=256, rotary_pct=0.25, max_position_embeddings=64)
+    model = neox_rt.build_model(config)
+    neox_rt.init_random(model, seed=1, std=0.2)
+    quantize_model(model, fmt, group_size=32, include_lm_head=True)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    positions = torch.arange(5)[None]
+    want = model(ids, positions, KVCache.for_model(model, 1, 8))
+    try:
+        ops.select_backend("triton")
+        x = torch.randn(5, 64)
+        assert ops.OPS["linear"].served_by(x, model.embed_out.weight) == "triton"
+        got = model(ids, positions, KVCache.for_model(model, 1, 8))
+    finally:
+        ops.select_backend("torch")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
