@@ -288,8 +288,9 @@ def _train_tool():
 @pytest.mark.skipif(default_model_path() is None, reason="no trained default model shipped")
 def test_default_model_fidelity():
     """Held-out perplexity of the default model, CPU fp32: int8 within 1% of the float model, int4-g128 (RTN) within
-    3% (measured +0.67% at hidden 256, int8 +0.02%); greedy continuations of the golden prompts from int8 mostly
-    identical to the float model's."""
+    the issue's 10% (measured on the 13.8M-parameter model: 13.278 fp32, 13.276 int8, 14.222 int4-g128 = +7.1%; the
+    6.8M model it replaced lost only 0.67%: the better-trained model uses its weights' precision more); greedy
+    continuations of the golden prompts from int8 mostly identical to the float model's."""
     tool = _train_tool()
     text = open(os.path.join(REPO, "tests", "data", "heldout_sample.txt"), encoding="utf-8").read()
     golden = json.load(open(os.path.join(REPO, "tests", "data", "default_model_golden.json")))
@@ -301,7 +302,7 @@ def test_default_model_fidelity():
         greedy[q] = [r.token_ids for r in m.generate(prompts, max_new_tokens=16)]
     assert math.isfinite(ppl[None])
     assert ppl["int8"] / ppl[None] - 1 < 0.01, ppl
-    assert ppl["int4"] / ppl[None] - 1 < 0.03, ppl
+    assert ppl["int4"] / ppl[None] - 1 < 0.10, ppl
 
     def same_prefix(a, b):
         n = 0
