@@ -1,10 +1,11 @@
 """The embedded default model: what ``python -m neox_rt.generate`` runs when given no model.
 
-A trained model ships in the package directory ``neox_rt/default_model/`` (``config.json``,
-``model.safetensors``, ``tokenizer.json``): an ordinary HF checkpoint loaded with :func:`neox_rt.load`.
-Until those files exist, :func:`load_default` builds a stand-in: a tiny GPT-NeoX with seeded random
-weights and a small byte-level BPE tokenizer trained in-process on a fixed text. It runs the whole
-pipeline (tokenize, prefill, decode, detokenize) on any machine, but its text is noise, and it says so.
+A trained model ships in this package directory (``config.json``, sharded ``model-*.safetensors`` with their
+index, ``tokenizer.json``, the card ``README.md``): an ordinary HF checkpoint loaded with :func:`neox_rt.load`.
+Where those files are missing (a stripped install), :func:`load_default` builds a stand-in instead: a tiny
+GPT-NeoX with seeded random weights and a small byte-level BPE tokenizer trained in-process on a fixed text. It
+runs the whole pipeline (tokenize, prefill, decode, detokenize) on any machine, but its text is noise, and it
+says so.
 """
 from __future__ import annotations
 
