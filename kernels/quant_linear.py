@@ -155,6 +155,10 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 def _supports_common(x, n, bias, activation, residual, max_rows) -> bool:
     if activation not in ACTIVATIONS or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
+    if x.dtype == torch.float32 and x.is_cuda:
+        # fp32 on a GPU stays on the reference (dequantize, then cuBLAS): on one H100 (session 11, the only GPU run)
+        # the fp32 tiles failed the 2x error rule at every decode shape while fp16 and bf16 passed; not yet diagnosed.
+        return False
     k = x.shape[-1] if x.dim() else 0
     if k < 16 or not x.is_contiguous() or not 0 < x.numel() // k <= min(max_rows, MAX_ROWS):
         return False
