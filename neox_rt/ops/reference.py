@@ -146,5 +146,105 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 
+# ----------------------------------------------------------------------------------------------------
+# Paged KV cache (#23). Per layer, k_cache and v_cache are [num_blocks, nh, bs, hd] (bs = block size, 16 by
+# default): block n holds bs consecutive token positions of one sequence, head by head, so that the keys of one
+# (block, head) are bs * hd contiguous elements, as the dense cache's [B, nh, T, hd] keeps one (row, head)
+# contiguous for the decode read. A sequence's block table is a row of int block_tables [b, max_blocks]: its
+# token at position p lives in block block_tables[i, p // bs], slot p % bs; flat slot = block * bs + slot. Entries
+# past a sequence's length may hold anything (-1, 0, a stale id) and are never read.
+# ----------------------------------------------------------------------------------------------------
+
+def paged_rotary_kv_write_ref(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                              rotary_ndims: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor) -> torch.Tensor:
+    """:func:`rotary_kv_write_ref` into a paged cache: each token's rotated k and its v go to flat slot
+    ``slot_mapping`` (block * bs + offset); slot -1 marks a padding token, whose k and v are not written.
+
+    qkv [..., nh*3*hd] with any leading shape, flattened as tokens: [num_tokens] varlen (the tokens of every
+    sequence one after another, as vLLM), or a padded [b, s]; positions and slot_mapping int of the leading shape;
+    cos/sin [max_pos, rd/2] fp32; caches [num_blocks, nh, bs, hd]. Returns the rotated q [..., nh, hd] (padding
+    tokens' q too: their positions must index the tables). No host sync (capturable in a CUDA graph): a padding
+    token rewrites the slot of the first real token with that token's values (every writer of that slot writes
+    the same bytes), or, when no token is real, slot 0 with what it holds.
+    """
+    lead = qkv.shape[:-1]
+    nb, nh, bs, hd = k_cache.shape
+    n = lead.numel()
+    qkv = qkv.reshape(n, nh, 3, hd)
+    pos, slots = positions.reshape(n), slot_mapping.reshape(n).long()
+    c, sn = cos[pos][None], sin[pos][None]  # [1, n, rd/2]
+    q = apply_rotary_ref(qkv[None, :, :, 0], c, sn, rotary_ndims)[0]  # [n, nh, hd]
+    k = apply_rotary_ref(qkv[None, :, :, 1], c, sn, rotary_ndims)[0]
+    v = qkv[:, :, 2]
+    if n:
+        valid = slots >= 0
+        first = torch.argmax(valid.to(torch.int32))  # the first real token (0 when there is none)
+        some = valid[first]
+        target = torch.where(valid, slots, torch.where(some, slots[first], torch.zeros_like(slots)))
+        blk, off = target // bs, target % bs
+        for cache, new in ((k_cache, k), (v_cache, v)):
+            stay = cache[blk, :, off]  # [n, nh, hd]: what the target slots hold now
+            fill = torch.where(some, new[first].to(cache.dtype), stay)  # padding's value: a real token's, or stay
+            cache[blk, :, off] = torch.where(valid[:, None, None], new.to(cache.dtype), fill)
+    return q.reshape(*lead, nh, hd)
+
+
+def gather_paged(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """The blocks of each block table as a dense cache [b, nh, max_blocks * bs, hd] (entries out of range are
+    clamped: whatever they point at is masked by the caller)."""
+    nb, nh, bs, hd = cache.shape
+    b, mb = block_tables.shape
+    blocks = cache[block_tables.long().clamp(0, nb - 1)]  # [b, mb, nh, bs, hd]
+    return blocks.permute(0, 2, 1, 3, 4).reshape(b, nh, mb * bs, hd)
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`decode_attention_ref` over a paged cache: q [b, nh, hd], caches [num_blocks, nh, bs, hd], block_tables
+    [b, max_blocks] int, seqlens [b] -> [b, nh, hd]; sequence i attends over its first seqlens[i] tokens through its
+    block table. seqlens[i] == 0 (a padding row of a graph's batch bucket) gives zeros.
+
+    Masked, never sliced by data (no host sync, capturable in a CUDA graph); keys and values past a sequence's
+    length are masked, so whatever the slots and blocks past it hold (stale tokens, NaN) never reaches the output.
+    """
+    k = gather_paged(k_cache, block_tables).float()  # [b, nh, L, hd]
+    v = gather_paged(v_cache, block_tables).float()
+    t = torch.arange(k.shape[2], device=q.device)
+    past = t[None, None, :] >= seqlens[:, None, None]  # [b, 1, L]
+    scores = torch.einsum("bnd,bntd->bnt", q.float(), k) * scale
+    scores = scores.masked_fill(past, float("-inf"))
+    v = v.masked_fill(past[..., None], 0.0)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty row (seqlens 0) is all -inf: NaN -> 0
+    out = torch.einsum("bnt,bntd->bnd", probs, v)
+    return out.to(q.dtype)
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, query_start_loc: torch.Tensor, seqlens: torch.Tensor,
+                                scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's chunk of new queries over its paged cache (chunked prefill), varlen.
+
+    q [num_tokens, nh, hd]: the new tokens of sequence i are rows query_start_loc[i]..query_start_loc[i+1]
+    (query_start_loc [b+1] int, cumulative, from 0); seqlens [b]: the tokens of sequence i in the cache, the
+    chunk's included (written first by :func:`paged_rotary_kv_write_ref`). Query j of the n_i new ones sits at
+    position seqlens[i] - n_i + j and sees keys 0..that position. Rows past query_start_loc[b] (padding) give
+    zeros. Returns [num_tokens, nh, hd]; fp32 scores and softmax (:func:`attention_ref` per sequence, on the
+    sequence's blocks gathered dense). Reads the lengths on the host: prefill runs outside CUDA graphs.
+    """
+    out = torch.zeros_like(q)
+    starts = query_start_loc.tolist()
+    lens = seqlens.tolist()
+    for i in range(len(lens)):
+        lo, hi = starts[i], starts[i + 1]
+        if hi == lo:
+            continue
+        positions = torch.arange(lens[i] - (hi - lo), lens[i], device=q.device)[None]  # [1, n]
+        k = gather_paged(k_cache, block_tables[i:i + 1])
+        v = gather_paged(v_cache, block_tables[i:i + 1])
+        out[lo:hi] = attention_ref(q[None, lo:hi], k, v, positions, scale)[0]
+    return out
+
+
 def softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)

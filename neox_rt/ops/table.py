@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from neox_rt.ops.reference import (attention_ref, decode_attention_ref, dual_layernorm_ref, layernorm_ref,
-                                   linear_ref, rotary_kv_write_ref, scaled_causal_softmax_ref)
+                                   linear_ref, paged_decode_attention_ref, paged_prefill_attention_ref,
+                                   paged_rotary_kv_write_ref, rotary_kv_write_ref, scaled_causal_softmax_ref)
 
 
 def linear_pair_ref(x1, w1, b1, act1, x2, w2, b2, act2):
@@ -70,6 +71,10 @@ OPS: dict[str, Op] = {
     "attention": Op("attention", attention_ref),
     "decode_attention": Op("decode_attention", decode_attention_ref),
     "scaled_causal_softmax": Op("scaled_causal_softmax", scaled_causal_softmax_ref),
+    # the paged KV cache [num_blocks, nh, block_size, hd] with per-sequence block tables (#23)
+    "paged_rotary_kv_write": Op("paged_rotary_kv_write", paged_rotary_kv_write_ref),
+    "paged_decode_attention": Op("paged_decode_attention", paged_decode_attention_ref),
+    "paged_prefill_attention": Op("paged_prefill_attention", paged_prefill_attention_ref),
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import triton  # noqa: F401  (fail here, as one ImportError, when triton is absent)
 
-from neox_rt.kernels import attention, decode_attention, layernorm, linear, quant_linear, rotary
+from neox_rt.kernels import attention, decode_attention, layernorm, linear, paged_attention, quant_linear, rotary
 from neox_rt.quant.formats import Int4Weight, Int8Weight
 
 
@@ -45,4 +45,8 @@ def implementations() -> dict:
         "attention": (attention.attention, attention.supports_attention),
         "linear": [(linear.linear, linear.supports_registered_linear), (int8_linear, supports_int8_linear),
                    (int4_linear, supports_int4_linear)],
+        "paged_rotary_kv_write": (paged_attention.paged_rotary_kv_write,
+                                  paged_attention.supports_paged_rotary_kv_write),
+        "paged_decode_attention": (paged_attention.paged_decode_attention,
+                                   paged_attention.supports_paged_decode_attention),
     }

@@ -1,0 +1,456 @@
+"""The paged KV cache's ops (#23) against the dense ones: the references against each other, the Triton kernels
+(under TRITON_INTERPRET=1 on CPU, small shapes) against fp64 math by the house rule.
+
+A paged cache [num_blocks, nh, bs, hd] and a dense cache [b, nh, T, hd] holding the same tokens must give the same
+attention. Layouts are awkward on purpose: blocks handed out in a shuffled order (non-contiguous, out of order,
+with unused blocks between them), no block shared between sequences, table entries past a sequence's length set to
+-1 or to another sequence's block, lengths of one token, exactly a block, mid-block and several blocks. Every cache
+slot no sequence owns is NaN: a kernel that reads past a length fails the finiteness check. Tolerance rule: the
+kernel's max error against an fp64 reference is at most twice PyTorch's own error at the same dtype plus one unit of
+output rounding; the two references (paged and dense) run the same fp32 math on the same values and must agree
+exactly; k/v writes are data movement plus the rotary math, v exact. Outputs the kernels allocate are NaN before
+they run (``poisoned_empty``), and cache slots a write must not touch keep their bits.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest  # noqa: E402
+
+from neox_rt import ops  # noqa: E402
+from neox_rt.ops.reference import (attention_ref, decode_attention_ref, gather_paged,  # noqa: E402
+                                   paged_decode_attention_ref, paged_prefill_attention_ref,
+                                   paged_rotary_kv_write_ref, rotary_kv_write_ref, rotary_tables)
+
+triton = pytest.importorskip("triton")
+from neox_rt.kernels import paged_attention as k_paged  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+HEAD_SIZES = [32, 64, 80, 96, 128, 256]
+ROTARY = {32: 8, 64: 16, 80: 20, 96: 24, 128: 32, 256: 64}  # rotary_pct 0.25 as in the family
+DTYPES = [torch.float16, torch.float32]
+BS = 16
+DECODE_LENGTHS = [1, 16, 17, 37, 48]  # one token, exactly a block, one past a block, mid-block, three full blocks
+
+
+def gen(seed):
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    """Random normal values on DEV, never exactly zero."""
+    x = torch.randn(*shape, generator=gen(seed)) * scale
+    x = torch.where(x == 0, torch.full_like(x, 1e-3), x)
+    return x.to(DEV, dtype)
+
+
+def assert_by_rule(out, torch_low, ref64, dtype, what=""):
+    """kernel error vs fp64 <= 2 x torch's own error at this dtype + one output ulp at the largest value."""
+    assert out.dtype == dtype, (out.dtype, dtype)
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (an unwritten element or a NaN slot was read)"
+    kernel_err = (out.double() - ref64).abs().max().item()
+    torch_err = (torch_low.double() - ref64).abs().max().item()
+    bound = 2 * torch_err + torch.finfo(dtype).eps * ref64.abs().max().item()
+    assert kernel_err <= bound, f"{what}: kernel err {kernel_err:.3g} > 2 x torch err {torch_err:.3g} + eps"
+
+
+def bits(t):
+    """The raw bits of a float tensor (NaN == NaN), for 'untouched' checks."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """torch.empty returns NaN-filled (float) or -7-filled (int) memory while active, so that an output element a
+    kernel wrapper allocates and the kernel forgets to write is caught, on CPU as on the GPU."""
+    real = torch.empty
+
+    def empty(*size, **kw):
+        t = real(*size, **kw)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real
+
+
+class Layout:
+    """Block tables for sequences of the given lengths: blocks drawn from a shuffled pool with spare blocks (holes),
+    no block shared, table entries past a sequence's blocks -1 (even rows) or another sequence's block (odd rows)."""
+
+    def __init__(self, lengths, bs=BS, spare=3, extra_cols=1, seed=0):
+        self.lengths, self.bs = list(lengths), bs
+        need = [math.ceil(n / bs) for n in self.lengths]
+        self.num_blocks = sum(need) + spare
+        self.max_blocks = max(need + [1]) + extra_cols
+        pool = torch.randperm(self.num_blocks, generator=gen(seed)).tolist()
+        tables = torch.full((len(self.lengths), self.max_blocks), -1, dtype=torch.int32)
+        self.owned = []
+        for i, k in enumerate(need):
+            ids, pool = pool[:k], pool[k:]
+            self.owned.append(ids)
+            tables[i, :k] = torch.tensor(ids, dtype=torch.int32)
+        for i in range(1, len(need), 2):  # stale entries pointing at a block someone else owns (or a spare)
+            other = self.owned[i - 1] or pool or [0]
+            tables[i, need[i]:] = other[0]
+        self.block_tables = tables.to(DEV)
+        self.seqlens = torch.tensor(self.lengths, dtype=torch.int32, device=DEV)
+
+    def slot(self, i, p):
+        return self.owned[i][p // self.bs] * self.bs + p % self.bs
+
+    def paged_from_dense(self, dense, nh, hd, dtype):
+        """A NaN cache [num_blocks, nh, bs, hd] holding dense[i, :, :lengths[i]] through the tables."""
+        cache = torch.full((self.num_blocks, nh, self.bs, hd), float("nan"), dtype=dtype, device=DEV)
+        for i, n in enumerate(self.lengths):
+            for p in range(n):
+                cache[self.owned[i][p // self.bs], :, p % self.bs] = dense[i, :, p]
+        return cache
+
+
+def dense_caches(layout, nh, hd, dtype, seed):
+    """Dense caches [b, nh, T, hd], T the tables' capacity; slots past a length hold finite junk (the dense
+    reference masks them)."""
+    b, T = len(layout.lengths), layout.max_blocks * layout.bs
+    return randn(b, nh, T, hd, dtype=dtype, seed=seed), randn(b, nh, T, hd, dtype=dtype, seed=seed + 1)
+
+
+def decode_math(q, k, v, seqlens, scale, dtype):
+    """Per-sequence softmax(q k^T * scale) v over the first seqlens[i] dense slots, computed in ``dtype``."""
+    outs = []
+    for i in range(q.shape[0]):
+        n = int(seqlens[i])
+        kk, vv = k[i, :, :n].to(dtype), v[i, :, :n].to(dtype)  # [nh, n, hd]
+        sc = torch.einsum("hd,hnd->hn", q[i].to(dtype), kk) * scale
+        p = torch.softmax(sc.float() if dtype != torch.float64 else sc, dim=-1).to(dtype)
+        outs.append(torch.einsum("hn,hnd->hd", p, vv))
+    return torch.stack(outs)
+
+
+def rotate(x, c, s, rd, dtype):
+    """NeoX rotate-half of x [n, nh, hd] with c, s [n, rd/2], computed in ``dtype``."""
+    half = rd // 2
+    x = x.to(dtype)
+    x1, x2, rest = x[..., :half], x[..., half:rd], x[..., rd:]
+    c, s = c[:, None, :].to(dtype), s[:, None, :].to(dtype)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# References: paged against dense
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", HEAD_SIZES)
+def test_paged_decode_reference_equals_dense(hd, dtype):
+    layout = Layout(DECODE_LENGTHS, seed=hd)
+    nh = 3
+    kd, vd = dense_caches(layout, nh, hd, dtype, seed=1)
+    kp, vp = layout.paged_from_dense(kd, nh, hd, dtype), layout.paged_from_dense(vd, nh, hd, dtype)
+    q = randn(len(DECODE_LENGTHS), nh, hd, dtype=dtype, seed=2, scale=2.0)
+    scale = hd ** -0.5
+    dense = decode_attention_ref(q, kd, vd, layout.seqlens, scale)
+    paged = paged_decode_attention_ref(q, kp, vp, layout.block_tables, layout.seqlens, scale)
+    assert torch.isfinite(paged).all()
+    # the same fp32 math on the same values; only the order of the masked zeros' sums may differ
+    torch.testing.assert_close(paged, dense, rtol=0, atol=torch.finfo(dtype).eps * dense.abs().max().item())
+
+
+def test_paged_decode_reference_empty_sequence_gives_zeros():
+    layout = Layout([0, 5, 0, 33])
+    kd, vd = dense_caches(layout, 2, 32, torch.float32, seed=3)
+    kp, vp = layout.paged_from_dense(kd, 2, 32, torch.float32), layout.paged_from_dense(vd, 2, 32, torch.float32)
+    q = randn(4, 2, 32, seed=4)
+    out = paged_decode_attention_ref(q, kp, vp, layout.block_tables, layout.seqlens, 0.2)
+    assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]]))
+    dense = decode_attention_ref(q[[1, 3]], kd[[1, 3]], vd[[1, 3]], layout.seqlens[[1, 3]], 0.2)
+    torch.testing.assert_close(out[[1, 3]], dense, rtol=0, atol=1e-6)
+
+
+def write_case(lengths, new, nh, hd, dtype, seed=0, pad_every=3):
+    """New tokens of each sequence (its last ``new[i]`` positions) as one varlen batch with padding tokens (slot
+    -1, position 0) interleaved; returns (layout, qkv [n, nh*3*hd], positions [n], slots [n], owner [n])."""
+    layout = Layout(lengths, seed=seed)
+    pos, slots, owner = [], [], []
+    for i, (n, m) in enumerate(zip(lengths, new)):
+        for p in range(n - m, n):
+            if len(pos) % pad_every == pad_every - 1:
+                pos.append(0), slots.append(-1), owner.append(-1)
+            pos.append(p), slots.append(layout.slot(i, p)), owner.append(i)
+    pos.append(0), slots.append(-1), owner.append(-1)  # a trailing padding token (a graph bucket's tail)
+    qkv = randn(len(pos), nh * 3 * hd, dtype=dtype, seed=seed + 5)
+    return (layout, qkv, torch.tensor(pos, device=DEV), torch.tensor(slots, dtype=torch.int32, device=DEV),
+            torch.tensor(owner, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", [32, 80])
+def test_paged_write_reference_equals_dense(hd, dtype):
+    nh, rd = 2, ROTARY[hd]
+    layout, qkv, pos, slots, owner = write_case([19, 37, 1, 16], [19, 5, 1, 16], nh, hd, dtype)
+    cos, sin = rotary_tables(rd, 64, 10000.0, device=DEV)
+    kp = torch.full((layout.num_blocks, nh, BS, hd), float("nan"), dtype=dtype, device=DEV)
+    vp = kp.clone()
+    q = paged_rotary_kv_write_ref(qkv, pos, cos, sin, rd, kp, vp, slots)
+    T = layout.max_blocks * BS
+    kd = torch.full((len(layout.lengths), nh, T, hd), float("nan"), dtype=dtype, device=DEV)
+    vd = kd.clone()
+    for i in range(len(layout.lengths)):  # the dense op, one sequence (one cache row) at a time
+        rows = (owner == i).nonzero()[:, 0]
+        qi = rotary_kv_write_ref(qkv[rows][None], pos[rows][None], cos, sin, rd, kd[i:i + 1], vd[i:i + 1])[0]
+        assert torch.equal(q[rows], qi)
+    for paged, dense in ((kp, kd), (vp, vd)):  # through the tables: the same bits where the dense op wrote
+        written = dense.isfinite()
+        assert torch.equal(bits(gather_paged(paged, layout.block_tables))[written], bits(dense)[written])
+        assert int(paged.isfinite().sum()) == int(written.sum())  # and nothing else (the rest still NaN)
+
+
+def test_paged_write_reference_all_padding_writes_nothing():
+    nh, hd = 2, 32
+    kp = randn(4, nh, BS, hd, seed=1)
+    vp = randn(4, nh, BS, hd, seed=2)
+    k0, v0 = kp.clone(), vp.clone()
+    qkv = randn(2, 3, nh * 3 * hd, seed=3)  # a padded [b, s] batch this time
+    cos, sin = rotary_tables(8, 8, 10000.0, device=DEV)
+    q = paged_rotary_kv_write_ref(qkv, torch.zeros(2, 3, dtype=torch.long, device=DEV), cos, sin, 8, kp, vp,
+                                  torch.full((2, 3), -1, device=DEV))
+    assert q.shape == (2, 3, nh, hd)
+    assert torch.equal(kp, k0) and torch.equal(vp, v0)
+
+
+def prefill_case(ctx, new, nh, hd, dtype, seed=0, pad=2):
+    """Sequences holding ctx[i] + new[i] tokens (paged and dense), and the varlen queries of their new tokens."""
+    lengths = [c + n for c, n in zip(ctx, new)]
+    layout = Layout(lengths, seed=seed)
+    kd, vd = dense_caches(layout, nh, hd, dtype, seed=seed + 1)
+    kp, vp = layout.paged_from_dense(kd, nh, hd, dtype), layout.paged_from_dense(vd, nh, hd, dtype)
+    qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0).tolist()), dtype=torch.int32, device=DEV)
+    q = randn(sum(new) + pad, nh, hd, dtype=dtype, seed=seed + 3, scale=2.0)  # ``pad`` rows past the last sequence
+    return layout, kd, vd, kp, vp, qsl, q
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", HEAD_SIZES)
+def test_paged_prefill_reference_equals_dense(hd, dtype):
+    # a fresh prompt; a chunk starting mid-block (20 = a block + 4); one token after 31; a chunk of exactly a block
+    # at a block boundary; a sequence with no new tokens this step
+    ctx, new = [0, 20, 31, 16, 9], [19, 5, 1, 16, 0]
+    nh = 2
+    layout, kd, vd, kp, vp, qsl, q = prefill_case(ctx, new, nh, hd, dtype, seed=hd)
+    scale = hd ** -0.5
+    out = paged_prefill_attention_ref(q, kp, vp, layout.block_tables, qsl, layout.seqlens, scale)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    for i, (c, n) in enumerate(zip(ctx, new)):
+        lo = int(qsl[i])
+        positions = torch.arange(c, c + n, device=DEV)[None]
+        if n:
+            dense = attention_ref(q[None, lo:lo + n], kd[i:i + 1], vd[i:i + 1], positions, scale)[0]
+            assert torch.equal(out[lo:lo + n], dense), f"sequence {i}"
+    assert torch.equal(out[int(qsl[-1]):], torch.zeros_like(out[int(qsl[-1]):]))  # padding rows
+
+
+def test_paged_step_equals_dense_step():
+    """A chunked prefill then a decode step through the paged ops equal the dense ops' step, end to end."""
+    nh, hd, rd, dtype = 2, 64, 16, torch.float32
+    ctx, new = [0, 21, 3], [7, 4, 13]  # sequence 1 is mid-prompt (chunked prefill), its chunk starts mid-block
+    lengths = [c + n for c, n in zip(ctx, new)]
+    layout = Layout([n + 1 for n in lengths], seed=7)  # room for the decode token
+    b, T = len(lengths), layout.max_blocks * BS
+    cos, sin = rotary_tables(rd, 128, 10000.0, device=DEV)
+    kd, vd = dense_caches(layout, nh, hd, dtype, seed=8)  # junk past each context: overwritten or masked
+    kp = torch.full((layout.num_blocks, nh, BS, hd), float("nan"), device=DEV)
+    vp = kp.clone()
+    for i, c in enumerate(ctx):  # the existing context, in both caches
+        for p in range(c):
+            kp[layout.owned[i][p // BS], :, p % BS], vp[layout.owned[i][p // BS], :, p % BS] = kd[i, :, p], vd[i, :, p]
+    qkv = randn(sum(new), nh * 3 * hd, seed=9)
+    pos = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, new)]).to(DEV)
+    slots = torch.tensor([layout.slot(i, p) for i, (c, n) in enumerate(zip(ctx, new)) for p in range(c, c + n)],
+                         device=DEV)
+    qsl = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), device=DEV)
+    scale = hd ** -0.5
+    q = paged_rotary_kv_write_ref(qkv, pos, cos, sin, rd, kp, vp, slots)
+    out = paged_prefill_attention_ref(q, kp, vp, layout.block_tables, qsl,
+                                      torch.tensor(lengths, device=DEV), scale)
+    for i in range(b):
+        lo, hi = int(qsl[i]), int(qsl[i + 1])
+        qi = rotary_kv_write_ref(qkv[None, lo:hi], pos[None, lo:hi], cos, sin, rd, kd[i:i + 1], vd[i:i + 1])
+        assert torch.equal(out[lo:hi], attention_ref(qi, kd[i:i + 1], vd[i:i + 1], pos[None, lo:hi], scale)[0])
+    # one decode token per sequence
+    qkv1 = randn(b, nh * 3 * hd, seed=10)
+    pos1 = torch.tensor(lengths, device=DEV)
+    slots1 = torch.tensor([layout.slot(i, p) for i, p in enumerate(lengths)], device=DEV)
+    q1 = paged_rotary_kv_write_ref(qkv1, pos1, cos, sin, rd, kp, vp, slots1)
+    got = paged_decode_attention_ref(q1, kp, vp, layout.block_tables, pos1 + 1, scale)
+    qd = rotary_kv_write_ref(qkv1[:, None], pos1[:, None], cos, sin, rd, kd, vd)[:, 0]
+    want = decode_attention_ref(qd, kd, vd, pos1 + 1, scale)
+    torch.testing.assert_close(got, want, rtol=0, atol=torch.finfo(dtype).eps * want.abs().max().item())
+    assert T >= max(lengths) + 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels (the interpreter on CPU)
+# ----------------------------------------------------------------------------------------------------
+
+def check_paged_decode(hd, dtype, lengths, bs=BS, seed=0, **kw):
+    layout = Layout(lengths, bs=bs, seed=seed + hd)
+    nh = 2
+    kd, vd = dense_caches(layout, nh, hd, dtype, seed=seed + 1)
+    kp, vp = layout.paged_from_dense(kd, nh, hd, dtype), layout.paged_from_dense(vd, nh, hd, dtype)
+    q = randn(len(lengths), nh, hd, dtype=dtype, seed=seed + 2, scale=2.0)
+    scale = hd ** -0.5
+    assert k_paged.supports_paged_decode_attention(q, kp, vp, layout.block_tables, layout.seqlens, scale)
+    with poisoned_empty():
+        out = k_paged.paged_decode_attention(q, kp, vp, layout.block_tables, layout.seqlens, scale, **kw)
+    assert out.shape == q.shape
+    live = [i for i, n in enumerate(lengths) if n]
+    empty = [i for i, n in enumerate(lengths) if not n]
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+    ref64 = decode_math(q[live], kd[live], vd[live], layout.seqlens[live], scale, torch.float64)
+    torch_low = decode_math(q[live], kd[live], vd[live], layout.seqlens[live], scale, dtype)
+    assert_by_rule(out[live], torch_low, ref64, dtype, f"paged decode hd={hd} {dtype} bs={bs} {kw}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", HEAD_SIZES)
+def test_paged_decode_triton(hd, dtype):
+    check_paged_decode(hd, dtype, DECODE_LENGTHS)  # the planner's split (one chunk at these sizes on CPU)
+    check_paged_decode(hd, dtype, [0, 45, 1], seed=3, num_splits=3, block_n=16)  # chunks merged; an empty row
+
+
+@pytest.mark.parametrize("bs", [1, 8, 32])
+def test_paged_decode_triton_block_sizes(bs):
+    """Block sizes other than 16: a key step spanning several blocks (8, 1), a block spanning steps (32)."""
+    check_paged_decode(80, torch.float16, [1, 8, 9, 40], bs=bs, num_splits=2, block_n=16)
+
+
+def check_paged_write(hd, dtype, lengths, new, seed=0, lead_2d=False):
+    nh, rd = 3, ROTARY[hd]
+    layout, qkv, pos, slots, owner = write_case(lengths, new, nh, hd, dtype, seed=seed)
+    cos, sin = rotary_tables(rd, 64, 10000.0, device=DEV)
+    kp = torch.full((layout.num_blocks, nh, BS, hd), float("nan"), dtype=dtype, device=DEV)
+    kp[layout.num_blocks - 1] = 7.0  # a block with stale finite values: untouched bits must survive too
+    vp = kp.clone()
+    k_before, v_before = kp.clone(), vp.clone()
+    if lead_2d:  # the padded [b, s] form of the same tokens
+        qkv, pos, slots = qkv[None], pos[None], slots[None]
+    assert k_paged.supports_paged_rotary_kv_write(qkv, pos, cos, sin, rd, kp, vp, slots)
+    with poisoned_empty():
+        q = k_paged.paged_rotary_kv_write(qkv, pos, cos, sin, rd, kp, vp, slots)
+    if lead_2d:
+        qkv, pos, slots, q = qkv[0], pos[0], slots[0], q[0]
+    n = qkv.shape[0]
+    assert q.shape == (n, nh, hd)
+    parts = qkv.view(n, nh, 3, hd)
+    c, s = cos[pos], sin[pos]
+    assert_by_rule(q, rotate(parts[:, :, 0], c, s, rd, dtype), rotate(parts[:, :, 0], c, s, rd, torch.float64),
+                   dtype, f"paged write q hd={hd}")
+    real = (slots >= 0).nonzero()[:, 0]
+    blk, off = slots[real].long() // BS, slots[real].long() % BS
+    assert_by_rule(kp[blk, :, off], rotate(parts[real, :, 1], c[real], s[real], rd, dtype),
+                   rotate(parts[real, :, 1], c[real], s[real], rd, torch.float64), dtype, f"paged write k hd={hd}")
+    assert torch.equal(vp[blk, :, off], parts[real, :, 2]), "v must be copied exactly"
+    written = torch.zeros(layout.num_blocks, BS, dtype=torch.bool, device=DEV)
+    written[blk, off] = True
+    untouched = ~written[:, None, :, None].expand_as(kp)
+    for after, before in ((kp, k_before), (vp, v_before)):
+        assert torch.equal(bits(after)[untouched], bits(before)[untouched]), "a slot outside slot_mapping changed"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", HEAD_SIZES)
+def test_paged_write_triton(hd, dtype):
+    # a fresh prompt; a chunk crossing a block boundary (14..18); one token; a chunk ending at a block's end
+    check_paged_write(hd, dtype, [6, 19, 1, 16], [6, 5, 1, 3], seed=hd)
+
+
+def test_paged_write_triton_padded_batch_and_ref_agree():
+    check_paged_write(64, torch.float32, [5, 20], [5, 3], lead_2d=True)
+    # kernel and reference write the same bits (same rotation math in fp32)
+    nh, hd, rd = 2, 32, 8
+    layout, qkv, pos, slots, _ = write_case([9, 30], [9, 14], nh, hd, torch.float32, seed=4)
+    cos, sin = rotary_tables(rd, 64, 10000.0, device=DEV)
+    caches = [torch.full((layout.num_blocks, nh, BS, hd), float("nan"), device=DEV) for _ in range(4)]
+    q_ref = paged_rotary_kv_write_ref(qkv, pos, cos, sin, rd, caches[0], caches[1], slots)
+    q_tri = k_paged.paged_rotary_kv_write(qkv, pos, cos, sin, rd, caches[2], caches[3], slots)
+    torch.testing.assert_close(q_tri, q_ref, rtol=1e-6, atol=1e-6)  # fma vs separate multiply-add: 1-2 ulps
+    torch.testing.assert_close(caches[2], caches[0], rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert torch.equal(bits(caches[3]), bits(caches[1]))
+
+
+def test_supports_paged_rejects():
+    layout = Layout([3, 20])
+    kp = torch.randn(layout.num_blocks, 2, BS, 48)
+    q = torch.randn(2, 2, 48)
+    args = (layout.block_tables.cpu(), layout.seqlens.cpu(), 0.1)
+    assert not k_paged.supports_paged_decode_attention(q, kp, kp, *args)  # head size 48
+    kp, q = kp[..., :32].contiguous(), q[..., :32].contiguous()
+    if not GPU:
+        assert k_paged.supports_paged_decode_attention(q, kp, kp, *args)
+    assert not k_paged.supports_paged_decode_attention(q, kp.half(), kp.half(), *args)  # dtype mismatch
+    assert not k_paged.supports_paged_decode_attention(q, kp.transpose(1, 2), kp.transpose(1, 2), *args)
+    assert not k_paged.supports_paged_decode_attention(q[:1], kp, kp, *args)  # table rows != batch
+    assert not k_paged.supports_paged_decode_attention(q, kp, kp, args[0].float(), *args[1:])
+    qkv = torch.randn(4, 2 * 3 * 32)
+    cos, sin = rotary_tables(8, 16, 10000.0)
+    pos, slots = torch.zeros(4, dtype=torch.long), torch.full((4,), -1)
+    assert not k_paged.supports_paged_rotary_kv_write(qkv, pos, cos, sin, 7, kp, kp, slots)  # odd rotary
+    assert not k_paged.supports_paged_rotary_kv_write(qkv, pos, cos, sin, 8, kp, kp, slots[:3])
+    assert not k_paged.supports_paged_rotary_kv_write(qkv.half(), pos, cos, sin, 8, kp, kp, slots)
+
+
+@pytest.mark.skipif(GPU, reason="the interpreter's registration; the GPU selects its own backends")
+def test_op_table_serves_paged_ops_from_triton():
+    try:
+        assert ops.select_backend("triton") == "triton"
+        layout = Layout([5, 17])
+        kp = randn(layout.num_blocks, 2, BS, 32, seed=1)
+        q = randn(2, 2, 32, seed=2)
+        args = (q, kp, kp, layout.block_tables, layout.seqlens, 0.2)
+        assert ops.OPS["paged_decode_attention"].served_by(*args) == "triton"
+        torch.testing.assert_close(ops.OPS["paged_decode_attention"](*args), paged_decode_attention_ref(*args),
+                                   rtol=1e-5, atol=1e-5)
+        assert ops.OPS["paged_decode_attention"].served_by(q.double(), kp, kp, *args[3:]) == "torch"
+        assert ops.OPS["paged_prefill_attention"].impls == ()  # the reference serves prefill
+    finally:
+        ops.reset()
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: graph capture (the reference and the kernel), the fp16 kernel at a larger shape
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_paged_decode_graph_capture_gpu(impl):
+    fn = paged_decode_attention_ref if impl == "reference" else k_paged.paged_decode_attention
+    layout = Layout([1, 16, 300, 2047], seed=1)
+    kp = randn(layout.num_blocks, 4, BS, 128, dtype=torch.float16, seed=2)
+    vp = randn(layout.num_blocks, 4, BS, 128, dtype=torch.float16, seed=3)
+    q = randn(4, 4, 128, dtype=torch.float16, seed=4)
+    fn(q, kp, vp, layout.block_tables, layout.seqlens, 0.1)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(q, kp, vp, layout.block_tables, layout.seqlens, 0.1)
+    for lengths in ([2, 17, 299, 2000], [1, 1, 1, 1]):  # new lengths through the same graph
+        layout.seqlens.copy_(torch.tensor(lengths, device=DEV))
+        graph.replay()
+        torch.testing.assert_close(out, fn(q, kp, vp, layout.block_tables, layout.seqlens, 0.1), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hd", HEAD_SIZES)
+def test_paged_decode_gpu(hd, dtype):
+    check_paged_decode(hd, dtype, [1, 16, 17, 383, 2047, 4096])
