@@ -113,8 +113,9 @@ class Layout:
         """A NaN cache [num_blocks, nh, bs, hd] holding dense[i, :, :lengths[i]] through the tables."""
         cache = torch.full((self.num_blocks, nh, self.bs, hd), float("nan"), dtype=dtype, device=DEV)
         for i, n in enumerate(self.lengths):
-            for p in range(n):
-                cache[self.owned[i][p // self.bs], :, p % self.bs] = dense[i, :, p]
+            p = torch.arange(n, device=DEV)
+            blocks = torch.tensor(self.owned[i], dtype=torch.long, device=DEV)[p // self.bs] if n else p
+            cache[blocks, :, p % self.bs] = dense[i, :, :n].transpose(0, 1)  # [n, nh, hd]
         return cache
 
 
