@@ -190,10 +190,13 @@ def _is_vocab(name: str) -> bool:
 
 
 def load_streaming(model: NeoXForCausalLM, directory: str, plan: WeightPlan, device, progress: bool = True,
-                   sources: dict[str, TensorSource] | None = None) -> NeoXForCausalLM:
+                   sources: dict[str, TensorSource] | None = None,
+                   after_unit: Callable[[str, nn.Module], None] | None = None) -> NeoXForCausalLM:
     """Fill a model built by :func:`empty_model` from the checkpoint in ``directory``, unit by unit (module
     docstring): the linears that ``plan`` quantizes receive their formats, every other parameter its tensor (this
-    rank's slice) in the model dtype. Missing, unexpected and misshapen tensors are one error naming them."""
+    rank's slice) in the model dtype. Missing, unexpected and misshapen tensors are one error naming them.
+    ``after_unit(prefix, unit)`` runs as each unit is filled, before the next is read (GPTQ's calibration pass,
+    :mod:`neox_rt.quant.gptq`, quantizes a layer there)."""
     sources = sources if sources is not None else index_checkpoint(directory)
     tp, dtype = model.tp, model.dtype
     quantized = {name for name, mod in model.named_modules() if isinstance(mod, Linear) and plan.quantized(name)}
@@ -243,6 +246,8 @@ def load_streaming(model: NeoXForCausalLM, directory: str, plan: WeightPlan, dev
             set_weight(m, fmt.to(device))
         if bar is not None:
             bar.update(sum(p.numel() * p.element_size() for p in unit.parameters()))
+        if after_unit is not None:
+            after_unit(prefix, unit)
     if bar is not None:
         bar.close()
     return model

@@ -33,6 +33,7 @@ from neox_rt.parallel.context import SINGLE, TensorParallel
 from neox_rt.quant.apply import (WeightPlan, empty_model, load_streaming, memory_report, quantized_linear_names,
                                  QuantizeAtLoad, quantize_weight, log)
 from neox_rt.quant.formats import INT4_PER_WORD, Int4Weight, Int8Weight, check_row_shard_groups, pack_int4
+from neox_rt.quant.gptq import load_calibrated
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "generation_config.json")
@@ -109,23 +110,31 @@ class NeoxRtPlan(WeightPlan):
 
 def save_quantized(src: str, dst: str, fmt: str, group_size: int = 128, method="rtn", method_fn=quantize_weight,
                    dtype="float16", include_lm_head: bool = False, max_shard_bytes: int = 4 * 2**30,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, calibration: torch.Tensor | None = None, device="cpu") -> dict:
     """Quantize the float HF checkpoint ``src`` into ``dst`` (module docstring); returns its quantization_config.
 
     The source streams in layer by layer, each linear quantized as it is read (:func:`load_streaming`, on CPU), so
     host memory holds the quantized model plus one float tensor; the output is written in shards of at most
-    ``max_shard_bytes`` with a ``model.safetensors.index.json`` when there are several.
+    ``max_shard_bytes`` with a ``model.safetensors.index.json`` when there are several. With ``calibration``
+    (token ids [N, L]) the method gets each linear's Hessian from the layer-by-layer calibration pass of
+    :func:`neox_rt.quant.gptq.load_calibrated` on ``device`` (one float layer held at a time).
     """
     from safetensors.torch import save_file
     directory = resolve_checkpoint(src)
     config = NeoXConfig.from_json(directory)
-    model = empty_model(config, dtype)
-    model = load_streaming(model, directory, QuantizeAtLoad(model, fmt, group_size, include_lm_head, method_fn),
-                           "cpu", progress)
+    if calibration is not None:
+        model = load_calibrated(config, directory, fmt, calibration, group_size, method_fn, dtype, device,
+                                include_lm_head, progress=progress).to("cpu")
+    else:
+        model = empty_model(config, dtype)
+        model = load_streaming(model, directory, QuantizeAtLoad(model, fmt, group_size, include_lm_head, method_fn),
+                               "cpu", progress)
     os.makedirs(dst, exist_ok=True)
     qc = {"quant_method": "neox_rt", "format": fmt, "bits": 8 if fmt == "int8" else 4,
           "group_size": group_size if fmt == "int4" else None, "sym": fmt == "int8", "method": method,
           "lm_head": include_lm_head}
+    if calibration is not None:
+        qc["calibration"] = {"samples": calibration.shape[0], "seqlen": calibration.shape[1]}
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     cfg["quantization_config"] = qc
