@@ -41,3 +41,40 @@ class KVCache:
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+
+class PagedKVCache:
+    """The paged KV cache (#23): k, v [layers, num_blocks, heads, block_size, head_dim]; ``k[i]`` is layer i's
+    pool of blocks. Which block holds which sequence's tokens is the block manager's business
+    (:mod:`neox_rt.engine.block_manager`); slots past a sequence's length may hold stale values, never read."""
+
+    def __init__(self, layers: int, num_blocks: int, heads: int, block_size: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (layers, num_blocks, heads, block_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[3]
+
+    @staticmethod
+    def block_bytes(model, block_size: int) -> int:
+        """Bytes of one block across all layers, k and v, for the model's (this rank's) heads and dtype."""
+        c = model.config
+        elem = torch.empty((), dtype=model.dtype).element_size()
+        return 2 * c.num_hidden_layers * (c.num_attention_heads // model.tp.size) * block_size * c.head_dim * elem
+
+    @classmethod
+    def for_model(cls, model, num_blocks: int, block_size: int = 16) -> "PagedKVCache":
+        """A pool of ``num_blocks`` blocks of ``block_size`` tokens of the model's heads, dtype and device."""
+        c = model.config
+        return cls(c.num_hidden_layers, num_blocks, c.num_attention_heads // model.tp.size, block_size, c.head_dim,
+                   dtype=model.dtype, device=model.device)
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

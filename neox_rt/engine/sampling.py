@@ -57,3 +57,26 @@ def sample(logits: torch.Tensor, params: SamplingParams, valid_vocab: int,
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def request_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator whose state depends only on ``(seed, index)``: the randomness of token ``index`` of a
+    seeded request, the same whatever else runs beside it and after a preemption's recompute."""
+    g = torch.Generator()
+    g.manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9 + 1) % (1 << 64))
+    return g
+
+
+def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, valid_vocab: int,
+               generator: torch.Generator) -> int:
+    """One id from logits [V] (any device) with :func:`sample`'s semantics (temperature, top-k, then top-p; ids >=
+    valid_vocab never chosen), by inverting the CDF at one uniform draw of the CPU ``generator``: the choice
+    depends only on the logits and the generator, not on the device's random state."""
+    x = logits.float()[:valid_vocab]
+    if temperature == 0.0 or top_k == 1:
+        return int(x.argmax())
+    x = filter_logits(x[None] / temperature, top_k, top_p)[0]
+    cum = torch.softmax(x, dim=-1).cumsum(dim=-1)
+    u = torch.rand((), generator=generator).to(cum.device)
+    # the first id whose cumulative probability exceeds u * total: never a filtered id (its probability is 0)
+    return min(int(torch.searchsorted(cum, (u * cum[-1])[None], right=True)[0]), x.shape[-1] - 1)

@@ -1,0 +1,202 @@
+"""``LLMEngine``: continuous batching over a paged KV cache, one step at a time (#23).
+
+Each ``step()``: the scheduler plans the batch (:mod:`.scheduler`), the runner runs it and samples
+(:mod:`.model_runner`), the scheduler records the tokens (EOS, stop tokens, max_tokens), then the detokenizer here
+turns each request's tokens into text: stop strings (the text is cut before the first one, the request finishes
+with "stop"), and the streamable delta (held back while it may still become a stop string or ends in an incomplete
+UTF-8 sequence). Not thread-safe: one thread drives it (the async server wraps it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from neox_rt.engine.kv_cache import PagedKVCache
+from neox_rt.engine.model_runner import ModelRunner
+from neox_rt.engine.scheduler import QueueFull, RequestRejected, Scheduler, SchedulerConfig
+from neox_rt.engine.sequence import RequestParams, SequenceStatus
+from neox_rt.errors import NeoxRtError
+
+__all__ = ["LLMEngine", "RequestOutput", "SamplingRequest", "RequestRejected", "QueueFull"]
+
+CPU_DEFAULT_KV_BYTES = 256 << 20
+"""The default pool's cap on CPU (the GPU default is half of the free memory)."""
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """What one request asks for; validated by the HTTP layer, trusted here."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    """0 is greedy."""
+    top_p: float = 1.0
+    """1.0 (or 0) is off."""
+    top_k: int = 0
+    """0 is off."""
+    seed: int | None = None
+    """The randomness of token t depends only on (seed, t): reproducible under any load and after preemption."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: the text is cut before the first one, finish_reason "stop"."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that finish with "stop"; like EOS they are left out of the text and of ``token_ids``."""
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: the chosen token's logprob, and the top k (k > 0)."""
+
+
+@dataclass
+class RequestOutput:
+    """One per request that progressed in a step."""
+    request_id: str
+    new_text: str
+    """Text to stream now ("" is possible)."""
+    new_token_ids: list[int]
+    text: str
+    """All output text so far (cut at a stop string when finished)."""
+    token_ids: list[int]
+    """All output token ids so far (EOS and stop tokens excluded)."""
+    logprobs: list[float] | None
+    """One per new token: log p under the model, before temperature and filters."""
+    top_logprobs: list[dict[int, float]] | None
+    """One dict per new token when logprobs = k > 0."""
+    finished: bool
+    finish_reason: str | None
+    """"stop" (EOS, stop token or stop string), "length" or "abort"."""
+    num_prompt_tokens: int
+
+
+class _Detok:
+    """A request's output as the client sees it: tokens, text, and how much of it was streamed."""
+
+    def __init__(self, params: SamplingRequest, num_prompt_tokens: int):
+        self.params = params
+        self.num_prompt_tokens = num_prompt_tokens
+        self.stop = tuple(s for s in params.stop if s)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.streamed = 0
+
+
+class LLMEngine:
+    """Continuous batching for a loaded :class:`neox_rt.NeoX` (its model, tokenizer and config)."""
+
+    def __init__(self, neox, *, max_num_seqs: int = 64, max_model_len: int | None = None,
+                 num_blocks: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
+                 max_num_batched_tokens: int = 2048, max_queue: int | None = None):
+        if neox.tokenizer is None:
+            raise NeoxRtError("the engine needs a tokenizer: pass tokenizer=PATH to neox_rt.load")
+        self.neox = neox
+        self.model = neox.model
+        self.tokenizer = neox.tokenizer
+        self.block_size = block_size
+        positions = neox.config.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = positions
+        if max_model_len > positions:
+            raise NeoxRtError(f"max_model_len {max_model_len} exceeds the model's {positions} positions")
+        self.max_model_len = max_model_len
+        per_block = PagedKVCache.block_bytes(self.model, block_size)
+        if num_blocks is None:
+            if kv_cache_memory is None:
+                need = max_num_seqs * -(-max_model_len // block_size) * per_block
+                kv_cache_memory = min(need, self._default_kv_bytes())
+            num_blocks = kv_cache_memory // per_block
+        if num_blocks < 1:
+            raise NeoxRtError(f"the KV cache holds no block of {block_size} tokens ({per_block} bytes each)")
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs), max_queue=max_queue,
+            max_model_len=max_model_len, eos_token_id=self.tokenizer.eos_id))
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.tokenizer.vocab_size)
+        self._requests: dict[str, _Detok] = {}
+
+    def _default_kv_bytes(self) -> int:
+        device = self.model.device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return free // 2
+        return CPU_DEFAULT_KV_BYTES
+
+    # --- requests ----------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingRequest) -> None:
+        """Queue a request; raises RequestRejected (400) or QueueFull (429)."""
+        rp = RequestParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                           top_k=params.top_k, seed=params.seed, stop=params.stop,
+                           stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos)
+        seq = self.scheduler.add_request(request_id, prompt_token_ids, rp)
+        self._requests[request_id] = _Detok(params, seq.num_prompt_tokens)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its blocks, silently (no output follows). False if it is not live."""
+        self._requests.pop(request_id, None)
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> dict:
+        s = self.scheduler.stats()
+        return {"num_running": s.num_running, "num_waiting": s.num_waiting, "num_blocks_used": s.num_blocks_used,
+                "num_blocks_free": s.num_blocks_free, "num_blocks_total": s.num_blocks_total,
+                "num_preemptions": s.num_preemptions, "prompt_tokens_total": s.num_prompt_tokens,
+                "generation_tokens_total": s.num_generated_tokens}
+
+    # --- one step ----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step and model run; the outputs of the requests that got a token ([] when idle)."""
+        if not self.scheduler.has_unfinished():
+            return []
+        plan = self.scheduler.schedule()
+        params = {c.request_id: self._requests[c.request_id].params for c in plan.chunks if c.samples}
+        try:
+            sampled = self.runner.run(plan, params)
+        except BaseException:
+            # leave the scheduler consistent: the step computed nothing; its sequences are aborted
+            for c in plan.chunks:
+                self.abort(c.request_id)
+            self.scheduler.update(plan, {})
+            raise
+        seqs = self.scheduler.update(plan, {rid: t.token_id for rid, t in sampled.items()})
+        return [self._output(seq, sampled[seq.request_id]) for seq in seqs]
+
+    def _output(self, seq, sampled) -> RequestOutput:
+        rid = seq.request_id
+        d = self._requests[rid]
+        token = sampled.token_id
+        status = seq.status
+        reason = seq.finish_reason
+        # EOS and stop tokens end the request and are not part of its output
+        dropped = status is SequenceStatus.FINISHED_STOPPED and (
+            seq.stop_reason is not None or (token == self.tokenizer.eos_id and not d.params.ignore_eos))
+        new_ids = [] if dropped else [token]
+        d.token_ids += new_ids
+        text = self.tokenizer.decode(d.token_ids)
+        if d.stop and not dropped:
+            hits = [(at, s) for s in d.stop if (at := text.find(s)) >= 0]
+            if hits:
+                at, stop = min(hits)
+                text = text[:at]
+                if not seq.is_finished:
+                    self.scheduler.finish(rid, stop)
+                elif status is SequenceStatus.FINISHED_LENGTH:
+                    seq.stop_reason = stop
+                reason = "stop"
+        finished = reason is not None
+        d.text = text
+        # stream what can no longer become (part of) a stop string, and no trailing incomplete UTF-8 sequence
+        safe = len(text) if finished else max(len(text) - d.hold, 0)
+        if not finished and text.endswith("\ufffd"):
+            safe = min(safe, len(text) - 1)
+        new_text = text[d.streamed:safe] if safe > d.streamed else ""
+        d.streamed = max(d.streamed, safe)
+        lp = top = None
+        if d.params.logprobs is not None:
+            lp = [sampled.logprob] if new_ids else []
+            if d.params.logprobs > 0:
+                top = [sampled.top_logprobs] if new_ids else []
+        if finished:
+            del self._requests[rid]
+        return RequestOutput(rid, new_text, new_ids, text, list(d.token_ids), lp, top, finished, reason,
+                             d.num_prompt_tokens)

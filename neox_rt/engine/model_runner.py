@@ -1,0 +1,122 @@
+"""Runs one scheduler step on the model: a :class:`~neox_rt.engine.scheduler.StepPlan` becomes ONE varlen forward
+over the paged KV cache, then each sampling chunk's next token is chosen.
+
+The layout of a step: the plan's chunks (decodes first, then prompt chunks) flattened as input_ids [1, num_tokens]
+with their positions; each token's KV slot from its sequence's block table (``slot_mapping``); the decodes attend
+through ``paged_decode_attention``, the prompt chunks through ``paged_prefill_attention``
+(:class:`~neox_rt.model.model.PagedAttentionMetadata`); logits only at the last token of each chunk that samples.
+Sampling is per request (temperature, top-k, top-p as :mod:`neox_rt.engine.sampling`; greedy is the argmax), with
+a generator per token of a seeded request derived from (seed, token index), so that a request samples the same
+tokens alone, under load and after a preemption's recompute. Logprobs are the fp32 log_softmax of the raw logits.
+
+The runner never decides policy (that is the scheduler's). Not here yet: CUDA graphs over block tables (every step
+runs eagerly), and tensor-parallel broadcast of the sampled ids (one process).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from neox_rt.engine.kv_cache import PagedKVCache
+from neox_rt.engine.sampling import request_generator, sample_row
+from neox_rt.engine.scheduler import StepPlan
+from neox_rt.model.model import PagedAttentionMetadata
+
+
+@dataclass
+class SampledToken:
+    """What a sampling chunk produced: the token, and its logprob / the top ones when the request asked."""
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+class ModelRunner:
+    """Owns the paged KV cache of a model and runs step plans on it."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, valid_vocab: int, seed: int | None = None):
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        self.valid_vocab = min(valid_vocab, model.config.vocab_size)
+        """Ids at or above this (padded embedding rows, ids the tokenizer lacks) are never sampled."""
+        self._generator = torch.Generator()  # unseeded requests draw from this one
+        self._generator.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
+
+    def prepare(self, plan: StepPlan):
+        """The step's model inputs: (input_ids [1, n], positions [1, n], metadata, logits indices [m], the request
+        ids of those m rows)."""
+        bs = self.block_size
+        ids, pos, slots, tables, seqlens, qsl = [], [], [], [], [], [0]
+        sample_rows, sample_ids = [], []
+        for chunk in plan.chunks:
+            table = chunk.seq.block_table
+            ids += chunk.token_ids
+            for p in range(chunk.start, chunk.end):
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            tables.append(table)
+            seqlens.append(chunk.end)
+            qsl.append(qsl[-1] + chunk.num_tokens)
+            if chunk.samples:
+                sample_rows.append(qsl[-1] - 1)
+                sample_ids.append(chunk.request_id)
+        width = max(len(t) for t in tables)
+        block_tables = [list(t) + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        meta = PagedAttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(block_tables, dtype=torch.int32, device=dev),
+            seqlens=torch.tensor(seqlens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            num_decodes=len(plan.decodes))
+        return (torch.tensor([ids], dtype=torch.long, device=dev), torch.tensor([pos], dtype=torch.long, device=dev),
+                meta, torch.tensor(sample_rows, dtype=torch.long, device=dev), sample_ids)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> tuple[torch.Tensor, list[str]]:
+        """The forward of one step: (logits [m, V] of the sampling chunks' last tokens, their request ids)."""
+        input_ids, positions, meta, rows, sample_ids = self.prepare(plan)
+        logits = self.model(input_ids, positions, self.cache, last_index=rows, paged=meta)
+        return logits, sample_ids
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan, params: Mapping[str, object]) -> dict[str, SampledToken]:
+        """Run ``plan`` and sample: ``params[request_id]`` carries ``temperature``, ``top_k``, ``top_p``, ``seed``
+        and ``logprobs`` (a :class:`~neox_rt.engine.llm_engine.SamplingRequest`). Returns a token for every
+        sampling chunk (``{id: t.token_id}`` is what ``Scheduler.update`` takes)."""
+        if plan.is_empty:
+            return {}
+        logits, sample_ids = self.execute(plan)
+        if not sample_ids:
+            return {}
+        logits = logits.float()
+        index = {c.request_id: c for c in plan.chunks}
+        want_lp = [i for i, r in enumerate(sample_ids) if params[r].logprobs is not None]
+        logp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
+        greedy = [i for i, r in enumerate(sample_ids) if params[r].temperature == 0 or params[r].top_k == 1]
+        chosen: dict[int, int] = {}
+        if greedy:
+            top = logits[greedy, :self.valid_vocab].argmax(dim=-1).tolist()
+            chosen.update(zip(greedy, top))
+        for i, rid in enumerate(sample_ids):
+            if i in chosen:
+                continue
+            p = params[rid]
+            seq = index[rid].seq
+            gen = self._generator if p.seed is None else request_generator(p.seed, seq.num_output_tokens)
+            top_p = p.top_p if 0.0 < p.top_p < 1.0 else 0.0
+            chosen[i] = sample_row(logits[i], p.temperature, p.top_k, top_p, self.valid_vocab, gen)
+        out = {rid: SampledToken(chosen[i]) for i, rid in enumerate(sample_ids)}
+        if logp is not None:
+            for j, i in enumerate(want_lp):
+                t = out[sample_ids[i]]
+                t.logprob = float(logp[j, t.token_id])
+                k = params[sample_ids[i]].logprobs
+                if k > 0:
+                    vals, idx = logp[j, :self.valid_vocab].topk(min(k, self.valid_vocab))
+                    t.top_logprobs = dict(zip(idx.tolist(), vals.tolist()))
+        return out

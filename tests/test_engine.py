@@ -1,0 +1,238 @@
+"""LLMEngine (#23): continuous batching over the paged KV cache on the embedded default model, CPU float32.
+
+The issue's correctness requirement: a greedy request's tokens are the same alone, among many requests arriving at
+random steps (chunked prefill, preemption) and through ``neox.generate``; a seeded sampled request is reproducible
+under any load. Then the request options: stop strings, stop tokens, ignore_eos, max_tokens, abort, logprobs and
+streaming deltas.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from neox_rt.default_model import load_default
+from neox_rt.engine.llm_engine import LLMEngine, QueueFull, RequestRejected, SamplingRequest
+
+PROMPTS = ["def fibonacci(n):", "import os\n", "class Foo:\n    def", "for i in range(", "# Licensed under",
+           "x = 1\n", "\n", "pass\n\n\n", "    return x\n\n\n", "__all__ = []\n",
+           "from typing import", "def main():\n    args = parse_args()\n    if args.verbose:\n",
+           "with open(path) as f:\n", "try:\n    import numpy as np\nexcept ImportError:\n",
+           "\"\"\"Utilities for", "    def __repr__(self):\n        return",
+           "if __name__ == '__main__':\n    main()\n",
+           "import sys\nimport os\n\n\ndef read_config(path):\n    \"\"\"Read the configuration file at path and "
+           "return a dict of its sections.\"\"\"\n    result = {}\n    with open(path) as f:\n        for line in f:\n"
+           "            line = line.strip()\n            if not line or line.startswith('#'):\n                continue\n"]
+ENDS_AT_EOS = "if __name__ == '__main__':\n    main()\n"  # greedy emits EOS at once
+
+
+@pytest.fixture(scope="module")
+def neox():
+    return load_default(dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cases(neox):
+    """(prompt ids, max_tokens, generate's greedy token ids) for a spread of prompt and output lengths."""
+    rng = random.Random(0)
+    out = []
+    for p in PROMPTS:
+        ids = neox.tokenizer.encode(p)
+        n = rng.choice([3, 8, 16, 24])
+        out.append((ids, n, neox.generate(ids, max_new_tokens=n, temperature=0).token_ids))
+    return out
+
+
+def drain(engine, outputs=None):
+    """Step until idle; the final RequestOutput of each request (and every output in ``outputs``)."""
+    final = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if outputs is not None:
+                outputs.setdefault(o.request_id, []).append(o)
+            if o.finished:
+                final[o.request_id] = o
+    return final
+
+
+def run_alone(neox, ids, params, **kw):
+    engine = LLMEngine(neox, max_num_seqs=4, num_blocks=64, **kw)
+    engine.add_request("alone", ids, params)
+    return drain(engine)["alone"]
+
+
+def run_under_load(neox, cases, extra, num_blocks, seed, max_num_seqs=16, max_num_batched_tokens=48):
+    """Every case (greedy) plus ``extra`` [(id, ids, params)] added at random steps; (final outputs, engine)."""
+    rng = random.Random(seed)
+    engine = LLMEngine(neox, max_num_seqs=max_num_seqs, num_blocks=num_blocks,
+                       max_num_batched_tokens=max_num_batched_tokens)
+    todo = [(f"g{i}", ids, SamplingRequest(max_tokens=n, temperature=0)) for i, (ids, n, _) in enumerate(cases)]
+    todo += extra
+    todo += [(f"r{i}", ids, SamplingRequest(max_tokens=n, temperature=0)) for i, (ids, n, _) in enumerate(cases)]
+    rng.shuffle(todo)
+    final = {}
+    plans = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
+    while todo or engine.has_unfinished():
+        for _ in range(rng.choice([0, 0, 1, 3])):
+            if todo:
+                engine.add_request(*todo.pop())
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+        engine.scheduler.blocks.check_invariants()
+    # the steps mixed decodes with prompt chunks, and a prompt was split over steps
+    assert any(p.decodes and p.prefills for p in plans)
+    assert any(not c.samples for p in plans for c in p.prefills)
+    return final, engine
+
+
+def test_greedy_alone_equals_generate(neox, cases):
+    for ids, n, ref in cases[:6]:
+        out = run_alone(neox, ids, SamplingRequest(max_tokens=n, temperature=0))
+        assert out.token_ids == ref
+        assert out.finish_reason == ("length" if len(ref) == n else "stop")
+        assert out.text == neox.tokenizer.decode(ref)
+
+
+def test_greedy_under_load_and_seeded_sampling(neox, cases):
+    seeded = SamplingRequest(max_tokens=20, temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    ids = neox.tokenizer.encode("def parse(")
+    alone = run_alone(neox, ids, seeded)
+    assert len(alone.token_ids) == 20
+    final, engine = run_under_load(neox, cases, [("s0", ids, seeded), ("s1", ids, seeded)], num_blocks=256, seed=1)
+    assert len(final) == 2 * len(cases) + 2
+    for i, (_, n, ref) in enumerate(cases):
+        assert final[f"g{i}"].token_ids == ref, i
+        assert final[f"r{i}"].token_ids == ref, i
+    assert final["s0"].token_ids == alone.token_ids and final["s1"].token_ids == alone.token_ids
+    s = engine.stats()
+    assert s["num_blocks_used"] == 0 and s["num_blocks_free"] == 256 and s["num_running"] == s["num_waiting"] == 0
+    assert s["generation_tokens_total"] == sum(len(o.token_ids) + (o.finish_reason == "stop")
+                                               for o in final.values())
+
+
+def test_preemption_keeps_outputs(neox, cases):
+    seeded = SamplingRequest(max_tokens=24, temperature=1.0, seed=123)
+    ids = neox.tokenizer.encode("class Parser:\n")
+    alone = run_alone(neox, ids, seeded)
+    final, engine = run_under_load(neox, cases, [("s0", ids, seeded)], num_blocks=8, seed=2, max_num_seqs=8)
+    assert engine.stats()["num_preemptions"] > 0
+    for i, (_, n, ref) in enumerate(cases):
+        assert final[f"g{i}"].token_ids == ref, i
+        assert final[f"r{i}"].token_ids == ref, i
+    assert final["s0"].token_ids == alone.token_ids
+    assert engine.stats()["num_blocks_free"] == 8
+
+
+def test_stop_strings_and_streaming(neox, cases):
+    ids, _, _ = cases[0]
+    full = neox.generate(ids, max_new_tokens=24, temperature=0)
+    stop = full.text[10:13]  # a string the greedy text reaches after a few tokens
+    outs = {}
+    engine = LLMEngine(neox, num_blocks=32)
+    engine.add_request("a", ids, SamplingRequest(max_tokens=24, temperature=0, stop=(stop, "never seen")))
+    final = drain(engine, outs)["a"]
+    assert final.finish_reason == "stop"
+    assert final.text == full.text[:full.text.find(stop)]
+    assert "".join(o.new_text for o in outs["a"]) == final.text
+    assert sum((o.new_token_ids for o in outs["a"]), []) == final.token_ids
+    assert final.token_ids == full.token_ids[:len(final.token_ids)]
+    assert stop in neox.tokenizer.decode(final.token_ids)  # the token that completed the stop string is kept
+    assert engine.stats()["num_blocks_free"] == 32
+    # generate's own stop-string cut agrees
+    assert neox.generate(ids, max_new_tokens=24, temperature=0, stop=[stop]).text == final.text
+    # without stop strings the streamed deltas concatenate to the text too
+    outs = {}
+    engine.add_request("b", ids, SamplingRequest(max_tokens=24, temperature=0))
+    final = drain(engine, outs)["b"]
+    assert "".join(o.new_text for o in outs["b"]) == final.text == full.text
+    assert final.finish_reason == "length" and len(final.token_ids) == 24
+
+
+def test_stop_tokens_eos_and_ignore_eos(neox, cases):
+    ids, _, ref = cases[0]
+    t = ref[5]
+    out = run_alone(neox, ids, SamplingRequest(max_tokens=24, temperature=0, stop_token_ids=(t,)))
+    cut = ref.index(t)
+    assert out.finish_reason == "stop" and out.token_ids == ref[:cut]
+    assert out.text == neox.tokenizer.decode(ref[:cut])
+    eos_ids = neox.tokenizer.encode(ENDS_AT_EOS)
+    out = run_alone(neox, eos_ids, SamplingRequest(max_tokens=5, temperature=0))
+    assert out.finish_reason == "stop" and out.token_ids == [] and out.text == ""
+    out = run_alone(neox, eos_ids, SamplingRequest(max_tokens=5, temperature=0, ignore_eos=True))
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    assert out.token_ids[0] == neox.tokenizer.eos_id
+
+
+def test_logprobs_match_score(neox, cases):
+    ids, _, _ = cases[3]
+    out = run_alone(neox, ids, SamplingRequest(max_tokens=10, temperature=0, logprobs=3))
+    _, scored = neox.score(ids + out.token_ids)
+    assert len(out.token_ids) == 10 and len(out.logprobs) == 1  # an output carries its step's logprobs
+    assert out.logprobs[0] == pytest.approx(scored[-1], abs=1e-4)
+    assert max(out.top_logprobs[0].values()) == pytest.approx(out.logprobs[0], abs=1e-6)  # greedy: the top one
+    engine = LLMEngine(neox, num_blocks=32)
+    engine.add_request("a", ids, SamplingRequest(max_tokens=10, temperature=0.8, seed=3, logprobs=3))
+    outs = {}
+    final = drain(engine, outs)["a"]
+    lps = sum((o.logprobs for o in outs["a"]), [])
+    tops = sum((o.top_logprobs for o in outs["a"]), [])
+    assert len(lps) == len(tops) == len(final.token_ids) == 10
+    _, scored = neox.score(ids + final.token_ids)
+    assert lps == pytest.approx(scored[-10:], abs=1e-4)
+    for tok, lp, top in zip(final.token_ids, lps, tops):
+        assert len(top) == 3 and max(top.values()) >= lp - 1e-6
+        if tok in top:
+            assert top[tok] == pytest.approx(lp, abs=1e-6)
+    # logprobs=0: the chosen token's logprob, no top list
+    engine.add_request("b", ids, SamplingRequest(max_tokens=2, temperature=0, logprobs=0))
+    outs = {}
+    drain(engine, outs)
+    assert all(o.top_logprobs is None and len(o.logprobs) == len(o.new_token_ids) for o in outs["b"])
+
+
+def test_abort_frees_blocks(neox, cases):
+    engine = LLMEngine(neox, max_num_seqs=4, num_blocks=40)
+    for i, (ids, _, _) in enumerate(cases[:8]):
+        engine.add_request(str(i), ids, SamplingRequest(max_tokens=30, temperature=0))
+    for _ in range(3):
+        engine.step()
+    s = engine.stats()
+    assert s["num_running"] == 4 and s["num_waiting"] == 4 and s["num_blocks_used"] > 0
+    assert engine.abort("0") and engine.abort("7")  # one running, one waiting
+    assert not engine.abort("0") and not engine.abort("nope")
+    for _ in range(2):
+        assert all(o.request_id not in ("0", "7") for o in engine.step())
+    for i in range(1, 7):
+        engine.abort(str(i))
+    s = engine.stats()
+    assert s["num_blocks_used"] == 0 and s["num_blocks_free"] == 40 and s["num_running"] == s["num_waiting"] == 0
+    assert not engine.has_unfinished() and engine.step() == []
+    engine.scheduler.blocks.check_invariants()
+
+
+def test_rejections(neox):
+    engine = LLMEngine(neox, max_num_seqs=2, num_blocks=4, max_queue=1)
+    with pytest.raises(RequestRejected):
+        engine.add_request("long", [1] * 60, SamplingRequest(max_tokens=10))
+    with pytest.raises(RequestRejected):
+        engine.add_request("empty", [], SamplingRequest())
+    engine.add_request("a", [5, 6], SamplingRequest(max_tokens=2, temperature=0))
+    with pytest.raises(QueueFull):
+        engine.add_request("b", [5, 6], SamplingRequest(max_tokens=2, temperature=0))
+    assert engine.max_model_len == neox.config.max_position_embeddings and engine.block_size == 16
+    assert engine.tokenizer is neox.tokenizer
+    drain(engine)
+    assert engine.stats()["num_blocks_free"] == 4
+
+
+def test_kv_cache_sizing(neox):
+    engine = LLMEngine(neox, max_num_seqs=2, max_model_len=64)
+    assert engine.stats()["num_blocks_total"] == 8  # 2 sequences x 64 tokens / 16
+    per_block = 2 * 6 * 6 * 16 * 64 * 4
+    engine = LLMEngine(neox, kv_cache_memory=10 * per_block + 5)
+    assert engine.stats()["num_blocks_total"] == 10
+    assert engine.runner.cache.k.shape == (6, 10, 6, 16, 64) and engine.runner.cache.k.dtype == torch.float32
