@@ -14,6 +14,7 @@ import torch
 
 from neox_rt.default_model import load_default
 from neox_rt.engine.llm_engine import LLMEngine, QueueFull, RequestRejected, SamplingRequest
+from neox_rt.engine.sampling import request_generator, sample_row
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Foo:\n    def", "for i in range(", "# Licensed under",
            "x = 1\n", "\n", "pass\n\n\n", "    return x\n\n\n", "__all__ = []\n",
@@ -227,6 +228,15 @@ def test_rejections(neox):
     assert engine.tokenizer is neox.tokenizer
     drain(engine)
     assert engine.stats()["num_blocks_free"] == 4
+
+
+def test_sample_row():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 5.0, 4.0])
+    draws = [sample_row(logits, 1.0, 2, 0.0, 4, request_generator(11, t)) for t in range(200)]
+    assert set(draws) == {1, 2}  # top-2 of the first 4 ids (ids 4, 5 lie past the valid vocabulary)
+    assert draws == [sample_row(logits, 1.0, 2, 0.0, 4, request_generator(11, t)) for t in range(200)]
+    assert sample_row(logits, 0.0, 0, 0.0, 6, request_generator(0, 0)) == 4
+    assert {sample_row(logits, 0.7, 0, 0.5, 6, request_generator(3, t)) for t in range(50)} == {4}  # nucleus
 
 
 def test_kv_cache_sizing(neox):

@@ -78,5 +78,9 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     x = filter_logits(x[None] / temperature, top_k, top_p)[0]
     cum = torch.softmax(x, dim=-1).cumsum(dim=-1)
     u = torch.rand((), generator=generator).to(cum.device)
-    # the first id whose cumulative probability exceeds u * total: never a filtered id (its probability is 0)
-    return min(int(torch.searchsorted(cum, (u * cum[-1])[None], right=True)[0]), x.shape[-1] - 1)
+    # the first id whose cumulative probability exceeds u * total: never a filtered id (its probability is 0);
+    # should rounding put u * total at the very top, the last id of nonzero probability
+    i = int(torch.searchsorted(cum, (u * cum[-1])[None], right=True)[0])
+    if i >= x.shape[-1] or not torch.isfinite(x[i]):
+        i = int(torch.nonzero(torch.isfinite(x))[-1])
+    return i
