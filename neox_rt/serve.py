@@ -1,0 +1,131 @@
+"""``python -m neox_rt.serve``: the OpenAI-compatible server (``/v1/completions``, ``/v1/chat/completions``,
+``/v1/models``, ``/health``, ``/metrics``) over the continuous-batching engine, on the model that
+``python -m neox_rt.generate`` would load (the embedded default model when none is named)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import re
+import sys
+
+from neox_rt.errors import NeoxRtError, read_bytes
+
+DEFAULT_ENGINE = "neox_rt.engine.llm_engine"
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """``2GiB``, ``512MiB``, ``1.5GB``, ``1000000`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 512MiB, 1000000)")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2, like generate
+        print(f"neox_rt.serve: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m neox_rt.serve", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="*", metavar="CONFIG.yml", help="gpt-neox YAML configs, as generate takes them")
+    g = p.add_argument_group("model (as python -m neox_rt.generate)")
+    g.add_argument("--model", metavar="DIR", help="HF checkpoint directory or gpt-neox checkpoint; default: the "
+                                                   "embedded default model")
+    g.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json when the checkpoint has none")
+    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on a GPU, "
+                                                                               "float32 on CPU")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    g.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization at load")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    g.add_argument("--port", type=int, default=8000, help="default 8000")
+    g.add_argument("--served-model-name", metavar="NAME", help="the model's name in the API (default: the "
+                                                                "checkpoint directory's name, or neox_rt-default)")
+    g.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (messages, add_generation_prompt); "
+                                                            "default: 'Role: content' lines, then 'Assistant:'")
+    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, default=64, metavar="N", help="most sequences running at once")
+    g.add_argument("--max-model-len", type=int, metavar="N", help="most tokens (prompt + max_tokens) a request "
+                                                                  "may span (default: the model's positions)")
+    g.add_argument("--kv-cache-memory", type=parse_bytes, metavar="BYTES", help="KV cache size, e.g. 2GiB")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N", help="per-step token budget")
+    g.add_argument("--max-queue", type=int, metavar="N", help="most requests waiting; more get 429 (default: no "
+                                                              "limit)")
+    g.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    # tests only: a module with LLMEngine and SamplingRequest standing in for the engine
+    p.add_argument("--engine", default=DEFAULT_ENGINE, help=argparse.SUPPRESS)
+    return p
+
+
+def load_neox(args):
+    """The model, loaded by generate's helpers (configs, --model, --tokenizer, --dtype, --device, --quantize)."""
+    from neox_rt import generate, parallel
+    argv = list(args.configs)
+    for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer), ("--dtype", args.dtype),
+                        ("--device", args.device), ("--quantize", args.quantize)):
+        if value is not None:
+            argv += [flag, value]
+    s = generate.parse_settings(argv)
+    device = generate._device(s)
+    import torch
+    dtype = s.dtype or ("float16" if torch.device(device).type == "cuda" else "float32")
+    return generate.load_model(s, device, dtype, parallel.SINGLE, True), s.load
+
+
+def build(args):
+    """(app, model name) from parsed arguments: the model, the engine, its async driver and the HTTP app."""
+    from neox_rt.engine.async_engine import AsyncEngine
+    from neox_rt.server.app import build_app, load_chat_template
+    if args.tp != 1:
+        raise NeoxRtError("--tp > 1 is not supported by the server yet (one process, one device)")
+    template = None
+    if args.chat_template is not None:
+        try:
+            template = load_chat_template(read_bytes(args.chat_template, "chat template").decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise NeoxRtError(f"--chat-template {args.chat_template}: {e}") from None
+    try:
+        engine_module = importlib.import_module(args.engine)
+    except ImportError as e:
+        raise NeoxRtError(f"cannot import the engine {args.engine}: {e}") from None
+    neox, path = load_neox(args)
+    if neox.tokenizer is None:
+        raise NeoxRtError("the checkpoint has no tokenizer.json: pass --tokenizer FILE")
+    try:
+        engine = engine_module.LLMEngine(neox, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                         kv_cache_memory=args.kv_cache_memory,
+                                         max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue)
+    except ValueError as e:
+        raise NeoxRtError(f"engine settings: {e}") from None
+    name = args.served_model_name or (path.rstrip("/").split("/")[-1] if path else "neox_rt-default")
+    app = build_app(AsyncEngine(engine), engine_module.SamplingRequest, model_name=name, chat_template=template,
+                    model_root=path)
+    return app, name
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        app, name = build(args)
+    except NeoxRtError as e:
+        print(f"neox_rt.serve: error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    print(f"neox_rt.serve: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
