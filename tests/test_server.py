@@ -235,6 +235,14 @@ def test_chat(server, neox):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want.text
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # n > 1 with a seed: reproducible, streamed or not
+    kw = dict(model=MODEL, messages=messages, max_tokens=8, temperature=1.0, n=2, seed=3)
+    a = c.chat.completions.create(**kw)
+    texts = ["", ""]
+    for ch in c.chat.completions.create(**kw, stream=True):
+        for choice in ch.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [choice.message.content for choice in a.choices]
 
 
 def test_32_concurrent_streams_equal_offline_greedy(server, neox):
@@ -283,6 +291,11 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "nope"}, 404, "model"),
     ("/v1/completions", [1, 2], 400, None),
+    ("/v1/completions", b'{"prompt": "\\ud800 lone surrogate"}', 400, "prompt"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+    ("/v1/completions", {"prompt": "a", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p"),
 ]
 
 
@@ -297,6 +310,12 @@ def test_bad_request_answered_and_server_still_serves(server, path, body, status
         assert error["param"] == param, error
     ok = post(server, "/v1/completions", {"prompt": "def f(", "max_tokens": 2})
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
+
+
+def test_null_fields_take_defaults(server):
+    r = post(server, "/v1/completions", {"prompt": "def f(", "max_tokens": None, "temperature": None, "top_p": None,
+                                         "seed": None, "stop": None, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16  # max_tokens null: 16
 
 
 def test_openai_client_sees_errors(server):

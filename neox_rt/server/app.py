@@ -108,6 +108,13 @@ def _check_length(state: ServerState, num_prompt: int, max_tokens: int, param: s
                        code="context_length_exceeded")
 
 
+def _encode(state: ServerState, text: str, param: str) -> list[int]:
+    try:
+        return state.engine.tokenizer.encode(text)
+    except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate (valid JSON, not valid text): the client's 400
+        raise APIError(400, f"{param} cannot be tokenized: {type(e).__name__}: {e}", param=param) from None
+
+
 def _prompts(state: ServerState, prompt) -> list[tuple[list[int], str | None]]:
     """The completions API's four prompt forms as (token ids, text if given as text) pairs."""
     tok = state.engine.tokenizer
@@ -122,7 +129,7 @@ def _prompts(state: ServerState, prompt) -> list[tuple[list[int], str | None]]:
     out = []
     for item in items:
         if isinstance(item, str):
-            ids = tok.encode(item)
+            ids = _encode(state, item, "prompt")
             text = item
         else:
             ids = list(item)
@@ -358,6 +365,8 @@ async def _completions(state: ServerState, req: p.CompletionRequest, raw: Reques
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not supported yet",
                        param="echo")
+    if req.max_tokens is None:  # an explicit null: OpenAI's default
+        req.max_tokens = 16
     prompts = _prompts(state, req.prompt)
     for ids, _ in prompts:
         _check_length(state, len(ids), req.max_tokens, "prompt")
@@ -446,7 +455,7 @@ async def _chat(state: ServerState, req: p.ChatCompletionRequest, raw: Request):
         prompt_text = state.chat_template(messages)
     except Exception as e:  # noqa: BLE001 - a template that fails on these messages is the client's 400
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
-    ids = state.engine.tokenizer.encode(prompt_text) or [state.engine.tokenizer.eos_id]
+    ids = _encode(state, prompt_text, "messages") or [state.engine.tokenizer.eos_id]
     limit = state.engine.max_model_len
     max_tokens = req.max_completion_tokens or req.max_tokens
     if max_tokens is None:
