@@ -398,6 +398,17 @@ def test_full_queue_gives_429_with_retry_after():
         assert post(s, "/v1/completions", {"prompt": "a", "max_tokens": 2}).status_code == 200
     finally:
         s.stop()
+    # SIGTERM: uvicorn shuts down gracefully (the engine thread joined) and re-raises the signal; not killed (-9)
+    assert s.proc.returncode in (0, -15), s.proc.returncode
+
+
+def test_chat_template_file():
+    from neox_rt.server.app import load_chat_template
+    render = load_chat_template("{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+                                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert render([{"role": "user", "content": "hi"}]) == "<user>hi<|endoftext|><assistant>"
+    with pytest.raises(ValueError, match="chat template"):
+        load_chat_template("{% for %}")
 
 
 def test_cli_errors_are_one_line():
