@@ -126,3 +126,12 @@ def test_structure_doc_names_every_module():
         if f"`{rel}`" not in doc:
             missing.append(rel)
     assert not missing, f"docs/structure.md does not name: {missing}"
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists every package of neox_rt/ (a wheel or a non-editable install has only those)."""
+    import re
+    text = open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8").read()
+    listed = set(re.findall(r'"(neox_rt(?:\.\w+)*)"', text.split("packages = [", 1)[1].split("]", 1)[0]))
+    packages = {m for m, path in package_modules().items() if path.endswith("__init__.py")}
+    assert packages - listed == set(), f"pyproject.toml's packages lack {sorted(packages - listed)}"
