@@ -6,36 +6,9 @@ PYTHONPATH) serves it."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
+from neox_rt.engine.llm_engine import RequestOutput, SamplingRequest  # noqa: F401  (the same interface)
 from neox_rt.engine.scheduler import QueueFull, RequestRejected
-
-
-@dataclass(frozen=True)
-class SamplingRequest:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_text: str
-    new_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None
-    top_logprobs: list[dict[int, float]] | None
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
 
 
 class _Req:
