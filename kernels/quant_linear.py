@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2, on_triton_device
+from .linear import ACTIVATIONS  # the epilogue's activation codes, as the fp16 GEMV's
 
 MAX_ROWS = 64
-ACTIVATIONS = {None: 0, "gelu": 1, "gelu_fast": 2, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import torch
 from neox_rt.checkpoints.hf import IGNORED, index_checkpoint, resolve_checkpoint
 from neox_rt.checkpoints.neox import (fill_tensor, full_shapes, is_neox_checkpoint, layer_file_name, open_checkpoint,
                                       rank_file_name, split_kind, stage_plan)
-from neox_rt.errors import NeoxRtError
+from neox_rt.errors import ArgumentParser, NeoxRtError
 from neox_rt.model.config import NeoXConfig
 from neox_rt.parallel.context import padded_vocab_size
 
@@ -239,13 +239,8 @@ def hf_to_neox(src: str, dst: str, tp: int = 1, pp: int = 1, tag: str = "global_
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage first)
-        raise NeoxRtError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m neox_rt.convert",
+    p = ArgumentParser(prog="python -m neox_rt.convert",
                 description="Convert GPT-NeoX checkpoints between the gpt-neox native layout (any TP/PP) and "
                             "Hugging Face safetensors directories.")
     p.add_argument("src", help="source checkpoint: a gpt-neox directory (with 'latest') or an HF directory")

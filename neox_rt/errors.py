@@ -1,4 +1,5 @@
 """User-facing errors: one line that names the problem, printed without a traceback by the CLIs."""
+import argparse
 
 
 class NeoxRtError(Exception):
@@ -19,3 +20,11 @@ def read_bytes(path: str, what: str) -> bytes:
         raise NeoxRtError(f"{what} {path} is a directory") from None
     except OSError as e:
         raise NeoxRtError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose bad-flag errors are a :class:`NeoxRtError` (one line, exit 2 in the CLIs), not
+    argparse's usage dump."""
+
+    def error(self, message):
+        raise NeoxRtError(message)

@@ -17,7 +17,7 @@ import sys
 from neox_rt.checkpoints.hf import resolve_checkpoint
 from neox_rt.convert import parse_size
 from neox_rt.engine.tokenizer import Tokenizer
-from neox_rt.errors import NeoxRtError
+from neox_rt.errors import ArgumentParser, NeoxRtError
 from neox_rt.model.config import NeoXConfig
 from neox_rt.quant.apply import quantize_weight
 from neox_rt.quant.checkpoint import save_quantized
@@ -29,13 +29,8 @@ CALIBRATED = frozenset({"gptq"})
 """The methods that need ``--calibration``."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        raise NeoxRtError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m neox_rt.quantize",
+    p = ArgumentParser(prog="python -m neox_rt.quantize",
                 description="Quantize a float HF GPT-NeoX checkpoint (weight-only int8 per channel, or int4 in "
                             "groups) into a checkpoint neox_rt.load reads directly.")
     p.add_argument("src", help="float HF checkpoint directory (config.json + safetensors or .bin)")

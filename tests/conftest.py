@@ -100,3 +100,13 @@ def ext():
         return cuda_ops.load_extension()
     except ImportError as e:
         pytest.fail(f"extension not built on the GPU machine: {e}")
+
+
+def train_tool():
+    """tools/train_default_model.py as a module (perplexity helpers, the held-out files, the golden prompts)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_default_model",
+                                                  os.path.join(REPO, "tools", "train_default_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

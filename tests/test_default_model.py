@@ -4,7 +4,6 @@ tools/train_default_model.py. Checked against transformers, its model card and g
 Everything here skips while the trained weights are absent (they are added after the GPU training run);
 the golden file is written by ``python tools/train_default_model.py --write-golden neox_rt/default_model``.
 """
-import importlib.util
 import json
 import os
 import warnings
@@ -14,22 +13,14 @@ import torch
 
 import neox_rt
 from neox_rt import ops
-from tests.conftest import REPO
+from tests.conftest import REPO, train_tool
 
 MODEL_DIR = os.path.join(REPO, "neox_rt", "default_model")
 GOLDEN = os.path.join(REPO, "tests", "data", "default_model_golden.json")
 SAMPLE = os.path.join(REPO, "tests", "data", "heldout_sample.txt")
 MAX_FILE_BYTES = 16 * 2**20
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("train_default_model",
-                                                  os.path.join(REPO, "tools", "train_default_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
+tool = train_tool()
 
 
 @pytest.fixture(scope="module")

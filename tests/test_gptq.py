@@ -2,7 +2,6 @@
 pass, ``python -m neox_rt.quantize --method gptq``, and the embedded default model's held-out perplexity."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -18,8 +17,9 @@ from neox_rt.errors import NeoxRtError
 from neox_rt.model.config import NeoXConfig
 from neox_rt.quant.apply import memory_report, quantize_weight
 from neox_rt.quant.gptq import (Hessian, calibration_tokens, gptq_quantize_weight, layer_forward, load_calibrated)
+from tests.conftest import REPO, train_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 FORMATS = [("int4", 128), ("int4", 32), ("int8", None)]
 SHAPES = [(48, 300), (72, 256), (8, 136)]  # [out, in]: in 300 and 136 are not multiples of the group
 
@@ -223,20 +223,12 @@ CALIBRATION_FILES = ("argparse.py", "dataclasses.py", "typing.py")
 among tools/train_default_model.py's held-out files (which the held-out sample is cut from)."""
 
 
-def _train_tool():
-    spec = importlib.util.spec_from_file_location("train_default_model",
-                                                  os.path.join(REPO, "tools", "train_default_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(default_model_path() is None, reason="no trained default model shipped")
 def test_default_model_gptq_int4_beats_rtn(tmp_path):
     """Held-out perplexity of the default model, CPU fp32, int4-g128: GPTQ calibrated on 8 x 256 tokens of stdlib
     source below round to nearest (measured: fp32 13.278, RTN 14.222; GPTQ 14.1 with this small set, 13.8 with
     64 x 512 tokens); asserted with a margin of 0.5% of RTN's."""
-    tool = _train_tool()
+    tool = train_tool()
     assert not set(CALIBRATION_FILES) & set(tool.HELDOUT_FILES)
     root = tool.stdlib_root()
     calib = tmp_path / "calib.txt"

@@ -3,7 +3,6 @@
 embedded default model (held-out perplexity, greedy agreement)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -20,8 +19,9 @@ from neox_rt.model.config import NeoXConfig
 from neox_rt.model.layers import Linear
 from neox_rt.quant.apply import memory_report, quantize_model
 from neox_rt.quant.formats import Int4Weight, Int8Weight, check_row_shard_groups, pack_int4, unpack_int4
+from tests.conftest import REPO, train_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
             max_position_embeddings=32, rotary_pct=0.25)
 
@@ -277,21 +277,13 @@ def test_gptq_missing_and_misshapen_tensors(tmp_path):
 # Fidelity of the embedded default model
 # ----------------------------------------------------------------------------------------------------
 
-def _train_tool():
-    spec = importlib.util.spec_from_file_location("train_default_model",
-                                                  os.path.join(REPO, "tools", "train_default_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(default_model_path() is None, reason="no trained default model shipped")
 def test_default_model_fidelity():
     """Held-out perplexity of the default model, CPU fp32: int8 within 1% of the float model, int4-g128 (RTN) within
     the issue's 10% (measured on the 13.8M-parameter model: 13.278 fp32, 13.276 int8, 14.222 int4-g128 = +7.1%; the
     6.8M model it replaced lost only 0.67%: the better-trained model uses its weights' precision more); greedy
     continuations of the golden prompts from int8 mostly identical to the float model's."""
-    tool = _train_tool()
+    tool = train_tool()
     text = open(os.path.join(REPO, "tests", "data", "heldout_sample.txt"), encoding="utf-8").read()
     golden = json.load(open(os.path.join(REPO, "tests", "data", "default_model_golden.json")))
     prompts = [c["prompt"] for c in golden["continuations"]]
