@@ -16,6 +16,18 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
 
 
+def parse_kv_memory(text: str) -> int | float:
+    """``--kv-cache-memory``: a size (``2GiB``, ``512MiB``, ``1000000``), or a fraction of the device's free memory
+    after the model is loaded (``0.9``, ``90%``), as a float in (0, 1]."""
+    m = re.fullmatch(r"\s*(0?\.[0-9]+|1\.0*|[0-9]+(?:\.[0-9]+)?%)\s*", text)
+    if m:
+        frac = float(m.group(1)[:-1]) / 100 if m.group(1).endswith("%") else float(m.group(1))
+        if not 0 < frac <= 1:
+            raise argparse.ArgumentTypeError(f"a fraction of free memory must be in (0, 1], got {text!r}")
+        return frac
+    return parse_bytes(text)
+
+
 def parse_bytes(text: str) -> int:
     """``2GiB``, ``512MiB``, ``1.5GB``, ``1000000`` -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
@@ -57,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=64, metavar="N", help="most sequences running at once")
     g.add_argument("--max-model-len", type=int, metavar="N", help="most tokens (prompt + max_tokens) a request "
                                                                   "may span (default: the model's positions)")
-    g.add_argument("--kv-cache-memory", type=parse_bytes, metavar="BYTES", help="KV cache size, e.g. 2GiB")
+    g.add_argument("--kv-cache-memory", type=parse_kv_memory, metavar="SIZE", help="KV cache size (e.g. 2GiB), "
+                   "or a fraction of the free device memory once the model is loaded (e.g. 0.9 or 90%%); default: "
+                   "what max-num-seqs x max-model-len need, at most half of the free memory (256 MiB on CPU)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N", help="per-step token budget")
     g.add_argument("--max-queue", type=int, metavar="N", help="most requests waiting; more get 429 (default: no "
                                                               "limit)")

@@ -14,6 +14,7 @@ import torch
 
 from neox_rt.default_model import load_default
 from neox_rt.engine.llm_engine import LLMEngine, QueueFull, RequestRejected, SamplingRequest
+from neox_rt.errors import NeoxRtError
 from neox_rt.engine.sampling import request_generator, sample_row
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Foo:\n    def", "for i in range(", "# Licensed under",
@@ -246,3 +247,87 @@ def test_kv_cache_sizing(neox):
     engine = LLMEngine(neox, kv_cache_memory=10 * per_block + 5)
     assert engine.stats()["num_blocks_total"] == 10
     assert engine.runner.cache.k.shape == (6, 10, 6, 16, 64) and engine.runner.cache.k.dtype == torch.float32
+    # a fraction of the free memory (on CPU the host's available memory)
+    free = engine._free_memory()
+    engine = LLMEngine(neox, kv_cache_memory=min(0.5, 64 * per_block / free))
+    assert abs(engine.stats()["num_blocks_total"] - min(0.5 * free, 64 * per_block) // per_block) <= 1
+    with pytest.raises(NeoxRtError, match="fraction"):
+        LLMEngine(neox, kv_cache_memory=1.5)
+
+
+def test_incremental_detokenization_equals_full_decode(neox):
+    """The engine decodes a window of the newest tokens per step; the streamed pieces put together, and the final
+    text, equal one decode of all the tokens, for byte-level tokens that split characters (random ids hit lone
+    UTF-8 lead and continuation bytes) and for ordinary text."""
+    from neox_rt.engine.llm_engine import _Detok
+    tok = neox.tokenizer
+    rng = random.Random(0)
+    streams = [tok.encode("naïve café — 東京 🙂 done"), [rng.randrange(tok.vocab_size) for _ in range(300)]]
+    for ids in streams:
+        d = _Detok(SamplingRequest(), 0)
+        pieces, lens = [], []
+        for i, t in enumerate(ids):
+            d.token_ids.append(t)
+            before = len(d.text)
+            d.advance(tok, final=i == len(ids) - 1)
+            pieces.append(d.text[before:])
+            assert not d.text.endswith("\ufffd") or i == len(ids) - 1, "a partial character was emitted"
+            lens.append(len(d.token_ids) - d.prefix_offset)
+        assert "".join(pieces) == d.text == tok.decode(ids)
+        assert max(lens) <= 8, "the decode window grew with the output"
+
+
+def test_padded_decode_graph_step_equals_eager(neox, cases):
+    """The engine's decode-graph step (static buffers padded to a bucket: KV slot -1 and length 0 for padding rows),
+    run eagerly on CPU: under load with preemption, every greedy output still equals generate's, and some steps
+    really went through it with padding."""
+    from neox_rt.engine.graphs import PagedDecodeGraphRunner
+    engine = LLMEngine(neox, max_num_seqs=8, num_blocks=8, max_num_batched_tokens=48)
+    runner = engine.runner
+    runner.graphs = PagedDecodeGraphRunner(neox.model, runner.cache, 8, 64, capture=False)
+    assert runner.graphs.buckets == (1, 2, 4, 8)
+    used = []
+    step = runner.graphs.step
+    runner.graphs.step = lambda *a: used.append(a[3].shape[0]) or step(*a)
+    rng = random.Random(3)
+    todo = [(f"g{i}", ids, SamplingRequest(max_tokens=n, temperature=0)) for i, (ids, n, _) in enumerate(cases)]
+    final = {}
+    while todo or engine.has_unfinished():
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            if todo:
+                engine.add_request(*todo.pop())
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    for i, (_, n, ref) in enumerate(cases):
+        assert final[f"g{i}"].token_ids == ref, i
+    assert any(b not in (1, 2, 4, 8) for b in used), "no step ran padded"
+    assert engine.stats()["num_preemptions"] > 0
+
+
+@pytest.mark.gpu
+def test_engine_on_gpu_graphs_equal_padded_eager():
+    """fp16 on the GPU: 24 greedy requests arriving over time through the engine with decode CUDA graphs give the
+    tokens of the same padded steps run eagerly (same kernels and shapes, so the same numbers: the block tables and
+    lengths really are graph inputs), and the graphs were captured and used."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    from neox_rt.engine.graphs import PagedDecodeGraphRunner
+    neox = load_default(dtype="float16", device="cuda")
+    prompts = [neox.tokenizer.encode(p) for p in PROMPTS] * 2
+
+    def run(capture: bool):
+        engine = LLMEngine(neox, max_num_seqs=16, num_blocks=256, max_num_batched_tokens=64)
+        r = engine.runner
+        r.graphs = PagedDecodeGraphRunner(neox.model, r.cache, 16, r.graphs.block_tables.shape[1], capture=capture)
+        todo = [(f"r{i}", ids, SamplingRequest(max_tokens=40, temperature=0, ignore_eos=True))
+                for i, ids in enumerate(prompts)]
+        final = {}
+        while todo or engine.has_unfinished():
+            if todo:
+                engine.add_request(*todo.pop())
+            final.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        return final, r.graphs
+
+    eager, _ = run(False)
+    graphed, graphs = run(True)
+    assert graphs.captures > 0 and graphs.disabled_reason is None
+    assert graphed == eager

@@ -427,6 +427,17 @@ def test_parse_bytes():
     assert parse_bytes("1.5GB") == 1_500_000_000
 
 
+def test_parse_kv_memory_sizes_and_fractions():
+    import argparse
+    from neox_rt.serve import parse_kv_memory
+    assert parse_kv_memory("0.9") == 0.9 and parse_kv_memory(".5") == 0.5 and parse_kv_memory("90%") == 0.9
+    assert parse_kv_memory("1.0") == 1.0 and parse_kv_memory("100%") == 1.0
+    assert parse_kv_memory("2GiB") == 2 << 30 and parse_kv_memory("1000") == 1000
+    for bad in ("0.0", "150%", "lots", "0%"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_kv_memory(bad)
+
+
 # -- the async driver, in process -----------------------------------------------------------------------------
 class StubEngine:
     """Counts to ``max_tokens`` one token per step; a prompt [666] makes the step raise; QueueFull past 2 waiting."""

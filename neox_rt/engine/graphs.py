@@ -28,6 +28,7 @@ import os
 import torch
 
 from neox_rt.errors import NeoxRtError
+from neox_rt.model.model import PagedAttentionMetadata
 from neox_rt.ops.table import active_backends
 
 log = logging.getLogger("neox_rt")
@@ -53,6 +54,21 @@ def graphs_enabled(device, tp_size: int = 1) -> bool:
     if torch.device(device).type != "cuda" or flag == "0":
         return False
     return tp_size == 1 or flag == "1"
+
+
+def capture_graph(forward, warmup: int, pool):
+    """PyTorch's recipe: ``warmup`` runs of ``forward`` on a side stream (which also compiles Triton kernels), then
+    one captured run in ``pool``; returns (graph, the captured run's outputs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    return graph, out
 
 
 class _Captured:
@@ -121,19 +137,12 @@ class DecodeGraphRunner:
         return logits, tokens
 
     def _capture(self, bucket: int, cache, greedy_vocab: int | None) -> _Captured:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self._forward(bucket, cache, greedy_vocab)
-        torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             # One pool for all buckets: a step's outputs are consumed before the next replay, and
             # buckets never replay concurrently, so their intermediates may share memory.
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits, tokens = self._forward(bucket, cache, greedy_vocab)
+        graph, (logits, tokens) = capture_graph(lambda: self._forward(bucket, cache, greedy_vocab), self.warmup,
+                                                self._pool)
         self.captures += 1
         log.info("neox_rt: captured decode graph for batch bucket %d (cache %s)", bucket, tuple(cache.k.shape))
         return _Captured(graph, logits, tokens)
@@ -174,3 +183,99 @@ class DecodeGraphRunner:
         captured.graph.replay()
         toks = captured.tokens[:b] if captured.tokens is not None else None
         return captured.logits[:b], toks
+
+
+PAGED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+"""Batch sizes of the engine's decode graphs (up to its max_num_seqs)."""
+
+
+class PagedDecodeGraphRunner:
+    """The continuous-batching engine's pure-decode steps (every sequence one token) as CUDA graphs over the paged
+    KV cache, one per batch bucket.
+
+    The step's inputs live in static buffers: token ids, positions and KV slots [bucket], block tables [bucket,
+    max_blocks] (the widest table a sequence of ``max_model_len`` tokens has) and seqlens [bucket]. The runner copies
+    a step's rows in and replays; padding rows are token 0 at position 0 with KV slot -1 (nothing written) and length
+    0 (attention gives zeros), and their logits are dropped. Block tables change every step (a new block, a sequence
+    leaving, a preemption): they are data, so the graphs never need recapturing; only a new op backend drops them.
+    Mixed steps (prompt chunks beside decodes) run eagerly. ``capture=False`` runs the same padded step eagerly (CPU
+    tests of the padding).
+    """
+
+    def __init__(self, model, cache, max_num_seqs: int, max_blocks: int, capture: bool = True, warmup: int = 2):
+        self.model = model
+        self.cache = cache
+        self.capture = capture
+        self.warmup = warmup
+        top = bucket_for(max_num_seqs, PAGED_BUCKETS) or max_num_seqs
+        self.buckets = tuple(b for b in PAGED_BUCKETS if b < top) + (top,)
+        n, dev = top, model.device
+        self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(1, n, dtype=torch.long, device=dev)
+        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
+        self.seqlens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(n, dtype=torch.long, device=dev)
+        self._graphs: dict[int, tuple] = {}
+        self._backends = None
+        self._pool = None
+        self.captures = 0
+        self.disabled_reason: str | None = None
+
+    def supports(self, batch: int, width: int) -> bool:
+        return (self.disabled_reason is None and batch <= self.buckets[-1]
+                and width <= self.block_tables.shape[1])
+
+    def _forward(self, bucket: int):
+        meta = PagedAttentionMetadata(slot_mapping=self.slots[:bucket], block_tables=self.block_tables[:bucket],
+                                      seqlens=self.seqlens[:bucket], query_start_loc=self.query_start_loc[:bucket + 1],
+                                      num_decodes=bucket)
+        return self.model(self.ids[:, :bucket], self.positions[:, :bucket], self.cache, last_index=self.rows[:bucket],
+                          paged=meta)
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
+             seqlens: torch.Tensor) -> torch.Tensor | None:
+        """One decode step of b sequences (host or device tensors: ids, positions, slots [b], block_tables [b, w],
+        seqlens [b]) -> logits [b, V] (a view of a static output, valid until the next step), or None when this
+        step cannot run as a graph (the caller runs it eagerly)."""
+        b, w = block_tables.shape
+        if not self.supports(b, w):
+            return None
+        bucket = bucket_for(b, self.buckets)
+        self.ids[0, :b].copy_(ids, non_blocking=True)
+        self.positions[0, :b].copy_(positions, non_blocking=True)
+        self.slots[:b].copy_(slots, non_blocking=True)
+        self.block_tables[:b, :w].copy_(block_tables, non_blocking=True)
+        self.seqlens[:b].copy_(seqlens, non_blocking=True)
+        if b < bucket:  # padding rows: nothing written, nothing attended
+            self.ids[0, b:bucket].zero_()
+            self.positions[0, b:bucket].zero_()
+            self.slots[b:bucket].fill_(-1)
+            self.seqlens[b:bucket].zero_()
+        if not self.capture:
+            return self._forward(bucket)[:b]
+        backends = tuple(sorted(active_backends().items()))
+        if backends != self._backends:
+            self._graphs.clear()
+            self._pool = None
+            self._backends = backends
+        captured = self._graphs.get(bucket)
+        if captured is None:
+            try:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                captured = capture_graph(lambda: self._forward(bucket), self.warmup, self._pool)
+            except Exception as e:  # noqa: BLE001 - an op that cannot be captured must not end serving
+                self.disabled_reason = f"{type(e).__name__}: {e}"
+                self._graphs.clear()
+                log.warning("neox_rt: CUDA-graph capture failed (%s); the engine decodes eagerly",
+                            self.disabled_reason)
+                return None
+            self._graphs[bucket] = captured
+            self.captures += 1
+            log.info("neox_rt: captured paged decode graph for batch bucket %d", bucket)
+        graph, logits = captured
+        graph.replay()
+        return logits[:b]

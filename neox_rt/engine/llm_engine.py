@@ -8,6 +8,7 @@ UTF-8 sequence). Not thread-safe: one thread drives it (the async server wraps i
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,12 @@ class RequestOutput:
 
 
 class _Detok:
-    """A request's output as the client sees it: tokens, text, and how much of it was streamed."""
+    """A request's output as the client sees it: tokens, text, and how much of it was streamed.
+
+    Detokenization is incremental (as vLLM's): each step decodes only a window of the newest tokens, from
+    ``prefix_offset`` (the start of the last decoded piece) on, and appends what the new tokens add, so a step costs
+    the same at token 10 as at token 1000. ``text`` holds whole characters only: a trailing incomplete UTF-8 sequence
+    (a character split over tokens) waits for the token that completes it, or for the end of the request."""
 
     def __init__(self, params: SamplingRequest, num_prompt_tokens: int):
         self.params = params
@@ -77,13 +83,28 @@ class _Detok:
         self.token_ids: list[int] = []
         self.text = ""
         self.streamed = 0
+        self.prefix_offset = 0  # token_ids[prefix_offset:read_offset] decode to the end of ``text``
+        self.read_offset = 0
+
+    def advance(self, tokenizer, final: bool) -> None:
+        """Append the text of the tokens past ``read_offset``; unless ``final``, only when it ends in a whole
+        character."""
+        ids = self.token_ids
+        if self.read_offset == len(ids):
+            return
+        prefix = tokenizer.decode(ids[self.prefix_offset:self.read_offset]) if self.read_offset > self.prefix_offset \
+            else ""
+        window = tokenizer.decode(ids[self.prefix_offset:])
+        if final or (len(window) > len(prefix) and not window.endswith("\ufffd")):
+            self.text += window[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
 
 
 class LLMEngine:
     """Continuous batching for a loaded :class:`neox_rt.NeoX` (its model, tokenizer and config)."""
 
     def __init__(self, neox, *, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 num_blocks: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
+                 num_blocks: int | None = None, kv_cache_memory: int | float | None = None, block_size: int = 16,
                  max_num_batched_tokens: int = 2048, max_queue: int | None = None):
         if neox.tokenizer is None:
             raise NeoxRtError("the engine needs a tokenizer: pass tokenizer=PATH to neox_rt.load")
@@ -98,6 +119,10 @@ class LLMEngine:
             raise NeoxRtError(f"max_model_len {max_model_len} exceeds the model's {positions} positions")
         self.max_model_len = max_model_len
         per_block = PagedKVCache.block_bytes(self.model, block_size)
+        if isinstance(kv_cache_memory, float):  # a fraction of the free memory
+            if not 0 < kv_cache_memory <= 1:
+                raise NeoxRtError(f"kv_cache_memory fraction must be in (0, 1], got {kv_cache_memory}")
+            kv_cache_memory = int(self._free_memory() * kv_cache_memory)
         if num_blocks is None:
             if kv_cache_memory is None:
                 need = max_num_seqs * -(-max_model_len // block_size) * per_block
@@ -109,14 +134,23 @@ class LLMEngine:
             num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs), max_queue=max_queue,
             max_model_len=max_model_len, eos_token_id=self.tokenizer.eos_id))
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.tokenizer.vocab_size)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.tokenizer.vocab_size,
+                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len)
         self._requests: dict[str, _Detok] = {}
 
-    def _default_kv_bytes(self) -> int:
+    def _free_memory(self) -> int:
+        """Free bytes on the model's device (on CPU: the host's available memory)."""
         device = self.model.device
         if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return free // 2
+            return torch.cuda.mem_get_info(device)[0]
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return CPU_DEFAULT_KV_BYTES
+
+    def _default_kv_bytes(self) -> int:
+        if self.model.device.type == "cuda":
+            return self._free_memory() // 2
         return CPU_DEFAULT_KV_BYTES
 
     # --- requests ----------------------------------------------------------------------------------------
@@ -172,9 +206,12 @@ class LLMEngine:
             seq.stop_reason is not None or (token == self.tokenizer.eos_id and not d.params.ignore_eos))
         new_ids = [] if dropped else [token]
         d.token_ids += new_ids
-        text = self.tokenizer.decode(d.token_ids)
+        before = len(d.text)
+        d.advance(self.tokenizer, final=seq.is_finished)
+        text = d.text
         if d.stop and not dropped:
-            hits = [(at, s) for s in d.stop if (at := text.find(s)) >= 0]
+            lo = max(before - d.hold, 0)  # a stop string ending in the new text starts at or after lo
+            hits = [(at, s) for s in d.stop if (at := text.find(s, lo)) >= 0]
             if hits:
                 at, stop = min(hits)
                 text = text[:at]
@@ -185,10 +222,8 @@ class LLMEngine:
                 reason = "stop"
         finished = reason is not None
         d.text = text
-        # stream what can no longer become (part of) a stop string, and no trailing incomplete UTF-8 sequence
+        # stream what can no longer become (part of) a stop string (``text`` never ends in a partial character)
         safe = len(text) if finished else max(len(text) - d.hold, 0)
-        if not finished and text.endswith("\ufffd"):
-            safe = min(safe, len(text) - 1)
         new_text = text[d.streamed:safe] if safe > d.streamed else ""
         d.streamed = max(d.streamed, safe)
         lp = top = None

@@ -9,8 +9,9 @@ Sampling is per request (temperature, top-k, top-p as :mod:`neox_rt.engine.sampl
 a generator per token of a seeded request derived from (seed, token index), so that a request samples the same
 tokens alone, under load and after a preemption's recompute. Logprobs are the fp32 log_softmax of the raw logits.
 
-The runner never decides policy (that is the scheduler's). Not here yet: CUDA graphs over block tables (every step
-runs eagerly), and tensor-parallel broadcast of the sampled ids (one process).
+On a GPU a step of decodes only replays a CUDA graph of its batch bucket (:class:`~neox_rt.engine.graphs.
+PagedDecodeGraphRunner`: block tables are graph inputs); steps with prompt chunks run eagerly. The runner never
+decides policy (that is the scheduler's). Not here yet: tensor-parallel broadcast of the sampled ids (one process).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Mapping
 
 import torch
 
+from neox_rt.engine.graphs import PagedDecodeGraphRunner, graphs_enabled
 from neox_rt.engine.kv_cache import PagedKVCache
 from neox_rt.engine.sampling import request_generator, sample_row
 from neox_rt.engine.scheduler import StepPlan
@@ -36,51 +38,64 @@ class SampledToken:
 class ModelRunner:
     """Owns the paged KV cache of a model and runs step plans on it."""
 
-    def __init__(self, model, num_blocks: int, block_size: int, valid_vocab: int, seed: int | None = None):
+    def __init__(self, model, num_blocks: int, block_size: int, valid_vocab: int, seed: int | None = None,
+                 max_num_seqs: int = 64, max_model_len: int | None = None, cuda_graphs: bool | None = None):
         self.model = model
         self.device = model.device
         self.block_size = block_size
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        if cuda_graphs is None:
+            cuda_graphs = graphs_enabled(self.device, model.tp.size)
+        max_model_len = max_model_len or model.config.max_position_embeddings
+        self.graphs = PagedDecodeGraphRunner(model, self.cache, max_num_seqs, -(-max_model_len // block_size)) \
+            if cuda_graphs else None
+        """Decode-only steps as CUDA graphs (on a GPU unless NEOX_RT_CUDA_GRAPHS=0)."""
         self.valid_vocab = min(valid_vocab, model.config.vocab_size)
         """Ids at or above this (padded embedding rows, ids the tokenizer lacks) are never sampled."""
         self._generator = torch.Generator()  # unseeded requests draw from this one
         self._generator.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
 
     def prepare(self, plan: StepPlan):
-        """The step's model inputs: (input_ids [1, n], positions [1, n], metadata, logits indices [m], the request
-        ids of those m rows)."""
+        """The step's inputs, on the host: (input_ids [n], positions [n], slot_mapping [n], block_tables [b, w],
+        seqlens [b], query_start_loc [b + 1], logits rows [m], the request ids of those m rows)."""
         bs = self.block_size
         ids, pos, slots, tables, seqlens, qsl = [], [], [], [], [], [0]
         sample_rows, sample_ids = [], []
         for chunk in plan.chunks:
             table = chunk.seq.block_table
+            start, end = chunk.start, chunk.end
             ids += chunk.token_ids
-            for p in range(chunk.start, chunk.end):
-                pos.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
+            pos += range(start, end)
+            if end - start == 1:
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             tables.append(table)
-            seqlens.append(chunk.end)
-            qsl.append(qsl[-1] + chunk.num_tokens)
+            seqlens.append(end)
+            qsl.append(qsl[-1] + end - start)
             if chunk.samples:
                 sample_rows.append(qsl[-1] - 1)
                 sample_ids.append(chunk.request_id)
         width = max(len(t) for t in tables)
-        block_tables = [list(t) + [0] * (width - len(t)) for t in tables]
-        dev = self.device
-        meta = PagedAttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(block_tables, dtype=torch.int32, device=dev),
-            seqlens=torch.tensor(seqlens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            num_decodes=len(plan.decodes))
-        return (torch.tensor([ids], dtype=torch.long, device=dev), torch.tensor([pos], dtype=torch.long, device=dev),
-                meta, torch.tensor(sample_rows, dtype=torch.long, device=dev), sample_ids)
+        block_tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        return (torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
+                torch.tensor(slots, dtype=torch.long), block_tables, torch.tensor(seqlens, dtype=torch.int32),
+                torch.tensor(qsl, dtype=torch.int32), torch.tensor(sample_rows, dtype=torch.long), sample_ids)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> tuple[torch.Tensor, list[str]]:
-        """The forward of one step: (logits [m, V] of the sampling chunks' last tokens, their request ids)."""
-        input_ids, positions, meta, rows, sample_ids = self.prepare(plan)
-        logits = self.model(input_ids, positions, self.cache, last_index=rows, paged=meta)
+        """The forward of one step: (logits [m, V] of the sampling chunks' last tokens, their request ids). A step
+        of decodes only replays a CUDA graph when the runner has them; any other step runs eagerly."""
+        ids, pos, slots, tables, seqlens, qsl, rows, sample_ids = self.prepare(plan)
+        if self.graphs is not None and not plan.prefills:
+            logits = self.graphs.step(ids, pos, slots, tables, seqlens)
+            if logits is not None:
+                return logits, sample_ids
+        dev = self.device
+        meta = PagedAttentionMetadata(slot_mapping=slots.to(dev), block_tables=tables.to(dev),
+                                      seqlens=seqlens.to(dev), query_start_loc=qsl.to(dev),
+                                      num_decodes=len(plan.decodes))
+        logits = self.model(ids.to(dev)[None], pos.to(dev)[None], self.cache, last_index=rows.to(dev), paged=meta)
         return logits, sample_ids
 
     @torch.inference_mode()
