@@ -74,6 +74,7 @@ def run_under_load(neox, cases, extra, num_blocks, seed, max_num_seqs=16, max_nu
     todo += [(f"r{i}", ids, SamplingRequest(max_tokens=n, temperature=0)) for i, (ids, n, _) in enumerate(cases)]
     rng.shuffle(todo)
     final = {}
+    engine.first_outputs = {}  # the first output of each request (the test reads prompt logprobs there)
     plans = []
     schedule = engine.scheduler.schedule
     engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
@@ -82,6 +83,7 @@ def run_under_load(neox, cases, extra, num_blocks, seed, max_num_seqs=16, max_nu
             if todo:
                 engine.add_request(*todo.pop())
         for o in engine.step():
+            engine.first_outputs.setdefault(o.request_id, o)
             if o.finished:
                 final[o.request_id] = o
         engine.scheduler.blocks.check_invariants()
@@ -194,6 +196,35 @@ def test_logprobs_match_score(neox, cases):
     outs = {}
     drain(engine, outs)
     assert all(o.top_logprobs is None and len(o.logprobs) == len(o.new_token_ids) for o in outs["b"])
+
+
+def test_prompt_logprobs_match_score(neox, cases):
+    """prompt_logprobs (echo with logprobs): every prompt token's logprob given the ones before it, in the first
+    output, equal to score(); a prompt split over several chunks, and recomputed after a preemption, gives each
+    position once."""
+    ids = cases[-1][0]  # the longest prompt
+    _, scored = neox.score(ids)
+    engine = LLMEngine(neox, max_num_seqs=4, num_blocks=64, max_num_batched_tokens=8)
+    engine.add_request("p", ids, SamplingRequest(max_tokens=3, temperature=0, prompt_logprobs=2))
+    outs = {}
+    drain(engine, outs)
+    first = outs["p"][0]
+    assert first.prompt_logprobs[0] is None and len(first.prompt_logprobs) == len(ids)
+    assert first.prompt_logprobs[1:] == pytest.approx(scored, abs=1e-4)
+    assert first.prompt_top_logprobs[0] is None
+    for tok, lp, top in zip(ids[1:], first.prompt_logprobs[1:], first.prompt_top_logprobs[1:]):
+        assert len(top) == 2 and max(top.values()) >= lp - 1e-6
+        if tok in top:
+            assert top[tok] == pytest.approx(lp, abs=1e-6)
+    assert all(o.prompt_logprobs is None for o in outs["p"][1:])
+    # under load with preemption (recomputed prompts): the same numbers; k = 0 gives no top lists
+    final, engine = run_under_load(neox, cases, [("q", ids, SamplingRequest(max_tokens=4, temperature=0,
+                                                                             prompt_logprobs=0))],
+                                   num_blocks=8, seed=4, max_num_seqs=8)
+    assert engine.stats()["num_preemptions"] > 0
+    q = engine.first_outputs["q"]
+    assert q.prompt_logprobs[0] is None and q.prompt_logprobs[1:] == pytest.approx(scored, abs=1e-4)
+    assert q.prompt_top_logprobs is None
 
 
 def test_abort_frees_blocks(neox, cases):

@@ -176,6 +176,33 @@ def test_echo(server, neox):
     assert r.choices[0].text == PROMPTS[4] + want.text
 
 
+def test_echo_with_logprobs(server, neox):
+    """echo + logprobs (lm-eval's loglikelihood request): the prompt's tokens come back with their logprobs (None for
+    the first) before the completion's, streamed or not, equal to score()."""
+    prompt = PROMPTS[4]
+    ids, scored = neox.score(prompt)
+    r = server.client().completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                           logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(prompt)
+    assert len(lp.tokens) == len(ids) + 2 and "".join(lp.tokens[:len(ids)]) == prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(scored, abs=1e-4)
+    assert lp.text_offset[:len(ids)] == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    assert lp.text_offset[len(ids)] == len(prompt)
+    assert all(len(t) >= 1 for t in lp.top_logprobs[1:])
+    s = server.client().completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                           logprobs=1, stream=True)
+    tokens, values, text = [], [], ""
+    for chunk in s:
+        for ch in chunk.choices:
+            text += ch.text
+            if ch.logprobs is not None:
+                tokens += ch.logprobs.tokens
+                values += ch.logprobs.token_logprobs
+    assert text == r.choices[0].text and tokens == lp.tokens and values == pytest.approx(lp.token_logprobs)
+
+
 def test_n_and_seed(server):
     c = server.client()
     kw = dict(model=MODEL, prompt=PROMPTS[5], max_tokens=12, temperature=1.0, n=3, seed=7)

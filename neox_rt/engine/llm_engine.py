@@ -44,6 +44,9 @@ class SamplingRequest:
     ignore_eos: bool = False
     logprobs: int | None = None
     """None: no logprobs; k >= 0: the chosen token's logprob, and the top k (k > 0)."""
+    prompt_logprobs: int | None = None
+    """None: none; k >= 0: the logprob of every prompt token given the ones before it (None for the first), and the
+    top k at each position (k > 0), in the request's first output (``echo`` with ``logprobs`` in the API)."""
 
 
 @dataclass
@@ -65,6 +68,10 @@ class RequestOutput:
     finish_reason: str | None
     """"stop" (EOS, stop token or stop string), "length" or "abort"."""
     num_prompt_tokens: int
+    prompt_logprobs: list[float | None] | None = None
+    """In the first output of a request with prompt_logprobs: one per prompt token (None for the first)."""
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    """... and the top k at each position (k > 0; None for the first token)."""
 
 
 class _Detok:
@@ -85,6 +92,17 @@ class _Detok:
         self.streamed = 0
         self.prefix_offset = 0  # token_ids[prefix_offset:read_offset] decode to the end of ``text``
         self.read_offset = 0
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
+        self.prompt_top: list = [None]
+        self.prompt_sent = False
+
+    def add_prompt_logprobs(self, items) -> None:
+        """Record the prompt logprobs a step computed, in position order (a preempted request's recompute gives
+        the positions it already has again: those are skipped)."""
+        for it in items:
+            if it.position == len(self.prompt_logprobs):
+                self.prompt_logprobs.append(it.logprob)
+                self.prompt_top.append(it.top_logprobs)
 
     def advance(self, tokenizer, final: bool) -> None:
         """Append the text of the tokens past ``read_offset``; unless ``final``, only when it ends in a whole
@@ -183,15 +201,18 @@ class LLMEngine:
         if not self.scheduler.has_unfinished():
             return []
         plan = self.scheduler.schedule()
-        params = {c.request_id: self._requests[c.request_id].params for c in plan.chunks if c.samples}
+        params = {c.request_id: self._requests[c.request_id].params for c in plan.chunks}
         try:
-            sampled = self.runner.run(plan, params)
+            result = self.runner.run(plan, params)
         except BaseException:
             # leave the scheduler consistent: the step computed nothing; its sequences are aborted
             for c in plan.chunks:
                 self.abort(c.request_id)
             self.scheduler.update(plan, {})
             raise
+        for rid, items in result.prompt_logprobs.items():
+            self._requests[rid].add_prompt_logprobs(items)
+        sampled = result.sampled
         seqs = self.scheduler.update(plan, {rid: t.token_id for rid, t in sampled.items()})
         return [self._output(seq, sampled[seq.request_id]) for seq in seqs]
 
@@ -231,7 +252,12 @@ class LLMEngine:
             lp = [sampled.logprob] if new_ids else []
             if d.params.logprobs > 0:
                 top = [sampled.top_logprobs] if new_ids else []
+        plp = ptop = None
+        if d.prompt_logprobs is not None and not d.prompt_sent:
+            d.prompt_sent = True
+            plp = d.prompt_logprobs
+            ptop = d.prompt_top if d.params.prompt_logprobs else None
         if finished:
             del self._requests[rid]
         return RequestOutput(rid, new_text, new_ids, text, list(d.token_ids), lp, top, finished, reason,
-                             d.num_prompt_tokens)
+                             d.num_prompt_tokens, plp, ptop)

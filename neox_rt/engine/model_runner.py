@@ -35,6 +35,21 @@ class SampledToken:
     top_logprobs: dict[int, float] | None = None
 
 
+@dataclass
+class PromptLogprob:
+    """log p of the prompt token at ``position`` given the tokens before it (a request with prompt_logprobs)."""
+    position: int
+    logprob: float
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclass
+class StepResult:
+    """What a step gives back: the sampled token of each sampling chunk, and the prompt logprobs it computed."""
+    sampled: dict[str, SampledToken]
+    prompt_logprobs: dict[str, list[PromptLogprob]]
+
+
 class ModelRunner:
     """Owns the paged KV cache of a model and runs step plans on it."""
 
@@ -55,12 +70,15 @@ class ModelRunner:
         self._generator = torch.Generator()  # unseeded requests draw from this one
         self._generator.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
 
-    def prepare(self, plan: StepPlan):
+    def prepare(self, plan: StepPlan, prompt_logprobs: frozenset = frozenset()):
         """The step's inputs, on the host: (input_ids [n], positions [n], slot_mapping [n], block_tables [b, w],
-        seqlens [b], query_start_loc [b + 1], logits rows [m], the request ids of those m rows)."""
+        seqlens [b], query_start_loc [b + 1], logits rows [m], the request ids of the first len(ids) of those rows).
+
+        For the prompt chunks of the requests in ``prompt_logprobs``, the rows of every token whose successor is a
+        prompt token follow the sampling rows (``self._plp``: (request id, position of the predicted token) each)."""
         bs = self.block_size
         ids, pos, slots, tables, seqlens, qsl = [], [], [], [], [], [0]
-        sample_rows, sample_ids = [], []
+        sample_rows, sample_ids, plp_rows, self._plp = [], [], [], []
         for chunk in plan.chunks:
             table = chunk.seq.block_table
             start, end = chunk.start, chunk.end
@@ -76,6 +94,11 @@ class ModelRunner:
             if chunk.samples:
                 sample_rows.append(qsl[-1] - 1)
                 sample_ids.append(chunk.request_id)
+            if chunk.request_id in prompt_logprobs:
+                last = min(end, chunk.seq.num_prompt_tokens - 1)  # the last prompt position predicted
+                plp_rows += range(qsl[-2], qsl[-2] + last - start)
+                self._plp += [(chunk.request_id, p + 1) for p in range(start, last)]
+        sample_rows += plp_rows
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         return (torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
@@ -83,10 +106,11 @@ class ModelRunner:
                 torch.tensor(qsl, dtype=torch.int32), torch.tensor(sample_rows, dtype=torch.long), sample_ids)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> tuple[torch.Tensor, list[str]]:
-        """The forward of one step: (logits [m, V] of the sampling chunks' last tokens, their request ids). A step
-        of decodes only replays a CUDA graph when the runner has them; any other step runs eagerly."""
-        ids, pos, slots, tables, seqlens, qsl, rows, sample_ids = self.prepare(plan)
+    def execute(self, plan: StepPlan, prompt_logprobs: frozenset = frozenset()) -> tuple[torch.Tensor, list[str]]:
+        """The forward of one step: (logits [m, V] of the sampling chunks' last tokens, then of the prompt-logprob
+        rows, :meth:`prepare`; the request ids of the sampling rows). A step of decodes only replays a CUDA graph when
+        the runner has them; any other step runs eagerly."""
+        ids, pos, slots, tables, seqlens, qsl, rows, sample_ids = self.prepare(plan, prompt_logprobs)
         if self.graphs is not None and not plan.prefills:
             logits = self.graphs.step(ids, pos, slots, tables, seqlens)
             if logits is not None:
@@ -99,16 +123,22 @@ class ModelRunner:
         return logits, sample_ids
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan, params: Mapping[str, object]) -> dict[str, SampledToken]:
-        """Run ``plan`` and sample: ``params[request_id]`` carries ``temperature``, ``top_k``, ``top_p``, ``seed``
-        and ``logprobs`` (a :class:`~neox_rt.engine.llm_engine.SamplingRequest`). Returns a token for every
-        sampling chunk (``{id: t.token_id}`` is what ``Scheduler.update`` takes)."""
+    def run(self, plan: StepPlan, params: Mapping[str, object]) -> StepResult:
+        """Run ``plan`` and sample: ``params[request_id]`` (every chunk's) carries ``temperature``, ``top_k``,
+        ``top_p``, ``seed``, ``logprobs`` and ``prompt_logprobs`` (a :class:`~neox_rt.engine.llm_engine.
+        SamplingRequest`). Returns a token for every sampling chunk (``{id: t.token_id for id, t in
+        result.sampled.items()}`` is what ``Scheduler.update`` takes) and the prompt logprobs the step computed."""
+        result = StepResult({}, {})
         if plan.is_empty:
-            return {}
-        logits, sample_ids = self.execute(plan)
+            return result
+        want_plp = frozenset(c.request_id for c in plan.prefills
+                             if getattr(params[c.request_id], "prompt_logprobs", None) is not None)
+        logits, sample_ids = self.execute(plan, want_plp)
+        if self._plp:
+            self._prompt_logprobs(logits[len(sample_ids):], plan, params, result)
         if not sample_ids:
-            return {}
-        logits = logits.float()
+            return result
+        logits = logits[:len(sample_ids)].float()
         index = {c.request_id: c for c in plan.chunks}
         want_lp = [i for i, r in enumerate(sample_ids) if params[r].logprobs is not None]
         logp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
@@ -125,13 +155,28 @@ class ModelRunner:
             gen = self._generator if p.seed is None else request_generator(p.seed, seq.num_output_tokens)
             top_p = p.top_p if 0.0 < p.top_p < 1.0 else 0.0
             chosen[i] = sample_row(logits[i], p.temperature, p.top_k, top_p, self.valid_vocab, gen)
-        out = {rid: SampledToken(chosen[i]) for i, rid in enumerate(sample_ids)}
+        out = result.sampled
+        out.update({rid: SampledToken(chosen[i]) for i, rid in enumerate(sample_ids)})
         if logp is not None:
             for j, i in enumerate(want_lp):
                 t = out[sample_ids[i]]
                 t.logprob = float(logp[j, t.token_id])
-                k = params[sample_ids[i]].logprobs
-                if k > 0:
-                    vals, idx = logp[j, :self.valid_vocab].topk(min(k, self.valid_vocab))
-                    t.top_logprobs = dict(zip(idx.tolist(), vals.tolist()))
-        return out
+                t.top_logprobs = self._top(logp[j], params[sample_ids[i]].logprobs)
+        return result
+
+    def _top(self, logp_row: torch.Tensor, k: int) -> dict[int, float] | None:
+        if not k:
+            return None
+        vals, idx = logp_row[:self.valid_vocab].topk(min(k, self.valid_vocab))
+        return dict(zip(idx.tolist(), vals.tolist()))
+
+    def _prompt_logprobs(self, logits: torch.Tensor, plan: StepPlan, params, result: StepResult) -> None:
+        """log p(prompt token at position q | the tokens before it) for each (request, q) of ``self._plp``, from
+        the logits of position q - 1 (fp32 log_softmax, as the sampled tokens' logprobs)."""
+        seqs = {c.request_id: c.seq for c in plan.prefills}
+        targets = torch.tensor([seqs[rid].tokens(q, q + 1)[0] for rid, q in self._plp], device=logits.device)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+        for j, (rid, q) in enumerate(self._plp):
+            top = self._top(logp[j], params[rid].prompt_logprobs)
+            result.prompt_logprobs.setdefault(rid, []).append(PromptLogprob(q, chosen[j], top))

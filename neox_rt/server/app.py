@@ -139,7 +139,8 @@ def _prompts(state: ServerState, prompt) -> list[tuple[list[int], str | None]]:
     return out
 
 
-def _params(state: ServerState, req, max_tokens: int, index: int, logprobs: int | None):
+def _params(state: ServerState, req, max_tokens: int, index: int, logprobs: int | None,
+            prompt_logprobs: int | None = None):
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
     stop_ids = tuple(req.stop_token_ids or ())
     if stop_ids:
@@ -149,7 +150,8 @@ def _params(state: ServerState, req, max_tokens: int, index: int, logprobs: int 
         temperature=float(1.0 if req.temperature is None else req.temperature),
         top_p=float(1.0 if req.top_p is None else req.top_p), top_k=top_k,
         seed=None if req.seed is None else req.seed + index, stop=req.stops(), stop_token_ids=stop_ids,
-        ignore_eos=req.ignore_eos, logprobs=logprobs)
+        ignore_eos=req.ignore_eos, logprobs=logprobs,
+        **({"prompt_logprobs": prompt_logprobs} if prompt_logprobs is not None else {}))
 
 
 async def _add_all(state: ServerState, rid: str, jobs: list[tuple[list[int], object]], queue: asyncio.Queue
@@ -227,6 +229,35 @@ def _completion_logprobs(state: ServerState, out, offset: int) -> p.CompletionLo
         top_text.setdefault(token, logprob)
         lp.top_logprobs.append(top_text)
     return lp
+
+
+def _prompt_logprobs(state: ServerState, ids: list[int], out) -> p.CompletionLogprobs:
+    """``echo`` with ``logprobs``: the prompt's tokens with their logprobs (None for the first, which nothing
+    predicts), from a request's first output; text offsets from 0."""
+    lp = p.CompletionLogprobs()
+    offset = 0
+    tops = out.prompt_top_logprobs or [None] * len(ids)
+    for token_id, logprob, top in zip(ids, out.prompt_logprobs, tops):
+        token = _token_text(state, token_id)
+        lp.tokens.append(token)
+        lp.token_logprobs.append(logprob)
+        lp.text_offset.append(offset)
+        offset += len(token)
+        if logprob is None:
+            lp.top_logprobs.append(None)
+        else:
+            top_text = {_token_text(state, t): v for t, v in (top or {}).items()}
+            top_text.setdefault(token, logprob)
+            lp.top_logprobs.append(top_text)
+    return lp
+
+
+def _joined(a: p.CompletionLogprobs | None, b: p.CompletionLogprobs | None) -> p.CompletionLogprobs | None:
+    if a is None or b is None:
+        return a or b
+    return p.CompletionLogprobs(text_offset=a.text_offset + b.text_offset, token_logprobs=a.token_logprobs +
+                                b.token_logprobs, tokens=a.tokens + b.tokens, top_logprobs=a.top_logprobs +
+                                b.top_logprobs)
 
 
 def _chat_logprobs(state: ServerState, out, want_top: int) -> p.ChatLogprobs | None:
@@ -362,19 +393,18 @@ def build_app(engine: AsyncEngine, params_cls: type, model_name: str = "neox_rt"
 async def _completions(state: ServerState, req: p.CompletionRequest, raw: Request):
     arrival = time.monotonic()
     _check_model(state, req.model)
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not supported yet",
-                       param="echo")
     if req.max_tokens is None:  # an explicit null: OpenAI's default
         req.max_tokens = 16
     prompts = _prompts(state, req.prompt)
     for ids, _ in prompts:
         _check_length(state, len(ids), req.max_tokens, "prompt")
     jobs, prompt_texts = [], []
+    echo_lp = req.echo and req.logprobs is not None  # the prompt's logprobs too
     for ids, text in prompts:
         echo_text = (text if text is not None else state.engine.tokenizer.decode(ids)) if req.echo else ""
         for _ in range(req.n):
-            jobs.append((ids, _params(state, req, req.max_tokens, len(jobs), req.logprobs)))
+            jobs.append((ids, _params(state, req, req.max_tokens, len(jobs), req.logprobs,
+                                      req.logprobs if echo_lp else None)))
             prompt_texts.append(echo_text)
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -387,12 +417,18 @@ async def _completions(state: ServerState, req: p.CompletionRequest, raw: Reques
             completion_tokens = 0
             offsets = [len(t) for t in prompt_texts]
             try:
-                if req.echo:
+                if req.echo and not echo_lp:
                     for index, text in enumerate(prompt_texts):
                         chunk = p.CompletionResponse(id=rid, created=created, model=state.model_name,
                                                      choices=[p.CompletionChoice(index=index, text=text)])
                         yield _sse(chunk.model_dump(exclude={"usage"}))
                 async for index, out in _results(state, queue, request_ids, arrival):
+                    if echo_lp and out.prompt_logprobs is not None:  # the prompt's chunk, with its logprobs
+                        choice = p.CompletionChoice(index=index, text=prompt_texts[index],
+                                                    logprobs=_prompt_logprobs(state, jobs[index][0], out))
+                        chunk = p.CompletionResponse(id=rid, created=created, model=state.model_name,
+                                                     choices=[choice])
+                        yield _sse(chunk.model_dump(exclude={"usage"}))
                     if not out.new_text and not out.new_token_ids and not out.finished:
                         continue
                     completion_tokens += len(out.new_token_ids)
@@ -422,6 +458,8 @@ async def _completions(state: ServerState, req: p.CompletionRequest, raw: Reques
             out = finals[index]
             logprobs = (_completion_logprobs(state, pieces[index], len(prompt_texts[index]))
                         if req.logprobs is not None else None)
+            if echo_lp:
+                logprobs = _joined(_prompt_logprobs(state, jobs[index][0], pieces[index].prompt), logprobs)
             choices.append(p.CompletionChoice(index=index, text=prompt_texts[index] + out.text, logprobs=logprobs,
                                               finish_reason=out.finish_reason))
         completion_tokens = sum(len(finals[i].token_ids) for i in range(len(jobs)))
@@ -436,8 +474,11 @@ class _Pieces:
 
     def __init__(self):
         self.new_token_ids, self.logprobs, self.top_logprobs = [], None, []
+        self.prompt = None  # the output that carried the prompt logprobs (echo with logprobs)
 
     def add(self, out) -> None:
+        if getattr(out, "prompt_logprobs", None) is not None:
+            self.prompt = out
         self.new_token_ids.extend(out.new_token_ids)
         if out.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(out.logprobs)
