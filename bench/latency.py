@@ -48,6 +48,7 @@ from neox_rt.engine.kv_cache import KVCache  # noqa: E402
 import neox_rt  # noqa: E402
 from neox_rt import ops  # noqa: E402
 from neox_rt.model.config import NeoXConfig  # noqa: E402
+from neox_rt.quant.apply import memory_report, quantize_model  # noqa: E402
 from neox_rt.engine.generation import Generator  # noqa: E402
 
 SHAPES = {  # NEOX_FACTS.md sizes
@@ -59,6 +60,7 @@ SHAPES = {  # NEOX_FACTS.md sizes
                          rotary_pct=0.25, hidden_act="gelu_fast"),
 }
 TARGETS_MS = {"pythia-1.4b": (0.94, 1.3), "gpt-neox-20b": (13.6, 14.5)}  # (floor, target) H100, 128 tokens
+QUANT_TARGETS_MS = {"gpt-neox-20b int8": 7.5, "gpt-neox-20b int4": 4.5, "pythia-1.4b int4": 0.7}  # issue #24, H100
 PROMPT = 32
 TTFT_PROMPTS = (32, 512, 2048)
 HF_TOKENS = 128
@@ -188,12 +190,13 @@ def bench_ours(model, args, res):
     o["tokens_per_s"] = 1e3 / o["p50_ms"]
     o["bandwidth_GBps"] = res["weight_bytes"] * o["tokens_per_s"] / 1e9
     o["bandwidth_pct_of_copy"] = 100 * o["bandwidth_GBps"] * 1e9 / res["copy_bandwidth_Bps"]
-    # eager decode (no graphs) at 128 tokens
-    runner, gen.graphs = gen.graphs, None
-    times, _ = timed_generate(gen, prompt, HF_TOKENS)
-    gen.graphs = runner
-    e = [b - a for a, b in zip(times, times[1:])]
-    res["ours_eager"] = {"p50_ms": percentile(e, 0.5), "p90_ms": percentile(e, 0.9)}
+    runner = gen.graphs
+    if not args.skip_eager:  # eager decode (no graphs) at 128 tokens
+        gen.graphs = None
+        times, _ = timed_generate(gen, prompt, HF_TOKENS)
+        gen.graphs = runner
+        e = [b - a for a, b in zip(times, times[1:])]
+        res["ours_eager"] = {"p50_ms": percentile(e, 0.5), "p90_ms": percentile(e, 0.9)}
     # batched decode throughput (graphs)
     res["batched"] = {}
     for b in args.batch:
@@ -209,7 +212,43 @@ def bench_ours(model, args, res):
     del gen, runner
     gc.collect()
     torch.cuda.empty_cache()
-    res["ttft_ms"] = {str(n): ttft(model, n) for n in TTFT_PROMPTS if n <= model.config.max_position_embeddings - 1}
+    if not args.skip_ttft:
+        res["ttft_ms"] = {str(n): ttft(model, n) for n in TTFT_PROMPTS
+                          if n <= model.config.max_position_embeddings - 1}
+
+
+T4_BANDWIDTH_BPS = 0.8 * 320e9
+"""A T4's achievable read bandwidth: 80% of its 320 GB/s peak (the share an H100 decode reaches of its own peak
+copy bandwidth is higher; 80% is what well-tuned GEMVs reach on GDDR6), for the projected T4 time per token."""
+
+
+def memory_cap_run(model, cap_gib: float, cache_tokens: int = 2048) -> dict:
+    """Decode with a ``cache_tokens`` cache under a cap on this process's GPU memory (``torch.cuda.
+    set_per_process_memory_fraction``, a 16 GB card's share), after the model is built: does it run, and its peak."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    out = {"cap_gib": cap_gib, "cache_tokens": cache_tokens, "weights_GB": torch.cuda.memory_allocated() / 1e9}
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
+    try:
+        gen = Generator(model, IdsTokenizer())
+        gen._get_cache(1, cache_tokens)
+        prompt = prompts_of(1, cache_tokens - 64, model.config.vocab_size, seed=5)
+        t0 = time.time()
+        gen.generate(prompt, max_new_tokens=64)
+        sync()
+        out.update(ok=True, seconds=time.time() - t0)
+    except Exception as e:  # noqa: BLE001 - an out-of-memory is the answer, not a crash
+        out.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+    finally:
+        gen = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        out["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        out["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return out
 
 
 def hf_model_sharing(model):
@@ -311,9 +350,23 @@ def markdown(report) -> str:
         hcs = (f"{hc['ms_per_token']:.2f} ({hc['compile_s']:.0f})" if "ms_per_token" in hc
                else ("error" if hc else "-"))
         lines.append(f"| {name} | {tt} | {o['p50_ms']:.2f} / {o['p90_ms']:.2f} | {o['ms_per_token_128']:.2f} | {ft} | "
-                     f"{r['ours_eager']['p50_ms']:.2f} | {o['tokens_per_s']:.0f} | {o['bandwidth_GBps']:.0f} "
+                     f"{r['ours_eager']['p50_ms'] if 'ours_eager' in r else float('nan'):.2f} | {o['tokens_per_s']:.0f} | {o['bandwidth_GBps']:.0f} "
                      f"({o['bandwidth_pct_of_copy']:.0f}%) | {flat} | {ttft} | {bt} | {he} | {hcs} | "
                      f"{r['peak_memory_GB']:.1f} |")
+    quant = [(k, r) for k, r in report["models"].items() if r.get("ours") and r.get("format") not in (None, "fp16")]
+    if quant:
+        lines += ["", "| row | weights GB | ms/tok @128 | floor ms | target ms | % of floor BW | b8 / b32 tok/s (fp16) |"
+                  " T4 projected ms/tok | memory cap |", "|---|---|---|---|---|---|---|---|---|"]
+        for k, r in quant:
+            o = r["ours"]
+            fp = report["models"].get(r["model"], {}).get("batched", {})
+            bt = " / ".join(f"{v['tokens_per_s']:.0f} ({fp.get(b, {}).get('tokens_per_s', float('nan')):.0f})"
+                            for b, v in r.get("batched", {}).items()) or "-"
+            cap = r.get("memory_cap")
+            capt = "-" if not cap else (f"ok, peak {cap['peak_GiB']:.1f} GiB" if cap.get("ok") else "failed")
+            lines.append(f"| {k} | {r['weight_bytes'] / 1e9:.2f} | {o['ms_per_token_128']:.2f} | {r['floor_ms']:.2f} | "
+                         f"{QUANT_TARGETS_MS.get(k, '-')} | {100 * r['floor_ms'] / o['ms_per_token_128']:.0f}% | {bt} | "
+                         f"{r['t4_projected_ms_per_token']:.1f} | {capt} |")
     lines.append("")
     lines.append("time for N tokens and p50/p90: one graph-decode run with a CUDA event per step (host checks "
                  "every 8 steps); HF: wall-clock generate(), (t128 - t1) / 127.")
@@ -354,6 +407,12 @@ def main(argv=None) -> int:
     p.add_argument("--hf-compile", default="pythia-1.4b,gpt-neox-20b",
                    help="models for which HF static cache + torch.compile is timed ('' for none)")
     p.add_argument("--quick", action="store_true", help="pythia-1.4b and gpt-neox-20b only")
+    p.add_argument("--quantize", default="none", help="comma list of weight formats to time, each its own row beside "
+                   "fp16: none, int8, int4 (group 128; the random fp16 weights quantized on the GPU)")
+    p.add_argument("--memory-cap-gib", type=float, default=None, help="for the quantized rows: also decode with a "
+                   "2048-token cache under this cap on the process's GPU memory")
+    p.add_argument("--skip-eager", action="store_true", help="do not time the eager (no CUDA graphs) decode")
+    p.add_argument("--skip-ttft", action="store_true", help="do not time the prefills (time to first token)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/latency-<gpu>-<time>.json)")
     p.add_argument("--check", action="store_true", help="exit 1 on a >10%% regression vs bench/baselines/<gpu>.json")
     p.add_argument("--write-baseline", action="store_true", help="save this run as the GPU's baseline")
@@ -368,31 +427,51 @@ def main(argv=None) -> int:
     args.tokens = sorted(int(t) for t in args.tokens.split(","))
     args.batch = [int(b) for b in args.batch.split(",")]
     args.hf_compile = [m for m in args.hf_compile.split(",") if m]
+    args.quantize = [q.strip() for q in args.quantize.split(",") if q.strip()]
+    for q in args.quantize:
+        if q not in ("none", "int8", "int4"):
+            p.error(f"unknown --quantize format {q!r}; choose from none, int8, int4")
     t_start = time.time()
     ops.select_backend(None, "cuda")
     report = {"env": env_info(), "tokens": args.tokens, "prompt_tokens": PROMPT, "copy_bandwidth_Bps": copy_bandwidth(),
               "models": {}}
-    for name in args.models:
+    rows = [(name, fmt) for name in args.models for fmt in args.quantize]
+    for name, fmt in rows:
         t0 = time.time()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        res = report["models"][name] = {}
+        key = name if fmt == "none" else f"{name} {fmt}"
+        res = report["models"][key] = {"model": name, "format": "fp16" if fmt == "none" else fmt}
         model = None
         try:
             model = random_model(name, max(args.tokens))
-            res["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+            if fmt != "none":
+                t_q = time.time()
+                quantize_model(model, fmt, group_size=128)
+                res["quantize_s"] = time.time() - t_q
+                gc.collect()
+                torch.cuda.empty_cache()
+            mem = memory_report(model)
+            res["weight_bytes"] = mem.total_bytes
+            res["memory_report"] = str(mem)
+            res["linear_backend"] = ops.OPS["linear"].served_by(
+                torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float16, device="cuda"),
+                model.gpt_neox.layers[0].attention.query_key_value.weight)
             res["copy_bandwidth_Bps"] = report["copy_bandwidth_Bps"]
             res["floor_ms"] = res["weight_bytes"] / report["copy_bandwidth_Bps"] * 1e3
+            res["t4_projected_ms_per_token"] = res["weight_bytes"] / T4_BANDWIDTH_BPS * 1e3
+            torch.cuda.reset_peak_memory_stats()
             bench_ours(model, args, res)
             res["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
-            if not args.skip_hf:
+            if fmt != "none" and args.memory_cap_gib:
+                res["memory_cap"] = memory_cap_run(model, args.memory_cap_gib)
+            if not args.skip_hf and fmt == "none":
                 bench_hf(model, name, args, res)
         except Exception as e:  # noqa: BLE001 - one model's failure must not lose the others
             res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-            print(f"{name}: {res['error']}", file=sys.stderr)
+            print(f"{key}: {res['error']}", file=sys.stderr)
         res.setdefault("peak_memory_GB", torch.cuda.max_memory_allocated() / 1e9)
         res["seconds"] = time.time() - t0
-        print(f"{name}: done in {res['seconds']:.0f}s", file=sys.stderr, flush=True)
+        print(f"{key}: done in {res['seconds']:.0f}s", file=sys.stderr, flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
