@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,tpsim,latency,tp,tp_nop2p,tpab,tp4,load
+#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,tpsim,latency,serving,tp,tp_nop2p,tpab,tp4,load
 #   (default: info,build,test,kernels,latency,tp; build_baseline runs whenever .baseline/ is there; tp brings
 #   tp_nop2p unless TP_NOP2P=0)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
 # AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_ARGS/PROFILE_LIMIT,
 # TPSIM_SIZES/TPSIM_ENVS/TPSIM_ARGS/TPSIM_BASE_ARGS/TPSIM_LIMIT (ENVS entries: A=1+B=2
 # sets two; a '+' not followed by NAME= stays in the value, as in NEOX_RT_OP_BACKENDS=linear=cuda+triton),
-# LATENCY_ARGS, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, TPAB_ENVS/TPAB_ROUNDS/TPAB_ARGS/TPAB_LIMIT,
+# LATENCY_ARGS, SERVING_ARGS/SERVING_LIMIT, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, TPAB_ENVS/TPAB_ROUNDS/TPAB_ARGS/TPAB_LIMIT,
 # LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline), BASELINE_COMMIT (its commit).
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
@@ -126,6 +126,8 @@ for n in ${TPSIM_SIZES:-1 2}; do
 done
 stage tpsim ${TPSIM_LIMIT:-300} "$TPSIM_CMD true"
 stage latency ${LATENCY_LIMIT:-420} "python3 bench/latency.py --quick --out $OUT/latency.json ${LATENCY_ARGS:-}"
+# the serving benchmark (#23): continuous vs static batching on one trace, decode step vs floor, TTFT, HTTP cost
+stage serving ${SERVING_LIMIT:-420} "python3 bench/serving.py --out $OUT/serving.json ${SERVING_ARGS:-}"
 if [ "$NGPU" -ge 2 ]; then
   # TP=1 and the host-path repeat skip the memory measurement (its 2048-token prefill is the slow part; TP=2 keeps
   # it). The host-path repeat (NCCL_P2P_DISABLE=1, as on PCIe-only T4 machines) is its own stage with its own limit:
