@@ -75,33 +75,59 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N", help="per-step token budget")
     g.add_argument("--max-queue", type=int, metavar="N", help="most requests waiting; more get 429 (default: no "
                                                               "limit)")
-    g.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel size; launch with torchrun "
+                   "--nproc-per-node N (rank 0 serves HTTP and schedules, every rank runs its shard; default: "
+                   "WORLD_SIZE under torchrun, else 1)")
     # tests only: a module with LLMEngine and SamplingRequest standing in for the engine
     p.add_argument("--engine", default=DEFAULT_ENGINE, help=argparse.SUPPRESS)
     return p
 
 
-def load_neox(args):
-    """The model, loaded by generate's helpers (configs, --model, --tokenizer, --dtype, --device, --quantize)."""
+def load_neox(args, tp=None):
+    """The model, loaded by generate's helpers (configs, --model, --tokenizer, --dtype, --device, --quantize), on
+    this rank's shard when ``tp`` is a tensor-parallel context."""
     from neox_rt import generate, parallel
+    tp = tp or parallel.SINGLE
+    s = _settings(args)
+    device = _rank_device(generate._device(s), tp)
+    import torch
+    dtype = s.dtype or ("float16" if torch.device(device).type == "cuda" else "float32")
+    return generate.load_model(s, device, dtype, tp, tp.is_main), s.load
+
+
+def _settings(args):
+    from neox_rt import generate
     argv = list(args.configs)
     for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer), ("--dtype", args.dtype),
                         ("--device", args.device), ("--quantize", args.quantize)):
         if value is not None:
             argv += [flag, value]
-    s = generate.parse_settings(argv)
-    device = generate._device(s)
+    if args.tp is not None:
+        argv += ["--tp", str(args.tp)]
+    return generate.parse_settings(argv)
+
+
+def _rank_device(device: str, tp) -> str:
+    """Under tensor parallelism each rank's GPU is its local rank's (init_from_env selected it)."""
     import torch
-    dtype = s.dtype or ("float16" if torch.device(device).type == "cuda" else "float32")
-    return generate.load_model(s, device, dtype, parallel.SINGLE, True), s.load
+    if tp.size > 1 and torch.device(device).type == "cuda":
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
 
 
-def build(args):
-    """(app, model name) from parsed arguments: the model, the engine, its async driver and the HTTP app."""
+def setup_parallel(args):
+    """The tensor-parallel context: SINGLE unless --tp > 1 or torchrun started several processes."""
+    from neox_rt import generate
+    import torch
+    s = _settings(args)
+    return generate.setup_parallel(s, torch.device(generate._device(s)).type)
+
+
+def build(args, tp=None):
+    """(app, model name) from parsed arguments: the model, the engine, its async driver and the HTTP app (rank 0
+    of a tensor-parallel launch: the other ranks run :func:`serve_worker`)."""
     from neox_rt.engine.async_engine import AsyncEngine
     from neox_rt.server.app import build_app, load_chat_template
-    if args.tp != 1:
-        raise NeoxRtError("--tp > 1 is not supported by the server yet (one process, one device)")
     template = None
     if args.chat_template is not None:
         try:
@@ -112,7 +138,7 @@ def build(args):
         engine_module = importlib.import_module(args.engine)
     except ImportError as e:
         raise NeoxRtError(f"cannot import the engine {args.engine}: {e}") from None
-    neox, path = load_neox(args)
+    neox, path = load_neox(args, tp)
     if neox.tokenizer is None:
         raise NeoxRtError("the checkpoint has no tokenizer.json: pass --tokenizer FILE")
     try:
@@ -127,16 +153,49 @@ def build(args):
     return app, name
 
 
+def serve_worker(args, tp) -> int:
+    """Ranks 1..N-1: load this rank's shard, size the paged KV pool as rank 0 did, run rank 0's steps until it
+    stops (:mod:`neox_rt.engine.distributed`)."""
+    from neox_rt.engine.distributed import share_pool_size, worker_loop
+    neox, _ = load_neox(args, tp)
+    num_blocks = share_pool_size(tp, neox.model, None)
+    if num_blocks < 1:  # rank 0 failed to size its pool and says so
+        return 2
+    worker_loop(tp, neox.model, num_blocks, block_size=16)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        app, name = build(args)
+        tp = setup_parallel(args)
+    except NeoxRtError as e:
+        print(f"neox_rt.serve: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _main(args, tp)
+    finally:
+        if tp.size > 1:
+            from neox_rt.generate import _leave_process_group
+            _leave_process_group()
+
+
+def _main(args, tp) -> int:
+    if not tp.is_main:
+        try:
+            return serve_worker(args, tp)
+        except NeoxRtError as e:
+            print(f"neox_rt.serve (rank {tp.rank}): error: {e}", file=sys.stderr)
+            return 2
+    try:
+        app, name = build(args, tp)
     except NeoxRtError as e:
         print(f"neox_rt.serve: error: {e}", file=sys.stderr)
         return 2
     import uvicorn
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    print(f"neox_rt.serve: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    tp_note = f" (tensor parallel over {tp.size} ranks)" if tp.size > 1 else ""
+    print(f"neox_rt.serve: serving {name} on http://{args.host}:{args.port}/v1{tp_note}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 

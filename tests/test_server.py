@@ -38,13 +38,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *flags: str, engine: str = ENGINE):
+    def __init__(self, *flags: str, engine: str = ENGINE, launch: list[str] | None = None):
+        """``launch``: the command that runs a module (default this Python's ``-m``; torchrun for --tp)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, REPO, os.environ.get("PYTHONPATH", "")]))
         self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"neox_rt_serve_{self.port}.log"), "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "neox_rt.serve", "--port", str(self.port), "--engine", engine,
+            [*(launch or [sys.executable, "-m"]), "neox_rt.serve", "--port", str(self.port), "--engine", engine,
              "--log-level", "warning", *flags], stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -563,3 +564,36 @@ def test_async_engine_serves_fails_one_batch_sleeps_and_shuts_down():
         with pytest.raises(EngineDead):
             await collect("z", [1], 1)
     asyncio.run(after())
+
+
+# -- tensor parallelism -------------------------------------------------------------------------------------
+def test_tensor_parallel_server_under_torchrun(neox):
+    """``torchrun --nproc-per-node 2 -m neox_rt.serve --tp 2`` on CPU (gloo): rank 0 serves and schedules, both ranks
+    run every step on their shard; 8 concurrent greedy streams equal offline generate, a seeded request is
+    reproducible, and SIGTERM stops the launch (the worker is released, nothing hangs)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+              str(free_port()), "-m"]
+    server = Server("--tp", "2", "--device", "cpu", engine="neox_rt.engine.llm_engine", launch=launch)
+    try:
+        want = offline(neox, PROMPTS[:8], 12)
+
+        async def stream(client, prompt):
+            text = ""
+            async for chunk in await client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                                               temperature=0, stream=True):
+                text += "".join(c.text for c in chunk.choices)
+            return text
+
+        async def all_streams():
+            client = server.async_client()
+            return await asyncio.gather(*(stream(client, p) for p in PROMPTS[:8]))
+
+        assert asyncio.run(all_streams()) == [w.text for w in want]
+        kw = dict(model=MODEL, prompt=PROMPTS[9], max_tokens=10, temperature=0.9, seed=11)
+        assert server.client().completions.create(**kw).choices[0].text == \
+            server.client().completions.create(**kw).choices[0].text
+        assert "tensor parallel over 2 ranks" in server.output()
+    finally:
+        server.proc.terminate()
+        server.proc.wait(60)  # raises TimeoutExpired if a rank hangs
+        server.log.close()

@@ -157,6 +157,12 @@ class AsyncEngine:
                 self._snapshot()
         finally:
             self._fail_all(EngineDead("the engine stopped"))
+            close = getattr(self.engine, "close", None)
+            if close is not None:
+                try:
+                    close()  # on this thread, which stepped the engine (tensor parallelism: releases the workers)
+                except Exception:  # noqa: BLE001 - shutting down: log, do not raise from the thread
+                    log.exception("engine close failed")
 
     def _busy(self) -> bool:
         return self.engine.has_unfinished()

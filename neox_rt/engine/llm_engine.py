@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from neox_rt.engine.distributed import share_pool_size
 from neox_rt.engine.kv_cache import PagedKVCache
 from neox_rt.engine.model_runner import ModelRunner
 from neox_rt.engine.scheduler import QueueFull, RequestRejected, Scheduler, SchedulerConfig
@@ -146,6 +147,9 @@ class LLMEngine:
                 need = max_num_seqs * -(-max_model_len // block_size) * per_block
                 kv_cache_memory = min(need, self._default_kv_bytes())
             num_blocks = kv_cache_memory // per_block
+        tp = self.model.tp
+        if tp.size > 1:  # every rank's pool has rank 0's size (free memory differs by rank)
+            num_blocks = share_pool_size(tp, self.model, num_blocks)
         if num_blocks < 1:
             raise NeoxRtError(f"the KV cache holds no block of {block_size} tokens ({per_block} bytes each)")
         self.scheduler = Scheduler(SchedulerConfig(
@@ -184,6 +188,11 @@ class LLMEngine:
         """Cancel a request and free its blocks, silently (no output follows). False if it is not live."""
         self._requests.pop(request_id, None)
         return self.scheduler.abort(request_id)
+
+    def close(self) -> None:
+        """Release what the engine holds beyond memory: the other ranks of a tensor-parallel engine stop waiting for
+        steps. Call it from the thread that steps the engine."""
+        self.runner.close()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -11,7 +11,8 @@ tokens alone, under load and after a preemption's recompute. Logprobs are the fp
 
 On a GPU a step of decodes only replays a CUDA graph of its batch bucket (:class:`~neox_rt.engine.graphs.
 PagedDecodeGraphRunner`: block tables are graph inputs); steps with prompt chunks run eagerly. The runner never
-decides policy (that is the scheduler's). Not here yet: tensor-parallel broadcast of the sampled ids (one process).
+decides policy (that is the scheduler's). Under tensor parallelism it broadcasts each step's inputs to the other
+ranks, which run the same forward (:mod:`neox_rt.engine.distributed`); sampling happens on rank 0 only.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Mapping
 
 import torch
 
+from neox_rt.engine.distributed import StepBroadcaster
 from neox_rt.engine.graphs import PagedDecodeGraphRunner, graphs_enabled
 from neox_rt.engine.kv_cache import PagedKVCache
 from neox_rt.engine.sampling import request_generator, sample_row
@@ -62,6 +64,9 @@ class ModelRunner:
         if cuda_graphs is None:
             cuda_graphs = graphs_enabled(self.device, model.tp.size)
         max_model_len = max_model_len or model.config.max_position_embeddings
+        self.broadcaster = StepBroadcaster(model.tp, model) if model.tp.size > 1 else None
+        """Under tensor parallelism: sends each step's inputs to the other ranks (:mod:`.distributed`)."""
+        cuda_graphs = cuda_graphs and self.broadcaster is None  # the workers run their steps eagerly
         self.graphs = PagedDecodeGraphRunner(model, self.cache, max_num_seqs, -(-max_model_len // block_size)) \
             if cuda_graphs else None
         """Decode-only steps as CUDA graphs (on a GPU unless NEOX_RT_CUDA_GRAPHS=0)."""
@@ -115,12 +120,23 @@ class ModelRunner:
             logits = self.graphs.step(ids, pos, slots, tables, seqlens)
             if logits is not None:
                 return logits, sample_ids
-        dev = self.device
-        meta = PagedAttentionMetadata(slot_mapping=slots.to(dev), block_tables=tables.to(dev),
-                                      seqlens=seqlens.to(dev), query_start_loc=qsl.to(dev),
+        if self.broadcaster is not None:  # the other ranks run the same forward on their shards
+            ids, pos, slots, tables, seqlens, qsl, rows = self.broadcaster.send(ids, pos, slots, tables, seqlens, qsl,
+                                                                                rows, len(plan.decodes))
+        else:
+            dev = self.device
+            ids, pos, slots, tables, seqlens, qsl, rows = (t.to(dev) for t in (ids, pos, slots, tables, seqlens, qsl,
+                                                                               rows))
+        meta = PagedAttentionMetadata(slot_mapping=slots, block_tables=tables, seqlens=seqlens, query_start_loc=qsl,
                                       num_decodes=len(plan.decodes))
-        logits = self.model(ids.to(dev)[None], pos.to(dev)[None], self.cache, last_index=rows.to(dev), paged=meta)
+        logits = self.model(ids[None], pos[None], self.cache, last_index=rows, paged=meta)
         return logits, sample_ids
+
+    def close(self) -> None:
+        """Release the other ranks (tensor parallelism): their step loop ends."""
+        if self.broadcaster is not None:
+            self.broadcaster.stop()
+            self.broadcaster = None
 
     @torch.inference_mode()
     def run(self, plan: StepPlan, params: Mapping[str, object]) -> StepResult:
