@@ -17,7 +17,7 @@ from neox_rt.model.config import NeoXConfig
 from neox_rt.model.model import NeoXForCausalLM
 from neox_rt.ops.backends import select_backend
 from neox_rt.parallel.context import SINGLE, TensorParallel
-from neox_rt.quant.apply import load_quantizing, memory_report, quantize_model
+from neox_rt.quant.apply import StageQuantizer, load_quantizing, memory_report, quantize_model
 from neox_rt.quant.checkpoint import load_quantized_checkpoint, quantization_config
 
 class NeoX:
@@ -129,10 +129,10 @@ def load(path: str, dtype="float32", device: str | None = None, tokenizer: str |
     device = device or default_device()
     if neox_checkpoint.is_neox_checkpoint(path):
         select_backend(backend, device)
+        # quantizing: each layer's linears as the layer is read (StageQuantizer), the float model never whole
+        quantizer = StageQuantizer(quantize, group_size) if quantize is not None else None
         model, tokenizer_path, root = neox_checkpoint.load_model(path, dtype, device, tp, progress, config,
-                                                                 tokenizer)
-        if quantize is not None:  # after the float load: this layout is not streamed into formats yet
-            quantize_model(model, quantize, group_size)
+                                                                 tokenizer, after_stage=quantizer)
         return NeoX(model, Tokenizer(tokenizer_path) if tokenizer_path else None, root)
     directory = resolve_checkpoint(path)
     if not isinstance(config, NeoXConfig):

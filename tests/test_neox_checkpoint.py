@@ -425,3 +425,29 @@ def test_gpu_fp16_load_matches_hf_load(hf_dirs, converted):
     ids = IDS.cuda()
     # identical weights and kernels: equal up to run-to-run kernel nondeterminism (none expected)
     torch.testing.assert_close(ours.logits(ids), ref.logits(ids), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("which,fmt", [("pipe2", "int8"), ("seq4", "int4")])
+def test_quantize_while_streaming_a_neox_checkpoint(by_hand, which, fmt, monkeypatch):
+    """quantize= on a gpt-neox checkpoint quantizes each layer's linears as the layer is read: never more than one
+    layer's linears are float on the device, and the result equals the float load quantized afterwards."""
+    from neox_rt.model.layers import Linear
+    from neox_rt.quant.apply import StageQuantizer, quantize_model
+    from neox_rt.quant.formats import WeightFormat
+    most = []
+    real = StageQuantizer.__call__
+
+    def spy(self, model, filled):
+        # before quantizing this stage: float linear weights already allocated (not meta)
+        floats = [n for n, m in model.named_modules() if isinstance(m, Linear) and n != "embed_out"
+                  and isinstance(m.weight, torch.Tensor) and not m.weight.is_meta]
+        most.append(len(floats))
+        real(self, model, filled)
+    monkeypatch.setattr(StageQuantizer, "__call__", spy)
+    m = neox_rt.load(by_hand[which], device="cpu", progress=False, quantize=fmt, group_size=32)
+    assert max(most) <= 4  # one layer: qkv, dense, h->4h, 4h->h
+    assert all(isinstance(m.model.get_submodule(n).weight, WeightFormat)
+               for n, mod in m.model.named_modules() if isinstance(mod, Linear) and n != "embed_out")
+    ref = neox_rt.load(by_hand[which], device="cpu", progress=False)
+    quantize_model(ref.model, fmt, 32)
+    assert torch.equal(m.logits(IDS), ref.logits(IDS))

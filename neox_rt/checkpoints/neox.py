@@ -432,20 +432,33 @@ def open_checkpoint(path: str, config=None, tokenizer: str | None = None) -> Neo
 # Loading into a model, and the neox_rt.load entry point
 # ---------------------------------------------------------------------------------------------------------
 
-def load_into(model, ckpt: NeoxCheckpoint, progress: bool = True) -> None:
-    """Fill every parameter of ``model`` (built for ``ckpt.config`` at any TP size) from the checkpoint."""
+def load_into(model, ckpt: NeoxCheckpoint, progress: bool = True, device=None,
+              after_stage: Callable[[list[str]], None] | None = None) -> None:
+    """Fill every parameter of ``model`` (built for ``ckpt.config`` at any TP size) from the checkpoint.
+
+    A parameter still on ``meta`` (the model built on meta) is allocated on ``device`` when its stage (a layer) is
+    read, and ``after_stage(names)`` runs after each stage with the names of the parameters it filled: quantizing
+    them there (:mod:`neox_rt.quant.apply`) means the float model is never whole on the device."""
     tp = model.tp
     params = dict(model.named_parameters())
     bar = progress_bar(sum(p.numel() * p.element_size() for p in params.values()), enabled=progress)
     done = set()
     with torch.no_grad():
         for _stage, items, reader in ckpt.stages():
+            filled = []
             for name, key, full, kind in items:
                 p = params[name]
+                if p.is_meta:
+                    owner, _, attr = name.rpartition(".")
+                    p = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=False)
+                    setattr(model.get_submodule(owner), attr, p)
                 fill_tensor(p, key, full, kind, reader, ckpt.tp, tp.rank, tp.size)
                 done.add(name)
+                filled.append(name)
                 if bar is not None:
                     bar.update(p.numel() * p.element_size())
+            if after_stage is not None:
+                after_stage(filled)
     ckpt.release()
     if bar is not None:
         bar.close()
@@ -455,10 +468,18 @@ def load_into(model, ckpt: NeoxCheckpoint, progress: bool = True) -> None:
 
 
 def load_model(path: str, dtype="float32", device: str | None = None, tp: TensorParallel = SINGLE,
-               progress: bool = True, config=None, tokenizer: str | None = None):
-    """A gpt-neox checkpoint directory as (model at runtime ``tp`` on ``device``, tokenizer path or None, root)."""
+               progress: bool = True, config=None, tokenizer: str | None = None,
+               after_stage: Callable[[NeoXForCausalLM, list[str]], None] | None = None):
+    """A gpt-neox checkpoint directory as (model at runtime ``tp`` on ``device``, tokenizer path or None, root).
+
+    With ``after_stage(model, names)`` the model is built on meta and each layer is allocated as it is read, then
+    handed to ``after_stage`` (streaming quantization: see :func:`load_into`)."""
     device = device or default_device()
     ckpt = open_checkpoint(path, config=config, tokenizer=tokenizer)
-    model = build_model(ckpt.config, dtype, device, tp)
-    load_into(model, ckpt, progress=progress)
+    if after_stage is None:
+        model = build_model(ckpt.config, dtype, device, tp)
+        load_into(model, ckpt, progress=progress)
+    else:
+        model = build_model(ckpt.config, dtype, "meta", tp)
+        load_into(model, ckpt, progress=progress, device=device, after_stage=lambda names: after_stage(model, names))
     return model, ckpt.tokenizer, ckpt.root

@@ -85,6 +85,30 @@ def quantize_model(model: NeoXForCausalLM, fmt: str, group_size: int = 128, incl
     return model
 
 
+class StageQuantizer:
+    """Quantizes a model's linears as a streaming loader fills them: called with the names of the parameters a stage
+    (a layer) filled, it replaces each quantized linear's weight among them by its format at once (each rank its
+    own shard), so the float weights of one layer at most are on the device at a time."""
+
+    def __init__(self, fmt: str, group_size: int = 128, include_lm_head: bool = False,
+                 method: Callable = quantize_weight):
+        format_class(fmt)
+        self.fmt, self.group_size, self.method, self.include_lm_head = fmt, group_size, method, include_lm_head
+        self.names: set[str] | None = None
+
+    def __call__(self, model: NeoXForCausalLM, filled: list[str]) -> None:
+        if self.names is None:  # the first stage: which linears, and does every shard hold whole groups
+            self.names = set(quantized_linear_names(model, self.include_lm_head))
+            for name in self.names:
+                _check_groups(model, name, self.fmt, self.group_size)
+        for pname in filled:
+            name = pname[:-len(".weight")] if pname.endswith(".weight") else None
+            if name in self.names:
+                lin = model.get_submodule(name)
+                with torch.no_grad():
+                    set_weight(lin, self.method(lin.weight.data, self.fmt, self.group_size, None))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The memory report
 # ----------------------------------------------------------------------------------------------------
