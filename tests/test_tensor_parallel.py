@@ -364,3 +364,49 @@ def test_tp2_nccl_fp16_matches_tp1(tmp_path, allreduce):
             return fp32.logits(torch.tensor([ids]))[0, -1]
         # near tie: within 4x the fp16 logit error of TP=1 (two fp16 runs may each be off by base_err)
         assert _near_tie(last_logits, PROMPT, r0[case]["greedy"], base["greedy"], 4 * base_err), case
+
+
+# ------------------------------------------------------------------------------------------------------
+# Quantized loading under tensor parallelism (gloo): each rank quantizes its own shard
+# ------------------------------------------------------------------------------------------------------
+
+def _tp_quant_worker(rank: int, world: int, port: int, d: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from neox_rt.parallel import init_from_env
+    from neox_rt.quant.formats import WeightFormat
+    torch.set_num_threads(1)
+    tp = init_from_env(world, "cpu")
+    try:
+        results = {}
+        for fmt in ("int8", "int4"):
+            m = neox_rt.load(d, dtype="float32", device="cpu", tp=tp, progress=False, quantize=fmt, group_size=16)
+            shards = {n: mod.dequantize(torch.float32) for n, mod in m.model.named_modules()
+                      if isinstance(mod, WeightFormat)}
+            results[fmt] = dict(logits=m.logits(IDS).float(), shards=shards)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp2_quantized_load_equals_its_dequantized_shards(tmp_path):
+    """--quantize at TP=2: every rank streams and quantizes its own shard (an int4 group never straddles a shard:
+    group 16 divides each rank's 32 input features of a row-parallel layer); the TP=2 logits equal a TP=1 model
+    whose linears hold the ranks' dequantized shards put together (column-parallel on dim 0, row-parallel on
+    dim 1), so the kernels and the all-reduce add nothing but float32 rounding."""
+    import torch.multiprocessing as mp
+    d = save_hf(_big_bias_model("parallel"), tmp_path / "ckpt")
+    mp.spawn(_tp_quant_worker, args=(2, _free_port(), d, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+    for fmt in ("int8", "int4"):
+        ref = neox_rt.load(d, dtype="float32", device="cpu", progress=False)
+        with torch.no_grad():
+            for name, w0 in ranks[0][fmt]["shards"].items():
+                dim = tp_split_dim(name)  # a format module sits where the linear's weight was
+                full = torch.cat([r[fmt]["shards"][name] for r in ranks], dim=dim)
+                ref.model.get_submodule(name.rpartition(".")[0]).weight.copy_(full)
+        want = ref.logits(IDS)
+        for r in ranks:
+            assert rel_err(r[fmt]["logits"][..., :VOCAB], want) < 1e-5, fmt
