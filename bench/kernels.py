@@ -75,7 +75,8 @@ def cuda_impls():
     from neox_rt.ops import cuda as cuda_ops
     cuda_ops.load_extension()
     impls = {}
-    for name, (impl, supports) in cuda_ops.IMPLS.items():
+    for name, entry in cuda_ops.IMPLS.items():
+        impl, supports = entry[0] if isinstance(entry, list) else entry  # linear: the fp16 GEMV first
         if name == "linear":  # the GEMV at up to 16 rows, any shape (the op table: where supports_linear says)
             def impl_linear(x, w, b=None, act=None, _impl=impl):
                 if x.numel() // x.shape[-1] > 16:

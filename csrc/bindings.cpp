@@ -12,11 +12,17 @@ TORCH_LIBRARY(neox_rt, m) {
         "Tensor(a!) k_cache, Tensor(b!) v_cache, bool pdl=False) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float scale, bool pdl=False, "
         "int blocks_per_sm=0, bool merge_kernel=False, int variant=0) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seqlens, "
+        "float scale, bool pdl=False, int blocks_per_sm=0, bool merge_kernel=False) -> Tensor");
   m.def("layernorm(Tensor x, Tensor weight, Tensor bias, float eps, bool pdl=False) -> Tensor");
   m.def("dual_layernorm(Tensor x, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, float eps, "
         "bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual=None, int variant=0, "
         "bool pdl=False) -> Tensor");
+  m.def("quant_linear_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int activation, "
+        "Tensor? residual=None, int variant=0, bool pdl=False) -> Tensor");
+  m.def("quant_linear_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias, "
+        "int activation, Tensor? residual=None, int variant=0, bool pdl=False) -> Tensor");
   m.def("gemv_pair(Tensor x1, Tensor weight1, Tensor? bias1, int activation1, Tensor x2, Tensor weight2, "
         "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv_sum(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "
@@ -31,9 +37,12 @@ TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
   m.impl("scaled_causal_softmax", &neox_rt::scaled_causal_softmax);
   m.impl("rotary_kv_write", &neox_rt::rotary_kv_write);
   m.impl("decode_attention", &neox_rt::decode_attention);
+  m.impl("paged_decode_attention", &neox_rt::paged_decode_attention);
   m.impl("layernorm", &neox_rt::layernorm);
   m.impl("dual_layernorm", &neox_rt::dual_layernorm);
   m.impl("gemv", &neox_rt::gemv);
+  m.impl("quant_linear_int8", &neox_rt::quant_linear_int8);
+  m.impl("quant_linear_int4", &neox_rt::quant_linear_int4);
   m.impl("gemv_pair", &neox_rt::gemv_pair);
   m.impl("gemv_sum", &neox_rt::gemv_sum);
   m.impl("p2p_all_reduce", &neox_rt::p2p_all_reduce);

@@ -1,4 +1,5 @@
-"""The W8A16 and W4A16 Triton kernels (kernels/quant_linear.py) against "dequantize, then matmul".
+"""The W8A16 and W4A16 kernels, Triton (kernels/quant_linear.py) and CUDA (csrc/kernels/quant_gemm.cuh through
+neox_rt.ops.cuda), against "dequantize, then matmul".
 
 On CPU they run in the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported when no GPU is present)
 on the decode shapes of the family scaled down in the output features (the real input features of 1.4b, 2.8b, 12b
@@ -8,6 +9,11 @@ Tolerance rule (house style, as tests/test_kernels_triton.py): the kernel's max 
 x and the dequantized weight (``Int*Weight.dequantize(dtype)``, the reference's weight) is at most twice PyTorch's
 own error at the same dtype (F.linear of the same x and dequantized weight) plus one unit of output rounding.
 Outputs are poisoned with NaN on the GPU; inputs are random, never zero.
+
+The CUDA kernels (second half) run on the GPU only (skipped where the extension neox_rt._C or a GPU is missing): the
+same rule on the decode shapes and on 1-64 rows, the fused epilogue, every configuration with and without PDL, the op
+table's routing (CUDA first, Triton for what it declines), a CUDA-graph replay, and the launchers' checks. Their
+``supports`` predicates are tested on CPU too (fake CUDA tensors), since they decide what reaches the kernels.
 """
 from __future__ import annotations
 
@@ -192,3 +198,330 @@ def test_quantized_model_triton_backend_interpreter(fmt):
     finally:
         ops.select_backend("torch")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CUDA kernels (csrc/kernels/quant_gemm.cuh): quant_linear_int8 / quant_linear_int4 of neox_rt._C
+# ----------------------------------------------------------------------------------------------------
+
+from neox_rt.ops import cuda as cuda_ops  # noqa: E402  (importable without the extension)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_ROWS = [1, 2, 3, 8, 9, 16, 33, 64]  # every tile count (1-8 tiles of 8 rows of x) and its edges
+CUDA_RAGGED = (1000, 2560)  # n not a multiple of 16 or 32 (guarded rows); k: 40 int8 / 20 int4 chunks over 8 warps
+
+
+@pytest.fixture(scope="module")
+def quant_ext():
+    """torch.ops.neox_rt with the quantized linears; skipped where the extension is not built."""
+    try:
+        ext = cuda_ops.load_extension()
+    except ImportError as e:
+        pytest.skip(f"neox_rt._C not built: {e}")
+    assert hasattr(ext, "quant_linear_int8") and hasattr(ext, "quant_linear_int4"), "stale build of neox_rt._C"
+    return ext
+
+
+def poison_allocator():
+    """NaN in the caching allocator's free blocks, large pool (256 MiB) and small pool (1 MiB blocks), so that the
+    output the launcher allocates is NaN memory: an element the kernel does not write fails the finiteness check."""
+    big = torch.full((64 << 20,), float("nan"), device="cuda")
+    small = [torch.full((1 << 18,), float("nan"), device="cuda") for _ in range(8)]
+    del big, small
+
+
+def make_weight(fmt, n, k, group, dtype, seed=0):
+    w = randn(n, k, seed=seed + 1, scale=k ** -0.5).to("cuda", dtype)
+    return Int8Weight.quantize(w) if fmt == "int8" else Int4Weight.quantize(w, group)
+
+
+def run_cuda(ext, x, weight, bias=None, activation=None, residual=None, variant=0, pdl=False, poison=True):
+    code = cuda_ops.ACTIVATIONS[activation]
+    if poison:
+        poison_allocator()
+    if isinstance(weight, Int8Weight):
+        return ext.quant_linear_int8(x, weight.qweight, weight.scales, bias, code, residual, variant, pdl)
+    return ext.quant_linear_int4(x, weight.qweight, weight.scales, weight.zeros, weight.group_size, bias, code,
+                                 residual, variant, pdl)
+
+
+def assert_epilogue_by_rule(out, x, weight, bias, activation, residual, what):
+    """As assert_by_rule, for the whole op: act(x W^T + b) + residual in fp64 against the reference op at x's dtype."""
+    dtype = x.dtype
+    d = (lambda t: None if t is None else t.double())
+    ref64 = ops.linear_ref(x.double(), weight.dequantize(dtype).double(), d(bias), activation, residual=d(residual))
+    torch_low = ops.linear_ref(x, weight, bias, activation, residual=residual)
+    assert out.dtype == dtype and out.shape == ref64.shape, (out.dtype, out.shape)
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (an unwritten poisoned element?)"
+    kernel_err = (out.double() - ref64).abs().max().item()
+    torch_err = (torch_low.double() - ref64).abs().max().item()
+    bound = 2 * torch_err + torch.finfo(dtype).eps * ref64.abs().max().item()
+    assert kernel_err <= bound, f"{what}: kernel err {kernel_err:.3g} > 2 x torch err {torch_err:.3g} + eps"
+
+
+def test_cuda_sources_registered():
+    """The kernel is compiled by the framework-free check, its ops registered, wrapped and faked."""
+    check = open(os.path.join(REPO, "csrc", "standalone", "compile_check.cu")).read()
+    assert '#include "kernels/quant_gemm.cuh"' in check and "launch_quant_linear_int4<" in check
+    bindings = open(os.path.join(REPO, "csrc", "bindings.cpp")).read()
+    cuda_src = open(os.path.join(REPO, "neox_rt", "ops", "cuda.py")).read()
+    for name in ("quant_linear_int8", "quant_linear_int4"):
+        assert f'm.impl("{name}"' in bindings and f'm.def("{name}(' in bindings
+        assert f'register_fake("neox_rt::{name}")' in cuda_src
+    impls = [impl for impl, _ in cuda_ops.IMPLS["linear"]]
+    assert impls == [cuda_ops.linear, cuda_ops.int8_linear, cuda_ops.int4_linear]
+
+
+def test_cuda_supports_declines_cpu_and_bad_shapes(monkeypatch):
+    """The CUDA predicates (no extension needed): CPU tensors never; on fake CUDA tensors (no GPU needed) the shapes,
+    dtypes and formats the kernels take, and nothing else."""
+    w8, w4 = Int8Weight.quantize(torch.randn(48, 256)).half(), Int4Weight.quantize(torch.randn(48, 256), 128)
+    w4.scales = w4.scales.half()
+    x = torch.randn(2, 256).half()
+    for supports, w in ((cuda_ops.supports_int8_linear, w8), (cuda_ops.supports_int4_linear, w4)):
+        assert not supports(x, w)  # CPU
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(cuda_ops, "_aligned16", lambda *ts: True)  # a fake tensor has no address
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(cuda_ops, "_capability", lambda device: capability["value"])
+    with FakeTensorMode():
+        def x_of(rows, k, dtype=torch.float16):
+            return torch.empty(rows, k, device="cuda", dtype=dtype)
+
+        def int8(n, k, dtype=torch.float16):
+            return Int8Weight(torch.empty(n, k, dtype=torch.int8, device="cuda"),
+                              torch.empty(n, dtype=dtype, device="cuda"))
+
+        def int4(n, k, group, dtype=torch.float16):
+            groups = -(-k // group)
+            return Int4Weight(torch.empty(n, -(-k // 8), dtype=torch.int32, device="cuda"),
+                              torch.empty(n, groups, dtype=dtype, device="cuda"),
+                              torch.empty(n, groups, dtype=torch.uint8, device="cuda"), k, group)
+
+        s8, s4 = cuda_ops.supports_int8_linear, cuda_ops.supports_int4_linear
+        assert s8(x_of(1, 256), int8(33, 256)) and s8(x_of(64, 256), int8(33, 256))
+        assert s4(x_of(1, 256), int4(33, 256, 128)) and s4(x_of(5, 2304), int4(7, 2304, 96))
+        assert s8(x_of(3, 256), int8(33, 256), torch.empty(33, device="cuda", dtype=torch.float16), "gelu",
+                  torch.empty(3, 33, device="cuda", dtype=torch.float16))
+        assert not s8(x_of(65, 256), int8(33, 256))                     # more rows than the kernels take
+        assert not s8(x_of(1, 288), int8(33, 288))                      # in_features % 64
+        assert not s4(x_of(1, 192), int4(33, 192, 64))                  # in_features % 128
+        assert not s4(x_of(1, 256), int4(33, 256, 16))                  # group % 32
+        assert not s4(x_of(1, 384), int4(33, 384, 256))                 # a short last group
+        assert not s8(x_of(1, 256), int8(33, 512))                      # k mismatch
+        assert not s8(x_of(1, 256), int4(33, 256, 128)) and not s4(x_of(1, 256), int8(33, 256))  # the other format
+        assert not s8(x_of(1, 256), torch.empty(33, 256, device="cuda", dtype=torch.float16))  # a tensor weight
+        assert not s8(x_of(1, 256, torch.float32), int8(33, 256, torch.float32))  # fp32: the reference
+        assert not s8(x_of(1, 256), int8(33, 256, torch.float32))       # scales of another dtype
+        assert not s8(x_of(1, 256), int8(33, 256), activation="swish")
+        assert not s8(x_of(1, 256), int8(33, 256), torch.empty(32, device="cuda", dtype=torch.float16))  # bias
+        assert not s8(x_of(2, 256), int8(33, 256), residual=torch.empty(1, 33, device="cuda", dtype=torch.float16))
+        assert not s8(x_of(256, 2).t(), int8(33, 256))                  # not contiguous
+        assert s8(x_of(1, 256, torch.bfloat16), int8(33, 256, torch.bfloat16))
+        capability["value"] = (7, 5)  # T4: no bf16 tensor cores; fp16 still runs
+        assert not s8(x_of(1, 256, torch.bfloat16), int8(33, 256, torch.bfloat16))
+        assert s8(x_of(1, 256), int8(33, 256))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", DECODE_SHAPES_GPU, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_decode_shapes(quant_ext, shape, dtype, fmt):
+    m, n, k, group = shape
+    weight = make_weight(fmt, n, k, group, dtype)
+    x, b = randn(m, k).to("cuda", dtype), randn(n, seed=2).to("cuda", dtype)
+    supports = cuda_ops.supports_int8_linear if fmt == "int8" else cuda_ops.supports_int4_linear
+    assert supports(x, weight, b)
+    impl = cuda_ops.int8_linear if fmt == "int8" else cuda_ops.int4_linear
+    poison_allocator()
+    out = impl(x, weight, b)
+    assert_by_rule(out, x, weight.dequantize(dtype), b, dtype, f"cuda {fmt} {m}x{n}x{k} g{group} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", CUDA_ROWS)
+def test_cuda_rows(quant_ext, rows, dtype, fmt):
+    """1-64 rows (every tile count) on a ragged n, with leading dims kept: [1, rows, k] -> [1, rows, n]."""
+    n, k = CUDA_RAGGED
+    weight = make_weight(fmt, n, k, 128, dtype, seed=rows)
+    x, b = randn(1, rows, k, seed=rows).to("cuda", dtype), randn(n, seed=3).to("cuda", dtype)
+    out = run_cuda(quant_ext, x, weight, b)
+    assert out.shape == (1, rows, n)
+    assert_by_rule(out[0], x[0], weight.dequantize(dtype), b, dtype, f"cuda {fmt} rows {rows} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_fast", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_epilogue(quant_ext, dtype, activation, fmt):
+    """Bias, activation and residual fused, fp32 until the one rounding: against the reference op by the rule."""
+    n, k = 300, 1024
+    weight = make_weight(fmt, n, k, 128, dtype, seed=7)
+    for rows in (1, 5, 20):
+        x = randn(rows, k, seed=rows).to("cuda", dtype)
+        b, res = randn(n, seed=8).to("cuda", dtype), randn(rows, n, seed=9, scale=4.0).to("cuda", dtype)
+        for bias, residual in ((b, None), (None, res), (b, res), (None, None)):
+            out = run_cuda(quant_ext, x, weight, bias, activation, residual)
+            assert_epilogue_by_rule(out, x, weight, bias, activation, residual,
+                                    f"cuda {fmt} {rows} rows {activation} bias={bias is not None} "
+                                    f"residual={residual is not None}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("variant", [0, 1, 2])  # QuantVariant: auto, one tile of 16 channels a warp, two
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 9, 16, 17, 40])
+def test_cuda_variants(quant_ext, rows, pdl, variant, fmt):
+    """Every configuration the launcher can pick, with and without programmatic dependent launch."""
+    n, k = 97, 2048
+    weight = make_weight(fmt, n, k, 128, torch.float16, seed=11)
+    x, b = randn(rows, k, seed=12).to("cuda", torch.float16), randn(n, seed=13).to("cuda", torch.float16)
+    res = randn(rows, n, seed=14).to("cuda", torch.float16)
+    out = run_cuda(quant_ext, x, weight, b, "gelu_fast", res, variant, pdl)
+    assert_epilogue_by_rule(out, x, weight, b, "gelu_fast", res, f"cuda {fmt} rows {rows} v{variant} pdl={pdl}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,group", [(2048, 32), (2048, 64), (2560, 160), (2304, 96), (2560, 512), (2560, 2560),
+                                     (24576, 128)])
+def test_cuda_int4_group_sizes(quant_ext, k, group):
+    """Group sizes other than 128 (the group of a lane's run is computed from floats: non-powers of two included),
+    one group for the whole row, and 20B's 4h->h k."""
+    weight = make_weight("int4", 70, k, group, torch.float16, seed=group)
+    for rows in (1, 12):
+        x = randn(rows, k, seed=rows).to("cuda", torch.float16)
+        out = run_cuda(quant_ext, x, weight)
+        assert_by_rule(out, x, weight.dequantize(torch.float16), None, torch.float16, f"int4 k {k} g{group} {rows}")
+
+
+@pytest.mark.gpu
+def test_cuda_int4_zero_points(quant_ext):
+    """Zero points over the whole 4-bit range and GPTQ v1's 16 (fp16: any uint8; bf16: below 128)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        weight = make_weight("int4", 64, 1024, 128, dtype, seed=5)
+        weight.zeros.copy_(torch.randint(0, 17, weight.zeros.shape, device="cuda", dtype=torch.uint8))
+        if dtype == torch.float16:
+            weight.zeros[:8] = 200  # an odd out-of-range zero point is still exact in fp16 (1024 + z)
+        x = randn(3, 1024).to("cuda", dtype)
+        assert_by_rule(run_cuda(quant_ext, x, weight), x, weight.dequantize(dtype), None, dtype, f"zeros {dtype}")
+
+
+@pytest.mark.gpu
+def test_cuda_op_table_routing(quant_ext, monkeypatch):
+    """The default selection on a GPU: the linear op holds the CUDA GEMV and format kernels first, then Triton's; a
+    format weight goes to the CUDA kernel where its predicate accepts it, to Triton where it declines and Triton
+    accepts, else to the reference."""
+    monkeypatch.delenv("NEOX_RT_BACKEND", raising=False)
+    monkeypatch.delenv("NEOX_RT_OP_BACKENDS", raising=False)
+    try:
+        ops.select_backend(None, "cuda")
+        linear = ops.OPS["linear"]
+        assert [impl for impl, _ in linear.impls[:3]] == [cuda_ops.linear, cuda_ops.int8_linear, cuda_ops.int4_linear]
+        assert linear.impl_backends[:3] == ("cuda",) * 3 and set(linear.impl_backends[3:]) == {"triton"}
+        x = randn(4, 2048).to("cuda", torch.float16)
+        cases = [(make_weight("int8", 96, 2048, 0, torch.float16), x, "cuda"),
+                 (make_weight("int4", 96, 2048, 128, torch.float16), x, "cuda"),
+                 (make_weight("int4", 96, 2048, 16, torch.float16), x, "triton"),    # group % 32
+                 (make_weight("int8", 96, 2080, 0, torch.float16), randn(4, 2080).to("cuda", torch.float16),
+                  "triton"),                                                           # k % 64
+                 (make_weight("int8", 96, 2048, 0, torch.float16), randn(65, 2048).to("cuda", torch.float16),
+                  "torch")]                                                            # more than 64 rows
+        for weight, xx, want in cases:
+            assert linear.served_by(xx, weight) == want, (type(weight).__name__, xx.shape, want)
+            out = linear(xx, weight)
+            assert_by_rule(out, xx, weight.dequantize(torch.float16), None, torch.float16, f"op table -> {want}")
+    finally:
+        ops.select_backend("torch")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay(quant_ext):
+    """Quantized linears chained with programmatic dependent launch, captured in a CUDA graph: each replay equals the
+    chain run eagerly without PDL, bit for bit (the warps' partial sums meet in a fixed order)."""
+    h, f = 1024, 4096
+    up8, down4 = make_weight("int8", f, h, 0, torch.float16, 1), make_weight("int4", h, f, 128, torch.float16, 2)
+    qkv4, b = make_weight("int4", 3 * h, h, 64, torch.float16, 3), randn(f, seed=4).to("cuda", torch.float16)
+
+    def chain(x, pdl):
+        for _ in range(3):
+            qkv = run_cuda(quant_ext, x, qkv4, pdl=pdl, poison=False)  # [2, 3h]
+            up = run_cuda(quant_ext, qkv[:, :h].contiguous(), up8, b, "gelu", pdl=pdl, poison=False)  # [2, f]
+            x = run_cuda(quant_ext, up, down4, residual=x, pdl=pdl, poison=False)  # [2, h]
+        return x
+
+    x_static = randn(2, h).to("cuda", torch.float16)
+    chain(x_static, True)  # warm up outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        y_static = chain(x_static, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    for trial in range(3):
+        x_static.copy_(randn(2, h, seed=100 + trial).to("cuda", torch.float16))
+        want = chain(x_static.clone(), False)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_static, want), f"replay {trial} differs from the eager chain"
+
+
+@pytest.mark.gpu
+def test_cuda_bad_input_raises(quant_ext):
+    """The launchers' checks: one RuntimeError naming the problem, never a launch on bad input."""
+    w8, w4 = make_weight("int8", 32, 256, 0, torch.float16), make_weight("int4", 32, 256, 128, torch.float16)
+    x = randn(2, 256).to("cuda", torch.float16)
+    q8, s8 = w8.qweight, w8.scales
+
+    def int8(x_=x, q=q8, s=s8, bias=None, act=0, res=None, variant=0):
+        return quant_ext.quant_linear_int8(x_, q, s, bias, act, res, variant, False)
+
+    with pytest.raises(RuntimeError, match="in_features % 64"):
+        w = make_weight("int8", 32, 96, 0, torch.float16)
+        int8(randn(1, 96).to("cuda", torch.float16), w.qweight, w.scales)
+    with pytest.raises(RuntimeError, match="at most 64 rows"):
+        int8(randn(65, 256).to("cuda", torch.float16))
+    with pytest.raises(RuntimeError, match="scales must be"):
+        int8(s=s8.float())
+    with pytest.raises(RuntimeError, match="scales must have shape"):
+        int8(s=s8[:16])
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        int8(x.cpu())
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        int8(torch.empty(2 * 256 + 1, device="cuda", dtype=torch.float16)[1:].view(2, 256))
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        int8(bias=randn(31).to("cuda", torch.float16))
+    with pytest.raises(RuntimeError, match="residual must have"):
+        int8(res=randn(2, 31).to("cuda", torch.float16))
+    with pytest.raises(RuntimeError, match="activation"):
+        int8(act=7)
+    with pytest.raises(RuntimeError, match="variant"):
+        int8(variant=3)
+    with pytest.raises(RuntimeError, match="float16 and bfloat16"):
+        int8(x.float(), s=s8.float())
+    with pytest.raises(RuntimeError, match="qweight"):
+        int8(q=w4.qweight)
+    with pytest.raises(RuntimeError, match="group size"):
+        w = Int4Weight.quantize(randn(32, 384).to("cuda", torch.float16), 48)
+        quant_ext.quant_linear_int4(randn(1, 384).to("cuda", torch.float16), w.qweight, w.scales, w.zeros, 48, None,
+                                    0, None, 0, False)
+    with pytest.raises(RuntimeError, match="zeros must be"):
+        quant_ext.quant_linear_int4(x, w4.qweight, w4.scales, w4.zeros.int(), 128, None, 0, None, 0, False)
+    with pytest.raises(RuntimeError, match="scales and zeros must have shape"):
+        quant_ext.quant_linear_int4(x, w4.qweight, w4.scales, w4.zeros, 64, None, 0, None, 0, False)
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck(quant_ext):
+    """torch.library.opcheck: schema and fake-tensor registration of both ops."""
+    w8, w4 = make_weight("int8", 24, 256, 0, torch.float16), make_weight("int4", 24, 256, 128, torch.float16)
+    x, b = randn(3, 256).to("cuda", torch.float16), randn(24).to("cuda", torch.float16)
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(quant_ext.quant_linear_int8, (x, w8.qweight, w8.scales, b, 1), test_utils=tests)
+    torch.library.opcheck(quant_ext.quant_linear_int4, (x, w4.qweight, w4.scales, w4.zeros, 128, None, 0,
+                                                        randn(3, 24).to("cuda", torch.float16)), test_utils=tests)

@@ -19,6 +19,9 @@
 // Programmatic dependent launch (sm_90, `pdl`): the kernel lets its dependents launch at once, asks the L2 for its
 // first step of old cache slots (kDecodePrefetch), then waits for its inputs (griddepcontrol.wait) before reading.
 // Requires HD * sizeof(T) % 16 == 0 and 16-byte aligned q and caches (every head size of the family).
+// The split kernel's body (decode_split_block) takes where the keys live as a policy (ContiguousKeys here, PagedKeys
+// in paged_attention.cuh), so the paged kernel shares the steps, the softmax and the merges; the contiguous kernel's
+// code is unchanged by it (same SASS for every instantiation, sm_75 and sm_90, checked with cuobjdump).
 #pragma once
 
 #include <climits>
@@ -170,39 +173,56 @@ __device__ __forceinline__ void merge_splits(const float* part_out, const float*
   }
 }
 
-template <typename T, int HD, bool PDL, bool PIPE, int OPT = kDecodeDefaultOpt>
-__global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD, PIPE, OPT>::MIN_BLOCKS))
-decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, HD]
-                              const T* __restrict__ k_cache,         // [B, nh, T, HD]
-                              const T* __restrict__ v_cache,         // [B, nh, T, HD]
-                              const int64_t* __restrict__ seqlens,   // [b]
-                              T* __restrict__ out,                   // [b, nh, HD]
-                              float* __restrict__ part_out,          // [b, nh, splits, HD]
-                              float* __restrict__ part_ml,           // [b, nh, splits, 2] (max, sum)
-                              int* __restrict__ counters,            // [b, nh] zeros, or null (separate merge)
-                              int nh, int64_t capacity, int split_len, int splits, float scale_log2) {
+// Where the keys and values of one (sequence i, head h) live, for decode_split_block, the body the contiguous and
+// the paged kernels (paged_attention.cuh) share: step_rows(first, lim) gives the rows of a step's keys j = first +
+// n G (n < N, j < lim), key j's K row starting rows.offset(n, j) elements past `k`, its V row as far past `v` (one
+// look-up a key for both). Hooks around the body: prefetch_first_step (before griddepcontrol.wait: hints only),
+// load_table / store_table (after the wait, in the round trip of the length and q) and publish (once the block
+// knows it has keys, before its first K/V load). The contiguous cache needs only the prefetch.
+template <typename T, int HD>
+struct ContiguousKeys {
+  const T* k;  // [T, HD]: the keys of this (i, h), slot j at j * HD
+  const T* v;  // [T, HD]
+  // A step's key rows (see decode_split_block's load_step): key j at j * HD.
+  struct StepRows {
+    __device__ __forceinline__ int offset(int /*n*/, int j) const { return j * HD; }
+  };
+  template <int N, int G>
+  __device__ __forceinline__ StepRows step_rows(int /*first*/, int /*lim*/) const { return {}; }
+  template <int STEP, int OPT, typename Len>
+  __device__ __forceinline__ void prefetch_first_step(const Len* seqlen, int start, int split_end,
+                                                      int64_t capacity) const {
+    // Old slots only, so safe before the wait (the L2 is coherent). The length read here may be stale (the
+    // previous kernels may still be writing it): it only bounds the prefetch, so that blocks past the sequence
+    // do not pull in slots nobody reads; the real length is read after the wait.
+    const int64_t hint = (OPT & kDecodePrefetchNoHint) ? capacity : __ldcg(seqlen);
+    const int lim = hint < split_end ? static_cast<int>(hint > start ? hint : start) : split_end;
+    const int keys = lim - start < STEP ? lim - start : STEP;
+    prefetch_l2_block(k + static_cast<int64_t>(start) * HD, keys * HD * static_cast<int>(sizeof(T)));
+    prefetch_l2_block(v + static_cast<int64_t>(start) * HD, keys * HD * static_cast<int>(sizeof(T)));
+  }
+  __device__ __forceinline__ void load_table(int /*start*/, int /*split_end*/) {}
+  __device__ __forceinline__ void store_table() {}
+  __device__ __forceinline__ void publish() const {}
+};
+
+// The split kernel's work for block (split, h, i), with the keys where `kv` says (ContiguousKeys or PagedKeys).
+template <typename T, int HD, bool PDL, bool PIPE, int OPT, typename Keys, typename Len>
+__device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const Len* seqlens, T* out, float* part_out,
+                                                   float* part_ml, int* counters, int nh, int64_t capacity,
+                                                   int split_len, int splits, float scale_log2) {
   using L = DecodeLayout<T, HD, PIPE, OPT>;
   constexpr int VEC = L::VEC, VPK = L::VPK, LPK = L::LPK, VPL = L::VPL, G = L::G, N = L::N;
   constexpr int NW = kDecodeThreads / 32;
   const int split = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
   const int64_t bh = static_cast<int64_t>(i) * nh + h;
-  const T* kb = k_cache + bh * capacity * HD;
-  const T* vb = v_cache + bh * capacity * HD;
   // Slot indices are 32-bit in the loops (fewer registers; the launcher checks capacity * HD < 2^31).
   const int start = split * split_len;
   const int split_end = start + split_len < capacity ? start + split_len : static_cast<int>(capacity);
   if (PDL) pdl_launch_dependents();
   NEOX_RT_DECODE_TRACE_BEGIN(q);
-  if (OPT & (kDecodePrefetch | kDecodePrefetchNoHint)) {
-    // Old slots only, so safe before the wait (the L2 is coherent). The length read here may be stale (the
-    // previous kernels may still be writing it): it only bounds the prefetch, so that blocks past the sequence
-    // do not pull in slots nobody reads; the real length is read after the wait.
-    const int64_t hint = (OPT & kDecodePrefetchNoHint) ? capacity : __ldcg(seqlens + i);
-    const int lim = hint < split_end ? static_cast<int>(hint > start ? hint : start) : split_end;
-    const int keys = lim - start < L::STEP ? lim - start : L::STEP;
-    prefetch_l2_block(kb + static_cast<int64_t>(start) * HD, keys * HD * static_cast<int>(sizeof(T)));
-    prefetch_l2_block(vb + static_cast<int64_t>(start) * HD, keys * HD * static_cast<int>(sizeof(T)));
-  }
+  if (OPT & (kDecodePrefetch | kDecodePrefetchNoHint))
+    kv.template prefetch_first_step<L::STEP, OPT>(seqlens + i, start, split_end, capacity);
   if (PDL) pdl_wait();  // q, the newest cache slot and seqlens come from earlier kernels
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = threadIdx.x / LPK, lig = threadIdx.x % LPK;  // lane group (key) and lane in the group (dims)
@@ -211,6 +231,7 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
   // before its first K/V loads, not two.
   // Both through the L2 only (__ldcg): with PDL the previous kernels may still be running when this one starts.
   const int64_t len_raw = __ldcg(seqlens + i);
+  kv.load_table(start, split_end);
   float qf[VPL][VEC];
 #pragma unroll
   for (int u = 0; u < VPL; ++u) {
@@ -224,21 +245,25 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
       for (int e = 0; e < VEC; ++e) qf[u][e] = 0.f;
     }
   }
+  kv.store_table();
   // Issue every load of a step (all K, then all V) before the first is used; keys at or past `lim` are not loaded.
-  auto load_rows = [&](Vec<T, VEC> (&dst)[N][VPL], const T* rows, int base, int lim) {
+  // Key j = base + g + n G of the step starts rows.offset(n, j) elements past kv.k (its K row) and kv.v (its V row).
+  using StepRows = decltype(kv.template step_rows<N, G>(0, 0));
+  auto load_rows = [&](Vec<T, VEC> (&dst)[N][VPL], const T* cache, const StepRows& rows, int base, int lim) {
 #pragma unroll
     for (int n = 0; n < N; ++n) {
       const int j = base + g + n * G;
 #pragma unroll
       for (int u = 0; u < VPL; ++u) {
         const int vi = lig + u * LPK;
-        if (j < lim && vi < VPK) dst[n][u] = load_vec_stream<T, VEC>(rows + j * HD + vi * VEC);
+        if (j < lim && vi < VPK) dst[n][u] = load_vec_stream<T, VEC>(cache + rows.offset(n, j) + vi * VEC);
       }
     }
   };
   auto load_step = [&](Vec<T, VEC> (&kr)[N][VPL], Vec<T, VEC> (&vr)[N][VPL], int base, int lim) {
-    load_rows(kr, kb, base, lim);
-    load_rows(vr, vb, base, lim);
+    const StepRows rows = kv.template step_rows<N, G>(base + g, lim);
+    load_rows(kr, kv.k, rows, base, lim);
+    load_rows(vr, kv.v, rows, base, lim);
   };
   const int len = static_cast<int>(len_raw < capacity ? len_raw : capacity);
   if (len <= 0) {  // nothing to attend to: zeros rather than NaN (written by split 0 only)
@@ -247,6 +272,7 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
     return;
   }
   if (start >= len) return;  // the merge only reads splits below len
+  kv.publish();
   const int end = split_end < len ? split_end : len;
   const int used = static_cast<int>((len + split_len - 1) / split_len);
   NEOX_RT_DECODE_TRACE_AT(1);
@@ -408,11 +434,30 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
   NEOX_RT_DECODE_TRACE_AT(5);
 }
 
-template <typename T, int HD>
+template <typename T, int HD, bool PDL, bool PIPE, int OPT = kDecodeDefaultOpt>
+__global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD, PIPE, OPT>::MIN_BLOCKS))
+decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, HD]
+                              const T* __restrict__ k_cache,         // [B, nh, T, HD]
+                              const T* __restrict__ v_cache,         // [B, nh, T, HD]
+                              const int64_t* __restrict__ seqlens,   // [b]
+                              T* __restrict__ out,                   // [b, nh, HD]
+                              float* __restrict__ part_out,          // [b, nh, splits, HD]
+                              float* __restrict__ part_ml,           // [b, nh, splits, 2] (max, sum)
+                              int* __restrict__ counters,            // [b, nh] zeros, or null (separate merge)
+                              int nh, int64_t capacity, int split_len, int splits, float scale_log2) {
+  const int h = blockIdx.y, i = blockIdx.z;
+  const int64_t bh = static_cast<int64_t>(i) * nh + h;
+  ContiguousKeys<T, HD> kv{k_cache + bh * capacity * HD, v_cache + bh * capacity * HD};
+  decode_split_block<T, HD, PDL, PIPE, OPT>(kv, q, seqlens, out, part_out, part_ml, counters, nh, capacity,
+                                            split_len, splits, scale_log2);
+}
+
+// Len: seqlens' type (int64 for the contiguous cache, int32 for the paged one).
+template <typename T, int HD, typename Len = int64_t>
 __global__ void __launch_bounds__(kDecodeThreads)
 decode_attention_reduce_kernel(const float* __restrict__ part_out,    // [b, nh, splits, HD]
                                const float* __restrict__ part_ml,     // [b, nh, splits, 2]
-                               const int64_t* __restrict__ seqlens,   // [b]
+                               const Len* __restrict__ seqlens,       // [b]
                                T* __restrict__ out,                   // [b, nh, HD]
                                int nh, int64_t capacity, int split_len, int splits) {
   const int h = blockIdx.x, i = blockIdx.y;

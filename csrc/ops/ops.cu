@@ -16,6 +16,7 @@
 #include "kernels/layernorm.cuh"
 #include "kernels/rotary_kv_write.cuh"
 #include "kernels/softmax.cuh"
+#include "ops/decode_workspace.h"
 #include "ops/ops.h"
 
 namespace neox_rt {
@@ -166,14 +167,14 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
   return q;
 }
 
-namespace {
-
 // Ticket counters for decode attention's in-kernel merge, one buffer per device: zeroed once when allocated,
 // and every launch leaves them zero again. Never freed (a captured CUDA graph keeps the pointer; a grown buffer
 // replaces the old one, which stays allocated). Null while a stream capture is under way and the buffer is too
 // small (no allocation or memset may run then): that launch uses the separate merge kernel. The runtime warms
 // every graph up before capturing it, so captured decode steps get the counters. Two launches running
 // concurrently on two streams of one device would share tickets: neox_rt runs decode on one stream per device.
+// Shared by decode_attention and paged_decode_attention (paged.cu): a kernel touches them only after
+// griddepcontrol.wait, so consecutive launches never overlap on them, PDL or not.
 int* decode_counters(int device, int64_t needed, cudaStream_t stream) {
   static std::mutex mu;
   static std::vector<std::pair<int*, int64_t>> buffers;  // per device: pointer, number of ints
@@ -192,8 +193,6 @@ int* decode_counters(int device, int64_t needed, cudaStream_t stream) {
   entry = {p, count};
   return p;
 }
-
-}  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& seqlens, double scale, bool pdl, int64_t blocks_per_sm,

@@ -26,6 +26,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& seqlens, double scale, bool pdl, int64_t blocks_per_sm,
                             bool merge_kernel, int64_t variant);
 
+// decode_attention over the paged cache (defined in paged.cu; csrc/kernels/paged_attention.cuh): sequence i attends
+// over its first seqlens[i] positions through its row of block_tables. q [b, nh, hd], caches [num_blocks, nh, bs, hd]
+// (bs a power of two), block_tables [b, max_blocks] and seqlens [b] int32 -> [b, nh, hd]; seqlens[i] <= 0 gives
+// zeros. pdl, blocks_per_sm and merge_kernel as decode_attention.
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seqlens, double scale, bool pdl,
+                                  int64_t blocks_per_sm, bool merge_kernel);
+
 at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps, bool pdl);
 
 std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at::Tensor& weight1,
@@ -37,6 +45,18 @@ std::tuple<at::Tensor, at::Tensor> dual_layernorm(const at::Tensor& x, const at:
 // dependent launch (sm_90).
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 int64_t activation, const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);
+
+// Weight-only quantized linears (defined in quant.cu; csrc/kernels/quant_gemm.cuh): act(x @ W.T + bias) + residual for
+// x [..., k] with 1-64 rows (fp16, bf16 from sm_80), W dequantized as the formats' dequantize(x.dtype) does.
+// int8: qweight int8 [n, k], scales [n] (k % 64 == 0). int4: qweight int32 [n, k / 8], scales [n, k / group_size],
+// zeros uint8 [n, k / group_size] (k % 128 == 0, group_size % 32 == 0). activation as gemv; variant: QuantVariant
+// (0 auto, 1 or 2 tiles of 16 channels a warp); pdl: programmatic dependent launch (sm_90).
+at::Tensor quant_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& bias, int64_t activation,
+                             const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);
+at::Tensor quant_linear_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                             const at::Tensor& zeros, int64_t group_size, const std::optional<at::Tensor>& bias,
+                             int64_t activation, const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);
 
 // Two single-row GEMVs in one launch (csrc/kernels/gemv_fused.cuh): (act1(x1 W1^T + b1), act2(x2 W2^T + b2)).
 // x1, x2: one row each ([..., k], numel k, k % 16 == 0). ksplit: warps per row's k (0 auto, 2, 4, 8); min_blocks:

@@ -6,6 +6,8 @@
 #include "kernels/gemv.cuh"
 #include "kernels/gemv_fused.cuh"
 #include "kernels/layernorm.cuh"
+#include "kernels/paged_attention.cuh"
+#include "kernels/quant_gemm.cuh"
 #include "kernels/rotary_kv_write.cuh"
 #include "kernels/softmax.cuh"
 
@@ -29,11 +31,30 @@ namespace neox_rt {
 NEOX_RT_INSTANTIATE_ALL(float)
 NEOX_RT_INSTANTIATE_ALL(__half)
 NEOX_RT_INSTANTIATE_ALL(__nv_bfloat16)
+// Decode attention over the paged cache (#23): every head size, fp32, fp16 and bf16.
+#define NEOX_RT_INSTANTIATE_PAGED(T)                                                                                \
+  template cudaError_t launch_paged_decode_attention<T>(const T*, const T*, const T*, const int*, const int*, T*,  \
+                                                        float*, float*, int*, int, int, int, int, int, int, int,   \
+                                                        float, bool, cudaStream_t);
+NEOX_RT_INSTANTIATE_PAGED(float)
+NEOX_RT_INSTANTIATE_PAGED(__half)
+NEOX_RT_INSTANTIATE_PAGED(__nv_bfloat16)
+#undef NEOX_RT_INSTANTIATE_PAGED
 template cudaError_t launch_gemv<__half>(const __half*, const __half*, const __half*, const __half*, __half*, int,
                                          int, int, int, int, bool, cudaStream_t);
 template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*,
                                                 const __nv_bfloat16*, __nv_bfloat16*, int, int, int, int, int, bool,
                                                 cudaStream_t);
+// The weight-only quantized linears (W8A16, W4A16): every configuration, both formats, fp16 and bf16 (bf16 kernels
+// compile to a trap below sm_80; the launchers never run them there).
+#define NEOX_RT_INSTANTIATE_QUANT(T)                                                                              \
+  template cudaError_t launch_quant_linear_int8<T>(const T*, const int8_t*, const T*, const T*, const T*, T*, int,   \
+                                                   int, int, int, int, bool, cudaStream_t);                        \
+  template cudaError_t launch_quant_linear_int4<T>(const T*, const int32_t*, const T*, const uint8_t*, const T*,     \
+                                                   const T*, T*, int, int, int, int, int, int, bool, cudaStream_t);
+NEOX_RT_INSTANTIATE_QUANT(__half)
+NEOX_RT_INSTANTIATE_QUANT(__nv_bfloat16)
+#undef NEOX_RT_INSTANTIATE_QUANT
 template cudaError_t launch_gemv2<__half>(const GemvProblem<__half>&, const GemvProblem<__half>&, bool, int, int,
                                           bool, cudaStream_t, const P2PBuffers&);
 template cudaError_t launch_gemv2<__nv_bfloat16>(const GemvProblem<__nv_bfloat16>&,

@@ -69,9 +69,9 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
         # rotary + KV-cache write (91% vs 66% of copy bandwidth at the 20B prefill shape); CUDA first, then
         # Triton, then the reference for the linear (the CUDA GEMV takes single-row decode with bias, GeLU and
         # residual fused, and 2-16 rows where its tensor-core tiles win; the Triton GEMV the other 2-16-row
-        # linears, cuBLAS the rest) and for decode attention (the
-        # single-launch CUDA kernel; Triton where it rejects the alignment). Either backend alone serves every
-        # op it has when the other is unavailable. NEOX_RT_OP_BACKENDS overrides single ops.
+        # linears, cuBLAS the rest) and for decode attention, dense and paged (the single-launch CUDA kernels;
+        # Triton where they decline: alignment, int64 tables). Either backend alone serves every op it has when
+        # the other is unavailable. NEOX_RT_OP_BACKENDS overrides single ops.
         have_triton = _load_backend("triton")
         by_triton = {k: op.impls for k, op in OPS.items() if op.impls}
         clear()
@@ -113,9 +113,9 @@ def op_backend_overrides() -> dict[str, str]:
 
 PREFER_CUDA = frozenset({"rotary_kv_write", "scaled_causal_softmax", "linear_pair", "linear_sum"})
 """Ops for which the default ("fastest") selection takes the CUDA extension over Triton."""
-CUDA_THEN_TRITON = frozenset({"linear", "decode_attention"})
+CUDA_THEN_TRITON = frozenset({"linear", "decode_attention", "paged_decode_attention"})
 """Ops for which the default selection asks the CUDA extension first, then Triton, then the reference: the
 linear's CUDA GEMV takes single-row decode (every decode linear, bias, GeLU and residual fused) and the batched
 decode (2-16 rows) of the layers its tensor-core tiles win, the Triton GEMV the other 2-16-row linears, cuBLAS the
-rest (prefill); decode attention's single-launch CUDA kernel
-takes aligned inputs, the Triton kernel the rest."""
+rest (prefill); decode attention's single-launch CUDA kernels, over the dense cache and through block tables over
+the paged one (the same kernel body), take aligned inputs and int32 tables, the Triton kernels the rest."""

@@ -5,6 +5,13 @@
 a cheap ``supports(*args)`` predicate; calls it rejects run the PyTorch reference. The peer-to-peer all-reduce
 kernels are called by :mod:`neox_rt.parallel.p2p`. ``python -m neox_rt.ops.cuda bench`` times the GEMV against cuBLAS; ``bench/kernels.py
 --sweep`` against the Triton tiles too (the numbers behind :func:`supports_linear`).
+
+The ``linear`` op holds three implementations, tried in order: the fp16/bf16 GEMV for tensor weights, then the
+weight-only quantized kernels for the formats of :mod:`neox_rt.quant.formats` (``quant_linear_int8`` for an
+:class:`~neox_rt.quant.formats.Int8Weight`, ``quant_linear_int4`` for an :class:`~neox_rt.quant.formats.Int4Weight`;
+csrc/kernels/quant_gemm.cuh): 1-``QUANT_MAX_ROWS`` rows of x on tensor cores, W dequantized in registers exactly as
+``dequantize(x.dtype)`` does, bias, activation and residual fused. Each predicate rejects the others' weights; what
+they all decline goes to the Triton kernels (the ``cuda+triton`` default) or the reference.
 """
 from __future__ import annotations
 
@@ -14,10 +21,14 @@ import os
 import torch
 
 from neox_rt.errors import NeoxRtError
+from neox_rt.quant.formats import Int4Weight, Int8Weight  # torch only (the op table may import the formats)
 
 # Extension ops and their activation codes (csrc/kernels/gemv.cuh).
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_fast": 2, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
 DECODE_HEAD_SIZES = (32, 64, 80, 96, 128, 256)
+# Paged decode attention's table limits (csrc/kernels/paged_attention.cuh): at most kPagedMaxBlocks entries a row,
+# and positions (max_blocks * block_size) * head size below 2^31.
+PAGED_MAX_BLOCKS = 256 * 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -72,6 +83,12 @@ DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
 # 4), for A/B runs.
 GEMV2_KSPLIT = _env_choice("NEOX_RT_GEMV2_KSPLIT", (0, 2, 4, 8))
 GEMV2_MIN_BLOCKS = _env_choice("NEOX_RT_GEMV2_MIN_BLOCKS", (0, 2, 3, 4))
+# The weight-only quantized linears (csrc/kernels/quant_gemm.cuh): the most rows of x they take (1-64, the kernels'
+# limit; NEOX_RT_QUANT_MAX_ROWS lowers it, e.g. where the Triton tiles measure faster at many rows) and their
+# configuration (0 auto: one tile of 16 channels a warp up to 8 rows, 16 for int8, two above; 1 / 2 force one / two
+# tiles; the measurements in csrc/kernels/quant_gemm.cuh).
+QUANT_MAX_ROWS = _env_int("NEOX_RT_QUANT_MAX_ROWS", 64, 1, 64)
+QUANT_VARIANT = _env_int("NEOX_RT_QUANT_VARIANT", 0, 0, 2)
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -110,6 +127,10 @@ def _register_fakes() -> None:
     def _(q, k_cache, v_cache, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False, variant=0):
         return torch.empty_like(q)
 
+    @lib.register_fake("neox_rt::paged_decode_attention")
+    def _(q, k_cache, v_cache, block_tables, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False):
+        return torch.empty_like(q)
+
     @lib.register_fake("neox_rt::layernorm")
     def _(x, weight, bias, eps, pdl=False):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -122,6 +143,14 @@ def _register_fakes() -> None:
     @lib.register_fake("neox_rt::gemv")
     def _(x, weight, bias, activation, residual=None, variant=0, pdl=False):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @lib.register_fake("neox_rt::quant_linear_int8")
+    def _(x, qweight, scales, bias, activation, residual=None, variant=0, pdl=False):
+        return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+    @lib.register_fake("neox_rt::quant_linear_int4")
+    def _(x, qweight, scales, zeros, group_size, bias, activation, residual=None, variant=0, pdl=False):
+        return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
     @lib.register_fake("neox_rt::gemv_pair")
     def _(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, ksplit=0, min_blocks=0, pdl=False):
@@ -157,6 +186,18 @@ def dual_layernorm(x, weight1, bias1, weight2, bias2, eps):
 
 def linear(x, weight, bias=None, activation=None, residual=None):
     return torch.ops.neox_rt.gemv(x, weight, bias, ACTIVATIONS[activation], residual, GEMV_VARIANT, PDL)
+
+
+def int8_linear(x, weight: Int8Weight, bias=None, activation=None, residual=None):
+    """The ``linear`` op for an :class:`Int8Weight` (W8A16): act(x @ (q * s).T + bias) + residual."""
+    return torch.ops.neox_rt.quant_linear_int8(x, weight.qweight, weight.scales, bias, ACTIVATIONS[activation],
+                                               residual, QUANT_VARIANT, PDL)
+
+
+def int4_linear(x, weight: Int4Weight, bias=None, activation=None, residual=None):
+    """The ``linear`` op for an :class:`Int4Weight` (W4A16): W = (q - zero) * scale per group."""
+    return torch.ops.neox_rt.quant_linear_int4(x, weight.qweight, weight.scales, weight.zeros, weight.group_size,
+                                               bias, ACTIVATIONS[activation], residual, QUANT_VARIANT, PDL)
 
 
 def linear_pair(x1, w1, b1, act1, x2, w2, b2, act2):
@@ -195,6 +236,15 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | N
     var = DECODE_VARIANT if variant is None else int(variant)
     return torch.ops.neox_rt.decode_attention(q, k_cache, v_cache, seqlens, float(scale), PDL, bps,
                                               bool(merge_kernel), var)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, scale, blocks_per_sm: int | None = None,
+                           merge_kernel: bool = False):
+    """:func:`decode_attention` over the paged cache, through the block tables (one launch, the grid from the table's
+    width); ``blocks_per_sm`` (default DECODE_BLOCKS_PER_SM) and ``merge_kernel`` are for tests and bench sweeps."""
+    bps = DECODE_BLOCKS_PER_SM if blocks_per_sm is None else int(blocks_per_sm)
+    return torch.ops.neox_rt.paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, float(scale), PDL,
+                                                    bps, bool(merge_kernel))
 
 
 def scaled_causal_softmax(scores, query_positions, scale):
@@ -276,6 +326,46 @@ def supports_linear(x, weight, bias=None, activation=None, residual=None) -> boo
     return _aligned16(x, weight)
 
 
+def _quant_common(x, weight, bias, activation, residual, chunk: int) -> bool:
+    """What the quantized linears share: x fp16 (bf16 from sm_80 on) on CUDA, contiguous and 16-byte aligned, with
+    1..QUANT_MAX_ROWS rows and in_features a positive multiple of ``chunk``; the weight's buffers on x's device,
+    contiguous, scales of x's dtype; bias [out] and residual [..., out] of x's dtype, contiguous."""
+    if activation not in ACTIVATIONS or not _cuda_float(x, (torch.float16, torch.bfloat16)) or x.dim() == 0:
+        return False
+    k = x.shape[-1]
+    if k == 0 or k % chunk or k != weight.in_features or not 0 < x.numel() // k <= QUANT_MAX_ROWS:
+        return False
+    buffers = tuple(weight.buffers())
+    if not all(b.device == x.device and b.is_contiguous() for b in buffers) or weight.scales.dtype != x.dtype:
+        return False
+    n = weight.out_features
+    if bias is not None and not (bias.dtype == x.dtype and bias.device == x.device and bias.is_contiguous()
+                                 and bias.shape == (n,)):
+        return False
+    if residual is not None and not (residual.dtype == x.dtype and residual.device == x.device
+                                     and residual.is_contiguous() and residual.shape == (*x.shape[:-1], n)):
+        return False
+    if x.dtype == torch.bfloat16 and _capability(x.device)[0] < 8:
+        return False
+    return _aligned16(x, weight.qweight)
+
+
+def supports_int8_linear(x, weight, bias=None, activation=None, residual=None) -> bool:
+    """An :class:`Int8Weight` (int8 qweight [out, in], scales [out] of x's dtype) with in_features % 64 == 0, and
+    x, bias, residual as :func:`_quant_common` says."""
+    return (isinstance(weight, Int8Weight) and weight.qweight.dtype == torch.int8
+            and _quant_common(x, weight, bias, activation, residual, 64))
+
+
+def supports_int4_linear(x, weight, bias=None, activation=None, residual=None) -> bool:
+    """An :class:`Int4Weight` with in_features % 128 == 0, a group size that is a multiple of 32 and divides
+    in_features (int32 qweight, scales of x's dtype, uint8 zeros [out, in / group]), and x, bias, residual as
+    :func:`_quant_common` says. (bf16 also needs zero points below 128, which every 4-bit zero point is.)"""
+    return (isinstance(weight, Int4Weight) and weight.group_size % 32 == 0
+            and weight.in_features % weight.group_size == 0 and weight.qweight.dtype == torch.int32
+            and weight.zeros.dtype == torch.uint8 and _quant_common(x, weight, bias, activation, residual, 128))
+
+
 def _gemv2_operand(x, weight, bias, like) -> bool:
     """One row of x (numel == in_features, a multiple of 16) of ``like``'s dtype and device, weight [n, in], bias [n],
     contiguous and 16-byte aligned: an operand of the fused GEMV pairs."""
@@ -320,6 +410,26 @@ def supports_decode_attention(q, k_cache, v_cache, seqlens, scale) -> bool:
             and _aligned16(q, k_cache, v_cache))
 
 
+def supports_paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, scale) -> bool:
+    """CUDA float q [b, nh, hd] with hd in DECODE_HEAD_SIZES; caches [num_blocks >= 1, nh, bs, hd] of q's dtype, bs a
+    power of two; int32 block_tables [b, max_blocks <= PAGED_MAX_BLOCKS] and seqlens [b] on q's device; everything
+    contiguous, q and caches 16-byte aligned; max_blocks * bs * hd < 2^31. (Triton takes int64 tables.)"""
+    if not (_cuda_float(q) and q.dim() == 3 and q.shape[-1] in DECODE_HEAD_SIZES and k_cache.dim() == 4
+            and block_tables.dim() == 2):
+        return False
+    b, nh, hd = q.shape
+    num_blocks, cache_nh, bs, cache_hd = k_cache.shape
+    return (k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and v_cache.shape == k_cache.shape
+            and cache_nh == nh and cache_hd == hd and num_blocks >= 1 and bs >= 1 and bs & (bs - 1) == 0
+            and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and block_tables.dtype == torch.int32 and block_tables.shape[0] == b and block_tables.is_contiguous()
+            and block_tables.shape[1] <= PAGED_MAX_BLOCKS and max(block_tables.shape[1], 1) * bs * hd < 2 ** 31
+            and seqlens.dtype == torch.int32 and seqlens.shape == (b,) and seqlens.is_contiguous()
+            and k_cache.device == q.device and v_cache.device == q.device
+            and block_tables.device == q.device and seqlens.device == q.device
+            and _aligned16(q, k_cache, v_cache))
+
+
 def supports_attention(q, k_cache, v_cache, positions, scale) -> bool:
     """CUDA float q, caches of q's dtype, int64 positions."""
     return (q.is_cuda and q.dtype in FLOAT_DTYPES and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
@@ -334,18 +444,21 @@ def supports_scaled_causal_softmax(scores, query_positions, scale) -> bool:
 IMPLS = {
     "layernorm": (layernorm, supports_layernorm),
     "dual_layernorm": (dual_layernorm, supports_dual_layernorm),
-    "linear": (linear, supports_linear),
+    # tried in order: the fp16 GEMV takes tensor weights, the quantized kernels their formats
+    "linear": [(linear, supports_linear), (int8_linear, supports_int8_linear), (int4_linear, supports_int4_linear)],
     "linear_pair": (linear_pair, supports_linear_pair),
     "linear_sum": (linear_sum, supports_linear_sum),
     "rotary_kv_write": (rotary_kv_write, supports_rotary_kv_write),
     "decode_attention": (decode_attention, supports_decode_attention),
+    "paged_decode_attention": (paged_decode_attention, supports_paged_decode_attention),
     "attention": (attention, supports_attention),
     "scaled_causal_softmax": (scaled_causal_softmax, supports_scaled_causal_softmax),
 }
 
 
 def implementations() -> dict:
-    """op name -> (implementation, supports predicate); loads the extension (ImportError if it is missing)."""
+    """op name -> (implementation, supports predicate), or a list of them tried in order; loads the extension
+    (ImportError if it is missing)."""
     load_extension()
     return dict(IMPLS)
 

@@ -3,5 +3,6 @@ in place and loading checkpoints layer by layer into quantized linears (:mod:`.a
 ours and GPTQ's, read and written (:mod:`.checkpoint`).
 
 This package imports the ops, model and checkpoints layers, never the reverse, except the op table registering the
-kernels that read a format (:mod:`neox_rt.ops.triton` imports :mod:`.formats`, which imports only torch).
+kernels that read a format (:mod:`neox_rt.ops.triton` and :mod:`neox_rt.ops.cuda` import :mod:`.formats`, which imports
+only torch).
 """

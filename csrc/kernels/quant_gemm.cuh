@@ -1,0 +1,410 @@
+// Weight-only quantized linear layers for 1-64 rows of x (decode and small batches), W8A16 and W4A16:
+//   y[m, n] = act(x[m, :] . W[n, :] + bias[n]) + residual[m, n],
+// W dequantized exactly as the formats' `dequantize(dtype)` does (neox_rt/quant/formats.py): each weight computed
+// from its integers and rounded ONCE to x's dtype, the dot products accumulated in fp32, bias, activation and residual
+// applied in fp32 before the single rounding of y. The kernels add no error beyond the order of the sums.
+//  - int8 (QuantInt8): qweight int8 [n, k] in [-127, 127], scales [n]: W = q * s.
+//  - int4 (QuantInt4): qweight int32 [n, k / 8] (value i of a row in word i / 8 at bits 4 (i % 8)), scales and uint8
+//    zeros [n, k / G]: W = (q - zero) * scale.
+//
+// Floor: decode is a stream of the packed weight, read once. Bytes moved = n k (int8) or n k / 2 + 3 n k / G (int4;
+// scales and zeros, 2.3% at G = 128) plus x, bias and y (negligible at one row). At ~3.0 TB/s achievable on an H100
+// (80 GB HBM3): 20B per token, every layer quantized and the fp16 lm head (0.62 GB): int8 20.6 GB -> 6.9 ms, int4
+// 11.0 GB -> 3.7 ms. Per layer (TP=1): int8 qkv 113 MB 37.7 us, dense 37.7 MB 12.6 us, h->4h and 4h->h 151 MB
+// 50.3 us; int4 qkv 58.0 MB 19.3 us, dense 6.4 us, h->4h and 4h->h 25.8 us. Above ~16 rows the floor moves: every
+// block reads x again from L2 (m * 2 / (16 CT) bytes of x a weight, CT the tiles of a warp below), so at 64 rows
+// int8 with CT = 2 moves 4 bytes of x (L2) per byte of W (DRAM) and the L2 becomes the limit.
+// Where it stands (one H100, one row, L2 cold, as single calls; table at QuantVariant below): int8 74-78% of the
+// floor on 20B's qkv and 4h->h (50.9 us vs 37.7, 64.0 vs 50.3), 60% on dense; int4 50-57% (38.9 us vs 19.3, 45.7 vs
+// 25.8): the int4 kernel is not yet stream-bound (the dequantization's instructions and latency: the next thing to
+// profile).
+//
+// Design (one kernel family for every row count and both formats, templated on the format):
+//  - Tensor cores with "swapped" operands: W is the A operand of mma.sync m16n8k16 (16 output channels x 16 k; two
+//    m16n8k8 on sm_75, which has no k16 for f16 and no bf16 at all: bf16 needs sm_80), x the B operand (16 k x 8
+//    rows of x). One to eight tiles of 8 rows of x (NT) cover 1-64 rows; decode (one row) wastes 7 columns of B,
+//    which costs nothing in a memory-bound kernel. No shared-memory staging, no cp.async, no ldmatrix.
+//  - A dot product does not care about the order of k, so each lane owns a contiguous run of k: in a chunk (64 bytes
+//    of a row: 64 int8 or 128 int4 values), lane (g = lane / 4, t = lane % 4) loads the 16 bytes at byte 16 t of rows
+//    f0 + g and f0 + g + 8 of each of its CT tiles of 16 rows, one 16-byte streaming load (ld.global.cs, evict-first:
+//    the weights must not push the KV cache and activations out of L2) per row, and x row g (+ 8 j) at the same k.
+//    Each mma k-step takes one pair of values from every lane (the A and B fragments of m16n8k8 hold k = 2t, 2t + 1
+//    of their row / column at lane (g, t)), so the same permutation of k on both sides is free.
+//  - Chunks are dealt to the WARPS warps of a block round robin (warp w: chunks w, w + WARPS, ...): k is split over
+//    the warps, so 20B's 4h->h (n 6144, k 24576) runs 384 blocks of 8 warps; the block's warps read adjacent 64-byte
+//    pieces of a row at a time. Each lane keeps a ring of S chunks in flight (S CT 2 16-byte loads, 96-128 bytes a
+//    lane: QuantConfig; ~96 KB an SM at one row), the first S asked for before griddepcontrol.wait.
+//  - Dequantization in registers, two values a 32-bit op: int8 fp16: the byte's sign flipped (q + 128), placed under
+//    0x64 (prmt: the half 1024 + q + 128), minus 1152 (exact); int8 bf16: the byte under fp32 2^23 (prmt), minus
+//    2^23 + 128, the upper half of the float is the bf16 (exact for |q| < 256); int4: each nibble pair (i, i + 4) of a
+//    word masked under the magic (0x6400 fp16: 1024 + q; 0x4300 bf16: 128 + q) and the (magic + zero) of its group
+//    subtracted, then times the scale: fma.rn.{f16,bf16}x2 with -0.0, the exact product q s (or (q - z) s) rounded
+//    once, which is what fp32-then-round gives. x's pairs are permuted to (i, i + 4) with prmt to match (int4).
+//  - The warps' partial tiles meet in shared memory (WARPS x CT NT x 4 x 32 floats <= 32 KB), summed in warp order
+//    (deterministic: a CUDA-graph replay equals eager bit for bit); bias, activation, residual are applied once per
+//    output, fp32 until the rounding of y.
+//  - Programmatic dependent launch (sm_90) as the GEMV: launch_dependents at the start, the weights' first loads (and
+//    int8 scales) before griddepcontrol.wait, x and the residual after it, never through the read-only path.
+// Requirements (the launchers return cudaErrorInvalidValue otherwise; the torch launcher checks them first): rows of
+// x 1-64; int8 k % 64 == 0; int4 k % 128 == 0, group % 32 == 0 and k % group == 0; x, qweight 16-byte aligned and
+// contiguous; scales of x's dtype; bf16 on sm_80+ only (cudaErrorNotSupported); int4 in bf16: zeros < 128 (128 + zero
+// must be a bf16 integer; a 4-bit zero point is at most 16, GPTQ v1's + 1 included).
+#pragma once
+
+#include "common.cuh"
+#include "gemv.cuh"  // apply_activation, mma_16x8x16, gemv_mma_supported
+
+namespace neox_rt {
+
+// The two formats. A chunk is 64 bytes of a row of qweight; a lane reads 16 of them, KL values of k.
+struct QuantInt8 {
+  static constexpr int kChunkK = 64;  // values of k in a chunk
+  static constexpr bool kGrouped = false;
+  static __host__ __device__ __forceinline__ int64_t row_bytes(int k) { return k; }
+};
+struct QuantInt4 {
+  static constexpr int kChunkK = 128;
+  static constexpr bool kGrouped = true;
+  static __host__ __device__ __forceinline__ int64_t row_bytes(int k) { return k / 2; }
+};
+
+namespace quant_detail {
+
+template <typename T> struct Bits;  // half2 constants of the dtype
+template <> struct Bits<__half> {
+  static constexpr uint32_t kOne = 0x3C003C00u;       // 1.0, 1.0
+  static constexpr uint32_t kNegZero = 0x80008000u;   // -0.0, -0.0: q * s + (-0) == round(q * s)
+  static constexpr uint32_t kInt4Magic = 0x64006400u; // 1024 + q for a nibble q in the mantissa
+  static constexpr uint32_t kNegMagic = 0xE400u;      // -(1024 + z) is 0xE400 | z for z < 1024
+};
+template <> struct Bits<__nv_bfloat16> {
+  static constexpr uint32_t kOne = 0x3F803F80u;
+  static constexpr uint32_t kNegZero = 0x80008000u;
+  static constexpr uint32_t kInt4Magic = 0x43004300u; // 128 + q
+  static constexpr uint32_t kNegMagic = 0xC300u;      // -(128 + z) is 0xC300 | z for z < 128
+};
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// a * b + c on two values of T, rounded once (explicit .rn: never contracted or reassociated).
+template <typename T>
+__device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d = 0;
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<T, __half>::value) {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  } else {
+#if __CUDA_ARCH__ >= 800
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+#else
+    __trap();  // the launchers never run bf16 below sm_80
+#endif
+  }
+#endif
+  return d;
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Pairs of q (exact integers of T) of the 8 int8 in words w0, w1 of a lane's run, in k order: {0,1} {2,3} {4,5} {6,7}.
+template <typename T>
+__device__ __forceinline__ void int8_pairs(uint32_t w0, uint32_t w1, uint32_t (&q)[4]) {
+  const uint32_t u0 = w0 ^ 0x80808080u, u1 = w1 ^ 0x80808080u;  // q + 128 in [1, 255], unsigned
+  if constexpr (std::is_same<T, __half>::value) {
+    constexpr uint32_t kMagic = 0x64646464u, kNeg1152 = 0xE480E480u;  // 1024 + (q + 128) - 1152 = q
+    q[0] = fma2<T>(prmt(u0, kMagic, 0x5140), Bits<T>::kOne, kNeg1152);
+    q[1] = fma2<T>(prmt(u0, kMagic, 0x5342), Bits<T>::kOne, kNeg1152);
+    q[2] = fma2<T>(prmt(u1, kMagic, 0x5140), Bits<T>::kOne, kNeg1152);
+    q[3] = fma2<T>(prmt(u1, kMagic, 0x5342), Bits<T>::kOne, kNeg1152);
+  } else {
+    // fp32 2^23 + (q + 128) minus 2^23 + 128: q exactly, whose upper 16 bits are its bf16 (8 significant bits)
+    constexpr uint32_t kMagic = 0x4B000000u;
+    constexpr float kSub = 8388736.f;
+    float f[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[i] = __uint_as_float(prmt(u0, kMagic, 0x7650 + i)) - kSub;
+      f[4 + i] = __uint_as_float(prmt(u1, kMagic, 0x7650 + i)) - kSub;
+    }
+#pragma unroll
+    for (int p = 0; p < 4; ++p) q[p] = prmt(__float_as_uint(f[2 * p]), __float_as_uint(f[2 * p + 1]), 0x7632);
+  }
+}
+
+// Pairs (q - z) of the 8 nibbles of word w: {0,4} {1,5} {2,6} {3,7}. neg_mz: -(magic + z) twice.
+template <typename T>
+__device__ __forceinline__ void int4_pairs(uint32_t w, uint32_t neg_mz, uint32_t (&q)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    q[i] = fma2<T>(((w >> (4 * i)) & 0x000F000Fu) | Bits<T>::kInt4Magic, Bits<T>::kOne, neg_mz);
+}
+
+// x's 8 values at the lane's 8 k, as B fragments in the order of the weight pairs: natural (int8) or (i, i + 4).
+template <typename F>
+__device__ __forceinline__ void x_pairs(const uint4& v, uint32_t (&b)[4]) {
+  if constexpr (F::kGrouped) {
+    b[0] = prmt(v.x, v.z, 0x5410);  // {x0, x4}
+    b[1] = prmt(v.x, v.z, 0x7632);  // {x1, x5}
+    b[2] = prmt(v.y, v.w, 0x5410);  // {x2, x6}
+    b[3] = prmt(v.y, v.w, 0x7632);  // {x3, x7}
+  } else {
+    b[0] = v.x, b[1] = v.y, b[2] = v.z, b[3] = v.w;
+  }
+}
+
+}  // namespace quant_detail
+
+// A block owns 16 CT output channels (f0 = 16 CT blockIdx.x) and splits k over its WARPS warps (chunks round robin).
+// NT tiles of 8 rows of x; S chunks in flight a lane. Rows of W past n read row n - 1, rows of x past m read row
+// m - 1: valid memory whose products land only in outputs that are never stored (each output column of the mma
+// depends on its own column of B alone, each row on its own row of A).
+template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL>
+__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
+                  const uint8_t* __restrict__ qweight,   // [n, row_bytes(k)]: int8 [n, k] or int32 [n, k / 8]
+                  const T* __restrict__ scales,          // int8 [n]; int4 [n, k / group]
+                  const uint8_t* __restrict__ zeros,     // int4 [n, k / group]; int8 unused
+                  const T* __restrict__ bias,            // [n] or null
+                  const T* __restrict__ residual,        // [m, n] or null
+                  T* __restrict__ y,                     // [m, n]
+                  int m, int n, int k, int group_size, int act) {
+  static_assert(sizeof(T) == 2, "fp16 / bf16");
+  using namespace quant_detail;
+  constexpr int KL = F::kChunkK / 4;  // values of k a lane holds of a chunk: 16 (int8) or 32 (int4)
+  constexpr int SUB = KL / 8;         // 8-k pieces of the lane's run (each: 4 pairs, two k16 mma per x tile)
+  __shared__ float partial[WARPS][CT * NT * 4][32];
+  if (PDL) pdl_launch_dependents();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int f0 = blockIdx.x * 16 * CT;
+  const int64_t row_bytes = F::row_bytes(k);
+  const int nchunks = k / F::kChunkK;
+  const int mine = nchunks > warp ? (nchunks - warp + WARPS - 1) / WARPS : 0;  // this warp's chunks
+  const int groups = F::kGrouped ? k / group_size : 1;
+  // group of a lane's run: (4 chunk + t) / (G / 32), from floats: the quotient's fraction is >= 0.5 / (G / 32)
+  // away from the next integer, far above float error for k < 2^24
+  const float inv_gchunk = F::kGrouped ? 1.f / static_cast<float>(group_size / 32) : 0.f;
+
+  int rows[CT][2];  // row indices, not pointers: 32-bit registers
+#pragma unroll
+  for (int c = 0; c < CT; ++c)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) rows[c][h] = min(f0 + 16 * c + 8 * h + g, n - 1);
+  const uint8_t* const wlane = qweight + 16 * t;
+
+  uint4 wq[S][CT][2];         // the ring: S chunks of the lane's 16 bytes of each row
+  uint32_t sz[S][CT][2];      // int4: scale bits | zero << 16 of the chunk's group, per row
+  uint32_t scale2[CT][2];     // int8: the row's scale, twice
+  auto load_chunk = [&](int s, int i) {
+    const int chunk = warp + WARPS * i;
+#pragma unroll
+    for (int c = 0; c < CT; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(wlane + rows[c][h] * row_bytes + 64 * chunk));
+        if constexpr (F::kGrouped) {
+          const int grp = static_cast<int>((static_cast<float>(4 * chunk + t) + 0.5f) * inv_gchunk);
+          const int64_t idx = static_cast<int64_t>(rows[c][h]) * groups + grp;
+          sz[s][c][h] = static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(scales) + idx)) |
+                        (static_cast<uint32_t>(__ldg(zeros + idx)) << 16);
+        }
+      }
+  };
+
+  // weights (and their scales) do not depend on the previous kernel: asked for before waiting
+  if constexpr (!F::kGrouped) {
+#pragma unroll
+    for (int c = 0; c < CT; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        scale2[c][h] = static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(scales) + rows[c][h])) *
+                       0x10001u;
+  }
+#pragma unroll
+  for (int s = 0; s < S; ++s)
+    if (s < mine) load_chunk(s, s);
+  if (PDL) pdl_wait();
+
+  const T* const xlane = x + KL * t;
+  int xrow[NT];  // offsets of the lane's rows of x (m k < 2^31: m <= 64)
+#pragma unroll
+  for (int j = 0; j < NT; ++j) xrow[j] = min(g + 8 * j, m - 1) * k;
+  float acc[CT][NT][4];
+#pragma unroll
+  for (int c = 0; c < CT; ++c)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[c][j][i] = 0.f;
+
+  // Unrolled by S so that every slot is a fixed set of registers: chunk i is in slot i % S; once used, the slot is
+  // refilled S chunks ahead.
+#pragma unroll 1
+  for (int i0 = 0; i0 < mine; i0 += S) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int i = i0 + s;
+      if (i < mine) {
+        const int kx = (warp + WARPS * i) * F::kChunkK;  // the chunk's first k
+        uint32_t neg_mz[CT][2], sc2[CT][2];
+#pragma unroll
+        for (int c = 0; c < CT; ++c)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if constexpr (F::kGrouped) {
+              neg_mz[c][h] = (Bits<T>::kNegMagic | (sz[s][c][h] >> 16)) * 0x10001u;
+              sc2[c][h] = (sz[s][c][h] & 0xFFFFu) * 0x10001u;
+            } else {
+              sc2[c][h] = scale2[c][h];
+            }
+          }
+#pragma unroll
+        for (int kk = 0; kk < SUB; ++kk) {
+          uint32_t a[CT][2][4];  // [tile][row g, g + 8][pair]: W of 8 k, dequantized
+#pragma unroll
+          for (int c = 0; c < CT; ++c)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              if constexpr (F::kGrouped) {
+                int4_pairs<T>(word_of(wq[s][c][h], kk), neg_mz[c][h], a[c][h]);
+              } else {
+                int8_pairs<T>(word_of(wq[s][c][h], 2 * kk), word_of(wq[s][c][h], 2 * kk + 1), a[c][h]);
+              }
+#pragma unroll
+              for (int p = 0; p < 4; ++p) a[c][h][p] = fma2<T>(a[c][h][p], sc2[c][h], Bits<T>::kNegZero);
+            }
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            // x (L1 / L2) arrives while the next chunks' weights (DRAM) are in flight
+            const Vec<T, 8> xv = load_vec_ca<T, 8>(xlane + xrow[j] + kx + 8 * kk);
+            uint32_t b[4];
+            x_pairs<F>(*reinterpret_cast<const uint4*>(&xv), b);
+#pragma unroll
+            for (int c = 0; c < CT; ++c) {
+              mma_16x8x16<T>(acc[c][j], a[c][0][0], a[c][1][0], a[c][0][1], a[c][1][1], b[0], b[1]);
+              mma_16x8x16<T>(acc[c][j], a[c][0][2], a[c][1][2], a[c][0][3], a[c][1][3], b[2], b[3]);
+            }
+          }
+        }
+        if (i + S < mine) load_chunk(s, i + S);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int c = 0; c < CT; ++c)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[warp][(c * NT + j) * 4 + i][lane] = acc[c][j][i];
+  __syncthreads();
+  // output (channel f0 + 16 c + r, row q of x) sits in tile c, x tile q / 8, lane 4 (r % 8) + (q % 8) / 2, register
+  // 2 (r / 8) + q % 2; channels fastest, so that neighbouring threads store neighbouring outputs
+  for (int o = threadIdx.x; o < 16 * CT * 8 * NT; o += WARPS * 32) {
+    const int f = o % (16 * CT), q = o / (16 * CT);
+    if (q >= m || f0 + f >= n) continue;
+    const int c = f >> 4, r = f & 15;
+    const int src_lane = 4 * (r & 7) + ((q & 7) >> 1), src_reg = (c * NT + (q >> 3)) * 4 + 2 * (r >> 3) + (q & 1);
+    float v = 0.f;
+#pragma unroll
+    for (int p = 0; p < WARPS; ++p) v += partial[p][src_reg][src_lane];
+    const int64_t idx = static_cast<int64_t>(q) * n + f0 + f;
+    float out = apply_activation(v + (bias != nullptr ? to_float(bias[f0 + f]) : 0.f), act);
+    if (residual != nullptr) out += to_float(__ldcg(residual + idx));
+    y[idx] = from_float<T>(out);
+  }
+}
+
+// Variants (the `variant` argument; bench sweeps): 0 auto, 1 one tile of 16 channels a warp (CT = 1, 3-4 chunks in
+// flight), 2 two tiles (CT = 2, 2 chunks in flight: x read once for 32 channels). Above 16 rows only CT = 2 exists
+// (variant 1 runs it too): one tile a warp would need the registers of more accumulators. Auto: CT = 1 up to 8 rows,
+// and up to 16 for int8; CT = 2 above. Measured on one H100 (L2 cold, fp16, a ctypes probe of this header, copy
+// 3024 GB/s), us, CT = 1 / CT = 2:
+//   20B qkv (18432 x 6144) 1 row:   int8 50.9 / 54.0, int4 38.9 / 38.0;   16 rows: int8 53.0 / 64.2, int4 53.7 / 45.9
+//   20B 4h->h (6144 x 24576) 1 row: int8 64.4 / 72.9, int4 45.4 / 51.4;   16 rows: int8 65.6 / 76.6, int4 65.4 / 62.3
+// (the Triton tiles, same run: qkv int8 69.2, int4 1401; 4h->h int8 109.9, int4 2966; cuBLAS on the fp16 weight 90.2
+// and 113.8). 64 rows: int8 qkv 114 us, 4h->h 141 (cuBLAS fp16 89, 117): there x from L2 and the dequantization, not
+// the weight stream, set the time.
+enum QuantVariant : int { kQuantAuto = 0, kQuantOneTile = 1, kQuantTwoTiles = 2, kQuantVariantLast = 2 };
+
+inline int quant_max_rows() { return 64; }
+
+// Per configuration (NT tiles of 8 rows of x, CT tiles of 16 channels a warp): warps of a block (the partial sums,
+// WARPS x CT NT x 4 x 32 floats, stay <= 32 KB of shared memory), chunks in flight a lane (S) and the blocks a SM the
+// registers are fitted to (__launch_bounds__), chosen so that no configuration spills on sm_75 or sm_90 (ptxas
+// -warn-spills, scripts/compile_cuda.sh): 80 registers at three 8-warp blocks, 128 at two; the 4-warp blocks of 17-64
+// rows 168 at three, 255 at two.
+template <int NT, int CT> struct QuantConfig;
+template <> struct QuantConfig<1, 1> { static constexpr int kWarps = 8, kSteps = 4, kMinBlocks = 3; };  // decode
+template <> struct QuantConfig<2, 1> { static constexpr int kWarps = 8, kSteps = 3, kMinBlocks = 3; };
+template <> struct QuantConfig<1, 2> { static constexpr int kWarps = 8, kSteps = 2, kMinBlocks = 2; };
+template <> struct QuantConfig<2, 2> { static constexpr int kWarps = 8, kSteps = 2, kMinBlocks = 2; };
+template <> struct QuantConfig<4, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 3; };
+template <> struct QuantConfig<8, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 2; };
+
+template <typename T, typename F, int NT, int CT>
+cudaError_t launch_quant_gemm_config(const T* x, const void* qweight, const T* scales, const uint8_t* zeros,
+                                     const T* bias, const T* residual, T* y, int m, int n, int k, int group_size,
+                                     int act, bool pdl, cudaStream_t stream) {
+  using C = QuantConfig<NT, CT>;
+  constexpr int WARPS = C::kWarps, S = C::kSteps, MIN_BLOCKS = C::kMinBlocks;
+  const dim3 grid((n + 16 * CT - 1) / (16 * CT)), block(WARPS * 32);
+  const auto* q = static_cast<const uint8_t*>(qweight);
+  return launch_kernel(pdl, quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, false>,
+                       quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, true>, grid, block, stream, x, q, scales,
+                       zeros, bias, residual, y, m, n, k, group_size, act);
+}
+
+template <typename T, typename F>
+cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, const uint8_t* zeros, const T* bias,
+                              const T* residual, T* y, int m, int n, int k, int group_size, int act, int variant,
+                              bool pdl, cudaStream_t stream) {
+  if (m == 0 || n == 0) return cudaSuccess;
+  if (m < 0 || m > quant_max_rows() || k <= 0 || k % F::kChunkK != 0 || variant < kQuantAuto ||
+      variant > kQuantVariantLast)
+    return cudaErrorInvalidValue;
+  if (F::kGrouped && (group_size <= 0 || group_size % 32 != 0 || k % group_size != 0)) return cudaErrorInvalidValue;
+  if (!gemv_mma_supported<T>()) return cudaErrorNotSupported;  // bf16 mma needs sm_80
+  const int ct = variant != kQuantAuto ? variant : m <= 8 || (m <= 16 && !F::kGrouped) ? 1 : 2;
+#define NEOX_RT_QUANT_CONFIG(NT_, CT_)                                                                                \
+  return launch_quant_gemm_config<T, F, NT_, CT_>(x, qweight, scales, zeros, bias, residual, y, m, n, k, group_size, \
+                                                  act, pdl, stream)
+  if (m <= 8) {
+    if (ct == 1) NEOX_RT_QUANT_CONFIG(1, 1);
+    NEOX_RT_QUANT_CONFIG(1, 2);
+  }
+  if (m <= 16) {
+    if (ct == 1) NEOX_RT_QUANT_CONFIG(2, 1);
+    NEOX_RT_QUANT_CONFIG(2, 2);
+  }
+  if (m <= 32) NEOX_RT_QUANT_CONFIG(4, 2);
+  NEOX_RT_QUANT_CONFIG(8, 2);
+#undef NEOX_RT_QUANT_CONFIG
+}
+
+// W8A16: qweight int8 [n, k], scales [n] of x's dtype. k % 64 == 0, m <= 64.
+template <typename T>
+cudaError_t launch_quant_linear_int8(const T* x, const int8_t* qweight, const T* scales, const T* bias,
+                                     const T* residual, T* y, int m, int n, int k, int act, int variant, bool pdl,
+                                     cudaStream_t stream) {
+  return launch_quant_gemm<T, QuantInt8>(x, qweight, scales, nullptr, bias, residual, y, m, n, k, 0, act, variant,
+                                         pdl, stream);
+}
+
+// W4A16: qweight int32 [n, k / 8], scales [n, k / group] of x's dtype, zeros uint8 [n, k / group]. k % 128 == 0,
+// group % 32 == 0, k % group == 0, m <= 64.
+template <typename T>
+cudaError_t launch_quant_linear_int4(const T* x, const int32_t* qweight, const T* scales, const uint8_t* zeros,
+                                     const T* bias, const T* residual, T* y, int m, int n, int k, int group_size,
+                                     int act, int variant, bool pdl, cudaStream_t stream) {
+  return launch_quant_gemm<T, QuantInt4>(x, qweight, scales, zeros, bias, residual, y, m, n, k, group_size, act,
+                                         variant, pdl, stream);
+}
+
+}  // namespace neox_rt
