@@ -1,4 +1,5 @@
-"""The paged KV cache's kernels: rotary + KV write into slots of blocks, and flash-decoding through block tables.
+"""The paged KV cache's kernels: rotary + KV write into slots of blocks, flash-decoding and chunked-prefill
+attention through block tables.
 
 Cache layout (the contract of :func:`neox_rt.ops.reference.paged_decode_attention_ref`): k_cache and v_cache are
 [num_blocks, nh, bs, hd]; sequence i's token at position p lives in block block_tables[i, p // bs], slot p % bs, so
@@ -10,6 +11,15 @@ whole key steps; program (i, h, c) loads, for each key of its step, the block id
 that block's slot, with an online softmax in fp32; a second kernel merges the chunks. The grid depends only on
 shapes (no host sync, capturable in a CUDA graph); keys at or past seqlens[i] and table entries past them are never
 read, and seqlens[i] == 0 gives zeros (a padding row of a batch bucket).
+``paged_prefill_attention`` (chunked prefill; the contract of
+:func:`neox_rt.ops.reference.paged_prefill_attention_ref`): flash attention of varlen query chunks, as
+:mod:`.attention` with its keys read through the table. Program (tile, h) takes BLOCK_M query rows of ONE sequence:
+sequence i owns the tiles from first(i) = query_start_loc[i] // BLOCK_M + i, room for its cdiv(n_i, BLOCK_M) tiles,
+so num_tokens // BLOCK_M + b + 1 tiles cover every sequence and the padding rows past query_start_loc[b] (written as
+zeros), and each program finds its sequence by a binary search of query_start_loc (log2(b) loads; tiles past a
+sequence's rows exit with nothing read). The grid depends on shapes only: no host sync. Row j of sequence i sits at
+position seqlens[i] - n_i + j; keys below the tile's first position run without a mask, the diagonal tiles with the
+causal mask; tl.dot for QK^T and PV, online softmax in fp32.
 """
 from __future__ import annotations
 
@@ -237,3 +247,145 @@ def supports_paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, 
             and (block_tables.shape[1] <= 1 or block_tables.stride(1) == 1)
             and seqlens.dtype in INT_DTYPES and seqlens.shape == q.shape[:1] and seqlens.is_contiguous()
             and on_triton_device(q, k_cache, v_cache, block_tables, seqlens))
+
+
+@triton.jit
+def _paged_prefill_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, start, hi, pos, h, nh, hd, qk_scale,
+                        BS: tl.constexpr, BLOCK_N: tl.constexpr, HD_P2: tl.constexpr, IEEE: tl.constexpr,
+                        CAUSAL: tl.constexpr):
+    """One key tile [start, start + BLOCK_N) of the online softmax. CAUSAL: keys at or past ``hi`` and keys past a
+    row's position are masked; otherwise every key of the tile is below every row's position (no mask at all)."""
+    keys = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] positions
+    d = tl.arange(0, HD_P2)
+    dmask = d < hd
+    if CAUSAL:
+        kmask = keys < hi
+        blk = tl.load(bt_row_ptr + keys // BS, mask=kmask, other=0).to(tl.int64)  # [BLOCK_N] block of each key
+        m2 = kmask[:, None] & dmask[None, :]
+    else:
+        blk = tl.load(bt_row_ptr + keys // BS).to(tl.int64)
+        m2 = dmask[None, :]
+    offs = ((blk * nh + h) * BS + keys % BS)[:, None] * hd + d[None, :]  # [BLOCK_N, HD_P2]
+    k = tl.load(k_ptr + offs, mask=m2, other=0.0)
+    v = tl.load(v_ptr + offs, mask=m2, other=0.0)
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
+    qk = qk * qk_scale
+    if CAUSAL:
+        qk = tl.where((keys[None, :] <= pos[:, None]) & kmask[None, :], qk, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: key 0 is in the first tile and every row sees it
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr,        # [num_tokens, nh, hd] (rows and heads strided)
+    k_ptr,        # [num_blocks, nh, BS, hd]
+    v_ptr,        # [num_blocks, nh, BS, hd]
+    bt_ptr,       # [b, max_blocks] int
+    qsl_ptr,      # [b + 1] int: query_start_loc
+    seqlens_ptr,  # [b] int
+    out_ptr,      # [num_tokens, nh, hd] contiguous
+    stride_qt, stride_qh, stride_bt, num_tokens, b, search_steps, num_tiles, nh, hd, qk_scale,
+    BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HD_P2: tl.constexpr, IEEE: tl.constexpr,
+):
+    tile = num_tiles - 1 - tl.program_id(0)  # the last tiles (a chunk's longest causal rows) start first
+    h = tl.program_id(1).to(tl.int64)
+    # Sequence i owns tiles first(i) = qsl[i] // BLOCK_M + i onwards (first(i+1) - first(i) >= cdiv(n_i, BLOCK_M));
+    # "sequence" b holds the padding rows. Binary search for the largest i in [0, b] with first(i) <= tile.
+    lo = tl.program_id(0) * 0
+    hi = lo + b + 1
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        right = tl.load(qsl_ptr + mid).to(tl.int32) // BLOCK_M + mid <= tile
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    seq = lo
+    is_seq = seq < b
+    q_start = tl.load(qsl_ptr + seq).to(tl.int32)
+    n = tl.load(qsl_ptr + seq + 1, mask=is_seq, other=num_tokens).to(tl.int32) - q_start  # padding: to the end
+    seqlen = tl.load(seqlens_ptr + seq, mask=is_seq, other=0).to(tl.int32)
+    first_row = (tile - q_start // BLOCK_M - seq) * BLOCK_M  # of this tile, within the sequence's new tokens
+    live = is_seq & (first_row < n)  # a tile past its sequence's rows (or padding) reads no key
+    ctx = seqlen - n  # the position of the sequence's first new token
+    rows = first_row + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    rmask = rows < n
+    pos = ctx + rows  # [BLOCK_M] each query's position
+    d = tl.arange(0, HD_P2)
+    dmask = d < hd
+    tokens = (q_start + rows).to(tl.int64)  # [BLOCK_M] rows of q and out
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=(rows < tl.where(is_seq, n, 0))[:, None] & dmask[None, :], other=0.0)  # [BLOCK_M, HD_P2]
+    key_end = tl.where(live, tl.minimum(ctx + first_row + BLOCK_M, seqlen), 0)  # past the tile's last position
+    full_end = tl.where(live, tl.maximum(ctx + first_row, 0) // BLOCK_N * BLOCK_N, 0)  # keys every row sees
+    bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
+
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HD_P2], dtype=tl.float32)
+    for start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _paged_prefill_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, start, key_end, pos, h, nh,
+                                            hd, qk_scale, BS, BLOCK_N, HD_P2, IEEE, False)
+    for start in range(full_end, key_end, BLOCK_N):  # the diagonal: causal mask
+        acc, m_i, l_i = _paged_prefill_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, start, key_end, pos, h, nh,
+                                            hd, qk_scale, BS, BLOCK_N, HD_P2, IEEE, True)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padding rows: no key, acc 0, zeros out
+    tl.store(out_ptr + (tokens[:, None] * nh + h) * hd + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & dmask[None, :])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor, seqlens: torch.Tensor,
+                            scale: float, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """q [num_tokens, nh, hd] varlen, caches [num_blocks, nh, bs, hd], block_tables [b, max_blocks],
+    query_start_loc [b + 1] (from 0), seqlens [b] -> [num_tokens, nh, hd] in q's dtype (rows past
+    query_start_loc[b] zeros). ``block_m`` / ``block_n`` override the tile sizes (tests: several tiles at small
+    sizes)."""
+    num_tokens, nh, hd = q.shape
+    b = block_tables.shape[0]
+    bs = k_cache.shape[2]
+    out = torch.empty(num_tokens, nh, hd, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or nh == 0:
+        return out
+    hd_p2 = next_pow2(hd)
+    ieee = q.dtype == torch.float32
+    block_m = block_m or (64 if num_tokens > 16 * max(b, 1) else 16)  # chunks of 16 tokens or fewer on average
+    if block_n is None:  # as the dense prefill kernel (.attention)
+        block_n = 64 if hd_p2 <= 64 else 32
+        if hd_p2 >= 256 or (ieee and hd_p2 >= 128):
+            block_n = 16
+    num_warps = 4 if hd_p2 <= 128 else 8
+    num_stages = 2 if (hd_p2 >= 256 or ieee) else 3
+    num_tiles = num_tokens // block_m + b + 1  # every sequence's tiles and the padding's (see the kernel)
+    _paged_prefill_kernel[(num_tiles, nh)](
+        q, k_cache, v_cache, block_tables, query_start_loc, seqlens, out, q.stride(0), q.stride(1),
+        block_tables.stride(0), num_tokens, b, b.bit_length(), num_tiles, nh, hd, float(scale) * LOG2E,
+        BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, HD_P2=hd_p2, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def supports_paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seqlens, scale) -> bool:
+    """Float q [num_tokens, nh, hd] (last dim contiguous), hd in HEAD_SIZES; contiguous caches of q's dtype
+    [num_blocks, nh, bs, hd]; int block_tables [b, max_blocks] (rows contiguous), contiguous int query_start_loc
+    [b + 1] and seqlens [b]."""
+    return (q.dim() == 3 and q.dtype in FLOAT_DTYPES and q.shape[-1] in HEAD_SIZES and q.stride(-1) == 1
+            and k_cache.dim() == 4 and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+            and v_cache.shape == k_cache.shape and k_cache.shape[1] == q.shape[1] and k_cache.shape[3] == q.shape[2]
+            and k_cache.shape[2] >= 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and block_tables.dim() == 2 and block_tables.dtype in INT_DTYPES
+            and (block_tables.shape[1] <= 1 or block_tables.stride(1) == 1)
+            and query_start_loc.dtype in INT_DTYPES and tuple(query_start_loc.shape) == (block_tables.shape[0] + 1,)
+            and query_start_loc.is_contiguous()
+            and seqlens.dtype in INT_DTYPES and tuple(seqlens.shape) == (block_tables.shape[0],)
+            and seqlens.is_contiguous()
+            and on_triton_device(q, k_cache, v_cache, block_tables, query_start_loc, seqlens))

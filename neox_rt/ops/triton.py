@@ -49,4 +49,6 @@ def implementations() -> dict:
                                   paged_attention.supports_paged_rotary_kv_write),
         "paged_decode_attention": (paged_attention.paged_decode_attention,
                                    paged_attention.supports_paged_decode_attention),
+        "paged_prefill_attention": (paged_attention.paged_prefill_attention,
+                                    paged_attention.supports_paged_prefill_attention),
     }
