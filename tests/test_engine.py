@@ -317,6 +317,7 @@ def test_padded_decode_graph_step_equals_eager(neox, cases):
     runner = engine.runner
     runner.graphs = PagedDecodeGraphRunner(neox.model, runner.cache, 8, 64, capture=False)
     assert runner.graphs.buckets == (1, 2, 4, 8)
+    assert runner.graphs.capture_all() == 0  # capturing off (CPU): nothing to capture
     used = []
     step = runner.graphs.step
     runner.graphs.step = lambda *a: used.append(a[3].shape[0]) or step(*a)
@@ -362,3 +363,13 @@ def test_engine_on_gpu_graphs_equal_padded_eager():
     graphed, graphs = run(True)
     assert graphs.captures > 0 and graphs.disabled_reason is None
     assert graphed == eager
+    # the engine captures every bucket at start, on padding rows only: the cache is untouched
+    engine = LLMEngine(neox, max_num_seqs=16, num_blocks=64)
+    assert engine.runner.graphs.captures == len(engine.runner.graphs.buckets) == 5
+    k = engine.runner.cache.k
+    k.fill_(0.5)
+    before = k.clone()
+    engine.runner.graphs._graphs.clear()
+    assert engine.runner.graphs.capture_all() == 5
+    torch.cuda.synchronize()
+    assert torch.equal(k, before)

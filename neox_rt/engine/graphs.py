@@ -235,15 +235,31 @@ class PagedDecodeGraphRunner:
                           paged=meta)
 
     @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every bucket's graph now (largest first, so the shared pool is sized once), on steps of padding
+        rows only (nothing is written, nothing attended), so that serving never pauses for a capture. Returns the
+        graphs captured; 0 when capturing is off or failed (``disabled_reason``)."""
+        if not self.capture:
+            return 0
+        empty = torch.empty(0, dtype=torch.long)
+        for bucket in reversed(self.buckets):
+            if self._graphs.get(bucket) is not None:
+                continue
+            if self.step(empty, empty, empty, torch.empty(0, 0, dtype=torch.int32), torch.empty(0, dtype=torch.int32),
+                         pad_to=bucket) is None:
+                return 0
+        return len(self._graphs)
+
+    @torch.inference_mode()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
-             seqlens: torch.Tensor) -> torch.Tensor | None:
+             seqlens: torch.Tensor, pad_to: int | None = None) -> torch.Tensor | None:
         """One decode step of b sequences (host or device tensors: ids, positions, slots [b], block_tables [b, w],
         seqlens [b]) -> logits [b, V] (a view of a static output, valid until the next step), or None when this
         step cannot run as a graph (the caller runs it eagerly)."""
         b, w = block_tables.shape
         if not self.supports(b, w):
             return None
-        bucket = bucket_for(b, self.buckets)
+        bucket = pad_to or bucket_for(b, self.buckets)
         self.ids[0, :b].copy_(ids, non_blocking=True)
         self.positions[0, :b].copy_(positions, non_blocking=True)
         self.slots[:b].copy_(slots, non_blocking=True)

@@ -158,6 +158,8 @@ class LLMEngine:
             max_model_len=max_model_len, eos_token_id=self.tokenizer.eos_id))
         self.runner = ModelRunner(self.model, num_blocks, block_size, self.tokenizer.vocab_size,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+        if self.runner.graphs is not None:  # every decode graph now, not in the middle of serving
+            self.runner.graphs.capture_all()
         self._requests: dict[str, _Detok] = {}
 
     def _free_memory(self) -> int:
