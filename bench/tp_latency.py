@@ -41,6 +41,7 @@ from neox_rt import ops  # noqa: E402
 from neox_rt.model.config import NeoXConfig  # noqa: E402
 from neox_rt.model.build import parse_dtype  # noqa: E402
 from neox_rt.parallel import init_from_env  # noqa: E402
+from neox_rt.quant.apply import StageQuantizer, empty_model, memory_report, streaming_units  # noqa: E402
 
 MIB = 2 ** 20
 START = time.perf_counter()
@@ -63,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="cap each process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 15 for a "
                         "16 GB T4's usable share; the run fails with an out-of-memory error if the model does not fit")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantized linears (int4: groups of 128), built layer by layer: each layer is "
+                        "allocated, filled at random and quantized before the next, so the float model never exists "
+                        "(what a capped run needs: 20B int8 at TP=2 is ~10 GiB a rank, fp16 would be 19)")
     p.add_argument("--skip-no-allreduce", action="store_true")
     p.add_argument("--simulate-tp", type=int, default=None, metavar="N",
                    help="one process: rank 0's shard of TP=N with the collectives replaced by local stand-ins "
@@ -104,6 +109,24 @@ def fill_random(model, seed: int) -> None:
                 p.normal_(1.0 if name.endswith("weight") else 0.0, 0.05, generator=g)
             else:
                 p.normal_(0.0, 0.02, generator=g)
+
+
+def build_quantized(config, dtype, device, tp, fmt: str, seed: int):
+    """The model with ``fmt`` linears, unit by unit: each unit (embedding, layer, final LayerNorm, LM head) is
+    allocated on ``device``, filled at random and its linears quantized before the next unit exists."""
+    model = empty_model(config, dtype, tp)
+    quantize = StageQuantizer(fmt, 128)
+    for i, (prefix, unit) in enumerate(streaming_units(model)):
+        unit.to_empty(device=device)
+        g = torch.Generator(device=device).manual_seed(seed + i)
+        with torch.no_grad():
+            for name, p in unit.named_parameters():
+                if "layernorm" in name or "layer_norm" in name:
+                    p.normal_(1.0 if name.endswith("weight") else 0.0, 0.05, generator=g)
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+        quantize(model, [f"{prefix}.{n}" for n, _ in unit.named_parameters()])
+    return model
 
 
 def make_stepper(model, use_graphs: bool):
@@ -245,10 +268,13 @@ def main(argv=None):
                         max_position_embeddings=2048)
     backend = ops.select_backend(None, device)
     timer = Timer(device)
-    model = neox_rt.build_model(config, dtype, device, tp)
-    fill_random(model, seed=1234 + tp.rank)
+    if args.quantize:
+        model = build_quantized(config, dtype, device, tp, args.quantize, seed=1234 + tp.rank)
+    else:
+        model = neox_rt.build_model(config, dtype, device, tp)
+        fill_random(model, seed=1234 + tp.rank)
     phase(tp, "model built and filled")
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = memory_report(model).total_bytes  # formats' buffers and float parameters
     g = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(2, args.vocab, (1, args.prompt), generator=g).to(device)
 
@@ -305,7 +331,8 @@ def main(argv=None):
 
     result = dict(
         bench="tp_latency", model=f"gpt-neox L{args.layers} h{args.hidden} nh{args.heads} V{args.vocab}",
-        dtype=args.dtype, tp=tp.size, simulated=bool(args.simulate_tp),
+        dtype=args.dtype, quantize=args.quantize, memory_report=str(memory_report(model)), tp=tp.size,
+        simulated=bool(args.simulate_tp),
         simulated_allreduce_us=args.simulate_allreduce_us if args.simulate_tp else None, batch=1,
         prompt_tokens=args.prompt, new_tokens=args.new,
         backend=backend, ops=ops.active_backends(), decode_path=decode_path,

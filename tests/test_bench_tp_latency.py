@@ -54,3 +54,14 @@ def test_simulated_allreduce_wait_is_recorded(tmp_path):
     assert isinstance(res["settings"], dict)
     plain = _run(tmp_path, "tp1", "--tp", "1", "--simulate-allreduce-us", "8")
     assert plain["simulated_allreduce_us"] is None  # only meaningful with --simulate-tp
+
+
+def test_quantized_model_built_layer_by_layer(tmp_path):
+    """--quantize: the linears are formats (the weight bytes shrink accordingly) and decode runs, at TP=1 and as rank 0
+    of a simulated TP=2 (each rank quantizes its own shard)."""
+    fp = _run(tmp_path, "fp", "--tp", "1", "--hidden", "128")
+    q8 = _run(tmp_path, "q8", "--tp", "1", "--hidden", "128", "--quantize", "int8")
+    q4 = _run(tmp_path, "q4", "--simulate-tp", "2", "--hidden", "256", "--quantize", "int4")
+    assert q8["quantize"] == "int8" and "int8" in q8["memory_report"] and q4["quantize"] == "int4"
+    assert q8["weight_bytes_per_rank"] < fp["weight_bytes_per_rank"]
+    assert q8["per_token_ms"]["p50"] > 0 and q4["per_token_ms"]["p50"] > 0
