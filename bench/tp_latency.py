@@ -100,11 +100,12 @@ class Timer:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
-def fill_random(model, seed: int) -> None:
-    """Weights ~ N(0, 0.02), LayerNorms near identity, in place on the model's device."""
-    g = torch.Generator(device=model.gpt_neox.final_layer_norm.weight.device).manual_seed(seed)
+def fill_random(model, seed: int, prefix: str = "") -> None:
+    """Weights ~ N(0, 0.02), LayerNorms near identity, in place on the model's device (or on a unit of the model's,
+    whose parameter names start with ``prefix``)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in model.named_parameters(prefix=prefix):
             if "layernorm" in name or "layer_norm" in name:
                 p.normal_(1.0 if name.endswith("weight") else 0.0, 0.05, generator=g)
             else:
@@ -118,13 +119,7 @@ def build_quantized(config, dtype, device, tp, fmt: str, seed: int):
     quantize = StageQuantizer(fmt, 128)
     for i, (prefix, unit) in enumerate(streaming_units(model)):
         unit.to_empty(device=device)
-        g = torch.Generator(device=device).manual_seed(seed + i)
-        with torch.no_grad():
-            for name, p in unit.named_parameters():
-                if "layernorm" in name or "layer_norm" in name:
-                    p.normal_(1.0 if name.endswith("weight") else 0.0, 0.05, generator=g)
-                else:
-                    p.normal_(0.0, 0.02, generator=g)
+        fill_random(unit, seed + i, prefix)
         quantize(model, [f"{prefix}.{n}" for n, _ in unit.named_parameters()])
     return model
 

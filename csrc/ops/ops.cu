@@ -16,47 +16,17 @@
 #include "kernels/layernorm.cuh"
 #include "kernels/rotary_kv_write.cuh"
 #include "kernels/softmax.cuh"
+#include "ops/checks.h"
 #include "ops/decode_workspace.h"
 #include "ops/ops.h"
 
 namespace neox_rt {
 namespace {
 
-// Numbers and shapes in error messages go through fmt(): a string made here (std::to_string), never an integer
-// streamed by c10::str. On the device machine (extension built by /opt/gcc, torch's own libstdc++ at run time) an
-// integer streamed into the message from this translation unit crashed the process (segfault) instead of raising;
-// strings, dtypes and devices streamed fine (bench/NOTES.md, session 8).
-template <typename I, typename = std::enable_if_t<std::is_integral<I>::value>>
-std::string fmt(I v) {
-  return std::to_string(v);
-}
-
-std::string fmt(at::IntArrayRef sizes) {
-  std::string out = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
-  return out + "]";
-}
-
-#define CHECK_CUDA(t, name) TORCH_CHECK((t).is_cuda(), "neox_rt: ", name, " must be a CUDA tensor, got ", (t).device())
-#define CHECK_CONTIGUOUS(t, name) \
-  TORCH_CHECK((t).is_contiguous(), "neox_rt: ", name, " must be contiguous (call .contiguous() first)")
-#define CHECK_SAME_DEVICE(a, b, na, nb)                                                                      \
-  TORCH_CHECK((a).device() == (b).device(), "neox_rt: ", na, " is on ", (a).device(), " but ", nb, " is on ", \
-              (b).device())
-#define CHECK_DTYPE(t, dt, name) \
-  TORCH_CHECK((t).scalar_type() == (dt), "neox_rt: ", name, " must be ", dt, ", got ", (t).scalar_type())
-#define CHECK_SHAPE(t, ...)                                                                              \
-  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), "neox_rt: ", #t, " must have shape ",       \
-              fmt(at::IntArrayRef({__VA_ARGS__})), ", got ", fmt((t).sizes()))
-
 void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "neox_rt: ", name,
               " must be float16, bfloat16 or float32, got ", dt);
-}
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "neox_rt: ", op, " launch failed: ", cudaGetErrorString(err));
 }
 
 // Largest vector (elements) of at most 16 bytes that divides every size and keeps every pointer aligned.
@@ -80,8 +50,6 @@ int pick_vec(int64_t elem_size, std::initializer_list<int64_t> sizes, std::initi
     }                                                                            \
   }()
 
-template <typename T>
-T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
 // The residual a GEMV adds in its epilogue: none, or the output's shape, dtype and device, contiguous.
 void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& x, const std::vector<int64_t>& shape,

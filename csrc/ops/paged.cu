@@ -1,6 +1,6 @@
 // Launcher of decode attention over the paged KV cache (csrc/kernels/paged_attention.cuh), registered in
 // bindings.cpp: checks its inputs, sets the device guard and the current stream, and dispatches on q's dtype. A
-// translation unit of its own (ops.cu holds the dense-cache ops); the checks mirror ops.cu's, and the merge's ticket
+// translation unit of its own (ops.cu holds the dense-cache ops); the checks are ops/checks.h's, and the merge's ticket
 // counters are ops.cu's per-device buffer (decode_counters), shared with decode_attention.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -12,35 +12,11 @@
 #include <type_traits>
 
 #include "kernels/paged_attention.cuh"
+#include "ops/checks.h"
 #include "ops/decode_workspace.h"
 #include "ops/ops.h"
 
 namespace neox_rt {
-namespace {
-
-// Numbers and shapes in error messages as strings made here, never integers streamed by c10::str (see fmt() in
-// ops.cu: on the device machine an integer streamed into a message from an extension TU crashed the process).
-template <typename I, typename = std::enable_if_t<std::is_integral<I>::value>>
-std::string fmt(I v) {
-  return std::to_string(v);
-}
-
-std::string fmt(at::IntArrayRef sizes) {
-  std::string out = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
-  return out + "]";
-}
-
-#define CHECK_SAME_DEVICE(a, b, na, nb)                                                                      \
-  TORCH_CHECK((a).device() == (b).device(), "neox_rt: ", na, " is on ", (a).device(), " but ", nb, " is on ", \
-              (b).device())
-#define CHECK_DTYPE(t, dt, name) \
-  TORCH_CHECK((t).scalar_type() == (dt), "neox_rt: ", name, " must be ", dt, ", got ", (t).scalar_type())
-
-template <typename T>
-T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
-
-}  // namespace
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seqlens, double scale, bool pdl,

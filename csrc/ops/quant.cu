@@ -10,39 +10,11 @@
 #include <vector>
 
 #include "kernels/quant_gemm.cuh"
+#include "ops/checks.h"
 #include "ops/ops.h"
 
 namespace neox_rt {
 namespace {
-
-// Numbers and shapes in error messages as strings made here, never integers streamed by c10::str (see fmt() in
-// ops.cu: on the device machine an integer streamed into a message from an extension TU crashed the process).
-template <typename I, typename = std::enable_if_t<std::is_integral<I>::value>>
-std::string fmt(I v) {
-  return std::to_string(v);
-}
-
-std::string fmt(at::IntArrayRef sizes) {
-  std::string out = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
-  return out + "]";
-}
-
-#define CHECK_CUDA(t, name) TORCH_CHECK((t).is_cuda(), "neox_rt: ", name, " must be a CUDA tensor, got ", (t).device())
-#define CHECK_CONTIGUOUS(t, name) \
-  TORCH_CHECK((t).is_contiguous(), "neox_rt: ", name, " must be contiguous (call .contiguous() first)")
-#define CHECK_SAME_DEVICE(a, b, na, nb)                                                                      \
-  TORCH_CHECK((a).device() == (b).device(), "neox_rt: ", na, " is on ", (a).device(), " but ", nb, " is on ", \
-              (b).device())
-#define CHECK_DTYPE(t, dt, name) \
-  TORCH_CHECK((t).scalar_type() == (dt), "neox_rt: ", name, " must be ", dt, ", got ", (t).scalar_type())
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "neox_rt: ", op, " launch failed: ", cudaGetErrorString(err));
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 

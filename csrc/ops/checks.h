@@ -1,0 +1,50 @@
+// What the launchers (ops.cu, quant.cu, paged.cu) share to check their inputs and report: numbers in messages, the
+// TORCH_CHECK macros, the launch-error check and the raw data pointer. Each translation unit gets its own copy
+// (anonymous namespace), as when each defined them.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_runtime.h>
+
+#include <string>
+#include <type_traits>
+
+namespace neox_rt {
+namespace {
+
+// Numbers and shapes in error messages go through fmt(): a string made here (std::to_string), never an integer
+// streamed by c10::str. On the device machine (extension built by /opt/gcc, torch's own libstdc++ at run time) an
+// integer streamed into the message from an extension translation unit crashed the process (segfault) instead of
+// raising; strings, dtypes and devices streamed fine (bench/NOTES.md, session 8).
+template <typename I, typename = std::enable_if_t<std::is_integral<I>::value>>
+[[maybe_unused]] std::string fmt(I v) {
+  return std::to_string(v);
+}
+
+[[maybe_unused]] std::string fmt(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
+#define CHECK_CUDA(t, name) TORCH_CHECK((t).is_cuda(), "neox_rt: ", name, " must be a CUDA tensor, got ", (t).device())
+#define CHECK_CONTIGUOUS(t, name) \
+  TORCH_CHECK((t).is_contiguous(), "neox_rt: ", name, " must be contiguous (call .contiguous() first)")
+#define CHECK_SAME_DEVICE(a, b, na, nb)                                                                      \
+  TORCH_CHECK((a).device() == (b).device(), "neox_rt: ", na, " is on ", (a).device(), " but ", nb, " is on ", \
+              (b).device())
+#define CHECK_DTYPE(t, dt, name) \
+  TORCH_CHECK((t).scalar_type() == (dt), "neox_rt: ", name, " must be ", dt, ", got ", (t).scalar_type())
+#define CHECK_SHAPE(t, ...)                                                                              \
+  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), "neox_rt: ", #t, " must have shape ",       \
+              fmt(at::IntArrayRef({__VA_ARGS__})), ", got ", fmt((t).sizes()))
+
+[[maybe_unused]] void check_cuda(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "neox_rt: ", op, " launch failed: ", cudaGetErrorString(err));
+}
+
+template <typename T>
+[[maybe_unused]] T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+}  // namespace
+}  // namespace neox_rt
