@@ -62,13 +62,16 @@ CXX_PID=$!
 # without the extension and the prebuilt module copied in (saves ~100 s of device time a call).
 EXT_CHECK="python3 -c 'import neox_rt._C, torch; print(\"extension ok\", [o for o in dir(torch.ops.neox_rt) if not o.startswith(\"_\")])'"
 ARCH_NOW=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
-PREBUILT=$(ls .prebuilt/_C*.so 2>/dev/null | head -n 1)
-if [ -n "$PREBUILT" ] && [ "$(cat .prebuilt/csrc.sha256)" = "$(bash scripts/csrc_hash.sh)" ] \
-   && [ "$(cat .prebuilt/torch_version)" = "$(python3 -c 'import torch; print(torch.__version__)')" ] \
-   && grep -q "$ARCH_NOW" .prebuilt/archs; then
+# PREBUILT_DIR (default .prebuilt): another prebuilt, e.g. one for TORCH_CUDA_ARCH_LIST="7.5+PTX", whose PTX the driver
+# compiles for this card: the T4 code path (__CUDA_ARCH__ 750) running on an H100 (#24).
+PB=${PREBUILT_DIR:-.prebuilt}
+PREBUILT=$(ls $PB/_C*.so 2>/dev/null | head -n 1)
+if [ -n "$PREBUILT" ] && [ "$(cat $PB/csrc.sha256)" = "$(bash scripts/csrc_hash.sh)" ] \
+   && [ "$(cat $PB/torch_version)" = "$(python3 -c 'import torch; print(torch.__version__)')" ] \
+   && grep -q -e "$ARCH_NOW" -e "+PTX" $PB/archs; then
   stage build 420 "rm -f neox_rt/_C*.so && NEOX_RT_SKIP_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e . && cp $PREBUILT neox_rt/ && echo 'prebuilt extension: $PREBUILT' && $EXT_CHECK"
 else
-  [ -n "$PREBUILT" ] && echo "device_check: .prebuilt/ does not match this tree, torch or arch $ARCH_NOW: building"
+  [ -n "$PREBUILT" ] && echo "device_check: $PB/ does not match this tree, torch or arch $ARCH_NOW: building"
   stage build 420 "python3 -m pip install -v --no-build-isolation --no-deps -e . && $EXT_CHECK"
 fi
 [ -n "${BASE_PID:-}" ] && wait "$BASE_PID"
