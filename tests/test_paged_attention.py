@@ -325,17 +325,23 @@ def decode_impl(name):
     return cuda_ops.paged_decode_attention, cuda_ops.supports_paged_decode_attention
 
 
-def check_paged_decode(hd, dtype, lengths, bs=BS, seed=0, impl="triton", nh=2, junk_tables=False, repeat=1, **kw):
-    """The kernel ``impl`` against fp64 math over the dense cache by the house rule; empty rows exactly zero.
-    ``junk_tables``: table entries past each sequence's blocks hold ids far outside the cache (never dereferenced);
-    ``repeat``: launches checked one after another (the CUDA merge's ticket counters must be back at zero)."""
-    fn, supports = decode_impl(impl)
+def paged_case(lengths, bs, nh, hd, dtype, seed, junk_tables=False):
+    """(layout, dense k, dense v, paged k, paged v) for sequences of ``lengths``; ``junk_tables``: the table entries
+    past each sequence's blocks hold ids far outside the cache (never dereferenced)."""
     layout = Layout(lengths, bs=bs, seed=seed + hd)
     if junk_tables:
         for i, n in enumerate(lengths):
             layout.block_tables[i, math.ceil(n / bs):] = 2 ** 31 - 1 if i % 2 else -2 ** 31
     kd, vd = dense_caches(layout, nh, hd, dtype, seed=seed + 1)
-    kp, vp = layout.paged_from_dense(kd, nh, hd, dtype), layout.paged_from_dense(vd, nh, hd, dtype)
+    return layout, kd, vd, layout.paged_from_dense(kd, nh, hd, dtype), layout.paged_from_dense(vd, nh, hd, dtype)
+
+
+def check_paged_decode(hd, dtype, lengths, bs=BS, seed=0, impl="triton", nh=2, junk_tables=False, repeat=1, **kw):
+    """The kernel ``impl`` against fp64 math over the dense cache by the house rule; empty rows exactly zero.
+    ``junk_tables``: table entries past each sequence's blocks hold ids far outside the cache (never dereferenced);
+    ``repeat``: launches checked one after another (the CUDA merge's ticket counters must be back at zero)."""
+    fn, supports = decode_impl(impl)
+    layout, kd, vd, kp, vp = paged_case(lengths, bs, nh, hd, dtype, seed, junk_tables)
     q = randn(len(lengths), nh, hd, dtype=dtype, seed=seed + 2, scale=2.0)
     scale = hd ** -0.5
     assert supports(q, kp, vp, layout.block_tables, layout.seqlens, scale)
@@ -671,12 +677,7 @@ def check_paged_prefill(hd, dtype, ctx, new, bs=BS, nh=2, pad=3, seed=0, junk_ta
     last sequence exactly zero; an output the wrapper allocates is NaN until written. ``junk_tables``: entries
     past each sequence's blocks far outside the cache (never dereferenced)."""
     lengths = [c + n for c, n in zip(ctx, new)]
-    layout = Layout(lengths, bs=bs, seed=seed + hd)
-    if junk_tables:
-        for i, n in enumerate(lengths):
-            layout.block_tables[i, math.ceil(n / bs):] = 2 ** 31 - 1 if i % 2 else -2 ** 31
-    kd, vd = dense_caches(layout, nh, hd, dtype, seed=seed + 1)
-    kp, vp = layout.paged_from_dense(kd, nh, hd, dtype), layout.paged_from_dense(vd, nh, hd, dtype)
+    layout, kd, vd, kp, vp = paged_case(lengths, bs, nh, hd, dtype, seed, junk_tables)
     m = sum(new)
     qsl = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
     q = randn(m + pad, nh, hd, dtype=dtype, seed=seed + 3, scale=2.0)
