@@ -80,10 +80,11 @@ class ModelRunner:
         seqlens [b], query_start_loc [b + 1], logits rows [m], the request ids of the first len(ids) of those rows).
 
         For the prompt chunks of the requests in ``prompt_logprobs``, the rows of every token whose successor is a
-        prompt token follow the sampling rows (``self._plp``: (request id, position of the predicted token) each)."""
+        prompt token follow the sampling rows; the last item lists them as (request id, position of the predicted
+        token)."""
         bs = self.block_size
         ids, pos, slots, tables, seqlens, qsl = [], [], [], [], [], [0]
-        sample_rows, sample_ids, plp_rows, self._plp = [], [], [], []
+        sample_rows, sample_ids, plp_rows, plp = [], [], [], []
         for chunk in plan.chunks:
             table = chunk.seq.block_table
             start, end = chunk.start, chunk.end
@@ -102,24 +103,25 @@ class ModelRunner:
             if chunk.request_id in prompt_logprobs:
                 last = min(end, chunk.seq.num_prompt_tokens - 1)  # the last prompt position predicted
                 plp_rows += range(qsl[-2], qsl[-2] + last - start)
-                self._plp += [(chunk.request_id, p + 1) for p in range(start, last)]
+                plp += [(chunk.request_id, p + 1) for p in range(start, last)]
         sample_rows += plp_rows
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         return (torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
                 torch.tensor(slots, dtype=torch.long), block_tables, torch.tensor(seqlens, dtype=torch.int32),
-                torch.tensor(qsl, dtype=torch.int32), torch.tensor(sample_rows, dtype=torch.long), sample_ids)
+                torch.tensor(qsl, dtype=torch.int32), torch.tensor(sample_rows, dtype=torch.long), sample_ids, plp)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, prompt_logprobs: frozenset = frozenset()) -> tuple[torch.Tensor, list[str]]:
+    def execute(self, plan: StepPlan, prompt_logprobs: frozenset = frozenset()) -> tuple[torch.Tensor, list, list]:
         """The forward of one step: (logits [m, V] of the sampling chunks' last tokens, then of the prompt-logprob
-        rows, :meth:`prepare`; the request ids of the sampling rows). A step of decodes only replays a CUDA graph when
+        rows, :meth:`prepare`; the request ids of the sampling rows; the (request, position) of each prompt-logprob
+        row). A step of decodes only replays a CUDA graph when
         the runner has them; any other step runs eagerly."""
-        ids, pos, slots, tables, seqlens, qsl, rows, sample_ids = self.prepare(plan, prompt_logprobs)
+        ids, pos, slots, tables, seqlens, qsl, rows, sample_ids, plp = self.prepare(plan, prompt_logprobs)
         if self.graphs is not None and not plan.prefills:
             logits = self.graphs.step(ids, pos, slots, tables, seqlens)
             if logits is not None:
-                return logits, sample_ids
+                return logits, sample_ids, plp
         if self.broadcaster is not None:  # the other ranks run the same forward on their shards
             ids, pos, slots, tables, seqlens, qsl, rows = self.broadcaster.send(ids, pos, slots, tables, seqlens, qsl,
                                                                                 rows, len(plan.decodes))
@@ -130,7 +132,7 @@ class ModelRunner:
         meta = PagedAttentionMetadata(slot_mapping=slots, block_tables=tables, seqlens=seqlens, query_start_loc=qsl,
                                       num_decodes=len(plan.decodes))
         logits = self.model(ids[None], pos[None], self.cache, last_index=rows, paged=meta)
-        return logits, sample_ids
+        return logits, sample_ids, plp
 
     def close(self) -> None:
         """Release the other ranks (tensor parallelism): their step loop ends."""
@@ -149,9 +151,9 @@ class ModelRunner:
             return result
         want_plp = frozenset(c.request_id for c in plan.prefills
                              if getattr(params[c.request_id], "prompt_logprobs", None) is not None)
-        logits, sample_ids = self.execute(plan, want_plp)
-        if self._plp:
-            self._prompt_logprobs(logits[len(sample_ids):], plan, params, result)
+        logits, sample_ids, plp = self.execute(plan, want_plp)
+        if plp:
+            self._prompt_logprobs(logits[len(sample_ids):], plp, plan, params, result)
         if not sample_ids:
             return result
         logits = logits[:len(sample_ids)].float()
@@ -186,13 +188,14 @@ class ModelRunner:
         vals, idx = logp_row[:self.valid_vocab].topk(min(k, self.valid_vocab))
         return dict(zip(idx.tolist(), vals.tolist()))
 
-    def _prompt_logprobs(self, logits: torch.Tensor, plan: StepPlan, params, result: StepResult) -> None:
-        """log p(prompt token at position q | the tokens before it) for each (request, q) of ``self._plp``, from
+    def _prompt_logprobs(self, logits: torch.Tensor, plp: list, plan: StepPlan, params,
+                         result: StepResult) -> None:
+        """log p(prompt token at position q | the tokens before it) for each (request, q) of ``plp``, from
         the logits of position q - 1 (fp32 log_softmax, as the sampled tokens' logprobs)."""
         seqs = {c.request_id: c.seq for c in plan.prefills}
-        targets = torch.tensor([seqs[rid].tokens(q, q + 1)[0] for rid, q in self._plp], device=logits.device)
+        targets = torch.tensor([seqs[rid].tokens(q, q + 1)[0] for rid, q in plp], device=logits.device)
         logp = torch.log_softmax(logits.float(), dim=-1)
         chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
-        for j, (rid, q) in enumerate(self._plp):
+        for j, (rid, q) in enumerate(plp):
             top = self._top(logp[j], params[rid].prompt_logprobs)
             result.prompt_logprobs.setdefault(rid, []).append(PromptLogprob(q, chosen[j], top))
