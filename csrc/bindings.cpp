@@ -31,6 +31,8 @@ TORCH_LIBRARY(neox_rt, m) {
   m.def("p2p_reduce_dual_layernorm(Tensor x, int[] buffers, int rank, int slot_bytes, Tensor weight1, "
         "Tensor bias1, Tensor weight2, Tensor bias2, float eps, bool pdl=False) -> (Tensor, Tensor, Tensor)");
   m.def("p2p_all_reduce(Tensor x, int[] buffers, int rank, int slot_bytes, bool pdl=False) -> Tensor");
+  // no tensor argument, so no dispatch key: one kernel for every backend
+  m.def("kernel_arch(int device) -> int", &neox_rt::kernel_arch_of);
 }
 
 TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {

@@ -222,6 +222,18 @@ def quant_ext():
     return ext
 
 
+def bf16_or_skip(ext, dtype):
+    """bf16 needs the sm_80 kernels: where this build runs as an older architecture (the "7.5+PTX" build on an H100,
+    the T4 path) the launcher must refuse bf16 with its one-line error, checked here, and the bf16 case is skipped."""
+    if dtype != torch.bfloat16 or cuda_ops._capability(torch.device("cuda", torch.cuda.current_device()))[0] >= 8:
+        return
+    w = make_weight("int8", 32, 256, 0, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16 needs kernels built for compute capability 8.0"):
+        ext.quant_linear_int8(randn(1, 256).to("cuda", torch.bfloat16), w.qweight, w.scales, None, 0, None, 0, False)
+    pytest.skip(f"bf16: this build runs as sm_{ext.kernel_arch(torch.cuda.current_device())} (no bf16 tensor cores); "
+                "refused as it must be")
+
+
 def poison_allocator():
     """NaN in the caching allocator's free blocks, large pool (256 MiB) and small pool (1 MiB blocks), so that the
     output the launcher allocates is NaN memory: an element the kernel does not write fails the finiteness check."""
@@ -328,6 +340,7 @@ def test_cuda_supports_declines_cpu_and_bad_shapes(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", DECODE_SHAPES_GPU, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_decode_shapes(quant_ext, shape, dtype, fmt):
+    bf16_or_skip(quant_ext, dtype)
     m, n, k, group = shape
     weight = make_weight(fmt, n, k, group, dtype)
     x, b = randn(m, k).to("cuda", dtype), randn(n, seed=2).to("cuda", dtype)
@@ -345,6 +358,7 @@ def test_cuda_decode_shapes(quant_ext, shape, dtype, fmt):
 @pytest.mark.parametrize("rows", CUDA_ROWS)
 def test_cuda_rows(quant_ext, rows, dtype, fmt):
     """1-64 rows (every tile count) on a ragged n, with leading dims kept: [1, rows, k] -> [1, rows, n]."""
+    bf16_or_skip(quant_ext, dtype)
     n, k = CUDA_RAGGED
     weight = make_weight(fmt, n, k, 128, dtype, seed=rows)
     x, b = randn(1, rows, k, seed=rows).to("cuda", dtype), randn(n, seed=3).to("cuda", dtype)
@@ -359,6 +373,7 @@ def test_cuda_rows(quant_ext, rows, dtype, fmt):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_epilogue(quant_ext, dtype, activation, fmt):
     """Bias, activation and residual fused, fp32 until the one rounding: against the reference op by the rule."""
+    bf16_or_skip(quant_ext, dtype)
     n, k = 300, 1024
     weight = make_weight(fmt, n, k, 128, dtype, seed=7)
     for rows in (1, 5, 20):
@@ -402,13 +417,37 @@ def test_cuda_int4_group_sizes(quant_ext, k, group):
 @pytest.mark.gpu
 def test_cuda_int4_zero_points(quant_ext):
     """Zero points over the whole 4-bit range and GPTQ v1's 16 (fp16: any uint8; bf16: below 128)."""
-    for dtype in (torch.float16, torch.bfloat16):
+    bf16 = cuda_ops._capability(torch.device("cuda", torch.cuda.current_device()))[0] >= 8
+    for dtype in (torch.float16, torch.bfloat16) if bf16 else (torch.float16,):  # bf16: test_cuda_kernel_arch
         weight = make_weight("int4", 64, 1024, 128, dtype, seed=5)
         weight.zeros.copy_(torch.randint(0, 17, weight.zeros.shape, device="cuda", dtype=torch.uint8))
         if dtype == torch.float16:
             weight.zeros[:8] = 200  # an odd out-of-range zero point is still exact in fp16 (1024 + z)
         x = randn(3, 1024).to("cuda", dtype)
         assert_by_rule(run_cuda(quant_ext, x, weight), x, weight.dequantize(dtype), None, dtype, f"zeros {dtype}")
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_arch(quant_ext):
+    """The extension says which architecture its kernels run as: the card's own for a build that targets it, 75 for
+    the "7.5+PTX" build on a newer card. Below 80, bf16 is refused with the one-line error, by the predicates too."""
+    dev = torch.cuda.current_device()
+    arch, cap = quant_ext.kernel_arch(dev), torch.cuda.get_device_capability(dev)
+    assert 75 <= arch <= 10 * cap[0] + cap[1], (arch, cap)
+    assert cuda_ops._capability(torch.device("cuda", dev)) == min(cap, divmod(arch, 10))
+    built = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if built.startswith("7.5"):
+        assert arch == 75, (arch, built)
+    w = make_weight("int8", 32, 256, 0, torch.bfloat16)
+    x = randn(1, 256).to("cuda", torch.bfloat16)
+    if arch < 80:
+        assert not cuda_ops.supports_int8_linear(x, w)
+        with pytest.raises(RuntimeError, match=f"this build runs as sm_{arch}"):
+            quant_ext.quant_linear_int8(x, w.qweight, w.scales, None, 0, None, 0, False)
+    else:
+        assert cuda_ops.supports_int8_linear(x, w)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        quant_ext.kernel_arch(torch.cuda.device_count())
 
 
 @pytest.mark.gpu

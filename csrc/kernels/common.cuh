@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <atomic>
 #include <type_traits>
 
 namespace neox_rt {
@@ -124,6 +125,32 @@ __device__ __forceinline__ int atomic_add_acq_rel_gpu(int* p, int v) {
   asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
 }
+
+template <int = 0>
+__global__ void arch_probe_kernel() {}
+
+// The architecture this build's kernels run as on the current device, e.g. 75 or 90: the PTX target their code was
+// compiled from (as CUB's PtxVersion asks it), which is below the device's compute capability where the driver
+// compiles an older target's PTX: an extension built for "7.5+PTX" runs its __CUDA_ARCH__ 750 code on an H100, with
+// no bf16 tensor cores and no griddepcontrol, so the host must not choose those paths from the device's capability.
+// Asked once per device; threads racing on first use store the same value. 0 if the runtime cannot say.
+inline int kernel_arch() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int v = known[dev].load(std::memory_order_relaxed);
+    if (v != 0) return v;
+  }
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, arch_probe_kernel<0>) != cudaSuccess) return 0;
+  if (dev >= 0 && dev < kMaxDevices) known[dev].store(attr.ptxVersion, std::memory_order_relaxed);
+  return attr.ptxVersion;
+}
+
+// Programmatic dependent launch pays only where the kernels call griddepcontrol (compiled for sm_90+, on sm_90+).
+inline bool pdl_supported() { return kernel_arch() >= 90; }
 
 // Grid dependency control (PTX griddepcontrol, sm_90+); no-ops on older architectures.
 __device__ __forceinline__ void pdl_launch_dependents() {

@@ -324,23 +324,11 @@ gemv_mma_kernel(const T* __restrict__ x,         // [m, k]
   }
 }
 
-// The mma configurations need sm_80 for bf16 (fp16 runs on sm_75 as two k8 instructions). The answer is kept per
-// device (asked once, not on every launch); threads racing on first use store the same value.
+// The mma configurations need sm_80 for bf16 (fp16 runs on sm_75 as two k8 instructions): asked of the code this
+// build runs as (kernel_arch), not of the device, which may run a 7.5 build's PTX.
 template <typename T>
 inline bool gemv_mma_supported() {
-  if (!std::is_same<T, __nv_bfloat16>::value) return true;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices];  // 0 not asked yet, 1 sm_80+, 2 older
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int v = known[dev].load(std::memory_order_relaxed);
-    if (v != 0) return v == 1;
-  }
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  if (dev >= 0 && dev < kMaxDevices) known[dev].store(major >= 8 ? 1 : 2, std::memory_order_relaxed);
-  return major >= 8;
+  return !std::is_same<T, __nv_bfloat16>::value || kernel_arch() >= 80;
 }
 
 template <typename T, int NT, int S, int WARPS>

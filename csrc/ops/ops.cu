@@ -129,7 +129,7 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
                                                 ptr<float>(sin), ptr<scalar_t>(q), ptr<scalar_t>(k_cache),
                                                 ptr<scalar_t>(v_cache), b, s, nh, hd, rotary_ndims, cap,
                                                 cos.size(0), vec,
-                                                pdl && at::cuda::getCurrentDeviceProperties()->major >= 9, stream),
+                                                pdl && pdl_supported(), stream),
                "rotary_kv_write");
   });
   return q;
@@ -216,7 +216,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                                                  ptr<int64_t>(seqlens), ptr<scalar_t>(out), ptr<float>(part_out),
                                                  ptr<float>(part_ml), counters, static_cast<int>(b),
                                                  static_cast<int>(nh), static_cast<int>(hd), cap, split_len,
-                                                 static_cast<float>(scale), pdl && props->major >= 9, pipe, stream),
+                                                 static_cast<float>(scale), pdl && pdl_supported(), pipe, stream),
                "decode_attention");
   });
   return out;
@@ -280,7 +280,7 @@ void layernorm_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
                      ptr<scalar_t>(x), *peers, ptr<scalar_t>(*xsum), ptr<scalar_t>(w1), ptr<scalar_t>(b1),
                      ptr<scalar_t>(out1), w2 ? ptr<scalar_t>(*w2) : nullptr, b2 ? ptr<scalar_t>(*b2) : nullptr,
                      out2 ? ptr<scalar_t>(*out2) : nullptr, static_cast<int>(n), static_cast<float>(eps), vec,
-                     pdl && at::cuda::getCurrentDeviceProperties()->major >= 9, stream),
+                     pdl && pdl_supported(), stream),
                  "p2p_reduce_dual_layernorm");
     });
     return;
@@ -290,7 +290,7 @@ void layernorm_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
                                           w2 ? ptr<scalar_t>(*w2) : nullptr, b2 ? ptr<scalar_t>(*b2) : nullptr,
                                           out2 ? ptr<scalar_t>(*out2) : nullptr, rows, static_cast<int>(n),
                                           static_cast<float>(eps), vec,
-                                          pdl && at::cuda::getCurrentDeviceProperties()->major >= 9, stream),
+                                          pdl && pdl_supported(), stream),
                "layernorm");
   });
 }
@@ -357,7 +357,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   check_residual(residual, x, out_shape, "gemv");
   const c10::cuda::CUDAGuard guard(x.device());
   // Programmatic dependent launch exists from sm_90 on; elsewhere the flag is ignored.
-  const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  const bool use_pdl = pdl && pdl_supported();
   auto y = at::empty(out_shape, x.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto run = [&](auto* tag) {
@@ -439,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Ten
                 "or 3 (relu), got ", fmt(a));
   check_gemv2_config(ksplit, min_blocks, "gemv_pair");
   const c10::cuda::CUDAGuard guard(x1.device());
-  const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  const bool use_pdl = pdl && pdl_supported();
   auto y1 = at::empty(out_shape_of(x1, weight1.size(0)), x1.options());
   auto y2 = at::empty(out_shape_of(x2, weight2.size(0)), x1.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -476,7 +476,7 @@ at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::T
                 fmt(weight1.size(0)));
   }
   const c10::cuda::CUDAGuard guard(x1.device());
-  const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  const bool use_pdl = pdl && pdl_supported();
   auto y = at::empty(shape, x1.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto run = [&](auto* tag) {
@@ -502,7 +502,7 @@ at::Tensor p2p_all_reduce(const at::Tensor& x, at::IntArrayRef buffers, int64_t 
               "neox_rt: p2p_all_reduce needs a 16-byte aligned x of a multiple of 16 bytes, at most ",
               fmt(slot_bytes / 2), " (half a slot); got ", fmt(bytes), " bytes");
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  const bool use_pdl = pdl && pdl_supported();
   auto y = at::empty_like(x);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   NEOX_RT_DISPATCH_FLOAT(x.scalar_type(), "p2p_all_reduce", [&] {
@@ -510,6 +510,14 @@ at::Tensor p2p_all_reduce(const at::Tensor& x, at::IntArrayRef buffers, int64_t 
                "p2p_all_reduce");
   });
   return y;
+}
+
+int64_t kernel_arch_of(int64_t device) {
+  TORCH_CHECK(device >= 0 && device < at::cuda::device_count(), "neox_rt: kernel_arch: no CUDA device ", fmt(device));
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const int arch = kernel_arch();
+  TORCH_CHECK(arch > 0, "neox_rt: kernel_arch: the CUDA runtime could not say which architecture the kernels run as");
+  return arch;
 }
 
 }  // namespace neox_rt

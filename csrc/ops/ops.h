@@ -9,6 +9,10 @@
 
 namespace neox_rt {
 
+// The architecture the extension's kernels run as on CUDA device `device` (e.g. 75 for a "7.5+PTX" build on an
+// H100, whose driver compiles the 7.5 PTX): what decides bf16 tensor cores and programmatic dependent launch.
+int64_t kernel_arch_of(int64_t device);
+
 // softmax(scale * scores) over keys with key j > query_positions[b, s] masked. scores [b, nh, s, t].
 at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& query_positions, double scale);
 

@@ -83,7 +83,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         ptr<scalar_t>(q), ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache), ptr<int>(block_tables), ptr<int>(seqlens),
         ptr<scalar_t>(out), ptr<float>(part_out), ptr<float>(part_ml), counters, static_cast<int>(b),
         static_cast<int>(nh), static_cast<int>(hd), static_cast<int>(num_blocks), static_cast<int>(bs),
-        static_cast<int>(max_blocks), split_len, static_cast<float>(scale), pdl && props->major >= 9, stream);
+        static_cast<int>(max_blocks), split_len, static_cast<float>(scale), pdl && pdl_supported(), stream);
     TORCH_CHECK(err == cudaSuccess, "neox_rt: paged_decode_attention launch failed: ", cudaGetErrorString(err));
   };
   if (dt == at::kHalf) run(static_cast<__half*>(nullptr));

@@ -46,9 +46,11 @@ std::vector<int64_t> check_quant_common(const at::Tensor& x, const at::Tensor& q
               "2 (gelu tanh) or 3 (relu), got ", fmt(activation));
   TORCH_CHECK(variant >= kQuantAuto && variant <= kQuantVariantLast, "neox_rt: ", op, " variant must be 0 (auto), ",
               "1 (one tile of 16 channels a warp) or 2 (two tiles), got ", fmt(variant));
-  if (x.scalar_type() == at::kBFloat16)
-    TORCH_CHECK(at::cuda::getDeviceProperties(x.device().index())->major >= 8, "neox_rt: ", op,
-                " in bfloat16 needs compute capability 8.0 or newer (bf16 tensor cores); use float16 here");
+  if (x.scalar_type() == at::kBFloat16) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    TORCH_CHECK(kernel_arch() >= 80, "neox_rt: ", op, " in bfloat16 needs kernels built for compute capability ",
+                "8.0 or newer (bf16 tensor cores); this build runs as sm_", fmt(kernel_arch()), ": use float16");
+  }
   const int64_t n = qweight.size(0);
   if (bias.has_value()) {
     CHECK_SAME_DEVICE(x, *bias, "x", "bias");
@@ -85,7 +87,7 @@ at::Tensor quant_linear_int8(const at::Tensor& x, const at::Tensor& qweight, con
               fmt(n), "] (one per output channel), got ", fmt(scales.sizes()));
   const c10::cuda::CUDAGuard guard(x.device());
   // Programmatic dependent launch exists from sm_90 on; elsewhere the flag is ignored.
-  const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  const bool use_pdl = pdl && pdl_supported();
   auto y = at::empty(out_shape, x.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto run = [&](auto* tag) {
@@ -123,7 +125,7 @@ at::Tensor quant_linear_int4(const at::Tensor& x, const at::Tensor& qweight, con
               "neox_rt: quant_linear_int4 scales and zeros must have shape [", fmt(n), ", ", fmt(groups),
               "] (out_features, in_features / group_size); got ", fmt(scales.sizes()), " and ", fmt(zeros.sizes()));
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool use_pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  const bool use_pdl = pdl && pdl_supported();
   auto y = at::empty(out_shape, x.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto run = [&](auto* tag) {

@@ -276,7 +276,16 @@ def _cuda_float(t: torch.Tensor, dtypes=FLOAT_DTYPES) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    """The compute capability the extension's kernels run as on ``device``: the device's own, or lower where the
+    build's newest target is older and the driver compiles its PTX (a "7.5+PTX" build on an H100 runs the T4 code:
+    no bf16 tensor cores there, whatever the card has)."""
+    cap = torch.cuda.get_device_capability(device)
+    try:
+        arch = torch.ops.neox_rt.kernel_arch(device.index if device.index is not None
+                                              else torch.cuda.current_device())
+    except (AttributeError, RuntimeError):  # an extension without the op: the device decides, as before
+        return cap
+    return min(cap, divmod(int(arch), 10))
 
 
 def _aligned16(*ts) -> bool:
