@@ -100,6 +100,21 @@ def test_int8_rtn_and_module_behaviour():
         Int4Weight.quantize(w, 12)
 
 
+def test_dequantize_in_row_chunks_equals_one_go(monkeypatch):
+    """dequantize works a chunk of rows at a time (its fp32 temporaries bounded, #24's 15 GiB cap): with chunks of
+    1 row, 3 rows and all rows, the same tensor bit for bit, ragged group included."""
+    from neox_rt.quant import formats
+    w = torch.randn(37, 300, dtype=torch.float16)
+    for fmt in (Int8Weight.quantize(w), Int4Weight.quantize(w, 128)):
+        monkeypatch.setattr(formats, "DEQUANT_CHUNK_ELEMS", 1 << 30)
+        whole = {dtype: fmt.dequantize(dtype) for dtype in (torch.float16, torch.float32)}
+        for chunk in (1, 3 * 300 + 5):
+            monkeypatch.setattr(formats, "DEQUANT_CHUNK_ELEMS", chunk)
+            for dtype, want in whole.items():
+                got = fmt.dequantize(dtype)
+                assert got.dtype == dtype and torch.equal(got, want), (type(fmt).__name__, chunk, dtype)
+
+
 def test_a_group_never_straddles_a_shard():
     check_row_shard_groups(24576, 8, 128)  # 20B 4h->h at TP 8: 3072 = 24 groups each
     check_row_shard_groups(300, 1, 128)  # one rank: a short last group is fine

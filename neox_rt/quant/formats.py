@@ -26,6 +26,21 @@ from neox_rt.errors import NeoxRtError
 INT4_PER_WORD = 8
 """4-bit values per int32 word of :class:`Int4Weight`'s ``qweight``."""
 
+DEQUANT_CHUNK_ELEMS = 1 << 22
+"""Weights a ``dequantize`` step handles at once: its fp32 temporaries stay at a few times 16 MB whatever the layer
+(20B's h->4h is 151M weights: dequantized in one go, its fp32 temporaries took 2.4 GB beside the fp16 result and
+broke the 15 GiB cap of #24); the result, of the asked dtype, is the only full-size tensor."""
+
+
+def _by_row_chunks(out_features: int, in_features: int, dtype: torch.dtype, device, rows_fn) -> torch.Tensor:
+    """[out, in] of ``dtype`` filled ``rows_fn(r0, r1)`` (fp32 rows r0..r1-1) a chunk of rows at a time."""
+    out = torch.empty(out_features, in_features, dtype=dtype, device=device)
+    step = max(1, DEQUANT_CHUNK_ELEMS // max(1, in_features))
+    for r0 in range(0, out_features, step):
+        r1 = min(out_features, r0 + step)
+        out[r0:r1] = rows_fn(r0, r1)  # the one rounding to dtype, as before
+    return out
+
 
 class WeightFormat(nn.Module):
     """Base of the weight formats: buffers only, no parameters; ``shape`` is the dense ``(out, in)``."""
@@ -102,8 +117,9 @@ class Int8Weight(WeightFormat):
         return cls(q, scales)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """qweight * scales in fp32, rounded once to ``dtype``: [out, in]."""
-        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+        """qweight * scales in fp32, rounded once to ``dtype``: [out, in] (a chunk of rows at a time)."""
+        return _by_row_chunks(self.out_features, self.in_features, dtype, self.qweight.device,
+                              lambda r0, r1: self.qweight[r0:r1].float() * self.scales[r0:r1].float()[:, None])
 
     @classmethod
     def shard_dims(cls, split_dim):
@@ -215,10 +231,14 @@ class Int4Weight(WeightFormat):
         return unpack_int4(self.qweight, self.in_features)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """(q - zero) * scale per group in fp32, rounded once to ``dtype``: [out, in]."""
+        """(q - zero) * scale per group in fp32, rounded once to ``dtype``: [out, in] (a chunk of rows at a time)."""
         g = torch.arange(self.in_features, device=self.qweight.device) // self.group_size
-        q = self.unpacked().float()
-        return ((q - self.zeros.float()[:, g]) * self.scales.float()[:, g]).to(dtype)
+
+        def rows(r0, r1):
+            q = unpack_int4(self.qweight[r0:r1], self.in_features).float()
+            return (q - self.zeros[r0:r1].float()[:, g]) * self.scales[r0:r1].float()[:, g]
+
+        return _by_row_chunks(self.out_features, self.in_features, dtype, self.qweight.device, rows)
 
     @classmethod
     def shard_dims(cls, split_dim):
