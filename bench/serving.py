@@ -97,6 +97,10 @@ from neox_rt.engine.tokenizer import Tokenizer  # noqa: E402
 MODELS = tuple(SHAPES) + ("default",)
 """Random-weight shapes of bench/latency.py, and ``default``: the embedded default model (CPU smoke)."""
 DEFAULT_REQUESTS = {"pythia-1.4b": 300, "pythia-6.9b": 200, "gpt-neox-20b": 120, "default": 12}
+DEFAULT_MAX_NUM_SEQS = {"pythia-1.4b": 256}
+"""The engine's max_num_seqs per model when --max-num-seqs is not given (else 64): 1.4b's decode step reads 2.8 GB of
+weights and ~0.2 MB of KV a token, so 64 sequences leave it weight-bound at a third of its KV-bound throughput;
+256 is vLLM's default."""
 TARGETS = {  # issue #23's "Targets"
     "gpt-neox-20b": {"continuous_over_static_tokens_per_s": 2.0, "tpot_p99_ms": 40.0, "decode_step_over_floor": 1.25,
                      "ttft_512_p50_ms": 150.0},
@@ -725,6 +729,7 @@ def bench_http(neox: NeoX, name: str, args, log) -> dict:
         logf.seek(0)
         res["error"] = f"{type(e).__name__}: {e}"
         res["server_log_tail"] = logf.read()[-3000:]
+        log(f"http: {res['error']}; the server's log ends:\n{res['server_log_tail'][-1500:]}")
         return res
     finally:
         proc.terminate()
@@ -815,10 +820,11 @@ def bench_model(name: str, args, device: torch.device, bandwidth: float | None, 
         kv_memory = free_gpu_bytes(device) - RESERVE_BYTES
     max_model_len = args.max_model_len or min(model.config.max_position_embeddings,
                                               max(args.prompt_lengths.hi, args.ttft_prompt) + args.output_lengths.hi)
-    engine = LLMEngine(neox, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    max_num_seqs = args.max_num_seqs or DEFAULT_MAX_NUM_SEQS.get(name, 64)
+    engine = LLMEngine(neox, max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        kv_cache_memory=kv_memory, max_model_len=max_model_len)
     graphs = getattr(engine.runner, "graphs", None)
-    res["engine"] = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+    res["engine"] = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                      "max_model_len": max_model_len, "num_blocks": engine.scheduler.blocks.num_total,
                      "block_size": engine.block_size, "kv_pool_bytes": engine.scheduler.blocks.num_total * block_bytes}
     t = time.perf_counter()
@@ -964,6 +970,16 @@ def targets(name: str, res: dict) -> dict:
                 goal["continuous_over_static_tokens_per_s"], True)
             out["continuous_over_static_tokens_per_s"]["against"] = best["mode"]
         put("tpot_p99_ms", cont["tpot_p99_ms"], goal["tpot_p99_ms"], False)
+        # the target as the issue states it: 2x static's tokens/s AT a p99 TPOT within its bound, so the continuous
+        # run of highest throughput among those within the bound (any rate), against static's best (saturated) run
+        within = [r for r in runs if r["mode"] == "continuous" and r.get("tpot_p99_ms") is not None
+                  and r["tpot_p99_ms"] <= goal["tpot_p99_ms"] and "fixed_prompt_len" not in r]
+        if static and within:
+            top = max(within, key=lambda r: r["output_tokens_per_s"] or 0)
+            put("continuous_over_static_within_tpot_p99", top["output_tokens_per_s"] / best["output_tokens_per_s"],
+                goal["continuous_over_static_tokens_per_s"], True)
+            out["continuous_over_static_within_tpot_p99"].update(
+                rate=top["rate"], tpot_p99_ms=top["tpot_p99_ms"], against=best["mode"])
     if "decode_step_over_floor" in goal and "step_over_floor" in res.get("decode_step", {}):
         put("decode_step_over_floor", res["decode_step"]["step_over_floor"], goal["decode_step_over_floor"], False)
     if "ttft_512_p50_ms" in goal and res.get("ttft_512"):
@@ -1025,7 +1041,9 @@ def markdown(report: dict) -> str:
                          + (f"; the mixed trace's {band['prompt_lens'][0]}-{band['prompt_lens'][1]}-token requests at "
                             f"that rate: p50 {_f(band['p50_ms'])} ms (n={band['num']})" if band else ""))
         for key, v in r.get("targets", {}).items():
-            lines.append(f"target {key}: {v['value']:.3g} vs {v['target']:g}: {'met' if v['met'] else 'MISSED'}")
+            where = (f" (continuous at {v['rate']}, TPOT p99 {v['tpot_p99_ms']:.1f} ms, against {v['against']})"
+                     if "rate" in v else "")
+            lines.append(f"target {key}: {v['value']:.3g} vs {v['target']:g}{where}: {'met' if v['met'] else 'MISSED'}")
         h = r.get("http")
         if h:
             if "error" in h:
@@ -1062,7 +1080,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-lengths", type=LengthDist.parse, default=OUTPUT_LENGTHS, metavar="LO:HI:MEDIAN:SIGMA",
                    help="default 32:512:128:0.8")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="engine max_num_seqs (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_NUM_SEQS.items())
+                   + ", else 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None,
                    help="engine max_model_len (default: the longest prompt + output the trace can hold)")

@@ -170,3 +170,26 @@ def test_http_part_against_the_server(tmp_path, one_thread):
     assert h["client"]["tokens_all_received"] and h["client"]["usage_matches_chunks"]
     assert h["client"]["tpot_mean_ms"] > 0 and h["engine"]["tpot_mean_ms"] > 0 and h["server_tpot_mean_ms"] > 0
     assert h["overhead_ms_per_token"] == pytest.approx(h["client"]["tpot_mean_ms"] - h["engine"]["tpot_mean_ms"])
+
+
+def test_targets_within_the_tpot_bound():
+    """#23's 20B target: 2x static's tokens/s at a p99 TPOT within 40 ms, so among the continuous runs within the
+    bound the one of highest throughput counts (not the saturated one, whose TPOT may exceed it); the saturated
+    ratio and TPOT stay reported beside it."""
+    def run(mode, rate, tok_s, tpot):
+        return {"mode": mode, "rate": rate, "output_tokens_per_s": tok_s, "tpot_p99_ms": tpot}
+    res = {"runs": [run("continuous", "inf", 1000.0, 66.0), run("continuous", "0.8x", 700.0, 45.0),
+                    run("continuous", "0.65x", 560.0, 38.0), run("continuous", "0.5x", 330.0, 28.0),
+                    dict(run("continuous", "0.5x", 300.0, 20.0), fixed_prompt_len=512),
+                    run("static-8", "inf", 200.0, 90.0), {"mode": "static-32", "rate": None, "skipped": "no room"}]}
+    t = serving.targets("gpt-neox-20b", res)
+    assert t["continuous_over_static_tokens_per_s"]["value"] == 5.0 and t["continuous_over_static_tokens_per_s"]["met"]
+    assert t["tpot_p99_ms"] == {"value": 66.0, "target": 40.0, "met": False}
+    within = t["continuous_over_static_within_tpot_p99"]
+    assert within == {"value": 2.8, "target": 2.0, "met": True, "rate": "0.65x", "tpot_p99_ms": 38.0,
+                      "against": "static-8"}
+    res["runs"][2]["tpot_p99_ms"] = 41.0  # now only 0.5x is within: 330 / 200 < 2
+    within = serving.targets("gpt-neox-20b", res)["continuous_over_static_within_tpot_p99"]
+    assert within["rate"] == "0.5x" and within["value"] == 1.65 and not within["met"]
+    assert serving.targets("pythia-1.4b", res) == {"output_tokens_per_s": {"value": 1000.0, "target": 10000.0,
+                                                                           "met": False}}
