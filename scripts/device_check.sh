@@ -20,8 +20,9 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
 
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-# pytest may be missing on the device image: install the carried wheels (.whl, see README of the device tool)
-if ! python3 -m pytest --version >/dev/null 2>&1 && ls .whl/*.whl >/dev/null 2>&1; then
+# packages the device image lacks (FastAPI, uvicorn, pydantic for the server: bench/serving.py --http) travel as
+# wheels in .whl (the device tool's README says how to fetch them): installed whenever carried
+if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 
