@@ -97,3 +97,24 @@ def test_score_matches_logits(model):
     logits = model.logits(torch.tensor([ids]))[0].float()
     expect = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
     assert len(lp) == len(ids) - 1 and torch.allclose(torch.tensor(lp), expect, atol=1e-5)
+
+
+def test_prefill_in_chunks_equals_one_pass(model, monkeypatch):
+    """Generator._prefill runs a long prompt PREFILL_CHUNK positions at a time (bounded attention scores); a ragged
+    batch whose last prompt tokens fall in different chunks gives the logits of one pass (fp32 CPU: to rounding) and
+    the same greedy continuation."""
+    from neox_rt.engine import generation
+    prompts = [list(range(5, 5 + n)) for n in (23, 9, 16)]
+    gen = generation.Generator(model.model, model.tokenizer)
+
+    def prefill_logits():
+        gen._get_cache(len(prompts), 40)
+        return gen._prefill(prompts)
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 1 << 20)
+    whole = prefill_logits()
+    texts = [r.token_ids for r in gen.generate(prompts, max_new_tokens=8, sampling=SamplingParams(temperature=0))]
+    for chunk in (4, 8, 16):
+        monkeypatch.setattr(generation, "PREFILL_CHUNK", chunk)
+        got = prefill_logits()
+        assert got.shape == whole.shape and torch.allclose(got, whole, atol=1e-4, rtol=1e-4), chunk
+        assert [r.token_ids for r in gen.generate(prompts, max_new_tokens=8, sampling=SamplingParams(temperature=0))] == texts, chunk
