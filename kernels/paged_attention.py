@@ -20,6 +20,9 @@ zeros), and each program finds its sequence by a binary search of query_start_lo
 sequence's rows exit with nothing read). The grid depends on shapes only: no host sync. Row j of sequence i sits at
 position seqlens[i] - n_i + j; keys below the tile's first position run without a mask, the diagonal tiles with the
 causal mask; tl.dot for QK^T and PV, online softmax in fp32.
+Integer arguments that change from one engine step to the next (the block tables' width, token and sequence counts,
+the split plan) are left out of Triton's value specialization (== 1, % 16 == 0): each new combination compiled a new
+kernel in the middle of serving, stalls of 0.8-1.5 s a step seen on an H100 (bench/NOTES.md, session 13).
 """
 from __future__ import annotations
 
@@ -117,7 +120,7 @@ def supports_paged_rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cac
             and on_triton_device(qkv, positions, slot_mapping, cos, sin, k_cache, v_cache))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "T", "split_size", "num_splits"])
 def _paged_decode_split_kernel(
     q_ptr,        # [b, nh, hd]
     k_ptr,        # [num_blocks, nh, BS, hd]
@@ -172,7 +175,7 @@ def _paged_decode_split_kernel(
         tl.store(acc_ptr + part * hd + d, acc, mask=dmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_reduce_kernel(
     m_ptr,    # [b, nh, splits] fp32
     l_ptr,    # [b, nh, splits] fp32
@@ -287,7 +290,7 @@ def _paged_prefill_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, start, hi, p
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "num_tokens", "b", "search_steps", "num_tiles"])
 def _paged_prefill_kernel(
     q_ptr,        # [num_tokens, nh, hd] (rows and heads strided)
     k_ptr,        # [num_blocks, nh, BS, hd]
