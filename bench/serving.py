@@ -76,7 +76,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from common import write_result  # noqa: E402  (bench/ is on sys.path as the script's folder)
@@ -97,10 +97,11 @@ from neox_rt.engine.tokenizer import Tokenizer  # noqa: E402
 MODELS = tuple(SHAPES) + ("default",)
 """Random-weight shapes of bench/latency.py, and ``default``: the embedded default model (CPU smoke)."""
 DEFAULT_REQUESTS = {"pythia-1.4b": 300, "pythia-6.9b": 200, "gpt-neox-20b": 120, "default": 12}
-DEFAULT_MAX_NUM_SEQS = {"pythia-1.4b": 256}
+DEFAULT_MAX_NUM_SEQS = {"pythia-1.4b": 512}
 """The engine's max_num_seqs per model when --max-num-seqs is not given (else 64): 1.4b's decode step reads 2.8 GB of
-weights and ~0.2 MB of KV a token, so 64 sequences leave it weight-bound at a third of its KV-bound throughput;
-256 is vLLM's default."""
+weights and ~0.2 MB of KV a token, so 64 sequences leave it weight-bound (5.2 ms a step: 12k tokens/s at best, on an
+H100); with 256 a 150-request trace averaged 45 sequences a step, its requests admitted late finishing alone. 512 is
+the engine's largest decode-graph bucket (vLLM's V1 server allows 1024 on an H100)."""
 TARGETS = {  # issue #23's "Targets"
     "gpt-neox-20b": {"continuous_over_static_tokens_per_s": 2.0, "tpot_p99_ms": 40.0, "decode_step_over_floor": 1.25,
                      "ttft_512_p50_ms": 150.0},
@@ -639,9 +640,12 @@ async def _stream_all(url: str, bodies: list[dict]) -> list[tuple[float, list[fl
 
 
 def _engine_baseline(neox: NeoX, settings: dict, trace: list[TraceRequest]) -> dict:
-    """The HTTP part's requests, all at once, through an in-process engine: TPOT and the decode-only step time."""
+    """The HTTP part's requests, all at once, through an in-process engine: TPOT and the decode-only step time. The
+    same requests run once first, as the server gets them once before its timed pass (a first pass compiles the
+    kernels of shapes the warm-up did not meet: it measured 12.2 ms a token against 5.3 through HTTP)."""
     engine = LLMEngine(neox, **settings)
     warm_engine(engine, trace)
+    run_continuous(engine, [replace(r, request_id=r.request_id + "-warm") for r in trace], 600.0)
     watch = _PlanWatch(engine)
     steps = []
 
