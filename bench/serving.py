@@ -97,11 +97,12 @@ from neox_rt.engine.tokenizer import Tokenizer  # noqa: E402
 MODELS = tuple(SHAPES) + ("default",)
 """Random-weight shapes of bench/latency.py, and ``default``: the embedded default model (CPU smoke)."""
 DEFAULT_REQUESTS = {"pythia-1.4b": 300, "pythia-6.9b": 200, "gpt-neox-20b": 120, "default": 12}
-DEFAULT_MAX_NUM_SEQS = {"pythia-1.4b": 512}
+DEFAULT_MAX_NUM_SEQS = {"pythia-1.4b": 256}
 """The engine's max_num_seqs per model when --max-num-seqs is not given (else 64): 1.4b's decode step reads 2.8 GB of
 weights and ~0.2 MB of KV a token, so 64 sequences leave it weight-bound (5.2 ms a step: 12k tokens/s at best, on an
-H100); with 256 a 150-request trace averaged 45 sequences a step, its requests admitted late finishing alone. 512 is
-the engine's largest decode-graph bucket (vLLM's V1 server allows 1024 on an H100)."""
+H100); 256 is vLLM's V0 default. With 256, a 150-request trace (--quick) still averaged only 45 sequences a step (its
+late-admitted long requests finish nearly alone): 512, the engine's largest decode-graph bucket, is the next thing to
+measure (bench/NOTES.md, session 13)."""
 TARGETS = {  # issue #23's "Targets"
     "gpt-neox-20b": {"continuous_over_static_tokens_per_s": 2.0, "tpot_p99_ms": 40.0, "decode_step_over_floor": 1.25,
                      "ttft_512_p50_ms": 150.0},
