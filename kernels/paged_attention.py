@@ -21,8 +21,9 @@ sequence's rows exit with nothing read). The grid depends on shapes only: no hos
 position seqlens[i] - n_i + j; keys below the tile's first position run without a mask, the diagonal tiles with the
 causal mask; tl.dot for QK^T and PV, online softmax in fp32.
 Integer arguments that change from one engine step to the next (the block tables' width, token and sequence counts,
-the split plan) are left out of Triton's value specialization (== 1, % 16 == 0): each new combination compiled a new
-kernel in the middle of serving, stalls of 0.8-1.5 s a step seen on an H100 (bench/NOTES.md, session 13).
+the split plan) are left out of Triton's value specialization (== 1, % 16 == 0): each new combination would compile
+a new kernel in the middle of serving, the likely cause of the 0.8-1.5 s steps seen on an H100 (bench/NOTES.md,
+session 13; not yet re-measured).
 """
 from __future__ import annotations
 
