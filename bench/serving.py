@@ -1086,8 +1086,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default 32:512:128:0.8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="engine max_num_seqs (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_NUM_SEQS.items())
-                   + ", else 64)")
+                   help="engine max_num_seqs (default: "
+                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_NUM_SEQS.items()) + ", else 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None,
                    help="engine max_model_len (default: the longest prompt + output the trace can hold)")

@@ -222,10 +222,15 @@ def quant_ext():
     return ext
 
 
+def bf16_kernels() -> bool:
+    """Whether the extension's kernels on this GPU have bf16 tensor cores (built for sm_80 or newer)."""
+    return cuda_ops._capability(torch.device("cuda", torch.cuda.current_device()))[0] >= 8
+
+
 def bf16_or_skip(ext, dtype):
     """bf16 needs the sm_80 kernels: where this build runs as an older architecture (the "7.5+PTX" build on an H100,
     the T4 path) the launcher must refuse bf16 with its one-line error, checked here, and the bf16 case is skipped."""
-    if dtype != torch.bfloat16 or cuda_ops._capability(torch.device("cuda", torch.cuda.current_device()))[0] >= 8:
+    if dtype != torch.bfloat16 or bf16_kernels():
         return
     w = make_weight("int8", 32, 256, 0, torch.bfloat16)
     with pytest.raises(RuntimeError, match="bfloat16 needs kernels built for compute capability 8.0"):
@@ -417,8 +422,7 @@ def test_cuda_int4_group_sizes(quant_ext, k, group):
 @pytest.mark.gpu
 def test_cuda_int4_zero_points(quant_ext):
     """Zero points over the whole 4-bit range and GPTQ v1's 16 (fp16: any uint8; bf16: below 128)."""
-    bf16 = cuda_ops._capability(torch.device("cuda", torch.cuda.current_device()))[0] >= 8
-    for dtype in (torch.float16, torch.bfloat16) if bf16 else (torch.float16,):  # bf16: test_cuda_kernel_arch
+    for dtype in (torch.float16, torch.bfloat16) if bf16_kernels() else (torch.float16,):  # bf16: test_cuda_kernel_arch
         weight = make_weight("int4", 64, 1024, 128, dtype, seed=5)
         weight.zeros.copy_(torch.randint(0, 17, weight.zeros.shape, device="cuda", dtype=torch.uint8))
         if dtype == torch.float16:

@@ -112,9 +112,10 @@ def test_prefill_in_chunks_equals_one_pass(model, monkeypatch):
         return gen._prefill(prompts)
     monkeypatch.setattr(generation, "PREFILL_CHUNK", 1 << 20)
     whole = prefill_logits()
-    texts = [r.token_ids for r in gen.generate(prompts, max_new_tokens=8, sampling=SamplingParams(temperature=0))]
+    greedy = SamplingParams(temperature=0)
+    texts = [r.token_ids for r in gen.generate(prompts, max_new_tokens=8, sampling=greedy)]
     for chunk in (4, 8, 16):
         monkeypatch.setattr(generation, "PREFILL_CHUNK", chunk)
         got = prefill_logits()
         assert got.shape == whole.shape and torch.allclose(got, whole, atol=1e-4, rtol=1e-4), chunk
-        assert [r.token_ids for r in gen.generate(prompts, max_new_tokens=8, sampling=SamplingParams(temperature=0))] == texts, chunk
+        assert [r.token_ids for r in gen.generate(prompts, max_new_tokens=8, sampling=greedy)] == texts, chunk
