@@ -1,4 +1,5 @@
 """Kernels of the 20B decode step that miss their targets, one launch each, for Nsight Compute.
+(``--quant``: the W8A16 / W4A16 linears on 20B's qkv and 4h->h instead, with the fp16 GEMV on qkv beside them.)
 
     ncu --profile-from-start off --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section Occupancy --section LaunchStats --section WarpStateStats -o $OUT/probe python bench/ncu_probe.py
@@ -58,6 +59,19 @@ def main() -> int:
         ("read 75.5 MB", reads[0]),
         ("read 50.3 MB", reads[1]),
     ]
+    if "--quant" in sys.argv[1:]:  # the W8A16 / W4A16 kernels on 20B's qkv and 4h->h, one row (#24)
+        from neox_rt.quant.formats import Int4Weight, Int8Weight
+        w_4hh = torch.randn(h, 4 * h, device=dev, dtype=dt) * (4 * h) ** -0.5
+        x4 = torch.randn(1, 4 * h, device=dev, dtype=dt)
+        q8, q4 = Int8Weight.quantize(w_qkv), Int4Weight.quantize(w_qkv, group_size=128)
+        q8b, q4b = Int8Weight.quantize(w_4hh), Int4Weight.quantize(w_4hh, group_size=128)
+        calls = [
+            ("int8 qkv", lambda: cuda_ops.int8_linear(x, q8)),
+            ("int4 qkv", lambda: cuda_ops.int4_linear(x, q4)),
+            ("int8 4h->h", lambda: cuda_ops.int8_linear(x4, q8b)),
+            ("int4 4h->h", lambda: cuda_ops.int4_linear(x4, q4b)),
+            ("cuda gemv qkv", lambda: cuda_ops.linear(x, w_qkv, None, None)),
+        ]
     for _ in range(3):
         for _, fn in calls:
             fn()

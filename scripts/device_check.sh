@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,ab,profile,tpsim,latency,serving,tp,tp_nop2p,tpab,tp4,load
+#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,quant,ab,profile,tpsim,latency,serving,tp,tp_nop2p,tpab,tp4,load
 #   (default: info,build,test,kernels,latency,tp; build_baseline runs whenever .baseline/ is there; tp brings
 #   tp_nop2p unless TP_NOP2P=0)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
 # AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_ARGS/PROFILE_LIMIT,
 # TPSIM_SIZES/TPSIM_ENVS/TPSIM_ARGS/TPSIM_BASE_ARGS/TPSIM_LIMIT (ENVS entries: A=1+B=2
 # sets two; a '+' not followed by NAME= stays in the value, as in NEOX_RT_OP_BACKENDS=linear=cuda+triton),
-# LATENCY_ARGS, SERVING_ARGS/SERVING_LIMIT, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, TPAB_ENVS/TPAB_ROUNDS/TPAB_ARGS/TPAB_LIMIT,
+# NCU_ARGS/NCU_PROBE_ARGS/NCU_LIMIT, QUANT_ARGS/QUANT_LIMIT, LATENCY_ARGS, SERVING_ARGS/SERVING_LIMIT, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, TPAB_ENVS/TPAB_ROUNDS/TPAB_ARGS/TPAB_LIMIT,
 # LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline), BASELINE_COMMIT (its commit).
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
@@ -94,7 +94,9 @@ KB_CMD=""
 [ -n "$HAVE_BASE" ] && [ -n "${KERNELS_BASE_ARGS:-}" ] && KB_CMD="($BASE_PY bench/kernels.py --out $OUT/kernels_baseline.json $KERNELS_BASE_ARGS) ; "
 stage kernels ${KERNELS_LIMIT:-300} "$KB_CMD python3 bench/kernels.py --out $OUT/kernels.json ${KERNELS_ARGS:-}"
 # Nsight Compute on the kernels that miss their targets (bench/ncu_probe.py), caches flushed per replay.
-stage ncu ${NCU_LIMIT:-240} "ncu --profile-from-start off --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats ${NCU_ARGS:-} python3 bench/ncu_probe.py"
+stage ncu ${NCU_LIMIT:-240} "ncu --profile-from-start off --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats ${NCU_ARGS:-} python3 bench/ncu_probe.py ${NCU_PROBE_ARGS:-}"
+# The W8A16 / W4A16 kernels on the decode shapes, every variant, against fp16 and the floor (bench/quant_kernels.py).
+stage quant ${QUANT_LIMIT:-300} "python3 bench/quant_kernels.py --out $OUT/quant_kernels.json ${QUANT_ARGS:-}"
 # A/B decode latency in one run on one card: the baseline tree, then this tree with each NEOX_RT_* setting in
 # AB_ENVS (space-separated; '-' = defaults), same shapes and flags.
 AB_FLAGS="--models ${AB_MODELS:-gpt-neox-20b,pythia-1.4b} --skip-hf --tokens ${AB_TOKENS:-100,200} --batch ${AB_BATCH:-1}"
