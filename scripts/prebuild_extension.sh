@@ -27,7 +27,7 @@ t0=$(date +%s)
    MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext --inplace)
 rm -rf "$DIR" && mkdir "$DIR"
 cp "$SRC"/neox_rt/_C*.so "$DIR"/
-bash scripts/csrc_hash.sh > "$DIR"/csrc.sha256
+bash "$SRC"/scripts/csrc_hash.sh > "$DIR"/csrc.sha256  # the sources built, not the tree as it is now
 "$VENV/bin/python" -c "import torch; print(torch.__version__)" > "$DIR"/torch_version
 echo "$ARCHS" > "$DIR"/archs
 echo "prebuilt in $(( $(date +%s) - t0 ))s: $(ls "$DIR"/_C*.so) ($(du -h "$DIR"/_C*.so | cut -f1)), torch \

@@ -145,6 +145,25 @@ __device__ __forceinline__ void int4_pairs(uint32_t w, uint32_t neg_mz, uint32_t
     q[i] = fma2<T>(((w >> (4 * i)) & 0x000F000Fu) | Bits<T>::kInt4Magic, Bits<T>::kOne, neg_mz);
 }
 
+// The same pairs from 5 integer ops a word (fp16 only): nibbles (0, 4) and (2, 6) masked under the magic as 1024 + q,
+// (1, 5) and (3, 7) in place as 1024 + 16 q, scaled by 1/16 in the subtraction: (1024 + 16 q) / 16 - (64 + z), exact.
+// neg_lo: -(1024 + z) twice; neg_hi: -(64 + z) twice (neg_lo + 960, exact for z < 1024).
+// (a & b) | c in ONE instruction: the compiler splits it in two when b and c are both immediates.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ void int4_pairs_lean(uint32_t w, uint32_t neg_lo, uint32_t neg_hi, uint32_t (&q)[4]) {
+  constexpr uint32_t kMask = 0x000F000Fu, kMaskHi = 0x00F000F0u, kMagic = 0x64006400u, kSixteenth = 0x2C002C00u;
+  const uint32_t w8 = w >> 8;
+  q[0] = fma2<__half>(and_or(w, kMask, kMagic), Bits<__half>::kOne, neg_lo);
+  q[1] = fma2<__half>(and_or(w, kMaskHi, kMagic), kSixteenth, neg_hi);
+  q[2] = fma2<__half>(and_or(w8, kMask, kMagic), Bits<__half>::kOne, neg_lo);
+  q[3] = fma2<__half>(and_or(w8, kMaskHi, kMagic), kSixteenth, neg_hi);
+}
+
 // x's 8 values at the lane's 8 k, as B fragments in the order of the weight pairs: natural (int8) or (i, i + 4).
 template <typename F>
 __device__ __forceinline__ void x_pairs(const uint4& v, uint32_t (&b)[4]) {
@@ -164,7 +183,7 @@ __device__ __forceinline__ void x_pairs(const uint4& v, uint32_t (&b)[4]) {
 // NT tiles of 8 rows of x; S chunks in flight a lane. Rows of W past n read row n - 1, rows of x past m read row
 // m - 1: valid memory whose products land only in outputs that are never stored (each output column of the mma
 // depends on its own column of B alone, each row on its own row of A).
-template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL>
+template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool LEAN = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
                   const uint8_t* __restrict__ qweight,   // [n, row_bytes(k)]: int8 [n, k] or int32 [n, k / 8]
@@ -197,12 +216,49 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 #pragma unroll
     for (int h = 0; h < 2; ++h) rows[c][h] = min(f0 + 16 * c + 8 * h + g, n - 1);
   const uint8_t* const wlane = qweight + 16 * t;
+  // LEAN: a warp's chunk i of a row sits at a constant stride from its first (64 WARPS bytes; its group at
+  // 128 WARPS / group_size groups, the launcher runs LEAN only where group_size divides 128 WARPS), so the loads
+  // address from per-row bases with immediate offsets; int4 in fp16 also dequantizes with 5 integer ops a word
+  // (int4_pairs_lean).
+  // (sm_80 and up: on sm_75, whose two k8 mma need more registers, two configurations would spill)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  constexpr bool kLean = false;
+#else
+  constexpr bool kLean = LEAN;
+#endif
+  constexpr bool kLeanInt4 = kLean && F::kGrouped && std::is_same<T, __half>::value;
+  int woff[CT][2], soff[CT][2];  // 32-bit offsets (the launcher runs LEAN only where n row_bytes < 2^31)
+  const int gstride = F::kGrouped && kLean ? 128 * WARPS / group_size : 0;
+  if constexpr (kLean) {
+    const int grp0 = F::kGrouped ? (128 * warp + 32 * t) / group_size : 0;
+#pragma unroll
+    for (int c = 0; c < CT; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        woff[c][h] = rows[c][h] * static_cast<int>(row_bytes) + 16 * t + 64 * warp;
+        soff[c][h] = rows[c][h] * groups + grp0;
+      }
+  }
 
   uint4 wq[S][CT][2];         // the ring: S chunks of the lane's 16 bytes of each row
   uint32_t sz[S][CT][2];      // int4: scale bits | zero << 16 of the chunk's group, per row
   uint32_t scale2[CT][2];     // int8: the row's scale, twice
   auto load_chunk = [&](int s, int i) {
     const int chunk = warp + WARPS * i;
+    if constexpr (kLean) {
+#pragma unroll
+      for (int c = 0; c < CT; ++c)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(qweight + (woff[c][h] + 64 * WARPS * i)));
+          if constexpr (F::kGrouped) {
+            const int idx = soff[c][h] + gstride * i;
+            sz[s][c][h] = static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(scales) + idx)) |
+                          (static_cast<uint32_t>(__ldg(zeros + idx)) << 16);
+          }
+        }
+      return;
+    }
 #pragma unroll
     for (int c = 0; c < CT; ++c)
 #pragma unroll
@@ -252,13 +308,14 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
       const int i = i0 + s;
       if (i < mine) {
         const int kx = (warp + WARPS * i) * F::kChunkK;  // the chunk's first k
-        uint32_t neg_mz[CT][2], sc2[CT][2];
+        uint32_t neg_mz[CT][2], neg_hi[CT][2], sc2[CT][2];
 #pragma unroll
         for (int c = 0; c < CT; ++c)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             if constexpr (F::kGrouped) {
               neg_mz[c][h] = (Bits<T>::kNegMagic | (sz[s][c][h] >> 16)) * 0x10001u;
+              if constexpr (kLeanInt4) neg_hi[c][h] = fma2<T>(neg_mz[c][h], Bits<T>::kOne, 0x63806380u);  // + 960
               sc2[c][h] = (sz[s][c][h] & 0xFFFFu) * 0x10001u;
             } else {
               sc2[c][h] = scale2[c][h];
@@ -271,7 +328,9 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
           for (int c = 0; c < CT; ++c)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              if constexpr (F::kGrouped) {
+              if constexpr (kLeanInt4) {
+                int4_pairs_lean(word_of(wq[s][c][h], kk), neg_mz[c][h], neg_hi[c][h], a[c][h]);
+              } else if constexpr (F::kGrouped) {
                 int4_pairs<T>(word_of(wq[s][c][h], kk), neg_mz[c][h], a[c][h]);
               } else {
                 int8_pairs<T>(word_of(wq[s][c][h], 2 * kk), word_of(wq[s][c][h], 2 * kk + 1), a[c][h]);
@@ -331,7 +390,10 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 // (the Triton tiles, same run: qkv int8 69.2, int4 1401; 4h->h int8 109.9, int4 2966; cuBLAS on the fp16 weight 90.2
 // and 113.8). 64 rows: int8 qkv 114 us, 4h->h 141 (cuBLAS fp16 89, 117): there x from L2 and the dequantization, not
 // the weight stream, set the time.
-enum QuantVariant : int { kQuantAuto = 0, kQuantOneTile = 1, kQuantTwoTiles = 2, kQuantVariantLast = 2 };
+// 3: auto's tiles, LEAN (constant-stride addressing; int4 in fp16: int4_pairs_lean); 4: LEAN with two tiles.
+enum QuantVariant : int {
+  kQuantAuto = 0, kQuantOneTile = 1, kQuantTwoTiles = 2, kQuantLean = 3, kQuantLeanTwoTiles = 4, kQuantVariantLast = 4
+};
 
 inline int quant_max_rows() { return 64; }
 
@@ -348,7 +410,7 @@ template <> struct QuantConfig<2, 2> { static constexpr int kWarps = 8, kSteps =
 template <> struct QuantConfig<4, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 3; };
 template <> struct QuantConfig<8, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 2; };
 
-template <typename T, typename F, int NT, int CT>
+template <typename T, typename F, int NT, int CT, bool LEAN = false>
 cudaError_t launch_quant_gemm_config(const T* x, const void* qweight, const T* scales, const uint8_t* zeros,
                                      const T* bias, const T* residual, T* y, int m, int n, int k, int group_size,
                                      int act, bool pdl, cudaStream_t stream) {
@@ -356,9 +418,9 @@ cudaError_t launch_quant_gemm_config(const T* x, const void* qweight, const T* s
   constexpr int WARPS = C::kWarps, S = C::kSteps, MIN_BLOCKS = C::kMinBlocks;
   const dim3 grid((n + 16 * CT - 1) / (16 * CT)), block(WARPS * 32);
   const auto* q = static_cast<const uint8_t*>(qweight);
-  return launch_kernel(pdl, quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, false>,
-                       quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, true>, grid, block, stream, x, q, scales,
-                       zeros, bias, residual, y, m, n, k, group_size, act);
+  return launch_kernel(pdl, quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, false, LEAN>,
+                       quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, true, LEAN>, grid, block, stream, x, q,
+                       scales, zeros, bias, residual, y, m, n, k, group_size, act);
 }
 
 template <typename T, typename F>
@@ -371,10 +433,17 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
     return cudaErrorInvalidValue;
   if (F::kGrouped && (group_size <= 0 || group_size % 32 != 0 || k % group_size != 0)) return cudaErrorInvalidValue;
   if (!gemv_mma_supported<T>()) return cudaErrorNotSupported;  // bf16 mma needs sm_80
+  // LEAN needs the group to divide 128 WARPS (WARPS is 4 or 8: dividing 512 suffices) and 32-bit offsets into the
+  // weight; elsewhere variant 3 is auto
+  const bool lean = variant >= kQuantLean && (!F::kGrouped || 512 % group_size == 0) &&
+                    static_cast<int64_t>(n) * F::row_bytes(k) < (int64_t{1} << 31);
+  if (variant >= kQuantLean) variant = variant == kQuantLeanTwoTiles ? kQuantTwoTiles : kQuantAuto;
   const int ct = variant != kQuantAuto ? variant : m <= 8 || (m <= 16 && !F::kGrouped) ? 1 : 2;
 #define NEOX_RT_QUANT_CONFIG(NT_, CT_)                                                                                \
-  return launch_quant_gemm_config<T, F, NT_, CT_>(x, qweight, scales, zeros, bias, residual, y, m, n, k, group_size, \
-                                                  act, pdl, stream)
+  return lean ? launch_quant_gemm_config<T, F, NT_, CT_, true>(x, qweight, scales, zeros, bias, residual, y, m, n, k, \
+                                                               group_size, act, pdl, stream)                          \
+              : launch_quant_gemm_config<T, F, NT_, CT_, false>(x, qweight, scales, zeros, bias, residual, y, m, n,   \
+                                                                k, group_size, act, pdl, stream)
   if (m <= 8) {
     if (ct == 1) NEOX_RT_QUANT_CONFIG(1, 1);
     NEOX_RT_QUANT_CONFIG(1, 2);
