@@ -88,7 +88,7 @@ GEMV2_MIN_BLOCKS = _env_choice("NEOX_RT_GEMV2_MIN_BLOCKS", (0, 2, 3, 4))
 # configuration (0 auto: one tile of 16 channels a warp up to 8 rows, 16 for int8, two above; 1 / 2 force one / two
 # tiles; the measurements in csrc/kernels/quant_gemm.cuh).
 QUANT_MAX_ROWS = _env_int("NEOX_RT_QUANT_MAX_ROWS", 64, 1, 64)
-QUANT_VARIANT_LAST = 4  # kQuantVariantLast
+QUANT_VARIANT_LAST = 6  # kQuantVariantLast
 QUANT_VARIANT = _env_int("NEOX_RT_QUANT_VARIANT", 0, 0, QUANT_VARIANT_LAST)
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
