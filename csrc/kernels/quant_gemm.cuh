@@ -409,12 +409,14 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 // (the Triton tiles, same run: qkv int8 69.2, int4 1401; 4h->h int8 109.9, int4 2966; cuBLAS on the fp16 weight 90.2
 // and 113.8). 64 rows: int8 qkv 114 us, 4h->h 141 (cuBLAS fp16 89, 117): there x from L2 and the dequantization, not
 // the weight stream, set the time.
-// 3: auto's tiles, LEAN (constant-stride addressing; int4 in fp16: int4_pairs_lean); 4: LEAN with two tiles; 5 and 6:
-// as 3 and 4 with x asked for a k-step ahead (up to 8 rows).
+// 3: LEAN (constant-stride addressing; int4 in fp16: int4_pairs_lean) with its own choice of tiles (launch_quant_gemm);
+// 4: LEAN with two tiles; 5 and 6: as 3 and 4 with x asked for a k-step ahead (up to 8 rows). Auto is kQuantAutoLean
+// wherever LEAN runs (sm_80 and up, groups dividing 512, n row_bytes < 2^31), 1 or 2's tiles elsewhere.
 enum QuantVariant : int {
   kQuantAuto = 0, kQuantOneTile = 1, kQuantTwoTiles = 2, kQuantLean = 3, kQuantLeanTwoTiles = 4, kQuantLeanX = 5,
   kQuantLeanXTwoTiles = 6, kQuantVariantLast = 6
 };
+constexpr int kQuantAutoLean = kQuantLean;
 
 inline int quant_max_rows() { return 64; }
 
@@ -457,13 +459,23 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
   if (F::kGrouped && (group_size <= 0 || group_size % 32 != 0 || k % group_size != 0)) return cudaErrorInvalidValue;
   if (!gemv_mma_supported<T>()) return cudaErrorNotSupported;  // bf16 mma needs sm_80
   // LEAN needs the group to divide 128 WARPS (WARPS is 4 or 8: dividing 512 suffices) and 32-bit offsets into the
-  // weight; elsewhere variant 3 is auto
+  // weight; elsewhere the LEAN variants run the plain kernel
   const bool lean_ok = (!F::kGrouped || 512 % group_size == 0) &&
                        static_cast<int64_t>(n) * F::row_bytes(k) < (int64_t{1} << 31);
+  if (variant == kQuantAuto) variant = kQuantAutoLean;
   const int lean = !lean_ok || variant < kQuantLean ? 0 : variant >= kQuantLeanX ? 2 : 1;
-  if (variant >= kQuantLean)
-    variant = variant == kQuantLeanTwoTiles || variant == kQuantLeanXTwoTiles ? kQuantTwoTiles : kQuantAuto;
-  const int ct = variant != kQuantAuto ? variant : m <= 8 || (m <= 16 && !F::kGrouped) ? 1 : 2;
+  int ct;
+  if (variant == kQuantOneTile || variant == kQuantTwoTiles) {
+    ct = variant;
+  } else if (variant == kQuantLeanTwoTiles || variant == kQuantLeanXTwoTiles) {
+    ct = 2;
+  } else if (lean) {
+    // two tiles where the grid still fills the card twice over (int4 at up to 8 rows: h->4h and 20B's qkv, not
+    // 4h->h or dense: bench/quant_kernels.py on the H100), one tile for int8 up to 16 rows
+    ct = m <= 8 ? (F::kGrouped && n >= 8192 ? 2 : 1) : m <= 16 && !F::kGrouped ? 1 : 2;
+  } else {
+    ct = m <= 8 || (m <= 16 && !F::kGrouped) ? 1 : 2;
+  }
 #define NEOX_RT_QUANT_CONFIG(NT_, CT_)                                                                                \
   return lean ? launch_quant_gemm_config<T, F, NT_, CT_, 1>(x, qweight, scales, zeros, bias, residual, y, m, n, k,    \
                                                             group_size, act, pdl, stream)                             \
