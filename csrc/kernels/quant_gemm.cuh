@@ -14,10 +14,10 @@
 // 50.3 us; int4 qkv 58.0 MB 19.3 us, dense 6.4 us, h->4h and 4h->h 25.8 us. Above ~16 rows the floor moves: every
 // block reads x again from L2 (m * 2 / (16 CT) bytes of x a weight, CT the tiles of a warp below), so at 64 rows
 // int8 with CT = 2 moves 4 bytes of x (L2) per byte of W (DRAM) and the L2 becomes the limit.
-// Where it stands (one H100, one row, L2 cold, as single calls; table at QuantVariant below): int8 74-78% of the
-// floor on 20B's qkv and 4h->h (50.9 us vs 37.7, 64.0 vs 50.3), 60% on dense; int4 50-57% (38.9 us vs 19.3, 45.7 vs
-// 25.8): the int4 kernel is not yet stream-bound (the dequantization's instructions and latency: the next thing to
-// profile).
+// Where it stands (one H100, one row; table at QuantVariant below; bench/quant_kernels.py, bench/NOTES.md session 14):
+// int8 at 89-93% of the floor back to back on 20B's big layers (qkv 40.9 us), int4 at 70-80% with the LEAN kernel
+// (qkv 27.9 us vs 19.6, 4h->h 32.8 vs 26.1). Neither is stream-bound: 80 registers leave 6 warps a scheduler, and a
+// warp stalls on x's loads (Nsight Compute: 55-71% of the stall cycles on the L1TEX scoreboard).
 //
 // Design (one kernel family for every row count and both formats, templated on the format):
 //  - Tensor cores with "swapped" operands: W is the A operand of mma.sync m16n8k16 (16 output channels x 16 k; two
@@ -409,6 +409,9 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 // (the Triton tiles, same run: qkv int8 69.2, int4 1401; 4h->h int8 109.9, int4 2966; cuBLAS on the fp16 weight 90.2
 // and 113.8). 64 rows: int8 qkv 114 us, 4h->h 141 (cuBLAS fp16 89, 117): there x from L2 and the dequantization, not
 // the weight stream, set the time.
+// (Those are the plain kernel, session 12. The LEAN kernel at ea4f514, one row, cold / back to back, us: int4 qkv
+// 35.3 / 28.0 one tile, 34.1 / 27.9 two; h->4h 44.4 / 36.4, 39.0 / 32.4; 4h->h 40.3 / 32.8, 43.7 / 37.9; the plain
+// kernel 37.3 / 30.0, 46.7 / 38.7, 44.1 / 37.0 in the same run; int8 unchanged.)
 // 3: LEAN (constant-stride addressing; int4 in fp16: int4_pairs_lean) with its own choice of tiles (launch_quant_gemm);
 // 4: LEAN with two tiles; 5 and 6: as 3 and 4 with x asked for a k-step ahead (up to 8 rows). Auto is kQuantAutoLean
 // wherever LEAN runs (sm_80 and up, groups dividing 512, n row_bytes < 2^31), 1 or 2's tiles elsewhere.
