@@ -65,19 +65,20 @@ def main() -> int:
         x4 = torch.randn(1, 4 * h, device=dev, dtype=dt)
         q8, q4 = Int8Weight.quantize(w_qkv), Int4Weight.quantize(w_qkv, group_size=128)
         q8b, q4b = Int8Weight.quantize(w_4hh), Int4Weight.quantize(w_4hh, group_size=128)
-        def lean(fn, *args):  # QuantVariant 3 (csrc/kernels/quant_gemm.cuh)
-            cuda_ops.QUANT_VARIANT = 3
+
+        def variant(v, fn, *args):  # QuantVariant (csrc/kernels/quant_gemm.cuh): 1 the plain kernel, 0 auto (LEAN)
+            cuda_ops.QUANT_VARIANT = v
             try:
                 return fn(*args)
             finally:
                 cuda_ops.QUANT_VARIANT = 0
         calls = [
             ("int8 qkv", lambda: cuda_ops.int8_linear(x, q8)),
+            ("int4 qkv plain", lambda: variant(1, cuda_ops.int4_linear, x, q4)),
             ("int4 qkv", lambda: cuda_ops.int4_linear(x, q4)),
-            ("int4 qkv lean", lambda: lean(cuda_ops.int4_linear, x, q4)),
             ("int8 4h->h", lambda: cuda_ops.int8_linear(x4, q8b)),
+            ("int4 4h->h plain", lambda: variant(1, cuda_ops.int4_linear, x4, q4b)),
             ("int4 4h->h", lambda: cuda_ops.int4_linear(x4, q4b)),
-            ("int4 4h->h lean", lambda: lean(cuda_ops.int4_linear, x4, q4b)),
             ("cuda gemv qkv", lambda: cuda_ops.linear(x, w_qkv, None, None)),
         ]
     for _ in range(3):

@@ -183,7 +183,7 @@ __device__ __forceinline__ void x_pairs(const uint4& v, uint32_t (&b)[4]) {
 // NT tiles of 8 rows of x; S chunks in flight a lane. Rows of W past n read row n - 1, rows of x past m read row
 // m - 1: valid memory whose products land only in outputs that are never stored (each output column of the mma
 // depends on its own column of B alone, each row on its own row of A).
-template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, int LEAN = 0>
+template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool LEAN = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
                   const uint8_t* __restrict__ qweight,   // [n, row_bytes(k)]: int8 [n, k] or int32 [n, k / 8]
@@ -224,10 +224,8 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   constexpr bool kLean = false;
 #else
-  constexpr bool kLean = LEAN >= 1;
+  constexpr bool kLean = LEAN;
 #endif
-  // LEAN 2 (one tile of x rows): each 16 bytes of x asked for one k-step ahead, not just before its mma
-  constexpr bool kXPrefetch = kLean && LEAN >= 2 && NT == 1;
   constexpr bool kLeanInt4 = kLean && F::kGrouped && std::is_same<T, __half>::value;
   int woff[CT][2], soff[CT][2];  // 32-bit offsets (the launcher runs LEAN only where n row_bytes < 2^31)
   const int gstride = F::kGrouped && kLean ? 128 * WARPS / group_size : 0;
@@ -259,20 +257,20 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
                           (static_cast<uint32_t>(__ldg(zeros + idx)) << 16);
           }
         }
-      return;
-    }
+    } else {
 #pragma unroll
-    for (int c = 0; c < CT; ++c)
+      for (int c = 0; c < CT; ++c)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(wlane + rows[c][h] * row_bytes + 64 * chunk));
-        if constexpr (F::kGrouped) {
-          const int grp = static_cast<int>((static_cast<float>(4 * chunk + t) + 0.5f) * inv_gchunk);
-          const int64_t idx = static_cast<int64_t>(rows[c][h]) * groups + grp;
-          sz[s][c][h] = static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(scales) + idx)) |
-                        (static_cast<uint32_t>(__ldg(zeros + idx)) << 16);
+        for (int h = 0; h < 2; ++h) {
+          wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(wlane + rows[c][h] * row_bytes + 64 * chunk));
+          if constexpr (F::kGrouped) {
+            const int grp = static_cast<int>((static_cast<float>(4 * chunk + t) + 0.5f) * inv_gchunk);
+            const int64_t idx = static_cast<int64_t>(rows[c][h]) * groups + grp;
+            sz[s][c][h] = static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(scales) + idx)) |
+                          (static_cast<uint32_t>(__ldg(zeros + idx)) << 16);
+          }
         }
-      }
+    }
   };
 
   // weights (and their scales) do not depend on the previous kernel: asked for before waiting
@@ -303,13 +301,6 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 
   // Unrolled by S so that every slot is a fixed set of registers: chunk i is in slot i % S; once used, the slot is
   // refilled S chunks ahead.
-  uint4 xnext = {0u, 0u, 0u, 0u};  // kXPrefetch: the x of the next k-step
-  if constexpr (kXPrefetch) {
-    if (mine > 0) {
-      const Vec<T, 8> v = load_vec_ca<T, 8>(xlane + xrow[0] + warp * F::kChunkK);
-      xnext = *reinterpret_cast<const uint4*>(&v);
-    }
-  }
 #pragma unroll 1
   for (int i0 = 0; i0 < mine; i0 += S) {
 #pragma unroll
@@ -332,12 +323,6 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
           }
 #pragma unroll
         for (int kk = 0; kk < SUB; ++kk) {
-          uint4 xcur = xnext;
-          if constexpr (kXPrefetch) {  // the next k-step's x: this chunk's, else the next chunk's first
-            const int kn = kk + 1 < SUB ? kx + 8 * (kk + 1) : i + 1 < mine ? kx + WARPS * F::kChunkK : kx;
-            const Vec<T, 8> v = load_vec_ca<T, 8>(xlane + xrow[0] + kn);
-            xnext = *reinterpret_cast<const uint4*>(&v);
-          }
           uint32_t a[CT][2][4];  // [tile][row g, g + 8][pair]: W of 8 k, dequantized
 #pragma unroll
           for (int c = 0; c < CT; ++c)
@@ -356,13 +341,9 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
             // x (L1 / L2) arrives while the next chunks' weights (DRAM) are in flight
+            const Vec<T, 8> xv = load_vec_ca<T, 8>(xlane + xrow[j] + kx + 8 * kk);
             uint32_t b[4];
-            if constexpr (kXPrefetch) {
-              x_pairs<F>(xcur, b);
-            } else {
-              const Vec<T, 8> xv = load_vec_ca<T, 8>(xlane + xrow[j] + kx + 8 * kk);
-              x_pairs<F>(*reinterpret_cast<const uint4*>(&xv), b);
-            }
+            x_pairs<F>(*reinterpret_cast<const uint4*>(&xv), b);
 #pragma unroll
             for (int c = 0; c < CT; ++c) {
               mma_16x8x16<T>(acc[c][j], a[c][0][0], a[c][1][0], a[c][0][1], a[c][1][1], b[0], b[1]);
@@ -413,13 +394,11 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 // 35.3 / 28.0 one tile, 34.1 / 27.9 two; h->4h 44.4 / 36.4, 39.0 / 32.4; 4h->h 40.3 / 32.8, 43.7 / 37.9; the plain
 // kernel 37.3 / 30.0, 46.7 / 38.7, 44.1 / 37.0 in the same run; int8 unchanged.)
 // 3: LEAN (constant-stride addressing; int4 in fp16: int4_pairs_lean) with its own choice of tiles (launch_quant_gemm);
-// 4: LEAN with two tiles; 5 and 6: as 3 and 4 with x asked for a k-step ahead (up to 8 rows). Auto is kQuantAutoLean
-// wherever LEAN runs (sm_80 and up, groups dividing 512, n row_bytes < 2^31), 1 or 2's tiles elsewhere.
+// 4: LEAN with two tiles. Auto is 3 wherever LEAN runs (sm_80 and up, groups dividing 512, n row_bytes < 2^31), the
+// plain kernel with 1 or 2's tiles elsewhere.
 enum QuantVariant : int {
-  kQuantAuto = 0, kQuantOneTile = 1, kQuantTwoTiles = 2, kQuantLean = 3, kQuantLeanTwoTiles = 4, kQuantLeanX = 5,
-  kQuantLeanXTwoTiles = 6, kQuantVariantLast = 6
+  kQuantAuto = 0, kQuantOneTile = 1, kQuantTwoTiles = 2, kQuantLean = 3, kQuantLeanTwoTiles = 4, kQuantVariantLast = 4
 };
-constexpr int kQuantAutoLean = kQuantLean;
 
 inline int quant_max_rows() { return 64; }
 
@@ -436,14 +415,12 @@ template <> struct QuantConfig<2, 2> { static constexpr int kWarps = 8, kSteps =
 template <> struct QuantConfig<4, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 3; };
 template <> struct QuantConfig<8, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 2; };
 
-template <typename T, typename F, int NT, int CT, int LEAN = 0>
+template <typename T, typename F, int NT, int CT, bool LEAN = false>
 cudaError_t launch_quant_gemm_config(const T* x, const void* qweight, const T* scales, const uint8_t* zeros,
                                      const T* bias, const T* residual, T* y, int m, int n, int k, int group_size,
                                      int act, bool pdl, cudaStream_t stream) {
   using C = QuantConfig<NT, CT>;
-  // LEAN 2 holds x a k-step ahead: one chunk fewer in flight where the registers are fitted to three blocks
-  constexpr int WARPS = C::kWarps, S = LEAN >= 2 && C::kMinBlocks >= 3 ? C::kSteps - 1 : C::kSteps,
-                MIN_BLOCKS = C::kMinBlocks;
+  constexpr int WARPS = C::kWarps, S = C::kSteps, MIN_BLOCKS = C::kMinBlocks;
   const dim3 grid((n + 16 * CT - 1) / (16 * CT)), block(WARPS * 32);
   const auto* q = static_cast<const uint8_t*>(qweight);
   return launch_kernel(pdl, quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, false, LEAN>,
@@ -464,13 +441,13 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
   // LEAN needs the group to divide 128 WARPS (WARPS is 4 or 8: dividing 512 suffices) and 32-bit offsets into the
   // weight; elsewhere the LEAN variants run the plain kernel
   const bool lean_ok = (!F::kGrouped || 512 % group_size == 0) &&
-                       static_cast<int64_t>(n) * F::row_bytes(k) < (int64_t{1} << 31);
-  if (variant == kQuantAuto) variant = kQuantAutoLean;
-  const int lean = !lean_ok || variant < kQuantLean ? 0 : variant >= kQuantLeanX ? 2 : 1;
+                       static_cast<int64_t>(n) * F::row_bytes(k) + 512 < (int64_t{1} << 31);
+  if (variant == kQuantAuto) variant = kQuantLean;
+  const bool lean = lean_ok && variant >= kQuantLean;
   int ct;
   if (variant == kQuantOneTile || variant == kQuantTwoTiles) {
     ct = variant;
-  } else if (variant == kQuantLeanTwoTiles || variant == kQuantLeanXTwoTiles) {
+  } else if (variant == kQuantLeanTwoTiles) {
     ct = 2;
   } else if (lean) {
     // two tiles where the grid still fills the card twice over (int4 at up to 8 rows: h->4h and 20B's qkv, not
@@ -480,17 +457,11 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
     ct = m <= 8 || (m <= 16 && !F::kGrouped) ? 1 : 2;
   }
 #define NEOX_RT_QUANT_CONFIG(NT_, CT_)                                                                                \
-  return lean ? launch_quant_gemm_config<T, F, NT_, CT_, 1>(x, qweight, scales, zeros, bias, residual, y, m, n, k,    \
-                                                            group_size, act, pdl, stream)                             \
-              : launch_quant_gemm_config<T, F, NT_, CT_, 0>(x, qweight, scales, zeros, bias, residual, y, m, n, k,    \
-                                                            group_size, act, pdl, stream)
+  return lean ? launch_quant_gemm_config<T, F, NT_, CT_, true>(x, qweight, scales, zeros, bias, residual, y, m, n, k, \
+                                                               group_size, act, pdl, stream)                          \
+              : launch_quant_gemm_config<T, F, NT_, CT_, false>(x, qweight, scales, zeros, bias, residual, y, m, n,   \
+                                                                k, group_size, act, pdl, stream)
   if (m <= 8) {
-    if (lean == 2) {
-      if (ct == 1) return launch_quant_gemm_config<T, F, 1, 1, 2>(x, qweight, scales, zeros, bias, residual, y, m, n, k,
-                                                                  group_size, act, pdl, stream);
-      return launch_quant_gemm_config<T, F, 1, 2, 2>(x, qweight, scales, zeros, bias, residual, y, m, n, k, group_size,
-                                                     act, pdl, stream);
-    }
     if (ct == 1) NEOX_RT_QUANT_CONFIG(1, 1);
     NEOX_RT_QUANT_CONFIG(1, 2);
   }
