@@ -37,10 +37,11 @@ def quant_bytes(w) -> int:
     return sum(b.numel() * b.element_size() for b in w.buffers())
 
 
-def cases(models, rows_list):
+def cases(models, layers, rows_list):
     for model in models:
         h = MODELS[model]
-        for lname, (fo, fi) in LAYERS.items():
+        for lname in layers:
+            fo, fi = LAYERS[lname]
             for rows in rows_list:
                 yield model, lname, fo * h, fi * h, rows
 
@@ -66,9 +67,7 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     rows_out = []
     dev, dt = "cuda", torch.float16
-    for model, lname, n, k, rows in cases(args.models, args.rows):
-        if lname not in args.layers:
-            continue
+    for model, lname, n, k, rows in cases(args.models, args.layers, args.rows):
         w = torch.randn(n, k, device=dev, dtype=dt) * k ** -0.5
         x = torch.randn(rows, k, device=dev, dtype=dt)
         formats = {"int8": Int8Weight.quantize(w), "int4": Int4Weight.quantize(w, group_size=128)}

@@ -444,18 +444,13 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
                        static_cast<int64_t>(n) * F::row_bytes(k) + 512 < (int64_t{1} << 31);
   if (variant == kQuantAuto) variant = kQuantLean;
   const bool lean = lean_ok && variant >= kQuantLean;
-  int ct;
-  if (variant == kQuantOneTile || variant == kQuantTwoTiles) {
-    ct = variant;
-  } else if (variant == kQuantLeanTwoTiles) {
-    ct = 2;
-  } else if (lean) {
-    // two tiles where the grid still fills the card twice over (int4 at up to 8 rows: h->4h and 20B's qkv, not
-    // 4h->h or dense: bench/quant_kernels.py on the H100), one tile for int8 up to 16 rows
-    ct = m <= 8 ? (F::kGrouped && n >= 8192 ? 2 : 1) : m <= 16 && !F::kGrouped ? 1 : 2;
-  } else {
-    ct = m <= 8 || (m <= 16 && !F::kGrouped) ? 1 : 2;
-  }
+  // Tiles a warp: forced by variants 1, 2 and 4; else one up to 8 rows (16 for int8), two above, and LEAN int4 takes two
+  // at up to 8 rows where the grid still fills the card twice over (h->4h and 20B's qkv, not 4h->h or dense:
+  // bench/quant_kernels.py on the H100)
+  const int ct = variant == kQuantOneTile || variant == kQuantTwoTiles ? variant
+                 : variant == kQuantLeanTwoTiles                       ? 2
+                 : m <= 8 ? (lean && F::kGrouped && n >= 8192 ? 2 : 1)
+                 : m <= 16 && !F::kGrouped ? 1 : 2;
 #define NEOX_RT_QUANT_CONFIG(NT_, CT_)                                                                                \
   return lean ? launch_quant_gemm_config<T, F, NT_, CT_, true>(x, qweight, scales, zeros, bias, residual, y, m, n, k, \
                                                                group_size, act, pdl, stream)                          \
