@@ -308,6 +308,17 @@ def test_incremental_detokenization_equals_full_decode(neox):
         assert max(lens) <= 8, "the decode window grew with the output"
 
 
+def test_paged_graph_buckets_stay_close(neox):
+    """The decode-graph buckets end at max_num_seqs' bucket and, above 16, each is at most 1.5x the one below: a step pads
+    its batch to the next bucket, and every padding row costs the linears and the LM head."""
+    from neox_rt.engine.graphs import PagedDecodeGraphRunner
+    cache = LLMEngine(neox, max_num_seqs=2, num_blocks=4).runner.cache
+    buckets = PagedDecodeGraphRunner(neox.model, cache, 150, 8, capture=False).buckets
+    assert buckets[0] == 1 and buckets[-1] == 160
+    assert all(b <= 1.5 * a for a, b in zip(buckets, buckets[1:]) if a >= 16)
+    assert PagedDecodeGraphRunner(neox.model, cache, 512, 8, capture=False).buckets[-1] == 512
+
+
 def test_padded_decode_graph_step_equals_eager(neox, cases):
     """The engine's decode-graph step (static buffers padded to a bucket: KV slot -1 and length 0 for padding rows),
     run eagerly on CPU: under load with preemption, every greedy output still equals generate's, and some steps

@@ -185,8 +185,10 @@ class DecodeGraphRunner:
         return captured.logits[:b], toks
 
 
-PAGED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-"""Batch sizes of the engine's decode graphs (up to its max_num_seqs)."""
+PAGED_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+"""Batch sizes of the engine's decode graphs (up to its max_num_seqs): a step pads its batch to the next one, so
+above 16 each is at most 1.5x the one below (150 sequences run 160 rows, not 256: every linear and the LM head
+compute the padding rows too)."""
 
 
 class PagedDecodeGraphRunner:
