@@ -193,3 +193,20 @@ def test_targets_within_the_tpot_bound():
     assert within["rate"] == "0.5x" and within["value"] == 1.65 and not within["met"]
     assert serving.targets("pythia-1.4b", res) == {"output_tokens_per_s": {"value": 1000.0, "target": 10000.0,
                                                                            "met": False}}
+
+
+def test_http_overhead_bench_smoke(tmp_path):
+    """bench/http_overhead.py on CPU: the stub engine (the real engine, its forward a GIL-free wait) in-process and
+    behind a real server subprocess; every streamed token arrives, usage matches, the JSON has its fields."""
+    import subprocess
+    out = tmp_path / "http.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "http_overhead.py"), "--streams", "3",
+                           "--prompt", "8", "--tokens", "6", "--step-ms", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["server"]["tokens_all_received"] and res["server"]["usage_matches_chunks"]
+    assert res["engine"]["tpot_mean_ms"] >= 1.0 and res["server"]["tpot_mean_ms"] >= 1.0  # steps wait 1 ms at least
+    assert res["engine"]["steps"] >= 6 and res["server"]["cpu_ms_per_token"] > 0
+    assert math.isclose(res["overhead_ms_per_token"], res["server"]["tpot_mean_ms"] - res["engine"]["tpot_mean_ms"])

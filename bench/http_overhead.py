@@ -1,0 +1,146 @@
+"""The HTTP layer's cost per token without a GPU (#23): what ``python -m neox_rt.serve`` adds to a streamed token
+beyond the engine's own step, on this machine's host.
+
+The embedded default model's ``LLMEngine`` runs with its forward replaced by a wait of ``--step-ms`` that releases the
+GIL (``bench/stub_engine.py``: what a GPU step is to the host thread that waits on it), everything else real:
+scheduling, block tables, sampling, detokenization, and in the server the engine thread, the event loop, FastAPI,
+the server-sent events. K (``--streams``) requests of ``--prompt`` tokens and ``--tokens`` outputs, all at once:
+first in-process (``LLMEngine.step`` in a loop), then streamed by K httpx clients from this process through the
+server in a subprocess (same settings; each pass run once first to warm up). Reported: TPOT in-process, at the
+clients and by the server's own histogram (``/metrics``), and the difference per token. ``bench/serving.py --http``
+measures the same on a GPU with the real model.
+
+    python bench/http_overhead.py                       # 32 streams, 3.5 ms steps, 128 + 128 tokens
+    python bench/http_overhead.py --streams 64 --step-ms 6
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+from common import write_result  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+sys.path.insert(0, REPO)
+
+import httpx  # noqa: E402
+
+import stub_engine  # noqa: E402
+from latency import percentile  # noqa: E402
+from serving import TraceRequest, _metric, _stream_all, free_port, run_continuous  # noqa: E402
+from neox_rt.default_model import load_default  # noqa: E402
+from neox_rt.engine.kv_cache import PagedKVCache  # noqa: E402
+
+
+def in_process(neox, settings: dict, trace: list[TraceRequest]) -> dict:
+    engine = stub_engine.LLMEngine(neox, **settings)
+    run_continuous(engine, [replace(r, request_id=r.request_id + "-warm") for r in trace], 600.0)
+    t, cpu = time.perf_counter(), time.process_time()
+    run = run_continuous(engine, trace, 600.0)
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return {"tpot_mean_ms": run["tpot_mean_ms"], "tpot_p50_ms": run["tpot_p50_ms"], "ttft_p50_ms": run["ttft_p50_ms"],
+            "steps": run["steps"], "step_ms_mean": 1e3 * wall / run["steps"],
+            "cpu_ms_per_token": 1e3 * cpu / run["output_tokens"]}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def through_server(settings: dict, prompts: list[list[int]], tokens: int, step_ms: float, timeout: float) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "neox_rt.serve", "--engine", "stub_engine", "--port", str(port),
+           "--served-model-name", "bench", "--max-num-seqs", str(settings["max_num_seqs"]),
+           "--kv-cache-memory", str(settings["kv_cache_memory"]), "--max-model-len", str(settings["max_model_len"]),
+           "--log-level", "warning"]
+    env = dict(os.environ, NEOX_RT_STUB_STEP_MS=str(step_ms),
+               PYTHONPATH=os.pathsep.join([REPO, BENCH, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stderr.read()[-1500:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"the server did not answer /health within {timeout} s")
+            time.sleep(0.3)
+
+        def body(ids):
+            return {"model": "bench", "prompt": ids, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+                    "stream": True, "stream_options": {"include_usage": True}}
+        asyncio.run(_stream_all(url, [body(p) for p in prompts]))  # warm-up
+        before = httpx.get(url + "/metrics").text
+        cpu = cpu_seconds(proc.pid)
+        streams = asyncio.run(_stream_all(url, [body(p) for p in prompts]))
+        cpu = cpu_seconds(proc.pid) - cpu
+        after = httpx.get(url + "/metrics").text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    tpot = [(ts[-1] - ts[0]) / (len(ts) - 1) for _, ts, _ in streams if len(ts) > 1]
+    name = "neox_rt_time_per_output_token_seconds"
+    n = _metric(after, name + "_count") - _metric(before, name + "_count")
+    s = _metric(after, name + "_sum") - _metric(before, name + "_sum")
+    return {"tpot_mean_ms": 1e3 * statistics.mean(tpot), "tpot_p50_ms": 1e3 * percentile(tpot, 0.5),
+            "tpot_p99_ms": 1e3 * percentile(tpot, 0.99), "server_tpot_mean_ms": 1e3 * s / n if n else None,
+            "cpu_ms_per_token": 1e3 * cpu / (tokens * len(prompts)),
+            "tokens_all_received": all(len(ts) == tokens for _, ts, _ in streams),
+            "usage_matches_chunks": all((u or {}).get("completion_tokens") == len(ts) for _, ts, u in streams)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--streams", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--step-ms", type=float, default=3.5, help="the stand-in GPU step (default 3.5: 1.4b's decode "
+                   "step with 32 sequences on an H100, bench/results/serving_1.4b_h100_4a3ded9.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start-timeout", type=float, default=120.0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    stub_engine.STEP_MS = args.step_ms
+    neox = load_default(notice=False)
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(1000, 4000) for _ in range(args.prompt)] for _ in range(args.streams)]
+    kv = 2 * args.streams * -(-(args.prompt + args.tokens) // 16) * PagedKVCache.block_bytes(neox.model, 16)
+    settings = dict(max_num_seqs=args.streams, kv_cache_memory=kv, max_model_len=args.prompt + args.tokens)
+    trace = [TraceRequest(f"h{i}", 0.0, tuple(ids), args.tokens) for i, ids in enumerate(prompts)]
+    res = {"streams": args.streams, "prompt": args.prompt, "tokens": args.tokens, "step_ms": args.step_ms}
+    res["engine"] = in_process(neox, settings, trace)
+    res["server"] = through_server(settings, prompts, args.tokens, args.step_ms, args.start_timeout)
+    res["overhead_ms_per_token"] = res["server"]["tpot_mean_ms"] - res["engine"]["tpot_mean_ms"]
+    res["cpu_count"] = os.cpu_count()
+    print(f"{args.streams} streams, {args.step_ms} ms steps: TPOT in-process {res['engine']['tpot_mean_ms']:.2f} ms "
+          f"(step {res['engine']['step_ms_mean']:.2f}), at the clients {res['server']['tpot_mean_ms']:.2f} "
+          f"(server-measured {res['server']['server_tpot_mean_ms']:.2f}): {res['overhead_ms_per_token']:.2f} ms a "
+          f"token for HTTP; host CPU a token {res['engine']['cpu_ms_per_token']:.3f} ms in-process, "
+          f"{res['server']['cpu_ms_per_token']:.3f} in the server; all tokens received: "
+          f"{res['server']['tokens_all_received']}")
+    if args.out:
+        write_result(args.out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The real ``LLMEngine`` (scheduler, block tables, sampling, detokenization) with its model's forward replaced by a
+wait of ``NEOX_RT_STUB_STEP_MS`` milliseconds that releases the GIL, as a GPU step does for the host thread that
+waits on it (a CUDA synchronize), and logits that make greedy sampling pick a varied stream of ordinary tokens.
+``bench/http_overhead.py`` runs it in-process and behind ``python -m neox_rt.serve --engine stub_engine`` (bench/ on
+PYTHONPATH): the host's cost of serving a token, with no GPU."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from neox_rt.engine.llm_engine import LLMEngine as _Engine
+from neox_rt.engine.llm_engine import RequestOutput, SamplingRequest  # noqa: F401  (the same interface)
+
+STEP_MS = float(os.environ.get("NEOX_RT_STUB_STEP_MS", "3.5"))
+torch.set_num_threads(1)  # a GPU host's torch work is small tensors: no OpenMP threads spinning beside the server's
+
+
+class LLMEngine(_Engine):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        runner = self.runner
+        prepare, vocab = runner.prepare, runner.valid_vocab
+        width = min(vocab, 4000)  # logits only this wide: a CPU argmax over the whole vocabulary would cost what
+        ordinary = torch.arange(1000, width)  # the GPU does in microseconds; merged tokens, past the byte-level ids
+        self.stub_steps = 0
+
+        def execute(plan, prompt_logprobs=frozenset()):
+            *_, sample_ids, plp = prepare(plan, prompt_logprobs)  # the real runner's host work
+            time.sleep(STEP_MS / 1e3)  # the GPU step, the GIL released
+            rows = len(sample_ids) + len(plp)
+            pick = ordinary[(torch.arange(rows) * 7 + 13 * self.stub_steps) % len(ordinary)]
+            logits = torch.zeros(rows, width)
+            logits[torch.arange(rows), pick] = 1.0
+            self.stub_steps += 1
+            return logits, sample_ids, plp
+        runner.execute = execute
