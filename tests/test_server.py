@@ -597,3 +597,22 @@ def test_tensor_parallel_server_under_torchrun(neox):
         server.proc.terminate()
         server.proc.wait(60)  # raises TimeoutExpired if a rank hangs
         server.log.close()
+
+
+@pytest.mark.parametrize("text,reason", [("hi", None), ('a"b\\\n\u00e9 \U0001F642\x00', "stop"), ("", "length")])
+def test_fast_token_chunks_are_the_pydantic_bytes(text, reason):
+    """A streamed token's event, formatted from a prefix (the event loop's fast path), is byte for byte the chunk
+    the protocol models give, for completions and chat."""
+    from neox_rt.server import app as server_app
+    from neox_rt.server import protocol as p
+    fast = server_app._TokenChunks("cmpl-1", 1700000000, "m\u00e9del \"x\"", "text_completion")
+    ref = p.CompletionResponse(id="cmpl-1", created=1700000000, model="m\u00e9del \"x\"",
+                               choices=[p.CompletionChoice(index=3, text=text, finish_reason=reason)])
+    assert fast.completion(3, text, reason) == server_app._sse(ref.model_dump(exclude={"usage"}))
+    chat = server_app._TokenChunks("chatcmpl-1", 5, "m", "chat.completion.chunk")
+    content = text or None
+    body = p.ChatCompletionChunk(id="chatcmpl-1", created=5, model="m", choices=[
+        p.ChatChunkChoice(index=1, delta=p.DeltaMessage(content=content), finish_reason=reason)]).model_dump()
+    body["choices"][0]["delta"] = {k: v for k, v in body["choices"][0]["delta"].items() if v is not None}
+    body.pop("usage")
+    assert chat.chat(1, content, reason) == server_app._sse(body)

@@ -279,6 +279,24 @@ def _sse(obj) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+class _TokenChunks:
+    """The server-sent event of a streamed token without logprobs, the bulk of a stream, formatted from a prefix made
+    once per response: the same bytes as the pydantic chunk's ``_sse`` (tested), at a fraction of the event loop's
+    time, which the engine thread's next step waits for (the GIL)."""
+
+    def __init__(self, rid: str, created: int, model: str, obj: str):
+        self.head = "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model},
+                                          separators=(",", ":"))[:-1] + ',"choices":[{"index":'
+
+    def completion(self, index: int, text: str, finish_reason: str | None) -> str:
+        return (f'{self.head}{index},"text":{json.dumps(text)},"logprobs":null,'
+                f'"finish_reason":{json.dumps(finish_reason)}}}]}}\n\n')
+
+    def chat(self, index: int, content: str | None, finish_reason: str | None) -> str:
+        delta = "{}" if content is None else f'{{"content":{json.dumps(content)}}}'
+        return f'{self.head}{index},"delta":{delta},"logprobs":null,"finish_reason":{json.dumps(finish_reason)}}}]}}\n\n'
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> p.UsageInfo:
     return p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                        total_tokens=prompt_tokens + completion_tokens)
@@ -413,6 +431,8 @@ async def _completions(state: ServerState, req: p.CompletionRequest, raw: Reques
     num_prompt_tokens = sum(len(ids) for ids, _ in prompts)
 
     if req.stream:
+        fast = _TokenChunks(rid, created, state.model_name, "text_completion")
+
         async def events():
             completion_tokens = 0
             offsets = [len(t) for t in prompt_texts]
@@ -432,9 +452,14 @@ async def _completions(state: ServerState, req: p.CompletionRequest, raw: Reques
                     if not out.new_text and not out.new_token_ids and not out.finished:
                         continue
                     completion_tokens += len(out.new_token_ids)
+                    reason = out.finish_reason if out.finished else None
+                    if req.logprobs is None:
+                        offsets[index] += len(out.new_text)
+                        yield fast.completion(index, out.new_text, reason)
+                        continue
                     choice = p.CompletionChoice(index=index, text=out.new_text,
                                                 logprobs=_completion_logprobs(state, out, offsets[index]),
-                                                finish_reason=out.finish_reason if out.finished else None)
+                                                finish_reason=reason)
                     offsets[index] += len(out.new_text)
                     chunk = p.CompletionResponse(id=rid, created=created, model=state.model_name, choices=[choice])
                     yield _sse(chunk.model_dump(exclude={"usage"}))
@@ -522,6 +547,8 @@ async def _chat(state: ServerState, req: p.ChatCompletionRequest, raw: Request):
         return body
 
     if req.stream:
+        fast = _TokenChunks(rid, created, state.model_name, "chat.completion.chunk")
+
         async def events():
             completion_tokens = 0
             try:
@@ -532,6 +559,9 @@ async def _chat(state: ServerState, req: p.ChatCompletionRequest, raw: Request):
                     if not out.new_text and not out.new_token_ids and not out.finished:
                         continue
                     completion_tokens += len(out.new_token_ids)
+                    if not req.logprobs:
+                        yield fast.chat(index, out.new_text or None, out.finish_reason if out.finished else None)
+                        continue
                     yield _sse(chunk([p.ChatChunkChoice(
                         index=index, delta=p.DeltaMessage(content=out.new_text or None),
                         logprobs=_chat_logprobs(state, out, want_top) if req.logprobs else None,
