@@ -23,7 +23,8 @@ Modes, same trace, same process, same card:
   - ``continuous``: ``LLMEngine`` in-process (paged KV cache, iteration-level batching, its decode graphs of every
     batch bucket captured before timing), driven with the wall clock:
     before each ``step()`` every request whose arrival time has passed is added; a token's time is the end of the
-    step that produced it (``step()`` returns after the sampled ids reached the host).
+    step that returned it as text (the step after the one that computed it: the engine detokenizes a step's tokens
+    while the next step's forward runs; ``NEOX_RT_ENGINE_OVERLAP=0``: the same step).
   - ``static-B`` (B in ``--static-batches``, default 8 and 32): today's path. When the previous batch finishes, up
     to B of the requests that have arrived form a batch (none: wait for the next arrival), run through
     ``Generator.generate`` (CUDA-graph decode, host checks every 8 steps) for max(output lengths of the batch)
@@ -45,8 +46,9 @@ used x block bytes; static: the dense cache allocated and the largest any batch 
 
 Also per model: the decode step with 64 sequences decoding (64 requests of ``--decode-prompt`` tokens, the engine's
 pure-decode steps timed after a synchronize, median) beside its floor = (weight bytes + KV bytes that step reads) /
-copy bandwidth (bench/latency.py's ``copy_bandwidth``), with the step's host phases (schedule, prepare, run =
-forward + sampling with its sync, output = detokenization); TTFT of 512-token prompts at half the saturating rate
+copy bandwidth (bench/latency.py's ``copy_bandwidth``), with the step's host phases (schedule, prepare, launch =
+prepare + the forward queued, collect = the wait + sampling, output = detokenization of the previous step's
+tokens, overlapped with this step's forward); TTFT of 512-token prompts at half the saturating rate
 (a run of the same trace with every prompt 512 tokens, continuous only, and the 448-576-token requests of the
 mixed trace's run at that rate, if there is one).
 
@@ -545,7 +547,8 @@ def decode_step(engine: LLMEngine, vocab: int, weight_bytes: int, bandwidth: flo
                            SamplingRequest(max_tokens=extra(p), temperature=0.0, ignore_eos=True))
     watch = _PlanWatch(engine)
     phases = _PhaseTimer([(engine.scheduler, "schedule", "schedule"), (engine.runner, "prepare", "prepare"),
-                          (engine.runner, "run", "run"), (engine, "_output", "output")])
+                          (engine.runner, "launch", "launch"), (engine.runner, "collect", "collect"),
+                          (engine, "_output", "output")])
     preempt0 = engine.stats()["num_preemptions"]
     rows, seen = [], 0
     try:
@@ -576,7 +579,7 @@ def decode_step(engine: LLMEngine, vocab: int, weight_bytes: int, bandwidth: flo
            "weight_bytes": weight_bytes, "kv_bytes_read_mean": statistics.mean(kv),
            "preemptions": engine.stats()["num_preemptions"] - preempt0,
            "host_phases_ms_p50": {k: 1e3 * statistics.median(r[2].get(k, 0.0) for r in rows)
-                                  for k in ("schedule", "prepare", "run", "output")}}
+                                  for k in ("schedule", "prepare", "launch", "collect", "output")}}
     if bandwidth:
         floors = [1e3 * (weight_bytes + b) / bandwidth for b in kv]
         out["floor_ms"] = statistics.median(floors)
@@ -1036,8 +1039,9 @@ def markdown(report: dict) -> str:
                          f"{d['step_ms_p50']:.2f} ms (p50 of {d['steps_timed']}), floor "
                          f"{_f(d.get('floor_ms'), '{:.2f}')} ms, ratio {_f(d.get('step_over_floor'), '{:.2f}')}; "
                          f"host: schedule {ph['schedule']:.2f}, "
-                         f"prepare {ph['prepare']:.2f}, run (prepare, forward, sampling's sync) {ph['run']:.2f}, "
-                         f"output {ph['output']:.2f} ms")
+                         f"prepare {ph['prepare']:.2f}, launch (prepare, the forward queued) {ph['launch']:.2f}, "
+                         f"collect (the wait, sampling) {ph['collect']:.2f}, output {ph['output']:.2f} ms "
+                         f"(overlapped with the next step's forward unless NEOX_RT_ENGINE_OVERLAP=0)")
         if r.get("ttft_512"):
             t = r["ttft_512"]
             band = t.get("mixed_trace_band", {})

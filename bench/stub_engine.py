@@ -1,6 +1,7 @@
 """The real ``LLMEngine`` (scheduler, block tables, sampling, detokenization) with its model's forward replaced by a
-wait of ``NEOX_RT_STUB_STEP_MS`` milliseconds that releases the GIL, as a GPU step does for the host thread that
-waits on it (a CUDA synchronize), and logits that make greedy sampling pick a varied stream of ordinary tokens.
+device step of ``NEOX_RT_STUB_STEP_MS`` milliseconds that starts at the runner's ``launch`` and that ``collect``
+waits for with the GIL released, as a GPU step does for the host thread that waits on it (a CUDA synchronize), and
+logits that make greedy sampling pick a varied stream of ordinary tokens.
 ``bench/http_overhead.py`` runs it in-process and behind ``python -m neox_rt.serve --engine stub_engine`` (bench/ on
 PYTHONPATH): the host's cost of serving a token, with no GPU."""
 from __future__ import annotations
@@ -28,7 +29,7 @@ class LLMEngine(_Engine):
 
         def execute(plan, prompt_logprobs=frozenset()):
             *_, sample_ids, plp = prepare(plan, prompt_logprobs)  # the real runner's host work
-            time.sleep(STEP_MS / 1e3)  # the GPU step, the GIL released
+            self.stub_launched = time.perf_counter()  # the GPU step starts now; collect() waits for its end
             rows = len(sample_ids) + len(plp)
             pick = ordinary[(torch.arange(rows) * 7 + 13 * self.stub_steps) % len(ordinary)]
             logits = torch.zeros(rows, width)
@@ -36,3 +37,12 @@ class LLMEngine(_Engine):
             self.stub_steps += 1
             return logits, sample_ids, plp
         runner.execute = execute
+        collect = runner.collect
+
+        def wait_then_collect(launched):
+            # the step's end, the GIL released meanwhile: host work done between launch and collect overlaps it
+            left = STEP_MS / 1e3 - (time.perf_counter() - self.stub_launched)
+            if left > 0:
+                time.sleep(left)
+            return collect(launched)
+        runner.collect = wait_then_collect

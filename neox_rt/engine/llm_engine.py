@@ -161,6 +161,10 @@ class LLMEngine:
         if self.runner.graphs is not None:  # every decode graph now, not in the middle of serving
             self.runner.graphs.capture_all()
         self._requests: dict[str, _Detok] = {}
+        self.overlap = os.environ.get("NEOX_RT_ENGINE_OVERLAP", "1") != "0"
+        """Detokenize a step's tokens while the device computes the next step (:meth:`step`)."""
+        self._pending: list = []  # (sequence, SampledToken) of the last update, not yet turned into outputs
+        self._ready: list[RequestOutput] = []  # outputs made by a step that then failed
 
     def _free_memory(self) -> int:
         """Free bytes on the model's device (on CPU: the host's available memory)."""
@@ -188,7 +192,9 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its blocks, silently (no output follows). False if it is not live."""
-        self._requests.pop(request_id, None)
+        if self._requests.pop(request_id, None) is not None:
+            self._pending = [item for item in self._pending if item[0].request_id != request_id]
+            self._ready = [o for o in self._ready if o.request_id != request_id]
         return self.scheduler.abort(request_id)
 
     def close(self) -> None:
@@ -197,7 +203,8 @@ class LLMEngine:
         self.runner.close()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests still to run, or outputs still to hand out."""
+        return self.scheduler.has_unfinished() or bool(self._pending) or bool(self._ready)
 
     def stats(self) -> dict:
         s = self.scheduler.stats()
@@ -208,24 +215,40 @@ class LLMEngine:
 
     # --- one step ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One scheduler step and model run; the outputs of the requests that got a token ([] when idle)."""
+        """One scheduler step and model run. Returns the outputs of the requests that got a token in the PREVIOUS
+        step ([] when idle): their detokenization and stop strings run while the device computes this step, so the
+        host's per-token work of one step hides behind the next one's forward (``overlap``, the default; with
+        ``NEOX_RT_ENGINE_OVERLAP=0`` a step returns its own outputs). A request that a stop string finishes in that
+        window has its token of this step dropped (the scheduler skips finished sequences)."""
+        outputs, self._ready = self._ready, []
         if not self.scheduler.has_unfinished():
-            return []
+            return outputs + self._flush()
         plan = self.scheduler.schedule()
         params = {c.request_id: self._requests[c.request_id].params for c in plan.chunks}
         try:
-            result = self.runner.run(plan, params)
+            launched = self.runner.launch(plan, params)
+            if self.overlap:
+                outputs += self._flush()  # the previous step's tokens, while the device runs this one
+            result = self.runner.collect(launched)
         except BaseException:
             # leave the scheduler consistent: the step computed nothing; its sequences are aborted
-            for c in plan.chunks:
-                self.abort(c.request_id)
+            failed = {c.request_id for c in plan.chunks}
+            for rid in failed:
+                self.abort(rid)
             self.scheduler.update(plan, {})
+            self._ready = [o for o in outputs if o.request_id not in failed]  # go out with the next step
             raise
         for rid, items in result.prompt_logprobs.items():
             self._requests[rid].add_prompt_logprobs(items)
         sampled = result.sampled
         seqs = self.scheduler.update(plan, {rid: t.token_id for rid, t in sampled.items()})
-        return [self._output(seq, sampled[seq.request_id]) for seq in seqs]
+        self._pending = [(seq, sampled[seq.request_id]) for seq in seqs]
+        return outputs if self.overlap else outputs + self._flush()
+
+    def _flush(self) -> list[RequestOutput]:
+        """The outputs of the tokens the last update recorded (requests aborted since are skipped)."""
+        pending, self._pending = self._pending, []
+        return [self._output(seq, tok) for seq, tok in pending if seq.request_id in self._requests]
 
     def _output(self, seq, sampled) -> RequestOutput:
         rid = seq.request_id

@@ -46,6 +46,19 @@ class PromptLogprob:
 
 
 @dataclass
+class _Launched:
+    """A step between :meth:`ModelRunner.launch` and :meth:`ModelRunner.collect`: its logits (on a GPU, possibly
+    still being computed) and the greedy rows' argmax queued after them."""
+    plan: StepPlan
+    params: Mapping[str, object]
+    logits: torch.Tensor | None
+    sample_ids: list
+    plp: list
+    top: torch.Tensor | None
+    greedy: list
+
+
+@dataclass
 class StepResult:
     """What a step gives back: the sampled token of each sampling chunk, and the prompt logprobs it computed."""
     sampled: dict[str, SampledToken]
@@ -145,13 +158,35 @@ class ModelRunner:
         """Run ``plan`` and sample: ``params[request_id]`` (every chunk's) carries ``temperature``, ``top_k``,
         ``top_p``, ``seed``, ``logprobs`` and ``prompt_logprobs`` (a :class:`~neox_rt.engine.llm_engine.
         SamplingRequest`). Returns a token for every sampling chunk (``{id: t.token_id for id, t in
-        result.sampled.items()}`` is what ``Scheduler.update`` takes) and the prompt logprobs the step computed."""
-        result = StepResult({}, {})
+        result.sampled.items()}`` is what ``Scheduler.update`` takes) and the prompt logprobs the step computed.
+        :meth:`launch` then :meth:`collect`."""
+        return self.collect(self.launch(plan, params))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, params: Mapping[str, object]) -> "_Launched":
+        """The first half of :meth:`run`: the forward and the greedy rows' argmax queued on the device, nothing
+        waited for (on a GPU the host is free until :meth:`collect`)."""
         if plan.is_empty:
-            return result
+            return _Launched(plan, params, None, [], [], None, [])
         want_plp = frozenset(c.request_id for c in plan.prefills
                              if getattr(params[c.request_id], "prompt_logprobs", None) is not None)
         logits, sample_ids, plp = self.execute(plan, want_plp)
+        greedy = [i for i, r in enumerate(sample_ids) if params[r].temperature == 0 or params[r].top_k == 1]
+        top = logits[greedy, :self.valid_vocab].argmax(dim=-1) if greedy else None
+        return _Launched(plan, params, logits, sample_ids, plp, top, greedy)
+
+    @torch.inference_mode()
+    def collect(self, launched: "_Launched") -> StepResult:
+        """The second half of :meth:`run`: the greedy tokens brought to the host (the wait for the device), the
+        other rows sampled, logprobs."""
+        result = StepResult({}, {})
+        plan, params, logits, sample_ids, plp = (launched.plan, launched.params, launched.logits,
+                                                 launched.sample_ids, launched.plp)
+        if logits is None:
+            return result
+        chosen: dict[int, int] = {}
+        if launched.greedy:
+            chosen.update(zip(launched.greedy, launched.top.tolist()))
         if plp:
             self._prompt_logprobs(logits[len(sample_ids):], plp, plan, params, result)
         if not sample_ids:
@@ -160,11 +195,6 @@ class ModelRunner:
         index = {c.request_id: c for c in plan.chunks}
         want_lp = [i for i, r in enumerate(sample_ids) if params[r].logprobs is not None]
         logp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
-        greedy = [i for i, r in enumerate(sample_ids) if params[r].temperature == 0 or params[r].top_k == 1]
-        chosen: dict[int, int] = {}
-        if greedy:
-            top = logits[greedy, :self.valid_vocab].argmax(dim=-1).tolist()
-            chosen.update(zip(greedy, top))
         for i, rid in enumerate(sample_ids):
             if i in chosen:
                 continue
