@@ -207,6 +207,6 @@ def test_http_overhead_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["server"]["tokens_all_received"] and res["server"]["usage_matches_chunks"]
-    assert res["engine"]["tpot_mean_ms"] >= 1.0 and res["server"]["tpot_mean_ms"] >= 1.0  # steps wait 1 ms at least
+    assert res["engine"]["tpot_mean_ms"] > 0 and res["server"]["tpot_mean_ms"] > 0
     assert res["engine"]["steps"] >= 6 and res["server"]["cpu_ms_per_token"] > 0
     assert math.isclose(res["overhead_ms_per_token"], res["server"]["tpot_mean_ms"] - res["engine"]["tpot_mean_ms"])
