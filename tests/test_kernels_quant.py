@@ -344,10 +344,8 @@ def test_cuda_supports_declines_cpu_and_bad_shapes(monkeypatch):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", DECODE_SHAPES_GPU, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("variant", [0, 5])  # auto; LEAN with x in shared memory
-def test_cuda_decode_shapes(quant_ext, shape, dtype, fmt, variant, monkeypatch):
+def test_cuda_decode_shapes(quant_ext, shape, dtype, fmt):
     bf16_or_skip(quant_ext, dtype)
-    monkeypatch.setattr(cuda_ops, "QUANT_VARIANT", variant)
     m, n, k, group = shape
     weight = make_weight(fmt, n, k, group, dtype)
     x, b = randn(m, k).to("cuda", dtype), randn(n, seed=2).to("cuda", dtype)
@@ -395,8 +393,7 @@ def test_cuda_epilogue(quant_ext, dtype, activation, fmt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5])  # QuantVariant: auto, one / two tiles, LEAN, LEAN two tiles,
-# LEAN with x in shared memory
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])  # QuantVariant: auto, one / two tiles, LEAN, LEAN two tiles
 @pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 9, 16, 17, 40])
 def test_cuda_variants(quant_ext, rows, pdl, variant, fmt):
@@ -414,11 +411,9 @@ def test_cuda_variants(quant_ext, rows, pdl, variant, fmt):
                                      (24576, 128)])
 def test_cuda_int4_group_sizes(quant_ext, k, group):
     """Group sizes other than 128 (the group of a lane's run is computed from floats: non-powers of two included),
-    one group for the whole row, and 20B's 4h->h k (x in shared memory: 48 KB at one row, above the default limit;
-    two rows exceed XS's 64 KB and take variant 3)."""
+    one group for the whole row, and 20B's 4h->h k."""
     weight = make_weight("int4", 70, k, group, torch.float16, seed=group)
-    # 1: the plain kernel; 3: lean where G divides 512; 5: lean with x staged in shared memory
-    for rows, variant in ((1, 1), (12, 1), (1, 3), (12, 3), (1, 5), (2, 5), (8, 5)):
+    for rows, variant in ((1, 1), (12, 1), (1, 3), (12, 3)):  # 1: the plain kernel; 3: lean where G divides 512
         x = randn(rows, k, seed=rows).to("cuda", torch.float16)
         out = run_cuda(quant_ext, x, weight, variant=variant)
         assert_by_rule(out, x, weight.dequantize(torch.float16), None, torch.float16,
@@ -434,7 +429,7 @@ def test_cuda_int4_zero_points(quant_ext):
         if dtype == torch.float16:
             weight.zeros[:8] = 200  # an odd out-of-range zero point is still exact in fp16 (1024 + z)
         x = randn(3, 1024).to("cuda", dtype)
-        for variant in (1, 3, 5):
+        for variant in (1, 3):
             assert_by_rule(run_cuda(quant_ext, x, weight, variant=variant), x, weight.dequantize(dtype), None, dtype,
                            f"zeros {dtype} v{variant}")
 
@@ -552,7 +547,7 @@ def test_cuda_bad_input_raises(quant_ext):
     with pytest.raises(RuntimeError, match="activation"):
         int8(act=7)
     with pytest.raises(RuntimeError, match="variant"):
-        int8(variant=6)
+        int8(variant=5)
     with pytest.raises(RuntimeError, match="float16 and bfloat16"):
         int8(x.float(), s=s8.float())
     with pytest.raises(RuntimeError, match="qweight"):

@@ -168,19 +168,17 @@ __device__ __forceinline__ void pdl_wait() {
 // Launch a kernel, as `plain` or, with `pdl` (sm_90 programmatic dependent launch), as `programmatic` (the same
 // kernel instantiated to call pdl_wait() before reading the previous kernel's outputs) with programmatic stream
 // serialization, so that it may start while the previous kernel of the stream drains.
-// launch_kernel_smem: the same with `smem` bytes of dynamic shared memory (above 48 KB the kernels must have been
-// allowed that much: cudaFuncSetAttribute(..., cudaFuncAttributeMaxDynamicSharedMemorySize, ...)).
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel_smem(bool pdl, void (*plain)(Params...), void (*programmatic)(Params...), dim3 grid,
-                               dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+cudaError_t launch_kernel(bool pdl, void (*plain)(Params...), void (*programmatic)(Params...), dim3 grid, dim3 block,
+                          cudaStream_t stream, Args... args) {
   if (!pdl) {
-    plain<<<grid, block, smem, stream>>>(args...);
+    plain<<<grid, block, 0, stream>>>(args...);
     return cudaGetLastError();
   }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
-  config.dynamicSmemBytes = smem;
+  config.dynamicSmemBytes = 0;
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -188,12 +186,6 @@ cudaError_t launch_kernel_smem(bool pdl, void (*plain)(Params...), void (*progra
   config.attrs = attr;
   config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, programmatic, args...);
-}
-
-template <typename... Params, typename... Args>
-cudaError_t launch_kernel(bool pdl, void (*plain)(Params...), void (*programmatic)(Params...), dim3 grid, dim3 block,
-                          cudaStream_t stream, Args... args) {
-  return launch_kernel_smem(pdl, plain, programmatic, grid, block, 0, stream, args...);
 }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }

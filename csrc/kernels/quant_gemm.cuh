@@ -183,10 +183,7 @@ __device__ __forceinline__ void x_pairs(const uint4& v, uint32_t (&b)[4]) {
 // NT tiles of 8 rows of x; S chunks in flight a lane. Rows of W past n read row n - 1, rows of x past m read row
 // m - 1: valid memory whose products land only in outputs that are never stored (each output column of the mma
 // depends on its own column of B alone, each row on its own row of A).
-// XS (one tile of x, NT = 1): the block's m rows of x staged once in shared memory (m k 2 bytes, dynamic), each 8-k
-// piece already in the order of the weight pairs and laid out so that the 4 lanes of a row read 64 contiguous bytes.
-template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool LEAN = false,
-          bool XS = false>
+template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool LEAN = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
                   const uint8_t* __restrict__ qweight,   // [n, row_bytes(k)]: int8 [n, k] or int32 [n, k / 8]
@@ -290,24 +287,6 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
     if (s < mine) load_chunk(s, s);
   if (PDL) pdl_wait();
 
-  // XS: piece c (8 values of k) of row r of x at xs[r k / 8 + (c / (4 SUB)) 4 SUB + (c % SUB) 4 + (c / SUB) % 4]:
-  // chunk, then the lane's 8-k step kk, then the lane's t, so that step kk of a chunk is 4 adjacent uint4 for t = 0..3
-  static_assert(!XS || NT == 1, "XS stages one tile of x");
-  extern __shared__ uint4 xs[];
-  const int k8 = k / 8;
-  if constexpr (XS) {
-    const int total = m * k8;  // m k < 2^31 (m <= 8)
-    for (int c = threadIdx.x; c < total; c += WARPS * 32) {  // rows of x one after the other: c counts pieces
-      const Vec<T, 8> xv = load_vec_ca<T, 8>(x + 8 * c);
-      uint32_t b[4];
-      x_pairs<F>(*reinterpret_cast<const uint4*>(&xv), b);
-      // k8 is a multiple of 4 SUB (a chunk): the permutation never crosses a row
-      xs[(c & ~(4 * SUB - 1)) | ((c & (SUB - 1)) << 2) | ((c / SUB) & 3)] = make_uint4(b[0], b[1], b[2], b[3]);
-    }
-    __syncthreads();
-  }
-  const int xs_lane = (NT == 1 ? min(g, m - 1) * k8 : 0) + t + 4 * SUB * warp;  // + 4 SUB WARPS i + 4 kk
-
   const T* const xlane = x + KL * t;
   int xrow[NT];  // offsets of the lane's rows of x (m k < 2^31: m <= 64)
 #pragma unroll
@@ -361,15 +340,10 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
             }
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
+            // x (L1 / L2) arrives while the next chunks' weights (DRAM) are in flight
+            const Vec<T, 8> xv = load_vec_ca<T, 8>(xlane + xrow[j] + kx + 8 * kk);
             uint32_t b[4];
-            if constexpr (XS) {
-              const uint4 v = xs[xs_lane + 4 * SUB * WARPS * i + 4 * kk];
-              b[0] = v.x, b[1] = v.y, b[2] = v.z, b[3] = v.w;
-            } else {
-              // x (L1 / L2) arrives while the next chunks' weights (DRAM) are in flight
-              const Vec<T, 8> xv = load_vec_ca<T, 8>(xlane + xrow[j] + kx + 8 * kk);
-              x_pairs<F>(*reinterpret_cast<const uint4*>(&xv), b);
-            }
+            x_pairs<F>(*reinterpret_cast<const uint4*>(&xv), b);
 #pragma unroll
             for (int c = 0; c < CT; ++c) {
               mma_16x8x16<T>(acc[c][j], a[c][0][0], a[c][1][0], a[c][0][1], a[c][1][1], b[0], b[1]);
@@ -422,16 +396,9 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 // 3: LEAN (constant-stride addressing; int4 in fp16: int4_pairs_lean) with its own choice of tiles (launch_quant_gemm);
 // 4: LEAN with two tiles. Auto is 3 wherever LEAN runs (sm_80 and up, groups dividing 512, n row_bytes < 2^31), the
 // plain kernel with 1 or 2's tiles elsewhere.
-// 5: LEAN with x staged in shared memory (XS) where it fits (up to 8 rows and m k 2 <= kQuantXsMaxBytes), 3's tiles;
-// 3 elsewhere.
 enum QuantVariant : int {
-  kQuantAuto = 0, kQuantOneTile = 1, kQuantTwoTiles = 2, kQuantLean = 3, kQuantLeanTwoTiles = 4, kQuantLeanXs = 5,
-  kQuantVariantLast = 5
+  kQuantAuto = 0, kQuantOneTile = 1, kQuantTwoTiles = 2, kQuantLean = 3, kQuantLeanTwoTiles = 4, kQuantVariantLast = 4
 };
-
-// x staged in shared memory: at most 64 KB a block (20B's 4h->h at one row is 48 KB; three blocks of 8 warps with
-// their partial sums stay under an SM's 227 KB).
-constexpr int kQuantXsMaxBytes = 64 * 1024;
 
 inline int quant_max_rows() { return 64; }
 
@@ -448,7 +415,7 @@ template <> struct QuantConfig<2, 2> { static constexpr int kWarps = 8, kSteps =
 template <> struct QuantConfig<4, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 3; };
 template <> struct QuantConfig<8, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 2; };
 
-template <typename T, typename F, int NT, int CT, bool LEAN = false, bool XS = false>
+template <typename T, typename F, int NT, int CT, bool LEAN = false>
 cudaError_t launch_quant_gemm_config(const T* x, const void* qweight, const T* scales, const uint8_t* zeros,
                                      const T* bias, const T* residual, T* y, int m, int n, int k, int group_size,
                                      int act, bool pdl, cudaStream_t stream) {
@@ -456,25 +423,9 @@ cudaError_t launch_quant_gemm_config(const T* x, const void* qweight, const T* s
   constexpr int WARPS = C::kWarps, S = C::kSteps, MIN_BLOCKS = C::kMinBlocks;
   const dim3 grid((n + 16 * CT - 1) / (16 * CT)), block(WARPS * 32);
   const auto* q = static_cast<const uint8_t*>(qweight);
-  auto* plain = quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, false, LEAN, XS>;
-  auto* programmatic = quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, true, LEAN, XS>;
-  const size_t smem = XS ? static_cast<size_t>(m) * k * sizeof(T) : 0;
-  if (XS) {  // the partial sums are static shared memory: beyond 48 KB together, the kernel must be allowed it (once
-             // per kernel and device: the attribute stays)
-    static bool allowed[64] = {};
-    int dev = 0;
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e != cudaSuccess) return e;
-    if (dev >= 64 || !allowed[dev]) {
-      e = cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, kQuantXsMaxBytes);
-      if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(programmatic, cudaFuncAttributeMaxDynamicSharedMemorySize, kQuantXsMaxBytes);
-      if (e != cudaSuccess) return e;
-      if (dev < 64) allowed[dev] = true;
-    }
-  }
-  return launch_kernel_smem(pdl, plain, programmatic, grid, block, smem, stream, x, q, scales, zeros, bias, residual, y,
-                            m, n, k, group_size, act);
+  return launch_kernel(pdl, quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, false, LEAN>,
+                       quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, true, LEAN>, grid, block, stream, x, q,
+                       scales, zeros, bias, residual, y, m, n, k, group_size, act);
 }
 
 template <typename T, typename F>
@@ -493,9 +444,6 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
                        static_cast<int64_t>(n) * F::row_bytes(k) + 512 < (int64_t{1} << 31);
   if (variant == kQuantAuto) variant = kQuantLean;
   const bool lean = lean_ok && variant >= kQuantLean;
-  // XS: one tile of x (up to 8 rows) whose rows fit kQuantXsMaxBytes, with LEAN
-  const bool xs = lean && variant == kQuantLeanXs && m <= 8 &&
-                  static_cast<int64_t>(m) * k * static_cast<int64_t>(sizeof(T)) <= kQuantXsMaxBytes;
   // Tiles a warp: forced by variants 1, 2 and 4; else one up to 8 rows (16 for int8), two above, and LEAN int4 takes two
   // at up to 8 rows where the grid still fills the card twice over (h->4h and 20B's qkv, not 4h->h or dense:
   // bench/quant_kernels.py on the H100)
@@ -509,12 +457,6 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
               : launch_quant_gemm_config<T, F, NT_, CT_, false>(x, qweight, scales, zeros, bias, residual, y, m, n,   \
                                                                 k, group_size, act, pdl, stream)
   if (m <= 8) {
-    if (xs) {
-      return ct == 1 ? launch_quant_gemm_config<T, F, 1, 1, true, true>(x, qweight, scales, zeros, bias, residual, y,
-                                                                        m, n, k, group_size, act, pdl, stream)
-                     : launch_quant_gemm_config<T, F, 1, 2, true, true>(x, qweight, scales, zeros, bias, residual, y,
-                                                                        m, n, k, group_size, act, pdl, stream);
-    }
     if (ct == 1) NEOX_RT_QUANT_CONFIG(1, 1);
     NEOX_RT_QUANT_CONFIG(1, 2);
   }

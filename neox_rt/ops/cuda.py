@@ -89,7 +89,7 @@ GEMV2_MIN_BLOCKS = _env_choice("NEOX_RT_GEMV2_MIN_BLOCKS", (0, 2, 3, 4))
 # 3 / 4 the LEAN kernel with its own tiles / two tiles; the measurements in
 # csrc/kernels/quant_gemm.cuh and bench/NOTES.md).
 QUANT_MAX_ROWS = _env_int("NEOX_RT_QUANT_MAX_ROWS", 64, 1, 64)
-QUANT_VARIANT_LAST = 5  # kQuantVariantLast
+QUANT_VARIANT_LAST = 4  # kQuantVariantLast
 QUANT_VARIANT = _env_int("NEOX_RT_QUANT_VARIANT", 0, 0, QUANT_VARIANT_LAST)
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
