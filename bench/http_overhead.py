@@ -35,7 +35,8 @@ import httpx  # noqa: E402
 
 import stub_engine  # noqa: E402
 from latency import percentile  # noqa: E402
-from serving import TraceRequest, _metric, _stream_all, free_port, run_continuous  # noqa: E402
+from serving import (TraceRequest, _metric, _stream_all, free_port, run_continuous, stream_body,  # noqa: E402
+                     wait_healthy)
 from neox_rt.default_model import load_default  # noqa: E402
 from neox_rt.engine.kv_cache import PagedKVCache  # noqa: E402
 
@@ -68,26 +69,14 @@ def through_server(settings: dict, prompts: list[list[int]], tokens: int, step_m
                PYTHONPATH=os.pathsep.join([REPO, BENCH, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stderr.read()[-1500:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"the server did not answer /health within {timeout} s")
-            time.sleep(0.3)
-
-        def body(ids):
-            return {"model": "bench", "prompt": ids, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-                    "stream": True, "stream_options": {"include_usage": True}}
-        asyncio.run(_stream_all(url, [body(p) for p in prompts]))  # warm-up
+        try:
+            wait_healthy(proc, url, timeout, poll=0.3)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}: {proc.stderr.read()[-1500:] if proc.poll() is not None else ''}") from None
+        asyncio.run(_stream_all(url, [stream_body(p, tokens) for p in prompts]))  # warm-up
         before = httpx.get(url + "/metrics").text
         cpu = cpu_seconds(proc.pid)
-        streams = asyncio.run(_stream_all(url, [body(p) for p in prompts]))
+        streams = asyncio.run(_stream_all(url, [stream_body(p, tokens) for p in prompts]))
         cpu = cpu_seconds(proc.pid) - cpu
         after = httpx.get(url + "/metrics").text
     finally:

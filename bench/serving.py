@@ -643,6 +643,29 @@ async def _stream_all(url: str, bodies: list[dict]) -> list[tuple[float, list[fl
         return await asyncio.gather(*(one(client, b) for b in bodies))
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, poll: float = 0.5) -> None:
+    """Until the server at ``url`` answers /health; raises if its process exits first or ``timeout`` passes."""
+    import httpx
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"the server did not answer /health within {timeout} s")
+        time.sleep(poll)
+
+
+def stream_body(ids: list[int], max_tokens: int) -> dict:
+    """A greedy streamed completion of exactly ``max_tokens`` tokens, with usage in the stream."""
+    return {"model": "bench", "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+
+
 def _engine_baseline(neox: NeoX, settings: dict, trace: list[TraceRequest]) -> dict:
     """The HTTP part's requests, all at once, through an in-process engine: TPOT and the decode-only step time. The
     same requests run once first, as the server gets them once before its timed pass (a first pass compiles the
@@ -711,27 +734,12 @@ def bench_http(neox: NeoX, name: str, args, log) -> dict:
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.time() + args.http_start_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"the server did not answer /health within {args.http_start_timeout} s")
-            time.sleep(0.5)
+        wait_healthy(proc, url, args.http_start_timeout)
         res["server_start_s"] = time.perf_counter() - t
-
-        def body(ids, n):
-            return {"model": "bench", "prompt": ids, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-                    "stream": True, "stream_options": {"include_usage": True}}
         # warm-up: the same requests once (kernels compiled, the decode graphs of every batch size they meet captured)
-        asyncio.run(_stream_all(url, [body(p, olen) for p in prompts]))
+        asyncio.run(_stream_all(url, [stream_body(p, olen) for p in prompts]))
         before = httpx.get(url + "/metrics").text
-        streams = asyncio.run(_stream_all(url, [body(p, olen) for p in prompts]))
+        streams = asyncio.run(_stream_all(url, [stream_body(p, olen) for p in prompts]))
         after = httpx.get(url + "/metrics").text
     except Exception as e:  # noqa: BLE001 - report with the server's log
         logf.seek(0)
