@@ -294,7 +294,8 @@ class _TokenChunks:
 
     def chat(self, index: int, content: str | None, finish_reason: str | None) -> str:
         delta = "{}" if content is None else f'{{"content":{json.dumps(content)}}}'
-        return f'{self.head}{index},"delta":{delta},"logprobs":null,"finish_reason":{json.dumps(finish_reason)}}}]}}\n\n'
+        return (f'{self.head}{index},"delta":{delta},"logprobs":null,'
+                f'"finish_reason":{json.dumps(finish_reason)}}}]}}\n\n')
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> p.UsageInfo:
