@@ -35,8 +35,8 @@ import httpx  # noqa: E402
 
 import stub_engine  # noqa: E402
 from latency import percentile  # noqa: E402
-from serving import (TraceRequest, _metric, _stream_all, free_port, run_continuous, stream_body,  # noqa: E402
-                     wait_healthy)
+from serving import (TraceRequest, _metric, _stream_all, free_port, run_continuous, stop_server,  # noqa: E402
+                     stream_body, wait_healthy)
 from neox_rt.default_model import load_default  # noqa: E402
 from neox_rt.engine.kv_cache import PagedKVCache  # noqa: E402
 
@@ -80,12 +80,7 @@ def through_server(settings: dict, prompts: list[list[int]], tokens: int, step_m
         cpu = cpu_seconds(proc.pid) - cpu
         after = httpx.get(url + "/metrics").text
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
     tpot = [(ts[-1] - ts[0]) / (len(ts) - 1) for _, ts, _ in streams if len(ts) > 1]
     name = "neox_rt_time_per_output_token_seconds"
     n = _metric(after, name + "_count") - _metric(before, name + "_count")

@@ -660,6 +660,16 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, poll: float =
         time.sleep(poll)
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Terminate the server subprocess; kill it if it has not exited 20 s later."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def stream_body(ids: list[int], max_tokens: int) -> dict:
     """A greedy streamed completion of exactly ``max_tokens`` tokens, with usage in the stream."""
     return {"model": "bench", "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
@@ -748,12 +758,7 @@ def bench_http(neox: NeoX, name: str, args, log) -> dict:
         log(f"http: {res['error']}; the server's log ends:\n{res['server_log_tail'][-1500:]}")
         return res
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         logf.close()
         shutil.rmtree(tmp, ignore_errors=True)
     tpot, ttft, itl, counts = [], [], [], []
