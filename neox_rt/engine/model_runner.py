@@ -16,9 +16,11 @@ ranks, which run the same forward (:mod:`neox_rt.engine.distributed`); sampling 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from neox_rt.engine.distributed import StepBroadcaster
@@ -43,6 +45,12 @@ class PromptLogprob:
     position: int
     logprob: float
     top_logprobs: dict[int, float] | None = None
+
+
+def _host(values: list, dtype) -> torch.Tensor:
+    """A host tensor from a list of ints, through numpy (a few times faster than ``torch.tensor`` on a list: this runs
+    for every step's inputs)."""
+    return torch.from_numpy(np.array(values, dtype=dtype))
 
 
 @dataclass
@@ -119,10 +127,11 @@ class ModelRunner:
                 plp += [(chunk.request_id, p + 1) for p in range(start, last)]
         sample_rows += plp_rows
         width = max(len(t) for t in tables)
-        block_tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        return (torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
-                torch.tensor(slots, dtype=torch.long), block_tables, torch.tensor(seqlens, dtype=torch.int32),
-                torch.tensor(qsl, dtype=torch.int32), torch.tensor(sample_rows, dtype=torch.long), sample_ids, plp)
+        flat = itertools.chain.from_iterable(t if len(t) == width else tuple(t) + (0,) * (width - len(t))
+                                             for t in tables)
+        block_tables = _host(list(flat), np.int32).view(len(tables), width)
+        return (_host(ids, np.int64), _host(pos, np.int64), _host(slots, np.int64), block_tables,
+                _host(seqlens, np.int32), _host(qsl, np.int32), _host(sample_rows, np.int64), sample_ids, plp)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, prompt_logprobs: frozenset = frozenset()) -> tuple[torch.Tensor, list, list]:

@@ -41,18 +41,20 @@ class SequenceStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in FINISHED
+        return self._finish_reason is not None
 
     @property
     def finish_reason(self) -> str | None:
         """OpenAI's ``finish_reason`` for a finished status ("stop", "length", "abort"), None while live."""
-        return _FINISH_REASON.get(self)
+        return self._finish_reason
 
 
 FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
                       SequenceStatus.FINISHED_ABORTED})
 _FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH: "length",
                   SequenceStatus.FINISHED_ABORTED: "abort"}
+for _status in SequenceStatus:  # an attribute of each member: read per token and request, an enum hash is slow
+    _status._finish_reason = _FINISH_REASON.get(_status)
 
 TRANSITIONS: dict[SequenceStatus, frozenset[SequenceStatus]] = {
     SequenceStatus.WAITING: frozenset({SequenceStatus.RUNNING, SequenceStatus.FINISHED_ABORTED}),

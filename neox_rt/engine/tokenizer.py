@@ -31,5 +31,5 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        return self._tok.decode(ids if type(ids) is list else list(ids), skip_special_tokens=False)
 
