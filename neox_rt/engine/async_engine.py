@@ -195,11 +195,11 @@ class AsyncEngine:
             self.step_errors += 1
             log.exception("engine step failed; aborting the %d requests in flight", len(self._streams))
             for rid in list(self._streams):
-                self._streams.pop(rid).put(EngineStepError(f"the engine failed on this request's batch: {e}"))
-                try:
+                try:  # aborted (blocks freed) before its caller hears of the failure
                     self.engine.abort(rid)
                 except Exception:  # noqa: BLE001
                     pass
+                self._streams.pop(rid).put(EngineStepError(f"the engine failed on this request's batch: {e}"))
             return
         self.steps += 1
         for out in outputs:
