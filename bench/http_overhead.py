@@ -1,13 +1,15 @@
 """The HTTP layer's cost per token without a GPU (#23): what ``python -m neox_rt.serve`` adds to a streamed token
 beyond the engine's own step, on this machine's host.
 
-The embedded default model's ``LLMEngine`` runs with its forward replaced by a wait of ``--step-ms`` that releases the
-GIL (``bench/stub_engine.py``: what a GPU step is to the host thread that waits on it), everything else real:
+The embedded default model's ``LLMEngine`` runs with its forward replaced by a device step of ``--step-ms`` that
+starts at the runner's ``launch`` and that ``collect`` waits for with the GIL released (``bench/stub_engine.py``: what
+a GPU step is to the host thread that waits on it), everything else real:
 scheduling, block tables, sampling, detokenization, and in the server the engine thread, the event loop, FastAPI,
 the server-sent events. K (``--streams``) requests of ``--prompt`` tokens and ``--tokens`` outputs, all at once:
 first in-process (``LLMEngine.step`` in a loop), then streamed by K httpx clients from this process through the
 server in a subprocess (same settings; each pass run once first to warm up). Reported: TPOT in-process, at the
-clients and by the server's own histogram (``/metrics``), and the difference per token. ``bench/serving.py --http``
+clients and by the server's own histogram (``/metrics``), the difference per token, and the host CPU time a token
+in-process and in the server process. ``bench/serving.py --http``
 measures the same on a GPU with the real model.
 
     python bench/http_overhead.py                       # 32 streams, 3.5 ms steps, 128 + 128 tokens
@@ -54,7 +56,8 @@ def in_process(neox, settings: dict, trace: list[TraceRequest]) -> dict:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
