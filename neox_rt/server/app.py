@@ -455,15 +455,15 @@ async def _completions(state: ServerState, req: p.CompletionRequest, raw: Reques
                     completion_tokens += len(out.new_token_ids)
                     reason = out.finish_reason if out.finished else None
                     if req.logprobs is None:
-                        offsets[index] += len(out.new_text)
-                        yield fast.completion(index, out.new_text, reason)
-                        continue
-                    choice = p.CompletionChoice(index=index, text=out.new_text,
-                                                logprobs=_completion_logprobs(state, out, offsets[index]),
-                                                finish_reason=reason)
+                        event = fast.completion(index, out.new_text, reason)
+                    else:
+                        choice = p.CompletionChoice(index=index, text=out.new_text,
+                                                    logprobs=_completion_logprobs(state, out, offsets[index]),
+                                                    finish_reason=reason)
+                        event = _sse(p.CompletionResponse(id=rid, created=created, model=state.model_name,
+                                                          choices=[choice]).model_dump(exclude={"usage"}))
                     offsets[index] += len(out.new_text)
-                    chunk = p.CompletionResponse(id=rid, created=created, model=state.model_name, choices=[choice])
-                    yield _sse(chunk.model_dump(exclude={"usage"}))
+                    yield event
                 if req.include_usage():
                     chunk = p.CompletionResponse(id=rid, created=created, model=state.model_name, choices=[],
                                                  usage=_usage(num_prompt_tokens, completion_tokens))
