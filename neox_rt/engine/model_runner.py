@@ -163,18 +163,11 @@ class ModelRunner:
             self.broadcaster = None
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan, params: Mapping[str, object]) -> StepResult:
-        """Run ``plan`` and sample: ``params[request_id]`` (every chunk's) carries ``temperature``, ``top_k``,
-        ``top_p``, ``seed``, ``logprobs`` and ``prompt_logprobs`` (a :class:`~neox_rt.engine.llm_engine.
-        SamplingRequest`). Returns a token for every sampling chunk (``{id: t.token_id for id, t in
-        result.sampled.items()}`` is what ``Scheduler.update`` takes) and the prompt logprobs the step computed.
-        :meth:`launch` then :meth:`collect`."""
-        return self.collect(self.launch(plan, params))
-
-    @torch.inference_mode()
     def launch(self, plan: StepPlan, params: Mapping[str, object]) -> "_Launched":
-        """The first half of :meth:`run`: the forward and the greedy rows' argmax queued on the device, nothing
-        waited for (on a GPU the host is free until :meth:`collect`)."""
+        """Run ``plan``, first half: the forward and the greedy rows' argmax queued on the device, nothing waited for
+        (on a GPU the host is free until :meth:`collect`). ``params[request_id]`` (every chunk's) carries
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``logprobs`` and ``prompt_logprobs`` (a
+        :class:`~neox_rt.engine.llm_engine.SamplingRequest`)."""
         if plan.is_empty:
             return _Launched(plan, params, None, [], [], None, [])
         want_plp = frozenset(c.request_id for c in plan.prefills
@@ -186,8 +179,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def collect(self, launched: "_Launched") -> StepResult:
-        """The second half of :meth:`run`: the greedy tokens brought to the host (the wait for the device), the
-        other rows sampled, logprobs."""
+        """Second half: the greedy tokens brought to the host (the wait for the device), the other rows sampled,
+        logprobs. Returns a token for every sampling chunk (``{id: t.token_id for id, t in result.sampled.items()}``
+        is what ``Scheduler.update`` takes) and the prompt logprobs the step computed."""
         result = StepResult({}, {})
         plan, params, logits, sample_ids, plp = (launched.plan, launched.params, launched.logits,
                                                  launched.sample_ids, launched.plp)

@@ -3,7 +3,7 @@
 Pure Python, no tensors. The engine loop is::
 
     plan = scheduler.schedule()                 # decodes + prefill chunks; blocks allocated for them
-    sampled = runner.run(plan)                  # {request_id: token} for every chunk with .samples
+    sampled = runner.collect(runner.launch(plan, params))  # {request_id: token} for every chunk with .samples
     for seq in scheduler.update(plan, sampled): # tokens appended; EOS / stop tokens / max_tokens applied
         ...detokenize, stream; scheduler.finish(id) on a stop string
 
