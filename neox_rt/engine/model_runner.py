@@ -56,7 +56,8 @@ def _host(values: list, dtype) -> torch.Tensor:
 @dataclass
 class _Launched:
     """A step between :meth:`ModelRunner.launch` and :meth:`ModelRunner.collect`: its logits (on a GPU, possibly
-    still being computed) and the greedy rows' argmax queued after them."""
+    still being computed) and every sampling row's argmax queued after them (``greedy`` names the rows that take
+    it)."""
     plan: StepPlan
     params: Mapping[str, object]
     logits: torch.Tensor | None
@@ -174,7 +175,10 @@ class ModelRunner:
                              if getattr(params[c.request_id], "prompt_logprobs", None) is not None)
         logits, sample_ids, plp = self.execute(plan, want_plp)
         greedy = [i for i, r in enumerate(sample_ids) if params[r].temperature == 0 or params[r].top_k == 1]
-        top = logits[greedy, :self.valid_vocab].argmax(dim=-1) if greedy else None
+        # every sampling row's argmax, picked on the host in collect: indexing the rows with a list here would copy
+        # the index from pageable host memory, which waits for the forward (the host then idles until the device is
+        # done, and nothing between launch and collect overlaps it)
+        top = logits[:len(sample_ids), :self.valid_vocab].argmax(dim=-1) if greedy else None
         return _Launched(plan, params, logits, sample_ids, plp, top, greedy)
 
     @torch.inference_mode()
@@ -189,7 +193,8 @@ class ModelRunner:
             return result
         chosen: dict[int, int] = {}
         if launched.greedy:
-            chosen.update(zip(launched.greedy, launched.top.tolist()))
+            top = launched.top.tolist()
+            chosen.update((i, top[i]) for i in launched.greedy)
         if plp:
             self._prompt_logprobs(logits[len(sample_ids):], plp, plan, params, result)
         if not sample_ids:
