@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, metavar="N", help="tensor-parallel size; launch with torchrun "
                    "--nproc-per-node N (rank 0 serves HTTP and schedules, every rank runs its shard; default: "
                    "WORLD_SIZE under torchrun, else 1)")
+    g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the engine in a process of its own, apart from the HTTP event loop (default: on, and "
+                        "off under --tp > 1); --no-engine-process runs it in a thread of the server's process")
     # tests only: a module with LLMEngine and SamplingRequest standing in for the engine
     p.add_argument("--engine", default=DEFAULT_ENGINE, help=argparse.SUPPRESS)
     return p
@@ -125,7 +128,10 @@ def setup_parallel(args):
 
 def build(args, tp=None):
     """(app, model name) from parsed arguments: the model, the engine, its async driver and the HTTP app (rank 0
-    of a tensor-parallel launch: the other ranks run :func:`serve_worker`)."""
+    of a tensor-parallel launch: the other ranks run :func:`serve_worker`). The engine runs in a process of its own
+    (:class:`~neox_rt.engine.process_engine.ProcessEngine`) unless ``--no-engine-process`` or ``--tp`` > 1 put it in
+    a thread of this one."""
+    from neox_rt import parallel
     from neox_rt.engine.async_engine import AsyncEngine
     from neox_rt.server.app import build_app, load_chat_template
     template = None
@@ -134,10 +140,34 @@ def build(args, tp=None):
             template = load_chat_template(read_bytes(args.chat_template, "chat template").decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise NeoxRtError(f"--chat-template {args.chat_template}: {e}") from None
+    tp = tp or parallel.SINGLE
+    engine_module = _engine_module(args)
+    if _engine_process(args, tp):
+        from neox_rt.engine.process_engine import ProcessEngine
+        driver = ProcessEngine(engine_process_main, args, log_level=args.log_level)
+        path = driver.info["path"]
+    else:
+        engine, path = make_engine(args, tp)
+        driver = AsyncEngine(engine)
+    name = args.served_model_name or (path.rstrip("/").split("/")[-1] if path else "neox_rt-default")
+    app = build_app(driver, engine_module.SamplingRequest, model_name=name, chat_template=template, model_root=path)
+    return app, name
+
+
+def _engine_module(args):
     try:
-        engine_module = importlib.import_module(args.engine)
+        return importlib.import_module(args.engine)
     except ImportError as e:
         raise NeoxRtError(f"cannot import the engine {args.engine}: {e}") from None
+
+
+def _engine_process(args, tp) -> bool:
+    return tp.size == 1 if args.engine_process is None else args.engine_process
+
+
+def make_engine(args, tp=None):
+    """(engine, checkpoint path): the model loaded and its ``LLMEngine`` built."""
+    engine_module = _engine_module(args)
     neox, path = load_neox(args, tp)
     if neox.tokenizer is None:
         raise NeoxRtError("the checkpoint has no tokenizer.json: pass --tokenizer FILE")
@@ -147,10 +177,14 @@ def build(args, tp=None):
                                          max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue)
     except ValueError as e:
         raise NeoxRtError(f"engine settings: {e}") from None
-    name = args.served_model_name or (path.rstrip("/").split("/")[-1] if path else "neox_rt-default")
-    app = build_app(AsyncEngine(engine), engine_module.SamplingRequest, model_name=name, chat_template=template,
-                    model_root=path)
-    return app, name
+    return engine, path
+
+
+def engine_process_main(args):
+    """The engine process's factory (:class:`~neox_rt.engine.process_engine.ProcessEngine`): the engine, and the
+    checkpoint path for the server's model name."""
+    engine, path = make_engine(args)
+    return engine, {"path": path}
 
 
 def serve_worker(args, tp) -> int:
@@ -181,6 +215,10 @@ def main(argv=None) -> int:
 
 
 def _main(args, tp) -> int:
+    if args.engine_process and tp.size > 1:  # every rank says so and stops: none waits for the others
+        print(f"neox_rt.serve{f' (rank {tp.rank})' if tp.rank else ''}: error: --engine-process does not run under "
+              "--tp > 1 (rank 0's engine drives the other ranks from its own process)", file=sys.stderr)
+        return 2
     if not tp.is_main:
         try:
             return serve_worker(args, tp)

@@ -447,6 +447,11 @@ def test_cli_errors_are_one_line():
     r = subprocess.run([sys.executable, "-m", "neox_rt.serve", "--chat-template", "/nonexistent/t.jinja"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "chat template" in r.stderr
+    # errors of the engine process (the model is loaded there) reach the parent as the same one line
+    r = subprocess.run([sys.executable, "-m", "neox_rt.serve", "--model", "/nonexistent/model"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "/nonexistent/model" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
 
 
 def test_parse_bytes():
@@ -564,6 +569,147 @@ def test_async_engine_serves_fails_one_batch_sleeps_and_shuts_down():
         with pytest.raises(EngineDead):
             await collect("z", [1], 1)
     asyncio.run(after())
+
+
+def stub_engine_factory(max_model_len=64):
+    """The engine process's factory for the ProcessEngine tests (module level: the spawned child imports it)."""
+    stub = StubEngine()
+    stub.max_model_len = max_model_len
+    return stub, {"path": None, "pid": os.getpid()}
+
+
+def test_process_engine_serves_fails_one_batch_and_shuts_down():
+    """The same contract as the thread's, with the engine in a child process: outputs in order, a refusal and a
+    failed step reach only their request, an early stop aborts, a full queue raises QueueFull before any output,
+    the last output carries the whole text while the others cross without it, and shutdown ends the child."""
+    from neox_rt.engine.async_engine import EngineDead, EngineStepError
+    from neox_rt.engine.llm_engine import SamplingRequest
+    from neox_rt.engine.process_engine import ProcessEngine
+    from neox_rt.engine.scheduler import QueueFull, RequestRejected
+    engine = ProcessEngine(stub_engine_factory, 48)
+    assert engine.max_model_len == 48 and engine.info["pid"] == engine.pid != os.getpid()
+
+    async def collect(rid, ids, n):
+        return [o async for o in engine.generate(rid, ids, SamplingRequest(max_tokens=n))]
+
+    async def main():
+        a, b = await asyncio.gather(collect("a", [1], 5), collect("b", [2], 3))
+        assert [o.new_token_ids for o in a] == [[1], [2], [3], [4], [5]] and a[-1].finished and len(b) == 3
+        assert a[-1].token_ids == [1, 2, 3, 4, 5] and a[-1].text == "xxxxx" and a[0].text is None
+        with pytest.raises(RequestRejected):
+            await collect("c", [], 3)
+        with pytest.raises(EngineStepError):  # the engine raised in this request's step: it fails alone
+            await collect("bad", [666], 3)
+        assert len(await collect("d", [3], 2)) == 2  # and the next request is served
+        gen = engine.generate("e", [4], SamplingRequest(max_tokens=50))  # a consumer that stops early aborts
+        await gen.__anext__()
+        await gen.aclose()
+        for _ in range(200):
+            if engine.stats()["num_running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats()["num_running"] == 0
+        s1 = await engine.add("f", [1], SamplingRequest(max_tokens=400))
+        s2 = await engine.add("g", [1], SamplingRequest(max_tokens=400))
+        with pytest.raises(QueueFull):
+            await engine.add("h", [1], SamplingRequest(max_tokens=40))
+        with pytest.raises(ValueError, match="already running"):
+            await engine.add("f", [1], SamplingRequest(max_tokens=40))
+        engine.abort("f")
+        engine.abort("g")
+        del s1, s2
+
+    asyncio.run(main())
+    engine.shutdown()
+    assert not engine.is_alive() and engine._proc.exitcode == 0
+
+    async def after():
+        with pytest.raises(EngineDead):
+            await collect("z", [1], 1)
+    asyncio.run(after())
+
+
+def test_process_engine_that_dies_fails_its_requests():
+    from neox_rt.engine.async_engine import EngineDead
+    from neox_rt.engine.llm_engine import SamplingRequest
+    from neox_rt.engine.process_engine import ProcessEngine
+    engine = ProcessEngine(stub_engine_factory)
+
+    async def main():
+        gen = engine.generate("a", [1], SamplingRequest(max_tokens=10_000))
+        await gen.__anext__()
+        os.kill(engine.pid, 9)
+        with pytest.raises(EngineDead):
+            async for _ in gen:
+                pass
+        with pytest.raises(EngineDead):
+            await engine.add("b", [1], SamplingRequest(max_tokens=1))
+
+    asyncio.run(main())
+    assert not engine.is_alive()
+    engine.shutdown()
+
+
+def _engine_child(server: "Server") -> int:
+    """The pid of the server's engine process (its child running multiprocessing's spawn_main)."""
+    for tid in os.listdir(f"/proc/{server.proc.pid}/task"):
+        with open(f"/proc/{server.proc.pid}/task/{tid}/children") as f:
+            for pid in f.read().split():
+                with open(f"/proc/{pid}/cmdline", "rb") as c:
+                    if b"spawn_main" in c.read():
+                        return int(pid)
+    raise AssertionError("no engine process")
+
+
+def test_server_whose_engine_process_dies_answers_503():
+    """The engine process killed under a stream: the stream ends, /health and new requests answer 503 (no hang),
+    and the server still stops cleanly."""
+    s = Server()
+    try:
+        client = s.client()
+        stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=1000, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))
+        os.kill(_engine_child(s), 9)
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                pass
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 503
+        r = post(s, "/v1/completions", {"prompt": "a", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    finally:
+        s.stop()
+    assert s.proc.returncode in (0, -15), s.proc.returncode
+
+
+def test_engine_in_a_thread_serves_the_same(neox):
+    """``--no-engine-process``: the engine in a thread of the server's process gives the same greedy streams."""
+    s = Server("--no-engine-process")
+    try:
+        want = offline(neox, PROMPTS[:4], 12)
+
+        async def stream(client, prompt):
+            text = ""
+            async for chunk in await client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                                               temperature=0, stream=True):
+                text += "".join(c.text for c in chunk.choices)
+            return text
+
+        async def all_streams():
+            return await asyncio.gather(*(stream(s.async_client(), p) for p in PROMPTS[:4]))
+
+        assert asyncio.run(all_streams()) == [w.text for w in want]
+        assert _children_running_spawn(s) == 0
+    finally:
+        s.stop()
+
+
+def _children_running_spawn(server: "Server") -> int:
+    try:
+        _engine_child(server)
+        return 1
+    except AssertionError:
+        return 0
 
 
 # -- tensor parallelism -------------------------------------------------------------------------------------

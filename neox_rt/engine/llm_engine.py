@@ -57,10 +57,11 @@ class RequestOutput:
     new_text: str
     """Text to stream now ("" is possible)."""
     new_token_ids: list[int]
-    text: str
-    """All output text so far (cut at a stop string when finished)."""
-    token_ids: list[int]
-    """All output token ids so far (EOS and stop tokens excluded)."""
+    text: str | None
+    """All output text so far (cut at a stop string when finished); None on an unfinished output that crossed from
+    an engine process (:mod:`.process_engine`)."""
+    token_ids: list[int] | None
+    """All output token ids so far (EOS and stop tokens excluded); None as ``text``."""
     logprobs: list[float] | None
     """One per new token: log p under the model, before temperature and filters."""
     top_logprobs: list[dict[int, float]] | None
