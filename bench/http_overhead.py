@@ -55,20 +55,30 @@ def in_process(neox, settings: dict, trace: list[TraceRequest]) -> dict:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its live descendants so far (Linux /proc): the server and, in
+    its default mode, its engine process."""
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                total += sum(cpu_seconds(int(child)) for child in f.read().split())
+    except FileNotFoundError:  # gone meanwhile
+        pass
+    return total
 
 
-def through_server(settings: dict, prompts: list[list[int]], tokens: int, step_ms: float, timeout: float) -> dict:
+def through_server(settings: dict, prompts: list[list[int]], tokens: int, step_ms: float, timeout: float,
+                   engine_process: bool = True, launch_ms: float = 0.0) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "neox_rt.serve", "--engine", "stub_engine", "--port", str(port),
            "--served-model-name", "bench", "--max-num-seqs", str(settings["max_num_seqs"]),
            "--kv-cache-memory", str(settings["kv_cache_memory"]), "--max-model-len", str(settings["max_model_len"]),
-           "--log-level", "warning"]
-    env = dict(os.environ, NEOX_RT_STUB_STEP_MS=str(step_ms),
+           "--log-level", "warning", "--engine-process" if engine_process else "--no-engine-process"]
+    env = dict(os.environ, NEOX_RT_STUB_STEP_MS=str(step_ms), NEOX_RT_STUB_LAUNCH_MS=str(launch_ms),
                PYTHONPATH=os.pathsep.join([REPO, BENCH, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -102,28 +112,42 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--step-ms", type=float, default=3.5, help="the stand-in GPU step (default 3.5: 1.4b's decode "
                    "step with 32 sequences on an H100, bench/results/serving_1.4b_h100_4a3ded9.json)")
+    p.add_argument("--launch-ms", type=float, default=0.0, help="host time the stand-in launch holds the GIL for "
+                   "(a real step's Python and CUDA launches; default 0)")
+    p.add_argument("--modes", default="process,thread", help="the server's engine modes to run, in order: process "
+                   "(the engine in its own process, the default) and / or thread (--no-engine-process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-timeout", type=float, default=120.0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    stub_engine.STEP_MS = args.step_ms
+    stub_engine.STEP_MS, stub_engine.LAUNCH_MS = args.step_ms, args.launch_ms
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"process", "thread"}:
+        p.error(f"--modes: process and / or thread, got {args.modes!r}")
     neox = load_default(notice=False)
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(1000, 4000) for _ in range(args.prompt)] for _ in range(args.streams)]
     kv = 2 * args.streams * -(-(args.prompt + args.tokens) // 16) * PagedKVCache.block_bytes(neox.model, 16)
     settings = dict(max_num_seqs=args.streams, kv_cache_memory=kv, max_model_len=args.prompt + args.tokens)
     trace = [TraceRequest(f"h{i}", 0.0, tuple(ids), args.tokens) for i, ids in enumerate(prompts)]
-    res = {"streams": args.streams, "prompt": args.prompt, "tokens": args.tokens, "step_ms": args.step_ms}
+    res = {"streams": args.streams, "prompt": args.prompt, "tokens": args.tokens, "step_ms": args.step_ms,
+           "launch_ms": args.launch_ms}
     res["engine"] = in_process(neox, settings, trace)
-    res["server"] = through_server(settings, prompts, args.tokens, args.step_ms, args.start_timeout)
-    res["overhead_ms_per_token"] = res["server"]["tpot_mean_ms"] - res["engine"]["tpot_mean_ms"]
     res["cpu_count"] = os.cpu_count()
-    print(f"{args.streams} streams, {args.step_ms} ms steps: TPOT in-process {res['engine']['tpot_mean_ms']:.2f} ms "
-          f"(step {res['engine']['step_ms_mean']:.2f}), at the clients {res['server']['tpot_mean_ms']:.2f} "
-          f"(server-measured {res['server']['server_tpot_mean_ms']:.2f}): {res['overhead_ms_per_token']:.2f} ms a "
-          f"token for HTTP; host CPU a token {res['engine']['cpu_ms_per_token']:.3f} ms in-process, "
-          f"{res['server']['cpu_ms_per_token']:.3f} in the server; all tokens received: "
-          f"{res['server']['tokens_all_received']}")
+    print(f"{args.streams} streams, {args.step_ms} ms steps ({args.launch_ms} ms of them holding the GIL at launch): "
+          f"TPOT in-process {res['engine']['tpot_mean_ms']:.2f} ms (step {res['engine']['step_ms_mean']:.2f}), host "
+          f"CPU a token {res['engine']['cpu_ms_per_token']:.3f} ms")
+    for mode in modes:
+        key = "server" if mode == "process" else "server_thread"
+        res[key] = through_server(settings, prompts, args.tokens, args.step_ms, args.start_timeout,
+                                  engine_process=mode == "process", launch_ms=args.launch_ms)
+        res[key]["overhead_ms_per_token"] = res[key]["tpot_mean_ms"] - res["engine"]["tpot_mean_ms"]
+        print(f"  server, engine in a {mode}: TPOT at the clients {res[key]['tpot_mean_ms']:.2f} ms (server-measured "
+              f"{res[key]['server_tpot_mean_ms']:.2f}): {res[key]['overhead_ms_per_token']:.2f} ms a token for HTTP; "
+              f"host CPU a token {res[key]['cpu_ms_per_token']:.3f} ms; all tokens received: "
+              f"{res[key]['tokens_all_received']}")
+    if "server" in res:
+        res["overhead_ms_per_token"] = res["server"]["overhead_ms_per_token"]
     if args.out:
         write_result(args.out, res)
     return 0

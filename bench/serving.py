@@ -55,8 +55,9 @@ mixed trace's run at that rate, if there is one).
 ``--http``: the HTTP layer's cost. K (``--http-streams``) concurrent requests of ``--http-prompt`` tokens and
 ``--http-tokens`` outputs, all at once, first through an in-process ``LLMEngine``, then streamed through
 ``python -m neox_rt.serve`` (a subprocess on the same card; for a random-weight shape the weights are saved to a
-temporary HF directory with the tokenizer) by httpx clients; client-side TPOT against the in-process TPOT and
-decode step time of the same batch, and the server's own TPOT histogram (``/metrics``).
+temporary HF directory with the tokenizer) by httpx clients, once per ``--http-modes`` (the engine in a process of
+its own, then in a thread of the server); client-side TPOT against the in-process TPOT and decode step time of the
+same batch, and the server's own TPOT histogram (``/metrics``).
 
 Results: JSON via ``bench/common.write_result`` (``--out``, default bench/results/serving-<gpu>-<time>.json, a copy
 in $OUT when set) and a markdown table printed last (also beside the JSON as .md).
@@ -726,25 +727,49 @@ def bench_http(neox: NeoX, name: str, args, log) -> dict:
     if neox.model.device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # 2. the server in a subprocess, same requests streamed over HTTP
+    # 2. the server in a subprocess, same requests streamed over HTTP, once per engine mode
     tmp = tempfile.mkdtemp(prefix="neox_rt_serving_")
-    cmd = [sys.executable, "-m", "neox_rt.serve", "--port", str(free_port()), "--served-model-name", "bench",
+    cmd = [sys.executable, "-m", "neox_rt.serve", "--served-model-name", "bench",
            "--max-num-seqs", str(k), "--kv-cache-memory", str(kv_bytes),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", str(plen + olen),
            "--log-level", "warning",
            "--device", str(neox.model.device), "--dtype", str(neox.model.dtype).replace("torch.", "")]
-    if name != "default":
-        t = time.perf_counter()
-        save_checkpoint(neox, os.path.join(tmp, "model"))
-        res["checkpoint_write_s"] = time.perf_counter() - t
-        cmd += ["--model", os.path.join(tmp, "model")]
-    url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
-    logf = open(os.path.join(tmp, "server.log"), "w+")
+    try:
+        if name != "default":
+            t = time.perf_counter()
+            save_checkpoint(neox, os.path.join(tmp, "model"))
+            res["checkpoint_write_s"] = time.perf_counter() - t
+            cmd += ["--model", os.path.join(tmp, "model")]
+        for i, mode in enumerate(args.http_modes):
+            flag = "--engine-process" if mode == "process" else "--no-engine-process"
+            part = _http_through_server(cmd + [flag], tmp, prompts, olen, args.http_start_timeout, log)
+            part["engine_mode"] = mode
+            if part.get("client", {}).get("tpot_mean_ms") is not None and res["engine"]["tpot_mean_ms"] is not None:
+                part["overhead_ms_per_token"] = part["client"]["tpot_mean_ms"] - res["engine"]["tpot_mean_ms"]
+            log(f"http ({mode}): client TPOT {_f(part.get('client', {}).get('tpot_mean_ms'), '{:.2f}')} ms, engine "
+                f"{_f(res['engine']['tpot_mean_ms'], '{:.2f}')} ms")
+            if i == 0:
+                res.update(part)  # the first mode's numbers at the top (the server's default mode: process)
+            else:
+                res.setdefault("other_modes", {})[mode] = part
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+def _http_through_server(cmd: list[str], tmp: str, prompts: list[list[int]], olen: int, start_timeout: float,
+                         log) -> dict:
+    """One server subprocess (``cmd`` plus a free port): the requests streamed once to warm up, then measured."""
+    import httpx
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    res: dict = {}
+    logf = open(os.path.join(tmp, f"server_{port}.log"), "w+")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd + ["--port", str(port)], cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_healthy(proc, url, args.http_start_timeout)
+        wait_healthy(proc, url, start_timeout)
         res["server_start_s"] = time.perf_counter() - t
         # warm-up: the same requests once (kernels compiled, the decode graphs of every batch size they meet captured)
         asyncio.run(_stream_all(url, [stream_body(p, olen) for p in prompts]))
@@ -760,7 +785,6 @@ def bench_http(neox: NeoX, name: str, args, log) -> dict:
     finally:
         stop_server(proc)
         logf.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     tpot, ttft, itl, counts = [], [], [], []
     for sent, times, usage in streams:
         counts.append((len(times), (usage or {}).get("completion_tokens")))
@@ -780,10 +804,6 @@ def bench_http(neox: NeoX, name: str, args, log) -> dict:
                      "tokens_all_received": all(c == olen for c, _ in counts),
                      "usage_matches_chunks": all(u == c for c, u in counts)}
     res["server_tpot_mean_ms"] = 1e3 * s / n if n else None
-    if res["client"]["tpot_mean_ms"] is not None and res["engine"]["tpot_mean_ms"] is not None:
-        res["overhead_ms_per_token"] = res["client"]["tpot_mean_ms"] - res["engine"]["tpot_mean_ms"]
-    log(f"http: client TPOT {_f(res['client']['tpot_mean_ms'], '{:.2f}')} ms, engine "
-        f"{_f(res['engine']['tpot_mean_ms'], '{:.2f}')} ms")
     return res
 
 
@@ -1071,12 +1091,16 @@ def markdown(report: dict) -> str:
             if "error" in h:
                 lines.append(f"http: error: {h['error']}")
             else:
-                lines.append(f"http ({h['streams']} streams, {h['prompt_len']} + {h['output_len']} tokens): client "
-                             f"TPOT {_f(h['client']['tpot_mean_ms'], '{:.2f}')} ms, server-measured "
-                             f"{_f(h.get('server_tpot_mean_ms'), '{:.2f}')} ms, engine in-process "
-                             f"{_f(h['engine']['tpot_mean_ms'], '{:.2f}')} ms (decode step "
-                             f"{_f(h['engine']['decode_step_ms_p50'], '{:.2f}')} ms): overhead "
-                             f"{_f(h.get('overhead_ms_per_token'), '{:.2f}')} ms per token")
+                for mode, m in [(h.get("engine_mode", "process"), h), *h.get("other_modes", {}).items()]:
+                    if "error" in m:
+                        lines.append(f"http (engine in a {mode}): error: {m['error']}")
+                        continue
+                    lines.append(f"http ({h['streams']} streams, {h['prompt_len']} + {h['output_len']} tokens, "
+                                 f"engine in a {mode}): client TPOT {_f(m['client']['tpot_mean_ms'], '{:.2f}')} ms, "
+                                 f"server-measured {_f(m.get('server_tpot_mean_ms'), '{:.2f}')} ms, engine in-process "
+                                 f"{_f(h['engine']['tpot_mean_ms'], '{:.2f}')} ms (decode step "
+                                 f"{_f(h['engine']['decode_step_ms_p50'], '{:.2f}')} ms): overhead "
+                                 f"{_f(m.get('overhead_ms_per_token'), '{:.2f}')} ms per token")
         lines.append("")
     lines.append("windows end at the cap (cut) or at the last token; TTFT over requests served in the window; static "
                  "token times are step ends (CUDA events on a GPU); KV: continuous peak blocks, static dense cache.")
@@ -1122,6 +1146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-prompt", type=int, default=128)
     p.add_argument("--http-tokens", type=int, default=128)
     p.add_argument("--http-start-timeout", type=float, default=300.0)
+    p.add_argument("--http-modes", default="process,thread", help="the server's engine modes, each its own server: "
+                   "process (the engine in a process of its own, the default) and / or thread (--no-engine-process); "
+                   "the first one's numbers are the result's, the others under other_modes")
     p.add_argument("--tokenizer", default=None, help="tokenizer for the random-weight shapes (default: "
                                                      "shared/tokenizers/20B_tokenizer.json, else the default model's)")
     p.add_argument("--quick", action="store_true", help="half the requests, 10 s caps, static runs at inf only")
@@ -1152,6 +1179,9 @@ def main(argv=None) -> int:
         args.static_rates = [math.inf]
     args.tokenizer = find_tokenizer(args.tokenizer)
     args.http_model = args.http_model or args.models[0]
+    args.http_modes = [m.strip() for m in args.http_modes.split(",") if m.strip()]
+    if not args.http_modes or set(args.http_modes) - {"process", "thread"}:
+        p.error(f"--http-modes: process and / or thread, got {','.join(args.http_modes)!r}")
     t_start = time.time()
     backend = ops.select_backend(None, device)
 

@@ -15,6 +15,9 @@ from neox_rt.engine.llm_engine import LLMEngine as _Engine
 from neox_rt.engine.llm_engine import RequestOutput, SamplingRequest  # noqa: F401  (the same interface)
 
 STEP_MS = float(os.environ.get("NEOX_RT_STUB_STEP_MS", "3.5"))
+LAUNCH_MS = float(os.environ.get("NEOX_RT_STUB_LAUNCH_MS", "0"))
+"""Host time the stand-in launch spends holding the GIL (a busy loop): what a real step's Python and CUDA launches
+cost the thread that runs them, and any other thread of the process waiting for the lock."""
 torch.set_num_threads(1)  # a GPU host's torch work is small tensors: no OpenMP threads spinning beside the server's
 
 
@@ -29,6 +32,10 @@ class LLMEngine(_Engine):
 
         def execute(plan, prompt_logprobs=frozenset()):
             *_, sample_ids, plp = prepare(plan, prompt_logprobs)  # the real runner's host work
+            if LAUNCH_MS > 0:
+                until = time.perf_counter() + LAUNCH_MS / 1e3
+                while time.perf_counter() < until:  # launches: the GIL held
+                    pass
             self.stub_launched = time.perf_counter()  # the GPU step starts now; collect() waits for its end
             rows = len(sample_ids) + len(plp)
             pick = ordinary[(torch.arange(rows) * 7 + 13 * self.stub_steps) % len(ordinary)]

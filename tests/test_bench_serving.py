@@ -170,6 +170,10 @@ def test_http_part_against_the_server(tmp_path, one_thread):
     assert h["client"]["tokens_all_received"] and h["client"]["usage_matches_chunks"]
     assert h["client"]["tpot_mean_ms"] > 0 and h["engine"]["tpot_mean_ms"] > 0 and h["server_tpot_mean_ms"] > 0
     assert h["overhead_ms_per_token"] == pytest.approx(h["client"]["tpot_mean_ms"] - h["engine"]["tpot_mean_ms"])
+    assert h["engine_mode"] == "process"
+    t = h["other_modes"]["thread"]  # the same requests through a server whose engine is a thread of it
+    assert "error" not in t and t["client"]["tokens_all_received"] and t["client"]["usage_matches_chunks"]
+    assert t["overhead_ms_per_token"] == pytest.approx(t["client"]["tpot_mean_ms"] - h["engine"]["tpot_mean_ms"])
 
 
 def test_targets_within_the_tpot_bound():
@@ -201,7 +205,8 @@ def test_http_overhead_bench_smoke(tmp_path):
     import subprocess
     out = tmp_path / "http.json"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "http_overhead.py"), "--streams", "3",
-                           "--prompt", "8", "--tokens", "6", "--step-ms", "1", "--out", str(out)],
+                           "--prompt", "8", "--tokens", "6", "--step-ms", "1", "--launch-ms", "0.2", "--out",
+                           str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -210,3 +215,8 @@ def test_http_overhead_bench_smoke(tmp_path):
     assert res["engine"]["tpot_mean_ms"] > 0 and res["server"]["tpot_mean_ms"] > 0
     assert res["engine"]["steps"] >= 6 and res["server"]["cpu_ms_per_token"] > 0
     assert math.isclose(res["overhead_ms_per_token"], res["server"]["tpot_mean_ms"] - res["engine"]["tpot_mean_ms"])
+    for key in ("server", "server_thread"):  # the engine in its own process (the default), then in a thread
+        assert res[key]["tokens_all_received"] and res[key]["usage_matches_chunks"]
+        assert math.isclose(res[key]["overhead_ms_per_token"],
+                            res[key]["tpot_mean_ms"] - res["engine"]["tpot_mean_ms"])
+    assert res["launch_ms"] == 0.2
