@@ -329,8 +329,8 @@ class Scheduler:
     # --- internals ---------------------------------------------------------------------------------------
     def _reserve(self, seq: Sequence, num_tokens: int) -> None:
         """Slots for ``num_tokens`` tokens of ``seq`` (the caller checked that the blocks are there)."""
-        self.blocks.ensure(seq.request_id, num_tokens)
-        seq.block_table = self.blocks.block_table(seq.request_id)
+        if self.blocks.ensure(seq.request_id, num_tokens) or not seq.block_table:
+            seq.block_table = self.blocks.block_table(seq.request_id)  # a table changes only when blocks are added
 
     def _preempt(self, seq: Sequence) -> None:
         """RUNNING -> PREEMPTED: blocks freed, back into the waiting queue at its arrival rank."""
