@@ -2,15 +2,19 @@
 fp16 (cuBLAS and the CUDA GEMV) and against the floor of their bytes.
 
     python bench/quant_kernels.py --out $OUT/quant_kernels.json            # 20B and 1.4b, rows 1, 8, 32
-    python bench/quant_kernels.py --models gpt-neox-20b --rows 1 --variants 0 3
+    python bench/quant_kernels.py --models gpt-neox-20b --rows 1 --variants 3 5   # LEAN against FOLD
 
 Shapes: each model's four decode linears (qkv, dense, h->4h, 4h->h), fp16 activations, int8 per channel and
 int4 groups of 128 (round-to-nearest of a random weight: the kernels' speed does not depend on the values).
+Variants (QuantVariant, csrc/kernels/quant_gemm.cuh): by default every one the extension has, 0 to
+QUANT_VARIANT_LAST, so the A/B of LEAN (3) and FOLD (5: zero point and scale out of the per-weight work; int4 FOLD
+only up to 16 rows, LEAN above) sits in one run on the same inputs.
 Time: bench/kernels.py's timers, the median of 40 calls each after a 256 MiB read (L2 cold), and for ops of
 >= 32 MiB 48 calls back to back over rotating weights (how a decode graph runs them). Floor: the op's bytes (packed
 weight, scales, zeros, x, y) over the device-to-device copy bandwidth measured in the same run. Every cell is first
 checked against the reference (dequantize, then matmul in fp32): max |diff| / max |ref| is reported, and a cell
-over 1e-2 is marked as wrong rather than timed as if it were right. Results: JSON via bench/common.write_result,
+over 1e-2 is marked as wrong rather than timed as if it were right (FOLD, which does not round its weights to fp16,
+differs from that reference by fp16 rounding, ~1e-3 at most). Results: JSON via bench/common.write_result,
 then a markdown table, printed last.
 """
 from __future__ import annotations

@@ -14,6 +14,15 @@ The CUDA kernels (second half) run on the GPU only (skipped where the extension 
 same rule on the decode shapes and on 1-64 rows, the fused epilogue, every configuration with and without PDL, the op
 table's routing (CUDA first, Triton for what it declines), a CUDA-graph replay, and the launchers' checks. Their
 ``supports`` predicates are tested on CPU too (fake CUDA tensors), since they decide what reaches the kernels.
+
+Variant 5 (FOLD: the zero point and the scale applied to the fp32 sums, not to each weight) does not compute
+"dequantize to fp16, then matmul": its weights are never rounded to fp16. Its tests use the same rule against the
+exact product instead (``exact=True``: the weight dequantized in fp32, where (q - zero) * scale and q * scale are
+exact, the product in fp64), with PyTorch's own error measured against that same exact product: F.linear at fp16 errs
+by the fp16 rounding of each weight and of y, FOLD by the rounding of y and its fp32 sums (the int4 path cancels
+16384 x against its correction: ~2^-16 of a chunk's sum), so it must stay within the rule; in a CPU simulation of
+the test shapes an exact kernel rounded once sits at 0.14-0.28 of the bound with either reference. Where FOLD does not
+run (bf16, groups not a multiple of 128, int4 above 16 rows) variant 5 must equal variant 3 bit for bit.
 """
 from __future__ import annotations
 
@@ -209,6 +218,7 @@ from neox_rt.ops import cuda as cuda_ops  # noqa: E402  (importable without the 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_ROWS = [1, 2, 3, 8, 9, 16, 33, 64]  # every tile count (1-8 tiles of 8 rows of x) and its edges
 CUDA_RAGGED = (1000, 2560)  # n not a multiple of 16 or 32 (guarded rows); k: 40 int8 / 20 int4 chunks over 8 warps
+FOLD = 5  # QuantVariant kQuantFold (csrc/kernels/quant_gemm.cuh)
 
 
 @pytest.fixture(scope="module")
@@ -262,11 +272,14 @@ def run_cuda(ext, x, weight, bias=None, activation=None, residual=None, variant=
                                  residual, variant, pdl)
 
 
-def assert_epilogue_by_rule(out, x, weight, bias, activation, residual, what):
-    """As assert_by_rule, for the whole op: act(x W^T + b) + residual in fp64 against the reference op at x's dtype."""
+def assert_epilogue_by_rule(out, x, weight, bias, activation, residual, what, exact=False):
+    """As assert_by_rule, for the whole op: act(x W^T + b) + residual in fp64 against the reference op at x's dtype.
+    ``exact``: the fp64 product with the exact weight (dequantized in fp32, exact for both formats) rather than the
+    reference's fp16-rounded one, for variant 5 (FOLD), which never rounds a weight (the module docstring)."""
     dtype = x.dtype
     d = (lambda t: None if t is None else t.double())
-    ref64 = ops.linear_ref(x.double(), weight.dequantize(dtype).double(), d(bias), activation, residual=d(residual))
+    w64 = weight.dequantize(torch.float32 if exact else dtype).double()
+    ref64 = ops.linear_ref(x.double(), w64, d(bias), activation, residual=d(residual))
     torch_low = ops.linear_ref(x, weight, bias, activation, residual=residual)
     assert out.dtype == dtype and out.shape == ref64.shape, (out.dtype, out.shape)
     assert torch.isfinite(out).all(), f"{what}: non-finite output (an unwritten poisoned element?)"
@@ -287,6 +300,8 @@ def test_cuda_sources_registered():
         assert f'register_fake("neox_rt::{name}")' in cuda_src
     impls = [impl for impl, _ in cuda_ops.IMPLS["linear"]]
     assert impls == [cuda_ops.linear, cuda_ops.int8_linear, cuda_ops.int4_linear]
+    header = open(os.path.join(REPO, "csrc", "kernels", "quant_gemm.cuh")).read()
+    assert f"kQuantFold = {FOLD}," in header and f"kQuantVariantLast = {cuda_ops.QUANT_VARIANT_LAST}" in header
 
 
 def test_cuda_supports_declines_cpu_and_bad_shapes(monkeypatch):
@@ -393,7 +408,7 @@ def test_cuda_epilogue(quant_ext, dtype, activation, fmt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])  # QuantVariant: auto, one / two tiles, LEAN, LEAN two tiles
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, FOLD])  # auto, one / two tiles, LEAN, LEAN two tiles, FOLD
 @pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 9, 16, 17, 40])
 def test_cuda_variants(quant_ext, rows, pdl, variant, fmt):
@@ -403,7 +418,98 @@ def test_cuda_variants(quant_ext, rows, pdl, variant, fmt):
     x, b = randn(rows, k, seed=12).to("cuda", torch.float16), randn(n, seed=13).to("cuda", torch.float16)
     res = randn(rows, n, seed=14).to("cuda", torch.float16)
     out = run_cuda(quant_ext, x, weight, b, "gelu_fast", res, variant, pdl)
-    assert_epilogue_by_rule(out, x, weight, b, "gelu_fast", res, f"cuda {fmt} rows {rows} v{variant} pdl={pdl}")
+    assert_epilogue_by_rule(out, x, weight, b, "gelu_fast", res, f"cuda {fmt} rows {rows} v{variant} pdl={pdl}",
+                            exact=variant == FOLD)
+
+
+# ----- variant 5 (FOLD): against the exact product (module docstring), fp16; its fallbacks equal LEAN bit for bit
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES_GPU, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_fold_decode_shapes(quant_ext, shape, fmt):
+    """The family's decode shapes (1-64 rows; int4 above 16 rows runs LEAN)."""
+    m, n, k, group = shape
+    weight = make_weight(fmt, n, k, group, torch.float16)
+    x, b = randn(m, k).to("cuda", torch.float16), randn(n, seed=2).to("cuda", torch.float16)
+    out = run_cuda(quant_ext, x, weight, b, variant=FOLD)
+    assert_epilogue_by_rule(out, x, weight, b, None, None, f"fold {fmt} {m}x{n}x{k} g{group}", exact=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("rows", CUDA_ROWS + [4, 12, 15])
+def test_cuda_fold_rows(quant_ext, rows, pdl, fmt):
+    """1-64 rows (every tile count; 9-16 rows: int4's two tiles of rows) on the ragged n, leading dims kept."""
+    n, k = CUDA_RAGGED
+    weight = make_weight(fmt, n, k, 128, torch.float16, seed=rows)
+    x, b = randn(1, rows, k, seed=rows).to("cuda", torch.float16), randn(n, seed=3).to("cuda", torch.float16)
+    out = run_cuda(quant_ext, x, weight, b, variant=FOLD, pdl=pdl)
+    assert out.shape == (1, rows, n)
+    assert_epilogue_by_rule(out[0], x[0], weight, b, None, None, f"fold {fmt} rows {rows} pdl={pdl}", exact=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_fast", "relu"])
+def test_cuda_fold_epilogue(quant_ext, activation, fmt):
+    """Bias, activation and residual after the folded scale (int8: the row's scale before the bias)."""
+    n, k = 300, 1024
+    weight = make_weight(fmt, n, k, 128, torch.float16, seed=7)
+    for rows in (1, 5, 12, 20):
+        x = randn(rows, k, seed=rows).to("cuda", torch.float16)
+        b, res = randn(n, seed=8).to("cuda", torch.float16), randn(rows, n, seed=9, scale=4.0).to("cuda", torch.float16)
+        for bias, residual in ((b, None), (None, res), (b, res), (None, None)):
+            out = run_cuda(quant_ext, x, weight, bias, activation, residual, variant=FOLD)
+            assert_epilogue_by_rule(out, x, weight, bias, activation, residual,
+                                    f"fold {fmt} {rows} rows {activation} bias={bias is not None} "
+                                    f"residual={residual is not None}", exact=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,group", [(2048, 128), (2048, 256), (2048, 512), (6144, 128), (24576, 128)])
+def test_cuda_fold_int4_groups_and_zero_points(quant_ext, k, group):
+    """Groups of one chunk or more (128, 256, 512: a warp's chunk is one group), zero points over the 4-bit range,
+    GPTQ v1's 16 and an out-of-range 200 (the correction -(16384 + 16 z) is exact for any uint8 z), one to 16 rows."""
+    weight = make_weight("int4", 70, k, group, torch.float16, seed=group)
+    weight.zeros.copy_(torch.randint(0, 17, weight.zeros.shape, device="cuda", dtype=torch.uint8))
+    weight.zeros[:8] = 200
+    for rows in (1, 3, 12, 16):
+        x = randn(rows, k, seed=rows).to("cuda", torch.float16)
+        out = run_cuda(quant_ext, x, weight, variant=FOLD)
+        assert_epilogue_by_rule(out, x, weight, None, None, None, f"fold int4 k {k} g{group} {rows} rows", exact=True)
+
+
+@pytest.mark.gpu
+def test_cuda_fold_falls_back_to_lean(quant_ext):
+    """Where FOLD does not run, variant 5 is variant 3: bf16 (not exact in 8 bits), int4 groups that are not a
+    multiple of 128 (a chunk spans several groups) and int4 above 16 rows. Bit for bit, epilogue included."""
+    cases = [("int4", 64, 1, torch.float16), ("int4", 32, 9, torch.float16), ("int4", 128, 17, torch.float16),
+             ("int4", 128, 40, torch.float16), ("int4", 256, 64, torch.float16)]
+    if bf16_kernels():
+        cases += [("int8", 0, 1, torch.bfloat16), ("int8", 0, 12, torch.bfloat16), ("int4", 128, 1, torch.bfloat16),
+                  ("int4", 128, 16, torch.bfloat16)]
+    n, k = 300, 2048
+    for fmt, group, rows, dtype in cases:
+        weight = make_weight(fmt, n, k, group, dtype, seed=rows)
+        x, b = randn(rows, k, seed=rows).to("cuda", dtype), randn(n, seed=5).to("cuda", dtype)
+        res = randn(rows, n, seed=6).to("cuda", dtype)
+        want = run_cuda(quant_ext, x, weight, b, "gelu", res, variant=3)
+        got = run_cuda(quant_ext, x, weight, b, "gelu", res, variant=FOLD)
+        assert torch.equal(got, want), f"{fmt} g{group} {rows} rows {dtype}: variant 5 is not LEAN here"
+
+
+@pytest.mark.gpu
+def test_cuda_fold_differs_from_lean_where_it_runs(quant_ext):
+    """The other side of the fallback test: where FOLD runs it is a different computation (weights not rounded),
+    so some output differs from LEAN's; if none did, the launcher would be running LEAN for variant 5."""
+    for fmt in ("int8", "int4"):
+        weight = make_weight(fmt, 512, 2048, 128, torch.float16, seed=21)
+        x = randn(4, 2048, seed=22).to("cuda", torch.float16)
+        lean, fold = run_cuda(quant_ext, x, weight, variant=3), run_cuda(quant_ext, x, weight, variant=FOLD)
+        assert not torch.equal(lean, fold), f"{fmt}: variant 5 gave LEAN's output bit for bit"
+        assert_epilogue_by_rule(fold, x, weight, None, None, None, f"fold {fmt} vs exact", exact=True)
 
 
 @pytest.mark.gpu
@@ -486,7 +592,8 @@ def test_cuda_op_table_routing(quant_ext, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay(quant_ext):
+@pytest.mark.parametrize("variant", [0, FOLD])
+def test_cuda_graph_replay(quant_ext, variant):
     """Quantized linears chained with programmatic dependent launch, captured in a CUDA graph: each replay equals the
     chain run eagerly without PDL, bit for bit (the warps' partial sums meet in a fixed order)."""
     h, f = 1024, 4096
@@ -495,9 +602,10 @@ def test_cuda_graph_replay(quant_ext):
 
     def chain(x, pdl):
         for _ in range(3):
-            qkv = run_cuda(quant_ext, x, qkv4, pdl=pdl, poison=False)  # [2, 3h]
-            up = run_cuda(quant_ext, qkv[:, :h].contiguous(), up8, b, "gelu", pdl=pdl, poison=False)  # [2, f]
-            x = run_cuda(quant_ext, up, down4, residual=x, pdl=pdl, poison=False)  # [2, h]
+            qkv = run_cuda(quant_ext, x, qkv4, variant=variant, pdl=pdl, poison=False)  # [2, 3h]
+            up = run_cuda(quant_ext, qkv[:, :h].contiguous(), up8, b, "gelu", variant=variant, pdl=pdl,
+                          poison=False)  # [2, f]
+            x = run_cuda(quant_ext, up, down4, residual=x, variant=variant, pdl=pdl, poison=False)  # [2, h]
         return x
 
     x_static = randn(2, h).to("cuda", torch.float16)
@@ -547,7 +655,7 @@ def test_cuda_bad_input_raises(quant_ext):
     with pytest.raises(RuntimeError, match="activation"):
         int8(act=7)
     with pytest.raises(RuntimeError, match="variant"):
-        int8(variant=5)
+        int8(variant=cuda_ops.QUANT_VARIANT_LAST + 1)
     with pytest.raises(RuntimeError, match="float16 and bfloat16"):
         int8(x.float(), s=s8.float())
     with pytest.raises(RuntimeError, match="qweight"):

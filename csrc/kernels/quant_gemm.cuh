@@ -2,7 +2,8 @@
 //   y[m, n] = act(x[m, :] . W[n, :] + bias[n]) + residual[m, n],
 // W dequantized exactly as the formats' `dequantize(dtype)` does (neox_rt/quant/formats.py): each weight computed
 // from its integers and rounded ONCE to x's dtype, the dot products accumulated in fp32, bias, activation and residual
-// applied in fp32 before the single rounding of y. The kernels add no error beyond the order of the sums.
+// applied in fp32 before the single rounding of y. The kernels add no error beyond the order of the sums, except
+// variant 5 (FOLD, below), which does not round the weights at all: closer to the exact product, not bit-identical.
 //  - int8 (QuantInt8): qweight int8 [n, k] in [-127, 127], scales [n]: W = q * s.
 //  - int4 (QuantInt4): qweight int32 [n, k / 8] (value i of a row in word i / 8 at bits 4 (i % 8)), scales and uint8
 //    zeros [n, k / G]: W = (q - zero) * scale.
@@ -40,6 +41,17 @@
 //    word masked under the magic (0x6400 fp16: 1024 + q; 0x4300 bf16: 128 + q) and the (magic + zero) of its group
 //    subtracted, then times the scale: fma.rn.{f16,bf16}x2 with -0.0, the exact product q s (or (q - z) s) rounded
 //    once, which is what fp32-then-round gives. x's pairs are permuted to (i, i + 4) with prmt to match (int4).
+//  - FOLD (variant 5, fp16, sm_80+): the zero point and the scale out of the per-weight work, since the kernel is
+//    bound by its instructions, not the stream (LEAN int4: 192 warp instructions per KB of weight, 13 of them per
+//    8 weights). int4 (a chunk one group: group_size % 128 == 0; up to 16 rows): the mma takes the pairs as masked,
+//    16 q + 16384 or 16 q + 1024 (5 integer ops a word), into the chunk's own fp32 sums; a second mma per k16 step,
+//    whose A is the row's constant -(16384 + 16 z) / -(1024 + 16 z) against the same x, removes magic and zero point;
+//    the group's scale multiplies the sums once a chunk. int8: q exactly, the row's scale once on the warps' sum.
+//    Main loop (sm_90a SASS, one row): int4 122 instructions a KB (LEAN 192), 202 per 2 KB with two tiles (336);
+//    int8 60 (97), 109 per 2 KB (167); no spills, within LEAN's register bounds. Error: each weight exact rather than
+//    rounded to fp16 (half an ulp of fp16 at most, the difference to "dequantize, then matmul"), and the int4 sums
+//    cancel 16384 x in fp32 (a few units of 2^-24 of 16384 |x| a k16 step: ~2^-16 of a chunk's sum, far below the
+//    2^-11 of y's rounding).
 //  - The warps' partial tiles meet in shared memory (WARPS x CT NT x 4 x 32 floats <= 32 KB), summed in warp order
 //    (deterministic: a CUDA-graph replay equals eager bit for bit); bias, activation, residual are applied once per
 //    output, fp32 until the rounding of y.
@@ -164,6 +176,54 @@ __device__ __forceinline__ void int4_pairs_lean(uint32_t w, uint32_t neg_lo, uin
   q[3] = fma2<__half>(and_or(w8, kMaskHi, kMagic), kSixteenth, neg_hi);
 }
 
+// FOLD (fp16 only): the pairs as the mma takes them, no zero point, no scale, 5 integer ops a word, each value 16 q
+// plus a constant, exact: {0,4} {2,6} masked under 0x7400 (16384 + 16 q: the unit of 16384 is 16), {1,5} {3,7} in
+// place under 0x6400 (1024 + 16 q). One LOP3 a pair, b & (a | c): b = mask | magic (the immediate), c = kFoldBits,
+// which has both magics' bits and none under either mask, so that all four share one register of constants; its 0xF4
+// bytes also give the correction's -(16384 + 16 z) (fold_neg_lo).
+constexpr uint32_t kFoldBits = 0xF400F400u;
+__device__ __forceinline__ uint32_t masked_magic(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xC8;" : "=r"(d) : "r"(a), "r"(b), "r"(kFoldBits));
+  return d;
+}
+
+__device__ __forceinline__ void int4_pairs_raw(uint32_t w, uint32_t (&q)[4]) {
+  constexpr uint32_t kLo = 0x740F740Fu, kHi = 0x64F064F0u;  // mask | magic: 16384 + 16 q, 1024 + 16 q
+  const uint32_t w8 = w >> 8;
+  q[0] = masked_magic(w, kLo);
+  q[1] = masked_magic(w, kHi);
+  q[2] = masked_magic(w8, kLo);
+  q[3] = masked_magic(w8, kHi);
+}
+
+// -(16384 + 16 z) twice from scale bits | z << 16: z under kFoldBits' 0xF4 bytes (exact for any uint8 z). The
+// constant is the PRMT's first source, so a register (the LOP3s'), and the selector the immediate: 3 instructions a
+// chunk fewer than the other way round.
+__device__ __forceinline__ uint32_t fold_neg_lo(uint32_t sz) { return prmt(kFoldBits, sz, 0x3616); }
+
+// a + b on two halves, rounded once (explicit .rn: never contracted)
+__device__ __forceinline__ uint32_t add_f16x2(uint32_t a, uint32_t b) {
+  uint32_t d = 0;
+#if defined(__CUDA_ARCH__)
+  asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#endif
+  return d;
+}
+
+// d = A B (C = 0, the zero register): a chunk's first product into its fresh FOLD sums (no zeroing instructions).
+__device__ __forceinline__ void mma_16x8x16_f16_first(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                      uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+#else
+  d[0] = d[1] = d[2] = d[3] = 0.f;
+  mma_16x8x16<__half>(d, a0, a1, a2, a3, b0, b1);
+#endif
+}
+
 // x's 8 values at the lane's 8 k, as B fragments in the order of the weight pairs: natural (int8) or (i, i + 4).
 template <typename F>
 __device__ __forceinline__ void x_pairs(const uint4& v, uint32_t (&b)[4]) {
@@ -183,7 +243,8 @@ __device__ __forceinline__ void x_pairs(const uint4& v, uint32_t (&b)[4]) {
 // NT tiles of 8 rows of x; S chunks in flight a lane. Rows of W past n read row n - 1, rows of x past m read row
 // m - 1: valid memory whose products land only in outputs that are never stored (each output column of the mma
 // depends on its own column of B alone, each row on its own row of A).
-template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool LEAN = false>
+template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool LEAN = false,
+          bool FOLD = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
                   const uint8_t* __restrict__ qweight,   // [n, row_bytes(k)]: int8 [n, k] or int32 [n, k / 8]
@@ -227,6 +288,18 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
   constexpr bool kLean = LEAN;
 #endif
   constexpr bool kLeanInt4 = kLean && F::kGrouped && std::is_same<T, __half>::value;
+  // FOLD (sm_80 and up as LEAN; fp16; the launcher runs int4 only where a chunk is one group, group_size % 128 == 0,
+  // and up to 16 rows): the zero point and the scale out of the per-weight work. int4: the mma takes the pairs as
+  // int4_pairs_raw leaves them (16 q + 16384 or + 1024) into the chunk's own sums, and after each such k16 step a
+  // correction mma against the same x whose A is a constant of the row, -(16384 + 16 z) at the lo pairs and
+  // -(1024 + 16 z) at the hi pairs, removes the magic and the zero point (the sums: 16 sum (q - z) x); the group's
+  // scale multiplies them once a chunk (one FFMA a register), the 1/16 once at the end. int8: q exactly
+  // (int8_pairs with its exact -1152: folding that into a correction mma too saved 4-10 instructions a chunk at one
+  // row, cost up to 117 at 17-64 rows and doubled the mma) and the row's scale once, on the warps' sum. Not
+  // bit-identical to "dequantize, then matmul": no weight is rounded to fp16 (the products are exact), and the fp32
+  // sums of the int4 path cancel 16384 x against its correction.
+  constexpr bool kFold = kLean && FOLD && std::is_same<T, __half>::value;
+  constexpr bool kFoldInt4 = kFold && F::kGrouped, kFoldInt8 = kFold && !F::kGrouped;
   int woff[CT][2], soff[CT][2];  // 32-bit offsets (the launcher runs LEAN only where n row_bytes < 2^31)
   const int gstride = F::kGrouped && kLean ? 128 * WARPS / group_size : 0;
   if constexpr (kLean) {
@@ -240,12 +313,46 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
       }
   }
 
+  // FOLD int4 asks for a chunk's scales and zeros two chunks ahead, not S (their latency, not their bytes, matters):
+  // 4 registers fewer at four chunks in flight
+  constexpr int SZ = kFoldInt4 && S % 2 == 0 ? 2 : S;
   uint4 wq[S][CT][2];         // the ring: S chunks of the lane's 16 bytes of each row
-  uint32_t sz[S][CT][2];      // int4: scale bits | zero << 16 of the chunk's group, per row
+  uint32_t sz[SZ][CT][2];     // int4: scale bits | zero << 16 of the chunk's group, per row (slot i % SZ)
   uint32_t scale2[CT][2];     // int8: the row's scale, twice
+  auto load_sz = [&](int s, int i) {  // FOLD int4
+#pragma unroll
+    for (int c = 0; c < CT; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int idx = soff[c][h] + gstride * i;
+        sz[s][c][h] = static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(scales) + idx)) |
+                      (static_cast<uint32_t>(__ldg(zeros + idx)) << 16);
+      }
+  };
+  // FOLD: the rows' weights of this iteration's first chunk, pointers carried by the loop (its chunks at immediate
+  // offsets; not for int4 at 9-16 rows, whose registers would spill)
+  constexpr bool kWeightPtrs = kFold && !(F::kGrouped && NT > 1);
+  const uint8_t* wit[kWeightPtrs ? CT : 1][2];
+  if constexpr (kWeightPtrs) {
+#pragma unroll
+    for (int c = 0; c < CT; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wit[c][h] = qweight + woff[c][h];
+  }
   auto load_chunk = [&](int s, int i) {
     const int chunk = warp + WARPS * i;
-    if constexpr (kLean) {
+    if constexpr (kWeightPtrs) {  // i: this iteration's chunk i (< 2 S)
+#pragma unroll
+      for (int c = 0; c < CT; ++c)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(wit[c][h] + 64 * WARPS * i));
+    } else if constexpr (kFoldInt4) {
+#pragma unroll
+      for (int c = 0; c < CT; ++c)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(qweight + (woff[c][h] + 64 * WARPS * i)));
+    } else if constexpr (kLean) {
 #pragma unroll
       for (int c = 0; c < CT; ++c)
 #pragma unroll
@@ -285,12 +392,24 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 #pragma unroll
   for (int s = 0; s < S; ++s)
     if (s < mine) load_chunk(s, s);
+  if constexpr (kFoldInt4) {
+#pragma unroll
+    for (int s = 0; s < SZ; ++s)
+      if (s < mine) load_sz(s, s);
+  }
   if (PDL) pdl_wait();
 
   const T* const xlane = x + KL * t;
-  int xrow[NT];  // offsets of the lane's rows of x (m k < 2^31: m <= 64)
+  int xrow[NT];  // offsets of the lane's rows of x (m k < 2^31: m <= 64); FOLD: from its first row
 #pragma unroll
   for (int j = 0; j < NT; ++j) xrow[j] = min(g + 8 * j, m - 1) * k;
+  // FOLD: the lane's x of this iteration's first chunk in its first row, a pointer carried by the loop (the chunks of
+  // an iteration at immediate offsets from it, the other rows at xrow[j])
+  const T* xit = xlane + xrow[0] + F::kChunkK * warp;
+  if constexpr (kFold) {
+#pragma unroll
+    for (int j = NT - 1; j >= 0; --j) xrow[j] -= xrow[0];
+  }
   float acc[CT][NT][4];
 #pragma unroll
   for (int c = 0; c < CT; ++c)
@@ -309,11 +428,19 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
       if (i < mine) {
         const int kx = (warp + WARPS * i) * F::kChunkK;  // the chunk's first k
         uint32_t neg_mz[CT][2], neg_hi[CT][2], sc2[CT][2];
+        float fold_scale[CT][2];                 // FOLD int4: the group's scale of row g (h = 0) and g + 8 (h = 1)
+        float part[kFoldInt4 ? CT : 1][NT][4];  // FOLD int4: the chunk's own sums, 16 sum (q - z) x
 #pragma unroll
         for (int c = 0; c < CT; ++c)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            if constexpr (F::kGrouped) {
+            if constexpr (kFoldInt4) {
+              // the correction's A: -(16384 + 16 z) and -(1024 + 16 z) = -(16384 + 16 z) + 15360, exact
+              const uint32_t v = sz[s % SZ][c][h];
+              neg_mz[c][h] = fold_neg_lo(v);
+              neg_hi[c][h] = add_f16x2(neg_mz[c][h], 0x73807380u);
+              fold_scale[c][h] = __half2float(__ushort_as_half(static_cast<unsigned short>(v & 0xFFFFu)));
+            } else if constexpr (F::kGrouped) {
               neg_mz[c][h] = (Bits<T>::kNegMagic | (sz[s][c][h] >> 16)) * 0x10001u;
               if constexpr (kLeanInt4) neg_hi[c][h] = fma2<T>(neg_mz[c][h], Bits<T>::kOne, 0x63806380u);  // + 960
               sc2[c][h] = (sz[s][c][h] & 0xFFFFu) * 0x10001u;
@@ -328,31 +455,70 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
           for (int c = 0; c < CT; ++c)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              if constexpr (kLeanInt4) {
+              if constexpr (kFoldInt4) {
+                int4_pairs_raw(word_of(wq[s][c][h], kk), a[c][h]);
+              } else if constexpr (kLeanInt4) {
                 int4_pairs_lean(word_of(wq[s][c][h], kk), neg_mz[c][h], neg_hi[c][h], a[c][h]);
               } else if constexpr (F::kGrouped) {
                 int4_pairs<T>(word_of(wq[s][c][h], kk), neg_mz[c][h], a[c][h]);
               } else {
                 int8_pairs<T>(word_of(wq[s][c][h], 2 * kk), word_of(wq[s][c][h], 2 * kk + 1), a[c][h]);
               }
+              if constexpr (!kFold) {
 #pragma unroll
-              for (int p = 0; p < 4; ++p) a[c][h][p] = fma2<T>(a[c][h][p], sc2[c][h], Bits<T>::kNegZero);
+                for (int p = 0; p < 4; ++p) a[c][h][p] = fma2<T>(a[c][h][p], sc2[c][h], Bits<T>::kNegZero);
+              }
             }
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
             // x (L1 / L2) arrives while the next chunks' weights (DRAM) are in flight
-            const Vec<T, 8> xv = load_vec_ca<T, 8>(xlane + xrow[j] + kx + 8 * kk);
+            const Vec<T, 8> xv = kFold ? load_vec_ca<T, 8>(xit + xrow[j] + (WARPS * F::kChunkK * s + 8 * kk))
+                                       : load_vec_ca<T, 8>(xlane + xrow[j] + kx + 8 * kk);
             uint32_t b[4];
             x_pairs<F>(*reinterpret_cast<const uint4*>(&xv), b);
 #pragma unroll
             for (int c = 0; c < CT; ++c) {
-              mma_16x8x16<T>(acc[c][j], a[c][0][0], a[c][1][0], a[c][0][1], a[c][1][1], b[0], b[1]);
-              mma_16x8x16<T>(acc[c][j], a[c][0][2], a[c][1][2], a[c][0][3], a[c][1][3], b[2], b[3]);
+              if constexpr (kFoldInt4) {
+                // each k16 step: the raw pairs, then their correction (A: -(16384 + 16 z) at the lo pairs,
+                // -(1024 + 16 z) at the hi pairs of each row, the same for every k) against the same x (in this
+                // order the compiler fills the gap between dependent mma: 3 NOP a chunk, 6 the other way round)
+                if (kk == 0) {
+                  mma_16x8x16_f16_first(part[c][j], a[c][0][0], a[c][1][0], a[c][0][1], a[c][1][1], b[0], b[1]);
+                } else {
+                  mma_16x8x16<T>(part[c][j], a[c][0][0], a[c][1][0], a[c][0][1], a[c][1][1], b[0], b[1]);
+                }
+                mma_16x8x16<T>(part[c][j], neg_mz[c][0], neg_mz[c][1], neg_hi[c][0], neg_hi[c][1], b[0], b[1]);
+                mma_16x8x16<T>(part[c][j], a[c][0][2], a[c][1][2], a[c][0][3], a[c][1][3], b[2], b[3]);
+                mma_16x8x16<T>(part[c][j], neg_mz[c][0], neg_mz[c][1], neg_hi[c][0], neg_hi[c][1], b[2], b[3]);
+              } else {
+                mma_16x8x16<T>(acc[c][j], a[c][0][0], a[c][1][0], a[c][0][1], a[c][1][1], b[0], b[1]);
+                mma_16x8x16<T>(acc[c][j], a[c][0][2], a[c][1][2], a[c][0][3], a[c][1][3], b[2], b[3]);
+              }
             }
           }
         }
-        if (i + S < mine) load_chunk(s, i + S);
+        if constexpr (kFoldInt4) {
+          // the chunk's sum, 16 sum (q - z) x, times its group's scale (the 1/16 once, at the end); registers 0, 1
+          // are row g, 2, 3 row g + 8
+#pragma unroll
+          for (int c = 0; c < CT; ++c)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+              for (int r = 0; r < 4; ++r) acc[c][j][r] = fmaf(fold_scale[c][r >> 1], part[c][j][r], acc[c][j][r]);
+        }
+        if (i + S < mine) load_chunk(s, kWeightPtrs ? s + S : i + S);
+        if constexpr (kFoldInt4) {
+          if (i + SZ < mine) load_sz(s % SZ, i + SZ);
+        }
       }
+    }
+    if constexpr (kFold) xit += WARPS * F::kChunkK * S;
+    if constexpr (kWeightPtrs) {
+#pragma unroll
+      for (int c = 0; c < CT; ++c)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wit[c][h] += 64 * WARPS * S;
     }
   }
 
@@ -373,6 +539,8 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
     float v = 0.f;
 #pragma unroll
     for (int p = 0; p < WARPS; ++p) v += partial[p][src_reg][src_lane];
+    if constexpr (kFoldInt8) v *= to_float(scales[f0 + f]);  // FOLD int8: the row's scale, once
+    if constexpr (kFoldInt4) v *= 0.0625f;                    // FOLD int4: the pairs' 16 q, exact
     const int64_t idx = static_cast<int64_t>(q) * n + f0 + f;
     float out = apply_activation(v + (bias != nullptr ? to_float(bias[f0 + f]) : 0.f), act);
     if (residual != nullptr) out += to_float(__ldcg(residual + idx));
@@ -396,11 +564,29 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 // 3: LEAN (constant-stride addressing; int4 in fp16: int4_pairs_lean) with its own choice of tiles (launch_quant_gemm);
 // 4: LEAN with two tiles. Auto is 3 wherever LEAN runs (sm_80 and up, groups dividing 512, n row_bytes < 2^31), the
 // plain kernel with 1 or 2's tiles elsewhere.
+// 5: FOLD (the top comment) with LEAN's choice of tiles, in fp16 where LEAN runs; int4 only for groups of a multiple
+// of 128 and up to 16 rows (kFoldInt4MaxTiles). Everywhere else (bf16, other groups, more rows) 5 runs 3. Its loop
+// also addresses x and the weights from pointers carried by the loop (immediate offsets within an iteration) and asks
+// for int4's scales and zeros two chunks ahead instead of S. Not measured on a GPU yet (written on the CPU machine:
+// SASS counts above); auto stays 3 until it is.
 enum QuantVariant : int {
-  kQuantAuto = 0, kQuantOneTile = 1, kQuantTwoTiles = 2, kQuantLean = 3, kQuantLeanTwoTiles = 4, kQuantVariantLast = 4
+  kQuantAuto = 0, kQuantOneTile = 1, kQuantTwoTiles = 2, kQuantLean = 3, kQuantLeanTwoTiles = 4, kQuantFold = 5,
+  kQuantVariantLast = 5
 };
 
 inline int quant_max_rows() { return 64; }
+
+// FOLD int4 up to this many tiles of 8 rows of x. Above, its chunk sums (a second set of accumulators, 4 CT NT
+// registers) spill in the 4-warp configurations (32 and 96 bytes at 32 and 64 rows), and its mma, twice LEAN's
+// (4 a k16 step, tile and tile of rows), would outnumber the rest of the loop: variant 5 runs LEAN there.
+constexpr int kFoldInt4MaxTiles = 2;
+
+// The configurations with a FOLD kernel: fp16; int4 up to kFoldInt4MaxTiles tiles of rows, and with one tile of
+// channels only at one tile of rows (above 8 rows variant 5 takes two for int4; one would spill 8 bytes on sm_80).
+template <typename T, typename F, int NT, int CT>
+constexpr bool quant_fold_config() {
+  return std::is_same<T, __half>::value && (!F::kGrouped || (NT <= kFoldInt4MaxTiles && (NT == 1 || CT == 2)));
+}
 
 // Per configuration (NT tiles of 8 rows of x, CT tiles of 16 channels a warp): warps of a block (the partial sums,
 // WARPS x CT NT x 4 x 32 floats, stay <= 32 KB of shared memory), chunks in flight a lane (S) and the blocks a SM the
@@ -415,7 +601,7 @@ template <> struct QuantConfig<2, 2> { static constexpr int kWarps = 8, kSteps =
 template <> struct QuantConfig<4, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 3; };
 template <> struct QuantConfig<8, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 2; };
 
-template <typename T, typename F, int NT, int CT, bool LEAN = false>
+template <typename T, typename F, int NT, int CT, bool LEAN = false, bool FOLD = false>
 cudaError_t launch_quant_gemm_config(const T* x, const void* qweight, const T* scales, const uint8_t* zeros,
                                      const T* bias, const T* residual, T* y, int m, int n, int k, int group_size,
                                      int act, bool pdl, cudaStream_t stream) {
@@ -423,9 +609,9 @@ cudaError_t launch_quant_gemm_config(const T* x, const void* qweight, const T* s
   constexpr int WARPS = C::kWarps, S = C::kSteps, MIN_BLOCKS = C::kMinBlocks;
   const dim3 grid((n + 16 * CT - 1) / (16 * CT)), block(WARPS * 32);
   const auto* q = static_cast<const uint8_t*>(qweight);
-  return launch_kernel(pdl, quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, false, LEAN>,
-                       quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, true, LEAN>, grid, block, stream, x, q,
-                       scales, zeros, bias, residual, y, m, n, k, group_size, act);
+  return launch_kernel(pdl, quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, false, LEAN, FOLD>,
+                       quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, true, LEAN, FOLD>, grid, block, stream, x,
+                       q, scales, zeros, bias, residual, y, m, n, k, group_size, act);
 }
 
 template <typename T, typename F>
@@ -444,6 +630,12 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
                        static_cast<int64_t>(n) * F::row_bytes(k) + 512 < (int64_t{1} << 31);
   if (variant == kQuantAuto) variant = kQuantLean;
   const bool lean = lean_ok && variant >= kQuantLean;
+  // FOLD: fp16 only (16384 + 16 q is not exact in bf16's 8 bits), and int4 only where a chunk (128 values) is one group
+  // (its sums share one scale and zero point a row) and up to 16 rows (kFoldInt4MaxTiles); elsewhere variant 5 runs
+  // LEAN (or the plain kernel where LEAN cannot run)
+  constexpr bool kFoldable = std::is_same<T, __half>::value;  // bf16 never instantiates a FOLD kernel
+  const bool fold = kFoldable && lean && variant == kQuantFold &&
+                    (!F::kGrouped || (group_size % 128 == 0 && m <= 8 * kFoldInt4MaxTiles));
   // Tiles a warp: forced by variants 1, 2 and 4; else one up to 8 rows (16 for int8), two above, and LEAN int4 takes two
   // at up to 8 rows where the grid still fills the card twice over (h->4h and 20B's qkv, not 4h->h or dense:
   // bench/quant_kernels.py on the H100)
@@ -452,10 +644,12 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
                  : m <= 8 ? (lean && F::kGrouped && n >= 8192 ? 2 : 1)
                  : m <= 16 && !F::kGrouped ? 1 : 2;
 #define NEOX_RT_QUANT_CONFIG(NT_, CT_)                                                                                \
-  return lean ? launch_quant_gemm_config<T, F, NT_, CT_, true>(x, qweight, scales, zeros, bias, residual, y, m, n, k, \
-                                                               group_size, act, pdl, stream)                          \
-              : launch_quant_gemm_config<T, F, NT_, CT_, false>(x, qweight, scales, zeros, bias, residual, y, m, n,   \
-                                                                k, group_size, act, pdl, stream)
+  return fold ? launch_quant_gemm_config<T, F, NT_, CT_, true, quant_fold_config<T, F, NT_, CT_>()>(                 \
+                    x, qweight, scales, zeros, bias, residual, y, m, n, k, group_size, act, pdl, stream)              \
+         : lean ? launch_quant_gemm_config<T, F, NT_, CT_, true>(x, qweight, scales, zeros, bias, residual, y, m, n,  \
+                                                                 k, group_size, act, pdl, stream)                     \
+                : launch_quant_gemm_config<T, F, NT_, CT_, false>(x, qweight, scales, zeros, bias, residual, y, m, n, \
+                                                                  k, group_size, act, pdl, stream)
   if (m <= 8) {
     if (ct == 1) NEOX_RT_QUANT_CONFIG(1, 1);
     NEOX_RT_QUANT_CONFIG(1, 2);

@@ -20,7 +20,7 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 
 // What both formats share: x [..., k] fp16 / bf16 (bf16 from sm_80 on) with 1..64 rows, contiguous and 16-byte
 // aligned; qweight on x's device, contiguous, 16-byte aligned, of `qdtype` and shape [n, qcols]; scales of x's dtype;
-// bias [n]; residual of the output's shape; activation 0-3; variant 0-4. Returns the output shape.
+// bias [n]; residual of the output's shape; activation 0-3; variant 0-5. Returns the output shape.
 std::vector<int64_t> check_quant_common(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                         const std::optional<at::Tensor>& bias, int64_t activation,
                                         const std::optional<at::Tensor>& residual, int64_t variant,
@@ -45,7 +45,8 @@ std::vector<int64_t> check_quant_common(const at::Tensor& x, const at::Tensor& q
   TORCH_CHECK(activation >= 0 && activation <= 3, "neox_rt: ", op, " activation must be 0 (none), 1 (gelu erf), ",
               "2 (gelu tanh) or 3 (relu), got ", fmt(activation));
   TORCH_CHECK(variant >= kQuantAuto && variant <= kQuantVariantLast, "neox_rt: ", op, " variant must be 0 (auto), ",
-              "1 (one tile of 16 channels a warp), 2 (two tiles), 3 (lean) or 4 (lean, two tiles), got ", fmt(variant));
+              "1 (one tile of 16 channels a warp), 2 (two tiles), 3 (lean), 4 (lean, two tiles) or 5 (fold: zero ",
+              "point and scale out of the per-weight work), got ", fmt(variant));
   if (x.scalar_type() == at::kBFloat16) {
     const c10::cuda::CUDAGuard guard(x.device());
     TORCH_CHECK(kernel_arch() >= 80, "neox_rt: ", op, " in bfloat16 needs kernels built for compute capability ",

@@ -86,10 +86,11 @@ GEMV2_MIN_BLOCKS = _env_choice("NEOX_RT_GEMV2_MIN_BLOCKS", (0, 2, 3, 4))
 # The weight-only quantized linears (csrc/kernels/quant_gemm.cuh): the most rows of x they take (1-64, the kernels'
 # limit; NEOX_RT_QUANT_MAX_ROWS lowers it, e.g. where the Triton tiles measure faster at many rows) and their
 # configuration for A/B runs (QuantVariant: 0 auto, 1 / 2 the plain kernel with one / two tiles of 16 channels a warp,
-# 3 / 4 the LEAN kernel with its own tiles / two tiles; the measurements in
-# csrc/kernels/quant_gemm.cuh and bench/NOTES.md).
+# 3 / 4 the LEAN kernel with its own tiles / two tiles, 5 FOLD: LEAN with the zero point and the scale out of the
+# per-weight work, fp16 only, int4 in groups of a multiple of 128 and up to 16 rows, LEAN elsewhere; not bit-identical
+# to the reference (weights not rounded to fp16); the measurements in csrc/kernels/quant_gemm.cuh and bench/NOTES.md).
 QUANT_MAX_ROWS = _env_int("NEOX_RT_QUANT_MAX_ROWS", 64, 1, 64)
-QUANT_VARIANT_LAST = 4  # kQuantVariantLast
+QUANT_VARIANT_LAST = 5  # kQuantVariantLast
 QUANT_VARIANT = _env_int("NEOX_RT_QUANT_VARIANT", 0, 0, QUANT_VARIANT_LAST)
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
