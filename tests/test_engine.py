@@ -384,3 +384,39 @@ def test_engine_on_gpu_graphs_equal_padded_eager():
     assert engine.runner.graphs.capture_all() == 5
     torch.cuda.synchronize()
     assert torch.equal(k, before)
+
+
+class _BasicIndexOnly(torch.Tensor):
+    """Logits that refuse advanced indexing (a list or tensor index copies the index to the device from pageable
+    memory on a GPU, which waits for the forward)."""
+
+    def __getitem__(self, idx):
+        items = idx if isinstance(idx, tuple) else (idx,)
+        assert all(isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in items), \
+            f"advanced index {idx!r} on the step's logits in launch"
+        return super().__getitem__(idx)
+
+
+def test_launch_queues_no_wait_for_the_forward(neox, cases):
+    """``ModelRunner.launch`` touches the step's logits with basic indexing only, so that on a GPU nothing in it waits
+    for the forward (the host detokenizes the previous step while the device runs); greedy and sampled rows mixed
+    still give the tokens they give otherwise."""
+    def run(guard):
+        engine = LLMEngine(neox, max_num_seqs=8, num_blocks=64)
+        if guard:
+            execute = engine.runner.execute
+
+            def guarded(*a, **k):
+                logits, sample_ids, plp = execute(*a, **k)
+                return logits.as_subclass(_BasicIndexOnly), sample_ids, plp
+            engine.runner.execute = guarded
+        for i, (ids, n, _) in enumerate(cases[:6]):
+            engine.add_request(f"r{i}", ids, SamplingRequest(max_tokens=n, temperature=0.0 if i % 2 else 0.8,
+                                                             seed=i))
+        return {rid: o.token_ids for rid, o in drain(engine).items()}
+
+    got = run(guard=True)
+    assert got == run(guard=False)
+    for i, (_, n, want) in enumerate(cases[:6]):
+        if i % 2:  # the greedy ones equal generate
+            assert got[f"r{i}"] == want[:len(got[f"r{i}"])] and len(got[f"r{i}"]) > 0
