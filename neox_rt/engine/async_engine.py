@@ -51,6 +51,9 @@ class _Stream:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
+    def put_now(self, item) -> None:  # called on the loop's thread
+        self.queue.put_nowait((self.key, item) if self.key is not None else item)
+
 
 # -- the engine's side ----------------------------------------------------------------------------------------
 class EngineLoop:

@@ -10,8 +10,10 @@ picklable dict of extras) under an ``EngineLoop``, as vLLM runs its engine core 
   sender thread (a burst of adds never blocks the event loop on a full pipe); a reader thread in the child feeds
   them to the loop, which steps the engine on the child's main thread.
 - child -> parent, one pipe: ``("ready", info)`` or ``("fatal", message)`` at start, then one message per pass of
-  the loop: the adds' answers, the step's outputs, the requests that failed, and the engine's stats. A reader thread
-  in the parent puts each into its request's asyncio queue.
+  the loop: the adds' answers, the step's outputs, the requests that failed, and the engine's stats. The parent's
+  event loop reads them itself (``add_reader`` on the pipe, attached by the first add: one event loop at a time)
+  and puts each output into its request's queue, so no other thread of the server's process takes the GIL per
+  step.
 
 An output crosses the pipe without the request's whole text and token ids while it is unfinished (``text`` and
 ``token_ids`` are None on it: the HTTP layer reads them only from a finished output), so a step's message does not
@@ -66,18 +68,17 @@ class ProcessEngine(EngineClient):
         self._adds: dict[str, tuple] = {}  # rid -> (stream, future): waiting for the engine's answer
         self._streams: dict = {}  # rid -> stream: running
         self._stopping = False
+        self._loop = None  # the event loop that reads the engine's messages (the adds' loop)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name=f"{name}-send", daemon=True)
-        self._reader = threading.Thread(target=self._read_loop, name=f"{name}-read", daemon=True)
         self._sender.start()
-        self._reader.start()
 
     @property
     def pid(self) -> int | None:
         """The engine process's id."""
         return self._proc.pid
 
-    # -- the asyncio side (any thread) ------------------------------------------------------------------------
+    # -- the asyncio side -------------------------------------------------------------------------------------
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
@@ -89,10 +90,11 @@ class ProcessEngine(EngineClient):
         return dict(self._stats)
 
     def is_alive(self) -> bool:
-        return not self._stopping and self._reader.is_alive() and self._proc.is_alive()
+        return not self._stopping and self._proc.is_alive()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine process (the step in progress finishes), fail the requests left, join it."""
+        """Stop the engine process (the step in progress finishes), fail the requests left, join it (any
+        thread)."""
         if not self._stopping:
             self._stopping = True
             self._outbox.put(("stop",))
@@ -102,12 +104,18 @@ class ProcessEngine(EngineClient):
             log.warning("the engine process did not stop in %.0f s: terminating it", timeout)
             self._proc.terminate()
             self._proc.join(5)
-        self._reader.join(5)
+        self._fail_all(EngineDead("the engine stopped"))
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._detach, loop)
+            except RuntimeError:  # closed meanwhile
+                pass
 
     def _post_add(self, request_id, prompt_ids, params, stream, accepted) -> None:
         error = None
         with self._lock:
-            if self._stopping or not self._reader.is_alive():
+            if self._stopping or not self._proc.is_alive():
                 error = EngineDead("the engine is not running")
             elif request_id in self._adds or request_id in self._streams:
                 error = ValueError(f"request id {request_id!r} is already running")
@@ -116,51 +124,68 @@ class ProcessEngine(EngineClient):
         if error is not None:
             _resolve(accepted, error)
             return
+        self._attach(stream.loop)
         self._outbox.put(("add", request_id, prompt_ids, params))
 
-    # -- the parent's threads ---------------------------------------------------------------------------------
-    def _send_loop(self) -> None:
-        while (item := self._outbox.get()) is not None:
+    # -- the engine's messages, read by the event loop itself (no thread of this process contends for the GIL) --
+    def _attach(self, loop) -> None:
+        """Read the engine's pipe on ``loop`` (the caller's, on its thread): one loop at a time, the latest to add."""
+        if self._loop is loop:
+            return
+        old, self._loop = self._loop, loop
+        if old is not None and not old.is_closed():
             try:
-                self._cmd.send(item)
-            except (OSError, ValueError):  # the child is gone: the reader fails what is left
-                break
+                old.call_soon_threadsafe(self._detach, old)
+            except RuntimeError:
+                pass
+        loop.add_reader(self._events.fileno(), self._on_readable)
+
+    def _detach(self, loop) -> None:
         try:
-            self._cmd.close()
-        except OSError:
+            loop.remove_reader(self._events.fileno())
+        except (ValueError, OSError):  # the pipe is closed
             pass
 
-    def _read_loop(self) -> None:
+    def _on_readable(self) -> None:
         try:
-            while True:
+            while self._events.poll():
                 events, stats = self._events.recv()
                 if stats is not None:
                     self._stats = stats
                 for event in events:
                     self._dispatch(event)
-        except (EOFError, OSError):
-            pass
-        except Exception:  # noqa: BLE001 - a message that does not unpickle: log it, fail the requests below
+        except (EOFError, OSError):  # the child is gone
+            self._engine_died()
+        except Exception:  # noqa: BLE001 - a message that does not unpickle: the engine cannot be trusted any more
             log.exception("reading the engine process's messages failed")
-        finally:
-            self._stopping = True
-            self._proc.join(0.5)  # its pipe closed: the child is exiting, or gone
-            code = self._proc.exitcode
-            with self._lock:
-                adds, streams = list(self._adds.values()), list(self._streams.values())
-                self._adds.clear()
-                self._streams.clear()
-            error = EngineDead("the engine stopped" + (f" (exit status {code})" if code else ""))
-            for _, future in adds:
-                _resolve(future, error)
-            for stream in streams:
-                stream.put(error)
-            self._outbox.put(None)  # the sender stops too
-            self._proc.join(10)
-            if self._proc.is_alive():  # a child that closed its pipe and hangs
-                self._proc.terminate()
+            self._engine_died()
 
-    def _dispatch(self, event: tuple) -> None:
+    def _engine_died(self) -> None:
+        self._stopping = True
+        if self._loop is not None:
+            self._detach(self._loop)
+        self._outbox.put(None)  # the sender stops too
+        self._proc.join(0.5)  # its pipe closed: the child is exiting, or gone
+        code = self._proc.exitcode
+        self._fail_all(EngineDead("the engine stopped" + (f" (exit status {code})" if code else "")))
+        threading.Thread(target=self._reap, name="neox_rt-engine-reap", daemon=True).start()
+
+    def _reap(self) -> None:
+        self._proc.join(10)
+        if self._proc.is_alive():  # a child that closed its pipe and hangs
+            self._proc.terminate()
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            adds, streams = list(self._adds.values()), list(self._streams.values())
+            self._adds.clear()
+            self._streams.clear()
+        for _, future in adds:
+            _resolve(future, error)
+        for stream in streams:
+            stream.put(error)
+
+    def _dispatch(self, event: tuple) -> None:  # on the loop's thread
         kind = event[0]
         if kind == "o":
             out = RequestOutput(*event[1])
@@ -168,21 +193,33 @@ class ProcessEngine(EngineClient):
             with self._lock:
                 stream = self._streams.pop(rid, None) if out.finished else self._streams.get(rid)
             if stream is not None:  # None: aborted meanwhile
-                stream.put(out)
+                stream.put_now(out)
         elif kind == "a":
             _, rid, error = event
             with self._lock:
                 stream, future = self._adds.pop(rid, (None, None))
                 if stream is not None and error is None:
                     self._streams[rid] = stream
-            if future is not None:
-                _resolve(future, error)
+            if future is not None and not future.done():
+                future.set_exception(error) if error is not None else future.set_result(None)
         else:  # "f": the engine failed this request
             _, rid, error = event
             with self._lock:
                 stream = self._streams.pop(rid, None)
             if stream is not None:
-                stream.put(error)
+                stream.put_now(error)
+
+    # -- the sender thread ------------------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            try:
+                self._cmd.send(item)
+            except (OSError, ValueError):  # the child is gone: the loop's reader fails what is left
+                break
+        try:
+            self._cmd.close()
+        except OSError:
+            pass
 
 
 # -- the child ------------------------------------------------------------------------------------------------
