@@ -2,7 +2,8 @@
 
 In one process the engine's thread and the HTTP event loop share one interpreter lock: every streamed token's
 work in the loop (its event, the socket write) delays the engine's next step, and the engine's host work (scheduling,
-launches, detokenization) delays the loop (``bench/NOTES.md``: 1.4-1.7 ms a token on an H100 host). Here the engine
+launches, detokenization) delays the loop (the HTTP layer cost 1.4-1.7 ms a token on an H100 host with the engine in
+a thread; ``bench/NOTES.md`` sessions 15 and 16 say what is known of why). Here the engine
 runs in a child process (``spawn``: it builds its own model from ``factory(*args)``, which returns the engine and a
 picklable dict of extras) under an ``EngineLoop``, as vLLM runs its engine core apart from its API server:
 
