@@ -312,12 +312,15 @@ class AsyncEngine(EngineClient):
         pass
 
 
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    """Settle an asyncio future on its loop's thread (a no-op if it was cancelled)."""
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(None)
+
+
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
     """Settle an asyncio future from another thread (a no-op if it was cancelled or its loop closed)."""
-    def settle():
-        if not future.done():
-            future.set_exception(error) if error is not None else future.set_result(None)
     try:
-        future.get_loop().call_soon_threadsafe(settle)
+        future.get_loop().call_soon_threadsafe(_settle, future, error)
     except RuntimeError:
         pass

@@ -31,7 +31,7 @@ import queue
 import signal
 import threading
 
-from neox_rt.engine.async_engine import EngineClient, EngineDead, EngineLoop, _resolve
+from neox_rt.engine.async_engine import EngineClient, EngineDead, EngineLoop, _resolve, _settle
 from neox_rt.engine.llm_engine import RequestOutput
 from neox_rt.errors import NeoxRtError
 
@@ -201,8 +201,8 @@ class ProcessEngine(EngineClient):
                 stream, future = self._adds.pop(rid, (None, None))
                 if stream is not None and error is None:
                     self._streams[rid] = stream
-            if future is not None and not future.done():
-                future.set_exception(error) if error is not None else future.set_result(None)
+            if future is not None:
+                _settle(future, error)
         else:  # "f": the engine failed this request
             _, rid, error = event
             with self._lock:
