@@ -166,12 +166,13 @@ class ProcessEngine(EngineClient):
         if self._loop is not None:
             self._detach(self._loop)
         self._outbox.put(None)  # the sender stops too
-        self._proc.join(0.5)  # its pipe closed: the child is exiting, or gone
-        code = self._proc.exitcode
-        self._fail_all(EngineDead("the engine stopped" + (f" (exit status {code})" if code else "")))
+        # the waits for the child off the event loop's thread
         threading.Thread(target=self._reap, name="neox_rt-engine-reap", daemon=True).start()
 
     def _reap(self) -> None:
+        self._proc.join(0.5)  # its pipe closed: the child is exiting, or gone
+        code = self._proc.exitcode
+        self._fail_all(EngineDead("the engine stopped" + (f" (exit status {code})" if code else "")))
         self._proc.join(10)
         if self._proc.is_alive():  # a child that closed its pipe and hangs
             self._proc.terminate()
