@@ -15,7 +15,7 @@ import torch
 from neox_rt.default_model import load_default
 from neox_rt.engine.llm_engine import LLMEngine, QueueFull, RequestRejected, SamplingRequest
 from neox_rt.errors import NeoxRtError
-from neox_rt.engine.sampling import request_generator, sample_row
+from neox_rt.engine.sampling import request_generator, sample_row, sample_rows
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Foo:\n    def", "for i in range(", "# Licensed under",
            "x = 1\n", "\n", "pass\n\n\n", "    return x\n\n\n", "__all__ = []\n",
@@ -271,6 +271,34 @@ def test_sample_row():
     assert {sample_row(logits, 0.7, 0, 0.5, 6, request_generator(3, t)) for t in range(50)} == {4}  # nucleus
 
 
+
+def test_sample_rows_is_sample_row_per_row(monkeypatch):
+    """The batched sampler chooses, row by row, what sample_row chooses with the same draw: any mix of
+    temperatures, top-k, top-p (on and off) and the padded vocabulary, including draws at the edges of [0, 1)."""
+    g = torch.Generator().manual_seed(0)
+    m, v, valid = 48, 40, 37
+    logits = torch.randn(m, v, generator=g) * 3
+    logits[5, :] = 0.0  # a flat row
+    logits[6, 30:] = 50.0  # all the mass past the valid vocabulary
+    temps = [0.3 + (i % 5) * 0.4 for i in range(m)]
+    top_k = [(0, 2, 5, 36, 37, 100)[i % 6] for i in range(m)]
+    top_p = [(1.0, 0.9, 0.5, 0.0, 0.999, 0.05, 1.0)[i % 7] for i in range(m)]
+    rand = torch.rand
+    for u in ([float(rand((), generator=g)) for _ in range(m)], [0.0] * m, [1.0 - 2 ** -24] * m):
+        want = []
+        for i in range(m):  # sample_row draws once from its generator: that draw is u[i]
+            monkeypatch.setattr(torch, "rand", lambda *a, _u=u[i], **k: torch.tensor(_u))
+            want.append(sample_row(logits[i], temps[i], top_k[i], top_p[i] if 0 < top_p[i] < 1 else 0.0, valid,
+                                   None))
+        monkeypatch.setattr(torch, "rand", rand)
+        got = sample_rows(logits, temps, top_k, top_p, valid, u)
+        assert got == want
+        assert all(t < valid for t in got) and len(set(got)) > 3
+    wide = torch.randn(13, 30000, generator=g)  # on the CPU the rows go a few at a time
+    u = [float(rand((), generator=g)) for _ in range(13)]
+    assert sample_rows(wide, [0.7] * 13, [0, 50] * 6 + [0], [0.8] * 13, 29990, u) == \
+        [sample_rows(wide[i:i + 1], [0.7], [(0, 50)[i % 2]], [0.8], 29990, u[i:i + 1])[0] for i in range(13)]
+
 def test_kv_cache_sizing(neox):
     engine = LLMEngine(neox, max_num_seqs=2, max_model_len=64)
     assert engine.stats()["num_blocks_total"] == 8  # 2 sequences x 64 tokens / 16
@@ -387,12 +415,13 @@ def test_engine_on_gpu_graphs_equal_padded_eager():
 
 
 class _BasicIndexOnly(torch.Tensor):
-    """Logits that refuse advanced indexing (a list or tensor index copies the index to the device from pageable
-    memory on a GPU, which waits for the forward)."""
+    """Logits that refuse advanced indexing while ``in_launch`` (a list or tensor index copies the index to the device
+    from pageable memory on a GPU, which waits for the forward; collect, which waits anyway, may)."""
+    in_launch = False
 
     def __getitem__(self, idx):
         items = idx if isinstance(idx, tuple) else (idx,)
-        assert all(isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in items), \
+        assert not _BasicIndexOnly.in_launch or all(isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in items), \
             f"advanced index {idx!r} on the step's logits in launch"
         return super().__getitem__(idx)
 
@@ -410,6 +439,15 @@ def test_launch_queues_no_wait_for_the_forward(neox, cases):
                 logits, sample_ids, plp = execute(*a, **k)
                 return logits.as_subclass(_BasicIndexOnly), sample_ids, plp
             engine.runner.execute = guarded
+            launch = engine.runner.launch
+
+            def guarded_launch(*a, **k):
+                _BasicIndexOnly.in_launch = True
+                try:
+                    return launch(*a, **k)
+                finally:
+                    _BasicIndexOnly.in_launch = False
+            engine.runner.launch = guarded_launch
         for i, (ids, n, _) in enumerate(cases[:6]):
             engine.add_request(f"r{i}", ids, SamplingRequest(max_tokens=n, temperature=0.0 if i % 2 else 0.8,
                                                              seed=i))

@@ -26,7 +26,7 @@ import torch
 from neox_rt.engine.distributed import StepBroadcaster
 from neox_rt.engine.graphs import PagedDecodeGraphRunner, graphs_enabled
 from neox_rt.engine.kv_cache import PagedKVCache
-from neox_rt.engine.sampling import request_generator, sample_row
+from neox_rt.engine.sampling import request_generator, sample_rows
 from neox_rt.engine.scheduler import StepPlan
 from neox_rt.model.model import PagedAttentionMetadata
 
@@ -199,25 +199,33 @@ class ModelRunner:
             self._prompt_logprobs(logits[len(sample_ids):], plp, plan, params, result)
         if not sample_ids:
             return result
-        logits = logits[:len(sample_ids)].float()
-        index = {c.request_id: c for c in plan.chunks}
-        want_lp = [i for i, r in enumerate(sample_ids) if params[r].logprobs is not None]
-        logp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
-        for i, rid in enumerate(sample_ids):
-            if i in chosen:
-                continue
-            p = params[rid]
-            seq = index[rid].seq
-            gen = self._generator if p.seed is None else request_generator(p.seed, seq.num_output_tokens)
-            top_p = p.top_p if 0.0 < p.top_p < 1.0 else 0.0
-            chosen[i] = sample_row(logits[i], p.temperature, p.top_k, top_p, self.valid_vocab, gen)
+        logits = logits[:len(sample_ids)]
+        drawn = [i for i in range(len(sample_ids)) if i not in chosen]
+        if drawn:  # every other row sampled in one batch: its own temperature, top-k, top-p and uniform draw
+            index = {c.request_id: c.seq for c in plan.chunks}
+            ps = [params[sample_ids[i]] for i in drawn]
+            u = [float(torch.rand((), generator=self._generator if p.seed is None else
+                                  request_generator(p.seed, index[sample_ids[i]].num_output_tokens)))
+                 for i, p in zip(drawn, ps)]
+            rows = logits[drawn] if len(drawn) < len(sample_ids) else logits
+            chosen.update(zip(drawn, sample_rows(rows, [p.temperature for p in ps], [p.top_k for p in ps],
+                                                 [p.top_p for p in ps], self.valid_vocab, u)))
         out = result.sampled
         out.update({rid: SampledToken(chosen[i]) for i, rid in enumerate(sample_ids)})
-        if logp is not None:
+        want_lp = [i for i, r in enumerate(sample_ids) if params[r].logprobs is not None]
+        if want_lp:  # the chosen tokens' logprobs and every row's top ones, each in one batched op
+            logp = torch.log_softmax(logits[want_lp].float(), dim=-1)
+            picked = torch.tensor([chosen[i] for i in want_lp], device=logp.device)
+            lps = logp.gather(1, picked[:, None])[:, 0].tolist()
+            ks = [params[sample_ids[i]].logprobs for i in want_lp]
+            vals = idx = None
+            if max(ks):
+                vals, idx = logp[:, :self.valid_vocab].topk(min(max(ks), self.valid_vocab))
+                vals, idx = vals.tolist(), idx.tolist()
             for j, i in enumerate(want_lp):
                 t = out[sample_ids[i]]
-                t.logprob = float(logp[j, t.token_id])
-                t.top_logprobs = self._top(logp[j], params[sample_ids[i]].logprobs)
+                t.logprob = lps[j]
+                t.top_logprobs = dict(zip(idx[j][:ks[j]], vals[j][:ks[j]])) if ks[j] else None
         return result
 
     def _top(self, logp_row: torch.Tensor, k: int) -> dict[int, float] | None:
