@@ -315,8 +315,10 @@ class _PlanWatch:
         self.close = _wrap(self.scheduler, "schedule", make)
 
 
-def run_continuous(engine: LLMEngine, trace: list[TraceRequest], cap: float) -> dict:
-    """Replay ``trace`` through the engine against the wall clock (see the module's docstring)."""
+def run_continuous(engine: LLMEngine, trace: list[TraceRequest], cap: float, temperature: float = 0.0,
+                   top_p: float = 1.0) -> dict:
+    """Replay ``trace`` through the engine against the wall clock (see the module's docstring); every request greedy,
+    or sampled at ``temperature`` and ``top_p`` (seeded by its index)."""
     records = {r.request_id: Record(r) for r in trace}
     preempt0 = engine.stats()["num_preemptions"]
     watch = _PlanWatch(engine)
@@ -332,7 +334,8 @@ def run_continuous(engine: LLMEngine, trace: list[TraceRequest], cap: float) -> 
                 r = trace[nxt]
                 try:
                     engine.add_request(r.request_id, list(r.prompt_ids),
-                                       SamplingRequest(max_tokens=r.output_len, temperature=0.0, ignore_eos=True))
+                                       SamplingRequest(max_tokens=r.output_len, temperature=temperature, top_p=top_p,
+                                                       seed=nxt, ignore_eos=True))
                 except Exception as e:  # noqa: BLE001 - a request the engine refuses is reported, not fatal
                     rejected += 1
                     print(f"serving: {r.request_id} rejected: {e}", file=sys.stderr)
@@ -867,7 +870,8 @@ def bench_model(name: str, args, device: torch.device, bandwidth: float | None, 
     graphs = getattr(engine.runner, "graphs", None)
     res["engine"] = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                      "max_model_len": max_model_len, "num_blocks": engine.scheduler.blocks.num_total,
-                     "block_size": engine.block_size, "kv_pool_bytes": engine.scheduler.blocks.num_total * block_bytes}
+                     "block_size": engine.block_size, "kv_pool_bytes": engine.scheduler.blocks.num_total * block_bytes,
+                     "temperature": args.temperature, "top_p": args.top_p}
     t = time.perf_counter()
     warm_engine(engine, base)
     res["warmup_s"] = time.perf_counter() - t
@@ -899,7 +903,7 @@ def bench_model(name: str, args, device: torch.device, bandwidth: float | None, 
     for spec in rates:
         rps = resolve(spec)
         t = time.perf_counter()
-        r = run_continuous(engine, trace_at(rps), args.duration)
+        r = run_continuous(engine, trace_at(rps), args.duration, args.temperature, args.top_p)
         r.update(mode="continuous", rate=rate_label(spec), rate_rps=None if math.isinf(rps) else rps,
                  seconds=time.perf_counter() - t)
         runs.append(r)
@@ -912,7 +916,7 @@ def bench_model(name: str, args, device: torch.device, bandwidth: float | None, 
         rps = 0.5 * sat
         plen = min(args.ttft_prompt, model.config.max_position_embeddings - args.output_lengths.hi)
         t = time.perf_counter()
-        r = run_continuous(engine, trace_at(rps, plen), args.duration)
+        r = run_continuous(engine, trace_at(rps, plen), args.duration, args.temperature, args.top_p)
         r.update(mode="continuous", rate="0.5x", rate_rps=rps, fixed_prompt_len=plen, seconds=time.perf_counter() - t)
         runs.append(r)
         res["ttft_512"] = {"source": f"a run of the trace with every prompt {plen} tokens at half the saturating rate",
@@ -1126,6 +1130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-lengths", type=LengthDist.parse, default=OUTPUT_LENGTHS, metavar="LO:HI:MEDIAN:SIGMA",
                    help="default 32:512:128:0.8")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="the continuous runs' sampling temperature (default 0: greedy; > 0: each request seeded)")
+    p.add_argument("--top-p", type=float, default=1.0, help="their top_p (default 1: off)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="engine max_num_seqs (default: "
                    + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_NUM_SEQS.items()) + ", else 64)")
