@@ -305,8 +305,8 @@ class _PlanWatch:
         self.plans: list[tuple[int, int, int]] = []  # (decodes, prefill tokens, sum of decode context lengths)
 
         def make(inner):
-            def schedule():
-                plan = inner()
+            def schedule(**kw):
+                plan = inner(**kw)
                 self.peak_blocks = max(self.peak_blocks, self.scheduler.blocks.num_used)
                 self.plans.append((len(plan.decodes), sum(c.num_tokens for c in plan.prefills),
                                    sum(c.end for c in plan.decodes)))
@@ -530,8 +530,9 @@ class _PhaseTimer:
 
 def decode_step(engine: LLMEngine, vocab: int, weight_bytes: int, bandwidth: float | None, num_seqs: int,
                 prompt_len: int, steps: int, seed: int, warmup: int = 3) -> dict:
-    """Median time of the engine's steps in which exactly ``num_seqs`` sequences decode (no prefill), beside the
-    floor (weight bytes + the KV bytes those sequences' attention reads) / copy bandwidth."""
+    """Median time of the engine's steps in which exactly ``num_seqs`` sequences decode (no prefill), back to back
+    as serving runs them, beside the floor (weight bytes + the KV bytes those sequences' attention reads) / copy
+    bandwidth."""
     num_seqs = min(num_seqs, engine.scheduler.config.max_num_seqs)
     bs = engine.block_size
     block_bytes = PagedKVCache.block_bytes(engine.model, bs)
@@ -556,18 +557,23 @@ def decode_step(engine: LLMEngine, vocab: int, weight_bytes: int, bandwidth: flo
     preempt0 = engine.stats()["num_preemptions"]
     rows, seen = [], 0
     try:
+        _sync(engine.model.device)
+        last, steady = time.perf_counter(), False
         while engine.has_unfinished() and len(rows) < steps:
             phases.now = {}
-            _sync(engine.model.device)
-            t = time.perf_counter()
             engine.step()
-            _sync(engine.model.device)
-            wall = time.perf_counter() - t
+            t = time.perf_counter()
+            wall, last = t - last, t
+            # a step's time is the interval between two returns of engine.step(), the device never drained in
+            # between (with ``engine.ahead`` the host plans and launches a step while the one before it runs): timed
+            # once this step and the one before were both pure decodes of num_seqs sequences
             decodes, prefill_tokens, ctx = watch.plans[-1]
-            if decodes == num_seqs and prefill_tokens == 0:
+            pure = decodes == num_seqs and prefill_tokens == 0
+            if pure and steady:
                 seen += 1
                 if seen > warmup:
                     rows.append((wall, ctx, dict(phases.now)))
+            steady = pure
     finally:
         phases.close()
         watch.close()
@@ -871,7 +877,7 @@ def bench_model(name: str, args, device: torch.device, bandwidth: float | None, 
     res["engine"] = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                      "max_model_len": max_model_len, "num_blocks": engine.scheduler.blocks.num_total,
                      "block_size": engine.block_size, "kv_pool_bytes": engine.scheduler.blocks.num_total * block_bytes,
-                     "temperature": args.temperature, "top_p": args.top_p}
+                     "temperature": args.temperature, "top_p": args.top_p, "ahead": engine.ahead}
     t = time.perf_counter()
     warm_engine(engine, base)
     res["warmup_s"] = time.perf_counter() - t

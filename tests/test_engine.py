@@ -7,6 +7,7 @@ streaming deltas.
 """
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -16,6 +17,7 @@ from neox_rt.default_model import load_default
 from neox_rt.engine.llm_engine import LLMEngine, QueueFull, RequestRejected, SamplingRequest
 from neox_rt.errors import NeoxRtError
 from neox_rt.engine.sampling import request_generator, sample_row, sample_rows
+from neox_rt.engine.sequence import PLACEHOLDER
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Foo:\n    def", "for i in range(", "# Licensed under",
            "x = 1\n", "\n", "pass\n\n\n", "    return x\n\n\n", "__all__ = []\n",
@@ -27,6 +29,14 @@ PROMPTS = ["def fibonacci(n):", "import os\n", "class Foo:\n    def", "for i in 
            "return a dict of its sections.\"\"\"\n    result = {}\n    with open(path) as f:\n        for line in f:\n"
            "            line = line.strip()\n            if not line or line.startswith('#'):\n                continue\n"]
 ENDS_AT_EOS = "if __name__ == '__main__':\n    main()\n"  # greedy emits EOS at once
+
+
+@pytest.fixture(autouse=True, params=["ahead", "in-step"])
+def engine_mode(request, monkeypatch):
+    """Every test twice: the engine planning each step ahead of the previous one's tokens (the default), and
+    waiting for them first (``NEOX_RT_ENGINE_AHEAD=0``)."""
+    monkeypatch.setenv("NEOX_RT_ENGINE_AHEAD", "1" if request.param == "ahead" else "0")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +85,14 @@ def run_under_load(neox, cases, extra, num_blocks, seed, max_num_seqs=16, max_nu
     rng.shuffle(todo)
     final = {}
     engine.first_outputs = {}  # the first output of each request (the test reads prompt logprobs there)
-    plans = []
+    plans, placeholders = [], []
     schedule = engine.scheduler.schedule
-    engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
+
+    def schedule_and_count(**k):  # the decodes planned before their input token was known
+        plans.append(schedule(**k))
+        placeholders.append(sum(c.token_ids == [PLACEHOLDER] for c in plans[-1].decodes))
+        return plans[-1]
+    engine.scheduler.schedule = schedule_and_count
     while todo or engine.has_unfinished():
         for _ in range(rng.choice([0, 0, 1, 3])):
             if todo:
@@ -90,6 +105,8 @@ def run_under_load(neox, cases, extra, num_blocks, seed, max_num_seqs=16, max_nu
     # the steps mixed decodes with prompt chunks, and a prompt was split over steps
     assert any(p.decodes and p.prefills for p in plans)
     assert any(not c.samples for p in plans for c in p.prefills)
+    assert engine.ahead == (os.environ["NEOX_RT_ENGINE_AHEAD"] == "1")
+    assert (sum(placeholders) > len(plans) // 2) if engine.ahead else not any(placeholders)
     return final, engine
 
 
@@ -359,7 +376,7 @@ def test_padded_decode_graph_step_equals_eager(neox, cases):
     assert runner.graphs.capture_all() == 0  # capturing off (CPU): nothing to capture
     used = []
     step = runner.graphs.step
-    runner.graphs.step = lambda *a: used.append(a[3].shape[0]) or step(*a)
+    runner.graphs.step = lambda *a, **k: used.append(a[3].shape[0]) or step(*a, **k)
     rng = random.Random(3)
     todo = [(f"g{i}", ids, SamplingRequest(max_tokens=n, temperature=0)) for i, (ids, n, _) in enumerate(cases)]
     final = {}
@@ -415,14 +432,15 @@ def test_engine_on_gpu_graphs_equal_padded_eager():
 
 
 class _BasicIndexOnly(torch.Tensor):
-    """Logits that refuse advanced indexing while ``in_launch`` (a list or tensor index copies the index to the device
-    from pageable memory on a GPU, which waits for the forward; collect, which waits anyway, may)."""
+    """Logits that refuse a Python list as an index while ``in_launch``: torch copies such an index to the device
+    from pageable memory and waits for the copy, which on a GPU waits for the forward (launch moves its indexes up
+    as tensors from pinned memory, queued)."""
     in_launch = False
 
     def __getitem__(self, idx):
         items = idx if isinstance(idx, tuple) else (idx,)
-        assert not _BasicIndexOnly.in_launch or all(isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in items), \
-            f"advanced index {idx!r} on the step's logits in launch"
+        assert not _BasicIndexOnly.in_launch or not any(isinstance(i, list) for i in items), \
+            f"list index {idx!r} on the step's logits in launch"
         return super().__getitem__(idx)
 
 

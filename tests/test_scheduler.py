@@ -14,7 +14,7 @@ import pytest
 
 from neox_rt.engine.block_manager import BlockManager, NoFreeBlocks
 from neox_rt.engine.scheduler import (QueueFull, RequestRejected, Scheduler, SchedulerConfig, StepPlan)
-from neox_rt.engine.sequence import IllegalTransition, RequestParams, Sequence, SequenceStatus as S
+from neox_rt.engine.sequence import PLACEHOLDER, IllegalTransition, RequestParams, Sequence, SequenceStatus as S
 from neox_rt.errors import NeoxRtError
 
 EOS = 0
@@ -413,18 +413,27 @@ class SimulatedKV:
     def read(self, table, end: int) -> list[int]:
         return [self.data[table[p // self.block_size]][p % self.block_size] for p in range(end)]
 
-    def run(self, plan: StepPlan) -> dict[str, int]:
+    def run(self, plan: StepPlan, prev: dict[str, int] | None = None) -> dict[str, int]:
+        """Run ``plan``: write its chunks' tokens, sample. A placeholder input (a decode planned ahead) is the token
+        that ``prev`` (the step before, in flight) sampled for that request, as the runner takes it on the device."""
         sampled = {}
         for c in plan.chunks:
             if c.seq.status is not S.RUNNING:
                 continue  # aborted after the plan was made
             table = c.seq.block_table
             assert len(table) * self.block_size >= c.end, (c.seq, c.end)
-            for p, t in zip(range(c.start, c.end), c.token_ids):
+            tokens = c.token_ids
+            if tokens == [PLACEHOLDER]:
+                tokens = [prev[c.request_id]]
+            assert PLACEHOLDER not in tokens, c
+            for p, t in zip(range(c.start, c.end), tokens):
                 self.data[table[p // self.block_size]][p % self.block_size] = t
             if c.samples:
                 context = self.read(table, c.end)
-                assert context == c.seq.tokens(0, c.end), f"{c.request_id}: KV cache holds wrong tokens"
+                want = c.seq.tokens(0, c.end)
+                if want[-1] == PLACEHOLDER:
+                    want[-1] = tokens[-1]
+                assert context == want, f"{c.request_id}: KV cache holds wrong tokens"
                 sampled[c.request_id] = model_next_token(context)
         return sampled
 
@@ -444,12 +453,15 @@ def expected_output(prompt, params: RequestParams, stop_string_token):
             return out, "stop"
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-step", "ahead"])
 @pytest.mark.parametrize("block_size,num_blocks,max_num_seqs,budget,max_queue,seed", [
     (4, 40, 8, 32, 12, 0),    # 160 slots for requests of up to ~150 tokens: constant pressure
     (16, 14, 16, 64, 4, 1),   # the default block size, 224 slots, more sequences than the pool holds
     (1, 120, 6, 6, 12, 2),    # one-token blocks, a budget of exactly max_num_seqs: saturated
 ])
-def test_randomized_simulation(block_size, num_blocks, max_num_seqs, budget, max_queue, seed):
+def test_randomized_simulation(block_size, num_blocks, max_num_seqs, budget, max_queue, seed, ahead):
+    """``ahead``: the engine's way of running a step before the previous one's tokens are known: step N + 1 is
+    planned (``schedule(ahead=True)``) and run while step N is in flight, then N is updated."""
     rng = random.Random(seed)
     sched = make(num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                  max_num_batched_tokens=budget, max_queue=max_queue)
@@ -483,7 +495,8 @@ def test_randomized_simulation(block_size, num_blocks, max_num_seqs, budget, max
         if sched.abort(rid):
             aborted_in[rid] = state
 
-    while (pending or sched.has_unfinished()) and step_no < max_steps:
+    inflight = None  # (plan, sampled) of the step run but not updated yet (ahead)
+    while (pending or sched.has_unfinished() or inflight) and step_no < max_steps:
         # Arrivals (a client answered 429 retries a few steps later).
         retry = []
         while pending and pending[0][0] <= step_no:
@@ -504,20 +517,23 @@ def test_randomized_simulation(block_size, num_blocks, max_num_seqs, budget, max
             if r[5] is not None and r[5] <= step_no and not r[6] and not seq.is_finished:
                 abort(rid)
 
-        plan = sched.schedule()
+        plan = sched.schedule(ahead=inflight is not None)
         bm = sched.blocks
         bm.check_invariants()
         ids = [c.request_id for c in plan.chunks]
         assert len(ids) == len(set(ids)) and len(ids) <= max_num_seqs
         assert plan.num_batched_tokens <= budget and sched.num_running <= max_num_seqs
         assert all(c.num_tokens == 1 and c.samples for c in plan.decodes)
-        # Decodes first: no running sequence with one token left waits while prefill chunks run.
+        # Decodes first: no running sequence with one token left waits while prefill chunks run (but one whose
+        # token in flight is its last).
         admitted = {c.request_id for c in plan.prefills if c.start == 0}
-        ready = {s.request_id for s in sched.running if s.num_uncomputed_tokens == 1} - admitted
+        ready = {s.request_id for s in sched.running if s.num_uncomputed_tokens == 1
+                 and s.num_output_tokens < s.params.max_tokens} - admitted
         assert ready == {c.request_id for c in plan.decodes}
         for s in sched.running:
             assert s.status is S.RUNNING and s.block_table == bm.block_table(s.request_id)
-            assert len(s.block_table) * block_size >= s.num_tokens >= s.num_computed_tokens
+            last = s.num_output_tokens >= s.params.max_tokens  # its last token, in flight, is never fed back
+            assert len(s.block_table) * block_size >= s.num_tokens - last >= s.num_computed_tokens
             assert kv.read(s.block_table, s.num_computed_tokens) == s.tokens(0, s.num_computed_tokens)
         for s in sched.waiting:
             assert s.status in (S.WAITING, S.PREEMPTED) and not bm.has(s.request_id)
@@ -531,12 +547,20 @@ def test_randomized_simulation(block_size, num_blocks, max_num_seqs, budget, max
             r = requests[rid]
             if r[5] is not None and r[5] <= step_no and r[6]:
                 abort(rid)
-        sampled = kv.run(plan)
-        for seq in sched.update(plan, sampled):
+        if ahead:  # run this step now (after the one in flight, as on the device), then update that one
+            sampled = kv.run(plan, inflight[1] if inflight else None)
+            done, inflight = inflight, (plan, sampled)
+        else:
+            done = (plan, kv.run(plan))
+        for seq in sched.update(*done) if done else ():
             stop_tok = requests[seq.request_id][4]
-            if not seq.is_finished and seq.last_token_id == stop_tok:
+            token = done[1][seq.request_id]
+            if not seq.is_finished and token == stop_tok:
                 assert sched.finish(seq.request_id, stop_reason=f"<{stop_tok}>")   # the detokenizer's stop
         bm.check_invariants()
+        if inflight and not inflight[0].chunks and not sched.has_unfinished():
+            sched.update(*inflight)  # an empty step in flight when everything is done
+            inflight = None
         assert all(s.is_finished is False for s in sched.running + sched.waiting)
         step_no += 1
 

@@ -254,15 +254,18 @@ class PagedDecodeGraphRunner:
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
-             seqlens: torch.Tensor, pad_to: int | None = None) -> torch.Tensor | None:
+             seqlens: torch.Tensor, pad_to: int | None = None, fill: tuple | None = None) -> torch.Tensor | None:
         """One decode step of b sequences (host or device tensors: ids, positions, slots [b], block_tables [b, w],
         seqlens [b]) -> logits [b, V] (a view of a static output, valid until the next step), or None when this
-        step cannot run as a graph (the caller runs it eagerly)."""
+        step cannot run as a graph (the caller runs it eagerly). ``fill`` = (rows, ids), device tensors: those rows'
+        input ids taken from the device (tokens a step still in flight samples), over ``ids``' placeholders."""
         b, w = block_tables.shape
         if not self.supports(b, w):
             return None
         bucket = pad_to or bucket_for(b, self.buckets)
         self.ids[0, :b].copy_(ids, non_blocking=True)
+        if fill is not None:
+            self.ids[0].index_copy_(0, *fill)
         self.positions[0, :b].copy_(positions, non_blocking=True)
         self.slots[:b].copy_(slots, non_blocking=True)
         self.block_tables[:b, :w].copy_(block_tables, non_blocking=True)

@@ -166,6 +166,11 @@ class LLMEngine:
         """Detokenize a step's tokens while the device computes the next step (:meth:`step`)."""
         self._pending: list = []  # (sequence, SampledToken) of the last update, not yet turned into outputs
         self._ready: list[RequestOutput] = []  # outputs made by a step that then failed
+        self.ahead = self.overlap and self.runner.broadcaster is None and \
+            os.environ.get("NEOX_RT_ENGINE_AHEAD", "1") != "0"
+        """Plan and launch each step before the previous one's tokens reach the host (:meth:`step`); not under tensor
+        parallelism (the other ranks need every input token on the host); ``NEOX_RT_ENGINE_AHEAD=0`` turns it off."""
+        self._inflight = None  # the step launched and not yet collected (``ahead``)
 
     def _free_memory(self) -> int:
         """Free bytes on the model's device (on CPU: the host's available memory)."""
@@ -204,7 +209,8 @@ class LLMEngine:
         self.runner.close()
 
     def has_unfinished(self) -> bool:
-        """Requests still to run, or outputs still to hand out."""
+        """Requests still to run, or outputs still to hand out (a step in flight whose requests have all been
+        aborted is not: the next step collects it)."""
         return self.scheduler.has_unfinished() or bool(self._pending) or bool(self._ready)
 
     def stats(self) -> dict:
@@ -220,7 +226,14 @@ class LLMEngine:
         step ([] when idle): their detokenization and stop strings run while the device computes this step, so the
         host's per-token work of one step hides behind the next one's forward (``overlap``, the default; with
         ``NEOX_RT_ENGINE_OVERLAP=0`` a step returns its own outputs). A request that a stop string finishes in that
-        window has its token of this step dropped (the scheduler skips finished sequences)."""
+        window has its token of this step dropped (the scheduler skips finished sequences).
+
+        With ``ahead`` (the default, except under tensor parallelism) the host does not wait for a step before
+        planning and launching the next: a call plans step N + 1 and queues it behind step N, which is then waited
+        for, recorded and detokenized while N + 1 runs; step N + 1's decodes take their input tokens from step N's
+        results on the device. The device never idles for the host's scheduling, input building and launches."""
+        if self.ahead:
+            return self._step_ahead()
         outputs, self._ready = self._ready, []
         if not self.scheduler.has_unfinished():
             return outputs + self._flush()
@@ -232,19 +245,50 @@ class LLMEngine:
                 outputs += self._flush()  # the previous step's tokens, while the device runs this one
             result = self.runner.collect(launched)
         except BaseException:
-            # leave the scheduler consistent: the step computed nothing; its sequences are aborted
-            failed = {c.request_id for c in plan.chunks}
-            for rid in failed:
-                self.abort(rid)
-            self.scheduler.update(plan, {})
-            self._ready = [o for o in outputs if o.request_id not in failed]  # go out with the next step
+            self._ready = self._fail([plan], outputs)
             raise
+        self._record(plan, result)
+        return outputs if self.overlap else outputs + self._flush()
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        outputs, self._ready = self._ready, []
+        prev, self._inflight = self._inflight, None
+        if prev is None and not self.scheduler.has_unfinished():
+            return outputs + self._flush()
+        plans = [prev.plan] if prev is not None else []
+        try:
+            if self.scheduler.has_unfinished():
+                plan = self.scheduler.schedule(ahead=prev is not None)
+                plans.append(plan)
+                params = {c.request_id: self._requests[c.request_id].params for c in plan.chunks}
+                self._inflight = self.runner.launch(plan, params, prev)
+            if prev is not None:
+                result = self.runner.collect(prev)
+        except BaseException:
+            self._inflight = None
+            self._ready = self._fail(plans, outputs + self._flush())
+            raise
+        if prev is not None:
+            self._record(prev.plan, result)
+        return outputs + self._flush()  # the step just waited for: detokenized while the next one runs
+
+    def _record(self, plan, result) -> None:
+        """A collected step's tokens to the scheduler; their outputs wait in ``_pending`` for ``_flush``."""
         for rid, items in result.prompt_logprobs.items():
             self._requests[rid].add_prompt_logprobs(items)
         sampled = result.sampled
         seqs = self.scheduler.update(plan, {rid: t.token_id for rid, t in sampled.items()})
         self._pending = [(seq, sampled[seq.request_id]) for seq in seqs]
-        return outputs if self.overlap else outputs + self._flush()
+
+    def _fail(self, plans: list, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Steps that failed computed nothing: their sequences are aborted and the plans updated empty, oldest
+        first (the scheduler stays consistent). Returns ``outputs`` less those of the aborted requests."""
+        failed = {c.request_id for plan in plans for c in plan.chunks}
+        for rid in failed:
+            self.abort(rid)
+        for plan in plans:
+            self.scheduler.update(plan, {})
+        return [o for o in outputs if o.request_id not in failed]
 
     def _flush(self) -> list[RequestOutput]:
         """The outputs of the tokens the last update recorded (requests aborted since are skipped)."""

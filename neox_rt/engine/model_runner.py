@@ -26,8 +26,9 @@ import torch
 from neox_rt.engine.distributed import StepBroadcaster
 from neox_rt.engine.graphs import PagedDecodeGraphRunner, graphs_enabled
 from neox_rt.engine.kv_cache import PagedKVCache
-from neox_rt.engine.sampling import request_generator, sample_rows
+from neox_rt.engine.sampling import request_generator, sample_rows_queued
 from neox_rt.engine.scheduler import StepPlan
+from neox_rt.engine.sequence import PLACEHOLDER
 from neox_rt.model.model import PagedAttentionMetadata
 
 
@@ -53,18 +54,33 @@ def _host(values: list, dtype) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=dtype))
 
 
+def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` in page-locked memory when it goes to a GPU: a copy from there never waits for the device, while one
+    from ordinary memory may wait for the work queued before it (the step in flight)."""
+    return t.pin_memory() if device.type == "cuda" else t
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``, queued (see :func:`_pinned`)."""
+    return _pinned(t, device).to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 @dataclass
 class _Launched:
-    """A step between :meth:`ModelRunner.launch` and :meth:`ModelRunner.collect`: its logits (on a GPU, possibly
-    still being computed) and every sampling row's argmax queued after them (``greedy`` names the rows that take
-    it)."""
+    """A step between :meth:`ModelRunner.launch` and :meth:`ModelRunner.collect`: everything it computes (the forward,
+    every sampling row's token, the logprobs) queued on the device, and copied to the host into tensors that are
+    valid once ``done`` has been reached (on a GPU, an event recorded after the copies)."""
     plan: StepPlan
-    params: Mapping[str, object]
-    logits: torch.Tensor | None
     sample_ids: list
-    plp: list
-    top: torch.Tensor | None
-    greedy: list
+    """The request ids of the sampling rows, in row order."""
+    tokens: torch.Tensor | None
+    """The sampled ids [len(sample_ids)] on the device: the next step's inputs, before the host knows them."""
+    host: dict
+    """What ``collect`` reads: "tokens", and where asked "logprobs", "top" (values, ids, ks), "plp" (see
+    :meth:`ModelRunner._queue_prompt_logprobs`)."""
+    done: object = None
+    """A CUDA event after the copies to the host (None on the CPU: nothing is asynchronous there)."""
+    plp: list | None = None
 
 
 @dataclass
@@ -102,20 +118,24 @@ class ModelRunner:
         seqlens [b], query_start_loc [b + 1], logits rows [m], the request ids of the first len(ids) of those rows).
 
         For the prompt chunks of the requests in ``prompt_logprobs``, the rows of every token whose successor is a
-        prompt token follow the sampling rows; the last item lists them as (request id, position of the predicted
-        token)."""
+        prompt token follow the sampling rows; the item after the ids lists them as (request id, position of the
+        predicted token). The last item lists the decodes whose input is a ``PLACEHOLDER`` (planned ahead of the step
+        that samples it) as (row of input_ids, request id)."""
         bs = self.block_size
         ids, pos, slots, tables, seqlens, qsl = [], [], [], [], [], [0]
-        sample_rows, sample_ids, plp_rows, plp = [], [], [], []
+        sample_rows, sample_ids, plp_rows, plp, fill = [], [], [], [], []
         for chunk in plan.chunks:
             table = chunk.seq.block_table
             start, end = chunk.start, chunk.end
-            ids += chunk.token_ids
-            pos += range(start, end)
+            tokens = chunk.token_ids
             if end - start == 1:
+                if tokens[0] == PLACEHOLDER:
+                    fill.append((len(ids), chunk.request_id))
                 slots.append(table[start // bs] * bs + start % bs)
             else:
                 slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            ids += tokens
+            pos += range(start, end)
             tables.append(table)
             seqlens.append(end)
             qsl.append(qsl[-1] + end - start)
@@ -132,26 +152,36 @@ class ModelRunner:
                                              for t in tables)
         block_tables = _host(list(flat), np.int32).view(len(tables), width)
         return (_host(ids, np.int64), _host(pos, np.int64), _host(slots, np.int64), block_tables,
-                _host(seqlens, np.int32), _host(qsl, np.int32), _host(sample_rows, np.int64), sample_ids, plp)
+                _host(seqlens, np.int32), _host(qsl, np.int32), _host(sample_rows, np.int64), sample_ids, plp, fill)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, prompt_logprobs: frozenset = frozenset()) -> tuple[torch.Tensor, list, list]:
-        """The forward of one step: (logits [m, V] of the sampling chunks' last tokens, then of the prompt-logprob
-        rows, :meth:`prepare`; the request ids of the sampling rows; the (request, position) of each prompt-logprob
-        row). A step of decodes only replays a CUDA graph when
-        the runner has them; any other step runs eagerly."""
-        ids, pos, slots, tables, seqlens, qsl, rows, sample_ids, plp = self.prepare(plan, prompt_logprobs)
+    def execute(self, plan: StepPlan, prompt_logprobs: frozenset = frozenset(), prev: "_Launched | None" = None
+                ) -> tuple[torch.Tensor, list, list]:
+        """The forward of one step, queued: (logits [m, V] of the sampling chunks' last tokens, then of the
+        prompt-logprob rows, :meth:`prepare`; the request ids of the sampling rows; the (request, position) of each
+        prompt-logprob row). A decode whose input is a placeholder takes ``prev``'s token for it (the step in flight
+        that samples it) on the device. A step of decodes only replays a CUDA graph when the runner has them; any
+        other step runs eagerly. On a GPU nothing here waits for the device: the inputs go up from pinned memory."""
+        ids, pos, slots, tables, seqlens, qsl, rows, sample_ids, plp, fill = self.prepare(plan, prompt_logprobs)
+        dev = self.device
+        if fill:
+            if prev is None or self.broadcaster is not None:
+                raise RuntimeError(f"step {plan.step} has inputs still being sampled, and no step in flight gives them")
+            src = dict(zip(prev.sample_ids, range(len(prev.sample_ids))))
+            fill = (_to_device(_host([r for r, _ in fill], np.int64), dev),
+                    prev.tokens[_to_device(_host([src[rid] for _, rid in fill], np.int64), dev)])
         if self.graphs is not None and not plan.prefills:
-            logits = self.graphs.step(ids, pos, slots, tables, seqlens)
+            logits = self.graphs.step(*(_pinned(t, dev) for t in (ids, pos, slots, tables, seqlens)), fill=fill or None)
             if logits is not None:
                 return logits, sample_ids, plp
         if self.broadcaster is not None:  # the other ranks run the same forward on their shards
             ids, pos, slots, tables, seqlens, qsl, rows = self.broadcaster.send(ids, pos, slots, tables, seqlens, qsl,
                                                                                 rows, len(plan.decodes))
         else:
-            dev = self.device
-            ids, pos, slots, tables, seqlens, qsl, rows = (t.to(dev) for t in (ids, pos, slots, tables, seqlens, qsl,
-                                                                               rows))
+            ids, pos, slots, tables, seqlens, qsl, rows = (_to_device(t, dev) for t in (ids, pos, slots, tables,
+                                                                                         seqlens, qsl, rows))
+            if fill:
+                ids.index_copy_(0, *fill)
         meta = PagedAttentionMetadata(slot_mapping=slots, block_tables=tables, seqlens=seqlens, query_start_loc=qsl,
                                       num_decodes=len(plan.decodes))
         logits = self.model(ids[None], pos[None], self.cache, last_index=rows, paged=meta)
@@ -164,84 +194,120 @@ class ModelRunner:
             self.broadcaster = None
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan, params: Mapping[str, object]) -> "_Launched":
-        """Run ``plan``, first half: the forward and the greedy rows' argmax queued on the device, nothing waited for
-        (on a GPU the host is free until :meth:`collect`). ``params[request_id]`` (every chunk's) carries
-        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``logprobs`` and ``prompt_logprobs`` (a
-        :class:`~neox_rt.engine.llm_engine.SamplingRequest`)."""
+    def launch(self, plan: StepPlan, params: Mapping[str, object], prev: "_Launched | None" = None) -> "_Launched":
+        """Run ``plan``, first half: the forward, every sampling row's token and the logprobs asked for, all queued
+        on the device, and their copies to the host; nothing waited for (on a GPU the host is free until
+        :meth:`collect`). ``prev``: the step in flight whose tokens are this step's placeholder inputs.
+        ``params[request_id]`` (every chunk's) carries ``temperature``, ``top_k``, ``top_p``, ``seed``, ``logprobs``
+        and ``prompt_logprobs`` (a :class:`~neox_rt.engine.llm_engine.SamplingRequest`)."""
         if plan.is_empty:
-            return _Launched(plan, params, None, [], [], None, [])
+            return _Launched(plan, [], None, {})
         want_plp = frozenset(c.request_id for c in plan.prefills
                              if getattr(params[c.request_id], "prompt_logprobs", None) is not None)
-        logits, sample_ids, plp = self.execute(plan, want_plp)
-        greedy = [i for i, r in enumerate(sample_ids) if params[r].temperature == 0 or params[r].top_k == 1]
-        # every sampling row's argmax, picked on the host in collect: indexing the rows with a list here would copy
-        # the index from pageable host memory, which waits for the forward (the host then idles until the device is
-        # done, and nothing between launch and collect overlaps it)
-        top = logits[:len(sample_ids), :self.valid_vocab].argmax(dim=-1) if greedy else None
-        return _Launched(plan, params, logits, sample_ids, plp, top, greedy)
+        logits, sample_ids, plp = self.execute(plan, want_plp, prev)
+        host: dict = {}
+        tokens = None
+        if sample_ids:
+            tokens = self._queue_tokens(logits[:len(sample_ids)], plan, params, sample_ids)
+            host["tokens"] = tokens
+            want_lp = [i for i, r in enumerate(sample_ids) if params[r].logprobs is not None]
+            if want_lp:  # the chosen tokens' logprobs and every row's top ones, each in one batched op
+                logp = torch.log_softmax(logits[:len(sample_ids)].float(), dim=-1)
+                picked = tokens
+                if len(want_lp) < len(sample_ids):
+                    index = _to_device(_host(want_lp, np.int64), logp.device)
+                    logp, picked = logp[index], tokens[index]
+                host["logprobs"] = (want_lp, logp.gather(1, picked[:, None])[:, 0])
+                ks = [params[sample_ids[i]].logprobs for i in want_lp]
+                if max(ks):
+                    host["top"] = (ks, *logp[:, :self.valid_vocab].topk(min(max(ks), self.valid_vocab)))
+        if plp:
+            host["plp"] = self._queue_prompt_logprobs(logits[len(sample_ids):], plp, plan, params)
+        done = None
+        if self.device.type == "cuda":  # the copies to the host, then an event that collect waits for
+            host = _map_tensors(host, lambda t: t.to("cpu", non_blocking=True))
+            done = torch.cuda.Event()
+            done.record()
+        return _Launched(plan, sample_ids, tokens, host, done, plp)
+
+    def _queue_tokens(self, logits: torch.Tensor, plan: StepPlan, params, sample_ids: list) -> torch.Tensor:
+        """Every sampling row's token [m] on the device: greedy rows the argmax, the others :func:`sample_rows_queued`
+        with their own temperature, top-k, top-p and a uniform draw from the request's generator (seeded: by (seed,
+        index of the token); else the runner's)."""
+        tokens = logits[:, :self.valid_vocab].argmax(dim=-1)
+        drawn = [i for i, r in enumerate(sample_ids) if not (params[r].temperature == 0 or params[r].top_k == 1)]
+        if drawn:
+            chunks = {c.request_id: c for c in plan.chunks}
+            ps = [params[sample_ids[i]] for i in drawn]
+            u = []
+            for i, p in zip(drawn, ps):
+                c = chunks[sample_ids[i]]
+                gen = self._generator if p.seed is None else request_generator(p.seed, c.end - c.seq.num_prompt_tokens)
+                u.append(float(torch.rand((), generator=gen)))
+            whole = len(drawn) == len(sample_ids)
+            index = None if whole else _to_device(_host(drawn, np.int64), logits.device)
+            chosen = sample_rows_queued(logits if whole else logits[index], [p.temperature for p in ps],
+                                        [p.top_k for p in ps], [p.top_p for p in ps], self.valid_vocab, u)
+            tokens = chosen if whole else tokens.index_copy_(0, index, chosen)
+        return tokens
 
     @torch.inference_mode()
     def collect(self, launched: "_Launched") -> StepResult:
-        """Second half: the greedy tokens brought to the host (the wait for the device), the other rows sampled,
-        logprobs. Returns a token for every sampling chunk (``{id: t.token_id for id, t in result.sampled.items()}``
-        is what ``Scheduler.update`` takes) and the prompt logprobs the step computed."""
+        """Second half: wait for the step's results to reach the host (on a GPU its event: not any step queued
+        after it), then hand them out. Returns a token for every sampling chunk (``{id: t.token_id for id, t in
+        result.sampled.items()}`` is what ``Scheduler.update`` takes) and the prompt logprobs the step computed."""
         result = StepResult({}, {})
-        plan, params, logits, sample_ids, plp = (launched.plan, launched.params, launched.logits,
-                                                 launched.sample_ids, launched.plp)
-        if logits is None:
-            return result
-        chosen: dict[int, int] = {}
-        if launched.greedy:
-            top = launched.top.tolist()
-            chosen.update((i, top[i]) for i in launched.greedy)
-        if plp:
-            self._prompt_logprobs(logits[len(sample_ids):], plp, plan, params, result)
-        if not sample_ids:
-            return result
-        logits = logits[:len(sample_ids)]
-        drawn = [i for i in range(len(sample_ids)) if i not in chosen]
-        if drawn:  # every other row sampled in one batch: its own temperature, top-k, top-p and uniform draw
-            index = {c.request_id: c.seq for c in plan.chunks}
-            ps = [params[sample_ids[i]] for i in drawn]
-            u = [float(torch.rand((), generator=self._generator if p.seed is None else
-                                  request_generator(p.seed, index[sample_ids[i]].num_output_tokens)))
-                 for i, p in zip(drawn, ps)]
-            rows = logits[drawn] if len(drawn) < len(sample_ids) else logits
-            chosen.update(zip(drawn, sample_rows(rows, [p.temperature for p in ps], [p.top_k for p in ps],
-                                                 [p.top_p for p in ps], self.valid_vocab, u)))
-        out = result.sampled
-        out.update({rid: SampledToken(chosen[i]) for i, rid in enumerate(sample_ids)})
-        want_lp = [i for i, r in enumerate(sample_ids) if params[r].logprobs is not None]
-        if want_lp:  # the chosen tokens' logprobs and every row's top ones, each in one batched op
-            logp = torch.log_softmax(logits[want_lp].float(), dim=-1)
-            picked = torch.tensor([chosen[i] for i in want_lp], device=logp.device)
-            lps = logp.gather(1, picked[:, None])[:, 0].tolist()
-            ks = [params[sample_ids[i]].logprobs for i in want_lp]
-            vals = idx = None
-            if max(ks):
-                vals, idx = logp[:, :self.valid_vocab].topk(min(max(ks), self.valid_vocab))
-                vals, idx = vals.tolist(), idx.tolist()
-            for j, i in enumerate(want_lp):
-                t = out[sample_ids[i]]
-                t.logprob = lps[j]
-                t.top_logprobs = dict(zip(idx[j][:ks[j]], vals[j][:ks[j]])) if ks[j] else None
+        if launched.done is not None:
+            launched.done.synchronize()
+        host, sample_ids = launched.host, launched.sample_ids
+        if sample_ids:
+            out = result.sampled
+            out.update((rid, SampledToken(t)) for rid, t in zip(sample_ids, host["tokens"].tolist()))
+            if "logprobs" in host:
+                want_lp, lps = host["logprobs"]
+                lps = lps.tolist()
+                ks, vals, idx = host.get("top", (None, None, None))
+                if ks is not None:
+                    vals, idx = vals.tolist(), idx.tolist()
+                for j, i in enumerate(want_lp):
+                    t = out[sample_ids[i]]
+                    t.logprob = lps[j]
+                    if ks is not None and ks[j]:
+                        t.top_logprobs = dict(zip(idx[j][:ks[j]], vals[j][:ks[j]]))
+        if "plp" in host:
+            self._prompt_logprobs(host["plp"], launched.plp, result)
         return result
 
-    def _top(self, logp_row: torch.Tensor, k: int) -> dict[int, float] | None:
-        if not k:
-            return None
-        vals, idx = logp_row[:self.valid_vocab].topk(min(k, self.valid_vocab))
-        return dict(zip(idx.tolist(), vals.tolist()))
-
-    def _prompt_logprobs(self, logits: torch.Tensor, plp: list, plan: StepPlan, params,
-                         result: StepResult) -> None:
-        """log p(prompt token at position q | the tokens before it) for each (request, q) of ``plp``, from
-        the logits of position q - 1 (fp32 log_softmax, as the sampled tokens' logprobs)."""
+    def _queue_prompt_logprobs(self, logits: torch.Tensor, plp: list, plan: StepPlan, params) -> tuple:
+        """log p(prompt token at position q | the tokens before it) for each (request, q) of ``plp``, from the
+        logits of position q - 1 (fp32 log_softmax, as the sampled tokens' logprobs), and the top k of each row
+        (k the request's ``prompt_logprobs``), queued: (chosen [n], ks, top values, top ids; None without k)."""
         seqs = {c.request_id: c.seq for c in plan.prefills}
-        targets = torch.tensor([seqs[rid].tokens(q, q + 1)[0] for rid, q in plp], device=logits.device)
+        targets = _to_device(_host([seqs[rid].tokens(q, q + 1)[0] for rid, q in plp], np.int64), logits.device)
         logp = torch.log_softmax(logits.float(), dim=-1)
-        chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+        chosen = logp.gather(1, targets[:, None])[:, 0]
+        ks = [params[rid].prompt_logprobs for rid, _ in plp]
+        if not max(ks):
+            return chosen, ks, None, None
+        return (chosen, ks, *logp[:, :self.valid_vocab].topk(min(max(ks), self.valid_vocab)))
+
+    @staticmethod
+    def _prompt_logprobs(queued: tuple, plp: list, result: StepResult) -> None:
+        chosen, ks, vals, idx = queued
+        chosen = chosen.tolist()
+        if vals is not None:
+            vals, idx = vals.tolist(), idx.tolist()
         for j, (rid, q) in enumerate(plp):
-            top = self._top(logp[j], params[rid].prompt_logprobs)
+            top = dict(zip(idx[j][:ks[j]], vals[j][:ks[j]])) if ks[j] else None
             result.prompt_logprobs.setdefault(rid, []).append(PromptLogprob(q, chosen[j], top))
+
+
+def _map_tensors(obj, fn):
+    """``obj`` (tensors in tuples, lists and dicts) with ``fn`` applied to every tensor."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj

@@ -91,24 +91,34 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     """:func:`sample_row` for every row of logits [m, V] at once, row i with its own temperature (> 0), top-k,
     top-p and uniform draw ``uniforms[i]`` (``torch.rand((), generator=g)`` of that row's generator): the same
     choice per row as :func:`sample_row`, in a few batched operations and one wait for the device instead of a
-    handful of launches and a wait per row. On the CPU the rows go a few at a time (each block's work stays in the
-    cache: one row at a time is faster there than all of them at once)."""
+    handful of launches and a wait per row."""
+    return sample_rows_queued(logits, temperature, top_k, top_p, valid_vocab, uniforms).tolist()
+
+
+def sample_rows_queued(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
+                       valid_vocab: int, uniforms: list[float]) -> torch.Tensor:
+    """:func:`sample_rows` as ids [m] on the logits' device, nothing waited for (on a GPU only queued). On the CPU
+    the rows go a few at a time (each block's work stays in the cache: one row at a time is faster there than all
+    of them at once)."""
     if logits.device.type == "cpu":
         step = max(1, (1 << 17) // logits.shape[-1])
         if len(temperature) > step:
-            out = []
-            for i in range(0, len(temperature), step):
-                j = slice(i, i + step)
-                out += sample_rows(logits[j], temperature[j], top_k[j], top_p[j], valid_vocab, uniforms[j])
-            return out
+            return torch.cat([sample_rows_queued(logits[i:i + step], temperature[i:i + step], top_k[i:i + step],
+                                                 top_p[i:i + step], valid_vocab, uniforms[i:i + step])
+                              for i in range(0, len(temperature), step)])
     x = logits.float()[:, :valid_vocab]
     dev = x.device
     v = x.shape[-1]
-    x = x / torch.tensor(temperature, dtype=torch.float32).to(dev)[:, None]
+
+    def put(values, dtype):  # a small host list to the device without waiting for it
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+
+    x = x / put(temperature, torch.float32)[:, None]
     if any(0 < t < v for t in top_k) or any(0.0 < t < 1.0 for t in top_p):
         # filter_logits per row: top-k (logits below the row's kth value), then top-p on what top-k kept
-        k = torch.tensor([min(t, v) for t in top_k], dtype=torch.int64).to(dev)
-        p = torch.tensor([t if 0.0 < t < 1.0 else 2.0 for t in top_p], dtype=torch.float32).to(dev)  # 2.0: off
+        k = put([min(t, v) for t in top_k], torch.int64)
+        p = put([t if 0.0 < t < 1.0 else 2.0 for t in top_p], torch.float32)  # 2.0: off
         sorted_x, order = torch.sort(x, descending=True, dim=-1)
         kth = sorted_x.gather(1, (k - 1).clamp(min=0)[:, None])
         kth = torch.where(k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
@@ -119,13 +129,10 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int]
         remove[:, 0] = False
         x = x.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     cum = torch.softmax(x, dim=-1).cumsum(dim=-1)
-    u = torch.tensor(uniforms, dtype=torch.float32).to(dev)
-    i = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
+    i = torch.searchsorted(cum, (put(uniforms, torch.float32) * cum[:, -1])[:, None], right=True)[:, 0]
+    # as sample_row: rounding past the top, or onto a filtered id, takes the last id of nonzero probability
+    finite = torch.isfinite(x)
     ic = i.clamp(max=v - 1)
-    bad = (i >= v) | ~torch.isfinite(x.gather(1, ic[:, None])[:, 0])
-    chosen, bad = torch.stack([ic, bad.to(ic.dtype)]).tolist()
-    # as sample_row: rounding past the top, or onto a filtered id, takes the last id of nonzero probability (rare:
-    # worked out for those rows only)
-    for r in [r for r, b in enumerate(bad) if b]:
-        chosen[r] = int(torch.nonzero(torch.isfinite(x[r]))[-1])
-    return chosen
+    bad = (i >= v) | ~finite.gather(1, ic[:, None])[:, 0]
+    last = (v - 1) - finite.flip(-1).to(torch.int8).argmax(dim=-1)
+    return torch.where(bad, last, ic)

@@ -86,6 +86,8 @@ class ScheduledChunk:
     start: int
     num_tokens: int
     samples: bool
+    epoch: int = 0
+    """``seq.num_preemptions`` when planned: a chunk of a sequence preempted since (and perhaps readmitted) is stale."""
 
     @property
     def end(self) -> int:
@@ -97,7 +99,8 @@ class ScheduledChunk:
 
     @property
     def token_ids(self) -> list[int]:
-        """The chunk's input tokens (positions are ``range(start, end)``)."""
+        """The chunk's input tokens (positions are ``range(start, end)``); a decode planned ahead of the step that
+        samples its input holds ``PLACEHOLDER`` (the runner takes that token from the device)."""
         return self.seq.tokens(self.start, self.end)
 
 
@@ -161,7 +164,8 @@ class Scheduler:
         self._live: dict[str, Sequence] = {}
         self._next_order = 0
         self._step = 0
-        self._pending: StepPlan | None = None
+        self._pending: list[StepPlan] = []  # scheduled, not updated yet, oldest first (at most 2)
+        self._committed: StepPlan | None = None  # the pending plan whose effect the next schedule assumed
         self.num_preemptions = 0
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -213,11 +217,20 @@ class Scheduler:
         return self._end(request_id, SequenceStatus.FINISHED_STOPPED, stop_reason)
 
     # --- one step ----------------------------------------------------------------------------------------
-    def schedule(self) -> StepPlan:
+    def schedule(self, ahead: bool = False) -> StepPlan:
         """Plan the next model step (see the module's docstring for the policy); allocates the blocks the
-        step's tokens need. Must be followed by ``update`` with this plan before the next ``schedule``."""
-        if self._pending is not None:
-            raise RuntimeError(f"step {self._pending.step} was scheduled but not updated yet")
+        step's tokens need. Must be followed by ``update`` with this plan, before the next ``schedule``, or after it
+        when scheduling ahead (``ahead=True``): the engine then plans step N + 1 while step N runs on the device, as
+        if N had done its work: N's chunks count as computed and each of its sampling sequences holds a
+        placeholder for its token (the next decode's input, which the runner takes from the device). A sequence
+        that N's token brings to ``max_tokens`` is not planned again; one that N's token finishes otherwise (EOS, a
+        stop token or string) runs one wasted decode, dropped at its update."""
+        if self._pending and not ahead:
+            raise RuntimeError(f"step {self._pending[0].step} was scheduled but not updated yet")
+        if ahead:
+            if len(self._pending) != 1:
+                raise RuntimeError(f"scheduling ahead needs exactly one step in flight, not {len(self._pending)}")
+            self._commit(self._pending[0])
         budget = self.config.max_num_batched_tokens
         decodes: list[ScheduledChunk] = []
         prefills: list[ScheduledChunk] = []
@@ -228,6 +241,8 @@ class Scheduler:
         for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted as a victim earlier in this loop
+            if seq.num_output_tokens >= seq.params.max_tokens:
+                continue  # its last token is being sampled (scheduling ahead): it finishes at that step's update
             grow = seq.num_tokens - self.blocks.num_slots(seq.request_id)
             while not self.blocks.can_append(seq.request_id, grow):
                 victim = self.running[-1]
@@ -238,7 +253,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break  # it was the latest; everything after it is gone too
             self._reserve(seq, seq.num_tokens)
-            decodes.append(ScheduledChunk(seq, seq.num_computed_tokens, 1, samples=True))
+            decodes.append(ScheduledChunk(seq, seq.num_computed_tokens, 1, True, seq.num_preemptions))
             budget -= 1
 
         # 2. Prompts being prefilled in chunks (their blocks were allocated at admission).
@@ -248,7 +263,7 @@ class Scheduler:
             left = seq.num_uncomputed_tokens
             if left > 1:
                 n = min(left, budget)
-                prefills.append(ScheduledChunk(seq, seq.num_computed_tokens, n, samples=n == left))
+                prefills.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n == left, seq.num_preemptions))
                 budget -= n
 
         # 3. Admit from the waiting queue, strict FCFS.
@@ -263,39 +278,45 @@ class Scheduler:
             self._reserve(seq, seq.num_tokens)
             bisect.insort(self.running, seq, key=_arrival)
             n = min(seq.num_tokens, budget)
-            prefills.append(ScheduledChunk(seq, 0, n, samples=n == seq.num_tokens))
+            prefills.append(ScheduledChunk(seq, 0, n, n == seq.num_tokens, seq.num_preemptions))
             budget -= n
 
         plan = StepPlan(self._step, tuple(decodes), tuple(prefills), tuple(preempted))
         self._step += 1
-        self._pending = plan
+        self._pending.append(plan)
         return plan
 
     def update(self, plan: StepPlan, sampled: Mapping[str, int]) -> list[Sequence]:
-        """Record what the model computed for ``plan``: each chunk's tokens now have KV; each sampling chunk's
-        sequence gets ``sampled[request_id]``, then EOS, stop tokens and max_tokens are applied and finished
-        sequences leave (blocks freed). Sequences aborted or finished since ``schedule`` are skipped. Returns
-        the sequences that received a token, finished ones included, in batch order."""
-        if plan is not self._pending:
+        """Record what the model computed for ``plan`` (the oldest step not updated): each chunk's tokens now have
+        KV; each sampling chunk's sequence gets ``sampled[request_id]``, then EOS, stop tokens and max_tokens are
+        applied and finished sequences leave (blocks freed). Sequences aborted, finished or preempted since
+        ``schedule`` are skipped. Returns the sequences that received a token, finished ones included, in batch
+        order."""
+        if not self._pending or plan is not self._pending[0]:
             raise RuntimeError(f"update got step {plan.step}, but the pending step is "
-                               f"{None if self._pending is None else self._pending.step}")
-        missing = [c.request_id for c in plan.chunks
-                   if c.samples and c.seq.status is SequenceStatus.RUNNING and c.request_id not in sampled]
+                               f"{self._pending[0].step if self._pending else None}")
+        live = [c for c in plan.chunks if c.seq.status is SequenceStatus.RUNNING and c.seq.num_preemptions == c.epoch]
+        missing = [c.request_id for c in live if c.samples and c.request_id not in sampled]
         if missing:
             raise ValueError(f"no sampled token for {missing} in step {plan.step}")
-        self._pending = None
+        self._pending.pop(0)
+        committed = plan is self._committed
+        if committed:
+            self._committed = None
         now = self.clock()
         out = []
-        for chunk in plan.chunks:
+        for chunk in live:
             seq = chunk.seq
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            assert seq.num_computed_tokens == chunk.start, (seq, chunk)
-            seq.num_computed_tokens = chunk.end
+            if not committed:
+                assert seq.num_computed_tokens == chunk.start, (seq, chunk)
+                seq.num_computed_tokens = chunk.end
             if not chunk.samples:
                 continue
             token = int(sampled[seq.request_id])
-            seq.append_token(token)
+            if committed:
+                seq.set_token(chunk.end, token)
+            else:
+                seq.append_token(token)
             self.num_generated_tokens += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -305,9 +326,23 @@ class Scheduler:
                 self._end(seq.request_id, SequenceStatus.FINISHED_STOPPED, None)
             elif token in params.stop_token_ids:
                 self._end(seq.request_id, SequenceStatus.FINISHED_STOPPED, token)
-            elif seq.num_output_tokens >= params.max_tokens:
+            elif chunk.end + 1 - seq.num_prompt_tokens >= params.max_tokens:
                 self._end(seq.request_id, SequenceStatus.FINISHED_LENGTH, None)
         return out
+
+    def _commit(self, plan: StepPlan) -> None:
+        """Assume ``plan`` (in flight) done, for planning the next step: its chunks computed, a placeholder for each
+        sampled token. Its update then fills the placeholders in."""
+        if plan is self._committed:
+            return
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING or seq.num_preemptions != chunk.epoch:
+                continue
+            seq.num_computed_tokens = chunk.end
+            if chunk.samples:
+                seq.append_placeholder()
+        self._committed = plan
 
     # --- state -------------------------------------------------------------------------------------------
     @property

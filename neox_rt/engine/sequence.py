@@ -56,6 +56,9 @@ _FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISH
 for _status in SequenceStatus:  # an attribute of each member: read per token and request, an enum hash is slow
     _status._finish_reason = _FINISH_REASON.get(_status)
 
+PLACEHOLDER = -1
+"""A token id standing for one that a step in flight is sampling (never a real id: those are >= 0)."""
+
 TRANSITIONS: dict[SequenceStatus, frozenset[SequenceStatus]] = {
     SequenceStatus.WAITING: frozenset({SequenceStatus.RUNNING, SequenceStatus.FINISHED_ABORTED}),
     SequenceStatus.RUNNING: frozenset({SequenceStatus.PREEMPTED} | FINISHED),
@@ -161,6 +164,25 @@ class Sequence:
         """Tokens whose KV is not in the cache yet: 1 for a decode, more while (re)prefilling."""
         return len(self._tokens) - self.num_computed_tokens
 
+    @property
+    def num_placeholders(self) -> int:
+        """Trailing tokens not known yet: sampled by a step still running on the device (the engine schedules the
+        next step before the previous one's tokens reach the host; :meth:`Scheduler.schedule`)."""
+        n, t = 0, self._tokens
+        while n < len(t) and t[-1 - n] == PLACEHOLDER:
+            n += 1
+        return n
+
+    def append_placeholder(self) -> None:
+        """The token a scheduled step will sample, before it is known (:meth:`set_token` fills it in)."""
+        self.append_token(PLACEHOLDER)
+
+    def set_token(self, position: int, token_id: int) -> None:
+        """Fill in the placeholder at ``position`` with the sampled token."""
+        if self._tokens[position] != PLACEHOLDER:
+            raise IllegalTransition(f"{self.request_id}: position {position} holds no placeholder")
+        self._tokens[position] = int(token_id)
+
     def append_token(self, token_id: int) -> None:
         """A sampled token; only a running sequence whose every token has been computed samples."""
         if self.status is not SequenceStatus.RUNNING:
@@ -189,18 +211,22 @@ class Sequence:
         self._move(SequenceStatus.RUNNING)
 
     def preempt(self) -> None:
-        """RUNNING -> PREEMPTED: its blocks are gone, so its KV must be recomputed from position 0."""
+        """RUNNING -> PREEMPTED: its blocks are gone, so its KV must be recomputed from position 0. A token still being
+        sampled is dropped (its step's result is ignored; the recompute samples it again)."""
         self._move(SequenceStatus.PREEMPTED)
+        del self._tokens[len(self._tokens) - self.num_placeholders:]
         self.num_computed_tokens = 0
         self.block_table = ()
         self.num_preemptions += 1
 
     def finish(self, status: SequenceStatus, stop_reason: int | str | None = None, now: float | None = None
                ) -> None:
-        """A live state -> one of the FINISHED states; its blocks are the scheduler's to free."""
+        """A live state -> one of the FINISHED states; its blocks are the scheduler's to free. A token still being
+        sampled is dropped (its step's result is ignored)."""
         if status not in FINISHED:
             raise IllegalTransition(f"{self.request_id}: {status.value} is not a finished state")
         self._move(status)
+        del self._tokens[len(self._tokens) - self.num_placeholders:]
         self.stop_reason = stop_reason
         self.block_table = ()
         self.finished_time = now
