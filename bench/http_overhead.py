@@ -18,12 +18,10 @@ measures the same on a GPU with the real model.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import random
-import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
@@ -33,12 +31,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 sys.path.insert(0, REPO)
 
-import httpx  # noqa: E402
-
 import stub_engine  # noqa: E402
-from latency import percentile  # noqa: E402
-from serving import (TraceRequest, _metric, _stream_all, free_port, run_continuous, stop_server,  # noqa: E402
-                     stream_body, wait_healthy)
+from serving import TraceRequest, _http_through_server, run_continuous  # noqa: E402
 from neox_rt.default_model import load_default  # noqa: E402
 from neox_rt.engine.kv_cache import PagedKVCache  # noqa: E402
 
@@ -72,37 +66,21 @@ def cpu_seconds(pid: int) -> float:
 
 def through_server(settings: dict, prompts: list[list[int]], tokens: int, step_ms: float, timeout: float,
                    engine_process: bool = True, launch_ms: float = 0.0) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "neox_rt.serve", "--engine", "stub_engine", "--port", str(port),
+    cmd = [sys.executable, "-m", "neox_rt.serve", "--engine", "stub_engine",
            "--served-model-name", "bench", "--max-num-seqs", str(settings["max_num_seqs"]),
            "--kv-cache-memory", str(settings["kv_cache_memory"]), "--max-model-len", str(settings["max_model_len"]),
            "--log-level", "warning", "--engine-process" if engine_process else "--no-engine-process"]
-    env = dict(os.environ, NEOX_RT_STUB_STEP_MS=str(step_ms), NEOX_RT_STUB_LAUNCH_MS=str(launch_ms),
-               PYTHONPATH=os.pathsep.join([REPO, BENCH, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        try:
-            wait_healthy(proc, url, timeout, poll=0.3)
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}: {proc.stderr.read()[-1500:] if proc.poll() is not None else ''}") from None
-        asyncio.run(_stream_all(url, [stream_body(p, tokens) for p in prompts]))  # warm-up
-        before = httpx.get(url + "/metrics").text
-        cpu = cpu_seconds(proc.pid)
-        streams = asyncio.run(_stream_all(url, [stream_body(p, tokens) for p in prompts]))
-        cpu = cpu_seconds(proc.pid) - cpu
-        after = httpx.get(url + "/metrics").text
-    finally:
-        stop_server(proc)
-    tpot = [(ts[-1] - ts[0]) / (len(ts) - 1) for _, ts, _ in streams if len(ts) > 1]
-    name = "neox_rt_time_per_output_token_seconds"
-    n = _metric(after, name + "_count") - _metric(before, name + "_count")
-    s = _metric(after, name + "_sum") - _metric(before, name + "_sum")
-    return {"tpot_mean_ms": 1e3 * statistics.mean(tpot), "tpot_p50_ms": 1e3 * percentile(tpot, 0.5),
-            "tpot_p99_ms": 1e3 * percentile(tpot, 0.99), "server_tpot_mean_ms": 1e3 * s / n if n else None,
-            "cpu_ms_per_token": 1e3 * cpu / (tokens * len(prompts)),
-            "tokens_all_received": all(len(ts) == tokens for _, ts, _ in streams),
-            "usage_matches_chunks": all((u or {}).get("completion_tokens") == len(ts) for _, ts, u in streams)}
+    env = {"NEOX_RT_STUB_STEP_MS": str(step_ms), "NEOX_RT_STUB_LAUNCH_MS": str(launch_ms)}
+    with tempfile.TemporaryDirectory(prefix="neox_rt_http_") as tmp:
+        res = _http_through_server(cmd, tmp, prompts, tokens, timeout, lambda m: print(m, file=sys.stderr), env=env,
+                                   cpu_seconds=cpu_seconds, poll=0.3)
+    if "error" in res:
+        raise RuntimeError(res["error"])
+    c = res["client"]
+    return {"tpot_mean_ms": c["tpot_mean_ms"], "tpot_p50_ms": c["tpot_p50_ms"], "tpot_p99_ms": c["tpot_p99_ms"],
+            "server_tpot_mean_ms": res["server_tpot_mean_ms"],
+            "cpu_ms_per_token": 1e3 * res["cpu_s"] / (tokens * len(prompts)),
+            "tokens_all_received": c["tokens_all_received"], "usage_matches_chunks": c["usage_matches_chunks"]}
 
 
 def main(argv=None) -> int:

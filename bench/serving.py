@@ -767,23 +767,29 @@ def bench_http(neox: NeoX, name: str, args, log) -> dict:
 
 
 def _http_through_server(cmd: list[str], tmp: str, prompts: list[list[int]], olen: int, start_timeout: float,
-                         log) -> dict:
-    """One server subprocess (``cmd`` plus a free port): the requests streamed once to warm up, then measured."""
+                         log, env: dict | None = None, cpu_seconds=None, poll: float = 0.5) -> dict:
+    """One server subprocess (``cmd`` plus a free port; ``env`` added to this process's, bench/ and the repository
+    on PYTHONPATH): the requests streamed once to warm up, then measured. ``cpu_seconds(pid)``, when given, gives the
+    server's CPU time, read around the measured run (``cpu_s``)."""
     import httpx
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     res: dict = {}
     logf = open(os.path.join(tmp, f"server_{port}.log"), "w+")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")])
     t = time.perf_counter()
     proc = subprocess.Popen(cmd + ["--port", str(port)], cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_healthy(proc, url, start_timeout)
+        wait_healthy(proc, url, start_timeout, poll=poll)
         res["server_start_s"] = time.perf_counter() - t
         # warm-up: the same requests once (kernels compiled, the decode graphs of every batch size they meet captured)
         asyncio.run(_stream_all(url, [stream_body(p, olen) for p in prompts]))
         before = httpx.get(url + "/metrics").text
+        cpu = cpu_seconds(proc.pid) if cpu_seconds else None
         streams = asyncio.run(_stream_all(url, [stream_body(p, olen) for p in prompts]))
+        if cpu_seconds:
+            res["cpu_s"] = cpu_seconds(proc.pid) - cpu
         after = httpx.get(url + "/metrics").text
     except Exception as e:  # noqa: BLE001 - report with the server's log
         logf.seek(0)
