@@ -445,7 +445,7 @@ def test_engine_on_gpu_ahead_equals_in_step(engine_mode, monkeypatch):
 
     def run(ahead: str):
         monkeypatch.setenv("NEOX_RT_ENGINE_AHEAD", ahead)
-        engine = LLMEngine(neox, max_num_seqs=16, num_blocks=96, max_num_batched_tokens=64)
+        engine = LLMEngine(neox, max_num_seqs=16, num_blocks=40, max_num_batched_tokens=64)
         assert engine.ahead == (ahead == "1") and engine.runner.graphs is not None
         todo = [(f"r{i}", ids, SamplingRequest(max_tokens=30, temperature=0.0 if i % 3 else 0.8, top_p=0.9, seed=i,
                                                logprobs=2 if i % 4 == 0 else None, ignore_eos=True))

@@ -76,7 +76,7 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     if temperature == 0.0 or top_k == 1:
         return int(x.argmax())
     x = filter_logits(x[None] / temperature, top_k, top_p)[0]
-    cum = torch.softmax(x, dim=-1).cumsum(dim=-1)
+    cum = torch.softmax(x, dim=-1).double().cumsum(dim=-1)  # fp64: a scan's order barely moves a bin edge
     u = torch.rand((), generator=generator).to(cum.device)
     # the first id whose cumulative probability exceeds u * total: never a filtered id (its probability is 0);
     # should rounding put u * total at the very top, the last id of nonzero probability
@@ -128,8 +128,10 @@ def sample_rows_queued(logits: torch.Tensor, temperature: list[float], top_k: li
         remove[:, 1:] = remove[:, :-1].clone()  # keep the token that crosses top_p
         remove[:, 0] = False
         x = x.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-    cum = torch.softmax(x, dim=-1).cumsum(dim=-1)
-    i = torch.searchsorted(cum, (put(uniforms, torch.float32) * cum[:, -1])[:, None], right=True)[:, 0]
+    # fp64: how a scan sums a row (one row or many, CPU or GPU) moves a bin edge by ~1e-16, not ~1e-7: a draw lands
+    # in the same bin as sample_row's
+    cum = torch.softmax(x, dim=-1).double().cumsum(dim=-1)
+    i = torch.searchsorted(cum, (put(uniforms, torch.float64) * cum[:, -1])[:, None], right=True)[:, 0]
     # as sample_row: rounding past the top, or onto a filtered id, takes the last id of nonzero probability
     finite = torch.isfinite(x)
     ic = i.clamp(max=v - 1)
