@@ -7,6 +7,9 @@ Pure Python, no tensors. The engine loop is::
     for seq in scheduler.update(plan, sampled): # tokens appended; EOS / stop tokens / max_tokens applied
         ...detokenize, stream; scheduler.finish(id) on a stop string
 
+or, planning each step ahead of the previous one's tokens (the engine's default): ``schedule(ahead=True)`` while one
+step is in flight, then that step's ``update``; the new plan's decodes of its sequences read a ``PLACEHOLDER``.
+
 Policy of ``schedule()`` (vLLM v1's token budget, nano-vllm's admission; our own code):
 
 1. **Decodes first.** Every running sequence with one token left to compute (a decode, or the last token of a
