@@ -1,7 +1,8 @@
 """The real ``LLMEngine`` (scheduler, block tables, sampling, detokenization) with its model's forward replaced by a
 device step of ``NEOX_RT_STUB_STEP_MS`` milliseconds that starts at the runner's ``launch`` (or when the step
-queued before it ends, as on a GPU's stream) and that ``collect`` waits for with the GIL released, as a GPU step does for the host thread that waits on it (a CUDA synchronize), and
-logits that make greedy sampling pick a varied stream of ordinary tokens.
+queued before it ends, as on a GPU's stream) and that ``collect`` waits for with the GIL released, as a GPU step
+does for the host thread that waits on it (a CUDA synchronize), and logits that make greedy sampling pick a varied
+stream of ordinary tokens.
 ``bench/http_overhead.py`` runs it in-process and behind ``python -m neox_rt.serve --engine stub_engine`` (bench/ on
 PYTHONPATH): the host's cost of serving a token, with no GPU."""
 from __future__ import annotations

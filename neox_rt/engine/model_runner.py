@@ -5,9 +5,13 @@ The layout of a step: the plan's chunks (decodes first, then prompt chunks) flat
 with their positions; each token's KV slot from its sequence's block table (``slot_mapping``); the decodes attend
 through ``paged_decode_attention``, the prompt chunks through ``paged_prefill_attention``
 (:class:`~neox_rt.model.model.PagedAttentionMetadata`); logits only at the last token of each chunk that samples.
-Sampling is per request (temperature, top-k, top-p as :mod:`neox_rt.engine.sampling`; greedy is the argmax), with
-a generator per token of a seeded request derived from (seed, token index), so that a request samples the same
-tokens alone, under load and after a preemption's recompute. Logprobs are the fp32 log_softmax of the raw logits.
+Sampling is per request (temperature, top-k, top-p as :mod:`neox_rt.engine.sampling`; greedy is the argmax), all of
+a step's rows at once on the device, with a uniform draw per token from a generator that a seeded request derives
+from (seed, token index), so that a request samples the same tokens alone, under load and after a preemption's
+recompute (on a GPU: up to the batch's effect on the logits themselves). Logprobs are the fp32 log_softmax of the raw
+logits. ``launch`` queues all of it and the copies of its results to the host; ``collect`` waits for those copies
+only, so the engine may launch the next step first (a decode's input then comes from the step in flight, on the
+device: ``PLACEHOLDER`` inputs).
 
 On a GPU a step of decodes only replays a CUDA graph of its batch bucket (:class:`~neox_rt.engine.graphs.
 PagedDecodeGraphRunner`: block tables are graph inputs); steps with prompt chunks run eagerly. The runner never
