@@ -31,6 +31,7 @@ from neox_rt.engine.distributed import StepBroadcaster
 from neox_rt.engine.graphs import PagedDecodeGraphRunner, graphs_enabled
 from neox_rt.engine.kv_cache import PagedKVCache
 from neox_rt.engine.sampling import request_generator, sample_rows_queued
+from neox_rt.engine.sampling import to_device_queued as _to_device
 from neox_rt.engine.scheduler import StepPlan
 from neox_rt.engine.sequence import PLACEHOLDER
 from neox_rt.model.model import PagedAttentionMetadata
@@ -62,11 +63,6 @@ def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` in page-locked memory when it goes to a GPU: a copy from there never waits for the device, while one
     from ordinary memory may wait for the work queued before it (the step in flight)."""
     return t.pin_memory() if device.type == "cuda" else t
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``, queued (see :func:`_pinned`)."""
-    return _pinned(t, device).to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 @dataclass
@@ -216,11 +212,11 @@ class ModelRunner:
             host["tokens"] = tokens
             want_lp = [i for i, r in enumerate(sample_ids) if params[r].logprobs is not None]
             if want_lp:  # the chosen tokens' logprobs and every row's top ones, each in one batched op
-                logp = torch.log_softmax(logits[:len(sample_ids)].float(), dim=-1)
-                picked = tokens
-                if len(want_lp) < len(sample_ids):
-                    index = _to_device(_host(want_lp, np.int64), logp.device)
-                    logp, picked = logp[index], tokens[index]
+                rows, picked = logits[:len(sample_ids)], tokens
+                if len(want_lp) < len(sample_ids):  # only the rows that asked: log_softmax reads a whole row each
+                    index = _to_device(_host(want_lp, np.int64), rows.device)
+                    rows, picked = rows[index], tokens[index]
+                logp = torch.log_softmax(rows.float(), dim=-1)
                 host["logprobs"] = (want_lp, logp.gather(1, picked[:, None])[:, 0])
                 ks = [params[sample_ids[i]].logprobs for i in want_lp]
                 if max(ks):
@@ -238,8 +234,9 @@ class ModelRunner:
         """Every sampling row's token [m] on the device: greedy rows the argmax, the others :func:`sample_rows_queued`
         with their own temperature, top-k, top-p and a uniform draw from the request's generator (seeded: by (seed,
         index of the token); else the runner's)."""
-        tokens = logits[:, :self.valid_vocab].argmax(dim=-1)
         drawn = [i for i, r in enumerate(sample_ids) if not (params[r].temperature == 0 or params[r].top_k == 1)]
+        # the argmax only where a row is greedy (a step of sampled rows alone skips a pass over its logits)
+        tokens = logits[:, :self.valid_vocab].argmax(dim=-1) if len(drawn) < len(sample_ids) else None
         if drawn:
             chunks = {c.request_id: c for c in plan.chunks}
             ps = [params[sample_ids[i]] for i in drawn]

@@ -86,6 +86,12 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     return i
 
 
+def to_device_queued(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device: to a GPU through page-locked memory (a copy from
+    ordinary memory may wait for the work queued before it, such as a step still running)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
                 valid_vocab: int, uniforms: list[float]) -> list[int]:
     """:func:`sample_row` for every row of logits [m, V] at once, row i with its own temperature (> 0), top-k,
@@ -111,8 +117,7 @@ def sample_rows_queued(logits: torch.Tensor, temperature: list[float], top_k: li
     v = x.shape[-1]
 
     def put(values, dtype):  # a small host list to the device without waiting for it
-        t = torch.tensor(values, dtype=dtype)
-        return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+        return to_device_queued(torch.tensor(values, dtype=dtype), dev)
 
     x = x / put(temperature, torch.float32)[:, None]
     if any(0 < t < v for t in top_k) or any(0.0 < t < 1.0 for t in top_p):
