@@ -336,8 +336,6 @@ class Scheduler:
     def _commit(self, plan: StepPlan) -> None:
         """Assume ``plan`` (in flight) done, for planning the next step: its chunks computed, a placeholder for each
         sampled token. Its update then fills the placeholders in."""
-        if plan is self._committed:
-            return
         for chunk in plan.chunks:
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING or seq.num_preemptions != chunk.epoch:
