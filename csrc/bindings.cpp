@@ -23,6 +23,8 @@ TORCH_LIBRARY(neox_rt, m) {
         "Tensor? residual=None, int variant=0, bool pdl=False) -> Tensor");
   m.def("quant_linear_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias, "
         "int activation, Tensor? residual=None, int variant=0, bool pdl=False) -> Tensor");
+  m.def("quant_linear_tiled(Tensor x, Tensor qweight, Tensor scales, int out_features, int bits, int group_size, "
+        "Tensor? bias, int activation, Tensor? residual=None, int variant=0, bool pdl=False) -> Tensor");
   m.def("gemv_pair(Tensor x1, Tensor weight1, Tensor? bias1, int activation1, Tensor x2, Tensor weight2, "
         "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv_sum(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "
@@ -45,6 +47,7 @@ TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
   m.impl("gemv", &neox_rt::gemv);
   m.impl("quant_linear_int8", &neox_rt::quant_linear_int8);
   m.impl("quant_linear_int4", &neox_rt::quant_linear_int4);
+  m.impl("quant_linear_tiled", &neox_rt::quant_linear_tiled);
   m.impl("gemv_pair", &neox_rt::gemv_pair);
   m.impl("gemv_sum", &neox_rt::gemv_sum);
   m.impl("p2p_all_reduce", &neox_rt::p2p_all_reduce);

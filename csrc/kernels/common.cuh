@@ -149,6 +149,22 @@ inline int kernel_arch() {
   return attr.ptxVersion;
 }
 
+// The current device's SM count, asked once per device (as kernel_arch); 0 if the runtime cannot say.
+inline int device_sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int v = known[dev].load(std::memory_order_relaxed);
+    if (v != 0) return v;
+  }
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
+  if (dev >= 0 && dev < kMaxDevices) known[dev].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
 // Programmatic dependent launch pays only where the kernels call griddepcontrol (compiled for sm_90+, on sm_90+).
 inline bool pdl_supported() { return kernel_arch() >= 90; }
 

@@ -244,7 +244,7 @@ __device__ __forceinline__ void x_pairs(const uint4& v, uint32_t (&b)[4]) {
 // m - 1: valid memory whose products land only in outputs that are never stored (each output column of the mma
 // depends on its own column of B alone, each row on its own row of A).
 template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool LEAN = false,
-          bool FOLD = false>
+          bool FOLD = false, int TILED = 0>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
                   const uint8_t* __restrict__ qweight,   // [n, row_bytes(k)]: int8 [n, k] or int32 [n, k / 8]
@@ -284,6 +284,7 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
   // (sm_80 and up: on sm_75, whose two k8 mma need more registers, two configurations would spill)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   constexpr bool kLean = false;
+  if constexpr (TILED != 0) __trap();  // the tiled layout is read by the LEAN loop only (launchers refuse it here)
 #else
   constexpr bool kLean = LEAN;
 #endif
@@ -302,14 +303,23 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
   constexpr bool kFoldInt4 = kFold && F::kGrouped, kFoldInt8 = kFold && !F::kGrouped;
   int woff[CT][2], soff[CT][2];  // 32-bit offsets (the launcher runs LEAN only where n row_bytes < 2^31)
   const int gstride = F::kGrouped && kLean ? 128 * WARPS / group_size : 0;
+  // TILED (LEAN only): qweight in the tiled layout, [n / 16][row_bytes / 64][2][8][4][16 bytes]: a tile of 16 rows
+  // (n padded to 16 with zero rows), its chunks one after another, each chunk's 1 KB as rows 0-7 then 8-15 with
+  // lane (g, t)'s 16 bytes at 16 lane, so that a warp's load of a chunk's half-tile is 512 contiguous bytes; int4's
+  // scales and zeros as one word a row and group, scale bits | zero << 16, [n / 16][groups][16] (passed as `scales`).
+  constexpr bool kTiledW = TILED & 1, kTiledS = F::kGrouped && (TILED & 2);
+  constexpr int kChunkStride = kTiledW ? 1024 : 64;  // bytes from a row's chunk to its next
+  constexpr int kGroupStride = kTiledS ? 16 : 1;     // elements from a row's group to its next
   if constexpr (kLean) {
     const int grp0 = F::kGrouped ? (128 * warp + 32 * t) / group_size : 0;
 #pragma unroll
     for (int c = 0; c < CT; ++c)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        woff[c][h] = rows[c][h] * static_cast<int>(row_bytes) + 16 * t + 64 * warp;
-        soff[c][h] = rows[c][h] * groups + grp0;
+        const int tile = min(f0 / 16 + c, (n + 15) / 16 - 1);  // tiled: tiles past the last read the last
+        woff[c][h] = kTiledW ? tile * 16 * static_cast<int>(row_bytes) + 1024 * warp + 512 * h + 16 * lane
+                             : rows[c][h] * static_cast<int>(row_bytes) + 16 * t + 64 * warp;
+        soff[c][h] = kTiledS ? (tile * groups + grp0) * 16 + 8 * h + g : rows[c][h] * groups + grp0;
       }
   }
 
@@ -324,9 +334,10 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
     for (int c = 0; c < CT; ++c)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int idx = soff[c][h] + gstride * i;
-        sz[s][c][h] = static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(scales) + idx)) |
-                      (static_cast<uint32_t>(__ldg(zeros + idx)) << 16);
+        const int idx = soff[c][h] + kGroupStride * gstride * i;
+        sz[s][c][h] = kTiledS ? __ldg(reinterpret_cast<const uint32_t*>(scales) + idx)
+                            : static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(scales) + idx)) |
+                                  (static_cast<uint32_t>(__ldg(zeros + idx)) << 16);
       }
   };
   // FOLD: the rows' weights of this iteration's first chunk, pointers carried by the loop (its chunks at immediate
@@ -345,23 +356,24 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 #pragma unroll
       for (int c = 0; c < CT; ++c)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(wit[c][h] + 64 * WARPS * i));
+        for (int h = 0; h < 2; ++h) wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(wit[c][h] + kChunkStride * WARPS * i));
     } else if constexpr (kFoldInt4) {
 #pragma unroll
       for (int c = 0; c < CT; ++c)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(qweight + (woff[c][h] + 64 * WARPS * i)));
+          wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(qweight + (woff[c][h] + kChunkStride * WARPS * i)));
     } else if constexpr (kLean) {
 #pragma unroll
       for (int c = 0; c < CT; ++c)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(qweight + (woff[c][h] + 64 * WARPS * i)));
+          wq[s][c][h] = __ldcs(reinterpret_cast<const uint4*>(qweight + (woff[c][h] + kChunkStride * WARPS * i)));
           if constexpr (F::kGrouped) {
-            const int idx = soff[c][h] + gstride * i;
-            sz[s][c][h] = static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(scales) + idx)) |
-                          (static_cast<uint32_t>(__ldg(zeros + idx)) << 16);
+            const int idx = soff[c][h] + kGroupStride * gstride * i;
+            sz[s][c][h] = kTiledS ? __ldg(reinterpret_cast<const uint32_t*>(scales) + idx)
+                                : static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(scales) + idx)) |
+                                      (static_cast<uint32_t>(__ldg(zeros + idx)) << 16);
           }
         }
     } else {
@@ -518,7 +530,7 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 #pragma unroll
       for (int c = 0; c < CT; ++c)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) wit[c][h] += 64 * WARPS * S;
+        for (int h = 0; h < 2; ++h) wit[c][h] += kChunkStride * WARPS * S;
     }
   }
 
@@ -600,36 +612,53 @@ template <> struct QuantConfig<1, 2> { static constexpr int kWarps = 8, kSteps =
 template <> struct QuantConfig<2, 2> { static constexpr int kWarps = 8, kSteps = 2, kMinBlocks = 2; };
 template <> struct QuantConfig<4, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 3; };
 template <> struct QuantConfig<8, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 2; };
+// Decode on a narrow layer (tiled weights, one tile of channels, a grid of at most one block a SM, e.g. pythia-1.4b's
+// dense and 4h->h: 128 blocks): 16 warps a block, k split twice as fine, so that the SMs hold twice the warps and
+// loads (bench/NOTES.md session 18: 1.4b int4 4h->h 8.4 -> 5.9 us, dense 3.2 -> 2.7 on an H100).
+struct QuantConfigWide { static constexpr int kWarps = 16, kSteps = 4, kMinBlocks = 1; };
 
-template <typename T, typename F, int NT, int CT, bool LEAN = false, bool FOLD = false>
+template <typename T, typename F, int NT, int CT, bool LEAN = false, bool FOLD = false, int TILED = 0,
+          bool WIDE = false>
 cudaError_t launch_quant_gemm_config(const T* x, const void* qweight, const T* scales, const uint8_t* zeros,
                                      const T* bias, const T* residual, T* y, int m, int n, int k, int group_size,
                                      int act, bool pdl, cudaStream_t stream) {
-  using C = QuantConfig<NT, CT>;
+  using C = std::conditional_t<WIDE, QuantConfigWide, QuantConfig<NT, CT>>;
   constexpr int WARPS = C::kWarps, S = C::kSteps, MIN_BLOCKS = C::kMinBlocks;
   const dim3 grid((n + 16 * CT - 1) / (16 * CT)), block(WARPS * 32);
   const auto* q = static_cast<const uint8_t*>(qweight);
-  return launch_kernel(pdl, quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, false, LEAN, FOLD>,
-                       quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, true, LEAN, FOLD>, grid, block, stream, x,
-                       q, scales, zeros, bias, residual, y, m, n, k, group_size, act);
+  return launch_kernel(pdl, quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, false, LEAN, FOLD, TILED>,
+                       quant_gemm_kernel<T, F, NT, CT, S, WARPS, MIN_BLOCKS, true, LEAN, FOLD, TILED>, grid, block,
+                       stream, x, q, scales, zeros, bias, residual, y, m, n, k, group_size, act);
+}
+
+// The tiled layout (TILED in quant_gemm_kernel: the weight as neox_rt/quant/formats.py's tile_rows leaves it, int4's
+// scales and zeros as words scale bits | zero << 16 [n / 16][groups][16]) is read by the LEAN loop only: where LEAN can
+// run (quant_tiled_ok), every variant runs it (1 and 2 with their tiles).
+constexpr int kQuantTiled = 3;  // TILED: the weight and (int4) its scale words
+
+template <typename F>
+inline bool quant_lean_ok(int n, int k, int group_size) {
+  // LEAN needs the group to divide 128 WARPS (WARPS is 4 or 8: dividing 512 suffices) and 32-bit offsets into the
+  // weight (n rounded up to a tile of 16 rows)
+  return (!F::kGrouped || 512 % group_size == 0) &&
+         static_cast<int64_t>((n + 15) / 16 * 16) * F::row_bytes(k) + 512 < (int64_t{1} << 31);
 }
 
 template <typename T, typename F>
 cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, const uint8_t* zeros, const T* bias,
                               const T* residual, T* y, int m, int n, int k, int group_size, int act, int variant,
-                              bool pdl, cudaStream_t stream) {
+                              bool tiled, bool pdl, cudaStream_t stream) {
   if (m == 0 || n == 0) return cudaSuccess;
   if (m < 0 || m > quant_max_rows() || k <= 0 || k % F::kChunkK != 0 || variant < kQuantAuto ||
       variant > kQuantVariantLast)
     return cudaErrorInvalidValue;
   if (F::kGrouped && (group_size <= 0 || group_size % 32 != 0 || k % group_size != 0)) return cudaErrorInvalidValue;
   if (!gemv_mma_supported<T>()) return cudaErrorNotSupported;  // bf16 mma needs sm_80
-  // LEAN needs the group to divide 128 WARPS (WARPS is 4 or 8: dividing 512 suffices) and 32-bit offsets into the
-  // weight; elsewhere the LEAN variants run the plain kernel
-  const bool lean_ok = (!F::kGrouped || 512 % group_size == 0) &&
-                       static_cast<int64_t>(n) * F::row_bytes(k) + 512 < (int64_t{1} << 31);
+  // elsewhere the LEAN variants run the plain kernel
+  const bool lean_ok = quant_lean_ok<F>(n, k, group_size);
+  if (tiled && (!lean_ok || kernel_arch() < 80)) return cudaErrorInvalidValue;
   if (variant == kQuantAuto) variant = kQuantLean;
-  const bool lean = lean_ok && variant >= kQuantLean;
+  const bool lean = tiled || (lean_ok && variant >= kQuantLean);
   // FOLD: fp16 only (16384 + 16 q is not exact in bf16's 8 bits), and int4 only where a chunk (128 values) is one group
   // (its sums share one scale and zero point a row) and up to 16 rows (kFoldInt4MaxTiles); elsewhere variant 5 runs
   // LEAN (or the plain kernel where LEAN cannot run)
@@ -643,14 +672,25 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
                  : variant == kQuantLeanTwoTiles                       ? 2
                  : m <= 8 ? (lean && F::kGrouped && n >= 8192 ? 2 : 1)
                  : m <= 16 && !F::kGrouped ? 1 : 2;
+#define NEOX_RT_QUANT_LAUNCH(NT_, CT_, LEAN_, FOLD_, TILED_, ...)                                                     \
+  launch_quant_gemm_config<T, F, NT_, CT_, LEAN_, FOLD_, TILED_, ##__VA_ARGS__>(                                      \
+      x, qweight, scales, zeros, bias, residual, y, m, n, k, group_size, act, pdl, stream)
 #define NEOX_RT_QUANT_CONFIG(NT_, CT_)                                                                                \
-  return fold ? launch_quant_gemm_config<T, F, NT_, CT_, true, quant_fold_config<T, F, NT_, CT_>()>(                 \
-                    x, qweight, scales, zeros, bias, residual, y, m, n, k, group_size, act, pdl, stream)              \
-         : lean ? launch_quant_gemm_config<T, F, NT_, CT_, true>(x, qweight, scales, zeros, bias, residual, y, m, n,  \
-                                                                 k, group_size, act, pdl, stream)                     \
-                : launch_quant_gemm_config<T, F, NT_, CT_, false>(x, qweight, scales, zeros, bias, residual, y, m, n, \
-                                                                  k, group_size, act, pdl, stream)
+  {                                                                                                                   \
+    constexpr bool kFoldCfg = quant_fold_config<T, F, NT_, CT_>();                                                    \
+    if (tiled) return fold ? NEOX_RT_QUANT_LAUNCH(NT_, CT_, true, kFoldCfg, kQuantTiled)                              \
+                           : NEOX_RT_QUANT_LAUNCH(NT_, CT_, true, false, kQuantTiled);                                \
+    return fold ? NEOX_RT_QUANT_LAUNCH(NT_, CT_, true, kFoldCfg, 0)                                                   \
+           : lean ? NEOX_RT_QUANT_LAUNCH(NT_, CT_, true, false, 0)                                                    \
+                  : NEOX_RT_QUANT_LAUNCH(NT_, CT_, false, false, 0);                                                  \
+  }
   if (m <= 8) {
+    // tiled, one tile: 16 warps a block where the grid is at most one block a SM (QuantConfigWide)
+    if (ct == 1 && tiled && (n + 15) / 16 <= device_sm_count()) {
+      constexpr bool kFoldCfg = quant_fold_config<T, F, 1, 1>();
+      return fold ? NEOX_RT_QUANT_LAUNCH(1, 1, true, kFoldCfg, kQuantTiled, true)
+                  : NEOX_RT_QUANT_LAUNCH(1, 1, true, false, kQuantTiled, true);
+    }
     if (ct == 1) NEOX_RT_QUANT_CONFIG(1, 1);
     NEOX_RT_QUANT_CONFIG(1, 2);
   }
@@ -661,6 +701,7 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
   if (m <= 32) NEOX_RT_QUANT_CONFIG(4, 2);
   NEOX_RT_QUANT_CONFIG(8, 2);
 #undef NEOX_RT_QUANT_CONFIG
+#undef NEOX_RT_QUANT_LAUNCH
 }
 
 // W8A16: qweight int8 [n, k], scales [n] of x's dtype. k % 64 == 0, m <= 64.
@@ -669,7 +710,16 @@ cudaError_t launch_quant_linear_int8(const T* x, const int8_t* qweight, const T*
                                      const T* residual, T* y, int m, int n, int k, int act, int variant, bool pdl,
                                      cudaStream_t stream) {
   return launch_quant_gemm<T, QuantInt8>(x, qweight, scales, nullptr, bias, residual, y, m, n, k, 0, act, variant,
-                                         pdl, stream);
+                                         false, pdl, stream);
+}
+
+// W8A16, tiled: qweight int8 [n rounded up to 16, k] in the tiled layout, scales [n]. sm_80+, LEAN's bounds.
+template <typename T>
+cudaError_t launch_quant_linear_int8_tiled(const T* x, const int8_t* qweight, const T* scales, const T* bias,
+                                           const T* residual, T* y, int m, int n, int k, int act, int variant,
+                                           bool pdl, cudaStream_t stream) {
+  return launch_quant_gemm<T, QuantInt8>(x, qweight, scales, nullptr, bias, residual, y, m, n, k, 0, act, variant,
+                                         true, pdl, stream);
 }
 
 // W4A16: qweight int32 [n, k / 8], scales [n, k / group] of x's dtype, zeros uint8 [n, k / group]. k % 128 == 0,
@@ -679,7 +729,17 @@ cudaError_t launch_quant_linear_int4(const T* x, const int32_t* qweight, const T
                                      const T* bias, const T* residual, T* y, int m, int n, int k, int group_size,
                                      int act, int variant, bool pdl, cudaStream_t stream) {
   return launch_quant_gemm<T, QuantInt4>(x, qweight, scales, zeros, bias, residual, y, m, n, k, group_size, act,
-                                         variant, pdl, stream);
+                                         variant, false, pdl, stream);
+}
+
+// W4A16, tiled: qweight int32 [n rounded up to 16, k / 8] in the tiled layout, scale_zero int32 [n / 16, k / group,
+// 16] (scale bits | zero << 16; scales of x's dtype). sm_80+, LEAN's bounds (groups dividing 512).
+template <typename T>
+cudaError_t launch_quant_linear_int4_tiled(const T* x, const int32_t* qweight, const int32_t* scale_zero,
+                                           const T* bias, const T* residual, T* y, int m, int n, int k,
+                                           int group_size, int act, int variant, bool pdl, cudaStream_t stream) {
+  return launch_quant_gemm<T, QuantInt4>(x, qweight, reinterpret_cast<const T*>(scale_zero), nullptr, bias, residual,
+                                         y, m, n, k, group_size, act, variant, true, pdl, stream);
 }
 
 }  // namespace neox_rt

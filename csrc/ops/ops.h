@@ -61,6 +61,12 @@ at::Tensor quant_linear_int8(const at::Tensor& x, const at::Tensor& qweight, con
 at::Tensor quant_linear_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                              const at::Tensor& zeros, int64_t group_size, const std::optional<at::Tensor>& bias,
                              int64_t activation, const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);
+// The same in the kernels' tiled layout (TiledInt8Weight / TiledInt4Weight): bits 8 or 4, n = out_features; qweight of
+// n rounded up to 16 rows; int4's scales are int32 words scale bits | zero << 16 [n_pad / 16, groups, 16]. sm_80+.
+at::Tensor quant_linear_tiled(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              int64_t out_features, int64_t bits, int64_t group_size,
+                              const std::optional<at::Tensor>& bias, int64_t activation,
+                              const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);
 
 // Two single-row GEMVs in one launch (csrc/kernels/gemv_fused.cuh): (act1(x1 W1^T + b1), act2(x2 W2^T + b2)).
 // x1, x2: one row each ([..., k], numel k, k % 16 == 0). ksplit: warps per row's k (0 auto, 2, 4, 8); min_blocks:

@@ -19,12 +19,15 @@ namespace {
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // What both formats share: x [..., k] fp16 / bf16 (bf16 from sm_80 on) with 1..64 rows, contiguous and 16-byte
-// aligned; qweight on x's device, contiguous, 16-byte aligned, of `qdtype` and shape [n, qcols]; scales of x's dtype;
-// bias [n]; residual of the output's shape; activation 0-3; variant 0-5. Returns the output shape.
+// aligned; qweight on x's device, contiguous, 16-byte aligned, of `qdtype` and shape [qrows, qcols]; scales of
+// `scales_dtype` (x's dtype unless given); n output features: bias [n]; residual of the output's shape; activation
+// 0-3; variant 0-5. Returns the output shape.
 std::vector<int64_t> check_quant_common(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                         const std::optional<at::Tensor>& bias, int64_t activation,
                                         const std::optional<at::Tensor>& residual, int64_t variant,
-                                        at::ScalarType qdtype, int64_t qcols, const char* op) {
+                                        at::ScalarType qdtype, int64_t qcols, const char* op, int64_t n = -1,
+                                        int64_t qrows = -1,
+                                        std::optional<at::ScalarType> scales_dtype = std::nullopt) {
   CHECK_CUDA(x, "x");
   CHECK_SAME_DEVICE(x, qweight, "x", "qweight");
   CHECK_SAME_DEVICE(x, scales, "x", "scales");
@@ -34,10 +37,12 @@ std::vector<int64_t> check_quant_common(const at::Tensor& x, const at::Tensor& q
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "neox_rt: ", op,
               " supports float16 and bfloat16 x, got ", x.scalar_type());
   CHECK_DTYPE(qweight, qdtype, "qweight");
-  CHECK_DTYPE(scales, x.scalar_type(), "scales");
-  TORCH_CHECK(x.dim() >= 1 && qweight.dim() == 2 && qweight.size(1) == qcols, "neox_rt: ", op, " needs x [..., k] and ",
-              "qweight [n, ", fmt(qcols), "] for k = ", fmt(x.dim() >= 1 ? x.size(-1) : 0), "; got x ",
-              fmt(x.sizes()), " and qweight ", fmt(qweight.sizes()));
+  CHECK_DTYPE(scales, scales_dtype.value_or(x.scalar_type()), "scales");
+  if (n < 0) n = qweight.dim() == 2 ? qweight.size(0) : 0;
+  if (qrows < 0) qrows = n;
+  TORCH_CHECK(x.dim() >= 1 && qweight.dim() == 2 && qweight.size(0) == qrows && qweight.size(1) == qcols, "neox_rt: ",
+              op, " needs x [..., k] and qweight [", fmt(qrows), ", ", fmt(qcols), "] for k = ",
+              fmt(x.dim() >= 1 ? x.size(-1) : 0), "; got x ", fmt(x.sizes()), " and qweight ", fmt(qweight.sizes()));
   const int64_t k = x.size(-1), m = k == 0 ? 0 : x.numel() / k;
   TORCH_CHECK(m <= quant_max_rows(), "neox_rt: ", op, " handles at most ", fmt(quant_max_rows()), " rows of x, got ",
               fmt(m), " (dequantize and use F.linear)");
@@ -52,7 +57,6 @@ std::vector<int64_t> check_quant_common(const at::Tensor& x, const at::Tensor& q
     TORCH_CHECK(kernel_arch() >= 80, "neox_rt: ", op, " in bfloat16 needs kernels built for compute capability ",
                 "8.0 or newer (bf16 tensor cores); this build runs as sm_", fmt(kernel_arch()), ": use float16");
   }
-  const int64_t n = qweight.size(0);
   if (bias.has_value()) {
     CHECK_SAME_DEVICE(x, *bias, "x", "bias");
     CHECK_CONTIGUOUS(*bias, "bias");
@@ -138,6 +142,63 @@ at::Tensor quant_linear_int4(const at::Tensor& x, const at::Tensor& qweight, con
                    static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
                    static_cast<int>(activation), static_cast<int>(variant), use_pdl, stream),
                "quant_linear_int4");
+  };
+  if (x.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
+  else run(static_cast<__nv_bfloat16*>(nullptr));
+  return y;
+}
+
+// The tiled layout (neox_rt/quant/formats.py TiledInt8Weight / TiledInt4Weight): n output features, qweight of
+// n rounded up to 16 rows; bits 8: int8 [n_pad, k], scales [n] of x's dtype; bits 4: int32 [n_pad, k / 8], scales
+// the int32 words scale bits | zero << 16 [n_pad / 16, k / group_size, 16]. sm_80+, and the LEAN kernel's bounds.
+at::Tensor quant_linear_tiled(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              int64_t out_features, int64_t bits, int64_t group_size,
+                              const std::optional<at::Tensor>& bias, int64_t activation,
+                              const std::optional<at::Tensor>& residual, int64_t variant, bool pdl) {
+  TORCH_CHECK(bits == 8 || bits == 4, "neox_rt: quant_linear_tiled takes bits 8 or 4, got ", fmt(bits));
+  const int64_t k = x.dim() >= 1 ? x.size(-1) : 0, n = out_features, n_pad = (n + 15) / 16 * 16;
+  TORCH_CHECK(n > 0, "neox_rt: quant_linear_tiled needs out_features > 0, got ", fmt(n));
+  const bool int4 = bits == 4;
+  const auto out_shape = check_quant_common(
+      x, qweight, scales, bias, activation, residual, variant, int4 ? at::kInt : at::kChar, int4 ? (k + 7) / 8 : k,
+      "quant_linear_tiled", n, n_pad, int4 ? std::optional<at::ScalarType>(at::kInt) : std::nullopt);
+  const int64_t m = k == 0 ? 0 : x.numel() / k, chunk = int4 ? QuantInt4::kChunkK : QuantInt8::kChunkK;
+  TORCH_CHECK(k > 0 && k % chunk == 0, "neox_rt: quant_linear_tiled needs in_features % ", fmt(chunk), " == 0, got ",
+              fmt(k));
+  if (int4) {
+    TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && 512 % group_size == 0 && k % group_size == 0,
+                "neox_rt: quant_linear_tiled needs a group size dividing 512 and in_features ", fmt(k), " (and a ",
+                "multiple of 32), got ", fmt(group_size));
+    TORCH_CHECK(scales.dim() == 3 && scales.size(0) == n_pad / 16 && scales.size(1) == k / group_size &&
+                    scales.size(2) == 16,
+                "neox_rt: quant_linear_tiled int4 scale words must have shape [", fmt(n_pad / 16), ", ",
+                fmt(k / group_size), ", 16], got ", fmt(scales.sizes()));
+  } else {
+    TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "neox_rt: quant_linear_tiled int8 scales must have shape [",
+                fmt(n), "], got ", fmt(scales.sizes()));
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(kernel_arch() >= 80, "neox_rt: quant_linear_tiled needs kernels built for compute capability 8.0 or ",
+              "newer; this build runs as sm_", fmt(kernel_arch()), " (use the row-major format there)");
+  const bool use_pdl = pdl && pdl_supported();
+  auto y = at::empty(out_shape, x.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto run = [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const scalar_t* b = bias.has_value() ? ptr<scalar_t>(*bias) : nullptr;
+    const scalar_t* r = residual.has_value() ? ptr<scalar_t>(*residual) : nullptr;
+    if (int4)
+      check_cuda(launch_quant_linear_int4_tiled<scalar_t>(
+                     ptr<scalar_t>(x), ptr<int32_t>(qweight), ptr<int32_t>(scales), b, r, ptr<scalar_t>(y),
+                     static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
+                     static_cast<int>(activation), static_cast<int>(variant), use_pdl, stream),
+                 "quant_linear_tiled");
+    else
+      check_cuda(launch_quant_linear_int8_tiled<scalar_t>(
+                     ptr<scalar_t>(x), ptr<int8_t>(qweight), ptr<scalar_t>(scales), b, r, ptr<scalar_t>(y),
+                     static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(activation),
+                     static_cast<int>(variant), use_pdl, stream),
+                 "quant_linear_tiled");
   };
   if (x.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
   else run(static_cast<__nv_bfloat16*>(nullptr));

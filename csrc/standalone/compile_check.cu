@@ -45,13 +45,18 @@ template cudaError_t launch_gemv<__half>(const __half*, const __half*, const __h
 template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*,
                                                 const __nv_bfloat16*, __nv_bfloat16*, int, int, int, int, int, bool,
                                                 cudaStream_t);
-// The weight-only quantized linears (W8A16, W4A16): every configuration, both formats, fp16 and bf16 (bf16 kernels
-// compile to a trap below sm_80; the launchers never run them there).
+// The weight-only quantized linears (W8A16, W4A16), row-major and tiled: every configuration, both formats, fp16 and
+// bf16 (bf16 kernels and the tiled layout compile to a trap below sm_80; the launchers never run them there).
 #define NEOX_RT_INSTANTIATE_QUANT(T)                                                                              \
   template cudaError_t launch_quant_linear_int8<T>(const T*, const int8_t*, const T*, const T*, const T*, T*, int,   \
                                                    int, int, int, int, bool, cudaStream_t);                        \
   template cudaError_t launch_quant_linear_int4<T>(const T*, const int32_t*, const T*, const uint8_t*, const T*,     \
-                                                   const T*, T*, int, int, int, int, int, int, bool, cudaStream_t);
+                                                   const T*, T*, int, int, int, int, int, int, bool, cudaStream_t);  \
+  template cudaError_t launch_quant_linear_int8_tiled<T>(const T*, const int8_t*, const T*, const T*, const T*, T*,  \
+                                                         int, int, int, int, int, bool, cudaStream_t);              \
+  template cudaError_t launch_quant_linear_int4_tiled<T>(const T*, const int32_t*, const int32_t*, const T*,         \
+                                                         const T*, T*, int, int, int, int, int, int, bool,          \
+                                                         cudaStream_t);
 NEOX_RT_INSTANTIATE_QUANT(__half)
 NEOX_RT_INSTANTIATE_QUANT(__nv_bfloat16)
 #undef NEOX_RT_INSTANTIATE_QUANT
