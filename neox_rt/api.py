@@ -17,7 +17,7 @@ from neox_rt.model.config import NeoXConfig
 from neox_rt.model.model import NeoXForCausalLM
 from neox_rt.ops.backends import select_backend
 from neox_rt.parallel.context import SINGLE, TensorParallel
-from neox_rt.quant.apply import StageQuantizer, load_quantizing, memory_report, quantize_model
+from neox_rt.quant.apply import StageQuantizer, load_quantizing, memory_report, prepare_weights, quantize_model
 from neox_rt.quant.checkpoint import load_quantized_checkpoint, quantization_config
 
 class NeoX:
@@ -133,7 +133,7 @@ def load(path: str, dtype="float32", device: str | None = None, tokenizer: str |
         quantizer = StageQuantizer(quantize, group_size) if quantize is not None else None
         model, tokenizer_path, root = neox_checkpoint.load_model(path, dtype, device, tp, progress, config,
                                                                  tokenizer, after_stage=quantizer)
-        return NeoX(model, Tokenizer(tokenizer_path) if tokenizer_path else None, root)
+        return NeoX(prepare_weights(model), Tokenizer(tokenizer_path) if tokenizer_path else None, root)
     directory = resolve_checkpoint(path)
     if not isinstance(config, NeoXConfig):
         config = NeoXConfig.from_json(directory)
@@ -143,9 +143,10 @@ def load(path: str, dtype="float32", device: str | None = None, tokenizer: str |
         if quantize is not None:
             raise NeoxRtError(f"checkpoint {directory} is already quantized ({qc.get('quant_method')}); load it "
                               f"without quantize=")
-        model = load_quantized_checkpoint(directory, config, qc, dtype, device, tp, progress)
+        model = prepare_weights(load_quantized_checkpoint(directory, config, qc, dtype, device, tp, progress))
     elif quantize is not None:
-        model = load_quantizing(config, directory, quantize, group_size, dtype, device, tp, progress=progress)
+        model = prepare_weights(load_quantizing(config, directory, quantize, group_size, dtype, device, tp,
+                                                progress=progress))
     else:
         model = build_model(config, dtype, device, tp)
         load_weights(model, directory, progress=progress)

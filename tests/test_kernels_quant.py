@@ -36,7 +36,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from neox_rt import ops  # noqa: E402
-from neox_rt.quant.formats import Int4Weight, Int8Weight  # noqa: E402
+from neox_rt.quant.formats import (Int4Weight, Int8Weight, TiledInt4Weight, TiledInt8Weight, tile_rows,  # noqa: E402
+                                   untile_rows)
 
 triton = pytest.importorskip("triton")
 from neox_rt.kernels import quant_linear as k_quant  # noqa: E402
@@ -266,6 +267,12 @@ def run_cuda(ext, x, weight, bias=None, activation=None, residual=None, variant=
     code = cuda_ops.ACTIVATIONS[activation]
     if poison:
         poison_allocator()
+    if isinstance(weight, TiledInt8Weight):
+        return ext.quant_linear_tiled(x, weight.qweight, weight.scales, weight.out_features, 8, 0, bias, code,
+                                      residual, variant, pdl)
+    if isinstance(weight, TiledInt4Weight):
+        return ext.quant_linear_tiled(x, weight.qweight, weight.scale_zero, weight.out_features, 4, weight.group_size,
+                                      bias, code, residual, variant, pdl)
     if isinstance(weight, Int8Weight):
         return ext.quant_linear_int8(x, weight.qweight, weight.scales, bias, code, residual, variant, pdl)
     return ext.quant_linear_int4(x, weight.qweight, weight.scales, weight.zeros, weight.group_size, bias, code,
@@ -295,11 +302,12 @@ def test_cuda_sources_registered():
     assert '#include "kernels/quant_gemm.cuh"' in check and "launch_quant_linear_int4<" in check
     bindings = open(os.path.join(REPO, "csrc", "bindings.cpp")).read()
     cuda_src = open(os.path.join(REPO, "neox_rt", "ops", "cuda.py")).read()
-    for name in ("quant_linear_int8", "quant_linear_int4"):
+    for name in ("quant_linear_int8", "quant_linear_int4", "quant_linear_tiled"):
         assert f'm.impl("{name}"' in bindings and f'm.def("{name}(' in bindings
         assert f'register_fake("neox_rt::{name}")' in cuda_src
     impls = [impl for impl, _ in cuda_ops.IMPLS["linear"]]
-    assert impls == [cuda_ops.linear, cuda_ops.int8_linear, cuda_ops.int4_linear]
+    assert impls == [cuda_ops.linear, cuda_ops.tiled_linear, cuda_ops.int8_linear, cuda_ops.int4_linear]
+    assert cuda_ops.PREPARES == {"linear": cuda_ops.prepare_linear_weight}
     header = open(os.path.join(REPO, "csrc", "kernels", "quant_gemm.cuh")).read()
     assert f"kQuantFold = {FOLD}," in header and f"kQuantVariantLast = {cuda_ops.QUANT_VARIANT_LAST}" in header
 
@@ -350,9 +358,20 @@ def test_cuda_supports_declines_cpu_and_bad_shapes(monkeypatch):
         assert not s8(x_of(2, 256), int8(33, 256), residual=torch.empty(1, 33, device="cuda", dtype=torch.float16))
         assert not s8(x_of(256, 2).t(), int8(33, 256))                  # not contiguous
         assert s8(x_of(1, 256, torch.bfloat16), int8(33, 256, torch.bfloat16))
+        # the tiled forms: their own predicate, which the row-major ones decline and vice versa
+        st = cuda_ops.supports_tiled_linear
+        t8 = TiledInt8Weight(torch.empty(48, 256, dtype=torch.int8, device="cuda"),
+                             torch.empty(33, dtype=torch.float16, device="cuda"))
+        t4 = TiledInt4Weight(torch.empty(48, 32, dtype=torch.int32, device="cuda"),
+                             torch.empty(3, 2, 16, dtype=torch.int32, device="cuda"), 33, 256, 128, torch.float16)
+        assert st(x_of(1, 256), t8) and st(x_of(64, 256), t4) and st(x_of(3, 256), t4, None, "gelu")
+        assert not st(x_of(1, 256), int8(33, 256)) and not s8(x_of(1, 256), t8) and not s4(x_of(1, 256), t4)
+        assert not st(x_of(65, 256), t4) and not st(x_of(1, 128), t8)   # rows, k mismatch
+        assert not st(x_of(1, 256, torch.bfloat16), t4)                 # scales of another dtype
         capability["value"] = (7, 5)  # T4: no bf16 tensor cores; fp16 still runs
         assert not s8(x_of(1, 256, torch.bfloat16), int8(33, 256, torch.bfloat16))
         assert s8(x_of(1, 256), int8(33, 256))
+        assert not st(x_of(1, 256), t8)  # the tiled layout is read by the sm_80+ kernel only
 
 
 @pytest.mark.gpu
@@ -573,8 +592,10 @@ def test_cuda_op_table_routing(quant_ext, monkeypatch):
     try:
         ops.select_backend(None, "cuda")
         linear = ops.OPS["linear"]
-        assert [impl for impl, _ in linear.impls[:3]] == [cuda_ops.linear, cuda_ops.int8_linear, cuda_ops.int4_linear]
-        assert linear.impl_backends[:3] == ("cuda",) * 3 and set(linear.impl_backends[3:]) == {"triton"}
+        assert [impl for impl, _ in linear.impls[:4]] == [cuda_ops.linear, cuda_ops.tiled_linear,
+                                                          cuda_ops.int8_linear, cuda_ops.int4_linear]
+        assert linear.impl_backends[:4] == ("cuda",) * 4 and set(linear.impl_backends[4:]) == {"triton"}
+        assert linear.prepares == (cuda_ops.prepare_linear_weight,)
         x = randn(4, 2048).to("cuda", torch.float16)
         cases = [(make_weight("int8", 96, 2048, 0, torch.float16), x, "cuda"),
                  (make_weight("int4", 96, 2048, 128, torch.float16), x, "cuda"),
@@ -592,13 +613,17 @@ def test_cuda_op_table_routing(quant_ext, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("variant", [0, FOLD])
-def test_cuda_graph_replay(quant_ext, variant):
+def test_cuda_graph_replay(quant_ext, variant, tiled):
     """Quantized linears chained with programmatic dependent launch, captured in a CUDA graph: each replay equals the
     chain run eagerly without PDL, bit for bit (the warps' partial sums meet in a fixed order)."""
     h, f = 1024, 4096
     up8, down4 = make_weight("int8", f, h, 0, torch.float16, 1), make_weight("int4", h, f, 128, torch.float16, 2)
     qkv4, b = make_weight("int4", 3 * h, h, 64, torch.float16, 3), randn(f, seed=4).to("cuda", torch.float16)
+    if tiled:
+        up8, down4, qkv4 = (TiledInt8Weight.from_row_major(up8), TiledInt4Weight.from_row_major(down4),
+                            TiledInt4Weight.from_row_major(qkv4))
 
     def chain(x, pdl):
         for _ in range(3):
@@ -679,3 +704,122 @@ def test_cuda_opcheck(quant_ext):
     torch.library.opcheck(quant_ext.quant_linear_int8, (x, w8.qweight, w8.scales, b, 1), test_utils=tests)
     torch.library.opcheck(quant_ext.quant_linear_int4, (x, w4.qweight, w4.scales, w4.zeros, 128, None, 0,
                                                         randn(3, 24).to("cuda", torch.float16)), test_utils=tests)
+    t8, t4 = TiledInt8Weight.from_row_major(w8), TiledInt4Weight.from_row_major(w4)
+    torch.library.opcheck(quant_ext.quant_linear_tiled, (x, t8.qweight, t8.scales, 24, 8, 0, b, 1), test_utils=tests)
+    torch.library.opcheck(quant_ext.quant_linear_tiled, (x, t4.qweight, t4.scale_zero, 24, 4, 128, None, 0),
+                          test_utils=tests)
+
+
+# ----- the tiled layout (TiledInt8Weight / TiledInt4Weight, made at load by the cuda backend's prepare_linear_weight):
+# the same kernels reading the same weights in another order, so every output equals the row-major one bit for bit
+
+def tiled(weight):
+    return (TiledInt4Weight if isinstance(weight, Int4Weight) else TiledInt8Weight).from_row_major(weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, FOLD])
+def test_cuda_tiled_equals_row_major(quant_ext, variant, dtype, fmt):
+    """Every variant (1 and 2 run the LEAN loop with their tiles on a tiled weight; the plain kernel they run on a
+    row-major one is bit-identical to it), 1-64 rows, n a multiple of 16 or not (the last tile padded; with two tiles
+    a warp, a block past the last tile), the whole epilogue."""
+    bf16_or_skip(quant_ext, dtype)
+    for n, k in ((97, 2048), (1000, 2560), (6144, 1024)):
+        weight = make_weight(fmt, n, k, 128, dtype, seed=n)
+        t = tiled(weight)
+        b = randn(n, seed=5).to("cuda", dtype)
+        for rows in CUDA_ROWS:
+            x, res = randn(rows, k, seed=rows).to("cuda", dtype), randn(rows, n, seed=6).to("cuda", dtype)
+            want = run_cuda(quant_ext, x, weight, b, "gelu", res, variant=variant)
+            got = run_cuda(quant_ext, x, t, b, "gelu", res, variant=variant)
+            assert torch.equal(got, want), f"{fmt} {dtype} v{variant} {rows}x{n}x{k}: tiled differs from row-major"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [32, 64, 128, 256, 512])
+def test_cuda_tiled_int4_groups(quant_ext, group):
+    """Groups dividing 512 (the tiled scale words at the LEAN kernel's group stride), zero points over the 4-bit
+    range and 200, 1-40 rows: equal to the row-major kernel, and within the rule of the reference."""
+    weight = make_weight("int4", 70, 2048, group, torch.float16, seed=group)
+    weight.zeros.copy_(torch.randint(0, 17, weight.zeros.shape, device="cuda", dtype=torch.uint8))
+    weight.zeros[:8] = 200
+    t = tiled(weight)
+    for rows in (1, 12, 40):
+        x = randn(rows, 2048, seed=rows).to("cuda", torch.float16)
+        for variant in (0, FOLD):
+            got = run_cuda(quant_ext, x, t, variant=variant)
+            assert torch.equal(got, run_cuda(quant_ext, x, weight, variant=variant)), (group, rows, variant)
+        assert_by_rule(run_cuda(quant_ext, x, t), x, weight.dequantize(torch.float16), None, torch.float16,
+                       f"tiled int4 g{group} {rows} rows")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES_GPU, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_tiled_decode_shapes(quant_ext, shape, fmt):
+    """The family's decode shapes through the op table's prepared weight: by the rule, and equal to row-major."""
+    m, n, k, group = shape
+    weight = make_weight(fmt, n, k, group, torch.float16)
+    t = cuda_ops.prepare_linear_weight(weight)
+    assert isinstance(t, TiledInt4Weight if fmt == "int4" else TiledInt8Weight)
+    x, b = randn(m, k).to("cuda", torch.float16), randn(n, seed=2).to("cuda", torch.float16)
+    assert cuda_ops.supports_tiled_linear(x, t, b)
+    out = cuda_ops.tiled_linear(x, t, b)
+    assert torch.equal(out, cuda_ops.int8_linear(x, weight, b) if fmt == "int8" else cuda_ops.int4_linear(x, weight, b))
+    assert_by_rule(out, x, weight.dequantize(torch.float16), b, torch.float16, f"tiled {fmt} {m}x{n}x{k}")
+
+
+@pytest.mark.gpu
+def test_cuda_prepare_linear_weight(quant_ext, monkeypatch):
+    """What the cuda backend tiles at load (and what it leaves alone), and the op table's routing of the result: the
+    tiled kernel up to 64 rows, the reference (through dequantize) above."""
+    w8, w4 = make_weight("int8", 96, 2048, 0, torch.float16), make_weight("int4", 96, 2048, 128, torch.float16)
+    assert isinstance(cuda_ops.prepare_linear_weight(w8), TiledInt8Weight)
+    assert isinstance(cuda_ops.prepare_linear_weight(w4), TiledInt4Weight)
+    for keep in (make_weight("int4", 96, 2048, 16, torch.float16),   # group % 32: the Triton kernel's
+                 make_weight("int4", 96, 2304, 96, torch.float16),   # 512 % 96: the plain kernel's
+                 make_weight("int8", 96, 2080, 0, torch.float16),    # k % 64
+                 make_weight("int8", 96, 2048, 0, torch.float16).to("cpu"),
+                 torch.randn(96, 2048, device="cuda", dtype=torch.float16)):
+        assert cuda_ops.prepare_linear_weight(keep) is keep
+    monkeypatch.setattr(cuda_ops, "QUANT_TILED", 0)
+    assert cuda_ops.prepare_linear_weight(w4) is w4
+    monkeypatch.setattr(cuda_ops, "QUANT_TILED", 1)
+    monkeypatch.delenv("NEOX_RT_BACKEND", raising=False)
+    monkeypatch.delenv("NEOX_RT_OP_BACKENDS", raising=False)
+    try:
+        ops.select_backend(None, "cuda")
+        linear = ops.OPS["linear"]
+        for weight in (w8, w4):
+            t = linear.prepare(weight)
+            for rows, want in ((1, "cuda"), (64, "cuda"), (65, "torch")):
+                x = randn(rows, 2048, seed=rows).to("cuda", torch.float16)
+                assert linear.served_by(x, t) == want
+                assert torch.equal(linear(x, t), linear(x, weight)) or want == "torch"
+                assert_by_rule(linear(x, t), x, weight.dequantize(torch.float16), None, torch.float16,
+                               f"op table tiled {type(t).__name__} {rows} rows")
+    finally:
+        ops.select_backend("torch")
+
+
+@pytest.mark.gpu
+def test_cuda_tiled_bad_input_raises(quant_ext):
+    """quant_linear_tiled's own checks, one RuntimeError each."""
+    w8, w4 = make_weight("int8", 40, 256, 0, torch.float16), make_weight("int4", 40, 256, 128, torch.float16)
+    t8, t4 = tiled(w8), tiled(w4)
+    x = randn(2, 256).to("cuda", torch.float16)
+    op = quant_ext.quant_linear_tiled
+    with pytest.raises(RuntimeError, match="bits 8 or 4"):
+        op(x, t8.qweight, t8.scales, 40, 5, 0, None, 0, None, 0, False)
+    with pytest.raises(RuntimeError, match=r"qweight \[48, 256\]"):
+        op(x, w8.qweight, w8.scales, 40, 8, 0, None, 0, None, 0, False)  # row-major rows (40) are not 48
+    with pytest.raises(RuntimeError, match="scale words must have shape"):
+        op(x, t4.qweight, t4.scale_zero[:, :1].contiguous(), 40, 4, 128, None, 0, None, 0, False)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        op(x, t4.qweight, w4.scales, 40, 4, 128, None, 0, None, 0, False)  # fp16 scales, not the int32 words
+    with pytest.raises(RuntimeError, match="group size dividing 512"):
+        op(x, t4.qweight, t4.scale_zero, 40, 4, 96, None, 0, None, 0, False)
+    with pytest.raises(RuntimeError, match="int8 scales must have shape"):
+        op(x, t8.qweight, t8.scales[:8], 40, 8, 0, None, 0, None, 0, False)

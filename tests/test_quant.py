@@ -17,8 +17,9 @@ from neox_rt.engine.kv_cache import KVCache
 from neox_rt.errors import NeoxRtError
 from neox_rt.model.config import NeoXConfig
 from neox_rt.model.layers import Linear
-from neox_rt.quant.apply import memory_report, quantize_model
-from neox_rt.quant.formats import Int4Weight, Int8Weight, check_row_shard_groups, pack_int4, unpack_int4
+from neox_rt.quant.apply import memory_report, prepare_weights, quantize_model
+from neox_rt.quant.formats import (Int4Weight, Int8Weight, TiledInt4Weight, TiledInt8Weight, check_row_shard_groups,
+                                   pack_int4, tile_rows, unpack_int4, untile_rows)
 from tests.conftest import REPO, train_tool
 
 
@@ -113,6 +114,74 @@ def test_dequantize_in_row_chunks_equals_one_go(monkeypatch):
             for dtype, want in whole.items():
                 got = fmt.dequantize(dtype)
                 assert got.dtype == dtype and torch.equal(got, want), (type(fmt).__name__, chunk, dtype)
+
+
+def test_tiled_layout_puts_each_chunk_of_a_tile_together():
+    """tile_rows: byte b of row 16 T + r at chunk c lands at T * 16 * row_bytes + c * 1024 + r * 64 + b, the rows
+    past n (padding to 16) are zero, and untile_rows gives the row-major tensor back, for int8 and int32 rows."""
+    q = torch.randint(-127, 128, (37, 192), dtype=torch.int8)
+    t = tile_rows(q)
+    assert t.shape == (48, 192) and t.dtype == torch.int8
+    flat, src = t.view(torch.uint8).flatten(), q.view(torch.uint8)
+    for row in (0, 5, 15, 16, 36):
+        for b in (0, 63, 64, 130, 191):
+            tile, r = divmod(row, 16)
+            c, off = divmod(b, 64)
+            assert flat[tile * 16 * 192 + c * 1024 + r * 64 + off] == src[row, b], (row, b)
+    assert not untile_rows(t, 48)[37:].any()  # the padding rows 37-47: zero
+    assert torch.equal(untile_rows(t, 37), q)
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (16, 48), dtype=torch.int32)
+    assert torch.equal(untile_rows(tile_rows(words), 16), words)
+    with pytest.raises(NeoxRtError, match="multiple of 64 bytes"):
+        tile_rows(torch.zeros(16, 100, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tiled_formats_are_the_same_weights(dtype):
+    """TiledInt8Weight / TiledInt4Weight (the CUDA kernels' layout) dequantize to exactly the row-major format's
+    weight and give it back unchanged (scales' bits, zero points up to 255, a ragged n), so the reference and every
+    backend that declines them see the same weight."""
+    w = torch.randn(45, 256, dtype=dtype)
+    w8, w4 = Int8Weight.quantize(w), Int4Weight.quantize(w, 64)
+    w4.zeros[3] = 255
+    t8, t4 = TiledInt8Weight.from_row_major(w8), TiledInt4Weight.from_row_major(w4)
+    assert t4.scale_zero.shape == (3, 4, 16) and t8.qweight.shape == (48, 256)
+    assert (t8.out_features, t8.in_features, t4.out_features, t4.in_features) == (45, 256, 45, 256)
+    assert t4.scale_zero[0, 1, 3].item() == (w4.scales[3, 1].view(torch.int16).item() & 0xFFFF) | (255 << 16)
+    for t, fmt in ((t8, w8), (t4, w4)):
+        back = t.row_major()
+        assert type(back) is type(fmt)
+        assert all(torch.equal(a, b) for a, b in zip(back.buffers(), fmt.buffers()))
+        for out in (torch.float32, dtype):
+            assert torch.equal(t.dequantize(out), fmt.dequantize(out))
+    x = torch.randn(3, 256, dtype=torch.float32)
+    for t, fmt in ((t8, w8), (t4, w4)):  # the reference op (dequantize, then matmul) on either form
+        assert torch.equal(neox_rt.ops.linear_ref(x, t), neox_rt.ops.linear_ref(x, fmt))
+    with pytest.raises(NeoxRtError, match="16-bit scales"):
+        TiledInt4Weight.from_row_major(Int4Weight.quantize(torch.randn(16, 128), 128))
+
+
+def test_prepare_weights_swaps_what_the_linear_op_converts(tmp_path):
+    """quant.apply.prepare_weights asks the linear op (Op.prepare) once per quantized linear and installs what it
+    returns; the reference backend converts nothing; the cuda backend's converter leaves CPU weights alone."""
+    from neox_rt.ops import cuda as cuda_ops
+    from neox_rt.ops.table import OPS
+    _, model = tiny_checkpoint(tmp_path)
+    quantize_model(model, "int8")
+    before = {n: m.weight for n, m in model.named_modules() if isinstance(m, Linear)}
+    assert prepare_weights(model) is model
+    assert all(m.weight is before[n] for n, m in model.named_modules() if isinstance(m, Linear))
+    assert all(cuda_ops.prepare_linear_weight(w) is w for w in before.values())
+    want = logits(model)
+    op = OPS["linear"]
+    try:
+        op.prepares = (lambda w: TiledInt8Weight.from_row_major(w) if type(w) is Int8Weight else w,)
+        prepare_weights(model)
+    finally:
+        op.prepares = ()
+    tiled = [m.weight for m in model.modules() if isinstance(m, Linear) and isinstance(m.weight, TiledInt8Weight)]
+    assert len(tiled) == 8 and memory_report(model).quantized_linears == 8
+    assert torch.equal(logits(model), want)  # the reference runs the tiled weights through dequantize
 
 
 def test_a_group_never_straddles_a_shard():

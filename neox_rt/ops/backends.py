@@ -36,9 +36,11 @@ def _load_backend(name: str) -> bool:
             from neox_rt.ops import cuda as module  # imported on demand: it loads the compiled extension
         else:
             from neox_rt.ops import triton as module  # imported on demand: triton is optional and slow to import
+        prepares = getattr(module, "PREPARES", {})  # op name -> the backend's weight-layout converter
         for op_name, entry in module.implementations().items():
             if op_name in OPS:  # entry: (impl, supports), or a list of them tried in order
-                register(op_name, *((entry, None) if isinstance(entry, list) else entry), name)
+                register(op_name, *((entry, None) if isinstance(entry, list) else entry), name,
+                         prepare=prepares.get(op_name))
         return True
     except NeoxRtError:
         raise
@@ -73,9 +75,9 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
         # Triton where they decline: alignment, int64 tables). Either backend alone serves every op it has when
         # the other is unavailable. NEOX_RT_OP_BACKENDS overrides single ops.
         have_triton = _load_backend("triton")
-        by_triton = {k: op.impls for k, op in OPS.items() if op.impls}
+        by_triton = {k: (op.impls, op.prepares) for k, op in OPS.items() if op.impls}
         clear()
-        by_cuda = {k: op.impls for k, op in OPS.items() if op.impls} if _load_backend("cuda") else {}
+        by_cuda = {k: (op.impls, op.prepares) for k, op in OPS.items() if op.impls} if _load_backend("cuda") else {}
         have = {"cuda": by_cuda, "triton": by_triton}
         for k, op in OPS.items():
             choice = overrides.get(k) or ("cuda+triton" if k in CUDA_THEN_TRITON
@@ -84,8 +86,9 @@ def select_backend(name: str | None = None, device: torch.device | str | None = 
             parts = [b for b in wanted_parts if k in have[b]]
             if wanted_parts and not parts:  # the preferred backend lacks this op: the other one serves it
                 parts = [b for b in ("triton", "cuda") if k in have[b]][:1]
-            op.impls = tuple(impl for b in parts for impl in have[b][k])
-            op.impl_backends = tuple(b for b in parts for _ in have[b][k])
+            op.impls = tuple(impl for b in parts for impl in have[b][k][0])
+            op.impl_backends = tuple(b for b in parts for _ in have[b][k][0])
+            op.prepares = tuple(fn for b in parts for fn in have[b][k][1])
             op.backend = "+".join(parts) or "torch"
         _active_backend = wanted
         # report the backend that serves most ops

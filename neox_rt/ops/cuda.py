@@ -6,8 +6,9 @@ a cheap ``supports(*args)`` predicate; calls it rejects run the PyTorch referenc
 kernels are called by :mod:`neox_rt.parallel.p2p`. ``python -m neox_rt.ops.cuda bench`` times the GEMV against cuBLAS; ``bench/kernels.py
 --sweep`` against the Triton tiles too (the numbers behind :func:`supports_linear`).
 
-The ``linear`` op holds three implementations, tried in order: the fp16/bf16 GEMV for tensor weights, then the
-weight-only quantized kernels for the formats of :mod:`neox_rt.quant.formats` (``quant_linear_int8`` for an
+The ``linear`` op holds four implementations, tried in order: the fp16/bf16 GEMV for tensor weights, then the
+weight-only quantized kernels for the formats of :mod:`neox_rt.quant.formats` (``quant_linear_tiled`` for the tiled
+forms that :func:`prepare_linear_weight` makes at load, ``quant_linear_int8`` for an
 :class:`~neox_rt.quant.formats.Int8Weight`, ``quant_linear_int4`` for an :class:`~neox_rt.quant.formats.Int4Weight`;
 csrc/kernels/quant_gemm.cuh): 1-``QUANT_MAX_ROWS`` rows of x on tensor cores, W dequantized in registers exactly as
 ``dequantize(x.dtype)`` does, bias, activation and residual fused. Each predicate rejects the others' weights; what
@@ -21,7 +22,8 @@ import os
 import torch
 
 from neox_rt.errors import NeoxRtError
-from neox_rt.quant.formats import Int4Weight, Int8Weight  # torch only (the op table may import the formats)
+# torch only (the op table may import the formats)
+from neox_rt.quant.formats import TILE_ROWS, Int4Weight, Int8Weight, TiledInt4Weight, TiledInt8Weight
 
 # Extension ops and their activation codes (csrc/kernels/gemv.cuh).
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_fast": 2, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
@@ -92,6 +94,9 @@ GEMV2_MIN_BLOCKS = _env_choice("NEOX_RT_GEMV2_MIN_BLOCKS", (0, 2, 3, 4))
 QUANT_MAX_ROWS = _env_int("NEOX_RT_QUANT_MAX_ROWS", 64, 1, 64)
 QUANT_VARIANT_LAST = 5  # kQuantVariantLast
 QUANT_VARIANT = _env_int("NEOX_RT_QUANT_VARIANT", 0, 0, QUANT_VARIANT_LAST)
+# The kernels' tiled layout (TiledInt8Weight / TiledInt4Weight, prepare_linear_weight): 1 (default) converts every
+# quantized weight the LEAN kernel can read at load, 0 keeps the row-major formats (A/B runs).
+QUANT_TILED = _env_int("NEOX_RT_QUANT_TILED", 1, 0, 1)
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -155,6 +160,10 @@ def _register_fakes() -> None:
     def _(x, qweight, scales, zeros, group_size, bias, activation, residual=None, variant=0, pdl=False):
         return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
+    @lib.register_fake("neox_rt::quant_linear_tiled")
+    def _(x, qweight, scales, out_features, bits, group_size, bias, activation, residual=None, variant=0, pdl=False):
+        return x.new_empty(*x.shape[:-1], out_features)
+
     @lib.register_fake("neox_rt::gemv_pair")
     def _(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, ksplit=0, min_blocks=0, pdl=False):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0]), x2.new_empty(*x2.shape[:-1], weight2.shape[0])
@@ -201,6 +210,16 @@ def int4_linear(x, weight: Int4Weight, bias=None, activation=None, residual=None
     """The ``linear`` op for an :class:`Int4Weight` (W4A16): W = (q - zero) * scale per group."""
     return torch.ops.neox_rt.quant_linear_int4(x, weight.qweight, weight.scales, weight.zeros, weight.group_size,
                                                bias, ACTIVATIONS[activation], residual, QUANT_VARIANT, PDL)
+
+
+def tiled_linear(x, weight, bias=None, activation=None, residual=None):
+    """The ``linear`` op for a :class:`TiledInt8Weight` or :class:`TiledInt4Weight` (the kernels' tiled layout)."""
+    if isinstance(weight, TiledInt4Weight):
+        return torch.ops.neox_rt.quant_linear_tiled(x, weight.qweight, weight.scale_zero, weight.out_features, 4,
+                                                    weight.group_size, bias, ACTIVATIONS[activation], residual,
+                                                    QUANT_VARIANT, PDL)
+    return torch.ops.neox_rt.quant_linear_tiled(x, weight.qweight, weight.scales, weight.out_features, 8, 0, bias,
+                                                ACTIVATIONS[activation], residual, QUANT_VARIANT, PDL)
 
 
 def linear_pair(x1, w1, b1, act1, x2, w2, b2, act2):
@@ -341,14 +360,16 @@ def supports_linear(x, weight, bias=None, activation=None, residual=None) -> boo
 def _quant_common(x, weight, bias, activation, residual, chunk: int) -> bool:
     """What the quantized linears share: x fp16 (bf16 from sm_80 on) on CUDA, contiguous and 16-byte aligned, with
     1..QUANT_MAX_ROWS rows and in_features a positive multiple of ``chunk``; the weight's buffers on x's device,
-    contiguous, scales of x's dtype; bias [out] and residual [..., out] of x's dtype, contiguous."""
+    contiguous, scales of x's dtype (a tiled int4 weight: its ``scale_dtype``); bias [out] and residual [..., out]
+    of x's dtype, contiguous."""
     if activation not in ACTIVATIONS or not _cuda_float(x, (torch.float16, torch.bfloat16)) or x.dim() == 0:
         return False
     k = x.shape[-1]
     if k == 0 or k % chunk or k != weight.in_features or not 0 < x.numel() // k <= QUANT_MAX_ROWS:
         return False
     buffers = tuple(weight.buffers())
-    if not all(b.device == x.device and b.is_contiguous() for b in buffers) or weight.scales.dtype != x.dtype:
+    scale_dtype = weight.scale_dtype if isinstance(weight, TiledInt4Weight) else weight.scales.dtype
+    if not all(b.device == x.device and b.is_contiguous() for b in buffers) or scale_dtype != x.dtype:
         return False
     n = weight.out_features
     if bias is not None and not (bias.dtype == x.dtype and bias.device == x.device and bias.is_contiguous()
@@ -453,11 +474,50 @@ def supports_scaled_causal_softmax(scores, query_positions, scale) -> bool:
     return _cuda_float(scores) and scores.dim() == 4 and query_positions.dtype == torch.int64
 
 
+def supports_tiled_linear(x, weight, bias=None, activation=None, residual=None) -> bool:
+    """A :class:`TiledInt8Weight` or :class:`TiledInt4Weight` (made by :func:`prepare_linear_weight`, so within the
+    kernel's bounds), x, bias, residual as :func:`_quant_common` says, and kernels built for sm_80 or newer."""
+    if not isinstance(weight, (TiledInt8Weight, TiledInt4Weight)):
+        return False
+    chunk = 128 if isinstance(weight, TiledInt4Weight) else 64
+    return _quant_common(x, weight, bias, activation, residual, chunk) and _capability(x.device)[0] >= 8
+
+
+def _tileable(weight) -> bool:
+    """Whether the LEAN kernel reads ``weight`` in the tiled layout (csrc/kernels/quant_gemm.cuh, quant_lean_ok and
+    the launchers' checks): CUDA, kernels of sm_80 or newer, in_features a multiple of the chunk (64 int8, 128
+    int4), int4 groups of a multiple of 32 dividing 512 and in_features with 16-bit scales, and 32-bit offsets."""
+    if not (weight.qweight.is_cuda and _capability(weight.qweight.device)[0] >= 8):
+        return False
+    k, n_pad = weight.in_features, -(-weight.out_features // TILE_ROWS) * TILE_ROWS
+    if isinstance(weight, Int4Weight):
+        g = weight.group_size
+        ok = (k % 128 == 0 and g % 32 == 0 and 512 % g == 0 and k % g == 0 and weight.scales.element_size() == 2
+              and weight.zeros.dtype == torch.uint8)
+        return ok and n_pad * (k // 2) + 512 < 2 ** 31
+    return k % 64 == 0 and n_pad * k + 512 < 2 ** 31
+
+
+def prepare_linear_weight(weight):
+    """The ``linear`` op's layout converter (:meth:`neox_rt.ops.table.Op.prepare`): an :class:`Int8Weight` or
+    :class:`Int4Weight` the LEAN kernel can read becomes its tiled form (its warps' loads 512 contiguous bytes instead
+    of eight 64-byte pieces: 6-10% faster on the 20B and 1.4b decode linears on an H100, bench/NOTES.md session 18);
+    anything else, or ``NEOX_RT_QUANT_TILED=0``, stays as it is."""
+    if not QUANT_TILED or type(weight) not in (Int8Weight, Int4Weight) or not _tileable(weight):
+        return weight
+    with torch.no_grad():
+        return (TiledInt4Weight if isinstance(weight, Int4Weight) else TiledInt8Weight).from_row_major(weight)
+
+
+PREPARES = {"linear": prepare_linear_weight}
+"""Op name -> this backend's weight-layout converter (registered beside its implementations)."""
+
 IMPLS = {
     "layernorm": (layernorm, supports_layernorm),
     "dual_layernorm": (dual_layernorm, supports_dual_layernorm),
     # tried in order: the fp16 GEMV takes tensor weights, the quantized kernels their formats
-    "linear": [(linear, supports_linear), (int8_linear, supports_int8_linear), (int4_linear, supports_int4_linear)],
+    "linear": [(linear, supports_linear), (tiled_linear, supports_tiled_linear), (int8_linear, supports_int8_linear),
+               (int4_linear, supports_int4_linear)],
     "linear_pair": (linear_pair, supports_linear_pair),
     "linear_sum": (linear_sum, supports_linear_sum),
     "rotary_kv_write": (rotary_kv_write, supports_rotary_kv_write),

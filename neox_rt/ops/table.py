@@ -41,6 +41,7 @@ class Op:
     impls: tuple[tuple[Callable, Callable[..., bool] | None], ...] = ()  # (impl, supports) tried in order
     backend: str = "torch"
     impl_backends: tuple[str, ...] = ()  # the backend of each entry of impls
+    prepares: tuple[Callable, ...] = ()  # weight -> weight in the layout this op's kernels read (``prepare``)
 
     @property
     def impl(self) -> Callable | None:
@@ -52,6 +53,15 @@ class Op:
             if supports is None or supports(*args, **kwargs):
                 return impl(*args, **kwargs)
         return self.reference(*args, **kwargs)
+
+    def prepare(self, weight):
+        """``weight`` in the layout the op's kernels read best (a backend's converter, e.g. the CUDA kernels' tiled
+        int8 / int4 layout), or as it is: called once per weight after loading (:func:`neox_rt.quant.apply.
+        prepare_weights`), never per call. A converted weight stays a weight format that every backend and the
+        reference accept (the others through its ``dequantize``)."""
+        for fn in self.prepares:
+            weight = fn(weight)
+        return weight
 
     def served_by(self, *args, **kwargs) -> str:
         """The backend that would run this call: the first accepting implementation's, or "torch"."""
@@ -78,19 +88,21 @@ OPS: dict[str, Op] = {
 }
 
 
-def register(op_name: str, impl, supports: Callable[..., bool] | None, backend: str) -> None:
+def register(op_name: str, impl, supports: Callable[..., bool] | None, backend: str,
+             prepare: Callable | None = None) -> None:
     """Install ``impl`` for ``op_name``; calls that ``supports`` rejects run the reference. ``impl`` may also be a
     list of (impl, supports) pairs (``supports`` then None), tried in order (e.g. the linear's fp16 kernel, then
-    the kernels of the weight formats)."""
+    the kernels of the weight formats). ``prepare``: the backend's weight-layout converter (:meth:`Op.prepare`)."""
     op = OPS[op_name]
     pairs = tuple(impl) if isinstance(impl, list) else ((impl, supports),)
     op.impls, op.backend, op.impl_backends = pairs, backend, (backend,) * len(pairs)
+    op.prepares = (prepare,) if prepare is not None else ()
 
 
 def clear() -> None:
     """Every op back to its reference."""
     for op in OPS.values():
-        op.impls, op.backend, op.impl_backends = (), "torch", ()
+        op.impls, op.backend, op.impl_backends, op.prepares = (), "torch", (), ()
 
 
 def active_backends() -> dict[str, str]:

@@ -27,6 +27,7 @@ from neox_rt.model.build import parse_dtype
 from neox_rt.model.config import NeoXConfig
 from neox_rt.model.layers import Linear
 from neox_rt.model.model import NeoXForCausalLM
+from neox_rt.ops.table import OPS
 from neox_rt.parallel.context import SINGLE, TensorParallel, tp_split_dim
 from neox_rt.quant.formats import Int4Weight, WeightFormat, check_row_shard_groups, format_class
 
@@ -71,7 +72,8 @@ def set_weight(linear: Linear, fmt: WeightFormat) -> None:
 def quantize_model(model: NeoXForCausalLM, fmt: str, group_size: int = 128, include_lm_head: bool = False,
                    method: Callable = quantize_weight) -> NeoXForCausalLM:
     """Quantize a built and loaded model's linears in place, one at a time (each float weight freed as its format
-    replaces it); returns the model. Each tensor-parallel rank quantizes its own shard."""
+    replaces it, in the layout the linear op's kernels read: :func:`prepare_weights`); returns the model. Each
+    tensor-parallel rank quantizes its own shard."""
     format_class(fmt)
     names = quantized_linear_names(model, include_lm_head)
     for name in names:
@@ -81,14 +83,28 @@ def quantize_model(model: NeoXForCausalLM, fmt: str, group_size: int = 128, incl
         if isinstance(lin.weight, WeightFormat):
             raise NeoxRtError(f"{name} is already quantized ({type(lin.weight).__name__})")
         with torch.no_grad():
-            set_weight(lin, method(lin.weight.data, fmt, group_size, None))
+            set_weight(lin, OPS["linear"].prepare(method(lin.weight.data, fmt, group_size, None)))
+    return model
+
+
+def prepare_weights(model: nn.Module) -> nn.Module:
+    """Every quantized linear's weight in the layout the ``linear`` op's kernels read best
+    (:meth:`neox_rt.ops.table.Op.prepare`: on the CUDA backend the tiled int8 / int4 forms), one linear at a time
+    (the converted copy allocated beside one old weight at most); after loading, before any CUDA graph is captured.
+    Float weights, and weights no backend converts, stay as they are. Returns the model."""
+    for mod in model.modules():
+        if isinstance(mod, Linear) and isinstance(mod.weight, WeightFormat):
+            prepared = OPS["linear"].prepare(mod.weight)
+            if prepared is not mod.weight:
+                set_weight(mod, prepared)
     return model
 
 
 class StageQuantizer:
     """Quantizes a model's linears as a streaming loader fills them: called with the names of the parameters a stage
     (a layer) filled, it replaces each quantized linear's weight among them by its format at once (each rank its
-    own shard), so the float weights of one layer at most are on the device at a time."""
+    own shard, in the layout the linear op's kernels read), so the float weights of one layer at most are on the
+    device at a time."""
 
     def __init__(self, fmt: str, group_size: int = 128, include_lm_head: bool = False,
                  method: Callable = quantize_weight):
@@ -106,7 +122,8 @@ class StageQuantizer:
             if name in self.names:
                 lin = model.get_submodule(name)
                 with torch.no_grad():
-                    set_weight(lin, self.method(lin.weight.data, self.fmt, self.group_size, None))
+                    set_weight(lin, OPS["linear"].prepare(self.method(lin.weight.data, self.fmt, self.group_size,
+                                                                      None)))
 
 
 # ----------------------------------------------------------------------------------------------------

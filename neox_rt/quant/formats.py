@@ -249,6 +249,141 @@ class Int4Weight(WeightFormat):
                 f"scales={self.scales.dtype}")
 
 
+TILE_ROWS = 16
+"""Rows of W in a tile of the tiled layout (:func:`tile_rows`)."""
+
+TILE_CHUNK_BYTES = 64
+"""Bytes of a row in a chunk of the tiled layout: 64 int8 or 128 int4 values."""
+
+
+def tile_rows(packed: torch.Tensor) -> torch.Tensor:
+    """The CUDA kernels' tiled layout of a packed weight: row-major [n, cols] (int8 or int32, ``cols`` bytes a row a
+    multiple of 64) -> the same dtype [n_pad, cols], n_pad = n rounded up to 16 (the new rows zero), in which each
+    tile of 16 rows holds its chunks one after another, a chunk being the 64 bytes of k of each of the 16 rows, row
+    after row: byte b of row 16 T + r at chunk c lies at ``T * 16 * row_bytes + c * 1024 + r * 64 + b``. A warp of
+    the kernel then reads a chunk's half-tile (8 rows x 64 bytes) as 512 contiguous bytes where the row-major layout
+    gives it eight pieces of 64 (bench/NOTES.md, session 18)."""
+    n, cols = packed.shape
+    row_bytes = cols * packed.element_size()
+    if row_bytes % TILE_CHUNK_BYTES:
+        raise NeoxRtError(f"the tiled layout needs rows of a multiple of {TILE_CHUNK_BYTES} bytes, got {row_bytes}")
+    n_pad = -(-n // TILE_ROWS) * TILE_ROWS
+    u8 = torch.zeros(n_pad, row_bytes, dtype=torch.uint8, device=packed.device)
+    u8[:n] = packed.contiguous().view(torch.uint8)
+    tiles = u8.view(n_pad // TILE_ROWS, TILE_ROWS, row_bytes // TILE_CHUNK_BYTES, TILE_CHUNK_BYTES)
+    return tiles.permute(0, 2, 1, 3).contiguous().view(packed.dtype).view(n_pad, cols)
+
+
+def untile_rows(tiled: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of :func:`tile_rows`: [n_pad, cols] tiled -> row-major [n, cols]."""
+    n_pad, cols = tiled.shape
+    row_bytes = cols * tiled.element_size()
+    tiles = tiled.contiguous().view(torch.uint8).view(n_pad // TILE_ROWS, row_bytes // TILE_CHUNK_BYTES, TILE_ROWS,
+                                                      TILE_CHUNK_BYTES)
+    return tiles.permute(0, 2, 1, 3).contiguous().view(n_pad, row_bytes)[:n].view(tiled.dtype)
+
+
+class TiledInt8Weight(WeightFormat):
+    """An :class:`Int8Weight` in the CUDA kernels' tiled layout: ``qweight`` int8 [n_pad, in] as :func:`tile_rows`
+    leaves it, ``scales`` [out] as before. A runtime form, never saved: :meth:`row_major` gives the format back
+    (``dequantize`` goes through it, so the reference and every other backend still see the same weight)."""
+
+    FORMAT = ""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        n_pad = -(-scales.shape[0] // TILE_ROWS) * TILE_ROWS if scales.dim() == 1 else -1
+        if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.shape[0] != n_pad:
+            raise NeoxRtError(f"TiledInt8Weight needs int8 qweight [{n_pad}, in] for scales {list(scales.shape)}, "
+                              f"got {qweight.dtype} {list(qweight.shape)}")
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_row_major(cls, weight: Int8Weight) -> "TiledInt8Weight":
+        return cls(tile_rows(weight.qweight), weight.scales)
+
+    def row_major(self) -> Int8Weight:
+        return Int8Weight(untile_rows(self.qweight, self.out_features), self.scales)
+
+    @property
+    def out_features(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.row_major().dequantize(dtype)
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.out_features}, in_features={self.in_features}, tiled"
+
+
+class TiledInt4Weight(WeightFormat):
+    """An :class:`Int4Weight` in the CUDA kernels' tiled layout: ``qweight`` int32 [n_pad, in / 8] as
+    :func:`tile_rows` leaves it, and each group's scale and zero point of a row in one word, scale bits | zero << 16,
+    ``scale_zero`` int32 [n_pad / 16, groups, 16] (the 16 rows of a tile side by side: one 4-byte load a row and
+    group instead of two scattered ones). A runtime form, never saved: :meth:`row_major` gives the format back."""
+
+    FORMAT = ""
+
+    def __init__(self, qweight: torch.Tensor, scale_zero: torch.Tensor, out_features: int, in_features: int,
+                 group_size: int, scale_dtype: torch.dtype):
+        super().__init__()
+        n_pad = -(-out_features // TILE_ROWS) * TILE_ROWS
+        groups = -(-in_features // group_size)
+        if (qweight.dtype != torch.int32 or tuple(qweight.shape) != (n_pad, -(-in_features // 8))
+                or scale_zero.dtype != torch.int32 or tuple(scale_zero.shape) != (n_pad // TILE_ROWS, groups,
+                                                                                  TILE_ROWS)):
+            raise NeoxRtError(f"TiledInt4Weight of [{out_features}, {in_features}], group {group_size} needs int32 "
+                              f"qweight [{n_pad}, {-(-in_features // 8)}] and scale_zero [{n_pad // TILE_ROWS}, "
+                              f"{groups}, {TILE_ROWS}]; got {qweight.dtype} {list(qweight.shape)}, "
+                              f"{scale_zero.dtype} {list(scale_zero.shape)}")
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale_zero", scale_zero)
+        self._out_features = int(out_features)
+        self.in_features = int(in_features)
+        self.group_size = int(group_size)
+        self.scale_dtype = scale_dtype
+
+    @classmethod
+    def from_row_major(cls, weight: Int4Weight) -> "TiledInt4Weight":
+        if weight.scales.element_size() != 2:
+            raise NeoxRtError(f"the tiled int4 layout packs 16-bit scales, got {weight.scales.dtype}")
+        n, groups = weight.scales.shape
+        n_pad = -(-n // TILE_ROWS) * TILE_ROWS
+        words = torch.zeros(n_pad, groups, dtype=torch.int32, device=weight.scales.device)
+        words[:n] = (weight.scales.view(torch.int16).to(torch.int32) & 0xFFFF) | (weight.zeros.to(torch.int32) << 16)
+        scale_zero = words.view(n_pad // TILE_ROWS, TILE_ROWS, groups).transpose(1, 2).contiguous()
+        return cls(tile_rows(weight.qweight), scale_zero, n, weight.in_features, weight.group_size,
+                   weight.scales.dtype)
+
+    def row_major(self) -> Int4Weight:
+        n = self.out_features
+        words = self.scale_zero.transpose(1, 2).reshape(-1, self.scale_zero.shape[1])[:n]
+        scales = (words & 0xFFFF).to(torch.int16).view(self.scale_dtype)  # the low 16 bits, as they were
+        zeros = (words >> 16).to(torch.uint8)
+        return Int4Weight(untile_rows(self.qweight, n), scales.contiguous(), zeros.contiguous(), self.in_features,
+                          self.group_size)
+
+    @property
+    def out_features(self) -> int:
+        return self._out_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.row_major().dequantize(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"out_features={self.out_features}, in_features={self.in_features}, group_size={self.group_size}, "
+                f"scales={self.scale_dtype}, tiled")
+
+
 FORMATS = {cls.FORMAT: cls for cls in (Int8Weight, Int4Weight)}
 """Format name (``"int8"``, ``"int4"``) -> class."""
 
