@@ -365,7 +365,8 @@ def markdown(report) -> str:
             cap = r.get("memory_cap")
             capt = "-" if not cap else (f"ok, peak {cap['peak_GiB']:.1f} GiB" if cap.get("ok") else "failed")
             lines.append(f"| {k} | {r['weight_bytes'] / 1e9:.2f} | {o['ms_per_token_128']:.2f} | {r['floor_ms']:.2f} | "
-                         f"{QUANT_TARGETS_MS.get(k, '-')} | {100 * r['floor_ms'] / o['ms_per_token_128']:.0f}% | {bt} | "
+                         f"{QUANT_TARGETS_MS.get(k.removesuffix('-head'), '-')} | "
+                         f"{100 * r['floor_ms'] / o['ms_per_token_128']:.0f}% | {bt} | "
                          f"{r['t4_projected_ms_per_token']:.1f} | {capt} |")
     lines.append("")
     lines.append("time for N tokens and p50/p90: one graph-decode run with a CUDA event per step (host checks "
@@ -408,7 +409,8 @@ def main(argv=None) -> int:
                    help="models for which HF static cache + torch.compile is timed ('' for none)")
     p.add_argument("--quick", action="store_true", help="pythia-1.4b and gpt-neox-20b only")
     p.add_argument("--quantize", default="none", help="comma list of weight formats to time, each its own row beside "
-                   "fp16: none, int8, int4 (group 128; the random fp16 weights quantized on the GPU)")
+                   "fp16: none, int8, int4 (group 128; the random fp16 weights quantized on the GPU), int8-head, "
+                   "int4-head (the LM head quantized too)")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="for the quantized rows: also decode with a "
                    "2048-token cache under this cap on the process's GPU memory")
     p.add_argument("--skip-eager", action="store_true", help="do not time the eager (no CUDA graphs) decode")
@@ -429,8 +431,8 @@ def main(argv=None) -> int:
     args.hf_compile = [m for m in args.hf_compile.split(",") if m]
     args.quantize = [q.strip() for q in args.quantize.split(",") if q.strip()]
     for q in args.quantize:
-        if q not in ("none", "int8", "int4"):
-            p.error(f"unknown --quantize format {q!r}; choose from none, int8, int4")
+        if q not in ("none", "int8", "int4", "int8-head", "int4-head"):
+            p.error(f"unknown --quantize format {q!r}; choose from none, int8, int4, int8-head, int4-head")
     t_start = time.time()
     ops.select_backend(None, "cuda")
     report = {"env": env_info(), "tokens": args.tokens, "prompt_tokens": PROMPT, "copy_bandwidth_Bps": copy_bandwidth(),
@@ -446,7 +448,8 @@ def main(argv=None) -> int:
             model = random_model(name, max(args.tokens))
             if fmt != "none":
                 t_q = time.time()
-                quantize_model(model, fmt, group_size=128)
+                quantize_model(model, fmt.removesuffix("-head"), group_size=128,
+                               include_lm_head=fmt.endswith("-head"))
                 res["quantize_s"] = time.time() - t_q
                 gc.collect()
                 torch.cuda.empty_cache()
