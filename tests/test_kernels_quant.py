@@ -823,3 +823,49 @@ def test_cuda_tiled_bad_input_raises(quant_ext):
         op(x, t4.qweight, t4.scale_zero, 40, 4, 96, None, 0, None, 0, False)
     with pytest.raises(RuntimeError, match="int8 scales must have shape"):
         op(x, t8.qweight, t8.scales[:8], 40, 8, 0, None, 0, None, 0, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt):
+    """The embedded default model loaded with quantize= on the cuda backend: every linear of the layers tiled at load
+    (row-major with NEOX_RT_QUANT_TILED=0), and the logits of its kernels equal the reference runtime's (dequantize,
+    then matmul) on the same model within fp16 rounding, in both layouts: a 32-token prompt (32 rows, the kernels' range)
+    and 8 one-token sequences (8 rows, the decode configuration)."""
+    import neox_rt
+    from neox_rt.default_model import DEFAULT_MODEL_DIR
+    from neox_rt.model.layers import Linear
+
+    monkeypatch.delenv("NEOX_RT_BACKEND", raising=False)
+    monkeypatch.delenv("NEOX_RT_OP_BACKENDS", raising=False)
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, 512, shape, generator=gen).to("cuda") for shape in ((1, 32), (8, 1))]
+    tiled_types = {"int8": TiledInt8Weight, "int4": TiledInt4Weight}
+    row_types = {"int8": Int8Weight, "int4": Int4Weight}
+    logits = {}
+    try:
+        for layout in ("tiled", "row-major"):
+            monkeypatch.setattr(cuda_ops, "QUANT_TILED", int(layout == "tiled"))
+            ops.select_backend(None, "cuda")
+            neox = neox_rt.load(DEFAULT_MODEL_DIR, dtype="float16", device="cuda", quantize=fmt, progress=False)
+            kinds = {type(m.weight) for m in neox.model.gpt_neox.layers.modules() if isinstance(m, Linear)}
+            assert kinds == {(tiled_types if layout == "tiled" else row_types)[fmt]}, (layout, kinds)
+            x = torch.zeros(1, 384, dtype=torch.float16, device="cuda")
+            qkv = neox.model.gpt_neox.layers[0].attention.query_key_value.weight
+            assert ops.OPS["linear"].served_by(x, qkv) == "cuda"
+            with torch.no_grad():
+                fast = [neox.logits(ids).float() for ids in batches]
+                ops.select_backend("torch")
+                ref = [neox.logits(ids).float() for ids in batches]
+            for f, r in zip(fast, ref):
+                assert torch.isfinite(f).all()
+                err = (f - r).abs().max().item()
+                assert err <= 1e-2 * r.abs().max().item(), f"{fmt} {layout}: max |cuda - reference| {err}"
+                agree = (f.argmax(-1) == r.argmax(-1)).float().mean().item()
+                assert agree >= 0.9, f"{fmt} {layout}: top-1 agreement {agree:.3f}"
+            logits[layout] = fast
+            del neox
+    finally:
+        ops.select_backend("torch")
+    for t, r in zip(logits["tiled"], logits["row-major"]):
+        assert (t - r).abs().max().item() <= 1e-2 * r.abs().max().item()
