@@ -717,6 +717,14 @@ def tiled(weight):
     return (TiledInt4Weight if isinstance(weight, Int4Weight) else TiledInt8Weight).from_row_major(weight)
 
 
+def wide_launch(n, variant):
+    """Whether the tiled launcher runs a narrow layer's configuration (QuantConfigWide: one tile of channels a block
+    and 16 warps, k split otherwise than in the row-major kernel, so equal to it within fp16 rounding, not bit for
+    bit): a grid of at most one block a SM, every variant but the two-tile ones (2, 4)."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return -(-n // 16) <= sms and variant not in (2, 4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -724,42 +732,52 @@ def tiled(weight):
 def test_cuda_tiled_equals_row_major(quant_ext, variant, dtype, fmt):
     """Every variant (1 and 2 run the LEAN loop with their tiles on a tiled weight; the plain kernel they run on a
     row-major one is bit-identical to it), 1-64 rows, n a multiple of 16 or not (the last tile padded; with two tiles
-    a warp, a block past the last tile), the whole epilogue."""
+    a warp, a block past the last tile), the whole epilogue: bit for bit where the launcher picks the same
+    configuration for both layouts, within the rule of the reference where a narrow layer's runs (wide_launch)."""
     bf16_or_skip(quant_ext, dtype)
-    for n, k in ((97, 2048), (1000, 2560), (6144, 1024)):
+    for n, k in ((97, 2048), (1000, 2560), (2200, 1024), (6144, 1024)):
         weight = make_weight(fmt, n, k, 128, dtype, seed=n)
         t = tiled(weight)
         b = randn(n, seed=5).to("cuda", dtype)
         for rows in CUDA_ROWS:
             x, res = randn(rows, k, seed=rows).to("cuda", dtype), randn(rows, n, seed=6).to("cuda", dtype)
-            want = run_cuda(quant_ext, x, weight, b, "gelu", res, variant=variant)
             got = run_cuda(quant_ext, x, t, b, "gelu", res, variant=variant)
-            assert torch.equal(got, want), f"{fmt} {dtype} v{variant} {rows}x{n}x{k}: tiled differs from row-major"
+            what = f"{fmt} {dtype} v{variant} {rows}x{n}x{k}"
+            if wide_launch(n, variant):
+                assert_epilogue_by_rule(got, x, weight, b, "gelu", res, f"{what} (tiled, narrow layer)",
+                                        exact=variant == FOLD)
+            else:
+                want = run_cuda(quant_ext, x, weight, b, "gelu", res, variant=variant)
+                assert torch.equal(got, want), f"{what}: tiled differs from row-major"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", [32, 64, 128, 256, 512])
 def test_cuda_tiled_int4_groups(quant_ext, group):
     """Groups dividing 512 (the tiled scale words at the LEAN kernel's group stride), zero points over the 4-bit
-    range and 200, 1-40 rows: equal to the row-major kernel, and within the rule of the reference."""
-    weight = make_weight("int4", 70, 2048, group, torch.float16, seed=group)
-    weight.zeros.copy_(torch.randint(0, 17, weight.zeros.shape, device="cuda", dtype=torch.uint8))
-    weight.zeros[:8] = 200
-    t = tiled(weight)
-    for rows in (1, 12, 40):
-        x = randn(rows, 2048, seed=rows).to("cuda", torch.float16)
-        for variant in (0, FOLD):
-            got = run_cuda(quant_ext, x, t, variant=variant)
-            assert torch.equal(got, run_cuda(quant_ext, x, weight, variant=variant)), (group, rows, variant)
-        assert_by_rule(run_cuda(quant_ext, x, t), x, weight.dequantize(torch.float16), None, torch.float16,
-                       f"tiled int4 g{group} {rows} rows")
+    range and 200, 1-40 rows, a narrow layer and a wide one: within the rule of the reference, and equal to the
+    row-major kernel where both run the same configuration."""
+    for n in (70, 2200):
+        weight = make_weight("int4", n, 2048, group, torch.float16, seed=group)
+        weight.zeros.copy_(torch.randint(0, 17, weight.zeros.shape, device="cuda", dtype=torch.uint8))
+        weight.zeros[:8] = 200
+        t = tiled(weight)
+        for rows in (1, 12, 40):
+            x = randn(rows, 2048, seed=rows).to("cuda", torch.float16)
+            for variant in (0, FOLD):
+                got = run_cuda(quant_ext, x, t, variant=variant)
+                if not wide_launch(n, variant):
+                    assert torch.equal(got, run_cuda(quant_ext, x, weight, variant=variant)), (n, group, rows, variant)
+            assert_by_rule(run_cuda(quant_ext, x, t), x, weight.dequantize(torch.float16), None, torch.float16,
+                           f"tiled int4 {n}x2048 g{group} {rows} rows")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("shape", DECODE_SHAPES_GPU, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_tiled_decode_shapes(quant_ext, shape, fmt):
-    """The family's decode shapes through the op table's prepared weight: by the rule, and equal to row-major."""
+    """The family's decode shapes through the op table's prepared weight: by the rule, and equal to row-major where
+    both run the same configuration (not on a narrow layer: wide_launch)."""
     m, n, k, group = shape
     weight = make_weight(fmt, n, k, group, torch.float16)
     t = cuda_ops.prepare_linear_weight(weight)
@@ -767,15 +785,38 @@ def test_cuda_tiled_decode_shapes(quant_ext, shape, fmt):
     x, b = randn(m, k).to("cuda", torch.float16), randn(n, seed=2).to("cuda", torch.float16)
     assert cuda_ops.supports_tiled_linear(x, t, b)
     out = cuda_ops.tiled_linear(x, t, b)
-    assert torch.equal(out, cuda_ops.int8_linear(x, weight, b) if fmt == "int8" else cuda_ops.int4_linear(x, weight, b))
+    if not wide_launch(n, 0):
+        assert torch.equal(out, cuda_ops.int8_linear(x, weight, b) if fmt == "int8" else
+                           cuda_ops.int4_linear(x, weight, b))
     assert_by_rule(out, x, weight.dequantize(torch.float16), b, torch.float16, f"tiled {fmt} {m}x{n}x{k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_tiled_narrow_layer_rows(quant_ext, dtype, fmt):
+    """A narrow layer (pythia-1.4b's 4h->h and dense, and a ragged one) at 1-64 rows: the launcher's one tile of
+    channels a block for every row count (QuantConfigWide for 1, 2, 4 and 8 tiles of rows), by the rule of the
+    reference with the whole epilogue; variant 1 (one tile, forced) runs the same kernel as auto, bit for bit."""
+    bf16_or_skip(quant_ext, dtype)
+    for n, k in ((2048, 8192), (2048, 2048), (100, 1536)):
+        assert wide_launch(n, 0)
+        weight = make_weight(fmt, n, k, 128, dtype, seed=k)
+        t = tiled(weight)
+        b = randn(n, seed=3).to("cuda", dtype)
+        for rows in (1, 8, 9, 16, 17, 32, 33, 64):
+            x, res = randn(rows, k, seed=rows).to("cuda", dtype), randn(rows, n, seed=4).to("cuda", dtype)
+            got = run_cuda(quant_ext, x, t, b, "gelu", res)
+            assert_epilogue_by_rule(got, x, weight, b, "gelu", res, f"tiled {fmt} {dtype} {rows}x{n}x{k}")
+            assert torch.equal(run_cuda(quant_ext, x, t, b, "gelu", res, variant=1), got), (fmt, rows, n)
 
 
 @pytest.mark.gpu
 def test_cuda_prepare_linear_weight(quant_ext, monkeypatch):
     """What the cuda backend tiles at load (and what it leaves alone), and the op table's routing of the result: the
     tiled kernel up to 64 rows, the reference (through dequantize) above."""
-    w8, w4 = make_weight("int8", 96, 2048, 0, torch.float16), make_weight("int4", 96, 2048, 128, torch.float16)
+    # 2400 channels: 150 tiles, more than an H100's or H200's 132 SMs, so the tiled kernel is the row-major one's twin
+    w8, w4 = make_weight("int8", 2400, 2048, 0, torch.float16), make_weight("int4", 2400, 2048, 128, torch.float16)
     assert isinstance(cuda_ops.prepare_linear_weight(w8), TiledInt8Weight)
     assert isinstance(cuda_ops.prepare_linear_weight(w4), TiledInt4Weight)
     for keep in (make_weight("int4", 96, 2048, 16, torch.float16),   # group % 32: the Triton kernel's

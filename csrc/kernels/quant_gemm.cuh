@@ -562,9 +562,9 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 
 // Variants (the `variant` argument; bench sweeps): 0 auto, 1 one tile of 16 channels a warp (CT = 1, 3-4 chunks in
 // flight), 2 two tiles (CT = 2, 2 chunks in flight: x read once for 32 channels). Above 16 rows only CT = 2 exists
-// (variant 1 runs it too): one tile a warp would need the registers of more accumulators. Auto: CT = 1 up to 8 rows,
-// and up to 16 for int8; CT = 2 above. Measured on one H100 (L2 cold, fp16, a ctypes probe of this header, copy
-// 3024 GB/s), us, CT = 1 / CT = 2:
+// (variant 1 runs it too), except on a tiled narrow layer (QuantConfigWide: one tile at every row count). Auto: CT = 1
+// up to 8 rows, and up to 16 for int8; CT = 2 above. Measured on one H100 (L2 cold, fp16, a ctypes probe of this
+// header, copy 3024 GB/s), us, CT = 1 / CT = 2:
 //   20B qkv (18432 x 6144) 1 row:   int8 50.9 / 54.0, int4 38.9 / 38.0;   16 rows: int8 53.0 / 64.2, int4 53.7 / 45.9
 //   20B 4h->h (6144 x 24576) 1 row: int8 64.4 / 72.9, int4 45.4 / 51.4;   16 rows: int8 65.6 / 76.6, int4 65.4 / 62.3
 // (the Triton tiles, same run: qkv int8 69.2, int4 1401; 4h->h int8 109.9, int4 2966; cuBLAS on the fp16 weight 90.2
@@ -612,17 +612,24 @@ template <> struct QuantConfig<1, 2> { static constexpr int kWarps = 8, kSteps =
 template <> struct QuantConfig<2, 2> { static constexpr int kWarps = 8, kSteps = 2, kMinBlocks = 2; };
 template <> struct QuantConfig<4, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 3; };
 template <> struct QuantConfig<8, 2> { static constexpr int kWarps = 4, kSteps = 2, kMinBlocks = 2; };
-// Decode on a narrow layer (tiled weights, one tile of channels, a grid of at most one block a SM, e.g. pythia-1.4b's
-// dense and 4h->h: 128 blocks): 16 warps a block, k split twice as fine, so that the SMs hold twice the warps and
-// loads (bench/NOTES.md session 18: 1.4b int4 4h->h 8.4 -> 5.9 us, dense 3.2 -> 2.7 on an H100).
-struct QuantConfigWide { static constexpr int kWarps = 16, kSteps = 4, kMinBlocks = 1; };
+// A narrow layer (tiled weights, a grid of at most one block a SM at one tile of channels a block, e.g. pythia-1.4b's
+// dense and 4h->h: 128 blocks): one tile of channels a block at every row count and 16 warps a block (8 at 33-64 rows,
+// whose partial sums would pass 32 KB), k split finer, so that every SM holds a block and twice the warps and loads.
+// Decode: bench/NOTES.md session 18, 1.4b int4 4h->h 8.4 -> 5.9 us, dense 3.2 -> 2.7 on an H100. Above 8 rows the
+// 4-warp CT = 2 configurations fill 64 of 132 SMs there (1.4b int8 4h->h at 32 rows 39.8 us against cuBLAS's 18.1).
+// One block a SM: 128 registers a thread at 16 warps.
+template <int NT> struct QuantConfigWide;
+template <> struct QuantConfigWide<1> { static constexpr int kWarps = 16, kSteps = 4, kMinBlocks = 1; };
+template <> struct QuantConfigWide<2> { static constexpr int kWarps = 16, kSteps = 3, kMinBlocks = 1; };
+template <> struct QuantConfigWide<4> { static constexpr int kWarps = 16, kSteps = 2, kMinBlocks = 1; };
+template <> struct QuantConfigWide<8> { static constexpr int kWarps = 8, kSteps = 2, kMinBlocks = 1; };
 
 template <typename T, typename F, int NT, int CT, bool LEAN = false, bool FOLD = false, int TILED = 0,
           bool WIDE = false>
 cudaError_t launch_quant_gemm_config(const T* x, const void* qweight, const T* scales, const uint8_t* zeros,
                                      const T* bias, const T* residual, T* y, int m, int n, int k, int group_size,
                                      int act, bool pdl, cudaStream_t stream) {
-  using C = std::conditional_t<WIDE, QuantConfigWide, QuantConfig<NT, CT>>;
+  using C = std::conditional_t<WIDE, QuantConfigWide<NT>, QuantConfig<NT, CT>>;
   constexpr int WARPS = C::kWarps, S = C::kSteps, MIN_BLOCKS = C::kMinBlocks;
   const dim3 grid((n + 16 * CT - 1) / (16 * CT)), block(WARPS * 32);
   const auto* q = static_cast<const uint8_t*>(qweight);
@@ -667,9 +674,11 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
                     (!F::kGrouped || (group_size % 128 == 0 && m <= 8 * kFoldInt4MaxTiles));
   // Tiles a warp: forced by variants 1, 2 and 4; else one up to 8 rows (16 for int8), two above, and LEAN int4 takes two
   // at up to 8 rows where the grid still fills the card twice over (h->4h and 20B's qkv, not 4h->h or dense:
-  // bench/quant_kernels.py on the H100)
+  // bench/quant_kernels.py on the H100). Tiled narrow layers (QuantConfigWide): one at every row count.
+  const bool narrow = tiled && (n + 15) / 16 <= device_sm_count();
   const int ct = variant == kQuantOneTile || variant == kQuantTwoTiles ? variant
                  : variant == kQuantLeanTwoTiles                       ? 2
+                 : narrow                                              ? 1
                  : m <= 8 ? (lean && F::kGrouped && n >= 8192 ? 2 : 1)
                  : m <= 16 && !F::kGrouped ? 1 : 2;
 #define NEOX_RT_QUANT_LAUNCH(NT_, CT_, LEAN_, FOLD_, TILED_, ...)                                                     \
@@ -684,13 +693,21 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
            : lean ? NEOX_RT_QUANT_LAUNCH(NT_, CT_, true, false, 0)                                                    \
                   : NEOX_RT_QUANT_LAUNCH(NT_, CT_, false, false, 0);                                                  \
   }
+#define NEOX_RT_QUANT_WIDE(NT_)                                                                                       \
+  {                                                                                                                   \
+    constexpr bool kFoldCfg = NT_ == 1 && quant_fold_config<T, F, 1, 1>();                                            \
+    return fold ? NEOX_RT_QUANT_LAUNCH(NT_, 1, true, kFoldCfg, kQuantTiled, true)                                     \
+                : NEOX_RT_QUANT_LAUNCH(NT_, 1, true, false, kQuantTiled, true);                                       \
+  }
+  // tiled, one tile a block where the grid is at most one block a SM (QuantConfigWide; FOLD at up to 8 rows only:
+  // variant 5 runs LEAN above)
+  if (narrow && ct == 1) {
+    if (m <= 8) NEOX_RT_QUANT_WIDE(1);
+    if (m <= 16) NEOX_RT_QUANT_WIDE(2);
+    if (m <= 32) NEOX_RT_QUANT_WIDE(4);
+    NEOX_RT_QUANT_WIDE(8);
+  }
   if (m <= 8) {
-    // tiled, one tile: 16 warps a block where the grid is at most one block a SM (QuantConfigWide)
-    if (ct == 1 && tiled && (n + 15) / 16 <= device_sm_count()) {
-      constexpr bool kFoldCfg = quant_fold_config<T, F, 1, 1>();
-      return fold ? NEOX_RT_QUANT_LAUNCH(1, 1, true, kFoldCfg, kQuantTiled, true)
-                  : NEOX_RT_QUANT_LAUNCH(1, 1, true, false, kQuantTiled, true);
-    }
     if (ct == 1) NEOX_RT_QUANT_CONFIG(1, 1);
     NEOX_RT_QUANT_CONFIG(1, 2);
   }
@@ -700,6 +717,7 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
   }
   if (m <= 32) NEOX_RT_QUANT_CONFIG(4, 2);
   NEOX_RT_QUANT_CONFIG(8, 2);
+#undef NEOX_RT_QUANT_WIDE
 #undef NEOX_RT_QUANT_CONFIG
 #undef NEOX_RT_QUANT_LAUNCH
 }
