@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                "float32 on CPU")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     g.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization at load")
+    g.add_argument("--group-size", type=int, metavar="N", help="int4 group size along the input features "
+                                                                "(default 128)")
+    g.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: the LM head in that format too")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     g.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -105,8 +108,11 @@ def _settings(args):
                         ("--device", args.device), ("--quantize", args.quantize)):
         if value is not None:
             argv += [flag, value]
-    if args.tp is not None:
-        argv += ["--tp", str(args.tp)]
+    for flag, value in (("--tp", args.tp), ("--group-size", args.group_size)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.quantize_lm_head:
+        argv.append("--quantize-lm-head")
     return generate.parse_settings(argv)
 
 

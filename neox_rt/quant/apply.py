@@ -137,6 +137,7 @@ class MemoryReport:
     quantized_linears: int = 0
     formats: dict[str, int] = field(default_factory=dict)  # format name -> linears
     float_bytes: dict[str, int] = field(default_factory=dict)  # "embedding", "lm head", "layers" -> bytes
+    lm_head_quantized: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -145,8 +146,9 @@ class MemoryReport:
     def __str__(self) -> str:
         fl = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.float_bytes.items() if v)
         kinds = ", ".join(f"{n} {k}" for k, n in self.formats.items()) or "none"
+        head = ", the LM head among them" if self.lm_head_quantized else ""
         return (f"weights {self.total_bytes / 2**20:.1f} MiB: quantized {self.quantized_bytes / 2**20:.1f} MiB "
-                f"({self.quantized_linears} linears: {kinds}); float: {fl}")
+                f"({self.quantized_linears} linears{head}: {kinds}); float: {fl}")
 
 
 def memory_report(model: nn.Module) -> MemoryReport:
@@ -158,6 +160,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
             report.quantized_bytes += mod.nbytes()
             report.quantized_linears += 1
             report.formats[mod.FORMAT] = report.formats.get(mod.FORMAT, 0) + 1
+            report.lm_head_quantized |= name.startswith(LM_HEAD + ".")
     for name, p in model.named_parameters():
         part = ("embedding" if name.startswith("gpt_neox.embed_in") else "lm head" if name.startswith(LM_HEAD)
                 else "layers")
