@@ -129,40 +129,42 @@ __device__ __forceinline__ int atomic_add_acq_rel_gpu(int* p, int v) {
 template <int = 0>
 __global__ void arch_probe_kernel() {}
 
+// A value of the current device asked of the runtime once (query(dev); threads racing on first use store the same
+// value) and kept in `known`, a slot a device (0: not asked yet); 0 where the runtime cannot say.
+constexpr int kMaxKnownDevices = 64;
+template <typename Query>
+inline int once_per_device(std::atomic<int> (&known)[kMaxKnownDevices], Query query) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  const bool kept = dev >= 0 && dev < kMaxKnownDevices;
+  if (kept) {
+    const int v = known[dev].load(std::memory_order_relaxed);
+    if (v != 0) return v;
+  }
+  const int v = query(dev);
+  if (kept && v != 0) known[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
+
 // The architecture this build's kernels run as on the current device, e.g. 75 or 90: the PTX target their code was
 // compiled from (as CUB's PtxVersion asks it), which is below the device's compute capability where the driver
 // compiles an older target's PTX: an extension built for "7.5+PTX" runs its __CUDA_ARCH__ 750 code on an H100, with
 // no bf16 tensor cores and no griddepcontrol, so the host must not choose those paths from the device's capability.
-// Asked once per device; threads racing on first use store the same value. 0 if the runtime cannot say.
 inline int kernel_arch() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int v = known[dev].load(std::memory_order_relaxed);
-    if (v != 0) return v;
-  }
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, arch_probe_kernel<0>) != cudaSuccess) return 0;
-  if (dev >= 0 && dev < kMaxDevices) known[dev].store(attr.ptxVersion, std::memory_order_relaxed);
-  return attr.ptxVersion;
+  static std::atomic<int> known[kMaxKnownDevices];
+  return once_per_device(known, [](int) {
+    cudaFuncAttributes attr;
+    return cudaFuncGetAttributes(&attr, arch_probe_kernel<0>) == cudaSuccess ? attr.ptxVersion : 0;
+  });
 }
 
-// The current device's SM count, asked once per device (as kernel_arch); 0 if the runtime cannot say.
+// The current device's SM count.
 inline int device_sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int v = known[dev].load(std::memory_order_relaxed);
-    if (v != 0) return v;
-  }
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
-  if (dev >= 0 && dev < kMaxDevices) known[dev].store(sms, std::memory_order_relaxed);
-  return sms;
+  static std::atomic<int> known[kMaxKnownDevices];
+  return once_per_device(known, [](int dev) {
+    int sms = 0;
+    return cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess ? sms : 0;
+  });
 }
 
 // Programmatic dependent launch pays only where the kernels call griddepcontrol (compiled for sm_90+, on sm_90+).

@@ -18,6 +18,7 @@
 
 #include "check_cuda.h"
 #include "kernels/decode_attention.cuh"
+#include "read_kernel.cuh"
 
 
 using neox_rt::kDecodeThreads;
@@ -32,25 +33,6 @@ __global__ void fill_kernel(T* p, size_t n, unsigned seed) {
     x ^= x >> 15;
     p[i] = __float2half((int(x & 0xffff) - 32768) / 32768.f);  // [-1, 1), never all zero
   }
-}
-
-// Pure read of n 16-byte vectors: 8 loads in flight per thread, the same streaming load as the kernel.
-template <bool PDL>
-__global__ void __launch_bounds__(256) read_kernel(const int4* p, size_t n, int* sink) {
-  if (PDL) {
-    neox_rt::pdl_launch_dependents();
-    neox_rt::pdl_wait();
-  }
-  const size_t base = blockIdx.x * size_t(256 * 8) + threadIdx.x;
-  int acc = 0;
-  int4 v[8];
-#pragma unroll
-  for (int u = 0; u < 8; ++u)
-    if (base + u * 256 < n) v[u] = __ldcs(p + base + u * 256);
-#pragma unroll
-  for (int u = 0; u < 8; ++u)
-    if (base + u * 256 < n) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  if (acc == 0x7fffffff) sink[0] = acc;
 }
 
 __global__ void spin_kernel(long long ns) {

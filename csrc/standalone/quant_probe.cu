@@ -21,6 +21,7 @@
 
 #include "check_cuda.h"
 #include "kernels/quant_gemm.cuh"
+#include "read_kernel.cuh"
 
 using T = __half;
 using neox_rt::QuantInt4;
@@ -70,24 +71,6 @@ __global__ void pack_sz_kernel(const T* s, const uint8_t* z, uint32_t* dst, int 
       v = uint32_t(__half_as_ushort(s[row * groups + grp])) | (uint32_t(z[row * groups + grp]) << 16);
     dst[e] = v;
   }
-}
-
-template <bool PDL>
-__global__ void __launch_bounds__(256) read_kernel(const int4* p, size_t n, int* sink) {
-  if (PDL) {
-    neox_rt::pdl_launch_dependents();
-    neox_rt::pdl_wait();
-  }
-  const size_t base = blockIdx.x * size_t(256 * 8) + threadIdx.x;
-  int acc = 0;
-  int4 v[8];
-#pragma unroll
-  for (int u = 0; u < 8; ++u)
-    if (base + u * 256 < n) v[u] = __ldcs(p + base + u * 256);
-#pragma unroll
-  for (int u = 0; u < 8; ++u)
-    if (base + u * 256 < n) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  if (acc == 0x7fffffff) sink[0] = acc;
 }
 
 struct Layer {
