@@ -180,7 +180,9 @@ def test_prepare_weights_swaps_what_the_linear_op_converts(tmp_path):
     finally:
         op.prepares = ()
     tiled = [m.weight for m in model.modules() if isinstance(m, Linear) and isinstance(m.weight, TiledInt8Weight)]
-    assert len(tiled) == 8 and memory_report(model).quantized_linears == 8
+    report = memory_report(model)
+    assert len(tiled) == 8 and report.quantized_linears == 8 and report.formats == {"int8 tiled": 8}
+    assert "8 linears: 8 int8 tiled" in str(report)
     assert torch.equal(logits(model), want)  # the reference runs the tiled weights through dequantize
 
 

@@ -135,7 +135,7 @@ class MemoryReport:
     """Bytes of a model's weights: quantized (formats) and float (parameters), by part."""
     quantized_bytes: int = 0
     quantized_linears: int = 0
-    formats: dict[str, int] = field(default_factory=dict)  # format name -> linears
+    formats: dict[str, int] = field(default_factory=dict)  # format kind (WeightFormat.kind) -> linears
     float_bytes: dict[str, int] = field(default_factory=dict)  # "embedding", "lm head", "layers" -> bytes
     lm_head_quantized: bool = False
 
@@ -159,7 +159,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
         if isinstance(mod, WeightFormat):
             report.quantized_bytes += mod.nbytes()
             report.quantized_linears += 1
-            report.formats[mod.FORMAT] = report.formats.get(mod.FORMAT, 0) + 1
+            report.formats[mod.kind] = report.formats.get(mod.kind, 0) + 1
             report.lm_head_quantized |= name.startswith(LM_HEAD + ".")
     for name, p in model.named_parameters():
         part = ("embedding" if name.startswith("gpt_neox.embed_in") else "lm head" if name.startswith(LM_HEAD)

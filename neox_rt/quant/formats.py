@@ -46,6 +46,11 @@ class WeightFormat(nn.Module):
     """Base of the weight formats: buffers only, no parameters; ``shape`` is the dense ``(out, in)``."""
 
     FORMAT = ""  # the checkpoint's name for the format (``quantization_config``)
+    KIND = ""  # its name in the memory report: FORMAT, or a runtime form's (e.g. "int4 tiled")
+
+    @property
+    def kind(self) -> str:
+        return self.KIND or self.FORMAT
 
     def nbytes(self) -> int:
         """Bytes of every buffer (packed weight, scales, zeros): what decode reads per token."""
@@ -289,6 +294,7 @@ class TiledInt8Weight(WeightFormat):
     (``dequantize`` goes through it, so the reference and every other backend still see the same weight)."""
 
     FORMAT = ""
+    KIND = "int8 tiled"
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
@@ -328,6 +334,7 @@ class TiledInt4Weight(WeightFormat):
     group instead of two scattered ones). A runtime form, never saved: :meth:`row_major` gives the format back."""
 
     FORMAT = ""
+    KIND = "int4 tiled"
 
     def __init__(self, qweight: torch.Tensor, scale_zero: torch.Tensor, out_features: int, in_features: int,
                  group_size: int, scale_dtype: torch.dtype):
