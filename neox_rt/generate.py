@@ -216,7 +216,7 @@ already written stay in the output file (continue with --resume).""".replace(
                         "(default: model-parallel-size under torchrun, else 1)")
     g.add_argument("--quantize", choices=("int8", "int4"),
                    help="weight-only quantization of the layers' linears at load (int8 per output channel, int4 "
-                        "in groups); the embedding and the LM head stay in --dtype")
+                        "in groups); the embedding stays in --dtype, the LM head too unless --quantize-lm-head")
     g.add_argument("--group-size", dest="group_size", type=int, metavar="N",
                    help="int4 group size along the input features (default 128)")
     g.add_argument("--quantize-lm-head", dest="quantize_lm_head", action=argparse.BooleanOptionalAction,

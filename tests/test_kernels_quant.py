@@ -871,8 +871,8 @@ def test_cuda_tiled_bad_input_raises(quant_ext):
 def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt):
     """The embedded default model loaded with quantize= on the cuda backend: every linear of the layers tiled at load
     (row-major with NEOX_RT_QUANT_TILED=0), and the logits of its kernels equal the reference runtime's (dequantize,
-    then matmul) on the same model within fp16 rounding, in both layouts: a 32-token prompt (32 rows, the kernels' range)
-    and 8 one-token sequences (8 rows, the decode configuration)."""
+    then matmul) on the same model within fp16 rounding, in both layouts: a 32-token prompt (32 rows, the kernels'
+    range) and 8 one-token sequences (8 rows, the decode configuration)."""
     import neox_rt
     from neox_rt.default_model import DEFAULT_MODEL_DIR
     from neox_rt.model.layers import Linear

@@ -363,6 +363,12 @@ def test_gptq_missing_and_misshapen_tensors(tmp_path):
 # Fidelity of the embedded default model
 # ----------------------------------------------------------------------------------------------------
 
+def heldout_text() -> str:
+    """The held-out sample the default model's perplexity is measured on."""
+    with open(os.path.join(REPO, "tests", "data", "heldout_sample.txt"), encoding="utf-8") as f:
+        return f.read()
+
+
 @pytest.mark.skipif(default_model_path() is None, reason="no trained default model shipped")
 def test_default_model_fidelity():
     """Held-out perplexity of the default model, CPU fp32: int8 within 1% of the float model, int4-g128 (RTN) within
@@ -370,7 +376,7 @@ def test_default_model_fidelity():
     6.8M model it replaced lost only 0.67%: the better-trained model uses its weights' precision more); greedy
     continuations of the golden prompts from int8 mostly identical to the float model's."""
     tool = train_tool()
-    text = open(os.path.join(REPO, "tests", "data", "heldout_sample.txt"), encoding="utf-8").read()
+    text = heldout_text()
     golden = json.load(open(os.path.join(REPO, "tests", "data", "default_model_golden.json")))
     prompts = [c["prompt"] for c in golden["continuations"]]
     ppl, greedy = {}, {}
@@ -397,7 +403,7 @@ def test_quantize_lm_head():
     int8 head within 1% of the float model's and an int4-g128 head's within 10%; without quantize= a one-line error."""
     import neox_rt
     tool = train_tool()
-    text = open(os.path.join(REPO, "tests", "data", "heldout_sample.txt"), encoding="utf-8").read()
+    text = heldout_text()
     base, _ = tool.sample_perplexity(neox_rt.load(default_model_path(), progress=False), text)
     for fmt, cls, bound in (("int8", Int8Weight, 0.01), ("int4", Int4Weight, 0.10)):
         m = neox_rt.load(default_model_path(), quantize=fmt, quantize_lm_head=True, progress=False)
