@@ -25,6 +25,12 @@ TORCH_LIBRARY(neox_rt, m) {
         "int activation, Tensor? residual=None, int variant=0, bool pdl=False) -> Tensor");
   m.def("quant_linear_tiled(Tensor x, Tensor qweight, Tensor scales, int out_features, int bits, int group_size, "
         "Tensor? bias, int activation, Tensor? residual=None, int variant=0, bool pdl=False) -> Tensor");
+  m.def("quant_linear_tiled_pair(Tensor x1, Tensor qweight1, Tensor scales1, int out_features1, int group_size1, "
+        "Tensor? bias1, int activation1, Tensor x2, Tensor qweight2, Tensor scales2, int out_features2, "
+        "int group_size2, Tensor? bias2, int activation2, int bits, bool pdl=False) -> (Tensor, Tensor)");
+  m.def("quant_linear_tiled_sum(Tensor x1, Tensor qweight1, Tensor scales1, int group_size1, Tensor x2, "
+        "Tensor qweight2, Tensor scales2, int group_size2, int out_features, int bits, Tensor? bias1, Tensor? bias2, "
+        "Tensor? residual=None, bool pdl=False) -> Tensor");
   m.def("gemv_pair(Tensor x1, Tensor weight1, Tensor? bias1, int activation1, Tensor x2, Tensor weight2, "
         "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv_sum(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "
@@ -48,6 +54,8 @@ TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
   m.impl("quant_linear_int8", &neox_rt::quant_linear_int8);
   m.impl("quant_linear_int4", &neox_rt::quant_linear_int4);
   m.impl("quant_linear_tiled", &neox_rt::quant_linear_tiled);
+  m.impl("quant_linear_tiled_pair", &neox_rt::quant_linear_tiled_pair);
+  m.impl("quant_linear_tiled_sum", &neox_rt::quant_linear_tiled_sum);
   m.impl("gemv_pair", &neox_rt::gemv_pair);
   m.impl("gemv_sum", &neox_rt::gemv_sum);
   m.impl("p2p_all_reduce", &neox_rt::p2p_all_reduce);

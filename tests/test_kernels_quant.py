@@ -302,12 +302,16 @@ def test_cuda_sources_registered():
     assert '#include "kernels/quant_gemm.cuh"' in check and "launch_quant_linear_int4<" in check
     bindings = open(os.path.join(REPO, "csrc", "bindings.cpp")).read()
     cuda_src = open(os.path.join(REPO, "neox_rt", "ops", "cuda.py")).read()
-    for name in ("quant_linear_int8", "quant_linear_int4", "quant_linear_tiled"):
+    for name in ("quant_linear_int8", "quant_linear_int4", "quant_linear_tiled", "quant_linear_tiled_pair",
+                 "quant_linear_tiled_sum"):
         assert f'm.impl("{name}"' in bindings and f'm.def("{name}(' in bindings
         assert f'register_fake("neox_rt::{name}")' in cuda_src
     impls = [impl for impl, _ in cuda_ops.IMPLS["linear"]]
     assert impls == [cuda_ops.linear, cuda_ops.tiled_linear, cuda_ops.int8_linear, cuda_ops.int4_linear]
     assert cuda_ops.PREPARES == {"linear": cuda_ops.prepare_linear_weight}
+    assert [impl for impl, _ in cuda_ops.IMPLS["linear_pair"]] == [cuda_ops.linear_pair, cuda_ops.tiled_linear_pair]
+    assert [impl for impl, _ in cuda_ops.IMPLS["linear_sum"]] == [cuda_ops.linear_sum, cuda_ops.tiled_linear_sum]
+    assert "launch_quant_gemm_pair<" in check and "launch_quant_gemm_sum<" in check
     header = open(os.path.join(REPO, "csrc", "kernels", "quant_gemm.cuh")).read()
     assert f"kQuantFold = {FOLD}," in header and f"kQuantVariantLast = {cuda_ops.QUANT_VARIANT_LAST}" in header
 
@@ -368,6 +372,25 @@ def test_cuda_supports_declines_cpu_and_bad_shapes(monkeypatch):
         assert not st(x_of(1, 256), int8(33, 256)) and not s8(x_of(1, 256), t8) and not s4(x_of(1, 256), t4)
         assert not st(x_of(65, 256), t4) and not st(x_of(1, 128), t8)   # rows, k mismatch
         assert not st(x_of(1, 256, torch.bfloat16), t4)                 # scales of another dtype
+        # the fused pairs of tiled linears: one format, 1-8 rows, one leading shape, the auto variant
+        sp, ss = cuda_ops.supports_tiled_linear_pair, cuda_ops.supports_tiled_linear_sum
+        assert sp(x_of(1, 256), t8, None, None, x_of(1, 256), t8, None, "gelu") and ss(x_of(8, 256), t4,
+                                                                                       x_of(8, 256), t4)
+        assert ss(x_of(3, 256), t8, x_of(3, 256), t8, torch.empty(33, device="cuda", dtype=torch.float16), None,
+                  torch.empty(3, 33, device="cuda", dtype=torch.float16))
+        assert not sp(x_of(9, 256), t8, None, None, x_of(9, 256), t8, None, None)         # 9 rows
+        assert not sp(x_of(1, 256), t8, None, None, x_of(1, 256), t4, None, None)         # two formats
+        assert not ss(x_of(2, 256), t8, x_of(1, 256), t8)                                 # leading shapes differ
+        assert not ss(x_of(1, 256), t8, x_of(1, 256), t8, residual=torch.empty(1, 32, device="cuda",
+                                                                               dtype=torch.float16))
+        assert not sp(x_of(1, 256), int8(33, 256), None, None, x_of(1, 256), int8(33, 256), None, None)  # row-major
+        assert not cuda_ops.supports_linear_sum_push(x_of(1, 256), t8, x_of(1, 256), t8)  # the GEMV pair's only
+        monkeypatch.setattr(cuda_ops, "QUANT_VARIANT", 3)                                 # A/B runs: single launches
+        assert not ss(x_of(1, 256), t8, x_of(1, 256), t8)
+        monkeypatch.setattr(cuda_ops, "QUANT_VARIANT", 0)
+        monkeypatch.setattr(cuda_ops, "QUANT_FUSED", 0)
+        assert not ss(x_of(1, 256), t8, x_of(1, 256), t8)
+        monkeypatch.setattr(cuda_ops, "QUANT_FUSED", 1)
         capability["value"] = (7, 5)  # T4: no bf16 tensor cores; fp16 still runs
         assert not s8(x_of(1, 256, torch.bfloat16), int8(33, 256, torch.bfloat16))
         assert s8(x_of(1, 256), int8(33, 256))
@@ -864,6 +887,163 @@ def test_cuda_tiled_bad_input_raises(quant_ext):
         op(x, t4.qweight, t4.scale_zero, 40, 4, 96, None, 0, None, 0, False)
     with pytest.raises(RuntimeError, match="int8 scales must have shape"):
         op(x, t8.qweight, t8.scales[:8], 40, 8, 0, None, 0, None, 0, False)
+
+
+# ----- a parallel-residual layer's pairs of tiled linears in one launch (linear_pair: quant_linear_tiled_pair,
+# linear_sum: quant_linear_tiled_sum; 1-8 rows)
+
+FUSED_ROWS = [1, 2, 3, 8]
+# (n1, k1, n2, k2): 1.4b's QKV and h->4h / dense and 4h->h, 20B's, and ragged ones (a narrow layer, n not a multiple
+# of 16 or 32, k of 20 int4 / 40 int8 chunks over 8 warps)
+PAIR_SHAPES = [(6144, 2048, 8192, 2048), (18432, 6144, 24576, 6144), (1000, 2560, 97, 1024), (2400, 1024, 1536, 512)]
+SUM_SHAPES = [(2048, 2048, 2048, 8192), (6144, 6144, 6144, 24576), (1000, 2560, 1000, 1024), (2400, 512, 2400, 2560)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_cuda_tiled_pair(quant_ext, pdl, dtype, fmt):
+    """Two tiled linears in one launch: each output within the rule of the reference with its own bias and activation,
+    and bit for bit the single launch wherever that runs 8 warps a block (not a narrow layer's 16: wide_launch), the
+    pair's tiles of channels a warp being the single launch's or not (one or two tiles sum in the same order)."""
+    bf16_or_skip(quant_ext, dtype)
+    for n1, k1, n2, k2 in PAIR_SHAPES:
+        w1, w2 = make_weight(fmt, n1, k1, 128, dtype, seed=n1), make_weight(fmt, n2, k2, 128, dtype, seed=n2 + 1)
+        t1, t2 = tiled(w1), tiled(w2)
+        b1, b2 = randn(n1, seed=3).to("cuda", dtype), randn(n2, seed=4).to("cuda", dtype)
+        for rows in FUSED_ROWS:
+            x1, x2 = randn(rows, k1, seed=rows).to("cuda", dtype), randn(rows, k2, seed=rows + 9).to("cuda", dtype)
+            assert cuda_ops.supports_tiled_linear_pair(x1, t1, b1, None, x2, t2, None, "gelu")
+            poison_allocator()
+            y1, y2 = cuda_ops.tiled_linear_pair(x1, t1, b1, None, x2, t2, None, "gelu")
+            what = f"pair {fmt} {dtype} {rows} rows {n1}x{k1} + {n2}x{k2}"
+            assert_epilogue_by_rule(y1, x1, w1, b1, None, None, what + " (first)")
+            assert_epilogue_by_rule(y2, x2, w2, None, "gelu", None, what + " (second)")
+            for y, x, t, b, act, n in ((y1, x1, t1, b1, None, n1), (y2, x2, t2, None, "gelu", n2)):
+                if not wide_launch(n, 0):
+                    want = run_cuda(quant_ext, x, t, b, act, pdl=pdl)
+                    assert torch.equal(y, want), f"{what}: differs from its single launch ({n} channels)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_cuda_tiled_sum(quant_ext, pdl, dtype, fmt):
+    """Two tiled linears of one output summed in one launch, with both biases and the residual: within the rule of
+    the reference's sum (x1 W1^T + x2 W2^T + b1 + b2 + residual in fp64 against the reference op at x's dtype), on
+    narrow layers (16 warps) and wide ones, k1 != k2."""
+    bf16_or_skip(quant_ext, dtype)
+    for n, k1, _, k2 in SUM_SHAPES:
+        w1, w2 = make_weight(fmt, n, k1, 128, dtype, seed=k1), make_weight(fmt, n, k2, 128, dtype, seed=k2 + 1)
+        t1, t2 = tiled(w1), tiled(w2)
+        b1, b2 = randn(n, seed=3).to("cuda", dtype), randn(n, seed=4).to("cuda", dtype)
+        for rows in FUSED_ROWS:
+            x1, x2 = randn(rows, k1, seed=rows).to("cuda", dtype), randn(rows, k2, seed=rows + 9).to("cuda", dtype)
+            res = randn(rows, n, seed=6).to("cuda", dtype)
+            for bias1, bias2, residual in ((b1, b2, res), (None, None, None), (None, b2, res)):
+                assert cuda_ops.supports_tiled_linear_sum(x1, t1, x2, t2, bias1, bias2, residual)
+                poison_allocator()
+                got = cuda_ops.tiled_linear_sum(x1, t1, x2, t2, bias1, bias2, residual)
+                d = (lambda t: None if t is None else t.double())
+                ref64 = ops.linear_sum_ref(x1.double(), w1.dequantize(dtype).double(), x2.double(),
+                                           w2.dequantize(dtype).double(), d(bias1), d(bias2), d(residual))
+                low = ops.linear_ref(x2, w2, bias2, residual=ops.linear_ref(x1, w1, bias1, residual=residual))
+                what = f"sum {fmt} {dtype} {rows} rows {n}x({k1} + {k2}) bias {bias1 is not None}"
+                assert got.shape == ref64.shape and got.dtype == dtype, what
+                assert torch.isfinite(got).all(), f"{what}: non-finite output"
+                err = (got.double() - ref64).abs().max().item()
+                torch_err = (low.double() - ref64).abs().max().item()
+                bound = 2 * torch_err + torch.finfo(dtype).eps * ref64.abs().max().item()
+                assert err <= bound, f"{what}: kernel err {err:.3g} > 2 x torch err {torch_err:.3g} + eps"
+
+
+@pytest.mark.gpu
+def test_cuda_fused_graph_replay(quant_ext):
+    """The fused pair and sum chained with PDL and captured in a CUDA graph: every replay equals the eager chain
+    without PDL bit for bit (the sums meet in a fixed order)."""
+    for fmt in ("int8", "int4"):
+        h = 2048
+        t_qkv, t_up = tiled(make_weight(fmt, 3 * h, h, 128, torch.float16)), tiled(make_weight(fmt, 4 * h, h, 128,
+                                                                                                 torch.float16, 1))
+        t_dense, t_down = tiled(make_weight(fmt, h, h, 128, torch.float16, 2)), tiled(make_weight(fmt, h, 4 * h, 128,
+                                                                                                    torch.float16, 3))
+        x = randn(1, h).to("cuda", torch.float16)
+
+        def chain(inp, pdl):
+            qkv, up = quant_ext.quant_linear_tiled_pair(inp, *cuda_ops._tiled_args(t_qkv)[:2], 3 * h,
+                                                        cuda_ops._tiled_args(t_qkv)[2], None, 0, inp,
+                                                        *cuda_ops._tiled_args(t_up)[:2], 4 * h,
+                                                        cuda_ops._tiled_args(t_up)[2], None, 2,
+                                                        4 if fmt == "int4" else 8, pdl)
+            q1, s1, g1 = cuda_ops._tiled_args(t_dense)
+            q2, s2, g2 = cuda_ops._tiled_args(t_down)
+            return quant_ext.quant_linear_tiled_sum(qkv[:, :h].contiguous(), q1, s1, g1, up, q2, s2, g2, h,
+                                                    4 if fmt == "int4" else 8, None, None, inp, pdl)
+
+        want = chain(x, False)
+        static_x = x.clone()
+        chain(static_x, True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(static_x, True)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, want), fmt
+
+
+@pytest.mark.gpu
+def test_cuda_fused_bad_input_raises(quant_ext):
+    """quant_linear_tiled_pair / _sum's own checks, one RuntimeError each."""
+    t8 = tiled(make_weight("int8", 40, 256, 0, torch.float16))
+    t4 = tiled(make_weight("int4", 40, 256, 128, torch.float16))
+    x = randn(2, 256).to("cuda", torch.float16)
+    pair, fsum = quant_ext.quant_linear_tiled_pair, quant_ext.quant_linear_tiled_sum
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        x9 = randn(9, 256).to("cuda", torch.float16)
+        pair(x9, t8.qweight, t8.scales, 40, 0, None, 0, x9, t8.qweight, t8.scales, 40, 0, None, 0, 8, False)
+    with pytest.raises(RuntimeError, match="same leading shape"):
+        fsum(x, t8.qweight, t8.scales, 0, x[:1], t8.qweight, t8.scales, 0, 40, 8, None, None, None, False)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        pair(x, t8.qweight, t8.scales, 40, 0, None, 0, x.bfloat16(), t8.qweight, t8.scales, 40, 0, None, 0, 8, False)
+    with pytest.raises(RuntimeError, match="scales must be"):  # an int4 weight named as int8
+        pair(x, t8.qweight, t8.scales, 40, 0, None, 0, x, t4.qweight, t4.scale_zero, 40, 128, None, 0, 8, False)
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        fsum(x, t4.qweight, t4.scale_zero, 128, x, t4.qweight, t4.scale_zero, 128, 40, 4, None, None,
+             randn(2, 41).to("cuda", torch.float16), False)
+
+
+@pytest.mark.gpu
+def test_cuda_fused_op_table(quant_ext, monkeypatch):
+    """The default selection on a GPU: linear_pair and linear_sum run the fp16 GEMV pair for tensor weights and the
+    fused quantized kernels for tiled weights of one format at up to 8 rows; more rows, mixed formats or
+    NEOX_RT_QUANT_FUSED=0 fall back to two linear ops, each still on the tiled kernel."""
+    monkeypatch.delenv("NEOX_RT_BACKEND", raising=False)
+    monkeypatch.delenv("NEOX_RT_OP_BACKENDS", raising=False)
+    try:
+        ops.select_backend(None, "cuda")
+        pair, lsum = ops.OPS["linear_pair"], ops.OPS["linear_sum"]
+        assert [impl for impl, _ in pair.impls] == [cuda_ops.linear_pair, cuda_ops.tiled_linear_pair]
+        assert [impl for impl, _ in lsum.impls] == [cuda_ops.linear_sum, cuda_ops.tiled_linear_sum]
+        t8 = tiled(make_weight("int8", 96, 2048, 0, torch.float16))
+        t4 = tiled(make_weight("int4", 96, 2048, 128, torch.float16))
+        x = randn(4, 2048).to("cuda", torch.float16)
+        assert cuda_ops.supports_tiled_linear_sum(x, t8, x, t8) and cuda_ops.supports_tiled_linear_pair(
+            x, t4, None, None, x, t4, None, "gelu")
+        assert not cuda_ops.supports_tiled_linear_sum(x, t8, x, t4)                       # two formats
+        x9 = randn(9, 2048).to("cuda", torch.float16)
+        assert not cuda_ops.supports_tiled_linear_pair(x9, t4, None, None, x9, t4, None, None)  # 9 rows
+        assert not cuda_ops.supports_linear_sum_push(x[:1], t8, x[:1], t8)                # no push for formats
+        y_fused = lsum(x, t8, x, t8)
+        monkeypatch.setattr(cuda_ops, "QUANT_FUSED", 0)
+        assert not cuda_ops.supports_tiled_linear_sum(x, t8, x, t8)
+        y_two = lsum(x, t8, x, t8)  # two launches, the first output the second's residual (two roundings)
+        torch.testing.assert_close(y_fused, y_two, rtol=2e-3, atol=2e-3)
+    finally:
+        ops.select_backend("torch")
 
 
 @pytest.mark.gpu

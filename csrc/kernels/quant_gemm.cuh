@@ -243,26 +243,33 @@ __device__ __forceinline__ void x_pairs(const uint4& v, uint32_t (&b)[4]) {
 // NT tiles of 8 rows of x; S chunks in flight a lane. Rows of W past n read row n - 1, rows of x past m read row
 // m - 1: valid memory whose products land only in outputs that are never stored (each output column of the mma
 // depends on its own column of B alone, each row on its own row of A).
-template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool LEAN = false,
-          bool FOLD = false, int TILED = 0>
-__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
-quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
-                  const uint8_t* __restrict__ qweight,   // [n, row_bytes(k)]: int8 [n, k] or int32 [n, k / 8]
-                  const T* __restrict__ scales,          // int8 [n]; int4 [n, k / group]
-                  const uint8_t* __restrict__ zeros,     // int4 [n, k / group]; int8 unused
-                  const T* __restrict__ bias,            // [n] or null
-                  const T* __restrict__ residual,        // [m, n] or null
-                  T* __restrict__ y,                     // [m, n]
-                  int m, int n, int k, int group_size, int act) {
+constexpr int kQuantTiled = 3;  // TILED (quant_gemm_accumulate): the weight and (int4) its scale words tiled
+
+// FOLD runs where LEAN does (sm_80 and up) and in fp16 only (quant_gemm_accumulate's comment).
+template <typename T, bool LEAN, bool FOLD>
+__device__ __forceinline__ constexpr bool quant_fold_active() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  return false;
+#else
+  return LEAN && FOLD && std::is_same<T, __half>::value;
+#endif
+}
+
+// The main loop of a block: this warp's chunks of the block's 16 CT channels (from f0) into acc (fp32, added to what
+// it holds), the first S chunks asked for before griddepcontrol.wait where `wait` (PDL) is set.
+template <typename T, typename F, int NT, int CT, int S, int WARPS, bool LEAN, bool FOLD, int TILED>
+__device__ __forceinline__ void quant_gemm_accumulate(
+    const T* __restrict__ x,               // [m, k]
+    const uint8_t* __restrict__ qweight,   // [n, row_bytes(k)]: int8 [n, k] or int32 [n, k / 8]
+    const T* __restrict__ scales,          // int8 [n]; int4 [n, k / group]
+    const uint8_t* __restrict__ zeros,     // int4 [n, k / group]; int8 unused
+    int m, int n, int k, int group_size, int f0, bool wait, float (&acc)[CT][NT][4]) {
   static_assert(sizeof(T) == 2, "fp16 / bf16");
   using namespace quant_detail;
   constexpr int KL = F::kChunkK / 4;  // values of k a lane holds of a chunk: 16 (int8) or 32 (int4)
   constexpr int SUB = KL / 8;         // 8-k pieces of the lane's run (each: 4 pairs, two k16 mma per x tile)
-  __shared__ float partial[WARPS][CT * NT * 4][32];
-  if (PDL) pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int f0 = blockIdx.x * 16 * CT;
   const int64_t row_bytes = F::row_bytes(k);
   const int nchunks = k / F::kChunkK;
   const int mine = nchunks > warp ? (nchunks - warp + WARPS - 1) / WARPS : 0;  // this warp's chunks
@@ -299,8 +306,8 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
   // row, cost up to 117 at 17-64 rows and doubled the mma) and the row's scale once, on the warps' sum. Not
   // bit-identical to "dequantize, then matmul": no weight is rounded to fp16 (the products are exact), and the fp32
   // sums of the int4 path cancel 16384 x against its correction.
-  constexpr bool kFold = kLean && FOLD && std::is_same<T, __half>::value;
-  constexpr bool kFoldInt4 = kFold && F::kGrouped, kFoldInt8 = kFold && !F::kGrouped;
+  constexpr bool kFold = quant_fold_active<T, LEAN, FOLD>();
+  constexpr bool kFoldInt4 = kFold && F::kGrouped;
   int woff[CT][2], soff[CT][2];  // 32-bit offsets (the launcher runs LEAN only where n row_bytes < 2^31)
   const int gstride = F::kGrouped && kLean ? 128 * WARPS / group_size : 0;
   // TILED (LEAN only): qweight in the tiled layout, [n / 16][row_bytes / 64][2][8][4][16 bytes]: a tile of 16 rows
@@ -409,7 +416,7 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
     for (int s = 0; s < SZ; ++s)
       if (s < mine) load_sz(s, s);
   }
-  if (PDL) pdl_wait();
+  if (wait) pdl_wait();
 
   const T* const xlane = x + KL * t;
   int xrow[NT];  // offsets of the lane's rows of x (m k < 2^31: m <= 64); FOLD: from its first row
@@ -422,14 +429,6 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
 #pragma unroll
     for (int j = NT - 1; j >= 0; --j) xrow[j] -= xrow[0];
   }
-  float acc[CT][NT][4];
-#pragma unroll
-  for (int c = 0; c < CT; ++c)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[c][j][i] = 0.f;
-
   // Unrolled by S so that every slot is a fixed set of registers: chunk i is in slot i % S; once used, the slot is
   // refilled S chunks ahead.
 #pragma unroll 1
@@ -534,6 +533,21 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
     }
   }
 
+}
+
+// The block's outputs: the warps' partial tiles summed in shared memory in warp order, then bias (bias2 too where
+// given: a sum of two linears), activation and residual in fp32, y rounded once.
+template <typename T, typename F, int NT, int CT, int WARPS, bool LEAN, bool FOLD>
+__device__ __forceinline__ void quant_gemm_store(const float (&acc)[CT][NT][4], float (&partial)[WARPS][CT * NT * 4][32],
+                                                 const T* __restrict__ scales,    // FOLD int8: the rows' scales
+                                                 const T* __restrict__ bias,      // [n] or null
+                                                 const T* __restrict__ bias2,     // [n] or null
+                                                 const T* __restrict__ residual,  // [m, n] or null
+                                                 T* __restrict__ y,               // [m, n]
+                                                 int m, int n, int f0, int act) {
+  constexpr bool kFold = quant_fold_active<T, LEAN, FOLD>();
+  constexpr bool kFoldInt4 = kFold && F::kGrouped, kFoldInt8 = kFold && !F::kGrouped;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int c = 0; c < CT; ++c)
 #pragma unroll
@@ -554,10 +568,97 @@ quant_gemm_kernel(const T* __restrict__ x,               // [m, k]
     if constexpr (kFoldInt8) v *= to_float(scales[f0 + f]);  // FOLD int8: the row's scale, once
     if constexpr (kFoldInt4) v *= 0.0625f;                    // FOLD int4: the pairs' 16 q, exact
     const int64_t idx = static_cast<int64_t>(q) * n + f0 + f;
-    float out = apply_activation(v + (bias != nullptr ? to_float(bias[f0 + f]) : 0.f), act);
+    if (bias != nullptr) v += to_float(bias[f0 + f]);
+    if (bias2 != nullptr) v += to_float(bias2[f0 + f]);
+    float out = apply_activation(v, act);
     if (residual != nullptr) out += to_float(__ldcg(residual + idx));
     y[idx] = from_float<T>(out);
   }
+}
+
+template <int CT, int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[CT][NT][4]) {
+#pragma unroll
+  for (int c = 0; c < CT; ++c)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[c][j][i] = 0.f;
+}
+
+// A block owns 16 CT output channels (f0 = 16 CT blockIdx.x) and splits k over its WARPS warps (chunks round robin).
+// NT tiles of 8 rows of x; S chunks in flight a lane. Rows of W past n read row n - 1, rows of x past m read row
+// m - 1: valid memory whose products land only in outputs that are never stored (each output column of the mma
+// depends on its own column of B alone, each row on its own row of A).
+template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool LEAN = false,
+          bool FOLD = false, int TILED = 0>
+__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+quant_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const T* __restrict__ scales,
+                  const uint8_t* __restrict__ zeros, const T* __restrict__ bias, const T* __restrict__ residual,
+                  T* __restrict__ y, int m, int n, int k, int group_size, int act) {
+  __shared__ float partial[WARPS][CT * NT * 4][32];
+  if (PDL) pdl_launch_dependents();
+  const int f0 = blockIdx.x * 16 * CT;
+  float acc[CT][NT][4];
+  zero_acc(acc);
+  quant_gemm_accumulate<T, F, NT, CT, S, WARPS, LEAN, FOLD, TILED>(x, qweight, scales, zeros, m, n, k, group_size, f0,
+                                                                   PDL, acc);
+  quant_gemm_store<T, F, NT, CT, WARPS, LEAN, FOLD>(acc, partial, scales, bias, nullptr, residual, y, m, n, f0, act);
+}
+
+// One linear of a fused launch (quant_gemm_pair_kernel, quant_gemm_sum_kernel): tiled weights, read by the LEAN loop.
+template <typename T>
+struct QuantOperand {
+  const T* x;               // [m, k]
+  const uint8_t* qweight;   // tiled: int8 [n_pad, k] or int32 [n_pad, k / 8]
+  const T* scales;          // int8 [n]; int4 the scale words [n_pad / 16, k / group, 16]
+  int k;
+  int group_size;
+};
+
+// The parallel-residual layer's column-parallel pair (QKV from LN1(x), h->4h from LN2(x)) in ONE launch: blocks
+// [0, blocks_a) compute a's tiles of channels, the others b's, each block exactly as quant_gemm_kernel's (the same
+// loop, the same order of sums: bit for bit the separate launches of the same configuration). One launch instead of
+// two saves a kernel boundary (the grid's drain, the dependent launch's wait, the first loads' latency) a layer.
+template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL>
+__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+quant_gemm_pair_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict__ bias_a,
+                       const T* __restrict__ bias_b, T* __restrict__ y_a, T* __restrict__ y_b, int m, int n_a,
+                       int n_b, int blocks_a, int act_a, int act_b) {
+  __shared__ float partial[WARPS][CT * NT * 4][32];
+  if (PDL) pdl_launch_dependents();
+  float acc[CT][NT][4];
+  zero_acc(acc);
+  const bool first = static_cast<int>(blockIdx.x) < blocks_a;
+  const int f0 = (first ? blockIdx.x : blockIdx.x - blocks_a) * 16 * CT;
+  const T* const scales = first ? a.scales : b.scales;
+  const int n = first ? n_a : n_b;
+  quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
+      first ? a.x : b.x, first ? a.qweight : b.qweight, scales, nullptr, m, n, first ? a.k : b.k,
+      first ? a.group_size : b.group_size, f0, PDL, acc);
+  quant_gemm_store<T, F, NT, CT, WARPS, true, false>(acc, partial, scales, first ? bias_a : bias_b, nullptr, nullptr,
+                                                     first ? y_a : y_b, m, n, f0, first ? act_a : act_b);
+}
+
+// The layer's row-parallel pair summed (attention's dense and 4h->h, the same out_features): y = x_a W_a^T +
+// x_b W_b^T + bias_a + bias_b + residual, each block's warps running a's chunks, then b's, into the same fp32 sums
+// (a's first chunks asked for before the dependent launch's wait; b's are asked for when a's loop ends: one memory
+// latency a block, where two launches pay a kernel boundary). y is rounded once.
+template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL>
+__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+quant_gemm_sum_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict__ bias_a,
+                      const T* __restrict__ bias_b, const T* __restrict__ residual, T* __restrict__ y, int m, int n) {
+  __shared__ float partial[WARPS][CT * NT * 4][32];
+  if (PDL) pdl_launch_dependents();
+  const int f0 = blockIdx.x * 16 * CT;
+  float acc[CT][NT][4];
+  zero_acc(acc);
+  quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
+      a.x, a.qweight, a.scales, nullptr, m, n, a.k, a.group_size, f0, PDL, acc);
+  quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
+      b.x, b.qweight, b.scales, nullptr, m, n, b.k, b.group_size, f0, false, acc);
+  quant_gemm_store<T, F, NT, CT, WARPS, true, false>(acc, partial, a.scales, bias_a, bias_b, residual, y, m, n, f0,
+                                                     0);
 }
 
 // Variants (the `variant` argument; bench sweeps): 0 auto, 1 one tile of 16 channels a warp (CT = 1, 3-4 chunks in
@@ -641,7 +742,6 @@ cudaError_t launch_quant_gemm_config(const T* x, const void* qweight, const T* s
 // The tiled layout (TILED in quant_gemm_kernel: the weight as neox_rt/quant/formats.py's tile_rows leaves it, int4's
 // scales and zeros as words scale bits | zero << 16 [n / 16][groups][16]) is read by the LEAN loop only: where LEAN can
 // run (quant_tiled_ok), every variant runs it (1 and 2 with their tiles).
-constexpr int kQuantTiled = 3;  // TILED: the weight and (int4) its scale words
 
 template <typename F>
 inline bool quant_lean_ok(int n, int k, int group_size) {
@@ -720,6 +820,72 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
 #undef NEOX_RT_QUANT_WIDE
 #undef NEOX_RT_QUANT_CONFIG
 #undef NEOX_RT_QUANT_LAUNCH
+}
+
+// The fused launches of a parallel-residual layer's pairs of linears (quant_gemm_pair_kernel, quant_gemm_sum_kernel):
+// tiled weights of one format (sm_80 and up, LEAN's bounds), 1-8 rows of x (decode and small batches), the auto
+// variant's configuration.
+inline int quant_fused_max_rows() { return 8; }
+
+template <typename F, typename T>
+inline bool quant_operand_ok(const QuantOperand<T>& o, int n) {
+  return n > 0 && o.k > 0 && o.k % F::kChunkK == 0 &&
+         (!F::kGrouped || (o.group_size > 0 && o.group_size % 32 == 0 && o.k % o.group_size == 0)) &&
+         quant_lean_ok<F>(n, o.k, o.group_size);
+}
+
+template <typename T, typename F>
+cudaError_t quant_fused_check(const QuantOperand<T>& a, int n_a, const QuantOperand<T>& b, int n_b, int m) {
+  if (m < 0 || m > quant_fused_max_rows() || !quant_operand_ok<F>(a, n_a) || !quant_operand_ok<F>(b, n_b))
+    return cudaErrorInvalidValue;
+  if (!gemv_mma_supported<T>()) return cudaErrorNotSupported;
+  return kernel_arch() >= 80 ? cudaSuccess : cudaErrorInvalidValue;  // the tiled layout: the LEAN loop, sm_80+
+}
+
+// y_a = act_a(x_a W_a^T + bias_a), y_b = act_b(x_b W_b^T + bias_b) in one launch. Tiles of channels a warp: one for
+// both, two where both layers fill the card twice over (int4, n >= 8192: 20B's qkv and h->4h), as the single launches
+// choose at up to 8 rows; 8 warps a block. Where a single launch would take one tile there and two here (or run a
+// narrow layer's 16 warps) the sums' order differs from it, not their error.
+template <typename T, typename F>
+cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<T>& b, const T* bias_a,
+                                   const T* bias_b, T* y_a, T* y_b, int m, int n_a, int n_b, int act_a, int act_b,
+                                   bool pdl, cudaStream_t stream) {
+  if (const cudaError_t e = quant_fused_check<T, F>(a, n_a, b, n_b, m); e != cudaSuccess) return e;
+  if (m == 0) return cudaSuccess;
+  auto go = [&](auto ct) {
+    constexpr int CT = decltype(ct)::value;
+    using C = QuantConfig<1, CT>;
+    const int blocks_a = ceil_div(n_a, 16 * CT), blocks_b = ceil_div(n_b, 16 * CT);
+    return launch_kernel(pdl, quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false>,
+                         quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true>,
+                         dim3(blocks_a + blocks_b), dim3(C::kWarps * 32), stream, a, b, bias_a, bias_b, y_a, y_b, m,
+                         n_a, n_b, blocks_a, act_a, act_b);
+  };
+  if (F::kGrouped && min(n_a, n_b) >= 8192) return go(std::integral_constant<int, 2>{});
+  return go(std::integral_constant<int, 1>{});
+}
+
+// y = x_a W_a^T + x_b W_b^T + bias_a + bias_b + residual (W_a, W_b of n output features) in one launch, in the
+// configuration the single launch takes for a layer of n channels at up to 8 rows: a narrow layer's 16 warps
+// (QuantConfigWide) where the grid is at most one block a SM, else two tiles a warp for int4 at n >= 8192, one
+// elsewhere.
+template <typename T, typename F>
+cudaError_t launch_quant_gemm_sum(const QuantOperand<T>& a, const QuantOperand<T>& b, const T* bias_a,
+                                  const T* bias_b, const T* residual, T* y, int m, int n, bool pdl,
+                                  cudaStream_t stream) {
+  if (const cudaError_t e = quant_fused_check<T, F>(a, n, b, n, m); e != cudaSuccess) return e;
+  if (m == 0) return cudaSuccess;
+  auto go = [&](auto ct, auto wide) {
+    constexpr int CT = decltype(ct)::value;
+    using C = std::conditional_t<decltype(wide)::value, QuantConfigWide<1>, QuantConfig<1, CT>>;
+    return launch_kernel(pdl, quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false>,
+                         quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true>,
+                         dim3(ceil_div(n, 16 * CT)), dim3(C::kWarps * 32), stream, a, b, bias_a, bias_b, residual, y,
+                         m, n);
+  };
+  if ((n + 15) / 16 <= device_sm_count()) return go(std::integral_constant<int, 1>{}, std::true_type{});
+  if (F::kGrouped && n >= 8192) return go(std::integral_constant<int, 2>{}, std::false_type{});
+  return go(std::integral_constant<int, 1>{}, std::false_type{});
 }
 
 // W8A16: qweight int8 [n, k], scales [n] of x's dtype. k % 64 == 0, m <= 64.

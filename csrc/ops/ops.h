@@ -67,6 +67,18 @@ at::Tensor quant_linear_tiled(const at::Tensor& x, const at::Tensor& qweight, co
                               int64_t out_features, int64_t bits, int64_t group_size,
                               const std::optional<at::Tensor>& bias, int64_t activation,
                               const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);
+// A parallel-residual layer's pairs of tiled linears (one format, 1-8 rows, the auto variant) in one launch each:
+// (act1(x1 W1^T + b1), act2(x2 W2^T + b2)), and x1 W1^T + x2 W2^T + b1 + b2 + residual (W1, W2 of out_features rows).
+std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_pair(
+    const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1, int64_t out_features1,
+    int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1, const at::Tensor& x2,
+    const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2, int64_t group_size2,
+    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl);
+at::Tensor quant_linear_tiled_sum(const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1,
+                                  int64_t group_size1, const at::Tensor& x2, const at::Tensor& qweight2,
+                                  const at::Tensor& scales2, int64_t group_size2, int64_t out_features, int64_t bits,
+                                  const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
+                                  const std::optional<at::Tensor>& residual, bool pdl);
 
 // Two single-row GEMVs in one launch (csrc/kernels/gemv_fused.cuh): (act1(x1 W1^T + b1), act2(x2 W2^T + b2)).
 // x1, x2: one row each ([..., k], numel k, k % 16 == 0). ksplit: warps per row's k (0 auto, 2, 4, 8); min_blocks:

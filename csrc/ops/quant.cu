@@ -148,38 +148,74 @@ at::Tensor quant_linear_int4(const at::Tensor& x, const at::Tensor& qweight, con
   return y;
 }
 
+namespace {
+
 // The tiled layout (neox_rt/quant/formats.py TiledInt8Weight / TiledInt4Weight): n output features, qweight of
 // n rounded up to 16 rows; bits 8: int8 [n_pad, k], scales [n] of x's dtype; bits 4: int32 [n_pad, k / 8], scales
 // the int32 words scale bits | zero << 16 [n_pad / 16, k / group_size, 16]. sm_80+, and the LEAN kernel's bounds.
+// Checks one tiled linear's operands (as check_quant_common) and returns the output shape.
+std::vector<int64_t> check_tiled(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                 int64_t out_features, int64_t bits, int64_t group_size,
+                                 const std::optional<at::Tensor>& bias, int64_t activation,
+                                 const std::optional<at::Tensor>& residual, int64_t variant, const char* op) {
+  TORCH_CHECK(bits == 8 || bits == 4, "neox_rt: ", op, " takes bits 8 or 4, got ", fmt(bits));
+  const int64_t k = x.dim() >= 1 ? x.size(-1) : 0, n = out_features, n_pad = (n + 15) / 16 * 16;
+  TORCH_CHECK(n > 0, "neox_rt: ", op, " needs out_features > 0, got ", fmt(n));
+  const bool int4 = bits == 4;
+  auto out_shape = check_quant_common(
+      x, qweight, scales, bias, activation, residual, variant, int4 ? at::kInt : at::kChar, int4 ? (k + 7) / 8 : k,
+      op, n, n_pad, int4 ? std::optional<at::ScalarType>(at::kInt) : std::nullopt);
+  const int64_t chunk = int4 ? QuantInt4::kChunkK : QuantInt8::kChunkK;
+  TORCH_CHECK(k > 0 && k % chunk == 0, "neox_rt: ", op, " needs in_features % ", fmt(chunk), " == 0, got ", fmt(k));
+  if (int4) {
+    TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && 512 % group_size == 0 && k % group_size == 0,
+                "neox_rt: ", op, " needs a group size dividing 512 and in_features ", fmt(k), " (and a ",
+                "multiple of 32), got ", fmt(group_size));
+    TORCH_CHECK(scales.dim() == 3 && scales.size(0) == n_pad / 16 && scales.size(1) == k / group_size &&
+                    scales.size(2) == 16,
+                "neox_rt: ", op, " int4 scale words must have shape [", fmt(n_pad / 16), ", ", fmt(k / group_size),
+                ", 16], got ", fmt(scales.sizes()));
+  } else {
+    TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "neox_rt: ", op, " int8 scales must have shape [", fmt(n),
+                "], got ", fmt(scales.sizes()));
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(kernel_arch() >= 80, "neox_rt: ", op, " needs kernels built for compute capability 8.0 or newer; this ",
+              "build runs as sm_", fmt(kernel_arch()), " (use the row-major format there)");
+  return out_shape;
+}
+
+template <typename T>
+QuantOperand<T> tiled_operand(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              int64_t bits, int64_t group_size) {
+  return {ptr<T>(x), ptr<uint8_t>(qweight), bits == 4 ? reinterpret_cast<const T*>(ptr<int32_t>(scales))
+                                                      : ptr<T>(scales),
+          static_cast<int>(x.size(-1)), bits == 4 ? static_cast<int>(group_size) : 0};
+}
+
+// The fused pairs' own checks: the second linear's x on the first's device, of its dtype and with its rows (at most
+// quant_fused_max_rows()).
+void check_fused_pair(const at::Tensor& x1, const at::Tensor& x2, const char* op) {
+  CHECK_SAME_DEVICE(x1, x2, "x1", "x2");
+  TORCH_CHECK(x1.scalar_type() == x2.scalar_type(), "neox_rt: ", op, " needs x1 and x2 of one dtype, got ",
+              x1.scalar_type(), " and ", x2.scalar_type());
+  TORCH_CHECK(x1.sizes().slice(0, x1.dim() - 1) == x2.sizes().slice(0, x2.dim() - 1), "neox_rt: ", op,
+              " needs x1 and x2 with the same leading shape, got ", fmt(x1.sizes()), " and ", fmt(x2.sizes()));
+  const int64_t m = x1.size(-1) == 0 ? 0 : x1.numel() / x1.size(-1);
+  TORCH_CHECK(m <= quant_fused_max_rows(), "neox_rt: ", op, " handles at most ", fmt(quant_fused_max_rows()),
+              " rows of x, got ", fmt(m), " (use quant_linear_tiled per linear)");
+}
+
+}  // namespace
+
 at::Tensor quant_linear_tiled(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                               int64_t out_features, int64_t bits, int64_t group_size,
                               const std::optional<at::Tensor>& bias, int64_t activation,
                               const std::optional<at::Tensor>& residual, int64_t variant, bool pdl) {
-  TORCH_CHECK(bits == 8 || bits == 4, "neox_rt: quant_linear_tiled takes bits 8 or 4, got ", fmt(bits));
-  const int64_t k = x.dim() >= 1 ? x.size(-1) : 0, n = out_features, n_pad = (n + 15) / 16 * 16;
-  TORCH_CHECK(n > 0, "neox_rt: quant_linear_tiled needs out_features > 0, got ", fmt(n));
-  const bool int4 = bits == 4;
-  const auto out_shape = check_quant_common(
-      x, qweight, scales, bias, activation, residual, variant, int4 ? at::kInt : at::kChar, int4 ? (k + 7) / 8 : k,
-      "quant_linear_tiled", n, n_pad, int4 ? std::optional<at::ScalarType>(at::kInt) : std::nullopt);
-  const int64_t m = k == 0 ? 0 : x.numel() / k, chunk = int4 ? QuantInt4::kChunkK : QuantInt8::kChunkK;
-  TORCH_CHECK(k > 0 && k % chunk == 0, "neox_rt: quant_linear_tiled needs in_features % ", fmt(chunk), " == 0, got ",
-              fmt(k));
-  if (int4) {
-    TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && 512 % group_size == 0 && k % group_size == 0,
-                "neox_rt: quant_linear_tiled needs a group size dividing 512 and in_features ", fmt(k), " (and a ",
-                "multiple of 32), got ", fmt(group_size));
-    TORCH_CHECK(scales.dim() == 3 && scales.size(0) == n_pad / 16 && scales.size(1) == k / group_size &&
-                    scales.size(2) == 16,
-                "neox_rt: quant_linear_tiled int4 scale words must have shape [", fmt(n_pad / 16), ", ",
-                fmt(k / group_size), ", 16], got ", fmt(scales.sizes()));
-  } else {
-    TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "neox_rt: quant_linear_tiled int8 scales must have shape [",
-                fmt(n), "], got ", fmt(scales.sizes()));
-  }
+  const auto out_shape = check_tiled(x, qweight, scales, out_features, bits, group_size, bias, activation, residual,
+                                     variant, "quant_linear_tiled");
+  const int64_t k = x.size(-1), n = out_features, m = x.numel() / k;
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(kernel_arch() >= 80, "neox_rt: quant_linear_tiled needs kernels built for compute capability 8.0 or ",
-              "newer; this build runs as sm_", fmt(kernel_arch()), " (use the row-major format there)");
   const bool use_pdl = pdl && pdl_supported();
   auto y = at::empty(out_shape, x.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -187,7 +223,7 @@ at::Tensor quant_linear_tiled(const at::Tensor& x, const at::Tensor& qweight, co
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const scalar_t* b = bias.has_value() ? ptr<scalar_t>(*bias) : nullptr;
     const scalar_t* r = residual.has_value() ? ptr<scalar_t>(*residual) : nullptr;
-    if (int4)
+    if (bits == 4)
       check_cuda(launch_quant_linear_int4_tiled<scalar_t>(
                      ptr<scalar_t>(x), ptr<int32_t>(qweight), ptr<int32_t>(scales), b, r, ptr<scalar_t>(y),
                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
@@ -201,6 +237,76 @@ at::Tensor quant_linear_tiled(const at::Tensor& x, const at::Tensor& qweight, co
                  "quant_linear_tiled");
   };
   if (x.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
+  else run(static_cast<__nv_bfloat16*>(nullptr));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_pair(
+    const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1, int64_t out_features1,
+    int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1, const at::Tensor& x2,
+    const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2, int64_t group_size2,
+    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl) {
+  constexpr const char* op = "quant_linear_tiled_pair";
+  const auto shape1 = check_tiled(x1, qweight1, scales1, out_features1, bits, group_size1, bias1, activation1,
+                                  std::nullopt, 0, op);
+  const auto shape2 = check_tiled(x2, qweight2, scales2, out_features2, bits, group_size2, bias2, activation2,
+                                  std::nullopt, 0, op);
+  check_fused_pair(x1, x2, op);
+  const int64_t m = x1.numel() / x1.size(-1);
+  const c10::cuda::CUDAGuard guard(x1.device());
+  const bool use_pdl = pdl && pdl_supported();
+  auto y1 = at::empty(shape1, x1.options()), y2 = at::empty(shape2, x1.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto run = [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const auto a = tiled_operand<scalar_t>(x1, qweight1, scales1, bits, group_size1);
+    const auto b = tiled_operand<scalar_t>(x2, qweight2, scales2, bits, group_size2);
+    const scalar_t* b1 = bias1.has_value() ? ptr<scalar_t>(*bias1) : nullptr;
+    const scalar_t* b2 = bias2.has_value() ? ptr<scalar_t>(*bias2) : nullptr;
+    auto go = [&](auto launch) {
+      check_cuda(launch(a, b, b1, b2, ptr<scalar_t>(y1), ptr<scalar_t>(y2), static_cast<int>(m),
+                        static_cast<int>(out_features1), static_cast<int>(out_features2),
+                        static_cast<int>(activation1), static_cast<int>(activation2), use_pdl, stream),
+                 op);
+    };
+    if (bits == 4) go(launch_quant_gemm_pair<scalar_t, QuantInt4>);
+    else go(launch_quant_gemm_pair<scalar_t, QuantInt8>);
+  };
+  if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
+  else run(static_cast<__nv_bfloat16*>(nullptr));
+  return {y1, y2};
+}
+
+at::Tensor quant_linear_tiled_sum(const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1,
+                                  int64_t group_size1, const at::Tensor& x2, const at::Tensor& qweight2,
+                                  const at::Tensor& scales2, int64_t group_size2, int64_t out_features, int64_t bits,
+                                  const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
+                                  const std::optional<at::Tensor>& residual, bool pdl) {
+  constexpr const char* op = "quant_linear_tiled_sum";
+  const auto shape = check_tiled(x1, qweight1, scales1, out_features, bits, group_size1, bias1, 0, residual, 0, op);
+  check_tiled(x2, qweight2, scales2, out_features, bits, group_size2, bias2, 0, residual, 0, op);
+  check_fused_pair(x1, x2, op);
+  const int64_t m = x1.numel() / x1.size(-1);
+  const c10::cuda::CUDAGuard guard(x1.device());
+  const bool use_pdl = pdl && pdl_supported();
+  auto y = at::empty(shape, x1.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto run = [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const auto a = tiled_operand<scalar_t>(x1, qweight1, scales1, bits, group_size1);
+    const auto b = tiled_operand<scalar_t>(x2, qweight2, scales2, bits, group_size2);
+    const scalar_t* b1 = bias1.has_value() ? ptr<scalar_t>(*bias1) : nullptr;
+    const scalar_t* b2 = bias2.has_value() ? ptr<scalar_t>(*bias2) : nullptr;
+    const scalar_t* r = residual.has_value() ? ptr<scalar_t>(*residual) : nullptr;
+    auto go = [&](auto launch) {
+      check_cuda(launch(a, b, b1, b2, r, ptr<scalar_t>(y), static_cast<int>(m), static_cast<int>(out_features),
+                        use_pdl, stream),
+                 op);
+    };
+    if (bits == 4) go(launch_quant_gemm_sum<scalar_t, QuantInt4>);
+    else go(launch_quant_gemm_sum<scalar_t, QuantInt8>);
+  };
+  if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
   else run(static_cast<__nv_bfloat16*>(nullptr));
   return y;
 }

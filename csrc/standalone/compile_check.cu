@@ -56,10 +56,19 @@ template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv
                                                          int, int, int, int, int, bool, cudaStream_t);              \
   template cudaError_t launch_quant_linear_int4_tiled<T>(const T*, const int32_t*, const int32_t*, const T*,         \
                                                          const T*, T*, int, int, int, int, int, int, bool,          \
-                                                         cudaStream_t);
+                                                         cudaStream_t);                                             \
+  NEOX_RT_INSTANTIATE_QUANT_FUSED(T, QuantInt8)                                                                     \
+  NEOX_RT_INSTANTIATE_QUANT_FUSED(T, QuantInt4)
+// the fused pairs of tiled linears (quant_gemm_pair_kernel, quant_gemm_sum_kernel)
+#define NEOX_RT_INSTANTIATE_QUANT_FUSED(T, F)                                                                     \
+  template cudaError_t launch_quant_gemm_pair<T, F>(const QuantOperand<T>&, const QuantOperand<T>&, const T*,        \
+                                                    const T*, T*, T*, int, int, int, int, int, bool, cudaStream_t);   \
+  template cudaError_t launch_quant_gemm_sum<T, F>(const QuantOperand<T>&, const QuantOperand<T>&, const T*,         \
+                                                   const T*, const T*, T*, int, int, bool, cudaStream_t);
 NEOX_RT_INSTANTIATE_QUANT(__half)
 NEOX_RT_INSTANTIATE_QUANT(__nv_bfloat16)
 #undef NEOX_RT_INSTANTIATE_QUANT
+#undef NEOX_RT_INSTANTIATE_QUANT_FUSED
 template cudaError_t launch_gemv2<__half>(const GemvProblem<__half>&, const GemvProblem<__half>&, bool, int, int,
                                           bool, cudaStream_t, const P2PBuffers&);
 template cudaError_t launch_gemv2<__nv_bfloat16>(const GemvProblem<__nv_bfloat16>&,

@@ -97,6 +97,11 @@ QUANT_VARIANT = _env_int("NEOX_RT_QUANT_VARIANT", 0, 0, QUANT_VARIANT_LAST)
 # The kernels' tiled layout (TiledInt8Weight / TiledInt4Weight, prepare_linear_weight): 1 (default) converts every
 # quantized weight the LEAN kernel can read at load, 0 keeps the row-major formats (A/B runs).
 QUANT_TILED = _env_int("NEOX_RT_QUANT_TILED", 1, 0, 1)
+# A parallel-residual layer's pairs of tiled linears in one launch each (linear_pair: QKV and h->4h; linear_sum:
+# dense and 4h->h, summed; quant_gemm_pair_kernel / quant_gemm_sum_kernel) at up to QUANT_FUSED_MAX_ROWS rows with
+# the auto variant: 1 (default), 0 two launches each (A/B runs).
+QUANT_FUSED = _env_int("NEOX_RT_QUANT_FUSED", 1, 0, 1)
+QUANT_FUSED_MAX_ROWS = 8  # quant_fused_max_rows()
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -164,6 +169,16 @@ def _register_fakes() -> None:
     def _(x, qweight, scales, out_features, bits, group_size, bias, activation, residual=None, variant=0, pdl=False):
         return x.new_empty(*x.shape[:-1], out_features)
 
+    @lib.register_fake("neox_rt::quant_linear_tiled_pair")
+    def _(x1, qweight1, scales1, out_features1, group_size1, bias1, activation1, x2, qweight2, scales2, out_features2,
+          group_size2, bias2, activation2, bits, pdl=False):
+        return x1.new_empty((*x1.shape[:-1], out_features1)), x2.new_empty((*x2.shape[:-1], out_features2))
+
+    @lib.register_fake("neox_rt::quant_linear_tiled_sum")
+    def _(x1, qweight1, scales1, group_size1, x2, qweight2, scales2, group_size2, out_features, bits, bias1, bias2,
+          residual=None, pdl=False):
+        return x1.new_empty((*x1.shape[:-1], out_features))
+
     @lib.register_fake("neox_rt::gemv_pair")
     def _(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, ksplit=0, min_blocks=0, pdl=False):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0]), x2.new_empty(*x2.shape[:-1], weight2.shape[0])
@@ -220,6 +235,33 @@ def tiled_linear(x, weight, bias=None, activation=None, residual=None):
                                                     QUANT_VARIANT, PDL)
     return torch.ops.neox_rt.quant_linear_tiled(x, weight.qweight, weight.scales, weight.out_features, 8, 0, bias,
                                                 ACTIVATIONS[activation], residual, QUANT_VARIANT, PDL)
+
+
+def _tiled_args(weight) -> tuple:
+    """(qweight, scales or int4's scale words, group size or 0) of a tiled weight, as the extension takes them."""
+    if isinstance(weight, TiledInt4Weight):
+        return weight.qweight, weight.scale_zero, weight.group_size
+    return weight.qweight, weight.scales, 0
+
+
+def tiled_linear_pair(x1, w1, b1, act1, x2, w2, b2, act2):
+    """The ``linear_pair`` op for two tiled weights of one format: both linears in one launch."""
+    q1, s1, g1 = _tiled_args(w1)
+    q2, s2, g2 = _tiled_args(w2)
+    bits = 4 if isinstance(w1, TiledInt4Weight) else 8
+    return tuple(torch.ops.neox_rt.quant_linear_tiled_pair(x1, q1, s1, w1.out_features, g1, b1, ACTIVATIONS[act1], x2,
+                                                           q2, s2, w2.out_features, g2, b2, ACTIVATIONS[act2], bits,
+                                                           PDL))
+
+
+def tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
+    """The ``linear_sum`` op for two tiled weights of one format: x1 W1^T + x2 W2^T + biases + residual in one launch,
+    the fp32 sums rounded once."""
+    q1, s1, g1 = _tiled_args(w1)
+    q2, s2, g2 = _tiled_args(w2)
+    bits = 4 if isinstance(w1, TiledInt4Weight) else 8
+    return torch.ops.neox_rt.quant_linear_tiled_sum(x1, q1, s1, g1, x2, q2, s2, g2, w1.out_features, bits, bias1,
+                                                    bias2, residual, PDL)
 
 
 def linear_pair(x1, w1, b1, act1, x2, w2, b2, act2):
@@ -426,6 +468,38 @@ def supports_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None) -
                                 and residual.device == x1.device and residual.shape == (*x1.shape[:-1], w1.shape[0]))
 
 
+def _fused_tiled(x1, w1, x2, w2) -> bool:
+    """Two tiled weights of one format (made by :func:`prepare_linear_weight`, so within the kernels' bounds), x1 and x2
+    of one leading shape with 1..QUANT_FUSED_MAX_ROWS rows, the auto variant, and the fusion on (QUANT_FUSED)."""
+    if not (QUANT_FUSED and QUANT_VARIANT == 0 and type(w1) is type(w2)
+            and isinstance(w1, (TiledInt8Weight, TiledInt4Weight))):
+        return False
+    if x1.dim() == 0 or x2.dim() == 0 or x1.shape[:-1] != x2.shape[:-1] or x1.shape[-1] == 0:
+        return False
+    return x1.numel() // x1.shape[-1] <= QUANT_FUSED_MAX_ROWS
+
+
+def supports_tiled_linear_pair(x1, w1, b1, act1, x2, w2, b2, act2) -> bool:
+    """Two tiled weights of one format, each linear as :func:`supports_tiled_linear` takes it, up to
+    QUANT_FUSED_MAX_ROWS rows."""
+    return (_fused_tiled(x1, w1, x2, w2) and supports_tiled_linear(x1, w1, b1, act1)
+            and supports_tiled_linear(x2, w2, b2, act2))
+
+
+def supports_tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None) -> bool:
+    """As :func:`supports_tiled_linear_pair`, the two weights of the same out_features, the residual of the output's
+    shape."""
+    return (_fused_tiled(x1, w1, x2, w2) and w1.out_features == w2.out_features
+            and supports_tiled_linear(x1, w1, bias1, None, residual) and supports_tiled_linear(x2, w2, bias2, None,
+                                                                                               residual))
+
+
+def supports_linear_sum_push(x1, w1, x2, w2, bias1=None, bias2=None, residual=None) -> bool:
+    """Whether :func:`linear_sum_push` (the fp16/bf16 GEMV pair's kernel) can run this ``linear_sum`` call: tensor
+    weights only (a quantized pair runs its own kernel, which pushes nothing: the all-reduce then runs on its own)."""
+    return supports_linear_sum(x1, w1, x2, w2, bias1, bias2, residual)
+
+
 def supports_rotary_kv_write(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache) -> bool:
     """CUDA float, everything contiguous, caches of qkv's dtype, int64 positions, fp32 tables."""
     return (_cuda_float(qkv) and k_cache.dtype == qkv.dtype and v_cache.dtype == qkv.dtype
@@ -518,8 +592,9 @@ IMPLS = {
     # tried in order: the fp16 GEMV takes tensor weights, the quantized kernels their formats
     "linear": [(linear, supports_linear), (tiled_linear, supports_tiled_linear), (int8_linear, supports_int8_linear),
                (int4_linear, supports_int4_linear)],
-    "linear_pair": (linear_pair, supports_linear_pair),
-    "linear_sum": (linear_sum, supports_linear_sum),
+    # the fp16 GEMV pairs for tensor weights, then the quantized pairs for tiled weights
+    "linear_pair": [(linear_pair, supports_linear_pair), (tiled_linear_pair, supports_tiled_linear_pair)],
+    "linear_sum": [(linear_sum, supports_linear_sum), (tiled_linear_sum, supports_tiled_linear_sum)],
     "rotary_kv_write": (rotary_kv_write, supports_rotary_kv_write),
     "decode_attention": (decode_attention, supports_decode_attention),
     "paged_decode_attention": (paged_decode_attention, supports_paged_decode_attention),

@@ -75,13 +75,14 @@ class P2PAllReduce:
 
     def defers(self, sum_args: tuple, layernorm_params: tuple) -> bool:
         """Whether a layer's all-reduce can go into the next layer's LayerNorm: this call may use the kernels
-        (:meth:`fuses`), the CUDA kernel serves the ``linear_sum`` call (one row), the dtype is float16 / bfloat16,
-        the hidden size gives 8-byte vectors (hidden % 4 == 0) and a row fits a slot, and the LayerNorm parameters
-        are 16-byte aligned."""
+        (:meth:`fuses`), the CUDA GEMV pair serves the ``linear_sum`` call (one row, tensor weights: a quantized
+        pair's kernel pushes nothing), the dtype is float16 / bfloat16, the hidden size gives 8-byte vectors
+        (hidden % 4 == 0) and a row fits a slot, and the LayerNorm parameters are 16-byte aligned."""
         if not self.fuses():
             return False
         x1, h = sum_args[0], layernorm_params[0].shape[0]
-        return (OPS["linear_sum"].served_by(*sum_args) == "cuda" and x1.dtype in (torch.float16, torch.bfloat16)
+        return (OPS["linear_sum"].served_by(*sum_args) == "cuda" and _cuda_ops().supports_linear_sum_push(*sum_args)
+                and x1.dtype in (torch.float16, torch.bfloat16)
                 and h % 4 == 0 and 4 * h <= self.slot_bytes and all(t.data_ptr() % 16 == 0 for t in layernorm_params))
 
     def linear_sum_push(self, *sum_args) -> torch.Tensor:
