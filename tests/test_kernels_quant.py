@@ -636,17 +636,16 @@ def test_cuda_op_table_routing(quant_ext, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("layout", ["row-major", "tiled"])
 @pytest.mark.parametrize("variant", [0, FOLD])
-def test_cuda_graph_replay(quant_ext, variant, tiled):
+def test_cuda_graph_replay(quant_ext, variant, layout):
     """Quantized linears chained with programmatic dependent launch, captured in a CUDA graph: each replay equals the
     chain run eagerly without PDL, bit for bit (the warps' partial sums meet in a fixed order)."""
     h, f = 1024, 4096
     up8, down4 = make_weight("int8", f, h, 0, torch.float16, 1), make_weight("int4", h, f, 128, torch.float16, 2)
     qkv4, b = make_weight("int4", 3 * h, h, 64, torch.float16, 3), randn(f, seed=4).to("cuda", torch.float16)
-    if tiled:
-        up8, down4, qkv4 = (TiledInt8Weight.from_row_major(up8), TiledInt4Weight.from_row_major(down4),
-                            TiledInt4Weight.from_row_major(qkv4))
+    if layout == "tiled":
+        up8, down4, qkv4 = tiled(up8), tiled(down4), tiled(qkv4)
 
     def chain(x, pdl):
         for _ in range(3):
@@ -727,17 +726,34 @@ def test_cuda_opcheck(quant_ext):
     torch.library.opcheck(quant_ext.quant_linear_int8, (x, w8.qweight, w8.scales, b, 1), test_utils=tests)
     torch.library.opcheck(quant_ext.quant_linear_int4, (x, w4.qweight, w4.scales, w4.zeros, 128, None, 0,
                                                         randn(3, 24).to("cuda", torch.float16)), test_utils=tests)
+    if not bf16_kernels():  # below sm_80 the tiled ops refuse every call (tiled())
+        return
     t8, t4 = TiledInt8Weight.from_row_major(w8), TiledInt4Weight.from_row_major(w4)
     torch.library.opcheck(quant_ext.quant_linear_tiled, (x, t8.qweight, t8.scales, 24, 8, 0, b, 1), test_utils=tests)
     torch.library.opcheck(quant_ext.quant_linear_tiled, (x, t4.qweight, t4.scale_zero, 24, 4, 128, None, 0),
                           test_utils=tests)
+    torch.library.opcheck(quant_ext.quant_linear_tiled_pair, (x, t8.qweight, t8.scales, 24, 0, b, 1, x, t8.qweight,
+                                                              t8.scales, 24, 0, None, 0, 8), test_utils=tests)
+    torch.library.opcheck(quant_ext.quant_linear_tiled_sum, (x, t4.qweight, t4.scale_zero, 128, x, t4.qweight,
+                                                             t4.scale_zero, 128, 24, 4, b, None,
+                                                             randn(3, 24).to("cuda", torch.float16)), test_utils=tests)
 
 
 # ----- the tiled layout (TiledInt8Weight / TiledInt4Weight, made at load by the cuda backend's prepare_linear_weight):
 # the same kernels reading the same weights in another order, so every output equals the row-major one bit for bit
 
 def tiled(weight):
-    return (TiledInt4Weight if isinstance(weight, Int4Weight) else TiledInt8Weight).from_row_major(weight)
+    """The weight in the kernels' tiled layout. Where this build's kernels run below sm_80 (the "7.5+PTX" build on
+    an H100: the T4 path) the op must refuse that layout with its one-line error, checked here, and the test is
+    skipped: the tiled layout is read by the sm_80+ loop only (prepare_linear_weight never makes it there)."""
+    t = (TiledInt4Weight if isinstance(weight, Int4Weight) else TiledInt8Weight).from_row_major(weight)
+    if not bf16_kernels():
+        dtype = t.scale_dtype if isinstance(t, TiledInt4Weight) else t.scales.dtype
+        x = torch.ones(1, t.in_features, device="cuda", dtype=dtype)
+        with pytest.raises(RuntimeError, match="needs kernels built for compute capability 8.0"):
+            run_cuda(cuda_ops.load_extension(), x, t)
+        pytest.skip("the tiled layout needs the sm_80+ kernels; this build runs below sm_80 (refused as it must be)")
+    return t
 
 
 def wide_launch(n, variant):
@@ -803,6 +819,7 @@ def test_cuda_tiled_decode_shapes(quant_ext, shape, fmt):
     both run the same configuration (not on a narrow layer: wide_launch)."""
     m, n, k, group = shape
     weight = make_weight(fmt, n, k, group, torch.float16)
+    tiled(weight)  # skips below sm_80, where nothing is tiled
     t = cuda_ops.prepare_linear_weight(weight)
     assert isinstance(t, TiledInt4Weight if fmt == "int4" else TiledInt8Weight)
     x, b = randn(m, k).to("cuda", torch.float16), randn(n, seed=2).to("cuda", torch.float16)
@@ -840,6 +857,9 @@ def test_cuda_prepare_linear_weight(quant_ext, monkeypatch):
     tiled kernel up to 64 rows, the reference (through dequantize) above."""
     # 2400 channels: 150 tiles, more than an H100's or H200's 132 SMs, so the tiled kernel is the row-major one's twin
     w8, w4 = make_weight("int8", 2400, 2048, 0, torch.float16), make_weight("int4", 2400, 2048, 128, torch.float16)
+    if not bf16_kernels():  # a build running below sm_80 (the T4 path) keeps the row-major formats
+        assert cuda_ops.prepare_linear_weight(w8) is w8 and cuda_ops.prepare_linear_weight(w4) is w4
+        pytest.skip("this build runs below sm_80: nothing is tiled (checked)")
     assert isinstance(cuda_ops.prepare_linear_weight(w8), TiledInt8Weight)
     assert isinstance(cuda_ops.prepare_linear_weight(w4), TiledInt4Weight)
     for keep in (make_weight("int4", 96, 2048, 16, torch.float16),   # group % 32: the Triton kernel's
@@ -1007,9 +1027,12 @@ def test_cuda_fused_bad_input_raises(quant_ext):
         pair(x9, t8.qweight, t8.scales, 40, 0, None, 0, x9, t8.qweight, t8.scales, 40, 0, None, 0, 8, False)
     with pytest.raises(RuntimeError, match="same leading shape"):
         fsum(x, t8.qweight, t8.scales, 0, x[:1], t8.qweight, t8.scales, 0, 40, 8, None, None, None, False)
-    with pytest.raises(RuntimeError, match="one dtype"):
-        pair(x, t8.qweight, t8.scales, 40, 0, None, 0, x.bfloat16(), t8.qweight, t8.scales, 40, 0, None, 0, 8, False)
-    with pytest.raises(RuntimeError, match="scales must be"):  # an int4 weight named as int8
+    if bf16_kernels():
+        t8b = tiled(make_weight("int8", 40, 256, 0, torch.bfloat16))
+        with pytest.raises(RuntimeError, match="one dtype"):
+            pair(x, t8.qweight, t8.scales, 40, 0, None, 0, x.bfloat16(), t8b.qweight, t8b.scales, 40, 0, None, 0, 8,
+                 False)
+    with pytest.raises(RuntimeError, match="qweight must be Char"):  # an int4 weight named as int8
         pair(x, t8.qweight, t8.scales, 40, 0, None, 0, x, t4.qweight, t4.scale_zero, 40, 128, None, 0, 8, False)
     with pytest.raises(RuntimeError, match="residual must have the output's shape"):
         fsum(x, t4.qweight, t4.scale_zero, 128, x, t4.qweight, t4.scale_zero, 128, 40, 4, None, None,
@@ -1052,7 +1075,8 @@ def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt):
     """The embedded default model loaded with quantize= on the cuda backend: every linear of the layers tiled at load
     (row-major with NEOX_RT_QUANT_TILED=0), and the logits of its kernels equal the reference runtime's (dequantize,
     then matmul) on the same model within fp16 rounding, in both layouts: a 32-token prompt (32 rows, the kernels'
-    range) and 8 one-token sequences (8 rows, the decode configuration)."""
+    range), 8 one-token sequences and one (8 rows and one: the decode configurations, where QKV and h->4h, dense and
+    4h->h run as the fused pairs)."""
     import neox_rt
     from neox_rt.default_model import DEFAULT_MODEL_DIR
     from neox_rt.model.layers import Linear
@@ -1060,7 +1084,7 @@ def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt):
     monkeypatch.delenv("NEOX_RT_BACKEND", raising=False)
     monkeypatch.delenv("NEOX_RT_OP_BACKENDS", raising=False)
     gen = torch.Generator().manual_seed(7)
-    batches = [torch.randint(0, 512, shape, generator=gen).to("cuda") for shape in ((1, 32), (8, 1))]
+    batches = [torch.randint(0, 512, shape, generator=gen).to("cuda") for shape in ((1, 32), (8, 1), (1, 1))]
     tiled_types = {"int8": TiledInt8Weight, "int4": TiledInt4Weight}
     row_types = {"int8": Int8Weight, "int4": Int4Weight}
     logits = {}
@@ -1070,7 +1094,9 @@ def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt):
             ops.select_backend(None, "cuda")
             neox = neox_rt.load(DEFAULT_MODEL_DIR, dtype="float16", device="cuda", quantize=fmt, progress=False)
             kinds = {type(m.weight) for m in neox.model.gpt_neox.layers.modules() if isinstance(m, Linear)}
-            assert kinds == {(tiled_types if layout == "tiled" else row_types)[fmt]}, (layout, kinds)
+            # below sm_80 (the "7.5+PTX" build) nothing is tiled
+            assert kinds == {(tiled_types if layout == "tiled" and bf16_kernels() else row_types)[fmt]}, (layout,
+                                                                                                          kinds)
             x = torch.zeros(1, 384, dtype=torch.float16, device="cuda")
             qkv = neox.model.gpt_neox.layers[0].attention.query_key_value.weight
             assert ops.OPS["linear"].served_by(x, qkv) == "cuda"
