@@ -303,7 +303,7 @@ def test_cuda_sources_registered():
     bindings = open(os.path.join(REPO, "csrc", "bindings.cpp")).read()
     cuda_src = open(os.path.join(REPO, "neox_rt", "ops", "cuda.py")).read()
     for name in ("quant_linear_int8", "quant_linear_int4", "quant_linear_tiled", "quant_linear_tiled_pair",
-                 "quant_linear_tiled_sum"):
+                 "quant_linear_tiled_norm_pair", "quant_linear_tiled_sum"):
         assert f'm.impl("{name}"' in bindings and f'm.def("{name}(' in bindings
         assert f'register_fake("neox_rt::{name}")' in cuda_src
     impls = [impl for impl, _ in cuda_ops.IMPLS["linear"]]
@@ -311,6 +311,7 @@ def test_cuda_sources_registered():
     assert cuda_ops.PREPARES == {"linear": cuda_ops.prepare_linear_weight}
     assert [impl for impl, _ in cuda_ops.IMPLS["linear_pair"]] == [cuda_ops.linear_pair, cuda_ops.tiled_linear_pair]
     assert [impl for impl, _ in cuda_ops.IMPLS["linear_sum"]] == [cuda_ops.linear_sum, cuda_ops.tiled_linear_sum]
+    assert cuda_ops.IMPLS["norm_linear_pair"][0] is cuda_ops.tiled_norm_linear_pair
     assert "launch_quant_gemm_pair<" in check and "launch_quant_gemm_sum<" in check
     header = open(os.path.join(REPO, "csrc", "kernels", "quant_gemm.cuh")).read()
     assert f"kQuantFold = {FOLD}," in header and f"kQuantVariantLast = {cuda_ops.QUANT_VARIANT_LAST}" in header
@@ -385,12 +386,27 @@ def test_cuda_supports_declines_cpu_and_bad_shapes(monkeypatch):
                                                                                dtype=torch.float16))
         assert not sp(x_of(1, 256), int8(33, 256), None, None, x_of(1, 256), int8(33, 256), None, None)  # row-major
         assert not cuda_ops.supports_linear_sum_push(x_of(1, 256), t8, x_of(1, 256), t8)  # the GEMV pair's only
+        # ... with the dual LayerNorm in the pair's launch: rows x hidden within the kernel's shared memory
+        sn = cuda_ops.supports_tiled_norm_linear_pair
+        ln = [torch.empty(256, device="cuda", dtype=torch.float16) for _ in range(4)]
+        assert sn(x_of(8, 256), *ln, 1e-5, t8, None, None, t8, None, "gelu")
+        assert not sn(x_of(8, 256), *ln[:3], torch.empty(128, device="cuda", dtype=torch.float16), 1e-5, t8, None,
+                      None, t8, None, None)                                               # a parameter's shape
+        assert not sn(x_of(8, 256), *ln[:3], ln[3].float(), 1e-5, t8, None, None, t8, None, None)  # its dtype
+        big = TiledInt8Weight(torch.empty(48, 6144, dtype=torch.int8, device="cuda"),
+                              torch.empty(33, dtype=torch.float16, device="cuda"))
+        ln6k = [torch.empty(6144, device="cuda", dtype=torch.float16) for _ in range(4)]
+        assert sn(x_of(2, 6144), *ln6k, 1e-5, big, None, None, big, None, None)
+        assert not sn(x_of(3, 6144), *ln6k, 1e-5, big, None, None, big, None, None)       # 18432 values of x
         monkeypatch.setattr(cuda_ops, "QUANT_VARIANT", 3)                                 # A/B runs: single launches
         assert not ss(x_of(1, 256), t8, x_of(1, 256), t8)
         monkeypatch.setattr(cuda_ops, "QUANT_VARIANT", 0)
+        monkeypatch.setattr(cuda_ops, "QUANT_FUSED", 1)                                   # the pairs, not the norm
+        assert ss(x_of(1, 256), t8, x_of(1, 256), t8)
+        assert not sn(x_of(8, 256), *ln, 1e-5, t8, None, None, t8, None, "gelu")
         monkeypatch.setattr(cuda_ops, "QUANT_FUSED", 0)
         assert not ss(x_of(1, 256), t8, x_of(1, 256), t8)
-        monkeypatch.setattr(cuda_ops, "QUANT_FUSED", 1)
+        monkeypatch.setattr(cuda_ops, "QUANT_FUSED", 2)
         capability["value"] = (7, 5)  # T4: no bf16 tensor cores; fp16 still runs
         assert not s8(x_of(1, 256, torch.bfloat16), int8(33, 256, torch.bfloat16))
         assert s8(x_of(1, 256), int8(33, 256))
@@ -946,6 +962,46 @@ def test_cuda_tiled_pair(quant_ext, pdl, dtype, fmt):
                     assert torch.equal(y, want), f"{what}: differs from its single launch ({n} channels)"
 
 
+# (hidden, n1, n2, rows): 1.4b's QKV and h->4h, 20B's (two rows fill the shared memory), the default model's and a
+# ragged pair (n not a multiple of 16)
+NORM_PAIR_SHAPES = [(2048, 6144, 8192, (1, 3, 8)), (6144, 18432, 24576, (1, 2)), (512, 1536, 2048, (1, 8)),
+                    (1024, 1000, 97, (1, 5))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_cuda_tiled_norm_pair(quant_ext, pdl, dtype, fmt):
+    """The dual LayerNorm inside the pair's launch: each output within the rule of the reference op (LN1 / LN2, then
+    the linear, in fp64, against the same ops at x's dtype), x with an offset far from its spread (the two-pass
+    statistics) and random LayerNorm parameters."""
+    bf16_or_skip(quant_ext, dtype)
+    for h, n1, n2, rows_list in NORM_PAIR_SHAPES:
+        w1, w2 = make_weight(fmt, n1, h, 128, dtype, seed=n1), make_weight(fmt, n2, h, 128, dtype, seed=n2 + 1)
+        t1, t2 = tiled(w1), tiled(w2)
+        b1 = randn(n1, seed=3).to("cuda", dtype)
+        ln = [(randn(h, seed=10 + i) * (0.5 if i % 2 else 1) + (0 if i % 2 else 1)).to("cuda", dtype) for i in range(4)]
+        for rows in rows_list:
+            x = (randn(rows, h, seed=rows) * 2 + 30).to("cuda", dtype)
+            args = (x, *ln, 1e-5, t1, b1, None, t2, None, "gelu")
+            assert cuda_ops.supports_tiled_norm_linear_pair(*args)
+            poison_allocator()
+            y1, y2 = cuda_ops.tiled_norm_linear_pair(*args)
+            what = f"norm pair {fmt} {dtype} {rows} rows h {h}: {n1} + {n2}"
+            d = (lambda t: None if t is None else t.double())
+            for y, (lw, lb), w, b, act in ((y1, ln[:2], w1, b1, None), (y2, ln[2:], w2, None, "gelu")):
+                ref64 = ops.linear_ref(ops.layernorm_ref(x.double(), lw.double(), lb.double(), 1e-5),
+                                       w.dequantize(dtype).double(), d(b), act)
+                low = ops.linear_ref(ops.layernorm_ref(x, lw, lb, 1e-5), w, b, act)
+                assert y.shape == ref64.shape and y.dtype == dtype, what
+                assert torch.isfinite(y).all(), f"{what}: non-finite output"
+                err = (y.double() - ref64).abs().max().item()
+                torch_err = (low.double() - ref64).abs().max().item()
+                bound = 2 * torch_err + torch.finfo(dtype).eps * ref64.abs().max().item()
+                assert err <= bound, f"{what}: kernel err {err:.3g} > 2 x torch err {torch_err:.3g} + eps"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -1037,6 +1093,16 @@ def test_cuda_fused_bad_input_raises(quant_ext):
     with pytest.raises(RuntimeError, match="residual must have the output's shape"):
         fsum(x, t4.qweight, t4.scale_zero, 128, x, t4.qweight, t4.scale_zero, 128, 40, 4, None, None,
              randn(2, 41).to("cuda", torch.float16), False)
+    norm_pair = quant_ext.quant_linear_tiled_norm_pair
+    ln = [torch.ones(256, device="cuda", dtype=torch.float16) for _ in range(4)]
+    with pytest.raises(RuntimeError, match=r"LayerNorm parameters must have shape \[256\]"):
+        norm_pair(x, *ln[:3], ln[3][:128], 1e-5, t8.qweight, t8.scales, 40, 0, None, 0, t8.qweight, t8.scales, 40, 0,
+                  None, 0, 8, False)
+    t_big = tiled(make_weight("int8", 40, 6144, 0, torch.float16))
+    ln_big = [torch.ones(6144, device="cuda", dtype=torch.float16) for _ in range(4)]
+    with pytest.raises(RuntimeError, match="normalises in shared memory at most 16384"):
+        norm_pair(randn(3, 6144).to("cuda", torch.float16), *ln_big, 1e-5, t_big.qweight, t_big.scales, 40, 0, None,
+                  0, t_big.qweight, t_big.scales, 40, 0, None, 0, 8, False)
 
 
 @pytest.mark.gpu

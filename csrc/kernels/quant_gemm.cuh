@@ -255,15 +255,35 @@ __device__ __forceinline__ constexpr bool quant_fold_active() {
 #endif
 }
 
+// A lane's 8 values of x: from global memory through L1 (ld.global.ca), or (XS) from the block's shared memory.
+template <bool XS, typename T>
+__device__ __forceinline__ Vec<T, 8> load_x8(const T* p) {
+  if constexpr (XS) {
+    Vec<T, 8> v;
+    *reinterpret_cast<uint4*>(&v) = *reinterpret_cast<const uint4*>(p);
+    return v;
+  } else {
+    return load_vec_ca<T, 8>(p);
+  }
+}
+
+struct NoPrologue {
+  __device__ __forceinline__ void operator()() const {}
+};
+
 // The main loop of a block: this warp's chunks of the block's 16 CT channels (from f0) into acc (fp32, added to what
-// it holds), the first S chunks asked for before griddepcontrol.wait where `wait` (PDL) is set.
-template <typename T, typename F, int NT, int CT, int S, int WARPS, bool LEAN, bool FOLD, int TILED>
+// it holds), the first S chunks asked for before griddepcontrol.wait where `wait` (PDL) is set, then `prologue()`
+// (the block's work that needs the previous kernel's output before x is read: NORM's LayerNorm), then the loop. XS: x
+// is in the block's shared memory.
+template <typename T, typename F, int NT, int CT, int S, int WARPS, bool LEAN, bool FOLD, int TILED, bool XS = false,
+          typename Prologue = NoPrologue>
 __device__ __forceinline__ void quant_gemm_accumulate(
     const T* __restrict__ x,               // [m, k]
     const uint8_t* __restrict__ qweight,   // [n, row_bytes(k)]: int8 [n, k] or int32 [n, k / 8]
     const T* __restrict__ scales,          // int8 [n]; int4 [n, k / group]
     const uint8_t* __restrict__ zeros,     // int4 [n, k / group]; int8 unused
-    int m, int n, int k, int group_size, int f0, bool wait, float (&acc)[CT][NT][4]) {
+    int m, int n, int k, int group_size, int f0, bool wait, float (&acc)[CT][NT][4],
+    const Prologue& prologue = Prologue()) {
   static_assert(sizeof(T) == 2, "fp16 / bf16");
   using namespace quant_detail;
   constexpr int KL = F::kChunkK / 4;  // values of k a lane holds of a chunk: 16 (int8) or 32 (int4)
@@ -417,6 +437,7 @@ __device__ __forceinline__ void quant_gemm_accumulate(
       if (s < mine) load_sz(s, s);
   }
   if (wait) pdl_wait();
+  prologue();
 
   const T* const xlane = x + KL * t;
   int xrow[NT];  // offsets of the lane's rows of x (m k < 2^31: m <= 64); FOLD: from its first row
@@ -483,8 +504,8 @@ __device__ __forceinline__ void quant_gemm_accumulate(
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
             // x (L1 / L2) arrives while the next chunks' weights (DRAM) are in flight
-            const Vec<T, 8> xv = kFold ? load_vec_ca<T, 8>(xit + xrow[j] + (WARPS * F::kChunkK * s + 8 * kk))
-                                       : load_vec_ca<T, 8>(xlane + xrow[j] + kx + 8 * kk);
+            const Vec<T, 8> xv = kFold ? load_x8<XS>(xit + xrow[j] + (WARPS * F::kChunkK * s + 8 * kk))
+                                       : load_x8<XS>(xlane + xrow[j] + kx + 8 * kk);
             uint32_t b[4];
             x_pairs<F>(*reinterpret_cast<const uint4*>(&xv), b);
 #pragma unroll
@@ -538,7 +559,8 @@ __device__ __forceinline__ void quant_gemm_accumulate(
 // The block's outputs: the warps' partial tiles summed in shared memory in warp order, then bias (bias2 too where
 // given: a sum of two linears), activation and residual in fp32, y rounded once.
 template <typename T, typename F, int NT, int CT, int WARPS, bool LEAN, bool FOLD>
-__device__ __forceinline__ void quant_gemm_store(const float (&acc)[CT][NT][4], float (&partial)[WARPS][CT * NT * 4][32],
+__device__ __forceinline__ void quant_gemm_store(const float (&acc)[CT][NT][4],
+                                                 float (&partial)[WARPS][CT * NT * 4][32],
                                                  const T* __restrict__ scales,    // FOLD int8: the rows' scales
                                                  const T* __restrict__ bias,      // [n] or null
                                                  const T* __restrict__ bias2,     // [n] or null
@@ -616,26 +638,98 @@ struct QuantOperand {
   int group_size;
 };
 
+// NORM (quant_gemm_pair_kernel): the dual LayerNorm before the pair, done by every block for its own linear into
+// shared memory, instead of a kernel of its own. At most this many values of x (m k: 32 KB in fp16, beside the
+// partial sums' 8 KB: three blocks a SM), k a multiple of 8.
+constexpr int kQuantNormMaxElems = 16384;
+
+template <typename T>
+struct QuantNorm {  // the layer's input and its two LayerNorms (a's and b's)
+  const T* x;       // [m, k]
+  const T* w_a;
+  const T* b_a;
+  const T* w_b;
+  const T* b_b;
+  float eps;
+};
+
+// out[r] = LN(x[r]) over k (fp32 statistics in two passes, mean, then the centred sum of squares, as
+// layernorm_kernel computes them), rounded to T, for the m rows of x, in shared memory [m, k]: x is copied there as
+// it is summed (through L2 only, ld.global.cg: the previous kernel wrote it), then normalised in place, each thread
+// on its own vectors; every thread ends at the barrier. Nothing is held in registers across the passes: the weights'
+// first chunks, asked for before the dependent launch's wait, are in flight in the registers meanwhile.
+template <typename T, int THREADS>
+__device__ __forceinline__ void layernorm_rows_to_shared(const T* __restrict__ x, const T* __restrict__ w,
+                                                         const T* __restrict__ b, float eps, int m, int k, T* out,
+                                                         float* scratch) {
+  const int nvec = k / 8;
+  for (int r = 0; r < m; ++r) {
+    T* const row = out + r * k;
+    float sum = 0.f;
+#pragma unroll 1
+    for (int c = threadIdx.x; c < nvec; c += THREADS) {
+      const Vec<T, 8> xv = load_vec_cg<T, 8>(x + static_cast<int64_t>(r) * k + 8 * c);
+      *reinterpret_cast<uint4*>(row + 8 * c) = *reinterpret_cast<const uint4*>(&xv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += to_float(xv.v[e]);
+    }
+    const float mean = block_sum(sum, scratch) / k;
+    float sq = 0.f;
+#pragma unroll 1
+    for (int c = threadIdx.x; c < nvec; c += THREADS) {
+      Vec<T, 8> xv;
+      *reinterpret_cast<uint4*>(&xv) = *reinterpret_cast<const uint4*>(row + 8 * c);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float d = to_float(xv.v[e]) - mean;
+        sq += d * d;
+      }
+    }
+    const float rstd = rsqrtf(block_sum(sq, scratch) / k + eps);
+#pragma unroll 1
+    for (int c = threadIdx.x; c < nvec; c += THREADS) {
+      Vec<T, 8> xv;
+      *reinterpret_cast<uint4*>(&xv) = *reinterpret_cast<const uint4*>(row + 8 * c);
+      const Vec<T, 8> wv = load_vec<T, 8>(w + 8 * c), bv = load_vec<T, 8>(b + 8 * c);
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        xv.v[e] = from_float<T>((to_float(xv.v[e]) - mean) * rstd * to_float(wv.v[e]) + to_float(bv.v[e]));
+      *reinterpret_cast<uint4*>(row + 8 * c) = *reinterpret_cast<const uint4*>(&xv);
+    }
+  }
+  __syncthreads();
+}
+
 // The parallel-residual layer's column-parallel pair (QKV from LN1(x), h->4h from LN2(x)) in ONE launch: blocks
 // [0, blocks_a) compute a's tiles of channels, the others b's, each block exactly as quant_gemm_kernel's (the same
 // loop, the same order of sums: bit for bit the separate launches of the same configuration). One launch instead of
 // two saves a kernel boundary (the grid's drain, the dependent launch's wait, the first loads' latency) a layer.
-template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL>
+// NORM: the dual LayerNorm too (a.x and b.x unused): each block normalises norm.x with its linear's LayerNorm into
+// shared memory after the dependent launch's wait (its weights' first chunks already asked for) and reads x from
+// there: one kernel a layer less again.
+template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool NORM = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 quant_gemm_pair_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict__ bias_a,
                        const T* __restrict__ bias_b, T* __restrict__ y_a, T* __restrict__ y_b, int m, int n_a,
-                       int n_b, int blocks_a, int act_a, int act_b) {
+                       int n_b, int blocks_a, int act_a, int act_b, QuantNorm<T> norm) {
   __shared__ float partial[WARPS][CT * NT * 4][32];
+  __shared__ alignas(16) T xs[NORM ? kQuantNormMaxElems : 8];
+  __shared__ float scratch[32];
   if (PDL) pdl_launch_dependents();
   float acc[CT][NT][4];
   zero_acc(acc);
   const bool first = static_cast<int>(blockIdx.x) < blocks_a;
   const int f0 = (first ? blockIdx.x : blockIdx.x - blocks_a) * 16 * CT;
   const T* const scales = first ? a.scales : b.scales;
-  const int n = first ? n_a : n_b;
-  quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
-      first ? a.x : b.x, first ? a.qweight : b.qweight, scales, nullptr, m, n, first ? a.k : b.k,
-      first ? a.group_size : b.group_size, f0, PDL, acc);
+  const int n = first ? n_a : n_b, k = first ? a.k : b.k;
+  auto normalise = [&] {
+    if constexpr (NORM)
+      layernorm_rows_to_shared<T, WARPS * 32>(norm.x, first ? norm.w_a : norm.w_b, first ? norm.b_a : norm.b_b,
+                                              norm.eps, m, k, xs, scratch);
+  };
+  quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled, NORM>(
+      NORM ? xs : (first ? a.x : b.x), first ? a.qweight : b.qweight, scales, nullptr, m, n, k,
+      first ? a.group_size : b.group_size, f0, PDL, acc, normalise);
   quant_gemm_store<T, F, NT, CT, WARPS, true, false>(acc, partial, scales, first ? bias_a : bias_b, nullptr, nullptr,
                                                      first ? y_a : y_b, m, n, f0, first ? act_a : act_b);
 }
@@ -846,20 +940,31 @@ cudaError_t quant_fused_check(const QuantOperand<T>& a, int n_a, const QuantOper
 // both, two where both layers fill the card twice over (int4, n >= 8192: 20B's qkv and h->4h), as the single launches
 // choose at up to 8 rows; 8 warps a block. Where a single launch would take one tile there and two here (or run a
 // narrow layer's 16 warps) the sums' order differs from it, not their error.
+// With `norm` (its x not null): y_a from LN_a(norm.x), y_b from LN_b(norm.x) (a.x, b.x unused; a.k == b.k, the
+// hidden size: a multiple of 8, and m k <= kQuantNormMaxElems).
+
 template <typename T, typename F>
 cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<T>& b, const T* bias_a,
                                    const T* bias_b, T* y_a, T* y_b, int m, int n_a, int n_b, int act_a, int act_b,
-                                   bool pdl, cudaStream_t stream) {
+                                   bool pdl, cudaStream_t stream, const QuantNorm<T>& norm = QuantNorm<T>{}) {
   if (const cudaError_t e = quant_fused_check<T, F>(a, n_a, b, n_b, m); e != cudaSuccess) return e;
+  const bool normed = norm.x != nullptr;
+  if (normed && (a.k != b.k || a.k % 8 != 0 || static_cast<int64_t>(m) * a.k > kQuantNormMaxElems ||
+                 norm.w_a == nullptr || norm.b_a == nullptr || norm.w_b == nullptr || norm.b_b == nullptr))
+    return cudaErrorInvalidValue;
   if (m == 0) return cudaSuccess;
   auto go = [&](auto ct) {
     constexpr int CT = decltype(ct)::value;
     using C = QuantConfig<1, CT>;
     const int blocks_a = ceil_div(n_a, 16 * CT), blocks_b = ceil_div(n_b, 16 * CT);
+    const dim3 grid(blocks_a + blocks_b), block(C::kWarps * 32);
+    if (normed)
+      return launch_kernel(pdl, quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false, true>,
+                           quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true, true>, grid,
+                           block, stream, a, b, bias_a, bias_b, y_a, y_b, m, n_a, n_b, blocks_a, act_a, act_b, norm);
     return launch_kernel(pdl, quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false>,
-                         quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true>,
-                         dim3(blocks_a + blocks_b), dim3(C::kWarps * 32), stream, a, b, bias_a, bias_b, y_a, y_b, m,
-                         n_a, n_b, blocks_a, act_a, act_b);
+                         quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true>, grid, block,
+                         stream, a, b, bias_a, bias_b, y_a, y_b, m, n_a, n_b, blocks_a, act_a, act_b, norm);
   };
   if (F::kGrouped && min(n_a, n_b) >= 8192) return go(std::integral_constant<int, 2>{});
   return go(std::integral_constant<int, 1>{});

@@ -62,7 +62,8 @@ template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv
 // the fused pairs of tiled linears (quant_gemm_pair_kernel, quant_gemm_sum_kernel)
 #define NEOX_RT_INSTANTIATE_QUANT_FUSED(T, F)                                                                     \
   template cudaError_t launch_quant_gemm_pair<T, F>(const QuantOperand<T>&, const QuantOperand<T>&, const T*,        \
-                                                    const T*, T*, T*, int, int, int, int, int, bool, cudaStream_t);   \
+                                                    const T*, T*, T*, int, int, int, int, int, bool, cudaStream_t,    \
+                                                    const QuantNorm<T>&);                                             \
   template cudaError_t launch_quant_gemm_sum<T, F>(const QuantOperand<T>&, const QuantOperand<T>&, const T*,         \
                                                    const T*, const T*, T*, int, int, bool, cudaStream_t);
 NEOX_RT_INSTANTIATE_QUANT(__half)

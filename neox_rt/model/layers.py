@@ -104,6 +104,18 @@ def dual_layernorm(x, ln1: LayerNorm, ln2: LayerNorm):
     return (x, *OPS["dual_layernorm"](x, ln1.weight, ln1.bias, ln2.weight, ln2.bias, ln1.eps))
 
 
+def norm_linear_pair(x, ln1: LayerNorm, ln2: LayerNorm, first: ColumnParallelLinear, second: ColumnParallelLinear,
+                     activation2: str | None):
+    """(x, first(LN1(x)), act2(second(LN2(x)))): the parallel-residual layer's dual LayerNorm and column-parallel
+    pair, one op (a backend may run the LayerNorms inside the pair's launch). ``x`` may be the previous layer's
+    :class:`PendingSum`, reduced and normalised by :func:`dual_layernorm` first."""
+    if isinstance(x, PendingSum):
+        x, a_in, m_in = dual_layernorm(x, ln1, ln2)
+        return (x, *linear_pair(first, a_in, second, m_in, activation2))
+    return (x, *OPS["norm_linear_pair"](x, ln1.weight, ln1.bias, ln2.weight, ln2.bias, ln1.eps, first.weight,
+                                        first.bias, None, second.weight, second.bias, activation2))
+
+
 def linear_pair(first: ColumnParallelLinear, x1, second: ColumnParallelLinear, x2, activation2: str | None):
     """(first(x1), act2(second(x2))): two column-parallel linears of the same layer, one op (a backend may run both
     in one launch)."""

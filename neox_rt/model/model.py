@@ -12,7 +12,7 @@ from torch import nn
 
 from neox_rt.model.config import NeoXConfig
 from neox_rt.model.layers import (ColumnParallelLinear, LayerNorm, RowParallelLinear, VocabParallelEmbedding,
-                                  dual_layernorm, linear_pair, row_parallel_sum)
+                                  norm_linear_pair, row_parallel_sum)
 from neox_rt.ops.reference import rotary_tables, softmax_scale
 from neox_rt.ops.table import OPS
 from neox_rt.parallel.context import SINGLE, TensorParallel, check_tp_size, padded_vocab_size
@@ -128,8 +128,7 @@ class Layer(nn.Module):
         if self.parallel:
             # x = x + attn(ln1(x)) + mlp(ln2(x)), ONE all-reduce; the residual and the row-parallel biases ride in the
             # output projections' epilogue
-            x, a_in, m_in = dual_layernorm(x, ln1, ln2)
-            qkv, up = linear_pair(att.query_key_value, a_in, mlp.dense_h_to_4h, m_in, mlp.act)
+            x, qkv, up = norm_linear_pair(x, ln1, ln2, att.query_key_value, mlp.dense_h_to_4h, mlp.act)
             ctx = att.attend(qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens, paged)  # [b, s, nh*hd]
             return row_parallel_sum(self.tp, att.dense, ctx, mlp.dense_4h_to_h, up, residual=x,
                                     defer_all_reduce=defer_all_reduce,

@@ -99,9 +99,11 @@ QUANT_VARIANT = _env_int("NEOX_RT_QUANT_VARIANT", 0, 0, QUANT_VARIANT_LAST)
 QUANT_TILED = _env_int("NEOX_RT_QUANT_TILED", 1, 0, 1)
 # A parallel-residual layer's pairs of tiled linears in one launch each (linear_pair: QKV and h->4h; linear_sum:
 # dense and 4h->h, summed; quant_gemm_pair_kernel / quant_gemm_sum_kernel) at up to QUANT_FUSED_MAX_ROWS rows with
-# the auto variant: 1 (default), 0 two launches each (A/B runs).
-QUANT_FUSED = _env_int("NEOX_RT_QUANT_FUSED", 1, 0, 1)
+# the auto variant, and the dual LayerNorm inside the pair's launch (norm_linear_pair) where the rows' normalised x
+# fits the kernel's shared memory: 2 (default) both, 1 the pairs only, 0 neither (A/B runs).
+QUANT_FUSED = _env_int("NEOX_RT_QUANT_FUSED", 2, 0, 2)
 QUANT_FUSED_MAX_ROWS = 8  # quant_fused_max_rows()
+QUANT_NORM_MAX_ELEMS = 16384  # kQuantNormMaxElems: rows x hidden normalised in shared memory
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -173,6 +175,11 @@ def _register_fakes() -> None:
     def _(x1, qweight1, scales1, out_features1, group_size1, bias1, activation1, x2, qweight2, scales2, out_features2,
           group_size2, bias2, activation2, bits, pdl=False):
         return x1.new_empty((*x1.shape[:-1], out_features1)), x2.new_empty((*x2.shape[:-1], out_features2))
+
+    @lib.register_fake("neox_rt::quant_linear_tiled_norm_pair")
+    def _(x, ln_weight1, ln_bias1, ln_weight2, ln_bias2, eps, qweight1, scales1, out_features1, group_size1, bias1,
+          activation1, qweight2, scales2, out_features2, group_size2, bias2, activation2, bits, pdl=False):
+        return x.new_empty((*x.shape[:-1], out_features1)), x.new_empty((*x.shape[:-1], out_features2))
 
     @lib.register_fake("neox_rt::quant_linear_tiled_sum")
     def _(x1, qweight1, scales1, group_size1, x2, qweight2, scales2, group_size2, out_features, bits, bias1, bias2,
@@ -262,6 +269,17 @@ def tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     bits = 4 if isinstance(w1, TiledInt4Weight) else 8
     return torch.ops.neox_rt.quant_linear_tiled_sum(x1, q1, s1, g1, x2, q2, s2, g2, w1.out_features, bits, bias1,
                                                     bias2, residual, PDL)
+
+
+def tiled_norm_linear_pair(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2, b2, act2):
+    """The ``norm_linear_pair`` op for two tiled weights of one format: the dual LayerNorm and both linears in one
+    launch (each block normalises x for its own linear in shared memory)."""
+    q1, s1, g1 = _tiled_args(w1)
+    q2, s2, g2 = _tiled_args(w2)
+    bits = 4 if isinstance(w1, TiledInt4Weight) else 8
+    return tuple(torch.ops.neox_rt.quant_linear_tiled_norm_pair(
+        x, ln_w1, ln_b1, ln_w2, ln_b2, float(eps), q1, s1, w1.out_features, g1, b1, ACTIVATIONS[act1], q2, s2,
+        w2.out_features, g2, b2, ACTIVATIONS[act2], bits, PDL))
 
 
 def linear_pair(x1, w1, b1, act1, x2, w2, b2, act2):
@@ -486,6 +504,19 @@ def supports_tiled_linear_pair(x1, w1, b1, act1, x2, w2, b2, act2) -> bool:
             and supports_tiled_linear(x2, w2, b2, act2))
 
 
+def supports_tiled_norm_linear_pair(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2, b2, act2) -> bool:
+    """As :func:`supports_tiled_linear_pair` with x for both linears, QUANT_FUSED 2, a hidden size that is a multiple
+    of 8, rows x hidden up to QUANT_NORM_MAX_ELEMS, and LayerNorm parameters [hidden] of x's dtype on its device,
+    contiguous and 16-byte aligned."""
+    if QUANT_FUSED < 2 or not supports_tiled_linear_pair(x, w1, b1, act1, x, w2, b2, act2):
+        return False
+    k = x.shape[-1]
+    params = (ln_w1, ln_b1, ln_w2, ln_b2)
+    return (k % 8 == 0 and x.numel() <= QUANT_NORM_MAX_ELEMS
+            and all(isinstance(p, torch.Tensor) and p.dtype == x.dtype and p.device == x.device and p.is_contiguous()
+                    and p.shape == (k,) for p in params) and _aligned16(*params))
+
+
 def supports_tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None) -> bool:
     """As :func:`supports_tiled_linear_pair`, the two weights of the same out_features, the residual of the output's
     shape."""
@@ -595,6 +626,8 @@ IMPLS = {
     # the fp16 GEMV pairs for tensor weights, then the quantized pairs for tiled weights
     "linear_pair": [(linear_pair, supports_linear_pair), (tiled_linear_pair, supports_tiled_linear_pair)],
     "linear_sum": [(linear_sum, supports_linear_sum), (tiled_linear_sum, supports_tiled_linear_sum)],
+    # the quantized pair with the dual LayerNorm in its launch; tensor weights go to the reference's two ops
+    "norm_linear_pair": (tiled_norm_linear_pair, supports_tiled_norm_linear_pair),
     "rotary_kv_write": (rotary_kv_write, supports_rotary_kv_write),
     "decode_attention": (decode_attention, supports_decode_attention),
     "paged_decode_attention": (paged_decode_attention, supports_paged_decode_attention),

@@ -4,7 +4,7 @@ An :class:`Op` holds the implementations a backend registered, each with a cheap
 call runs the first implementation that accepts its arguments, else the reference (:mod:`neox_rt.ops.reference`).
 Which backend's implementations an op holds is decided once, by :func:`neox_rt.ops.backends.select_backend`. The
 two pair ops of the parallel-residual layer fall back to two calls of the ``linear`` op, so each half still runs on
-the linear's kernels.
+the linear's kernels, and ``norm_linear_pair`` (the dual LayerNorm, then ``linear_pair``) to those two ops.
 """
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def linear_sum_ref(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     the second's residual (each rounded to the dtype; a fused backend sums in fp32 and rounds once).
     """
     return OPS["linear"](x2, w2, bias2, residual=OPS["linear"](x1, w1, bias1, residual=residual))
+
+def norm_linear_pair_ref(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2, b2, act2):
+    """The parallel-residual layer's dual LayerNorm and its column-parallel pair as one op:
+    (act1(LN1(x) @ w1.T + b1), act2(LN2(x) @ w2.T + b2)), so that a backend runs the LayerNorms inside the pair's
+    launch. This fallback calls the ``dual_layernorm`` and ``linear_pair`` ops (each served by its backend)."""
+    a, m = OPS["dual_layernorm"](x, ln_w1, ln_b1, ln_w2, ln_b2, eps)
+    return OPS["linear_pair"](a, w1, b1, act1, m, w2, b2, act2)
+
 
 @dataclass
 class Op:
@@ -77,6 +85,7 @@ OPS: dict[str, Op] = {
     "linear": Op("linear", linear_ref),
     "linear_pair": Op("linear_pair", linear_pair_ref),
     "linear_sum": Op("linear_sum", linear_sum_ref),
+    "norm_linear_pair": Op("norm_linear_pair", norm_linear_pair_ref),
     "rotary_kv_write": Op("rotary_kv_write", rotary_kv_write_ref),
     "attention": Op("attention", attention_ref),
     "decode_attention": Op("decode_attention", decode_attention_ref),
