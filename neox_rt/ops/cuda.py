@@ -12,7 +12,9 @@ forms that :func:`prepare_linear_weight` makes at load, ``quant_linear_int8`` fo
 :class:`~neox_rt.quant.formats.Int8Weight`, ``quant_linear_int4`` for an :class:`~neox_rt.quant.formats.Int4Weight`;
 csrc/kernels/quant_gemm.cuh): 1-``QUANT_MAX_ROWS`` rows of x on tensor cores, W dequantized in registers exactly as
 ``dequantize(x.dtype)`` does, bias, activation and residual fused. Each predicate rejects the others' weights; what
-they all decline goes to the Triton kernels (the ``cuda+triton`` default) or the reference.
+they all decline goes to the Triton kernels (the ``cuda+triton`` default) or the reference. For the tiled forms, the
+parallel-residual layer's pairs run in one launch each (``norm_linear_pair``: the dual LayerNorm, QKV and h->4h;
+``linear_sum``: dense and 4h->h summed) up to ``QUANT_FUSED_MAX_ROWS`` rows.
 """
 from __future__ import annotations
 
