@@ -752,8 +752,11 @@ quant_gemm_sum_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict_
   zero_acc(acc);
   quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
       a.x, a.qweight, a.scales, nullptr, m, n, a.k, a.group_size, f0, PDL, acc);
+  // b's row offsets are computed after a's loop (an opaque k: hoisted above it, they spilled a register there)
+  int kb;
+  asm volatile("mov.b32 %0, %1;" : "=r"(kb) : "r"(b.k));
   quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
-      b.x, b.qweight, b.scales, nullptr, m, n, b.k, b.group_size, f0, false, acc);
+      b.x, b.qweight, b.scales, nullptr, m, n, kb, b.group_size, f0, false, acc);
   quant_gemm_store<T, F, NT, CT, WARPS, true, false>(acc, partial, a.scales, bias_a, bias_b, residual, y, m, n, f0,
                                                      0);
 }
