@@ -105,7 +105,12 @@ QUANT_TILED = _env_int("NEOX_RT_QUANT_TILED", 1, 0, 1)
 # fits the kernel's shared memory: 2 (default) both, 1 the pairs only, 0 neither (A/B runs).
 QUANT_FUSED = _env_int("NEOX_RT_QUANT_FUSED", 2, 0, 2)
 QUANT_FUSED_MAX_ROWS = 8  # quant_fused_max_rows()
-QUANT_NORM_MAX_ELEMS = 16384  # kQuantNormMaxElems: rows x hidden normalised in shared memory
+QUANT_NORM_MAX_ELEMS = 16384  # kQuantNormMaxElems: rows x hidden the kernel normalises in shared memory
+# ... and what the op table sends it: every pair block normalises x for itself, so the LayerNorm's work grows with
+# hidden x blocks (~hidden^2) and with the rows (normalised one after another), while the kernel boundary it saves is
+# fixed. On one H100 (bench/NOTES.md session 19) it gained at one row of hidden 2048 (1.4b int4 0.83 -> 0.79 ms a
+# token) and lost at hidden 6144 (20B int4 5.07 -> 5.31) and at 8 rows of 2048 (1.4b batch 8): at most 2560 values.
+QUANT_NORM_AUTO_MAX_ELEMS = 2560
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -508,13 +513,14 @@ def supports_tiled_linear_pair(x1, w1, b1, act1, x2, w2, b2, act2) -> bool:
 
 def supports_tiled_norm_linear_pair(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2, b2, act2) -> bool:
     """As :func:`supports_tiled_linear_pair` with x for both linears, QUANT_FUSED 2, a hidden size that is a multiple
-    of 8, rows x hidden up to QUANT_NORM_MAX_ELEMS, and LayerNorm parameters [hidden] of x's dtype on its device,
-    contiguous and 16-byte aligned."""
+    of 8, rows x hidden up to QUANT_NORM_AUTO_MAX_ELEMS (where it measured faster; the kernel takes up to
+    QUANT_NORM_MAX_ELEMS), and LayerNorm parameters [hidden] of x's dtype on its device, contiguous and 16-byte
+    aligned."""
     if QUANT_FUSED < 2 or not supports_tiled_linear_pair(x, w1, b1, act1, x, w2, b2, act2):
         return False
     k = x.shape[-1]
     params = (ln_w1, ln_b1, ln_w2, ln_b2)
-    return (k % 8 == 0 and x.numel() <= QUANT_NORM_MAX_ELEMS
+    return (k % 8 == 0 and x.numel() <= min(QUANT_NORM_AUTO_MAX_ELEMS, QUANT_NORM_MAX_ELEMS)
             and all(isinstance(p, torch.Tensor) and p.dtype == x.dtype and p.device == x.device and p.is_contiguous()
                     and p.shape == (k,) for p in params) and _aligned16(*params))
 
