@@ -101,8 +101,8 @@ QUANT_VARIANT = _env_int("NEOX_RT_QUANT_VARIANT", 0, 0, QUANT_VARIANT_LAST)
 QUANT_TILED = _env_int("NEOX_RT_QUANT_TILED", 1, 0, 1)
 # A parallel-residual layer's pairs of tiled linears in one launch each (linear_pair: QKV and h->4h; linear_sum:
 # dense and 4h->h, summed; quant_gemm_pair_kernel / quant_gemm_sum_kernel) at up to QUANT_FUSED_MAX_ROWS rows with
-# the auto variant, and the dual LayerNorm inside the pair's launch (norm_linear_pair) where the rows' normalised x
-# fits the kernel's shared memory: 2 (default) both, 1 the pairs only, 0 neither (A/B runs).
+# the auto variant, and the dual LayerNorm inside the pair's launch (norm_linear_pair) where x is small
+# (QUANT_NORM_AUTO_MAX_ELEMS): 2 (default) both, 1 the pairs only, 0 neither (A/B runs).
 QUANT_FUSED = _env_int("NEOX_RT_QUANT_FUSED", 2, 0, 2)
 QUANT_FUSED_MAX_ROWS = 8  # quant_fused_max_rows()
 QUANT_NORM_MAX_ELEMS = 16384  # kQuantNormMaxElems: rows x hidden the kernel normalises in shared memory
