@@ -241,12 +241,16 @@ at::Tensor quant_linear_tiled(const at::Tensor& x, const at::Tensor& qweight, co
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_pair(
-    const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1, int64_t out_features1,
-    int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1, const at::Tensor& x2,
-    const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2, int64_t group_size2,
-    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl) {
-  constexpr const char* op = "quant_linear_tiled_pair";
+namespace {
+
+// The pair's launch (quant_linear_tiled_pair), or with the dual LayerNorm before it where `ln` holds its four
+// parameters (checked by the caller; x2 is then x1): the operands checked, the outputs allocated, the kernel launched.
+std::tuple<at::Tensor, at::Tensor> launch_tiled_pair(
+    const char* op, const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1,
+    int64_t out_features1, int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1,
+    const at::Tensor& x2, const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2,
+    int64_t group_size2, const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl,
+    const at::Tensor* const* ln = nullptr, double eps = 0.0) {
   const auto shape1 = check_tiled(x1, qweight1, scales1, out_features1, bits, group_size1, bias1, activation1,
                                   std::nullopt, 0, op);
   const auto shape2 = check_tiled(x2, qweight2, scales2, out_features2, bits, group_size2, bias2, activation2,
@@ -261,58 +265,10 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_pair(
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const auto a = tiled_operand<scalar_t>(x1, qweight1, scales1, bits, group_size1);
     const auto b = tiled_operand<scalar_t>(x2, qweight2, scales2, bits, group_size2);
-    const scalar_t* b1 = bias1.has_value() ? ptr<scalar_t>(*bias1) : nullptr;
-    const scalar_t* b2 = bias2.has_value() ? ptr<scalar_t>(*bias2) : nullptr;
-    auto go = [&](auto launch) {
-      check_cuda(launch(a, b, b1, b2, ptr<scalar_t>(y1), ptr<scalar_t>(y2), static_cast<int>(m),
-                        static_cast<int>(out_features1), static_cast<int>(out_features2),
-                        static_cast<int>(activation1), static_cast<int>(activation2), use_pdl, stream,
-                        QuantNorm<scalar_t>{}),
-                 op);
-    };
-    if (bits == 4) go(launch_quant_gemm_pair<scalar_t, QuantInt4>);
-    else go(launch_quant_gemm_pair<scalar_t, QuantInt8>);
-  };
-  if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
-  else run(static_cast<__nv_bfloat16*>(nullptr));
-  return {y1, y2};
-}
-
-std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_norm_pair(
-    const at::Tensor& x, const at::Tensor& ln_weight1, const at::Tensor& ln_bias1, const at::Tensor& ln_weight2,
-    const at::Tensor& ln_bias2, double eps, const at::Tensor& qweight1, const at::Tensor& scales1,
-    int64_t out_features1, int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1,
-    const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2, int64_t group_size2,
-    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl) {
-  constexpr const char* op = "quant_linear_tiled_norm_pair";
-  const auto shape1 = check_tiled(x, qweight1, scales1, out_features1, bits, group_size1, bias1, activation1,
-                                  std::nullopt, 0, op);
-  const auto shape2 = check_tiled(x, qweight2, scales2, out_features2, bits, group_size2, bias2, activation2,
-                                  std::nullopt, 0, op);
-  check_fused_pair(x, x, op);
-  const int64_t k = x.size(-1), m = x.numel() / k;
-  const at::Tensor* params[] = {&ln_weight1, &ln_bias1, &ln_weight2, &ln_bias2};
-  for (const at::Tensor* p : params) {
-    CHECK_SAME_DEVICE(x, *p, "x", "LayerNorm parameters");
-    CHECK_CONTIGUOUS(*p, "LayerNorm parameters");
-    CHECK_DTYPE(*p, x.scalar_type(), "LayerNorm parameters");
-    TORCH_CHECK(p->dim() == 1 && p->size(0) == k, "neox_rt: ", op, " LayerNorm parameters must have shape [", fmt(k),
-                "], got ", fmt(p->sizes()));
-    TORCH_CHECK(aligned16(*p), "neox_rt: ", op, " needs 16-byte aligned LayerNorm parameters");
-  }
-  TORCH_CHECK(k % 8 == 0 && m * k <= kQuantNormMaxElems, "neox_rt: ", op, " normalises in shared memory at most ",
-              fmt(kQuantNormMaxElems), " values of x (rows x hidden, hidden a multiple of 8), got ", fmt(m),
-              " rows of ", fmt(k));
-  const c10::cuda::CUDAGuard guard(x.device());
-  const bool use_pdl = pdl && pdl_supported();
-  auto y1 = at::empty(shape1, x.options()), y2 = at::empty(shape2, x.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto run = [&](auto* tag) {
-    using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    const auto a = tiled_operand<scalar_t>(x, qweight1, scales1, bits, group_size1);
-    const auto b = tiled_operand<scalar_t>(x, qweight2, scales2, bits, group_size2);
-    const QuantNorm<scalar_t> norm{ptr<scalar_t>(x), ptr<scalar_t>(ln_weight1), ptr<scalar_t>(ln_bias1),
-                                   ptr<scalar_t>(ln_weight2), ptr<scalar_t>(ln_bias2), static_cast<float>(eps)};
+    QuantNorm<scalar_t> norm{};
+    if (ln != nullptr)
+      norm = {ptr<scalar_t>(x1), ptr<scalar_t>(*ln[0]), ptr<scalar_t>(*ln[1]), ptr<scalar_t>(*ln[2]),
+              ptr<scalar_t>(*ln[3]), static_cast<float>(eps)};
     const scalar_t* b1 = bias1.has_value() ? ptr<scalar_t>(*bias1) : nullptr;
     const scalar_t* b2 = bias2.has_value() ? ptr<scalar_t>(*bias2) : nullptr;
     auto go = [&](auto launch) {
@@ -324,9 +280,47 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_norm_pair(
     if (bits == 4) go(launch_quant_gemm_pair<scalar_t, QuantInt4>);
     else go(launch_quant_gemm_pair<scalar_t, QuantInt8>);
   };
-  if (x.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
+  if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
   else run(static_cast<__nv_bfloat16*>(nullptr));
   return {y1, y2};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_pair(
+    const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1, int64_t out_features1,
+    int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1, const at::Tensor& x2,
+    const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2, int64_t group_size2,
+    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl) {
+  return launch_tiled_pair("quant_linear_tiled_pair", x1, qweight1, scales1, out_features1, group_size1, bias1,
+                           activation1, x2, qweight2, scales2, out_features2, group_size2, bias2, activation2, bits,
+                           pdl);
+}
+
+std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_norm_pair(
+    const at::Tensor& x, const at::Tensor& ln_weight1, const at::Tensor& ln_bias1, const at::Tensor& ln_weight2,
+    const at::Tensor& ln_bias2, double eps, const at::Tensor& qweight1, const at::Tensor& scales1,
+    int64_t out_features1, int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1,
+    const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2, int64_t group_size2,
+    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl) {
+  constexpr const char* op = "quant_linear_tiled_norm_pair";
+  CHECK_CUDA(x, "x");
+  TORCH_CHECK(x.dim() >= 1, "neox_rt: ", op, " needs x [..., hidden], got ", fmt(x.sizes()));
+  const int64_t k = x.size(-1), m = k == 0 ? 0 : x.numel() / k;
+  const at::Tensor* const params[] = {&ln_weight1, &ln_bias1, &ln_weight2, &ln_bias2};
+  for (const at::Tensor* p : params) {
+    CHECK_SAME_DEVICE(x, *p, "x", "LayerNorm parameters");
+    CHECK_CONTIGUOUS(*p, "LayerNorm parameters");
+    CHECK_DTYPE(*p, x.scalar_type(), "LayerNorm parameters");
+    TORCH_CHECK(p->dim() == 1 && p->size(0) == k, "neox_rt: ", op, " LayerNorm parameters must have shape [", fmt(k),
+                "], got ", fmt(p->sizes()));
+    TORCH_CHECK(aligned16(*p), "neox_rt: ", op, " needs 16-byte aligned LayerNorm parameters");
+  }
+  TORCH_CHECK(k % 8 == 0 && m * k <= kQuantNormMaxElems, "neox_rt: ", op, " normalises in shared memory at most ",
+              fmt(kQuantNormMaxElems), " values of x (rows x hidden, hidden a multiple of 8), got ", fmt(m),
+              " rows of ", fmt(k));
+  return launch_tiled_pair(op, x, qweight1, scales1, out_features1, group_size1, bias1, activation1, x, qweight2,
+                           scales2, out_features2, group_size2, bias2, activation2, bits, pdl, params, eps);
 }
 
 at::Tensor quant_linear_tiled_sum(const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1,
