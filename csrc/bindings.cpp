@@ -12,6 +12,9 @@ TORCH_LIBRARY(neox_rt, m) {
         "Tensor(a!) k_cache, Tensor(b!) v_cache, bool pdl=False) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float scale, bool pdl=False, "
         "int blocks_per_sm=0, bool merge_kernel=False, int variant=0) -> Tensor");
+  m.def("rotary_decode_attention(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, int rotary_ndims, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor seqlens, float scale, bool pdl=False, int blocks_per_sm=0, "
+        "bool merge_kernel=False, int variant=0) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seqlens, "
         "float scale, bool pdl=False, int blocks_per_sm=0, bool merge_kernel=False) -> Tensor");
   m.def("layernorm(Tensor x, Tensor weight, Tensor bias, float eps, bool pdl=False) -> Tensor");
@@ -51,6 +54,7 @@ TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
   m.impl("scaled_causal_softmax", &neox_rt::scaled_causal_softmax);
   m.impl("rotary_kv_write", &neox_rt::rotary_kv_write);
   m.impl("decode_attention", &neox_rt::decode_attention);
+  m.impl("rotary_decode_attention", &neox_rt::rotary_decode_attention);
   m.impl("paged_decode_attention", &neox_rt::paged_decode_attention);
   m.impl("layernorm", &neox_rt::layernorm);
   m.impl("dual_layernorm", &neox_rt::dual_layernorm);

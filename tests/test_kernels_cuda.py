@@ -46,8 +46,8 @@ def test_compile_check_sources_exist():
     # Every op registered in bindings.cpp has a Python wrapper and a fake implementation.
     bindings = open(os.path.join(REPO, "csrc", "bindings.cpp")).read()
     cuda_ops_src = open(os.path.join(REPO, "neox_rt", "ops", "cuda.py")).read()
-    for name in ("scaled_causal_softmax", "rotary_kv_write", "decode_attention", "layernorm", "dual_layernorm",
-                 "gemv"):
+    for name in ("scaled_causal_softmax", "rotary_kv_write", "decode_attention", "rotary_decode_attention",
+                 "layernorm", "dual_layernorm", "gemv"):
         assert f'm.impl("{name}"' in bindings
         assert f'register_fake("neox_rt::{name}")' in cuda_ops_src
 
@@ -84,6 +84,30 @@ def test_supports_rejects_cpu_tensors():
     q = torch.randn(1, 2, 64)
     cache = torch.randn(1, 2, 8, 64)
     assert not cuda_ops.supports_decode_attention(q, cache, cache, torch.tensor([3]), 0.1)
+
+
+def test_rotary_decode_attention_predicate_and_fallback(monkeypatch):
+    """The fused op's predicate refuses CPU tensors, a step of more than one token and NEOX_RT_DECODE_ROTARY_FUSED=0;
+    its fallback (on CPU: the reference ops) writes the caches at the new slots as rotary_kv_write does and returns
+    decode_attention over them."""
+    from neox_rt.ops import cuda as cuda_ops
+    b, nh, hd, rd, T = 3, 2, 32, 8, 12
+    cos, sin = ops.rotary_tables(rd, 64, 10000.0, "cpu")
+    qkv = torch.randn(b, 1, nh * 3 * hd)
+    pos = torch.tensor([[0], [5], [T - 1]])
+    seqlens = torch.tensor([1, 6, T])
+    kc, vc = torch.randn(b, nh, T, hd), torch.randn(b, nh, T, hd)
+    args = (qkv, pos, cos, sin, rd, kc, vc, seqlens, hd ** -0.5)
+    assert not cuda_ops.supports_rotary_decode_attention(*args)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    out = ops.OPS["rotary_decode_attention"](*args)
+    q = ops.rotary_kv_write_ref(qkv, pos, cos, sin, rd, k_ref, v_ref)
+    assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref)
+    assert torch.equal(out, ops.decode_attention_ref(q[:, 0], k_ref, v_ref, seqlens, hd ** -0.5))
+    assert out.shape == (b, nh, hd)
+    assert not torch.equal(kc[0, :, 0], torch.zeros(nh, hd))
+    monkeypatch.setattr(cuda_ops, "DECODE_ROTARY_FUSED", 0)
+    assert not cuda_ops.supports_rotary_decode_attention(*args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,6 +289,102 @@ def test_decode_attention_cuda_graph(ext):
         ref = ops.decode_attention_ref(q, kc, vc, seqlens, 0.1)
         ref64 = ops.decode_attention_ref(q.double(), kc.double(), vc.double(), seqlens, 0.1)
         assert_by_rule(out, ref64, ref, f"graph replay {lens}")
+
+
+def _rotary_decode_case(dtype, hd, b=6, nh=3, T=700, max_pos=1024):
+    """A decode step's inputs: positions at 0, inside the first split, at split-ish boundaries, at the last slot
+    and one past the cache (not written; its length the capacity); random old cache contents."""
+    rd = ROTARY[hd]
+    cos, sin = ops.rotary_tables(rd, max_pos, 10000.0, "cuda")
+    qkv = rand(b, 1, nh * 3 * hd, dtype=dtype)
+    p = torch.tensor([0, 3, 127, 128, T - 1, T + 5][:b], device="cuda")
+    seqlens = torch.clamp(p + 1, max=T)
+    kc, vc = rand(b + 1, nh, T, hd, dtype=dtype), rand(b + 1, nh, T, hd, dtype=dtype)
+    return qkv, p[:, None].contiguous(), cos, sin, rd, kc, vc, seqlens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("hd", HEAD_SIZES)
+@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl,variant", [
+    (0, False, True, 0), (1, False, False, 1), (64, True, True, 2), (64, False, False, 2)])
+def test_rotary_decode_attention_equals_two_kernels(ext, dtype, hd, blocks_per_sm, merge_kernel, pdl, variant):
+    """rotary_decode_attention (rotary + KV write inside decode attention) gives the bits of rotary_kv_write, then
+    decode_attention, with the same split plan: output, k cache and v cache (slots outside the cache untouched),
+    every head size (rotary dims 8-64, partners not vector-aligned at 80 and 96), one split or many, both merges,
+    PDL on and off, both step schemes; and it follows the rule against the fp64 reference."""
+    from neox_rt.ops import cuda as cuda_ops
+    qkv, pos, cos, sin, rd, kc, vc, seqlens = _rotary_decode_case(dtype, hd)
+    scale = hd ** -0.5
+    saved = cuda_ops.PDL
+    try:
+        cuda_ops.PDL = pdl
+        k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        q = cuda_ops.rotary_kv_write(qkv, pos, cos, sin, rd, k1, v1)
+        out1 = cuda_ops.decode_attention(q[:, 0], k1, v1, seqlens, scale, blocks_per_sm=blocks_per_sm,
+                                         merge_kernel=merge_kernel, variant=variant)
+        for _ in range(2):  # repeated: the ticket counters are zero again after each launch
+            out2 = cuda_ops.rotary_decode_attention(qkv, pos, cos, sin, rd, k2, v2, seqlens, scale,
+                                                    blocks_per_sm=blocks_per_sm, merge_kernel=merge_kernel,
+                                                    variant=variant)
+            assert out2.shape == (qkv.shape[0], kc.shape[1], hd) and out2.dtype == dtype
+            assert torch.equal(out2, out1), f"hd={hd}: the fused output differs from the two kernels'"
+            assert torch.equal(k2, k1) and torch.equal(v2, v1), f"hd={hd}: the caches differ"
+    finally:
+        cuda_ops.PDL = saved
+    assert not torch.equal(k2, kc), "nothing written"
+    # row 5's position is past the cache and row 6 is not in the batch: nothing written there
+    assert torch.equal(k2[5:], kc[5:]) and torch.equal(v2[5:], vc[5:]), "a slot outside the cache was written"
+    if dtype != torch.float32:  # the rows inside the cache (the reference indexes the cache at the position)
+        n = 5
+        k64, v64 = kc.double(), vc.double()
+        q64 = ops.rotary_kv_write_ref(qkv[:n].double(), pos[:n], cos.double(), sin.double(), rd, k64, v64)
+        ref64 = ops.decode_attention_ref(q64[:, 0], k64, v64, seqlens[:n], scale)
+        kr, vr = kc.clone(), vc.clone()
+        qr = ops.rotary_kv_write_ref(qkv[:n], pos[:n], cos, sin, rd, kr, vr)
+        ref = ops.decode_attention_ref(qr[:, 0], kr, vr, seqlens[:n], scale)
+        assert_by_rule(out2[:n], ref64, ref, f"rotary decode hd={hd}")
+
+
+@pytest.mark.gpu
+def test_rotary_decode_attention_cuda_graph(ext):
+    """Captured once, replayed with the next positions and lengths (graph inputs): each replay writes its new slot
+    and attends over it, as the two kernels do eagerly."""
+    from neox_rt.ops import cuda as cuda_ops
+    qkv, pos, cos, sin, rd, kc, vc, seqlens = _rotary_decode_case(torch.float16, 96, b=2, T=600)
+    pos.copy_(torch.tensor([[4], [8]]))
+    seqlens.copy_(pos[:, 0] + 1)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    cuda_ops.rotary_decode_attention(qkv, pos, cos, sin, rd, kc, vc, seqlens, 0.1)  # warm up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = cuda_ops.rotary_decode_attention(qkv, pos, cos, sin, rd, kc, vc, seqlens, 0.1)
+    for step in ([5, 9], [6, 599], [300, 10]):
+        pos.copy_(torch.tensor(step)[:, None])
+        seqlens.copy_(pos[:, 0] + 1)
+        qkv.copy_(rand(*qkv.shape))
+        g.replay()
+        q = cuda_ops.rotary_kv_write(qkv, pos, cos, sin, rd, k_ref, v_ref)
+        want = cuda_ops.decode_attention(q[:, 0], k_ref, v_ref, seqlens, 0.1)
+        assert torch.equal(out, want), f"replay {step}"
+    k_ref[:, :, 4], v_ref[:, :, 4] = kc[:, :, 4], vc[:, :, 4]  # written by the warm-up launch only
+    k_ref[:, :, 8], v_ref[:, :, 8] = kc[:, :, 8], vc[:, :, 8]
+    assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref)
+
+
+@pytest.mark.gpu
+def test_rotary_decode_attention_bad_input(ext):
+    """Shapes the kernel cannot take are refused with a message naming the problem."""
+    qkv, pos, cos, sin, rd, kc, vc, seqlens = _rotary_decode_case(torch.float16, 64, b=2)
+    with pytest.raises(RuntimeError, match="one new token a sequence"):
+        ext.rotary_decode_attention(qkv.repeat(1, 2, 1), pos.repeat(1, 2), cos, sin, rd, kc, vc, seqlens, 0.1)
+    with pytest.raises(RuntimeError, match="rotary_ndims"):
+        ext.rotary_decode_attention(qkv, pos, cos, sin, rd + 1, kc, vc, seqlens, 0.1)
+    with pytest.raises(RuntimeError, match="nh\\*3\\*hd"):
+        ext.rotary_decode_attention(qkv[..., :-64].contiguous(), pos, cos, sin, rd, kc, vc, seqlens, 0.1)
+    with pytest.raises(RuntimeError, match="positions"):
+        ext.rotary_decode_attention(qkv, pos[:, 0].contiguous(), cos, sin, rd, kc, vc, seqlens, 0.1)
 
 
 @pytest.mark.gpu
@@ -535,6 +655,9 @@ def test_opcheck(ext):
     torch.library.opcheck(ext.decode_attention, (q, kc, vc, torch.tensor([5, 32], device="cuda"), 0.125),
                           test_utils=tests)
     torch.library.opcheck(ext.rotary_kv_write, (qkv, pos, cos, sin, 16, kc, vc), test_utils=tests)
+    torch.library.opcheck(ext.rotary_decode_attention, (qkv[:, :1].contiguous(), pos[:, :1].contiguous(), cos, sin,
+                                                        16, kc, vc, torch.tensor([1, 2], device="cuda"), 0.125),
+                          test_utils=tests)
     torch.library.opcheck(ext.scaled_causal_softmax, (rand(2, 4, 3, 9), pos, 0.1), test_utils=tests)
     torch.library.opcheck(ext.layernorm, (x, w, w, 1e-5), test_utils=tests)
     torch.library.opcheck(ext.dual_layernorm, (x, w, w, w, w, 1e-5), test_utils=tests)
@@ -551,7 +674,7 @@ def test_backend_registers_ops(ext):
         assert ops.select_backend("cuda", "cuda") == "cuda"
         backends = ops.active_backends()
         for name in ("layernorm", "dual_layernorm", "linear", "linear_pair", "linear_sum", "rotary_kv_write",
-                     "decode_attention", "attention"):
+                     "decode_attention", "rotary_decode_attention", "attention"):
             assert backends[name] == "cuda", name
     finally:
         ops.reset()

@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "rotary_kv_write.cuh"  // rotate_dims (the fused rotary of rotary_decode_attention)
 
 namespace neox_rt {
 
@@ -206,11 +207,32 @@ struct ContiguousKeys {
   __device__ __forceinline__ void publish() const {}
 };
 
+// The new token of a decode step, for decode_split_block: NoNewToken (q given, rotated, the new k and v already in
+// the cache: decode_attention) or DecodeNewToken (rotary_decode_attention: rotary + KV write fused into the attention
+// launch). With DecodeNewToken every block reads its head's q from the QKV projection's output and rotates it (the
+// same bits as rotary_kv_write), and the block whose split holds the new slot positions[i] rotates k, writes k and v
+// there and passes a block barrier before its first key load; slots outside the cache are not written (as
+// rotary_kv_write), and no other block reads that slot. One kernel boundary a layer fewer.
+struct NoNewToken {};
+template <typename T>
+struct DecodeNewToken {
+  const T* qkv;               // [b, nh * 3 * HD]: head h's q, k, v at h * 3 * HD + {0, 1, 2} * HD
+  const int64_t* positions;   // [b]: the new token's cache slot and rotary position
+  const float* cos_table;     // [max_pos, rd / 2]
+  const float* sin_table;     // [max_pos, rd / 2]
+  T* k_cache;                 // [B, nh, T, HD]: written at the new slot
+  T* v_cache;
+  int rd;                     // rotary dims (even, <= HD)
+  int64_t max_pos;            // rows of the tables (positions past them use the last row, as rotary_kv_write)
+};
+
 // The split kernel's work for block (split, h, i), with the keys where `kv` says (ContiguousKeys or PagedKeys).
-template <typename T, int HD, bool PDL, bool PIPE, int OPT, typename Keys, typename Len>
+template <typename T, int HD, bool PDL, bool PIPE, int OPT, typename Keys, typename Len, typename NewToken = NoNewToken>
 __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const Len* seqlens, T* out, float* part_out,
                                                    float* part_ml, int* counters, int nh, int64_t capacity,
-                                                   int split_len, int splits, float scale_log2) {
+                                                   int split_len, int splits, float scale_log2,
+                                                   const NewToken& nt = NewToken()) {
+  constexpr bool ROT = !std::is_same<NewToken, NoNewToken>::value;
   using L = DecodeLayout<T, HD, PIPE, OPT>;
   constexpr int VEC = L::VEC, VPK = L::VPK, LPK = L::LPK, VPL = L::VPL, G = L::G, N = L::N;
   constexpr int NW = kDecodeThreads / 32;
@@ -231,13 +253,23 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
   // before its first K/V loads, not two.
   // Both through the L2 only (__ldcg): with PDL the previous kernels may still be running when this one starts.
   const int64_t len_raw = __ldcg(seqlens + i);
+  int64_t pos = 0;  // ROT: the new token's slot and rotary position (read in the same round trip)
+  const T* qrow = q + bh * HD;
+  if constexpr (ROT) {
+    pos = __ldcg(nt.positions + i);
+    qrow = nt.qkv + bh * 3 * HD;
+  }
   kv.load_table(start, split_end);
   float qf[VPL][VEC];
 #pragma unroll
   for (int u = 0; u < VPL; ++u) {
     const int vi = lig + u * LPK;
     if (vi < VPK) {
-      const Vec<T, VEC> qv = load_vec_cg<T, VEC>(q + bh * HD + vi * VEC);
+      Vec<T, VEC> qv = load_vec_cg<T, VEC>(qrow + vi * VEC);
+      if constexpr (ROT) {
+        const int64_t p_tab = pos < 0 ? 0 : (pos >= nt.max_pos ? nt.max_pos - 1 : pos);
+        rotate_dims<T, VEC>(qv, qrow, vi * VEC, nt.rd, nt.cos_table, nt.sin_table, p_tab);
+      }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) qf[u][e] = to_float(qv.v[e]) * scale_log2;
     } else {
@@ -246,6 +278,25 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
     }
   }
   kv.store_table();
+  if constexpr (ROT) {
+    // The block whose split holds the new slot writes its k (rotated) and v there (split_end <= capacity, start >= 0:
+    // slots outside the cache are nobody's), then a barrier: the block's key loads below see them.
+    if (pos >= start && pos < split_end) {
+      static_assert(2 * VPK <= kDecodeThreads, "one thread a vector of the new k and v");
+      const int tid = threadIdx.x;
+      if (tid < 2 * VPK) {
+        const int part = tid < VPK ? 1 : 2, vi = tid < VPK ? tid : tid - VPK;
+        Vec<T, VEC> x = load_vec_cg<T, VEC>(qrow + part * HD + vi * VEC);
+        if (part == 1) {
+          const int64_t p_tab = pos >= nt.max_pos ? nt.max_pos - 1 : pos;
+          rotate_dims<T, VEC>(x, qrow + HD, vi * VEC, nt.rd, nt.cos_table, nt.sin_table, p_tab);
+        }
+        T* cache = part == 1 ? nt.k_cache : nt.v_cache;
+        store_vec<T, VEC>(cache + (bh * capacity + pos) * HD + vi * VEC, x);
+      }
+      __syncthreads();
+    }
+  }
   // Issue every load of a step (all K, then all V) before the first is used; keys at or past `lim` are not loaded.
   // Key j = base + g + n G of the step starts rows.offset(n, j) elements past kv.k (its K row) and kv.v (its V row).
   using StepRows = decltype(kv.template step_rows<N, G>(0, 0));
@@ -452,6 +503,23 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
                                             split_len, splits, scale_log2);
 }
 
+// decode_attention_split_kernel with the new token's rotary and cache write fused in (rotary_decode_attention).
+template <typename T, int HD, bool PDL, bool PIPE, int OPT = kDecodeDefaultOpt>
+__global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD, PIPE, OPT>::MIN_BLOCKS))
+decode_rotary_split_kernel(const DecodeNewToken<T> nt,             // qkv [b, nh*3*HD], positions [b], tables, caches
+                           const int64_t* __restrict__ seqlens,    // [b]
+                           T* __restrict__ out,                    // [b, nh, HD]
+                           float* __restrict__ part_out,           // [b, nh, splits, HD]
+                           float* __restrict__ part_ml,            // [b, nh, splits, 2] (max, sum)
+                           int* __restrict__ counters,             // [b, nh] zeros, or null (separate merge)
+                           int nh, int64_t capacity, int split_len, int splits, float scale_log2) {
+  const int h = blockIdx.y, i = blockIdx.z;
+  const int64_t bh = static_cast<int64_t>(i) * nh + h;
+  ContiguousKeys<T, HD> kv{nt.k_cache + bh * capacity * HD, nt.v_cache + bh * capacity * HD};
+  decode_split_block<T, HD, PDL, PIPE, OPT>(kv, static_cast<const T*>(nullptr), seqlens, out, part_out, part_ml,
+                                            counters, nh, capacity, split_len, splits, scale_log2, nt);
+}
+
 // Len: seqlens' type (int64 for the contiguous cache, int32 for the paged one).
 template <typename T, int HD, typename Len = int64_t>
 __global__ void __launch_bounds__(kDecodeThreads)
@@ -477,24 +545,44 @@ cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, 
                        splits, scale_log2);
 }
 
+template <typename T, int HD, bool PIPE, int OPT = kDecodeDefaultOpt>
+cudaError_t launch_decode_rotary_split(const DecodeNewToken<T>& nt, const int64_t* seqlens, T* out, float* part_out,
+                                       float* part_ml, int* counters, int b, int nh, int64_t capacity, int split_len,
+                                       int splits, float scale_log2, bool pdl, cudaStream_t stream) {
+  return launch_kernel(pdl, decode_rotary_split_kernel<T, HD, false, PIPE, OPT>,
+                       decode_rotary_split_kernel<T, HD, true, PIPE, OPT>, dim3(splits, nh, b), dim3(kDecodeThreads),
+                       stream, nt, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len, splits,
+                       scale_log2);
+}
+
+// nt: null (decode_attention: q given) or the fused rotary + KV write's inputs (rotary_decode_attention; q unused).
 template <typename T, int HD>
 cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens,
                                        T* out, float* part_out, float* part_ml, int* counters, int b, int nh,
                                        int64_t capacity, int split_len, float scale, bool pdl, bool pipe,
-                                       cudaStream_t stream) {
+                                       cudaStream_t stream, const DecodeNewToken<T>* nt = nullptr) {
   const int splits = decode_attention_splits(capacity, split_len);
   if (b == 0 || nh == 0) return cudaSuccess;
   const float scale_log2 = scale * 1.4426950408889634f;
   if (splits > kDecodeMaxSplits) return cudaErrorInvalidValue;  // split_len too short for the capacity
   if (capacity > INT_MAX / HD) return cudaErrorInvalidValue;  // slot offsets within a head are 32-bit
-  if (splits == 0) {  // an empty cache: every output is zero
+  if (nt != nullptr && (nt->rd < 0 || nt->rd > HD || nt->rd % 2 != 0 || nt->max_pos < 1))
+    return cudaErrorInvalidValue;
+  if (splits == 0) {  // an empty cache: every output is zero (and no slot to write)
     return cudaMemsetAsync(out, 0, sizeof(T) * static_cast<size_t>(b) * nh * HD, stream);
   }
-  const cudaError_t err =
-      pipe ? launch_decode_split<T, HD, true>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,
-                                              capacity, split_len, splits, scale_log2, pdl, stream)
-           : launch_decode_split<T, HD, false>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, nh,
-                                               capacity, split_len, splits, scale_log2, pdl, stream);
+  cudaError_t err;
+  if (nt != nullptr) {
+    err = pipe ? launch_decode_rotary_split<T, HD, true>(*nt, seqlens, out, part_out, part_ml, counters, b, nh,
+                                                         capacity, split_len, splits, scale_log2, pdl, stream)
+               : launch_decode_rotary_split<T, HD, false>(*nt, seqlens, out, part_out, part_ml, counters, b, nh,
+                                                          capacity, split_len, splits, scale_log2, pdl, stream);
+  } else {
+    err = pipe ? launch_decode_split<T, HD, true>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b,
+                                                  nh, capacity, split_len, splits, scale_log2, pdl, stream)
+               : launch_decode_split<T, HD, false>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b,
+                                                   nh, capacity, split_len, splits, scale_log2, pdl, stream);
+  }
   if (err != cudaSuccess || counters != nullptr || splits == 1) return err;
   decode_attention_reduce_kernel<T, HD><<<dim3(nh, b), kDecodeThreads, 0, stream>>>(part_out, part_ml, seqlens, out, nh,
                                                                          capacity, split_len, splits);
@@ -524,16 +612,17 @@ inline int decode_attention_split_len(int head_dim, int b, int nh, int64_t capac
 // split_len); counters: null (a second kernel merges) or b * nh ints that are zero (they are zero again after
 // the kernel). `pdl` needs sm_90 (the caller checks the device). `pipe`: the double-buffered steps (split_len
 // from decode_attention_split_len with the same `pipe`).
+// nt: as launch_decode_attention_hd (rotary_decode_attention passes the new token's inputs and null q).
 template <typename T>
 cudaError_t launch_decode_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                     float* part_out, float* part_ml, int* counters, int b, int nh, int head_dim,
                                     int64_t capacity, int split_len, float scale, bool pdl, bool pipe,
-                                    cudaStream_t stream) {
+                                    cudaStream_t stream, const DecodeNewToken<T>* nt = nullptr) {
   switch (head_dim) {
 #define NEOX_RT_DECODE(HD)                                                                                      \
   case HD:                                                                                                      \
     return launch_decode_attention_hd<T, HD>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, \
-                                             nh, capacity, split_len, scale, pdl, pipe, stream);
+                                             nh, capacity, split_len, scale, pdl, pipe, stream, nt);
     NEOX_RT_DECODE_HEAD_SIZES(NEOX_RT_DECODE)
 #undef NEOX_RT_DECODE
     default:

@@ -13,6 +13,33 @@
 
 namespace neox_rt {
 
+// One rotated value, x cos + x_partner sin (sin negated for the first half), fp32 products and sum each rounded
+// once (no contraction: the rotary kernel and the fused decode attention (decode_attention.cuh) give the same bits,
+// as the reference's separate fp32 operations do).
+__device__ __forceinline__ float rotate_value(float x, float xp, float cs, float sn) {
+  return __fadd_rn(__fmul_rn(x, cs), __fmul_rn(xp, sn));
+}
+
+// Rotate the VEC values of x, dims d0 .. d0 + VEC - 1 of a head whose row starts at `row` (partners read from
+// there through the L2, one value at a time: any rd / 2 alignment), at table row p_tab. Dims at or past rd pass.
+template <typename T, int VEC>
+__device__ __forceinline__ void rotate_dims(Vec<T, VEC>& x, const T* row, int d0, int rd, const float* cos_table,
+                                            const float* sin_table, int64_t p_tab) {
+  const int half = rd / 2;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    const int d = d0 + e;
+    if (d < rd) {
+      const bool first = d < half;
+      const int f = first ? d : d - half;
+      const float xp = to_float(load_vec_cg<T, 1>(row + (first ? d + half : d - half)).v[0]);
+      const float cs = __ldg(cos_table + p_tab * half + f);
+      const float sn = __ldg(sin_table + p_tab * half + f);
+      x.v[e] = from_float<T>(rotate_value(to_float(x.v[e]), xp, cs, first ? -sn : sn));
+    }
+  }
+}
+
 template <typename T, int VEC, bool PDL>
 __global__ void rotary_kv_write_kernel(const T* __restrict__ qkv,             // [b, s, nh*3*hd]
                                        const int64_t* __restrict__ positions, // [b, s]
@@ -54,8 +81,8 @@ __global__ void rotary_kv_write_kernel(const T* __restrict__ qkv,             //
       for (int e = 0; e < VEC; ++e) {
         const float cs = cos_table[p_tab * half + f0 + e];
         const float sn = sin_table[p_tab * half + f0 + e] * sign;
-        q.v[e] = from_float<T>(to_float(q.v[e]) * cs + to_float(qp.v[e]) * sn);
-        k.v[e] = from_float<T>(to_float(k.v[e]) * cs + to_float(kp.v[e]) * sn);
+        q.v[e] = from_float<T>(rotate_value(to_float(q.v[e]), to_float(qp.v[e]), cs, sn));
+        k.v[e] = from_float<T>(rotate_value(to_float(k.v[e]), to_float(kp.v[e]), cs, sn));
       }
     }
     store_vec<T, VEC>(q_out + (token * nh + h) * hd + d0, q);

@@ -222,9 +222,89 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
+// decode_attention with the new token's rotary + KV write fused in (rotary_kv_write, then decode_attention, in one
+// launch): qkv [b, 1, nh*3*hd], positions [b, 1] (the new slot and rotary position), the caches written at it.
+at::Tensor rotary_decode_attention(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                                   const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache,
+                                   at::Tensor& v_cache, const at::Tensor& seqlens, double scale, bool pdl,
+                                   int64_t blocks_per_sm, bool merge_kernel, int64_t variant) {
+  CHECK_CUDA(qkv, "qkv");
+  CHECK_SAME_DEVICE(qkv, positions, "qkv", "positions");
+  CHECK_SAME_DEVICE(qkv, cos, "qkv", "cos");
+  CHECK_SAME_DEVICE(qkv, sin, "qkv", "sin");
+  CHECK_SAME_DEVICE(qkv, k_cache, "qkv", "k_cache");
+  CHECK_SAME_DEVICE(qkv, v_cache, "qkv", "v_cache");
+  CHECK_SAME_DEVICE(qkv, seqlens, "qkv", "seqlens");
+  for (const at::Tensor* t :
+       std::initializer_list<const at::Tensor*>{&qkv, &positions, &cos, &sin, &k_cache, &v_cache, &seqlens})
+    TORCH_CHECK(t->is_contiguous(),
+                "neox_rt: rotary_decode_attention needs contiguous qkv, positions, cos, sin, caches and seqlens");
+  check_float_dtype(qkv, "qkv");
+  CHECK_DTYPE(positions, at::kLong, "positions");
+  CHECK_DTYPE(cos, at::kFloat, "cos");
+  CHECK_DTYPE(sin, at::kFloat, "sin");
+  CHECK_DTYPE(k_cache, qkv.scalar_type(), "k_cache");
+  CHECK_DTYPE(v_cache, qkv.scalar_type(), "v_cache");
+  CHECK_DTYPE(seqlens, at::kLong, "seqlens");
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(1) == 1, "neox_rt: qkv must be [b, 1, nh*3*hd] (one new token a sequence), "
+              "got ", fmt(qkv.sizes()));
+  TORCH_CHECK(k_cache.dim() == 4, "neox_rt: k_cache must be [B, nh, T, hd], got ", fmt(k_cache.sizes()));
+  const int64_t b = qkv.size(0), nh = k_cache.size(1), cap = k_cache.size(2), hd = k_cache.size(3);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "neox_rt: v_cache ", fmt(v_cache.sizes()),
+              " must match k_cache ", fmt(k_cache.sizes()));
+  TORCH_CHECK(k_cache.size(0) >= b, "neox_rt: the cache has ", fmt(k_cache.size(0)), " rows but the batch is ",
+              fmt(b));
+  TORCH_CHECK(qkv.size(2) == nh * 3 * hd, "neox_rt: qkv last dim ", fmt(qkv.size(2)), " != nh*3*hd = ",
+              fmt(nh * 3 * hd), " (nh, hd from the cache)");
+  CHECK_SHAPE(positions, b, 1);
+  CHECK_SHAPE(seqlens, b);
+  TORCH_CHECK(hd == 32 || hd == 64 || hd == 80 || hd == 96 || hd == 128 || hd == 256,
+              "neox_rt: rotary_decode_attention supports head sizes 32, 64, 80, 96, 128, 256; got ", fmt(hd));
+  TORCH_CHECK(rotary_ndims >= 0 && rotary_ndims <= hd && rotary_ndims % 2 == 0, "neox_rt: rotary_ndims ",
+              fmt(rotary_ndims), " must be even and in [0, head_dim=", fmt(hd), "]");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) >= 1 && cos.size(1) == rotary_ndims / 2 && sin.sizes() == cos.sizes(),
+              "neox_rt: cos and sin must be [max_pos >= 1, rotary_ndims/2=", fmt(rotary_ndims / 2), "], got ",
+              fmt(cos.sizes()), " and ", fmt(sin.sizes()));
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qkv, &k_cache, &v_cache})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                "neox_rt: rotary_decode_attention needs 16-byte aligned qkv and caches");
+  TORCH_CHECK(blocks_per_sm >= 0, "neox_rt: blocks_per_sm must be >= 0 (0: the default), got ",
+              fmt(blocks_per_sm));
+  TORCH_CHECK(variant >= 0 && variant <= 2, "neox_rt: rotary_decode_attention variant must be 0 (default), "
+              "1 (single-buffered) or 2 (pipelined), got ", fmt(variant));
+  TORCH_CHECK(cap <= INT_MAX / hd, "neox_rt: rotary_decode_attention supports caches of at most 2^31 / head size = ",
+              fmt(INT_MAX / hd), " slots, got ", fmt(cap));
+  const bool pipe = variant == 0 ? kDecodePipeDefault : variant == 2;
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int per_sm = blocks_per_sm > 0 ? static_cast<int>(blocks_per_sm) : kDecodeBlocksPerSm;
+  auto out = at::empty({b, nh, hd}, qkv.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  NEOX_RT_DISPATCH_FLOAT(qkv.scalar_type(), "rotary_decode_attention", [&] {
+    const int split_len = decode_attention_split_len<scalar_t>(static_cast<int>(hd), static_cast<int>(b),
+                                                               static_cast<int>(nh), cap, props->multiProcessorCount,
+                                                               per_sm, pipe);
+    const int splits = decode_attention_splits(cap, split_len);
+    const int64_t parts = splits > 1 ? b * nh * splits : 1;
+    auto part_out = at::empty({parts * hd}, qkv.options().dtype(at::kFloat));
+    auto part_ml = at::empty({parts * 2}, qkv.options().dtype(at::kFloat));
+    int* counters = splits > 1 && !merge_kernel ? decode_counters(qkv.get_device(), b * nh, stream) : nullptr;
+    const DecodeNewToken<scalar_t> nt{ptr<scalar_t>(qkv), ptr<int64_t>(positions), ptr<float>(cos), ptr<float>(sin),
+                                      ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache), static_cast<int>(rotary_ndims),
+                                      cos.size(0)};
+    check_cuda(launch_decode_attention<scalar_t>(nullptr, ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache),
+                                                 ptr<int64_t>(seqlens), ptr<scalar_t>(out), ptr<float>(part_out),
+                                                 ptr<float>(part_ml), counters, static_cast<int>(b),
+                                                 static_cast<int>(nh), static_cast<int>(hd), cap, split_len,
+                                                 static_cast<float>(scale), pdl && pdl_supported(), pipe, stream, &nt),
+               "rotary_decode_attention");
+  });
+  return out;
+}
+
 namespace {
 
-// Every rank's peer-to-peer buffer as mapped here (csrc/kernels/allreduce.cuh), checked.
+// Every rank (csrc/kernels/allreduce.cuh), checked.
 P2PBuffers p2p_buffers(at::IntArrayRef buffers, int64_t rank, int64_t slot_bytes, const char* op) {
   const int64_t world = static_cast<int64_t>(buffers.size());
   TORCH_CHECK(world >= 2 && world <= kP2PMaxRanks, "neox_rt: ", op, " needs 2 to ", fmt(kP2PMaxRanks),

@@ -30,6 +30,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& seqlens, double scale, bool pdl, int64_t blocks_per_sm,
                             bool merge_kernel, int64_t variant);
 
+// rotary_kv_write, then decode_attention, in one launch (csrc/kernels/decode_attention.cuh, DecodeNewToken): qkv
+// [b, 1, nh*3*hd], positions [b, 1] (each sequence's new slot and rotary position; slots outside the cache are not
+// written), caches [B >= b, nh, T, hd] (written at the new slot), seqlens [b] -> the attention output [b, nh, hd].
+// pdl, blocks_per_sm, merge_kernel and variant as decode_attention.
+at::Tensor rotary_decode_attention(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                                   const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache,
+                                   at::Tensor& v_cache, const at::Tensor& seqlens, double scale, bool pdl,
+                                   int64_t blocks_per_sm, bool merge_kernel, int64_t variant);
+
 // decode_attention over the paged cache (defined in paged.cu; csrc/kernels/paged_attention.cuh): sequence i attends
 // over its first seqlens[i] positions through its row of block_tables. q [b, nh, hd], caches [num_blocks, nh, bs, hd]
 // (bs a power of two), block_tables [b, max_blocks] and seqlens [b] int32 -> [b, nh, hd]; seqlens[i] <= 0 gives

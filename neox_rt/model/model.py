@@ -71,10 +71,11 @@ class Attention(nn.Module):
         if paged is not None:
             return self._attend_paged(qkv, positions, k_cache, v_cache, cos, sin, paged)
         b, s, _ = qkv.shape
-        q = OPS["rotary_kv_write"](qkv, positions, cos, sin, self.rotary_ndims, k_cache, v_cache)  # [b, s, nh, hd]
-        if decode_seqlens is not None and s == 1:
-            ctx = OPS["decode_attention"](q[:, 0], k_cache, v_cache, decode_seqlens, self.scale)[:, None]
+        if decode_seqlens is not None and s == 1:  # rotary, cache write and decode attention: one op
+            ctx = OPS["rotary_decode_attention"](qkv, positions, cos, sin, self.rotary_ndims, k_cache, v_cache,
+                                                 decode_seqlens, self.scale)[:, None]  # [b, 1, nh, hd]
         else:
+            q = OPS["rotary_kv_write"](qkv, positions, cos, sin, self.rotary_ndims, k_cache, v_cache)  # [b, s, nh, hd]
             ctx = OPS["attention"](q, k_cache, v_cache, positions, self.scale)  # [b, s, nh, hd]
         return ctx.reshape(b, s, -1)
 

@@ -14,7 +14,8 @@ csrc/kernels/quant_gemm.cuh): 1-``QUANT_MAX_ROWS`` rows of x on tensor cores, W 
 ``dequantize(x.dtype)`` does, bias, activation and residual fused. Each predicate rejects the others' weights; what
 they all decline goes to the Triton kernels (the ``cuda+triton`` default) or the reference. For the tiled forms, the
 parallel-residual layer's pairs run in one launch each (``norm_linear_pair``: the dual LayerNorm, QKV and h->4h;
-``linear_sum``: dense and 4h->h summed) up to ``QUANT_FUSED_MAX_ROWS`` rows.
+``linear_sum``: dense and 4h->h summed) up to ``QUANT_FUSED_MAX_ROWS`` rows. A decode step's rotary + KV write
+runs inside the decode attention's launch (``rotary_decode_attention``).
 """
 from __future__ import annotations
 
@@ -82,6 +83,9 @@ PDL = os.environ.get("NEOX_RT_PDL", "1") != "0"
 DECODE_BLOCKS_PER_SM = _env_int("NEOX_RT_DECODE_BLOCKS_PER_SM", 0, 0)
 # Its step scheme: 0 the extension's default, 1 single-buffered, 2 double-buffered (pipelined) steps.
 DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
+# A decode step's rotary + KV write inside the decode attention's launch (rotary_decode_attention; one kernel a layer
+# fewer): 1 (default), 0 the two kernels (rotary_kv_write, then decode_attention) for A/B runs.
+DECODE_ROTARY_FUSED = _env_int("NEOX_RT_DECODE_ROTARY_FUSED", 1, 0, 1)
 # The fused pairs of single-row GEMVs (linear_pair, linear_sum; csrc/kernels/gemv_fused.cuh): warps splitting a
 # row's k (0 auto, 2, 4, 8) and the blocks per SM their registers are fitted to (0 auto: 3 in fp16, 2 in bf16; 2, 3 or
 # 4), for A/B runs.
@@ -148,6 +152,11 @@ def _register_fakes() -> None:
     @lib.register_fake("neox_rt::decode_attention")
     def _(q, k_cache, v_cache, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False, variant=0):
         return torch.empty_like(q)
+
+    @lib.register_fake("neox_rt::rotary_decode_attention")
+    def _(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, seqlens, scale, pdl=False, blocks_per_sm=0,
+          merge_kernel=False, variant=0):
+        return qkv.new_empty(qkv.shape[0], k_cache.shape[1], k_cache.shape[3])
 
     @lib.register_fake("neox_rt::paged_decode_attention")
     def _(q, k_cache, v_cache, block_tables, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False):
@@ -325,6 +334,16 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | N
     var = DECODE_VARIANT if variant is None else int(variant)
     return torch.ops.neox_rt.decode_attention(q, k_cache, v_cache, seqlens, float(scale), PDL, bps,
                                               bool(merge_kernel), var)
+
+
+def rotary_decode_attention(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, seqlens, scale,
+                            blocks_per_sm: int | None = None, merge_kernel: bool = False, variant: int | None = None):
+    """:func:`rotary_kv_write` then :func:`decode_attention` in one launch: every block rotates its head's q, the
+    block whose split holds the new slot rotates k and writes k and v there (the same bits as the two kernels)."""
+    bps = DECODE_BLOCKS_PER_SM if blocks_per_sm is None else int(blocks_per_sm)
+    var = DECODE_VARIANT if variant is None else int(variant)
+    return torch.ops.neox_rt.rotary_decode_attention(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache,
+                                                     seqlens, float(scale), PDL, bps, bool(merge_kernel), var)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, scale, blocks_per_sm: int | None = None,
@@ -556,6 +575,28 @@ def supports_decode_attention(q, k_cache, v_cache, seqlens, scale) -> bool:
             and _aligned16(q, k_cache, v_cache))
 
 
+def supports_rotary_decode_attention(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, seqlens,
+                                     scale) -> bool:
+    """``NEOX_RT_DECODE_ROTARY_FUSED`` on; CUDA float qkv [b, 1, nh*3*hd] with hd in DECODE_HEAD_SIZES and caches
+    [B >= b, nh, T, hd] of its dtype, all contiguous, qkv and caches 16-byte aligned; int64 positions [b, 1] and
+    seqlens [b]; fp32 tables [max_pos >= 1, rotary_ndims / 2], rotary_ndims even; everything on qkv's device."""
+    if not (DECODE_ROTARY_FUSED and _cuda_float(qkv) and qkv.dim() == 3 and qkv.shape[1] == 1
+            and k_cache.dim() == 4):
+        return False
+    b, nh, hd = qkv.shape[0], k_cache.shape[1], k_cache.shape[3]
+    rd = int(rotary_ndims)
+    return (hd in DECODE_HEAD_SIZES and qkv.shape[2] == 3 * nh * hd and k_cache.shape[0] >= b
+            and v_cache.shape == k_cache.shape and k_cache.dtype == qkv.dtype and v_cache.dtype == qkv.dtype
+            and qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and positions.dtype == torch.int64 and tuple(positions.shape) == (b, 1) and positions.is_contiguous()
+            and seqlens.dtype == torch.int64 and tuple(seqlens.shape) == (b,) and seqlens.is_contiguous()
+            and 0 <= rd <= hd and rd % 2 == 0 and cos.dtype == torch.float32 and sin.dtype == torch.float32
+            and cos.dim() == 2 and cos.shape[0] >= 1 and cos.shape[1] == rd // 2 and sin.shape == cos.shape
+            and cos.is_contiguous() and sin.is_contiguous()
+            and all(t.device == qkv.device for t in (positions, cos, sin, k_cache, v_cache, seqlens))
+            and k_cache.shape[2] * hd < 2 ** 31 and _aligned16(qkv, k_cache, v_cache))
+
+
 def supports_paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, scale) -> bool:
     """CUDA float q [b, nh, hd] with hd in DECODE_HEAD_SIZES; caches [num_blocks >= 1, nh, bs, hd] of q's dtype, bs a
     power of two; int32 block_tables [b, max_blocks <= PAGED_MAX_BLOCKS] and seqlens [b] on q's device; everything
@@ -638,6 +679,7 @@ IMPLS = {
     "norm_linear_pair": (tiled_norm_linear_pair, supports_tiled_norm_linear_pair),
     "rotary_kv_write": (rotary_kv_write, supports_rotary_kv_write),
     "decode_attention": (decode_attention, supports_decode_attention),
+    "rotary_decode_attention": (rotary_decode_attention, supports_rotary_decode_attention),
     "paged_decode_attention": (paged_decode_attention, supports_paged_decode_attention),
     "attention": (attention, supports_attention),
     "scaled_causal_softmax": (scaled_causal_softmax, supports_scaled_causal_softmax),

@@ -4,7 +4,8 @@ An :class:`Op` holds the implementations a backend registered, each with a cheap
 call runs the first implementation that accepts its arguments, else the reference (:mod:`neox_rt.ops.reference`).
 Which backend's implementations an op holds is decided once, by :func:`neox_rt.ops.backends.select_backend`. The
 two pair ops of the parallel-residual layer fall back to two calls of the ``linear`` op, so each half still runs on
-the linear's kernels, and ``norm_linear_pair`` (the dual LayerNorm, then ``linear_pair``) to those two ops.
+the linear's kernels, ``norm_linear_pair`` (the dual LayerNorm, then ``linear_pair``) to those two ops, and
+``rotary_decode_attention`` to ``rotary_kv_write`` then ``decode_attention``.
 """
 from __future__ import annotations
 
@@ -40,6 +41,15 @@ def norm_linear_pair_ref(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2, b
     launch. This fallback calls the ``dual_layernorm`` and ``linear_pair`` ops (each served by its backend)."""
     a, m = OPS["dual_layernorm"](x, ln_w1, ln_b1, ln_w2, ln_b2, eps)
     return OPS["linear_pair"](a, w1, b1, act1, m, w2, b2, act2)
+
+
+def rotary_decode_attention_ref(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, seqlens, scale):
+    """A decode step's attention with its new token's rotary and KV write as one op: qkv [b, 1, nh*3*hd], positions
+    [b, 1] -> ``decode_attention(rotary_kv_write(...)[:, 0], ...)`` [b, nh, hd], the caches written at the new slot,
+    so that a backend runs both in one launch. This fallback calls the ``rotary_kv_write`` and ``decode_attention``
+    ops (each served by its backend)."""
+    q = OPS["rotary_kv_write"](qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache)
+    return OPS["decode_attention"](q[:, 0], k_cache, v_cache, seqlens, scale)
 
 
 @dataclass
@@ -89,6 +99,7 @@ OPS: dict[str, Op] = {
     "rotary_kv_write": Op("rotary_kv_write", rotary_kv_write_ref),
     "attention": Op("attention", attention_ref),
     "decode_attention": Op("decode_attention", decode_attention_ref),
+    "rotary_decode_attention": Op("rotary_decode_attention", rotary_decode_attention_ref),
     "scaled_causal_softmax": Op("scaled_causal_softmax", scaled_causal_softmax_ref),
     # the paged KV cache [num_blocks, nh, block_size, hd] with per-sequence block tables (#23)
     "paged_rotary_kv_write": Op("paged_rotary_kv_write", paged_rotary_kv_write_ref),
