@@ -34,11 +34,14 @@ sys.path.insert(0, REPO)
 from neox_rt.engine.kv_cache import KVCache  # noqa: E402
 from neox_rt import ops  # noqa: E402
 from neox_rt.engine.graphs import DecodeGraphRunner  # noqa: E402
+from neox_rt.quant.apply import quantize_model  # noqa: E402
 
 PROMPT = 32
 LINEAR_RE = re.compile(r"gemv|gemm|xmma|cutlass|cublas|splitk|Kernel2", re.I)
 LINEAR_SLOTS = ("qkv", "dense", "h->4h", "4h->h")
-FUSED_SLOTS = {"gemv_pair": "qkv + h->4h", "gemv_sum": "dense + 4h->h"}  # csrc/kernels/gemv_fused.cuh
+# the fused pairs: fp16 (csrc/kernels/gemv_fused.cuh) and quantized (csrc/kernels/quant_gemm.cuh)
+FUSED_SLOTS = {"gemv_pair": "qkv + h->4h", "gemv_sum": "dense + 4h->h", "quant_gemm_pair": "qkv + h->4h",
+               "quant_gemm_sum": "dense + 4h->h"}
 
 
 def kernel_kind(name: str) -> str:
@@ -50,6 +53,8 @@ def kernel_kind(name: str) -> str:
         return "layernorm"
     if LINEAR_RE.search(name):
         return "linear"
+    if "decode_rotary" in n:  # rotary + KV write inside decode attention (rotary_decode_attention)
+        return "attention"
     if "rotary" in n:
         return "rotary+kv write"
     if "decode" in n or "attention" in n or "attn" in n or "merge" in n:
@@ -59,9 +64,12 @@ def kernel_kind(name: str) -> str:
 
 def assign(kernels, num_layers: int):
     """kernels: [(name, start_us, dur_us)] of one step in start order -> {(layer, slot): [dur...]}, extra."""
-    starts = [i for i, (n, _, _) in enumerate(kernels) if kernel_kind(n) == "layernorm"]
+    kinds = [kernel_kind(n) for n, _, _ in kernels]
     # a parallel-residual layer has one (dual) LayerNorm kernel, a sequential one two; the final LayerNorm
-    # is the last one of the step
+    # is the last one of the step. Where the quantized pair normalises x itself (norm_linear_pair), the pair that no
+    # LayerNorm kernel precedes starts its layer.
+    starts = [i for i, k in enumerate(kinds)
+              if k == "layernorm" or (k == "qkv + h->4h" and (i == 0 or kinds[i - 1] != "layernorm"))]
     per_layer = (len(starts) - 1) // num_layers if num_layers else 0
     if per_layer < 1 or len(starts) != per_layer * num_layers + 1:
         return None, None, None
@@ -183,6 +191,8 @@ def main():
     p.add_argument("--simulate-allreduce-us", type=float, default=0.0, metavar="US",
                    help="with --simulate-tp: each all-reduce spins this long on the GPU (a stand-in for the "
                         "NVLink all-reduce's wait, e.g. 8; bench/common.py)")
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
+                   help="the layers' linears in this weight format (int4: groups of 128), as bench/latency.py")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -190,10 +200,14 @@ def main():
     copy_bw = copy_bandwidth()
     tp = simulated_tp(args.simulate_tp, args.simulate_allreduce_us) if args.simulate_tp else None
     model = random_model(args.model, 256, tp)
-    c = model.config
-    h, f, tpn = c.hidden_size, c.intermediate_size, model.tp.size
-    weight_bytes = {"qkv": 3 * h * h * 2 // tpn, "dense": h * h * 2 // tpn, "h->4h": f * h * 2 // tpn,
-                    "4h->h": f * h * 2 // tpn}
+    if args.quantize != "none":
+        quantize_model(model, args.quantize, group_size=128)
+    c, tpn = model.config, model.tp.size
+    layer = model.gpt_neox.layers[0]
+    linears = {"qkv": layer.attention.query_key_value, "dense": layer.attention.dense,
+               "h->4h": layer.mlp.dense_h_to_4h, "4h->h": layer.mlp.dense_4h_to_h}
+    weight_bytes = {k: (lin.weight.nbytes() if callable(lin.weight.nbytes) else lin.weight.nbytes)
+                    for k, lin in linears.items()}  # a weight format's packed bytes and scales, or the tensor's
     weight_bytes["qkv + h->4h"] = weight_bytes["qkv"] + weight_bytes["h->4h"]
     weight_bytes["dense + 4h->h"] = weight_bytes["dense"] + weight_bytes["4h->h"]
     cache = KVCache.for_model(model, 1, PROMPT + 64)
@@ -215,12 +229,12 @@ def main():
     for _ in range(3):
         graph_step()
         eager_step()
-    report = {"model": args.model, "simulated_tp": args.simulate_tp,
+    report = {"model": args.model, "quantize": args.quantize, "simulated_tp": args.simulate_tp,
               "simulated_allreduce_us": args.simulate_allreduce_us if args.simulate_tp else None,
               "gpu": torch.cuda.get_device_name(), "driver": gpu_driver(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
               "backend": backend, "backends": ops.active_backends(), "copy_bandwidth_Bps": copy_bw,
-              "env": {k: os.environ[k] for k in ("NEOX_RT_PDL", "NEOX_RT_GEMV_VARIANT") if k in os.environ},
+              "env": {k: v for k, v in os.environ.items() if k.startswith("NEOX_RT_") and k != "NEOX_RT_COMMIT"},
               "weight_bytes_per_layer": weight_bytes, "layers": c.num_hidden_layers}
     for mode, fn in (("graph", graph_step), ("eager", eager_step)):
         steps = profile_steps(fn, args.steps)
@@ -230,7 +244,8 @@ def main():
     if args.out:
         write_result(args.out, report)  # + the "environment" block (bench/common.py)
     sim = f" (rank 0 of simulated TP={tpn})" if args.simulate_tp else ""
-    print(f"\n{args.model}{sim} decode b=1 on {report['gpu']}, copy {copy_bw / 1e12:.2f} TB/s, "
+    fmt = "" if args.quantize == "none" else f" {args.quantize}"
+    print(f"\n{args.model}{fmt}{sim} decode b=1 on {report['gpu']}, copy {copy_bw / 1e12:.2f} TB/s, "
           f"commit {report['commit']}, env {report['env']}")
     for mode in ("graph", "eager"):
         r = report[mode]

@@ -96,3 +96,21 @@ def test_assign_sequential_residual_layers():
     for layer in range(2):
         assert len(slots[(layer, "layernorm")]) == 2
         assert all(len(slots[(layer, s)]) == 1 for s in ("qkv", "dense", "h->4h", "4h->h"))
+
+
+def test_assign_quantized_fused_layers():
+    """A quantized layer as the runtime launches it at one row of 1.4b: the pair with the LayerNorm inside (no
+    LayerNorm kernel: the pair starts its layer), attention with rotary + KV write inside, the fused sum."""
+    names = ["indexSelectLargeIndex"]
+    for _ in range(3):
+        names += ["void neox_rt::quant_gemm_pair_kernel<__half, neox_rt::QuantInt4, 1, true>",
+                  "void neox_rt::decode_rotary_split_kernel<__half, 128, true, true, 6>",
+                  "void neox_rt::quant_gemm_sum_kernel<__half, neox_rt::QuantInt4, 1>"]
+    names += ["_layernorm_kernel", "gemv_kernel<1,1,4>", "argmax_kernel"]
+    kernels = [(n, 3.0 * i, 2.0) for i, n in enumerate(names)]
+    slots, extra, _ = profile_decode.assign(kernels, 3)
+    for layer in range(3):
+        for slot in ("qkv + h->4h", "attention", "dense + 4h->h"):
+            assert slots[(layer, slot)] == [2.0], (layer, slot)
+        assert (layer, "rotary+kv write") not in slots and (layer, "layernorm") not in slots
+    assert extra["embedding"] == [2.0] and len(extra["final LN + LM head + argmax"]) == 3
