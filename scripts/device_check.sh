@@ -5,7 +5,7 @@
 #   (default: info,build,test,kernels,latency,tp; build_baseline runs whenever .baseline/ is there; tp brings
 #   tp_nop2p unless TP_NOP2P=0)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
-# AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_ARGS/PROFILE_LIMIT,
+# AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_ARGS (more bench/latency.py flags, e.g. --quantize int4)/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_ARGS/PROFILE_LIMIT,
 # TPSIM_SIZES/TPSIM_ENVS/TPSIM_ARGS/TPSIM_BASE_ARGS/TPSIM_LIMIT (ENVS entries: A=1+B=2
 # sets two; a '+' not followed by NAME= stays in the value, as in NEOX_RT_OP_BACKENDS=linear=cuda+triton),
 # NCU_ARGS/NCU_PROBE_ARGS/NCU_LIMIT, QUANT_ARGS/QUANT_LIMIT, LATENCY_ARGS, SERVING_ARGS/SERVING_LIMIT, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, TPAB_ENVS/TPAB_ROUNDS/TPAB_ARGS/TPAB_LIMIT,
@@ -99,7 +99,7 @@ stage ncu ${NCU_LIMIT:-240} "ncu --profile-from-start off --clock-control none -
 stage quant ${QUANT_LIMIT:-300} "python3 bench/quant_kernels.py --out $OUT/quant_kernels.json ${QUANT_ARGS:-}"
 # A/B decode latency in one run on one card: the baseline tree, then this tree with each NEOX_RT_* setting in
 # AB_ENVS (space-separated; '-' = defaults), same shapes and flags.
-AB_FLAGS="--models ${AB_MODELS:-gpt-neox-20b,pythia-1.4b} --skip-hf --tokens ${AB_TOKENS:-100,200} --batch ${AB_BATCH:-1}"
+AB_FLAGS="--models ${AB_MODELS:-gpt-neox-20b,pythia-1.4b} --skip-hf --tokens ${AB_TOKENS:-100,200} --batch ${AB_BATCH:-1} ${AB_ARGS:-}"
 AB_CMD=""
 [ -n "$HAVE_BASE" ] && AB_CMD="($BASE_PY bench/latency.py $AB_FLAGS --out $OUT/ab_baseline.json) ; "
 envs_of() {  # "A=1+B=x+y" -> "A=1 B=x+y": split on '+' only where a NAME= follows
