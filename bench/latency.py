@@ -60,6 +60,9 @@ SHAPES = {  # NEOX_FACTS.md sizes
                          rotary_pct=0.25, hidden_act="gelu_fast"),
 }
 TARGETS_MS = {"pythia-1.4b": (0.94, 1.3), "gpt-neox-20b": (13.6, 14.5)}  # (floor, target) H100, 128 tokens
+# --quantize rows: (the layers' format, the LM head's: False float, True the layers', or a format of its own)
+QUANT_ROWS = {"none": None, "int8": ("int8", False), "int4": ("int4", False), "int8-head": ("int8", True),
+              "int4-head": ("int4", True), "int4-head8": ("int4", "int8")}
 QUANT_TARGETS_MS = {"gpt-neox-20b int8": 7.5, "gpt-neox-20b int4": 4.5, "pythia-1.4b int4": 0.7}  # issue #24, H100
 PROMPT = 32
 TTFT_PROMPTS = (32, 512, 2048)
@@ -365,7 +368,7 @@ def markdown(report) -> str:
             cap = r.get("memory_cap")
             capt = "-" if not cap else (f"ok, peak {cap['peak_GiB']:.1f} GiB" if cap.get("ok") else "failed")
             lines.append(f"| {k} | {r['weight_bytes'] / 1e9:.2f} | {o['ms_per_token_128']:.2f} | {r['floor_ms']:.2f} | "
-                         f"{QUANT_TARGETS_MS.get(k.removesuffix('-head'), '-')} | "
+                         f"{QUANT_TARGETS_MS.get(re.sub(r'-head8?$', '', k), '-')} | "
                          f"{100 * r['floor_ms'] / o['ms_per_token_128']:.0f}% | {bt} | "
                          f"{r['t4_projected_ms_per_token']:.1f} | {capt} |")
     lines.append("")
@@ -410,7 +413,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="pythia-1.4b and gpt-neox-20b only")
     p.add_argument("--quantize", default="none", help="comma list of weight formats to time, each its own row beside "
                    "fp16: none, int8, int4 (group 128; the random fp16 weights quantized on the GPU), int8-head, "
-                   "int4-head (the LM head quantized too)")
+                   "int4-head (the LM head quantized too), int4-head8 (int4 layers, the LM head in int8)")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="for the quantized rows: also decode with a "
                    "2048-token cache under this cap on the process's GPU memory")
     p.add_argument("--skip-eager", action="store_true", help="do not time the eager (no CUDA graphs) decode")
@@ -431,8 +434,8 @@ def main(argv=None) -> int:
     args.hf_compile = [m for m in args.hf_compile.split(",") if m]
     args.quantize = [q.strip() for q in args.quantize.split(",") if q.strip()]
     for q in args.quantize:
-        if q not in ("none", "int8", "int4", "int8-head", "int4-head"):
-            p.error(f"unknown --quantize format {q!r}; choose from none, int8, int4, int8-head, int4-head")
+        if q not in QUANT_ROWS:
+            p.error(f"unknown --quantize format {q!r}; choose from {', '.join(QUANT_ROWS)}")
     t_start = time.time()
     ops.select_backend(None, "cuda")
     report = {"env": env_info(), "tokens": args.tokens, "prompt_tokens": PROMPT, "copy_bandwidth_Bps": copy_bandwidth(),
@@ -448,8 +451,8 @@ def main(argv=None) -> int:
             model = random_model(name, max(args.tokens))
             if fmt != "none":
                 t_q = time.time()
-                quantize_model(model, fmt.removesuffix("-head"), group_size=128,
-                               include_lm_head=fmt.endswith("-head"))
+                layers_fmt, head = QUANT_ROWS[fmt]
+                quantize_model(model, layers_fmt, group_size=128, include_lm_head=head)
                 res["quantize_s"] = time.time() - t_q
                 gc.collect()
                 torch.cuda.empty_cache()

@@ -109,7 +109,8 @@ def find_tokenizer(directory: str, tokenizer: str | None) -> Tokenizer | None:
 
 def load(path: str, dtype="float32", device: str | None = None, tokenizer: str | None = None,
          backend: str | None = None, tp: TensorParallel = SINGLE, progress: bool = True,
-         config=None, quantize: str | None = None, group_size: int = 128, quantize_lm_head: bool = False) -> NeoX:
+         config=None, quantize: str | None = None, group_size: int = 128,
+         quantize_lm_head: bool | str = False) -> NeoX:
     """Load an HF GPT-NeoX checkpoint directory (or hub id) onto ``device`` in ``dtype``.
 
     A gpt-neox native checkpoint directory (``latest`` + ``global_stepN/``, any TP/PP layout) is resharded
@@ -123,13 +124,16 @@ def load(path: str, dtype="float32", device: str | None = None, tokenizer: str |
 
     ``quantize="int8"|"int4"`` (``group_size`` for int4) quantizes the layers' linears by round to nearest while
     an HF checkpoint streams in, layer by layer (the float model is never held whole; :mod:`neox_rt.quant.apply`);
-    the embedding stays in ``dtype``, and the LM head too unless ``quantize_lm_head`` (then it takes the layers'
-    format: about 0.6 GB less to read a token for 20B in int4). A quantized checkpoint (``quantization_config`` in its
+    the embedding stays in ``dtype``, and the LM head too unless ``quantize_lm_head``: True gives it the layers'
+    format (about 0.6 GB less to read a token for 20B in int4), "int8" or "int4" that format (int4 layers with an
+    int8 head: half the head's bytes, its rounding per channel). A quantized checkpoint (``quantization_config`` in its
     config.json: ours, written by ``python -m neox_rt.quantize``, or GPTQ 4-bit) loads as it is.
     """
     device = device or default_device()
     if quantize_lm_head and quantize is None:
         raise NeoxRtError("quantize_lm_head needs quantize='int8' or 'int4'")
+    if quantize_lm_head not in (True, False, None, "int8", "int4"):
+        raise NeoxRtError(f"quantize_lm_head must be True, False, 'int8' or 'int4', got {quantize_lm_head!r}")
     if neox_checkpoint.is_neox_checkpoint(path):
         select_backend(backend, device)
         # quantizing: each layer's linears as the layer is read (StageQuantizer), the float model never whole

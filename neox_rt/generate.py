@@ -92,8 +92,9 @@ class Settings:
     """int8 or int4: quantize the layers' linears at load (weight-only; --quantize); None: as stored."""
     group_size: int = 128
     """int4 group size along the input features (--group-size)."""
-    quantize_lm_head: bool = False
-    """With quantize: the LM head in the same format (--quantize-lm-head); else it stays in dtype."""
+    quantize_lm_head: bool | str = False
+    """With quantize: the LM head quantized too (--quantize-lm-head), in the layers' format (True) or in the one
+    named ("int8", "int4"); else it stays in dtype."""
     tp: int | None = None
     """Tensor-parallel size (--tp); None: model_parallel_size when run under torchrun, else 1."""
     model_parallel_size: int = 1
@@ -119,6 +120,8 @@ class Settings:
             raise NeoxRtError(f"quantize must be int8 or int4, got {self.quantize!r}")
         if self.quantize_lm_head and self.quantize is None:
             raise NeoxRtError("--quantize-lm-head needs --quantize int8 or int4")
+        if self.quantize_lm_head not in (True, False, "int8", "int4"):
+            raise NeoxRtError(f"quantize_lm_head must be true, false, int8 or int4, got {self.quantize_lm_head!r}")
         if self.group_size <= 0 or self.group_size % 8:
             raise NeoxRtError(f"group size must be a positive multiple of 8, got {self.group_size}")
         if self.tp is not None and self.tp <= 0:
@@ -219,9 +222,13 @@ already written stay in the output file (continue with --resume).""".replace(
                         "in groups); the embedding stays in --dtype, the LM head too unless --quantize-lm-head")
     g.add_argument("--group-size", dest="group_size", type=int, metavar="N",
                    help="int4 group size along the input features (default 128)")
-    g.add_argument("--quantize-lm-head", dest="quantize_lm_head", action=argparse.BooleanOptionalAction,
-                   help="with --quantize: the LM head in the same format too (less memory and a faster token; "
-                        "the logits carry its rounding)")
+    g.add_argument("--quantize-lm-head", dest="quantize_lm_head", nargs="?", const=True, type=head_format_arg,
+                   metavar="int8|int4",
+                   help="with --quantize: the LM head quantized too, in the layers' format or the one named (e.g. "
+                        "--quantize int4 --quantize-lm-head int8; less memory and a faster token, the logits carry "
+                        "its rounding)")
+    g.add_argument("--no-quantize-lm-head", dest="quantize_lm_head", action="store_false",
+                   help="the LM head stays in --dtype (the default)")
     g = p.add_argument_group("mode and files")
     g.add_argument("--text-gen-type", dest="text_gen_type", choices=MODES,
                    help="unconditional, input-file or interactive (default: input-file with -i or --prompt, "
@@ -275,6 +282,13 @@ def run_defaults(config_given: bool, model_given: bool) -> dict:
     if config_given:
         return dict(GPT_NEOX_GENERATION_DEFAULTS)
     return {} if model_given else dict(DEFAULT_MODEL_SAMPLING)
+
+
+def head_format_arg(text: str) -> str:
+    """--quantize-lm-head's optional value: the LM head's own format."""
+    if text not in ("int8", "int4"):
+        raise argparse.ArgumentTypeError(f"expected int8 or int4, got {text!r}")
+    return text
 
 
 def parse_settings(argv, warn=None) -> Settings:

@@ -46,6 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from neox_rt.generate import head_format_arg
     p = _Parser(prog="python -m neox_rt.serve", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="*", metavar="CONFIG.yml", help="gpt-neox YAML configs, as generate takes them")
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization at load")
     g.add_argument("--group-size", type=int, metavar="N", help="int4 group size along the input features "
                                                                 "(default 128)")
-    g.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: the LM head in that format too")
+    g.add_argument("--quantize-lm-head", nargs="?", const=True, type=head_format_arg, metavar="int8|int4",
+                   help="with --quantize: the LM head quantized too, in that format or the one named")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     g.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -112,7 +114,7 @@ def _settings(args):
         if value is not None:
             argv += [flag, str(value)]
     if args.quantize_lm_head:
-        argv.append("--quantize-lm-head")
+        argv += ["--quantize-lm-head"] + ([args.quantize_lm_head] if isinstance(args.quantize_lm_head, str) else [])
     return generate.parse_settings(argv)
 
 

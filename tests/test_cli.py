@@ -479,6 +479,7 @@ BAD = [
     (["--model", "{ckpt}", "--maximum-tokens", "0"], ["maximum_tokens must be positive"]),
     (["--model", "{ckpt}", "--maximum-tokens", "500"], ["128 positions"]),
     (["--model", "{ckpt}", "--text-gen-type", "sideways"], ["--text-gen-type", "sideways"]),
+    (["--model", "{ckpt}", "--quantize", "int4", "--quantize-lm-head", "int2"], ["--quantize-lm-head", "int2"]),
     (["{mode}"], ["unknown text-gen-type", "sideways"]),
     (["--model", "{ckpt}", "--top-p", "1.5"], ["top_p must be in [0, 1]"]),
     (["--model", "{ckpt}", "--top-p", "-0.1"], ["top_p"]),

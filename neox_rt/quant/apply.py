@@ -44,11 +44,33 @@ def quantize_weight(weight: torch.Tensor, fmt: str, group_size: int = 128, stats
     return cls.quantize(weight, group_size) if cls is Int4Weight else cls.quantize(weight)
 
 
-def quantized_linear_names(model: NeoXForCausalLM, include_lm_head: bool = False) -> list[str]:
+def quantized_linear_names(model: NeoXForCausalLM, include_lm_head: bool | str = False) -> list[str]:
     """The module names of the linears that quantization replaces: every linear of the layers, and the LM head
     with ``include_lm_head`` (when the model has its own; a tied head is the embedding and stays float)."""
     return [name for name, mod in model.named_modules() if isinstance(mod, Linear)
             and (name != LM_HEAD or include_lm_head)]
+
+
+def head_format(fmt: str, include_lm_head: bool | str) -> str | None:
+    """The LM head's format: None (float) for a false ``include_lm_head``, the layers' ``fmt`` for True, else the
+    format it names ("int8" or "int4": e.g. int4 layers with an int8 head)."""
+    if not include_lm_head:
+        return None
+    head = fmt if include_lm_head is True else include_lm_head
+    format_class(head)
+    return head
+
+
+def linear_formats(model: NeoXForCausalLM, fmt: str, group_size: int = 128,
+                   include_lm_head: bool | str = False) -> dict[str, str]:
+    """Module name -> format of every linear that quantization replaces (:func:`quantized_linear_names`; the LM head
+    takes :func:`head_format`), each tensor-parallel shard's int4 groups checked."""
+    format_class(fmt)
+    head = head_format(fmt, include_lm_head)
+    out = {name: head if name == LM_HEAD else fmt for name in quantized_linear_names(model, include_lm_head)}
+    for name, f in out.items():
+        _check_groups(model, name, f, group_size)
+    return out
 
 
 def _check_groups(model: NeoXForCausalLM, name: str, fmt: str, group_size: int) -> None:
@@ -69,21 +91,19 @@ def set_weight(linear: Linear, fmt: WeightFormat) -> None:
     linear.weight = fmt
 
 
-def quantize_model(model: NeoXForCausalLM, fmt: str, group_size: int = 128, include_lm_head: bool = False,
+def quantize_model(model: NeoXForCausalLM, fmt: str, group_size: int = 128, include_lm_head: bool | str = False,
                    method: Callable = quantize_weight) -> NeoXForCausalLM:
     """Quantize a built and loaded model's linears in place, one at a time (each float weight freed as its format
     replaces it, in the layout the linear op's kernels read: :func:`prepare_weights`); returns the model. Each
-    tensor-parallel rank quantizes its own shard."""
-    format_class(fmt)
-    names = quantized_linear_names(model, include_lm_head)
-    for name in names:
-        _check_groups(model, name, fmt, group_size)
-    for name in names:
+    tensor-parallel rank quantizes its own shard. ``include_lm_head``: True (the LM head in ``fmt`` too) or a format
+    of its own ("int8" beside int4 layers)."""
+    formats = linear_formats(model, fmt, group_size, include_lm_head)
+    for name, f in formats.items():
         lin = model.get_submodule(name)
         if isinstance(lin.weight, WeightFormat):
             raise NeoxRtError(f"{name} is already quantized ({type(lin.weight).__name__})")
         with torch.no_grad():
-            set_weight(lin, OPS["linear"].prepare(method(lin.weight.data, fmt, group_size, None)))
+            set_weight(lin, OPS["linear"].prepare(method(lin.weight.data, f, group_size, None)))
     return model
 
 
@@ -106,24 +126,23 @@ class StageQuantizer:
     own shard, in the layout the linear op's kernels read), so the float weights of one layer at most are on the
     device at a time."""
 
-    def __init__(self, fmt: str, group_size: int = 128, include_lm_head: bool = False,
+    def __init__(self, fmt: str, group_size: int = 128, include_lm_head: bool | str = False,
                  method: Callable = quantize_weight):
         format_class(fmt)
+        head_format(fmt, include_lm_head)
         self.fmt, self.group_size, self.method, self.include_lm_head = fmt, group_size, method, include_lm_head
-        self.names: set[str] | None = None
+        self.formats: dict[str, str] | None = None
 
     def __call__(self, model: NeoXForCausalLM, filled: list[str]) -> None:
-        if self.names is None:  # the first stage: which linears, and does every shard hold whole groups
-            self.names = set(quantized_linear_names(model, self.include_lm_head))
-            for name in self.names:
-                _check_groups(model, name, self.fmt, self.group_size)
+        if self.formats is None:  # the first stage: which linears, and does every shard hold whole groups
+            self.formats = linear_formats(model, self.fmt, self.group_size, self.include_lm_head)
         for pname in filled:
             name = pname[:-len(".weight")] if pname.endswith(".weight") else None
-            if name in self.names:
+            if name in self.formats:
                 lin = model.get_submodule(name)
                 with torch.no_grad():
-                    set_weight(lin, OPS["linear"].prepare(self.method(lin.weight.data, self.fmt, self.group_size,
-                                                                      None)))
+                    set_weight(lin, OPS["linear"].prepare(self.method(lin.weight.data, self.formats[name],
+                                                                      self.group_size, None)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -138,6 +157,7 @@ class MemoryReport:
     formats: dict[str, int] = field(default_factory=dict)  # format kind (WeightFormat.kind) -> linears
     float_bytes: dict[str, int] = field(default_factory=dict)  # "embedding", "lm head", "layers" -> bytes
     lm_head_quantized: bool = False
+    lm_head_kind: str | None = None  # the LM head's format kind where it is quantized
 
     @property
     def total_bytes(self) -> int:
@@ -146,7 +166,7 @@ class MemoryReport:
     def __str__(self) -> str:
         fl = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.float_bytes.items() if v)
         kinds = ", ".join(f"{n} {k}" for k, n in self.formats.items()) or "none"
-        head = ", the LM head among them" if self.lm_head_quantized else ""
+        head = f", the LM head among them ({self.lm_head_kind})" if self.lm_head_quantized else ""
         return (f"weights {self.total_bytes / 2**20:.1f} MiB: quantized {self.quantized_bytes / 2**20:.1f} MiB "
                 f"({self.quantized_linears} linears{head}: {kinds}); float: {fl}")
 
@@ -160,7 +180,8 @@ def memory_report(model: nn.Module) -> MemoryReport:
             report.quantized_bytes += mod.nbytes()
             report.quantized_linears += 1
             report.formats[mod.kind] = report.formats.get(mod.kind, 0) + 1
-            report.lm_head_quantized |= name.startswith(LM_HEAD + ".")
+            if name.startswith(LM_HEAD + "."):
+                report.lm_head_quantized, report.lm_head_kind = True, mod.kind
     for name, p in model.named_parameters():
         part = ("embedding" if name.startswith("gpt_neox.embed_in") else "lm head" if name.startswith(LM_HEAD)
                 else "layers")
@@ -192,16 +213,13 @@ class QuantizeAtLoad(WeightPlan):
     """Float checkpoint in, formats out: each linear's float tensor is read (this rank's slice), cast to the model
     dtype on the device and quantized by ``method`` (round to nearest by default)."""
 
-    def __init__(self, model: NeoXForCausalLM, fmt: str, group_size: int = 128, include_lm_head: bool = False,
+    def __init__(self, model: NeoXForCausalLM, fmt: str, group_size: int = 128, include_lm_head: bool | str = False,
                  method: Callable = quantize_weight):
-        format_class(fmt)
         self.fmt, self.group_size, self.method = fmt, group_size, method
-        self.names = set(quantized_linear_names(model, include_lm_head))
-        for name in self.names:
-            _check_groups(model, name, fmt, group_size)
+        self.formats = linear_formats(model, fmt, group_size, include_lm_head)
 
     def quantized(self, name):
-        return name in self.names
+        return name in self.formats
 
     def tensor_names(self, name):
         return [f"{name}.weight"]
@@ -209,7 +227,7 @@ class QuantizeAtLoad(WeightPlan):
     def build(self, name, linear, split_dim, sources, tp, device, dtype):
         w = torch.empty(linear.weight.shape, dtype=dtype, device=device)
         copy_slice(w, sources[f"{name}.weight"], split_dim, tp)
-        return self.method(w, self.fmt, self.group_size, None)
+        return self.method(w, self.formats[name], self.group_size, None)
 
 
 def streaming_units(model: NeoXForCausalLM) -> list[tuple[str, nn.Module]]:
@@ -303,7 +321,7 @@ def _names(names: list[str], limit: int = 6) -> str:
 
 
 def load_quantizing(config: NeoXConfig, directory: str, fmt: str, group_size: int = 128, dtype="float16",
-                    device="cpu", tp: TensorParallel = SINGLE, include_lm_head: bool = False,
+                    device="cpu", tp: TensorParallel = SINGLE, include_lm_head: bool | str = False,
                     progress: bool = True) -> NeoXForCausalLM:
     """A float HF checkpoint loaded straight into a quantized model, layer by layer (module docstring)."""
     model = empty_model(config, dtype, tp)

@@ -120,6 +120,9 @@ def save_quantized(src: str, dst: str, fmt: str, group_size: int = 128, method="
     :func:`neox_rt.quant.gptq.load_calibrated` on ``device`` (one float layer held at a time).
     """
     from safetensors.torch import save_file
+    if not isinstance(include_lm_head, bool):  # the reader takes one format a checkpoint (quantization_config)
+        raise NeoxRtError(f"a quantized checkpoint keeps one format: include_lm_head must be True or False, got "
+                          f"{include_lm_head!r}")
     directory = resolve_checkpoint(src)
     config = NeoXConfig.from_json(directory)
     if calibration is not None:
