@@ -209,10 +209,15 @@ struct ContiguousKeys {
 
 // The new token of a decode step, for decode_split_block: NoNewToken (q given, rotated, the new k and v already in
 // the cache: decode_attention) or DecodeNewToken (rotary_decode_attention: rotary + KV write fused into the attention
-// launch). With DecodeNewToken every block reads its head's q from the QKV projection's output and rotates it (the
-// same bits as rotary_kv_write), and the block whose split holds the new slot positions[i] rotates k, writes k and v
-// there and passes a block barrier before its first key load; slots outside the cache are not written (as
-// rotary_kv_write), and no other block reads that slot. One kernel boundary a layer fewer.
+// launch, one kernel boundary a layer fewer). With DecodeNewToken every block reads its head's q, k, v from the QKV
+// projection's output into shared memory and rotates q and k there (the same bits as rotary_kv_write) once its first
+// K/V loads are in flight. The block whose split holds the new slot positions[i] writes k and v there (slots outside
+// the cache are not written, as rotary_kv_write); no other block reads that slot. Where the new token is its
+// sequence's last (a decode step), that block reads its other keys from the cache and takes the new one from shared
+// memory as one more entry of its merge (no store-then-load on its path: the output is the two kernels' up to the
+// order of the sums); otherwise it writes the slot, passes a barrier and reads it back with the rest.
+// First form (write, barrier, read back in the writer block, q rotated before any K/V load): +0.06 ms a token on
+// pythia-1.4b int4 against the two kernels on one H100 (bench/NOTES.md, session 20).
 struct NoNewToken {};
 template <typename T>
 struct DecodeNewToken {
@@ -253,50 +258,85 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
   // before its first K/V loads, not two.
   // Both through the L2 only (__ldcg): with PDL the previous kernels may still be running when this one starts.
   const int64_t len_raw = __ldcg(seqlens + i);
-  int64_t pos = 0;  // ROT: the new token's slot and rotary position (read in the same round trip)
-  const T* qrow = q + bh * HD;
-  if constexpr (ROT) {
-    pos = __ldcg(nt.positions + i);
-    qrow = nt.qkv + bh * 3 * HD;
-  }
   kv.load_table(start, split_end);
   float qf[VPL][VEC];
+  // ROT (module comment at DecodeNewToken): the new token's q, k, v as the projection wrote them (s_raw), q and k
+  // rotated (s_rot): raw rows in the round trip of the length and the position, the tables' rows asked for as soon
+  // as the position is known, and the rotation done after the block's first K/V loads are on their way, so that it
+  // adds no round trip before them.
+  constexpr int NR = ROT ? (2 * HD + kDecodeThreads - 1) / kDecodeThreads : 1;  // q and k dims a thread rotates
+  __shared__ __align__(16) T s_raw[ROT ? 3 : 1][ROT ? HD : VEC];
+  __shared__ __align__(16) T s_rot[ROT ? 2 : 1][ROT ? HD : VEC];
+  int64_t pos = 0;
+  float rcos[NR], rsin[NR];
+  if constexpr (ROT) {
+    pos = __ldcg(nt.positions + i);
+    const T* row = nt.qkv + bh * 3 * HD;
+    for (int v = threadIdx.x; v < 3 * VPK; v += kDecodeThreads)
+      *reinterpret_cast<Vec<T, VEC>*>(&s_raw[v / VPK][(v % VPK) * VEC]) = load_vec_cg<T, VEC>(row + v * VEC);
+    const int half = nt.rd / 2;
+    const int64_t p_tab = pos < 0 ? 0 : (pos >= nt.max_pos ? nt.max_pos - 1 : pos);
 #pragma unroll
-  for (int u = 0; u < VPL; ++u) {
-    const int vi = lig + u * LPK;
-    if (vi < VPK) {
-      Vec<T, VEC> qv = load_vec_cg<T, VEC>(qrow + vi * VEC);
-      if constexpr (ROT) {
-        const int64_t p_tab = pos < 0 ? 0 : (pos >= nt.max_pos ? nt.max_pos - 1 : pos);
-        rotate_dims<T, VEC>(qv, qrow, vi * VEC, nt.rd, nt.cos_table, nt.sin_table, p_tab);
+    for (int r = 0; r < NR; ++r) {
+      const int d = (threadIdx.x + r * kDecodeThreads) % HD;
+      const int f = d < half ? d : d - half;
+      rcos[r] = d < nt.rd ? __ldg(nt.cos_table + p_tab * half + f) : 0.f;
+      rsin[r] = d < nt.rd ? __ldg(nt.sin_table + p_tab * half + f) : 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < VPL; ++u) {
+      const int vi = lig + u * LPK;
+      if (vi < VPK) {
+        const Vec<T, VEC> qv = load_vec_cg<T, VEC>(q + bh * HD + vi * VEC);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) qf[u][e] = to_float(qv.v[e]) * scale_log2;
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) qf[u][e] = 0.f;
       }
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) qf[u][e] = to_float(qv.v[e]) * scale_log2;
-    } else {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) qf[u][e] = 0.f;
     }
   }
   kv.store_table();
-  if constexpr (ROT) {
-    // The block whose split holds the new slot writes its k (rotated) and v there (split_end <= capacity, start >= 0:
-    // slots outside the cache are nobody's), then a barrier: the block's key loads below see them.
-    if (pos >= start && pos < split_end) {
-      static_assert(2 * VPK <= kDecodeThreads, "one thread a vector of the new k and v");
-      const int tid = threadIdx.x;
-      if (tid < 2 * VPK) {
-        const int part = tid < VPK ? 1 : 2, vi = tid < VPK ? tid : tid - VPK;
-        Vec<T, VEC> x = load_vec_cg<T, VEC>(qrow + part * HD + vi * VEC);
-        if (part == 1) {
-          const int64_t p_tab = pos >= nt.max_pos ? nt.max_pos - 1 : pos;
-          rotate_dims<T, VEC>(x, qrow + HD, vi * VEC, nt.rd, nt.cos_table, nt.sin_table, p_tab);
+  // ROT: q and k rotated into s_rot (the same arithmetic as rotary_kv_write), this lane's q from there, and the block
+  // whose split holds the new slot writes k and v there. Every thread of the block calls it (barriers inside).
+  const bool writer = ROT && pos >= start && pos < split_end;  // split_end <= capacity: slots outside are nobody's
+  auto rotate_and_write = [&]() {
+    if constexpr (ROT) {
+      __syncthreads();  // s_raw complete
+      const int half = nt.rd / 2;
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        const int e = threadIdx.x + r * kDecodeThreads;
+        if (e < 2 * HD) {
+          const int part = e / HD, d = e % HD;
+          T y = s_raw[part][d];
+          if (d < nt.rd) {
+            const bool first = d < half;
+            const float xp = to_float(s_raw[part][first ? d + half : d - half]);
+            y = from_float<T>(rotate_value(to_float(y), xp, rcos[r], first ? -rsin[r] : rsin[r]));
+          }
+          s_rot[part][d] = y;
         }
-        T* cache = part == 1 ? nt.k_cache : nt.v_cache;
-        store_vec<T, VEC>(cache + (bh * capacity + pos) * HD + vi * VEC, x);
       }
-      __syncthreads();
+      __syncthreads();  // s_rot complete
+#pragma unroll
+      for (int u = 0; u < VPL; ++u) {
+        const int vi = lig + u * LPK;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) qf[u][e] = vi < VPK ? to_float(s_rot[0][vi * VEC + e]) * scale_log2 : 0.f;
+      }
+      if (writer) {
+        for (int v = threadIdx.x; v < 2 * VPK; v += kDecodeThreads) {
+          const bool is_k = v < VPK;
+          const int vi = is_k ? v : v - VPK;
+          const T* src = is_k ? &s_rot[1][vi * VEC] : &s_raw[2][vi * VEC];
+          store_vec<T, VEC>((is_k ? nt.k_cache : nt.v_cache) + (bh * capacity + pos) * HD + vi * VEC,
+                            *reinterpret_cast<const Vec<T, VEC>*>(src));
+        }
+      }
     }
-  }
+  };
   // Issue every load of a step (all K, then all V) before the first is used; keys at or past `lim` are not loaded.
   // Key j = base + g + n G of the step starts rows.offset(n, j) elements past kv.k (its K row) and kv.v (its V row).
   using StepRows = decltype(kv.template step_rows<N, G>(0, 0));
@@ -317,15 +357,26 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
     load_rows(vr, kv.v, rows, base, lim);
   };
   const int len = static_cast<int>(len_raw < capacity ? len_raw : capacity);
-  if (len <= 0) {  // nothing to attend to: zeros rather than NaN (written by split 0 only)
-    if (split == 0)
+  if (len <= 0 || start >= len) {  // nothing to attend to in this split
+    // zeros rather than NaN where the sequence is empty (written by split 0 only)
+    if (len <= 0 && split == 0)
       for (int d = threadIdx.x; d < HD; d += kDecodeThreads) out[bh * HD + d] = from_float<T>(0.f);
-    return;
+    if (writer) rotate_and_write();  // the new slot is still written (block-uniform: the barriers are safe)
+    return;  // the merge only reads splits below len
   }
-  if (start >= len) return;  // the merge only reads splits below len
   kv.publish();
-  const int end = split_end < len ? split_end : len;
+  // ROT: the new key, when it is the sequence's last (the decode step), is taken from s_rot / s_raw by this block's
+  // merge (fast_new) rather than read back from the cache it writes; otherwise the block writes it and waits for the
+  // write before reading keys (a barrier orders the stores before the block's loads).
+  const bool fast_new = writer && pos == len - 1;
+  const int end = fast_new ? static_cast<int>(pos) : (split_end < len ? split_end : len);
   const int used = static_cast<int>((len + split_len - 1) / split_len);
+  bool rotated = false;
+  if (ROT && (writer && !fast_new)) {
+    rotate_and_write();
+    __syncthreads();
+    rotated = true;
+  }
   NEOX_RT_DECODE_TRACE_AT(1);
 
   float m = -INFINITY, l = 0.f;
@@ -384,6 +435,7 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
   };
 
   if (!PIPE) {
+    if (ROT && !rotated) rotate_and_write();
     for (int base = start; base < end; base += L::STEP) {
       Vec<T, VEC> kr[N][VPL], vr[N][VPL];
       load_step(kr, vr, base, end);
@@ -392,6 +444,7 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
   } else {  // two register buffers, unrolled by two so that neither is indexed at run time
     Vec<T, VEC> k0[N][VPL], v0[N][VPL], k1[N][VPL], v1[N][VPL];
     load_step(k0, v0, start, end);
+    if (ROT && !rotated) rotate_and_write();  // its table loads and barriers behind the first step's K/V loads
     int base = start;
     while (true) {
       if (base + L::STEP < end) load_step(k1, v1, base + L::STEP, end);
@@ -421,13 +474,29 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
       for (int e = 0; e < VEC; ++e) acc[u][e] = a * acc[u][e] + c * __shfl_xor_sync(0xffffffffu, acc[u][e], o);
     m = big;
   }
-  // Then the warps, through shared memory (a warp holds whole groups: LPK <= 32).
-  __shared__ float s_m[NW], s_l[NW];
-  __shared__ float s_acc[NW][HD];
+  // Then the warps, through shared memory (a warp holds whole groups: LPK <= 32); ROT: one more entry, the new key
+  // where this block takes it from shared memory (fast_new: weight 2^(score - max), its v), else nothing.
+  constexpr int NE = NW + (ROT ? 1 : 0);
+  __shared__ float s_m[NE], s_l[NE];
+  __shared__ float s_acc[NE][HD];
   __shared__ int s_last;
   if (lane == 0) {
     s_m[warp] = m;
     s_l[warp] = l;
+  }
+  if constexpr (ROT) {
+    if (warp == 0) {  // the new key's score: q (as qf: rounded, then scaled) . k, both rotated
+      float dot = 0.f;
+      if (fast_new)
+        for (int d = lane; d < HD; d += 32) dot += to_float(s_rot[0][d]) * scale_log2 * to_float(s_rot[1][d]);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      if (lane == 0) {
+        s_m[NW] = fast_new ? dot : -INFINITY;
+        s_l[NW] = fast_new ? 1.f : 0.f;
+      }
+    }
+    for (int d = threadIdx.x; d < HD; d += kDecodeThreads) s_acc[NW][d] = fast_new ? to_float(s_raw[2][d]) : 0.f;
   }
   if (lane < LPK) {
 #pragma unroll
@@ -442,16 +511,16 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
   __syncthreads();
   float bm = -INFINITY;
 #pragma unroll
-  for (int w = 0; w < NW; ++w) bm = fmaxf(bm, s_m[w]);
+  for (int w = 0; w < NE; ++w) bm = fmaxf(bm, s_m[w]);
   float bl = 0.f;
 #pragma unroll
-  for (int w = 0; w < NW; ++w) bl += softmax_weight(s_m[w], bm) * s_l[w];
+  for (int w = 0; w < NE; ++w) bl += softmax_weight(s_m[w], bm) * s_l[w];
 
   if (used == 1) {  // the whole sequence is in this split: normalize and write the output
     for (int d = threadIdx.x; d < HD; d += kDecodeThreads) {
       float o = 0.f;
 #pragma unroll
-      for (int w = 0; w < NW; ++w) o += softmax_weight(s_m[w], bm) * s_acc[w][d];
+      for (int w = 0; w < NE; ++w) o += softmax_weight(s_m[w], bm) * s_acc[w][d];
       out[bh * HD + d] = from_float<T>(o / bl);
     }
     return;
@@ -460,7 +529,7 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
   for (int d = threadIdx.x; d < HD; d += kDecodeThreads) {
     float o = 0.f;
 #pragma unroll
-    for (int w = 0; w < NW; ++w) o += softmax_weight(s_m[w], bm) * s_acc[w][d];
+    for (int w = 0; w < NE; ++w) o += softmax_weight(s_m[w], bm) * s_acc[w][d];
     part_out[part * HD + d] = o;
   }
   if (threadIdx.x == 0) {
