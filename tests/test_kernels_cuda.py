@@ -305,7 +305,9 @@ def _rotary_decode_case(dtype, hd, b=7, nh=3, T=700, max_pos=1024):
 
 
 def _rotary_decode_ref(qkv, pos, cos, sin, rd, kc, vc, seqlens, scale, rows):
-    """(the reference at the dtype, in fp64) of the rows whose new slot is inside the cache."""
+    """(the reference at the dtype, in fp64) of the rows whose new slot is inside the cache (their cache rows taken
+    along: the reference writes batch row i to cache row i)."""
+    kc, vc = kc[rows], vc[rows]
     k64, v64 = kc.double(), vc.double()
     q64 = ops.rotary_kv_write_ref(qkv[rows].double(), pos[rows], cos.double(), sin.double(), rd, k64, v64)
     ref64 = ops.decode_attention_ref(q64[:, 0], k64, v64, seqlens[rows], scale)

@@ -947,13 +947,16 @@ cudaError_t quant_fused_check(const QuantOperand<T>& a, int n_a, const QuantOper
 // choose at up to 8 rows; 8 warps a block. Where a single launch would take one tile there and two here (or run a
 // narrow layer's 16 warps) the sums' order differs from it, not their error.
 // With `norm` (its x not null): y_a from LN_a(norm.x), y_b from LN_b(norm.x) (a.x, b.x unused; a.k == b.k, the
-// hidden size: a multiple of 8, and m k <= kQuantNormMaxElems).
+// hidden size: a multiple of 8, and m k <= kQuantNormMaxElems). `ct`: the tiles a warp (0: as above; 1 or 2 forced,
+// for A/B runs).
 
 template <typename T, typename F>
 cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<T>& b, const T* bias_a,
                                    const T* bias_b, T* y_a, T* y_b, int m, int n_a, int n_b, int act_a, int act_b,
-                                   bool pdl, cudaStream_t stream, const QuantNorm<T>& norm = QuantNorm<T>{}) {
+                                   bool pdl, cudaStream_t stream, const QuantNorm<T>& norm = QuantNorm<T>{},
+                                   int ct = 0) {
   if (const cudaError_t e = quant_fused_check<T, F>(a, n_a, b, n_b, m); e != cudaSuccess) return e;
+  if (ct < 0 || ct > 2) return cudaErrorInvalidValue;
   const bool normed = norm.x != nullptr;
   if (normed && (a.k != b.k || a.k % 8 != 0 || static_cast<int64_t>(m) * a.k > kQuantNormMaxElems ||
                  norm.w_a == nullptr || norm.b_a == nullptr || norm.w_b == nullptr || norm.b_b == nullptr))
@@ -972,7 +975,7 @@ cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<
                          quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true>, grid, block,
                          stream, a, b, bias_a, bias_b, y_a, y_b, m, n_a, n_b, blocks_a, act_a, act_b, norm);
   };
-  if (F::kGrouped && min(n_a, n_b) >= 8192) return go(std::integral_constant<int, 2>{});
+  if (ct == 2 || (ct == 0 && F::kGrouped && min(n_a, n_b) >= 8192)) return go(std::integral_constant<int, 2>{});
   return go(std::integral_constant<int, 1>{});
 }
 

@@ -5,6 +5,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -15,6 +16,16 @@
 
 namespace neox_rt {
 namespace {
+
+// NEOX_RT_QUANT_PAIR_CT (experiment setting, read once): the fused pair's tiles of channels a warp, 0 (default: the
+// launcher's choice), 1 or 2 (launch_quant_gemm_pair's `ct`), for A/B runs.
+int pair_tiles_override() {
+  static const int ct = [] {
+    const char* v = std::getenv("NEOX_RT_QUANT_PAIR_CT");
+    return v != nullptr && (v[0] == '1' || v[0] == '2') && v[1] == '\0' ? v[0] - '0' : 0;
+  }();
+  return ct;
+}
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
@@ -274,7 +285,8 @@ std::tuple<at::Tensor, at::Tensor> launch_tiled_pair(
     auto go = [&](auto launch) {
       check_cuda(launch(a, b, b1, b2, ptr<scalar_t>(y1), ptr<scalar_t>(y2), static_cast<int>(m),
                         static_cast<int>(out_features1), static_cast<int>(out_features2),
-                        static_cast<int>(activation1), static_cast<int>(activation2), use_pdl, stream, norm),
+                        static_cast<int>(activation1), static_cast<int>(activation2), use_pdl, stream, norm,
+                        pair_tiles_override()),
                  op);
     };
     if (bits == 4) go(launch_quant_gemm_pair<scalar_t, QuantInt4>);
