@@ -339,7 +339,8 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | N
 def rotary_decode_attention(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, seqlens, scale,
                             blocks_per_sm: int | None = None, merge_kernel: bool = False, variant: int | None = None):
     """:func:`rotary_kv_write` then :func:`decode_attention` in one launch: every block rotates its head's q, the
-    block whose split holds the new slot rotates k and writes k and v there (the same bits as the two kernels)."""
+    block whose split holds the new slot rotates k and writes k and v there (the caches bit for bit as the two
+    kernels write them; the output as theirs up to the order of the sums, the new key taken from shared memory)."""
     bps = DECODE_BLOCKS_PER_SM if blocks_per_sm is None else int(blocks_per_sm)
     var = DECODE_VARIANT if variant is None else int(variant)
     return torch.ops.neox_rt.rotary_decode_attention(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache,
