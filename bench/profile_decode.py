@@ -53,7 +53,9 @@ def kernel_kind(name: str) -> str:
         return "layernorm"
     if LINEAR_RE.search(name):
         return "linear"
-    if "decode_rotary" in n:  # rotary + KV write inside decode attention (rotary_decode_attention)
+    # rotary + KV write inside decode attention: decode_attention_split_kernel<..., DecodeNewToken<T>>
+    # (decode_rotary_split_kernel in the 659dce6 profiles)
+    if "decode_rotary" in n or "decodenewtoken" in n:
         return "attention"
     if "rotary" in n:
         return "rotary+kv write"

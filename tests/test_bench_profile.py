@@ -104,7 +104,7 @@ def test_assign_quantized_fused_layers():
     names = ["indexSelectLargeIndex"]
     for _ in range(3):
         names += ["void neox_rt::quant_gemm_pair_kernel<__half, neox_rt::QuantInt4, 1, true>",
-                  "void neox_rt::decode_rotary_split_kernel<__half, 128, true, true, 6>",
+                  "void neox_rt::decode_attention_split_kernel<__half, 128, true, true, 6, neox_rt::DecodeNewToken<__half> >",
                   "void neox_rt::quant_gemm_sum_kernel<__half, neox_rt::QuantInt4, 1>"]
     names += ["_layernorm_kernel", "gemv_kernel<1,1,4>", "argmax_kernel"]
     kernels = [(n, 3.0 * i, 2.0) for i, n in enumerate(names)]

@@ -554,7 +554,9 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
   NEOX_RT_DECODE_TRACE_AT(5);
 }
 
-template <typename T, int HD, bool PDL, bool PIPE, int OPT = kDecodeDefaultOpt>
+// NewToken: NoNewToken (decode_attention) or DecodeNewToken (rotary_decode_attention: q null, the caches written at
+// the new slot through nt's pointers, read through k_cache / v_cache).
+template <typename T, int HD, bool PDL, bool PIPE, int OPT = kDecodeDefaultOpt, typename NewToken = NoNewToken>
 __global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD, PIPE, OPT>::MIN_BLOCKS))
 decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, HD]
                               const T* __restrict__ k_cache,         // [B, nh, T, HD]
@@ -564,29 +566,13 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
                               float* __restrict__ part_out,          // [b, nh, splits, HD]
                               float* __restrict__ part_ml,           // [b, nh, splits, 2] (max, sum)
                               int* __restrict__ counters,            // [b, nh] zeros, or null (separate merge)
-                              int nh, int64_t capacity, int split_len, int splits, float scale_log2) {
+                              int nh, int64_t capacity, int split_len, int splits, float scale_log2,
+                              const NewToken nt) {
   const int h = blockIdx.y, i = blockIdx.z;
   const int64_t bh = static_cast<int64_t>(i) * nh + h;
   ContiguousKeys<T, HD> kv{k_cache + bh * capacity * HD, v_cache + bh * capacity * HD};
   decode_split_block<T, HD, PDL, PIPE, OPT>(kv, q, seqlens, out, part_out, part_ml, counters, nh, capacity,
-                                            split_len, splits, scale_log2);
-}
-
-// decode_attention_split_kernel with the new token's rotary and cache write fused in (rotary_decode_attention).
-template <typename T, int HD, bool PDL, bool PIPE, int OPT = kDecodeDefaultOpt>
-__global__ void __launch_bounds__(kDecodeThreads, (DecodeLayout<T, HD, PIPE, OPT>::MIN_BLOCKS))
-decode_rotary_split_kernel(const DecodeNewToken<T> nt,             // qkv [b, nh*3*HD], positions [b], tables, caches
-                           const int64_t* __restrict__ seqlens,    // [b]
-                           T* __restrict__ out,                    // [b, nh, HD]
-                           float* __restrict__ part_out,           // [b, nh, splits, HD]
-                           float* __restrict__ part_ml,            // [b, nh, splits, 2] (max, sum)
-                           int* __restrict__ counters,             // [b, nh] zeros, or null (separate merge)
-                           int nh, int64_t capacity, int split_len, int splits, float scale_log2) {
-  const int h = blockIdx.y, i = blockIdx.z;
-  const int64_t bh = static_cast<int64_t>(i) * nh + h;
-  ContiguousKeys<T, HD> kv{nt.k_cache + bh * capacity * HD, nt.v_cache + bh * capacity * HD};
-  decode_split_block<T, HD, PDL, PIPE, OPT>(kv, static_cast<const T*>(nullptr), seqlens, out, part_out, part_ml,
-                                            counters, nh, capacity, split_len, splits, scale_log2, nt);
+                                            split_len, splits, scale_log2, nt);
 }
 
 // Len: seqlens' type (int64 for the contiguous cache, int32 for the paged one).
@@ -604,24 +590,15 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,    // [b, nh,
   merge_splits<T, HD>(part_out, part_ml, static_cast<int64_t>(i) * nh + h, splits, used, out);
 }
 
-template <typename T, int HD, bool PIPE, int OPT = kDecodeDefaultOpt>
+template <typename T, int HD, bool PIPE, int OPT = kDecodeDefaultOpt, typename NewToken = NoNewToken>
 cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                 float* part_out, float* part_ml, int* counters, int b, int nh, int64_t capacity,
-                                int split_len, int splits, float scale_log2, bool pdl, cudaStream_t stream) {
-  return launch_kernel(pdl, decode_attention_split_kernel<T, HD, false, PIPE, OPT>,
-                       decode_attention_split_kernel<T, HD, true, PIPE, OPT>, dim3(splits, nh, b), dim3(kDecodeThreads),
-                       stream, q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len,
-                       splits, scale_log2);
-}
-
-template <typename T, int HD, bool PIPE, int OPT = kDecodeDefaultOpt>
-cudaError_t launch_decode_rotary_split(const DecodeNewToken<T>& nt, const int64_t* seqlens, T* out, float* part_out,
-                                       float* part_ml, int* counters, int b, int nh, int64_t capacity, int split_len,
-                                       int splits, float scale_log2, bool pdl, cudaStream_t stream) {
-  return launch_kernel(pdl, decode_rotary_split_kernel<T, HD, false, PIPE, OPT>,
-                       decode_rotary_split_kernel<T, HD, true, PIPE, OPT>, dim3(splits, nh, b), dim3(kDecodeThreads),
-                       stream, nt, seqlens, out, part_out, part_ml, counters, nh, capacity, split_len, splits,
-                       scale_log2);
+                                int split_len, int splits, float scale_log2, bool pdl, cudaStream_t stream,
+                                const NewToken& nt = NewToken()) {
+  return launch_kernel(pdl, decode_attention_split_kernel<T, HD, false, PIPE, OPT, NewToken>,
+                       decode_attention_split_kernel<T, HD, true, PIPE, OPT, NewToken>, dim3(splits, nh, b),
+                       dim3(kDecodeThreads), stream, q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters,
+                       nh, capacity, split_len, splits, scale_log2, nt);
 }
 
 // nt: null (decode_attention: q given) or the fused rotary + KV write's inputs (rotary_decode_attention; q unused).
@@ -640,18 +617,17 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
   if (splits == 0) {  // an empty cache: every output is zero (and no slot to write)
     return cudaMemsetAsync(out, 0, sizeof(T) * static_cast<size_t>(b) * nh * HD, stream);
   }
-  cudaError_t err;
-  if (nt != nullptr) {
-    err = pipe ? launch_decode_rotary_split<T, HD, true>(*nt, seqlens, out, part_out, part_ml, counters, b, nh,
-                                                         capacity, split_len, splits, scale_log2, pdl, stream)
-               : launch_decode_rotary_split<T, HD, false>(*nt, seqlens, out, part_out, part_ml, counters, b, nh,
-                                                          capacity, split_len, splits, scale_log2, pdl, stream);
-  } else {
-    err = pipe ? launch_decode_split<T, HD, true>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b,
-                                                  nh, capacity, split_len, splits, scale_log2, pdl, stream)
-               : launch_decode_split<T, HD, false>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b,
-                                                   nh, capacity, split_len, splits, scale_log2, pdl, stream);
-  }
+  auto go = [&](const auto& token) {
+    using NT = std::decay_t<decltype(token)>;
+    return pipe ? launch_decode_split<T, HD, true, kDecodeDefaultOpt, NT>(q, k_cache, v_cache, seqlens, out, part_out,
+                                                                         part_ml, counters, b, nh, capacity, split_len,
+                                                                         splits, scale_log2, pdl, stream, token)
+                : launch_decode_split<T, HD, false, kDecodeDefaultOpt, NT>(q, k_cache, v_cache, seqlens, out,
+                                                                          part_out, part_ml, counters, b, nh, capacity,
+                                                                          split_len, splits, scale_log2, pdl, stream,
+                                                                          token);
+  };
+  const cudaError_t err = nt != nullptr ? go(*nt) : go(NoNewToken{});
   if (err != cudaSuccess || counters != nullptr || splits == 1) return err;
   decode_attention_reduce_kernel<T, HD><<<dim3(nh, b), kDecodeThreads, 0, stream>>>(part_out, part_ml, seqlens, out, nh,
                                                                          capacity, split_len, splits);

@@ -86,9 +86,18 @@ at::Tensor scaled_causal_softmax(const at::Tensor& scores, const at::Tensor& que
   return out;
 }
 
-at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
-                           const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache, at::Tensor& v_cache,
-                           bool pdl) {
+namespace {
+
+// The shape of a rotary + KV write, as rotary_kv_write and rotary_decode_attention check it.
+struct RotaryShape {
+  int64_t b, s, nh, cap, hd;
+};
+
+// qkv [b, s, nh*3*hd] of a float dtype, int64 positions, fp32 cos / sin [max_pos, rotary_ndims / 2], caches
+// [B >= b, nh, T, hd] of qkv's dtype, everything contiguous on qkv's device (positions' shape: the caller's).
+RotaryShape check_rotary(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                         const at::Tensor& sin, int64_t rotary_ndims, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const char* op) {
   CHECK_CUDA(qkv, "qkv");
   CHECK_SAME_DEVICE(qkv, positions, "qkv", "positions");
   CHECK_SAME_DEVICE(qkv, cos, "qkv", "cos");
@@ -96,7 +105,7 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
   CHECK_SAME_DEVICE(qkv, k_cache, "qkv", "k_cache");
   CHECK_SAME_DEVICE(qkv, v_cache, "qkv", "v_cache");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qkv, &positions, &cos, &sin, &k_cache, &v_cache})
-    TORCH_CHECK(t->is_contiguous(), "neox_rt: rotary_kv_write needs contiguous qkv, positions, cos, sin and caches");
+    TORCH_CHECK(t->is_contiguous(), "neox_rt: ", op, " needs contiguous qkv, positions, cos, sin and caches");
   check_float_dtype(qkv, "qkv");
   CHECK_DTYPE(positions, at::kLong, "positions");
   CHECK_DTYPE(cos, at::kFloat, "cos");
@@ -105,20 +114,29 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
   CHECK_DTYPE(v_cache, qkv.scalar_type(), "v_cache");
   TORCH_CHECK(qkv.dim() == 3, "neox_rt: qkv must be [b, s, nh*3*hd], got ", fmt(qkv.sizes()));
   TORCH_CHECK(k_cache.dim() == 4, "neox_rt: k_cache must be [B, nh, T, hd], got ", fmt(k_cache.sizes()));
-  const int64_t b = qkv.size(0), s = qkv.size(1), nh = k_cache.size(1), cap = k_cache.size(2),
-                hd = k_cache.size(3);
+  const RotaryShape r{qkv.size(0), qkv.size(1), k_cache.size(1), k_cache.size(2), k_cache.size(3)};
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "neox_rt: v_cache ", fmt(v_cache.sizes()),
               " must match k_cache ", fmt(k_cache.sizes()));
-  TORCH_CHECK(k_cache.size(0) >= b, "neox_rt: the cache has ", fmt(k_cache.size(0)), " rows but the batch is ",
-              fmt(b));
-  TORCH_CHECK(qkv.size(2) == nh * 3 * hd, "neox_rt: qkv last dim ", fmt(qkv.size(2)), " != nh*3*hd = ",
-              fmt(nh * 3 * hd), " (nh, hd from the cache)");
-  CHECK_SHAPE(positions, b, s);
-  TORCH_CHECK(rotary_ndims >= 0 && rotary_ndims <= hd && rotary_ndims % 2 == 0, "neox_rt: rotary_ndims ",
-              fmt(rotary_ndims), " must be even and in [0, head_dim=", fmt(hd), "]");
-  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == rotary_ndims / 2 && sin.sizes() == cos.sizes(),
-              "neox_rt: cos and sin must be [max_pos, rotary_ndims/2=", fmt(rotary_ndims / 2), "], got ",
+  TORCH_CHECK(k_cache.size(0) >= r.b, "neox_rt: the cache has ", fmt(k_cache.size(0)), " rows but the batch is ",
+              fmt(r.b));
+  TORCH_CHECK(qkv.size(2) == r.nh * 3 * r.hd, "neox_rt: qkv last dim ", fmt(qkv.size(2)), " != nh*3*hd = ",
+              fmt(r.nh * 3 * r.hd), " (nh, hd from the cache)");
+  TORCH_CHECK(rotary_ndims >= 0 && rotary_ndims <= r.hd && rotary_ndims % 2 == 0, "neox_rt: rotary_ndims ",
+              fmt(rotary_ndims), " must be even and in [0, head_dim=", fmt(r.hd), "]");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) >= 1 && cos.size(1) == rotary_ndims / 2 && sin.sizes() == cos.sizes(),
+              "neox_rt: cos and sin must be [max_pos >= 1, rotary_ndims/2=", fmt(rotary_ndims / 2), "], got ",
               fmt(cos.sizes()), " and ", fmt(sin.sizes()));
+  return r;
+}
+
+}  // namespace
+
+at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                           const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache, at::Tensor& v_cache,
+                           bool pdl) {
+  const RotaryShape r = check_rotary(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, "rotary_kv_write");
+  const int64_t b = r.b, s = r.s, nh = r.nh, cap = r.cap, hd = r.hd;
+  CHECK_SHAPE(positions, b, s);
   const c10::cuda::CUDAGuard guard(qkv.device());
   auto q = at::empty({b, s, nh, hd}, qkv.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -162,6 +180,72 @@ int* decode_counters(int device, int64_t needed, cudaStream_t stream) {
   return p;
 }
 
+namespace {
+
+// What decode_attention and rotary_decode_attention share past their inputs' checks: the head size, alignment, plan
+// and variant checks, the split plan (from the capacity and the device only, never from seqlens: no host sync,
+// graph-capturable), the partials, the ticket counters and the launch. `q` (decode_attention) or `rot`
+// (rotary_decode_attention: q from qkv) gives the query.
+struct RotaryInputs {
+  const at::Tensor& qkv;
+  const at::Tensor& positions;
+  const at::Tensor& cos;
+  const at::Tensor& sin;
+  int64_t rotary_ndims;
+};
+
+at::Tensor run_decode_attention(const at::Tensor* q, const RotaryInputs* rot, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& seqlens, int64_t b, int64_t nh,
+                                int64_t hd, double scale, bool pdl, int64_t blocks_per_sm, bool merge_kernel,
+                                int64_t variant, const char* op) {
+  const at::Tensor& query = q != nullptr ? *q : rot->qkv;
+  CHECK_DTYPE(seqlens, at::kLong, "seqlens");
+  CHECK_SHAPE(seqlens, b);
+  TORCH_CHECK(hd == 32 || hd == 64 || hd == 80 || hd == 96 || hd == 128 || hd == 256,
+              "neox_rt: ", op, " supports head sizes 32, 64, 80, 96, 128, 256; got ", fmt(hd));
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&query, &k_cache, &v_cache})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "neox_rt: ", op, " needs 16-byte aligned ",
+                q != nullptr ? "q" : "qkv", " and caches");
+  TORCH_CHECK(blocks_per_sm >= 0, "neox_rt: blocks_per_sm must be >= 0 (0: the default), got ",
+              fmt(blocks_per_sm));
+  TORCH_CHECK(variant >= 0 && variant <= 2, "neox_rt: ", op,
+              " variant must be 0 (default), 1 (single-buffered) or 2 (pipelined), got ", fmt(variant));
+  const bool pipe = variant == 0 ? kDecodePipeDefault : variant == 2;
+  const c10::cuda::CUDAGuard guard(query.device());
+  const int64_t cap = k_cache.size(2);
+  TORCH_CHECK(cap <= INT_MAX / hd, "neox_rt: ", op, " supports caches of at most 2^31 / head size = ",
+              fmt(INT_MAX / hd), " slots, got ", fmt(cap));
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int per_sm = blocks_per_sm > 0 ? static_cast<int>(blocks_per_sm) : kDecodeBlocksPerSm;
+  auto out = at::empty({b, nh, hd}, query.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  NEOX_RT_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
+    const int split_len = decode_attention_split_len<scalar_t>(static_cast<int>(hd), static_cast<int>(b),
+                                                               static_cast<int>(nh), cap, props->multiProcessorCount,
+                                                               per_sm, pipe);
+    const int splits = decode_attention_splits(cap, split_len);
+    const int64_t parts = splits > 1 ? b * nh * splits : 1;  // one split: the kernel writes out directly
+    auto part_out = at::empty({parts * hd}, query.options().dtype(at::kFloat));
+    auto part_ml = at::empty({parts * 2}, query.options().dtype(at::kFloat));
+    int* counters = splits > 1 && !merge_kernel ? decode_counters(query.get_device(), b * nh, stream) : nullptr;
+    DecodeNewToken<scalar_t> nt{};
+    if (rot != nullptr)
+      nt = {ptr<scalar_t>(rot->qkv), ptr<int64_t>(rot->positions), ptr<float>(rot->cos), ptr<float>(rot->sin),
+            ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache),
+            static_cast<int>(rot->rotary_ndims), rot->cos.size(0)};
+    check_cuda(launch_decode_attention<scalar_t>(q != nullptr ? ptr<scalar_t>(*q) : nullptr, ptr<scalar_t>(k_cache),
+                                                 ptr<scalar_t>(v_cache), ptr<int64_t>(seqlens), ptr<scalar_t>(out),
+                                                 ptr<float>(part_out), ptr<float>(part_ml), counters,
+                                                 static_cast<int>(b), static_cast<int>(nh), static_cast<int>(hd),
+                                                 cap, split_len, static_cast<float>(scale), pdl && pdl_supported(),
+                                                 pipe, stream, rot != nullptr ? &nt : nullptr),
+               op);
+  });
+  return out;
+}
+
+}  // namespace
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& seqlens, double scale, bool pdl, int64_t blocks_per_sm,
                             bool merge_kernel, int64_t variant) {
@@ -174,7 +258,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   check_float_dtype(q, "q");
   CHECK_DTYPE(k_cache, q.scalar_type(), "k_cache");
   CHECK_DTYPE(v_cache, q.scalar_type(), "v_cache");
-  CHECK_DTYPE(seqlens, at::kLong, "seqlens");
   TORCH_CHECK(q.dim() == 3, "neox_rt: q must be [b, nh, hd], got ", fmt(q.sizes()));
   const int64_t b = q.size(0), nh = q.size(1), hd = q.size(2);
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) >= b && k_cache.size(1) == nh && k_cache.size(3) == hd,
@@ -182,44 +265,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
               fmt(k_cache.sizes()));
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "neox_rt: v_cache ", fmt(v_cache.sizes()),
               " must match k_cache ", fmt(k_cache.sizes()));
-  TORCH_CHECK(hd == 32 || hd == 64 || hd == 80 || hd == 96 || hd == 128 || hd == 256,
-              "neox_rt: decode_attention supports head sizes 32, 64, 80, 96, 128, 256; got ", fmt(hd));
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache})
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
-                "neox_rt: decode_attention needs 16-byte aligned q and caches");
-  CHECK_SHAPE(seqlens, b);
-  TORCH_CHECK(blocks_per_sm >= 0, "neox_rt: blocks_per_sm must be >= 0 (0: the default), got ",
-              fmt(blocks_per_sm));
-  TORCH_CHECK(variant >= 0 && variant <= 2,
-              "neox_rt: decode_attention variant must be 0 (default), 1 (single-buffered) or 2 (pipelined), got ",
-              fmt(variant));
-  const bool pipe = variant == 0 ? kDecodePipeDefault : variant == 2;
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t cap = k_cache.size(2);
-  TORCH_CHECK(cap <= INT_MAX / hd, "neox_rt: decode_attention supports caches of at most 2^31 / head size = ",
-              fmt(INT_MAX / hd), " slots, got ", fmt(cap));
-  // Split length from the capacity and the device only (never from seqlens: no host sync, graph-capturable).
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  const int per_sm = blocks_per_sm > 0 ? static_cast<int>(blocks_per_sm) : kDecodeBlocksPerSm;
-  auto out = at::empty_like(q);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  NEOX_RT_DISPATCH_FLOAT(q.scalar_type(), "decode_attention", [&] {
-    const int split_len = decode_attention_split_len<scalar_t>(static_cast<int>(hd), static_cast<int>(b),
-                                                               static_cast<int>(nh), cap, props->multiProcessorCount,
-                                                               per_sm, pipe);
-    const int splits = decode_attention_splits(cap, split_len);
-    const int64_t parts = splits > 1 ? b * nh * splits : 1;  // one split: the kernel writes out directly
-    auto part_out = at::empty({parts * hd}, q.options().dtype(at::kFloat));
-    auto part_ml = at::empty({parts * 2}, q.options().dtype(at::kFloat));
-    int* counters = splits > 1 && !merge_kernel ? decode_counters(q.get_device(), b * nh, stream) : nullptr;
-    check_cuda(launch_decode_attention<scalar_t>(ptr<scalar_t>(q), ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache),
-                                                 ptr<int64_t>(seqlens), ptr<scalar_t>(out), ptr<float>(part_out),
-                                                 ptr<float>(part_ml), counters, static_cast<int>(b),
-                                                 static_cast<int>(nh), static_cast<int>(hd), cap, split_len,
-                                                 static_cast<float>(scale), pdl && pdl_supported(), pipe, stream),
-               "decode_attention");
-  });
-  return out;
+  return run_decode_attention(&q, nullptr, k_cache, v_cache, seqlens, b, nh, hd, scale, pdl, blocks_per_sm,
+                              merge_kernel, variant, "decode_attention");
 }
 
 // decode_attention with the new token's rotary + KV write fused in (rotary_kv_write, then decode_attention, in one
@@ -228,78 +275,15 @@ at::Tensor rotary_decode_attention(const at::Tensor& qkv, const at::Tensor& posi
                                    const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache,
                                    at::Tensor& v_cache, const at::Tensor& seqlens, double scale, bool pdl,
                                    int64_t blocks_per_sm, bool merge_kernel, int64_t variant) {
-  CHECK_CUDA(qkv, "qkv");
-  CHECK_SAME_DEVICE(qkv, positions, "qkv", "positions");
-  CHECK_SAME_DEVICE(qkv, cos, "qkv", "cos");
-  CHECK_SAME_DEVICE(qkv, sin, "qkv", "sin");
-  CHECK_SAME_DEVICE(qkv, k_cache, "qkv", "k_cache");
-  CHECK_SAME_DEVICE(qkv, v_cache, "qkv", "v_cache");
+  const RotaryShape r = check_rotary(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache,
+                                     "rotary_decode_attention");
   CHECK_SAME_DEVICE(qkv, seqlens, "qkv", "seqlens");
-  for (const at::Tensor* t :
-       std::initializer_list<const at::Tensor*>{&qkv, &positions, &cos, &sin, &k_cache, &v_cache, &seqlens})
-    TORCH_CHECK(t->is_contiguous(),
-                "neox_rt: rotary_decode_attention needs contiguous qkv, positions, cos, sin, caches and seqlens");
-  check_float_dtype(qkv, "qkv");
-  CHECK_DTYPE(positions, at::kLong, "positions");
-  CHECK_DTYPE(cos, at::kFloat, "cos");
-  CHECK_DTYPE(sin, at::kFloat, "sin");
-  CHECK_DTYPE(k_cache, qkv.scalar_type(), "k_cache");
-  CHECK_DTYPE(v_cache, qkv.scalar_type(), "v_cache");
-  CHECK_DTYPE(seqlens, at::kLong, "seqlens");
-  TORCH_CHECK(qkv.dim() == 3 && qkv.size(1) == 1, "neox_rt: qkv must be [b, 1, nh*3*hd] (one new token a sequence), "
-              "got ", fmt(qkv.sizes()));
-  TORCH_CHECK(k_cache.dim() == 4, "neox_rt: k_cache must be [B, nh, T, hd], got ", fmt(k_cache.sizes()));
-  const int64_t b = qkv.size(0), nh = k_cache.size(1), cap = k_cache.size(2), hd = k_cache.size(3);
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "neox_rt: v_cache ", fmt(v_cache.sizes()),
-              " must match k_cache ", fmt(k_cache.sizes()));
-  TORCH_CHECK(k_cache.size(0) >= b, "neox_rt: the cache has ", fmt(k_cache.size(0)), " rows but the batch is ",
-              fmt(b));
-  TORCH_CHECK(qkv.size(2) == nh * 3 * hd, "neox_rt: qkv last dim ", fmt(qkv.size(2)), " != nh*3*hd = ",
-              fmt(nh * 3 * hd), " (nh, hd from the cache)");
-  CHECK_SHAPE(positions, b, 1);
-  CHECK_SHAPE(seqlens, b);
-  TORCH_CHECK(hd == 32 || hd == 64 || hd == 80 || hd == 96 || hd == 128 || hd == 256,
-              "neox_rt: rotary_decode_attention supports head sizes 32, 64, 80, 96, 128, 256; got ", fmt(hd));
-  TORCH_CHECK(rotary_ndims >= 0 && rotary_ndims <= hd && rotary_ndims % 2 == 0, "neox_rt: rotary_ndims ",
-              fmt(rotary_ndims), " must be even and in [0, head_dim=", fmt(hd), "]");
-  TORCH_CHECK(cos.dim() == 2 && cos.size(0) >= 1 && cos.size(1) == rotary_ndims / 2 && sin.sizes() == cos.sizes(),
-              "neox_rt: cos and sin must be [max_pos >= 1, rotary_ndims/2=", fmt(rotary_ndims / 2), "], got ",
-              fmt(cos.sizes()), " and ", fmt(sin.sizes()));
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&qkv, &k_cache, &v_cache})
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
-                "neox_rt: rotary_decode_attention needs 16-byte aligned qkv and caches");
-  TORCH_CHECK(blocks_per_sm >= 0, "neox_rt: blocks_per_sm must be >= 0 (0: the default), got ",
-              fmt(blocks_per_sm));
-  TORCH_CHECK(variant >= 0 && variant <= 2, "neox_rt: rotary_decode_attention variant must be 0 (default), "
-              "1 (single-buffered) or 2 (pipelined), got ", fmt(variant));
-  TORCH_CHECK(cap <= INT_MAX / hd, "neox_rt: rotary_decode_attention supports caches of at most 2^31 / head size = ",
-              fmt(INT_MAX / hd), " slots, got ", fmt(cap));
-  const bool pipe = variant == 0 ? kDecodePipeDefault : variant == 2;
-  const c10::cuda::CUDAGuard guard(qkv.device());
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  const int per_sm = blocks_per_sm > 0 ? static_cast<int>(blocks_per_sm) : kDecodeBlocksPerSm;
-  auto out = at::empty({b, nh, hd}, qkv.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  NEOX_RT_DISPATCH_FLOAT(qkv.scalar_type(), "rotary_decode_attention", [&] {
-    const int split_len = decode_attention_split_len<scalar_t>(static_cast<int>(hd), static_cast<int>(b),
-                                                               static_cast<int>(nh), cap, props->multiProcessorCount,
-                                                               per_sm, pipe);
-    const int splits = decode_attention_splits(cap, split_len);
-    const int64_t parts = splits > 1 ? b * nh * splits : 1;
-    auto part_out = at::empty({parts * hd}, qkv.options().dtype(at::kFloat));
-    auto part_ml = at::empty({parts * 2}, qkv.options().dtype(at::kFloat));
-    int* counters = splits > 1 && !merge_kernel ? decode_counters(qkv.get_device(), b * nh, stream) : nullptr;
-    const DecodeNewToken<scalar_t> nt{ptr<scalar_t>(qkv), ptr<int64_t>(positions), ptr<float>(cos), ptr<float>(sin),
-                                      ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache), static_cast<int>(rotary_ndims),
-                                      cos.size(0)};
-    check_cuda(launch_decode_attention<scalar_t>(nullptr, ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache),
-                                                 ptr<int64_t>(seqlens), ptr<scalar_t>(out), ptr<float>(part_out),
-                                                 ptr<float>(part_ml), counters, static_cast<int>(b),
-                                                 static_cast<int>(nh), static_cast<int>(hd), cap, split_len,
-                                                 static_cast<float>(scale), pdl && pdl_supported(), pipe, stream, &nt),
-               "rotary_decode_attention");
-  });
-  return out;
+  TORCH_CHECK(seqlens.is_contiguous(), "neox_rt: rotary_decode_attention needs contiguous seqlens");
+  TORCH_CHECK(r.s == 1, "neox_rt: qkv must be [b, 1, nh*3*hd] (one new token a sequence), got ", fmt(qkv.sizes()));
+  CHECK_SHAPE(positions, r.b, 1);
+  const RotaryInputs rot{qkv, positions, cos, sin, rotary_ndims};
+  return run_decode_attention(nullptr, &rot, k_cache, v_cache, seqlens, r.b, r.nh, r.hd, scale, pdl, blocks_per_sm,
+                              merge_kernel, variant, "rotary_decode_attention");
 }
 
 namespace {
