@@ -18,6 +18,7 @@
 // (grid (nh, b)) merges. A sequence that fits in one split is written directly, without partials.
 // Programmatic dependent launch (sm_90, `pdl`): the kernel lets its dependents launch at once, asks the L2 for its
 // first step of old cache slots (kDecodePrefetch), then waits for its inputs (griddepcontrol.wait) before reading.
+// rotary_decode_attention runs the same kernel with the decode step's rotary + KV write inside (DecodeNewToken).
 // Requires HD * sizeof(T) % 16 == 0 and 16-byte aligned q and caches (every head size of the family).
 // The split kernel's body (decode_split_block) takes where the keys live as a policy (ContiguousKeys here, PagedKeys
 // in paged_attention.cuh), so the paged kernel shares the steps, the softmax and the merges; the contiguous kernel's
