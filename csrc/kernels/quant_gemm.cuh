@@ -944,9 +944,9 @@ cudaError_t quant_fused_check(const QuantOperand<T>& a, int n_a, const QuantOper
 
 // y_a = act_a(x_a W_a^T + bias_a), y_b = act_b(x_b W_b^T + bias_b) in one launch. Tiles of channels a warp: one for
 // both, two where both layers fill the card twice over (int4, n >= 8192: 20B's qkv and h->4h), as the single launches
-// choose at up to 8 rows, and two for int4 with the LayerNorm inside (half the blocks normalise x: on one H100, 1.4b
-// int4 with an int8 LM head at one row 0.74 -> 0.70 ms a token; bench/NOTES.md session 20; int8 measured 0.87 -> 0.80
-// there too, but its pair with the LayerNorm at two tiles has not run under the GPU tests yet); 8 warps a block. Where
+// choose at up to 8 rows, and two for either format with the LayerNorm inside (half the blocks normalise x: on one
+// H100, 1.4b at one row, int4 with an int8 LM head 0.74 -> 0.70 ms a token, int8 0.87 -> 0.80; bench/NOTES.md
+// sessions 20 and 21); 8 warps a block. Where
 // a single launch would take one tile there and two here (or run a narrow layer's 16 warps) the sums' order differs
 // from it, not their error.
 // With `norm` (its x not null): y_a from LN_a(norm.x), y_b from LN_b(norm.x) (a.x, b.x unused; a.k == b.k, the
@@ -978,7 +978,7 @@ cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<
                          quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true>, grid, block,
                          stream, a, b, bias_a, bias_b, y_a, y_b, m, n_a, n_b, blocks_a, act_a, act_b, norm);
   };
-  if (ct == 2 || (ct == 0 && F::kGrouped && (normed || min(n_a, n_b) >= 8192)))
+  if (ct == 2 || (ct == 0 && (normed || (F::kGrouped && min(n_a, n_b) >= 8192))))
     return go(std::integral_constant<int, 2>{});
   return go(std::integral_constant<int, 1>{});
 }
