@@ -8,6 +8,10 @@
 // Each configuration's output is compared with the launcher's LEAN output (FOLD differs by fp16 rounding; a tiled
 // configuration must equal its row-major twin bit for bit).
 // Usage: quant_probe [out.json]; prints a table, writes JSON rows.
+// quant_probe --fused [out.json]: the fused launches instead (quant_gemm_pair_kernel on QKV + h->4h,
+// quant_gemm_sum_kernel on dense + 4h->h, tiled weights, one row), the launcher's configuration against other tiles,
+// warps a block and blocks a SM, beside the pure reads of the two weights one after the other; each configuration's
+// outputs compared with the launcher's (the same sums in another order: within fp16 rounding).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -221,6 +225,173 @@ static std::vector<float> output(const Layer& L, const Weights& w) {
   return f;
 }
 
+// --fused: the pair and the sum (tiled weights) at configurations (CT, S, WARPS, MINB) beside the launchers'.
+using FusedLaunch = std::function<cudaError_t(const Layer&, const Weights&, const Layer&, const Weights&, int copy,
+                                              bool pdl, cudaStream_t)>;
+struct FusedConfig {
+  std::string name;
+  bool int4, sum;
+  FusedLaunch launch;
+  int regs = 0, local = 0;
+};
+
+template <typename F>
+static neox_rt::QuantOperand<T> operand(const Layer& L, const Weights& w, int i) {
+  const T* sc = F::kGrouped ? reinterpret_cast<const T*>(w.szt[i]) : w.s[i];
+  return neox_rt::QuantOperand<T>{w.x, w.qt[i], sc, L.k, 128};
+}
+
+template <typename F, int CT, int S, int WARPS, int MINB>
+static FusedConfig pair_config(const char* name) {
+  FusedConfig c{name, F::kGrouped, false, nullptr};
+  c.launch = [](const Layer& A, const Weights& wa, const Layer& B, const Weights& wb, int i, bool pdl,
+                cudaStream_t st) {
+    const int blocks_a = (A.n + 16 * CT - 1) / (16 * CT), blocks_b = (B.n + 16 * CT - 1) / (16 * CT);
+    return neox_rt::launch_kernel(pdl, neox_rt::quant_gemm_pair_kernel<T, F, 1, CT, S, WARPS, MINB, false>,
+                                  neox_rt::quant_gemm_pair_kernel<T, F, 1, CT, S, WARPS, MINB, true>,
+                                  dim3(blocks_a + blocks_b), dim3(WARPS * 32), st, operand<F>(A, wa, i),
+                                  operand<F>(B, wb, i), static_cast<const T*>(nullptr),
+                                  static_cast<const T*>(nullptr), wa.y, wb.y, 1, A.n, B.n, blocks_a, 0, 0,
+                                  neox_rt::QuantNorm<T>{});
+  };
+  cudaFuncAttributes a;
+  CK(cudaFuncGetAttributes(&a, neox_rt::quant_gemm_pair_kernel<T, F, 1, CT, S, WARPS, MINB, true>));
+  c.regs = a.numRegs;
+  c.local = int(a.localSizeBytes);
+  return c;
+}
+
+template <typename F, int CT, int S, int WARPS, int MINB>
+static FusedConfig sum_config(const char* name) {
+  FusedConfig c{name, F::kGrouped, true, nullptr};
+  c.launch = [](const Layer& A, const Weights& wa, const Layer& B, const Weights& wb, int i, bool pdl,
+                cudaStream_t st) {
+    return neox_rt::launch_kernel(pdl, neox_rt::quant_gemm_sum_kernel<T, F, 1, CT, S, WARPS, MINB, false>,
+                                  neox_rt::quant_gemm_sum_kernel<T, F, 1, CT, S, WARPS, MINB, true>,
+                                  dim3((A.n + 16 * CT - 1) / (16 * CT)), dim3(WARPS * 32), st, operand<F>(A, wa, i),
+                                  operand<F>(B, wb, i), static_cast<const T*>(nullptr),
+                                  static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), wa.y, 1, A.n);
+  };
+  cudaFuncAttributes a;
+  CK(cudaFuncGetAttributes(&a, neox_rt::quant_gemm_sum_kernel<T, F, 1, CT, S, WARPS, MINB, true>));
+  c.regs = a.numRegs;
+  c.local = int(a.localSizeBytes);
+  return c;
+}
+
+template <typename F>
+static FusedConfig fused_launcher(const char* name, bool sum) {
+  FusedConfig c{name, F::kGrouped, sum, nullptr};
+  c.launch = [sum](const Layer& A, const Weights& wa, const Layer& B, const Weights& wb, int i, bool pdl,
+                   cudaStream_t st) {
+    if (sum)
+      return neox_rt::launch_quant_gemm_sum<T, F>(operand<F>(A, wa, i), operand<F>(B, wb, i), nullptr, nullptr,
+                                                  nullptr, wa.y, 1, A.n, pdl, st);
+    return neox_rt::launch_quant_gemm_pair<T, F>(operand<F>(A, wa, i), operand<F>(B, wb, i), nullptr, nullptr, wa.y,
+                                                 wb.y, 1, A.n, B.n, 0, 0, pdl, st);
+  };
+  return c;
+}
+
+static int fused_main(const char* out_path, cudaStream_t st) {
+  using neox_rt::QuantInt4;
+  using neox_rt::QuantInt8;
+  // name: t<CT> s<S> w<WARPS> mb<MINB>; the launcher's own first (the reference of the comparison)
+  std::vector<FusedConfig> cfgs = {
+      fused_launcher<QuantInt4>("int4 pair (launcher)", false),
+      pair_config<QuantInt4, 2, 2, 8, 2>("int4 pair t2 s2 w8 mb2"),
+      pair_config<QuantInt4, 2, 2, 4, 4>("int4 pair t2 s2 w4 mb4"),
+      pair_config<QuantInt4, 2, 2, 2, 8>("int4 pair t2 s2 w2 mb8"),
+      pair_config<QuantInt4, 2, 3, 4, 3>("int4 pair t2 s3 w4 mb3"),
+      pair_config<QuantInt4, 1, 4, 8, 3>("int4 pair t1 s4 w8 mb3"),
+      pair_config<QuantInt4, 1, 4, 4, 6>("int4 pair t1 s4 w4 mb6"),
+      pair_config<QuantInt4, 1, 4, 2, 12>("int4 pair t1 s4 w2 mb12"),
+      pair_config<QuantInt4, 1, 3, 4, 8>("int4 pair t1 s3 w4 mb8"),
+      fused_launcher<QuantInt4>("int4 sum (launcher)", true),
+      sum_config<QuantInt4, 1, 4, 8, 3>("int4 sum t1 s4 w8 mb3"),
+      sum_config<QuantInt4, 1, 4, 4, 6>("int4 sum t1 s4 w4 mb6"),
+      sum_config<QuantInt4, 2, 2, 8, 2>("int4 sum t2 s2 w8 mb2"),
+      sum_config<QuantInt4, 2, 2, 4, 4>("int4 sum t2 s2 w4 mb4"),
+      fused_launcher<QuantInt8>("int8 pair (launcher)", false),
+      pair_config<QuantInt8, 1, 4, 8, 3>("int8 pair t1 s4 w8 mb3"),
+      pair_config<QuantInt8, 1, 4, 4, 6>("int8 pair t1 s4 w4 mb6"),
+      pair_config<QuantInt8, 1, 4, 2, 12>("int8 pair t1 s4 w2 mb12"),
+      pair_config<QuantInt8, 2, 2, 8, 2>("int8 pair t2 s2 w8 mb2"),
+      pair_config<QuantInt8, 2, 2, 4, 4>("int8 pair t2 s2 w4 mb4"),
+      fused_launcher<QuantInt8>("int8 sum (launcher)", true),
+      sum_config<QuantInt8, 1, 4, 8, 3>("int8 sum t1 s4 w8 mb3"),
+      sum_config<QuantInt8, 1, 4, 4, 6>("int8 sum t1 s4 w4 mb6"),
+  };
+  for (const auto& c : cfgs)
+    if (c.regs) std::printf("%-28s %3d registers, %d bytes local\n", c.name.c_str(), c.regs, c.local);
+  struct Two {
+    std::string model, name;
+    Layer a, b;
+    bool sum;
+  };
+  std::vector<Two> twos;
+  for (bool int4 : {true, false}) {
+    twos.push_back({"gpt-neox-20b", "qkv+h->4h", {"", "qkv", 18432, 6144, int4}, {"", "h->4h", 24576, 6144, int4}, false});
+    twos.push_back({"gpt-neox-20b", "dense+4h->h", {"", "dense", 6144, 6144, int4}, {"", "4h->h", 6144, 24576, int4}, true});
+    twos.push_back({"pythia-1.4b", "qkv+h->4h", {"", "qkv", 6144, 2048, int4}, {"", "h->4h", 8192, 2048, int4}, false});
+    twos.push_back({"pythia-1.4b", "dense+4h->h", {"", "dense", 2048, 2048, int4}, {"", "4h->h", 2048, 8192, int4}, true});
+  }
+  FILE* js = out_path ? std::fopen(out_path, "w") : nullptr;
+  if (js) std::fprintf(js, "{\"mode\": \"fused\", \"rows\": [\n");
+  bool first_row = true;
+  int* sink;
+  CK(cudaMalloc(&sink, sizeof(int)));
+  std::printf("\n%-14s %-12s %-28s %9s %8s %8s %10s\n", "model", "layers", "config", "us", "GB/s", "%read", "max|d|");
+  for (const auto& P : twos) {
+    const int64_t bytes = P.a.wbytes() + P.a.sbytes() + P.b.wbytes() + P.b.sbytes();
+    const int copies = int(std::max<int64_t>(2, (256ll << 20) / bytes + 1));
+    Weights wa = make_weights(P.a, copies), wb = make_weights(P.b, copies);
+    const size_t va = size_t(P.a.wbytes()) / 16, vb = size_t(P.b.wbytes()) / 16;
+    const float read_us = back_to_back_us(
+        [&](int i, bool pdl, cudaStream_t s) {
+          cudaError_t e = neox_rt::launch_kernel(pdl, read_kernel<false>, read_kernel<true>, dim3(unsigned((va + 2047) / 2048)),
+                                        dim3(256), s, reinterpret_cast<const int4*>(wa.q[i]), va, sink);
+          if (e != cudaSuccess) return e;
+          return neox_rt::launch_kernel(pdl, read_kernel<false>, read_kernel<true>, dim3(unsigned((vb + 2047) / 2048)),
+                               dim3(256), s, reinterpret_cast<const int4*>(wb.q[i]), vb, sink);
+        },
+        copies, st);
+    const char* fmt = P.a.int4 ? "int4" : "int8";
+    std::printf("%-14s %-12s %-28s %9.2f %8.0f\n", P.model.c_str(), P.name.c_str(),
+                (std::string(fmt) + " pure reads").c_str(), read_us, bytes / (read_us * 1e3));
+    std::vector<float> ref_a, ref_b;
+    for (const auto& c : cfgs) {
+      if (c.int4 != P.a.int4 || c.sum != P.sum) continue;
+      CK(c.launch(P.a, wa, P.b, wb, 0, false, st));
+      CK(cudaStreamSynchronize(st));
+      const std::vector<float> oa = output(P.a, wa), ob = P.sum ? std::vector<float>() : output(P.b, wb);
+      if (ref_a.empty()) ref_a = oa, ref_b = ob;
+      float d = 0.f, mx = 0.f;
+      for (size_t i = 0; i < oa.size(); ++i) d = std::max(d, std::fabs(oa[i] - ref_a[i])), mx = std::max(mx, std::fabs(ref_a[i]));
+      for (size_t i = 0; i < ob.size(); ++i) d = std::max(d, std::fabs(ob[i] - ref_b[i])), mx = std::max(mx, std::fabs(ref_b[i]));
+      const float us = back_to_back_us(
+          [&](int i, bool pdl, cudaStream_t s) { return c.launch(P.a, wa, P.b, wb, i, pdl, s); }, copies, st);
+      std::printf("%-14s %-12s %-28s %9.2f %8.0f %7.0f%% %10.2e\n", P.model.c_str(), P.name.c_str(), c.name.c_str(),
+                  us, bytes / (us * 1e3), 100.0 * read_us / us, d / mx);
+      if (js)
+        std::fprintf(js,
+                     "%s{\"model\": \"%s\", \"layers\": \"%s\", \"format\": \"%s\", \"config\": \"%s\", \"us\": %.3f, "
+                     "\"gb_s\": %.1f, \"read_us\": %.3f, \"bytes\": %lld, \"rel_diff_vs_launcher\": %.3e, "
+                     "\"registers\": %d, \"local_bytes\": %d}",
+                     first_row ? "" : ",\n", P.model.c_str(), P.name.c_str(), fmt, c.name.c_str(), us,
+                     bytes / (us * 1e3), read_us, static_cast<long long>(bytes), d / mx, c.regs, c.local);
+      first_row = false;
+    }
+    free_weights(wa);
+    free_weights(wb);
+  }
+  if (js) {
+    std::fprintf(js, "\n]}\n");
+    std::fclose(js);
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   // --ncu: one profiled launch (cudaProfilerStart / Stop around it) of a few configurations on 20B's qkv and 4h->h,
   // for `ncu --profile-from-start off`; no timing
@@ -233,6 +404,7 @@ int main(int argc, char** argv) {
   std::printf("device %s, %d SMs\n", prop.name, prop.multiProcessorCount);
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  if (argc > 1 && std::string(argv[1]) == "--fused") return fused_main(argc > 2 ? argv[2] : nullptr, st);
 
   using namespace neox_rt;
   std::vector<Config> cfgs = {
