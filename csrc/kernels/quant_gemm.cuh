@@ -951,23 +951,30 @@ cudaError_t quant_fused_check(const QuantOperand<T>& a, int n_a, const QuantOper
 // from it, not their error.
 // With `norm` (its x not null): y_a from LN_a(norm.x), y_b from LN_b(norm.x) (a.x, b.x unused; a.k == b.k, the
 // hidden size: a multiple of 8, and m k <= kQuantNormMaxElems). `ct`: the tiles a warp (0: as above; 1 or 2 forced,
-// for A/B runs).
+// for A/B runs). `warps`: the warps a block (0: 8; 8 or 4 forced, 4 with twice the blocks a SM, for A/B runs).
+
+// The pair's configuration: QuantConfig's at one row, its warps a block W, the blocks a SM scaled to keep the warps a SM.
+template <int CT, int W>
+struct QuantPairConfig {
+  using C = QuantConfig<1, CT>;
+  static constexpr int kWarps = W, kSteps = C::kSteps, kMinBlocks = C::kMinBlocks * C::kWarps / W;
+};
 
 template <typename T, typename F>
 cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<T>& b, const T* bias_a,
                                    const T* bias_b, T* y_a, T* y_b, int m, int n_a, int n_b, int act_a, int act_b,
                                    bool pdl, cudaStream_t stream, const QuantNorm<T>& norm = QuantNorm<T>{},
-                                   int ct = 0) {
+                                   int ct = 0, int warps = 0) {
   if (const cudaError_t e = quant_fused_check<T, F>(a, n_a, b, n_b, m); e != cudaSuccess) return e;
-  if (ct < 0 || ct > 2) return cudaErrorInvalidValue;
+  if (ct < 0 || ct > 2 || (warps != 0 && warps != 8 && warps != 4)) return cudaErrorInvalidValue;
   const bool normed = norm.x != nullptr;
   if (normed && (a.k != b.k || a.k % 8 != 0 || static_cast<int64_t>(m) * a.k > kQuantNormMaxElems ||
                  norm.w_a == nullptr || norm.b_a == nullptr || norm.w_b == nullptr || norm.b_b == nullptr))
     return cudaErrorInvalidValue;
   if (m == 0) return cudaSuccess;
-  auto go = [&](auto ct) {
+  auto go_warps = [&](auto ct, auto w) {
     constexpr int CT = decltype(ct)::value;
-    using C = QuantConfig<1, CT>;
+    using C = QuantPairConfig<CT, decltype(w)::value>;
     const int blocks_a = ceil_div(n_a, 16 * CT), blocks_b = ceil_div(n_b, 16 * CT);
     const dim3 grid(blocks_a + blocks_b), block(C::kWarps * 32);
     if (normed)
@@ -977,6 +984,10 @@ cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<
     return launch_kernel(pdl, quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false>,
                          quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true>, grid, block,
                          stream, a, b, bias_a, bias_b, y_a, y_b, m, n_a, n_b, blocks_a, act_a, act_b, norm);
+  };
+  auto go = [&](auto ct) {
+    if (warps == 4) return go_warps(ct, std::integral_constant<int, 4>{});
+    return go_warps(ct, std::integral_constant<int, 8>{});
   };
   if (ct == 2 || (ct == 0 && (normed || (F::kGrouped && min(n_a, n_b) >= 8192))))
     return go(std::integral_constant<int, 2>{});

@@ -27,6 +27,16 @@ int pair_tiles_override() {
   return ct;
 }
 
+// NEOX_RT_QUANT_PAIR_WARPS (experiment setting, read once): the fused pair's warps a block, 0 (default: the launcher's
+// choice), 8 or 4 (launch_quant_gemm_pair's `warps`), for A/B runs.
+int pair_warps_override() {
+  static const int w = [] {
+    const char* v = std::getenv("NEOX_RT_QUANT_PAIR_WARPS");
+    return v != nullptr && (v[0] == '8' || v[0] == '4') && v[1] == '\0' ? v[0] - '0' : 0;
+  }();
+  return w;
+}
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // What both formats share: x [..., k] fp16 / bf16 (bf16 from sm_80 on) with 1..64 rows, contiguous and 16-byte
@@ -286,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> launch_tiled_pair(
       check_cuda(launch(a, b, b1, b2, ptr<scalar_t>(y1), ptr<scalar_t>(y2), static_cast<int>(m),
                         static_cast<int>(out_features1), static_cast<int>(out_features2),
                         static_cast<int>(activation1), static_cast<int>(activation2), use_pdl, stream, norm,
-                        pair_tiles_override()),
+                        pair_tiles_override(), pair_warps_override()),
                  op);
     };
     if (bits == 4) go(launch_quant_gemm_pair<scalar_t, QuantInt4>);
