@@ -946,9 +946,8 @@ cudaError_t quant_fused_check(const QuantOperand<T>& a, int n_a, const QuantOper
 // both, two where both layers fill the card twice over (int4, n >= 8192: 20B's qkv and h->4h), as the single launches
 // choose at up to 8 rows, and two for either format with the LayerNorm inside (half the blocks normalise x: on one
 // H100, 1.4b at one row, int4 with an int8 LM head 0.74 -> 0.70 ms a token, int8 0.87 -> 0.80; bench/NOTES.md
-// sessions 20 and 21); 8 warps a block. Where
-// a single launch would take one tile there and two here (or run a narrow layer's 16 warps) the sums' order differs
-// from it, not their error.
+// sessions 20 and 21); 8 warps a block. Where a single launch would take one tile there and two here (or run a
+// narrow layer's 16 warps) the sums' order differs from it, not their error.
 // With `norm` (its x not null): y_a from LN_a(norm.x), y_b from LN_b(norm.x) (a.x, b.x unused; a.k == b.k, the
 // hidden size: a multiple of 8, and m k <= kQuantNormMaxElems). `ct`: the tiles a warp (0: as above; 1 or 2 forced,
 // for A/B runs). `warps`: the warps a block (0: 8; 8 or 4 forced, 4 with twice the blocks a SM, for A/B runs).
