@@ -150,6 +150,15 @@ struct Config {
 };
 
 // one configuration of the kernel, one row of x
+// a kernel's registers and local (spilled) bytes a thread, for the probe's printout
+template <typename K>
+static void kernel_resources(K kernel, int& regs, int& local) {
+  cudaFuncAttributes a;
+  CK(cudaFuncGetAttributes(&a, kernel));
+  regs = a.numRegs;
+  local = int(a.localSizeBytes);
+}
+
 template <typename F, int CT, int S, int WARPS, int MINB, bool LEAN, bool FOLD, int TILED>
 static Config config(const char* name) {
   Config c;
@@ -165,10 +174,7 @@ static Config config(const char* name) {
                                   static_cast<const uint8_t*>(w.z[i]), static_cast<const T*>(nullptr),
                                   static_cast<const T*>(nullptr), w.y, 1, L.n, L.k, 128, 0);
   };
-  cudaFuncAttributes a;
-  CK(cudaFuncGetAttributes(&a, neox_rt::quant_gemm_kernel<T, F, 1, CT, S, WARPS, MINB, true, LEAN, FOLD, TILED>));
-  c.regs = a.numRegs;
-  c.local = int(a.localSizeBytes);
+  kernel_resources(neox_rt::quant_gemm_kernel<T, F, 1, CT, S, WARPS, MINB, true, LEAN, FOLD, TILED>, c.regs, c.local);
   return c;
 }
 
@@ -254,10 +260,7 @@ static FusedConfig pair_config(const char* name) {
                                   static_cast<const T*>(nullptr), wa.y, wb.y, 1, A.n, B.n, blocks_a, 0, 0,
                                   neox_rt::QuantNorm<T>{});
   };
-  cudaFuncAttributes a;
-  CK(cudaFuncGetAttributes(&a, neox_rt::quant_gemm_pair_kernel<T, F, 1, CT, S, WARPS, MINB, true>));
-  c.regs = a.numRegs;
-  c.local = int(a.localSizeBytes);
+  kernel_resources(neox_rt::quant_gemm_pair_kernel<T, F, 1, CT, S, WARPS, MINB, true>, c.regs, c.local);
   return c;
 }
 
@@ -272,10 +275,7 @@ static FusedConfig sum_config(const char* name) {
                                   operand<F>(B, wb, i), static_cast<const T*>(nullptr),
                                   static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), wa.y, 1, A.n);
   };
-  cudaFuncAttributes a;
-  CK(cudaFuncGetAttributes(&a, neox_rt::quant_gemm_sum_kernel<T, F, 1, CT, S, WARPS, MINB, true>));
-  c.regs = a.numRegs;
-  c.local = int(a.localSizeBytes);
+  kernel_resources(neox_rt::quant_gemm_sum_kernel<T, F, 1, CT, S, WARPS, MINB, true>, c.regs, c.local);
   return c;
 }
 
