@@ -19,6 +19,8 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <cuda_profiler_api.h>
@@ -330,12 +332,12 @@ static int fused_main(const char* out_path, cudaStream_t st) {
     bool sum;
   };
   std::vector<Two> twos;
-  for (bool int4 : {true, false}) {
-    twos.push_back({"gpt-neox-20b", "qkv+h->4h", {"", "qkv", 18432, 6144, int4}, {"", "h->4h", 24576, 6144, int4}, false});
-    twos.push_back({"gpt-neox-20b", "dense+4h->h", {"", "dense", 6144, 6144, int4}, {"", "4h->h", 6144, 24576, int4}, true});
-    twos.push_back({"pythia-1.4b", "qkv+h->4h", {"", "qkv", 6144, 2048, int4}, {"", "h->4h", 8192, 2048, int4}, false});
-    twos.push_back({"pythia-1.4b", "dense+4h->h", {"", "dense", 2048, 2048, int4}, {"", "4h->h", 2048, 8192, int4}, true});
-  }
+  for (bool int4 : {true, false})
+    for (const auto& [model, h, f] : {std::tuple<const char*, int, int>{"gpt-neox-20b", 6144, 24576},
+                                      std::tuple<const char*, int, int>{"pythia-1.4b", 2048, 8192}}) {
+      twos.push_back({model, "qkv+h->4h", {"", "qkv", 3 * h, h, int4}, {"", "h->4h", f, h, int4}, false});
+      twos.push_back({model, "dense+4h->h", {"", "dense", h, h, int4}, {"", "4h->h", h, f, int4}, true});
+    }
   FILE* js = out_path ? std::fopen(out_path, "w") : nullptr;
   if (js) std::fprintf(js, "{\"mode\": \"fused\", \"rows\": [\n");
   bool first_row = true;
@@ -346,14 +348,15 @@ static int fused_main(const char* out_path, cudaStream_t st) {
     const int64_t bytes = P.a.wbytes() + P.a.sbytes() + P.b.wbytes() + P.b.sbytes();
     const int copies = int(std::max<int64_t>(2, (256ll << 20) / bytes + 1));
     Weights wa = make_weights(P.a, copies), wb = make_weights(P.b, copies);
-    const size_t va = size_t(P.a.wbytes()) / 16, vb = size_t(P.b.wbytes()) / 16;
+    auto read = [&](const Layer& L, const Weights& w, int i, bool pdl, cudaStream_t s) {
+      const size_t vecs = size_t(L.wbytes()) / 16;
+      return neox_rt::launch_kernel(pdl, read_kernel<false>, read_kernel<true>, dim3(unsigned((vecs + 2047) / 2048)),
+                                    dim3(256), s, reinterpret_cast<const int4*>(w.q[i]), vecs, sink);
+    };
     const float read_us = back_to_back_us(
         [&](int i, bool pdl, cudaStream_t s) {
-          cudaError_t e = neox_rt::launch_kernel(pdl, read_kernel<false>, read_kernel<true>, dim3(unsigned((va + 2047) / 2048)),
-                                        dim3(256), s, reinterpret_cast<const int4*>(wa.q[i]), va, sink);
-          if (e != cudaSuccess) return e;
-          return neox_rt::launch_kernel(pdl, read_kernel<false>, read_kernel<true>, dim3(unsigned((vb + 2047) / 2048)),
-                               dim3(256), s, reinterpret_cast<const int4*>(wb.q[i]), vb, sink);
+          const cudaError_t e = read(P.a, wa, i, pdl, s);
+          return e != cudaSuccess ? e : read(P.b, wb, i, pdl, s);
         },
         copies, st);
     const char* fmt = P.a.int4 ? "int4" : "int8";
@@ -367,8 +370,9 @@ static int fused_main(const char* out_path, cudaStream_t st) {
       const std::vector<float> oa = output(P.a, wa), ob = P.sum ? std::vector<float>() : output(P.b, wb);
       if (ref_a.empty()) ref_a = oa, ref_b = ob;
       float d = 0.f, mx = 0.f;
-      for (size_t i = 0; i < oa.size(); ++i) d = std::max(d, std::fabs(oa[i] - ref_a[i])), mx = std::max(mx, std::fabs(ref_a[i]));
-      for (size_t i = 0; i < ob.size(); ++i) d = std::max(d, std::fabs(ob[i] - ref_b[i])), mx = std::max(mx, std::fabs(ref_b[i]));
+      for (const auto& [o, ref] : {std::pair{&oa, &ref_a}, std::pair{&ob, &ref_b}})
+        for (size_t i = 0; i < o->size(); ++i)
+          d = std::max(d, std::fabs((*o)[i] - (*ref)[i])), mx = std::max(mx, std::fabs((*ref)[i]));
       const float us = back_to_back_us(
           [&](int i, bool pdl, cudaStream_t s) { return c.launch(P.a, wa, P.b, wb, i, pdl, s); }, copies, st);
       std::printf("%-14s %-12s %-28s %9.2f %8.0f %7.0f%% %10.2e\n", P.model.c_str(), P.name.c_str(), c.name.c_str(),
