@@ -38,6 +38,10 @@ TORCH_LIBRARY(neox_rt, m) {
   m.def("quant_linear_tiled_sum(Tensor x1, Tensor qweight1, Tensor scales1, int group_size1, Tensor x2, "
         "Tensor qweight2, Tensor scales2, int group_size2, int out_features, int bits, Tensor? bias1, Tensor? bias2, "
         "Tensor? residual=None, bool pdl=False) -> Tensor");
+  m.def("quant_linear_tiled_sum_norm(Tensor x1, Tensor qweight1, Tensor scales1, int group_size1, Tensor x2, "
+        "Tensor qweight2, Tensor scales2, int group_size2, int out_features, int bits, Tensor? bias1, Tensor? bias2, "
+        "Tensor? residual, Tensor ln_weight1, Tensor ln_bias1, Tensor ln_weight2, Tensor ln_bias2, float eps, "
+        "bool pdl=False) -> (Tensor, Tensor, Tensor)");
   m.def("gemv_pair(Tensor x1, Tensor weight1, Tensor? bias1, int activation1, Tensor x2, Tensor weight2, "
         "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv_sum(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "
@@ -65,6 +69,7 @@ TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
   m.impl("quant_linear_tiled_pair", &neox_rt::quant_linear_tiled_pair);
   m.impl("quant_linear_tiled_norm_pair", &neox_rt::quant_linear_tiled_norm_pair);
   m.impl("quant_linear_tiled_sum", &neox_rt::quant_linear_tiled_sum);
+  m.impl("quant_linear_tiled_sum_norm", &neox_rt::quant_linear_tiled_sum_norm);
   m.impl("gemv_pair", &neox_rt::gemv_pair);
   m.impl("gemv_sum", &neox_rt::gemv_sum);
   m.impl("p2p_all_reduce", &neox_rt::p2p_all_reduce);

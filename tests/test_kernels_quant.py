@@ -1046,6 +1046,82 @@ def test_cuda_tiled_sum(quant_ext, dtype, fmt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_tiled_sum_norm(quant_ext, dtype, fmt):
+    """The sum with the next layer's dual LayerNorm in its last block (quant_linear_tiled_sum_norm), at every row
+    count the kernel takes (the op table sends it one): y bit for bit the plain sum's, LN1(y) and LN2(y) within the
+    rule of the reference LayerNorm of that y (fp64 against torch's fp32 LayerNorm at y's dtype), y far from zero
+    (the two-pass statistics) and random LayerNorm parameters, narrow layers (16 warps) and wide ones, with and
+    without PDL; called twice in a row, so the second launch finds its ticket counter left at zero."""
+    bf16_or_skip(quant_ext, dtype)
+    bits = 4 if fmt == "int4" else 8
+    for n, k1, _, k2 in SUM_SHAPES:
+        w1, w2 = make_weight(fmt, n, k1, 128, dtype, seed=k1), make_weight(fmt, n, k2, 128, dtype, seed=k2 + 1)
+        t1, t2 = tiled(w1), tiled(w2)
+        q1, s1, g1 = cuda_ops._tiled_args(t1)
+        q2, s2, g2 = cuda_ops._tiled_args(t2)
+        b1, b2 = randn(n, seed=3).to("cuda", dtype), randn(n, seed=4).to("cuda", dtype)
+        ln = [(randn(n, seed=10 + i) * (0.5 if i % 2 else 1) + (0 if i % 2 else 1)).to("cuda", dtype) for i in range(4)]
+        for rows in FUSED_ROWS:
+            x1, x2 = randn(rows, k1, seed=rows).to("cuda", dtype), randn(rows, k2, seed=rows + 9).to("cuda", dtype)
+            res = (randn(rows, n, seed=6) * 2 + 30).to("cuda", dtype)
+            assert cuda_ops.supports_tiled_linear_sum_norm(x1, t1, x2, t2, b1, b2, res, *ln, 1e-5) == (
+                cuda_ops.QUANT_SUM_NORM == 1 and rows <= cuda_ops.QUANT_SUM_NORM_MAX_ROWS)
+            for pdl in (rows % 2 == 1, True):
+                poison_allocator()
+                y, a, m = quant_ext.quant_linear_tiled_sum_norm(x1, q1, s1, g1, x2, q2, s2, g2, n, bits, b1, b2, res,
+                                                                *ln, 1e-5, pdl)
+                want = quant_ext.quant_linear_tiled_sum(x1, q1, s1, g1, x2, q2, s2, g2, n, bits, b1, b2, res, pdl)
+                what = f"sum norm {fmt} {dtype} {rows} rows {n}x({k1} + {k2}) pdl {pdl}"
+                assert torch.equal(y, want), f"{what}: y differs from the plain sum's"
+                for got, (lw, lb) in ((a, ln[:2]), (m, ln[2:])):
+                    ref64 = ops.layernorm_ref(y.double(), lw.double(), lb.double(), 1e-5)
+                    low = ops.layernorm_ref(y, lw, lb, 1e-5)
+                    assert got.shape == y.shape and got.dtype == dtype, what
+                    assert torch.isfinite(got).all(), f"{what}: non-finite LayerNorm output"
+                    err = (got.double() - ref64).abs().max().item()
+                    torch_err = (low.double() - ref64).abs().max().item()
+                    bound = 2 * torch_err + torch.finfo(dtype).eps * ref64.abs().max().item()
+                    assert err <= bound, f"{what}: LayerNorm err {err:.3g} > 2 x torch err {torch_err:.3g} + eps"
+
+
+@pytest.mark.gpu
+def test_cuda_sum_norm_graph_replay(quant_ext):
+    """Two layers' sums with the next LayerNorms chained with PDL (the second's inputs the first's outputs) and
+    captured in a CUDA graph: every replay equals the eager chain without PDL bit for bit (each launch's last block
+    leaves the shared ticket at zero for the next)."""
+    h = 2048
+    for fmt, bits in (("int8", 8), ("int4", 4)):
+        t_dense = tiled(make_weight(fmt, h, h, 128, torch.float16, 2))
+        t_down = tiled(make_weight(fmt, h, 4 * h, 128, torch.float16, 3))
+        q1, s1, g1 = cuda_ops._tiled_args(t_dense)
+        q2, s2, g2 = cuda_ops._tiled_args(t_down)
+        ln = [randn(h, seed=20 + i).to("cuda", torch.float16) for i in range(4)]
+        x = randn(1, h).to("cuda", torch.float16)
+        up = randn(1, 4 * h, seed=5).to("cuda", torch.float16)
+
+        def chain(inp, pdl):
+            y, a, m = quant_ext.quant_linear_tiled_sum_norm(inp, q1, s1, g1, up, q2, s2, g2, h, bits, None, None, inp,
+                                                            *ln, 1e-5, pdl)
+            return quant_ext.quant_linear_tiled_sum_norm(a, q1, s1, g1, up, q2, s2, g2, h, bits, None, None, m,
+                                                         *ln, 1e-5, pdl)
+
+        want = chain(x, False)
+        static_x = x.clone()
+        chain(static_x, True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(static_x, True)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            for o, w in zip(out, want):
+                assert torch.equal(o, w), fmt
+
+
+@pytest.mark.gpu
 def test_cuda_fused_graph_replay(quant_ext):
     """The fused pair and sum chained with PDL and captured in a CUDA graph: every replay equals the eager chain
     without PDL bit for bit (the sums meet in a fixed order)."""
@@ -1108,6 +1184,14 @@ def test_cuda_fused_bad_input_raises(quant_ext):
     with pytest.raises(RuntimeError, match=r"LayerNorm parameters must have shape \[256\]"):
         norm_pair(x, *ln[:3], ln[3][:128], 1e-5, t8.qweight, t8.scales, 40, 0, None, 0, t8.qweight, t8.scales, 40, 0,
                   None, 0, 8, False)
+    sum_norm = quant_ext.quant_linear_tiled_sum_norm
+    with pytest.raises(RuntimeError, match=r"LayerNorm parameters must have shape \[40\]"):
+        sum_norm(x, t8.qweight, t8.scales, 0, x, t8.qweight, t8.scales, 0, 40, 8, None, None, None, *ln, 1e-5, False)
+    t_wide = tiled(make_weight("int8", 8200, 256, 0, torch.float16))
+    ln_wide = [torch.ones(8200, device="cuda", dtype=torch.float16) for _ in range(4)]
+    with pytest.raises(RuntimeError, match="normalises up to 8 rows of a multiple of 8 up to 8192 values"):
+        sum_norm(x, t_wide.qweight, t_wide.scales, 0, x, t_wide.qweight, t_wide.scales, 0, 8200, 8, None, None, None,
+                 *ln_wide, 1e-5, False)
     t_big = tiled(make_weight("int8", 40, 6144, 0, torch.float16))
     ln_big = [torch.ones(6144, device="cuda", dtype=torch.float16) for _ in range(4)]
     with pytest.raises(RuntimeError, match="normalises in shared memory at most 16384"):
@@ -1146,13 +1230,14 @@ def test_cuda_fused_op_table(quant_ext, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("sum_norm", [0, 1])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt):
+def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt, sum_norm):
     """The embedded default model loaded with quantize= on the cuda backend: every linear of the layers tiled at load
     (row-major with NEOX_RT_QUANT_TILED=0), and the logits of its kernels equal the reference runtime's (dequantize,
     then matmul) on the same model within fp16 rounding, in both layouts: a 32-token prompt (32 rows, the kernels'
     range), 8 one-token sequences and one (8 rows and one: the decode configurations, where QKV and h->4h, dense and
-    4h->h run as the fused pairs)."""
+    4h->h run as the fused pairs; with ``sum_norm`` the one row's sums also normalise for the next layer)."""
     import neox_rt
     from neox_rt.default_model import DEFAULT_MODEL_DIR
     from neox_rt.model.layers import Linear
@@ -1167,6 +1252,7 @@ def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt):
     try:
         for layout in ("tiled", "row-major"):
             monkeypatch.setattr(cuda_ops, "QUANT_TILED", int(layout == "tiled"))
+            monkeypatch.setattr(cuda_ops, "QUANT_SUM_NORM", sum_norm)
             ops.select_backend(None, "cuda")
             neox = neox_rt.load(DEFAULT_MODEL_DIR, dtype="float16", device="cuda", quantize=fmt, progress=False)
             kinds = {type(m.weight) for m in neox.model.gpt_neox.layers.modules() if isinstance(m, Linear)}
@@ -1176,6 +1262,13 @@ def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt):
             x = torch.zeros(1, 384, dtype=torch.float16, device="cuda")
             qkv = neox.model.gpt_neox.layers[0].attention.query_key_value.weight
             assert ops.OPS["linear"].served_by(x, qkv) == "cuda"
+            layer0, layer1 = neox.model.gpt_neox.layers[:2]
+            dense, down = layer0.attention.dense.weight, layer0.mlp.dense_4h_to_h.weight
+            up = torch.zeros(1, down.in_features, dtype=torch.float16, device="cuda")
+            ln1, ln2 = layer1.input_layernorm, layer1.post_attention_layernorm
+            served = ops.OPS["linear_sum_norm"].served_by(x, dense, up, down, None, None, x, ln1.weight, ln1.bias,
+                                                          ln2.weight, ln2.bias, ln1.eps)
+            assert served == ("cuda" if sum_norm and layout == "tiled" and bf16_kernels() else "torch"), served
             with torch.no_grad():
                 fast = [neox.logits(ids).float() for ids in batches]
                 ops.select_backend("torch")

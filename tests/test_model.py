@@ -250,3 +250,34 @@ def test_a_weight_format_needs_no_branch_in_the_model():
     got = quantized(ids, positions, KVCache.for_model(quantized, 1, 8))
     want = plain(ids, positions, KVCache.for_model(plain, 1, 8))
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_sum_with_next_layernorms_equals_separate_ops(parallel):
+    """Where a backend serves ``linear_sum_norm`` (the sum with the next layer's dual LayerNorm in its launch), each
+    parallel-residual layer but the last hands the next one a NormedSum, and the logits equal the separate
+    linear_sum, dual LayerNorm and pair ops bit for bit; a sequential-residual model never calls it."""
+    from neox_rt import ops
+    from neox_rt.ops.table import linear_sum_norm_ref
+    config = NeoXConfig(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        max_position_embeddings=32, use_parallel_residual=parallel)
+    model = neox_rt.build_model(config)
+    neox_rt.init_random(model, seed=4)
+    ids = torch.tensor([[5, 17, 3, 42, 8]])
+    positions = torch.arange(5)[None]
+    want = model(ids, positions, KVCache.for_model(model, 1, 8))
+    calls = []
+
+    def stand_in(*args):
+        calls.append(args[0].shape)
+        return linear_sum_norm_ref(*args)
+
+    op = ops.OPS["linear_sum_norm"]
+    saved = (op.impls, op.backend, op.impl_backends, op.prepares)
+    try:
+        ops.register("linear_sum_norm", stand_in, None, "test")
+        got = model(ids, positions, KVCache.for_model(model, 1, 8))
+    finally:
+        op.impls, op.backend, op.impl_backends, op.prepares = saved
+    assert torch.equal(got, want)
+    assert len(calls) == (config.num_hidden_layers - 1 if parallel else 0)

@@ -1,4 +1,5 @@
-// Scratch shared by the decode-attention launchers (decode_attention in ops.cu, paged_decode_attention in paged.cu).
+// Scratch shared by the decode-attention launchers (decode_attention in ops.cu, paged_decode_attention in paged.cu)
+// and the quantized sum with the LayerNorm in its last block (quant.cu).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -11,5 +12,10 @@ namespace neox_rt {
 // launch leaves them zero); null while `stream` is capturing and the buffer is too small (the launch then merges in
 // a second kernel). Defined in ops.cu, where the contract is spelled out.
 int* decode_counters(int device, int64_t needed, cudaStream_t stream);
+
+// The counter of that buffer that quant_linear_tiled_sum_norm's launches take as their ticket (the last of the
+// 2^16 every buffer has: past the b x heads a decode-attention launch uses; each launch that takes it, like each
+// attention's, starts after the previous one has ended and leaves it zero).
+constexpr int64_t kSumNormTicket = (int64_t{1} << 16) - 1;
 
 }  // namespace neox_rt

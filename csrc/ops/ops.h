@@ -96,6 +96,14 @@ at::Tensor quant_linear_tiled_sum(const at::Tensor& x1, const at::Tensor& qweigh
                                   const at::Tensor& scales2, int64_t group_size2, int64_t out_features, int64_t bits,
                                   const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
                                   const std::optional<at::Tensor>& residual, bool pdl);
+// quant_linear_tiled_sum, then the next layer's dual LayerNorm of its output in the same launch (its last block):
+// (y, LN1(y), LN2(y)), up to 8 rows of a hidden size that is a multiple of 8, at most 8192.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_linear_tiled_sum_norm(
+    const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1, int64_t group_size1,
+    const at::Tensor& x2, const at::Tensor& qweight2, const at::Tensor& scales2, int64_t group_size2,
+    int64_t out_features, int64_t bits, const std::optional<at::Tensor>& bias1,
+    const std::optional<at::Tensor>& bias2, const std::optional<at::Tensor>& residual, const at::Tensor& ln_weight1,
+    const at::Tensor& ln_bias1, const at::Tensor& ln_weight2, const at::Tensor& ln_bias2, double eps, bool pdl);
 
 // Two single-row GEMVs in one launch (csrc/kernels/gemv_fused.cuh): (act1(x1 W1^T + b1), act2(x2 W2^T + b2)).
 // x1, x2: one row each ([..., k], numel k, k % 16 == 0). ksplit: warps per row's k (0 auto, 2, 4, 8); min_blocks:

@@ -12,6 +12,7 @@
 
 #include "kernels/quant_gemm.cuh"
 #include "ops/checks.h"
+#include "ops/decode_workspace.h"
 #include "ops/ops.h"
 
 namespace neox_rt {
@@ -345,20 +346,45 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_norm_pair(
                            scales2, out_features2, group_size2, bias2, activation2, bits, pdl, params, eps);
 }
 
-at::Tensor quant_linear_tiled_sum(const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1,
-                                  int64_t group_size1, const at::Tensor& x2, const at::Tensor& qweight2,
-                                  const at::Tensor& scales2, int64_t group_size2, int64_t out_features, int64_t bits,
-                                  const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                                  const std::optional<at::Tensor>& residual, bool pdl) {
-  constexpr const char* op = "quant_linear_tiled_sum";
+namespace {
+
+// quant_linear_tiled_sum and quant_linear_tiled_sum_norm: y, and with `ln` (the four LayerNorm parameters) LN1(y) and
+// LN2(y) in the sum's launch where its ticket counter is at hand (else, while a graph is being captured before the
+// counters exist, in the LayerNorm kernel after it).
+std::vector<at::Tensor> run_tiled_sum(const char* op, const at::Tensor& x1, const at::Tensor& qweight1,
+                                      const at::Tensor& scales1, int64_t group_size1, const at::Tensor& x2,
+                                      const at::Tensor& qweight2, const at::Tensor& scales2, int64_t group_size2,
+                                      int64_t out_features, int64_t bits, const std::optional<at::Tensor>& bias1,
+                                      const std::optional<at::Tensor>& bias2, const std::optional<at::Tensor>& residual,
+                                      bool pdl, const at::Tensor* const* ln = nullptr, double eps = 0.0) {
   const auto shape = check_tiled(x1, qweight1, scales1, out_features, bits, group_size1, bias1, 0, residual, 0, op);
   check_tiled(x2, qweight2, scales2, out_features, bits, group_size2, bias2, 0, residual, 0, op);
   check_fused_pair(x1, x2, op);
   const int64_t m = x1.numel() / x1.size(-1);
+  if (ln != nullptr) {
+    for (int i = 0; i < 4; ++i) {
+      const at::Tensor& p = *ln[i];
+      CHECK_SAME_DEVICE(x1, p, "x1", "LayerNorm parameters");
+      CHECK_CONTIGUOUS(p, "LayerNorm parameters");
+      CHECK_DTYPE(p, x1.scalar_type(), "LayerNorm parameters");
+      TORCH_CHECK(p.dim() == 1 && p.size(0) == out_features, "neox_rt: ", op, " LayerNorm parameters must have shape [",
+                  fmt(out_features), "], got ", fmt(p.sizes()));
+      TORCH_CHECK(aligned16(p), "neox_rt: ", op, " needs 16-byte aligned LayerNorm parameters");
+    }
+    TORCH_CHECK(quant_sum_norm_ok(static_cast<int>(out_features), static_cast<int>(m)), "neox_rt: ", op,
+                " normalises up to ", fmt(kQuantSumNormMaxRows), " rows of a multiple of 8 up to ",
+                fmt(kQuantSumNormVecs * 8 * 256), " values, got ", fmt(m), " rows of ", fmt(out_features));
+  }
   const c10::cuda::CUDAGuard guard(x1.device());
   const bool use_pdl = pdl && pdl_supported();
-  auto y = at::empty(shape, x1.options());
+  std::vector<at::Tensor> out{at::empty(shape, x1.options())};
+  if (ln != nullptr) {
+    out.push_back(at::empty(shape, x1.options()));
+    out.push_back(at::empty(shape, x1.options()));
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  int* ticket = ln != nullptr && m > 0 ? decode_counters(x1.get_device(), kSumNormTicket + 1, stream) : nullptr;
+  if (ticket != nullptr) ticket += kSumNormTicket;
   auto run = [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const auto a = tiled_operand<scalar_t>(x1, qweight1, scales1, bits, group_size1);
@@ -366,9 +392,13 @@ at::Tensor quant_linear_tiled_sum(const at::Tensor& x1, const at::Tensor& qweigh
     const scalar_t* b1 = bias1.has_value() ? ptr<scalar_t>(*bias1) : nullptr;
     const scalar_t* b2 = bias2.has_value() ? ptr<scalar_t>(*bias2) : nullptr;
     const scalar_t* r = residual.has_value() ? ptr<scalar_t>(*residual) : nullptr;
+    QuantSumNorm<scalar_t> norm{};
+    if (ticket != nullptr)
+      norm = {ptr<scalar_t>(*ln[0]), ptr<scalar_t>(*ln[1]), ptr<scalar_t>(*ln[2]), ptr<scalar_t>(*ln[3]),
+              static_cast<float>(eps), ptr<scalar_t>(out[1]), ptr<scalar_t>(out[2]), ticket};
     auto go = [&](auto launch) {
-      check_cuda(launch(a, b, b1, b2, r, ptr<scalar_t>(y), static_cast<int>(m), static_cast<int>(out_features),
-                        use_pdl, stream),
+      check_cuda(launch(a, b, b1, b2, r, ptr<scalar_t>(out[0]), static_cast<int>(m), static_cast<int>(out_features),
+                        use_pdl, stream, norm),
                  op);
     };
     if (bits == 4) go(launch_quant_gemm_sum<scalar_t, QuantInt4>);
@@ -376,7 +406,35 @@ at::Tensor quant_linear_tiled_sum(const at::Tensor& x1, const at::Tensor& qweigh
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
   else run(static_cast<__nv_bfloat16*>(nullptr));
-  return y;
+  if (ln != nullptr && m > 0 && ticket == nullptr) {  // no counter during this capture: the LayerNorm kernel
+    auto [a, b] = dual_layernorm(out[0], *ln[0], *ln[1], *ln[2], *ln[3], eps, pdl);
+    out[1] = a;
+    out[2] = b;
+  }
+  return out;
+}
+
+}  // namespace
+
+at::Tensor quant_linear_tiled_sum(const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1,
+                                  int64_t group_size1, const at::Tensor& x2, const at::Tensor& qweight2,
+                                  const at::Tensor& scales2, int64_t group_size2, int64_t out_features, int64_t bits,
+                                  const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
+                                  const std::optional<at::Tensor>& residual, bool pdl) {
+  return run_tiled_sum("quant_linear_tiled_sum", x1, qweight1, scales1, group_size1, x2, qweight2, scales2,
+                       group_size2, out_features, bits, bias1, bias2, residual, pdl)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_linear_tiled_sum_norm(
+    const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1, int64_t group_size1,
+    const at::Tensor& x2, const at::Tensor& qweight2, const at::Tensor& scales2, int64_t group_size2,
+    int64_t out_features, int64_t bits, const std::optional<at::Tensor>& bias1,
+    const std::optional<at::Tensor>& bias2, const std::optional<at::Tensor>& residual, const at::Tensor& ln_weight1,
+    const at::Tensor& ln_bias1, const at::Tensor& ln_weight2, const at::Tensor& ln_bias2, double eps, bool pdl) {
+  const at::Tensor* const ln[] = {&ln_weight1, &ln_bias1, &ln_weight2, &ln_bias2};
+  auto out = run_tiled_sum("quant_linear_tiled_sum_norm", x1, qweight1, scales1, group_size1, x2, qweight2, scales2,
+                           group_size2, out_features, bits, bias1, bias2, residual, pdl, ln, eps);
+  return {out[0], out[1], out[2]};
 }
 
 }  // namespace neox_rt

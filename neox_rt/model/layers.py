@@ -96,6 +96,14 @@ class PendingSum:
         self.partial, self.p2p = partial, p2p
 
 
+class NormedSum:
+    """A layer's output ``x`` with the next layer's two LayerNorms of it already applied (``ln1``, ``ln2``): the
+    ``linear_sum_norm`` op normalised it in the sum's launch, so the next layer's pair reads them directly."""
+
+    def __init__(self, x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor):
+        self.x, self.ln1, self.ln2 = x, ln1, ln2
+
+
 def dual_layernorm(x, ln1: LayerNorm, ln2: LayerNorm):
     """(x, LN1(x), LN2(x)) for a parallel-residual layer; ``x`` may be the previous layer's :class:`PendingSum`,
     whose all-reduce then happens here (the reduced x is returned as the residual stream)."""
@@ -108,7 +116,10 @@ def norm_linear_pair(x, ln1: LayerNorm, ln2: LayerNorm, first: ColumnParallelLin
                      activation2: str | None):
     """(x, first(LN1(x)), act2(second(LN2(x)))): the parallel-residual layer's dual LayerNorm and column-parallel
     pair, one op (a backend may run the LayerNorms inside the pair's launch). ``x`` may be the previous layer's
-    :class:`PendingSum`, reduced and normalised by :func:`dual_layernorm` first."""
+    :class:`PendingSum`, reduced and normalised by :func:`dual_layernorm` first, or its :class:`NormedSum`, already
+    normalised."""
+    if isinstance(x, NormedSum):
+        return (x.x, *linear_pair(first, x.ln1, second, x.ln2, activation2))
     if isinstance(x, PendingSum):
         x, a_in, m_in = dual_layernorm(x, ln1, ln2)
         return (x, *linear_pair(first, a_in, second, m_in, activation2))
@@ -123,14 +134,22 @@ def linear_pair(first: ColumnParallelLinear, x1, second: ColumnParallelLinear, x
 
 
 def row_parallel_sum(tp: TensorParallel, first: RowParallelLinear, x1, second: RowParallelLinear, x2,
-                     residual: torch.Tensor, defer_all_reduce: bool = False, layernorms: tuple = ()):
+                     residual: torch.Tensor, defer_all_reduce: bool = False, layernorms: tuple = (),
+                     next_layernorms: tuple[LayerNorm, LayerNorm] | None = None):
     """all_reduce(first(x1) + second(x2)) + biases + residual: two row-parallel linears summed, then ONE all-reduce.
 
     With ``defer_all_reduce`` the tensor-parallel context may leave the all-reduce to the next layer's LayerNorm
     (whose parameters ``layernorms`` it checks) and return a :class:`PendingSum`; otherwise the reduced tensor.
+    With ``next_layernorms`` (the next layer's two LayerNorms) and one rank, where a kernel serves ``linear_sum_norm``
+    for these arguments, the sum and both LayerNorms of it come from that op as a :class:`NormedSum`.
     """
     args = (x1, first.weight, x2, second.weight, first.lead_bias(), second.lead_bias(),
             residual if first.lead else None)
+    if next_layernorms is not None and tp.size == 1:
+        ln1, ln2 = next_layernorms
+        norm_args = (*args, ln1.weight, ln1.bias, ln2.weight, ln2.bias, ln1.eps)
+        if OPS["linear_sum_norm"].served_by(*norm_args) != "torch":
+            return NormedSum(*OPS["linear_sum_norm"](*norm_args))
     if defer_all_reduce and tp.p2p is not None and tp.p2p.defers(args, layernorms):
         tp.all_reduce_calls += 1
         return PendingSum(tp.p2p.linear_sum_push(*args), tp.p2p)

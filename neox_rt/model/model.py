@@ -122,9 +122,11 @@ class Layer(nn.Module):
         self.mlp = MLP(config, tp)
 
     def forward(self, x, positions, k_cache, v_cache, cos, sin, decode_seqlens=None,
-                defer_all_reduce: bool = False, paged=None):
-        """x [b, s, h] (or the previous layer's deferred sum) -> this layer's output; with ``defer_all_reduce`` the
-        output's all-reduce may be left to the next layer's LayerNorm (see layers.row_parallel_sum)."""
+                defer_all_reduce: bool = False, paged=None, next_layer: "Layer | None" = None):
+        """x [b, s, h] (or the previous layer's deferred or normalised sum) -> this layer's output; with
+        ``defer_all_reduce`` the output's all-reduce may be left to the next layer's LayerNorm, and with
+        ``next_layer`` (a parallel-residual layer) its LayerNorms may be applied in this layer's sum (see
+        layers.row_parallel_sum)."""
         ln1, ln2, att, mlp = self.input_layernorm, self.post_attention_layernorm, self.attention, self.mlp
         if self.parallel:
             # x = x + attn(ln1(x)) + mlp(ln2(x)), ONE all-reduce; the residual and the row-parallel biases ride in the
@@ -133,7 +135,9 @@ class Layer(nn.Module):
             ctx = att.attend(qkv, positions, k_cache, v_cache, cos, sin, decode_seqlens, paged)  # [b, s, nh*hd]
             return row_parallel_sum(self.tp, att.dense, ctx, mlp.dense_4h_to_h, up, residual=x,
                                     defer_all_reduce=defer_all_reduce,
-                                    layernorms=(ln1.weight, ln1.bias, ln2.weight, ln2.bias))
+                                    layernorms=(ln1.weight, ln1.bias, ln2.weight, ln2.bias),
+                                    next_layernorms=None if next_layer is None or not next_layer.parallel else
+                                    (next_layer.input_layernorm, next_layer.post_attention_layernorm))
         # a = x + attn(ln1(x)); x = a + mlp(ln2(a)): two all-reduces
         a = self.tp.all_reduce(att(ln1(x), positions, k_cache, v_cache, cos, sin, decode_seqlens, residual=x,
                                    paged=paged))
@@ -204,8 +208,10 @@ class NeoXForCausalLM(nn.Module):
         x = self.gpt_neox.embed_in(input_ids)  # [b, s, h]
         seqlens = positions[:, 0] + 1 if decode else None
         last = len(self.gpt_neox.layers) - 1
-        for i, layer in enumerate(self.gpt_neox.layers):  # every layer but the last may defer its all-reduce
-            x = layer(x, positions, cache.k[i], cache.v[i], cos, sin, seqlens, defer_all_reduce=i < last, paged=paged)
+        layers = self.gpt_neox.layers
+        for i, layer in enumerate(layers):  # every layer but the last may defer its all-reduce or normalise its sum
+            x = layer(x, positions, cache.k[i], cache.v[i], cos, sin, seqlens, defer_all_reduce=i < last, paged=paged,
+                      next_layer=layers[i + 1] if i < last else None)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]  # [b, 1, h] (paged: [m, 1, h])
         x = self.gpt_neox.final_layer_norm(x)

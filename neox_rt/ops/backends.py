@@ -115,7 +115,7 @@ def op_backend_overrides() -> dict[str, str]:
 
 
 PREFER_CUDA = frozenset({"rotary_kv_write", "scaled_causal_softmax", "linear_pair", "linear_sum", "norm_linear_pair",
-                         "rotary_decode_attention"})
+                         "linear_sum_norm", "rotary_decode_attention"})
 """Ops for which the default ("fastest") selection takes the CUDA extension over Triton."""
 CUDA_THEN_TRITON = frozenset({"linear", "decode_attention", "paged_decode_attention"})
 """Ops for which the default selection asks the CUDA extension first, then Triton, then the reference: the

@@ -115,6 +115,13 @@ QUANT_NORM_MAX_ELEMS = 16384  # kQuantNormMaxElems: rows x hidden the kernel nor
 # fixed. On one H100 (bench/NOTES.md session 19) it gained at one row of hidden 2048 (1.4b int4 0.83 -> 0.79 ms a
 # token) and lost at hidden 6144 (20B int4 5.07 -> 5.31) and at 8 rows of 2048 (1.4b batch 8): at most 2560 values.
 QUANT_NORM_AUTO_MAX_ELEMS = 2560
+# The next layer's dual LayerNorm in the quantized sum's launch (linear_sum_norm: quant_gemm_sum_kernel's last block
+# normalises y), in place of the LayerNorm's kernel and its boundary: 1 on, 0 off (A/B runs). Up to
+# QUANT_SUM_NORM_MAX_ROWS rows (kQuantSumNormMaxRows; the last block normalises them one after another) of a hidden
+# size up to QUANT_SUM_NORM_MAX_HIDDEN (kQuantSumNormVecs vectors of 8 a thread of 8 warps).
+QUANT_SUM_NORM = _env_int("NEOX_RT_QUANT_SUM_NORM", 0, 0, 1)
+QUANT_SUM_NORM_MAX_ROWS = 1
+QUANT_SUM_NORM_MAX_HIDDEN = 8192
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -202,6 +209,12 @@ def _register_fakes() -> None:
           residual=None, pdl=False):
         return x1.new_empty((*x1.shape[:-1], out_features))
 
+    @lib.register_fake("neox_rt::quant_linear_tiled_sum_norm")
+    def _(x1, qweight1, scales1, group_size1, x2, qweight2, scales2, group_size2, out_features, bits, bias1, bias2,
+          residual, ln_weight1, ln_bias1, ln_weight2, ln_bias2, eps, pdl=False):
+        shape = (*x1.shape[:-1], out_features)
+        return x1.new_empty(shape), x1.new_empty(shape), x1.new_empty(shape)
+
     @lib.register_fake("neox_rt::gemv_pair")
     def _(x1, weight1, bias1, activation1, x2, weight2, bias2, activation2, ksplit=0, min_blocks=0, pdl=False):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0]), x2.new_empty(*x2.shape[:-1], weight2.shape[0])
@@ -285,6 +298,17 @@ def tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     bits = 4 if isinstance(w1, TiledInt4Weight) else 8
     return torch.ops.neox_rt.quant_linear_tiled_sum(x1, q1, s1, g1, x2, q2, s2, g2, w1.out_features, bits, bias1,
                                                     bias2, residual, PDL)
+
+
+def tiled_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps):
+    """The ``linear_sum_norm`` op for two tiled weights of one format: the sum, then the next layer's dual LayerNorm
+    of it by the launch's last block: (y, LN1(y), LN2(y))."""
+    q1, s1, g1 = _tiled_args(w1)
+    q2, s2, g2 = _tiled_args(w2)
+    bits = 4 if isinstance(w1, TiledInt4Weight) else 8
+    return tuple(torch.ops.neox_rt.quant_linear_tiled_sum_norm(x1, q1, s1, g1, x2, q2, s2, g2, w1.out_features, bits,
+                                                               bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2,
+                                                               float(eps), PDL))
 
 
 def tiled_norm_linear_pair(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2, b2, act2):
@@ -553,6 +577,19 @@ def supports_tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=N
                                                                                                residual))
 
 
+def supports_tiled_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps) -> bool:
+    """As :func:`supports_tiled_linear_sum`, with QUANT_SUM_NORM on, up to QUANT_SUM_NORM_MAX_ROWS rows, a hidden size
+    that is a multiple of 8 up to QUANT_SUM_NORM_MAX_HIDDEN, and LayerNorm parameters [hidden] of x's dtype on its
+    device, contiguous and 16-byte aligned."""
+    if not QUANT_SUM_NORM or not supports_tiled_linear_sum(x1, w1, x2, w2, bias1, bias2, residual):
+        return False
+    n = w1.out_features
+    params = (ln_w1, ln_b1, ln_w2, ln_b2)
+    return (n % 8 == 0 and n <= QUANT_SUM_NORM_MAX_HIDDEN and x1.numel() // x1.shape[-1] <= QUANT_SUM_NORM_MAX_ROWS
+            and all(isinstance(p, torch.Tensor) and p.dtype == x1.dtype and p.device == x1.device and p.is_contiguous()
+                    and p.shape == (n,) for p in params) and _aligned16(*params))
+
+
 def supports_linear_sum_push(x1, w1, x2, w2, bias1=None, bias2=None, residual=None) -> bool:
     """Whether :func:`linear_sum_push` (the fp16/bf16 GEMV pair's kernel) can run this ``linear_sum`` call: tensor
     weights only (a quantized pair runs its own kernel, which pushes nothing: the all-reduce then runs on its own)."""
@@ -678,6 +715,8 @@ IMPLS = {
     "linear_sum": [(linear_sum, supports_linear_sum), (tiled_linear_sum, supports_tiled_linear_sum)],
     # the quantized pair with the dual LayerNorm in its launch; tensor weights go to the reference's two ops
     "norm_linear_pair": (tiled_norm_linear_pair, supports_tiled_norm_linear_pair),
+    # the quantized sum with the next layer's dual LayerNorm in its launch; the rest to the reference's two ops
+    "linear_sum_norm": (tiled_linear_sum_norm, supports_tiled_linear_sum_norm),
     "rotary_kv_write": (rotary_kv_write, supports_rotary_kv_write),
     "decode_attention": (decode_attention, supports_decode_attention),
     "rotary_decode_attention": (rotary_decode_attention, supports_rotary_decode_attention),

@@ -4,7 +4,8 @@ An :class:`Op` holds the implementations a backend registered, each with a cheap
 call runs the first implementation that accepts its arguments, else the reference (:mod:`neox_rt.ops.reference`).
 Which backend's implementations an op holds is decided once, by :func:`neox_rt.ops.backends.select_backend`. The
 two pair ops of the parallel-residual layer fall back to two calls of the ``linear`` op, so each half still runs on
-the linear's kernels, ``norm_linear_pair`` (the dual LayerNorm, then ``linear_pair``) to those two ops, and
+the linear's kernels, ``norm_linear_pair`` (the dual LayerNorm, then ``linear_pair``) and ``linear_sum_norm`` (``linear_sum``, then the
+dual LayerNorm) to those two ops, and
 ``rotary_decode_attention`` to ``rotary_kv_write`` then ``decode_attention``.
 """
 from __future__ import annotations
@@ -34,6 +35,14 @@ def linear_sum_ref(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     the second's residual (each rounded to the dtype; a fused backend sums in fp32 and rounds once).
     """
     return OPS["linear"](x2, w2, bias2, residual=OPS["linear"](x1, w1, bias1, residual=residual))
+
+def linear_sum_norm_ref(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps):
+    """``linear_sum`` and the next layer's dual LayerNorm of its output as one op: (y, LN1(y), LN2(y)) with
+    y = x1 @ w1.T + x2 @ w2.T + bias1 + bias2 + residual, so that a backend normalises y in the sum's launch. This
+    fallback calls the ``linear_sum`` and ``dual_layernorm`` ops (each served by its backend)."""
+    y = OPS["linear_sum"](x1, w1, x2, w2, bias1, bias2, residual)
+    return (y, *OPS["dual_layernorm"](y, ln_w1, ln_b1, ln_w2, ln_b2, eps))
+
 
 def norm_linear_pair_ref(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2, b2, act2):
     """The parallel-residual layer's dual LayerNorm and its column-parallel pair as one op:
@@ -96,6 +105,7 @@ OPS: dict[str, Op] = {
     "linear_pair": Op("linear_pair", linear_pair_ref),
     "linear_sum": Op("linear_sum", linear_sum_ref),
     "norm_linear_pair": Op("norm_linear_pair", norm_linear_pair_ref),
+    "linear_sum_norm": Op("linear_sum_norm", linear_sum_norm_ref),
     "rotary_kv_write": Op("rotary_kv_write", rotary_kv_write_ref),
     "attention": Op("attention", attention_ref),
     "decode_attention": Op("decode_attention", decode_attention_ref),
