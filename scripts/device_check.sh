@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One call on the GPU device: build, GPU tests and benchmarks, logs and JSON under $OUT, a short table last.
 # Usage: bash scripts/device_check.sh [stages]   stages: comma list of
-#   info,build,cxx,probe,train,test,test_pdl,kernels,ncu,quant,ab,profile,tpsim,latency,serving,tp,tp_nop2p,tpab,tp4,load
+#   info,build,cxx,probe,qprobe,train,test,test_pdl,kernels,ncu,quant,ab,profile,tpsim,latency,serving,tp,tp_nop2p,tpab,tp4,load
 #   (default: info,build,test,kernels,latency,tp; build_baseline runs whenever .baseline/ is there; tp brings
 #   tp_nop2p unless TP_NOP2P=0)
 # Env per stage: TEST_PATHS/TEST_ARGS/TEST_LIMIT, KERNELS_ARGS/KERNELS_BASE_ARGS/KERNELS_LIMIT,
-# AB_MODELS/AB_ENVS/AB_TOKENS/AB_BATCH/AB_ARGS (more bench/latency.py flags, e.g. --quantize int4)/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_ARGS/PROFILE_LIMIT,
+# AB_MODELS/AB_ENVS/AB_ROUNDS/AB_TOKENS/AB_BATCH/AB_ARGS (more bench/latency.py flags, e.g. --quantize int4)/AB_LIMIT, PROFILE_MODELS/PROFILE_ENVS/PROFILE_ARGS/PROFILE_LIMIT,
 # TPSIM_SIZES/TPSIM_ENVS/TPSIM_ARGS/TPSIM_BASE_ARGS/TPSIM_LIMIT (ENVS entries: A=1+B=2
 # sets two; a '+' not followed by NAME= stays in the value, as in NEOX_RT_OP_BACKENDS=linear=cuda+triton),
-# NCU_ARGS/NCU_PROBE_ARGS/NCU_LIMIT, QUANT_ARGS/QUANT_LIMIT, LATENCY_ARGS, SERVING_ARGS/SERVING_LIMIT, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, TPAB_ENVS/TPAB_ROUNDS/TPAB_ARGS/TPAB_LIMIT,
+# QPROBE_ARGS/QPROBE_LIMIT, NCU_ARGS/NCU_PROBE_ARGS/NCU_LIMIT, QUANT_ARGS/QUANT_LIMIT, LATENCY_ARGS, SERVING_ARGS/SERVING_LIMIT, TP_ARGS/TP1_ARGS/TP_LIMIT/TP_NOP2P_LIMIT, TPAB_ENVS/TPAB_ROUNDS/TPAB_ARGS/TPAB_LIMIT,
 # LOAD_LAYERS/LOAD_LIMIT, BASELINE= (skip .baseline), BASELINE_COMMIT (its commit).
 # Each stage runs under its own time limit; a failing stage is recorded and the next one runs.
 set -u
@@ -55,8 +55,12 @@ if [ -n "$HAVE_BASE" ] && [ "${BASELINE_EXT:-build}" != reuse ]; then
 fi
 # The framework-free kernel tests (csrc/standalone/test_kernels.cu, as CMakeLists.txt builds them) beside the build.
 PROBE_ARCH="-arch=sm_$(echo ${TORCH_CUDA_ARCH_LIST%%;*} | tr -d .+PTX)"
+QPROBE_ARCH=$PROBE_ARCH; [ "$PROBE_ARCH" = -arch=sm_90 ] && QPROBE_ARCH=-arch=sm_90a
 # Then decode-attention options and plans side by side, timed and traced (csrc/standalone/decode_probe.cu, no torch).
-( stage cxx 300 "nvcc -std=c++17 -O3 --use_fast_math -Icsrc -arch=sm_\$(echo \${TORCH_CUDA_ARCH_LIST%%;*} | tr -d .+PTX) -o /tmp/neox_rt_kernel_test csrc/standalone/test_kernels.cu && /tmp/neox_rt_kernel_test" ; stage probe ${PROBE_LIMIT:-240} "nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -o /tmp/decode_probe csrc/standalone/decode_probe.cu & nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -DNEOX_RT_DECODE_TRACE -o /tmp/decode_probe_trace csrc/standalone/decode_probe.cu & wait; /tmp/decode_probe $OUT/decode_probe.json && /tmp/decode_probe_trace $OUT/decode_probe_trace.json" ) &
+# qprobe: the quantized kernels' configurations against pure reads of their weights (csrc/standalone/quant_probe.cu,
+# QPROBE_ARGS, default --fused: the fused pair and sum at tiles x warps x blocks a SM, empty: the single kernels;
+# sm_90a on an H100).
+( stage cxx 300 "nvcc -std=c++17 -O3 --use_fast_math -Icsrc -arch=sm_\$(echo \${TORCH_CUDA_ARCH_LIST%%;*} | tr -d .+PTX) -o /tmp/neox_rt_kernel_test csrc/standalone/test_kernels.cu && /tmp/neox_rt_kernel_test" ; stage probe ${PROBE_LIMIT:-240} "nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -o /tmp/decode_probe csrc/standalone/decode_probe.cu & nvcc -std=c++17 -O3 --use_fast_math -Icsrc $PROBE_ARCH -DNEOX_RT_DECODE_TRACE -o /tmp/decode_probe_trace csrc/standalone/decode_probe.cu & wait; /tmp/decode_probe $OUT/decode_probe.json && /tmp/decode_probe_trace $OUT/decode_probe_trace.json" ; stage qprobe ${QPROBE_LIMIT:-240} "nvcc -std=c++17 -O3 --use_fast_math -Icsrc $QPROBE_ARCH -o /tmp/quant_probe csrc/standalone/quant_probe.cu && /tmp/quant_probe ${QPROBE_ARGS---fused} $OUT/quant_probe.json" ) &
 CXX_PID=$!
 # A prebuilt extension (scripts/prebuild_extension.sh on the CPU machine, carried as .prebuilt/) replaces the build
 # when it was made from the same csrc/ and setup.py, for this torch and this card's arch: the package is installed
@@ -105,9 +109,12 @@ AB_CMD=""
 envs_of() {  # "A=1+B=x+y" -> "A=1 B=x+y": split on '+' only where a NAME= follows
   echo "${1/#-/}" | sed -E 's/\+([A-Z_][A-Z0-9_]*=)/ \1/g'
 }
-for e in ${AB_ENVS:--}; do  # an entry may set several variables joined by '+': A=1+B=2
-  tag=$(echo "$e" | tr -c 'A-Za-z0-9\n' '_')
-  AB_CMD+="env $(envs_of "$e") python3 bench/latency.py $AB_FLAGS --out $OUT/ab_$tag.json ; "
+# AB_ROUNDS rounds (default 1), the arms interleaved in each; every run its own JSON (round r > 1: ab_<tag>_r<r>.json)
+for r in $(seq 1 "${AB_ROUNDS:-1}"); do
+  for e in ${AB_ENVS:--}; do  # an entry may set several variables joined by '+': A=1+B=2
+    tag=$(echo "$e" | tr -c 'A-Za-z0-9\n' '_')$([ "$r" = 1 ] || echo "_r$r")
+    AB_CMD+="echo '## round $r arm $e' ; env $(envs_of "$e") python3 bench/latency.py $AB_FLAGS --out $OUT/ab_$tag.json ; "
+  done
 done
 stage ab ${AB_LIMIT:-420} "$AB_CMD true"
 PROFILE_CMD=""
@@ -160,6 +167,9 @@ stage load ${LOAD_LIMIT:-420} "python3 bench/load_20b.py --layers ${LOAD_LAYERS:
 
 # The device returns at most 8 files: pack the logs and JSON into one archive, the trained model into another.
 cp "$SUMMARY" /tmp/neox_summary.txt
-( cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.json summary.txt 2>/dev/null) 2>/dev/null )
+# A second run in the same call (one command running this script twice) keeps the first archive: logs_2.tgz, ...
+ARCHIVE=logs.tgz; i=2
+while [ -e "$OUT/$ARCHIVE" ]; do ARCHIVE=logs_$i.tgz; i=$((i + 1)); done
+( cd "$OUT" && tar czf "$ARCHIVE" --remove-files $(ls *.log *.json summary.txt 2>/dev/null) 2>/dev/null )
 [ -d "$OUT/default_model" ] && ( cd "$OUT" && tar cf default_model.tar --remove-files default_model )
 echo; echo "===== summary"; cat /tmp/neox_summary.txt
