@@ -360,6 +360,146 @@ def test_gptq_missing_and_misshapen_tensors(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# AWQ: a writer of AutoAWQ's GEMM layout, then our loader
+# ----------------------------------------------------------------------------------------------------
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's pack: nibble i of word j holds output column 8 j + AWQ_ORDER[i]
+
+
+def awq_pack_cols(q):
+    """AutoAWQ's GEMM packing of qweight and qzeros: int [r, out] -> int32 [r, out / 8] along the output dim, word j
+    holding columns 8 j + AWQ_ORDER[i] at bits 4 i."""
+    q = q.to(torch.int64) & 0xF
+    packed = torch.zeros(q.shape[0], q.shape[1] // 8, dtype=torch.int64)
+    for i, c in enumerate(AWQ_ORDER):
+        packed |= q[:, c::8] << (4 * i)
+    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+
+
+def write_awq(tmp_path, model, group=32, qc_overrides=None):
+    """The tiny model's layer linears in AWQ's GEMM layout (asymmetric RTN with zero points), everything else float;
+    returns (directory, the dequantized weights by linear name: scales[g, n] * (q[i, n] - zeros[g, n]))."""
+    state, dense = {}, {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear) and name.startswith("gpt_neox.layers"):
+            w = mod.weight.detach().float()  # [out, in]
+            out, k = w.shape
+            wg = w.t().reshape(k // group, group, out)  # [groups, group, out]
+            lo, hi = wg.amin(1), wg.amax(1)
+            scale = ((hi - lo) / 15).clamp(min=1e-5).half()
+            zero = torch.round(-lo / scale.float()).clamp(0, 15)
+            q = (torch.round(wg / scale.float()[:, None]) + zero[:, None]).clamp(0, 15).reshape(k, out)
+            state[f"{name}.qweight"] = awq_pack_cols(q)
+            state[f"{name}.qzeros"] = awq_pack_cols(zero)
+            state[f"{name}.scales"] = scale
+            g = torch.arange(k) // group
+            dense[name] = (scale.float()[g] * (q - zero[g])).t()  # [out, in]
+            if mod.bias is not None:
+                state[f"{name}.bias"] = mod.bias.detach().half()
+    for name, p in model.named_parameters():
+        if not any(name == f"{n}.weight" or name == f"{n}.bias" for n in dense):
+            state[name] = p.detach().half()
+    d = tmp_path / "awq"
+    d.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"))
+    cfg = json.loads(open(os.path.join(str(tmp_path / "fp"), "config.json")).read())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                  "version": "gemm", **(qc_overrides or {})}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d), dense
+
+
+def test_awq_checkpoint_loads_as_its_dequantized_weights(tmp_path):
+    """Every quantized linear of an AWQ GEMM checkpoint is exactly its documented dequantization, and the model's
+    logits equal the reference runtime on those dequantized weights."""
+    directory, model = tiny_checkpoint(tmp_path)
+    awq_dir, dense = write_awq(tmp_path, model)
+    loaded = neox_rt.load(awq_dir, progress=False).model
+    assert memory_report(loaded).formats == {"int4": 8}
+    for name, w in dense.items():
+        got = loaded.get_submodule(name).weight
+        assert isinstance(got, Int4Weight) and got.group_size == 32
+        torch.testing.assert_close(got.dequantize(torch.float32), w, rtol=0, atol=0)
+    assert torch.equal(logits(loaded), logits(dequantized_copy(loaded, loaded.config)))
+
+
+def test_awq_unpacks_the_interleaved_order():
+    """One word by hand: columns 0..7 holding 0..7 pack as nibbles (0, 2, 4, 6, 1, 3, 5, 7) and unpack back."""
+    from neox_rt.quant.checkpoint import _unpack_awq_cols
+    q = torch.arange(8)[None]
+    word = awq_pack_cols(q)
+    assert word.item() == sum(c << (4 * i) for i, c in enumerate(AWQ_ORDER))
+    assert _unpack_awq_cols(word).tolist() == [list(range(8))]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(version="gemv"), "version 'gemv' is not supported"),
+    (dict(zero_point=False), "zero_point false"),
+    (dict(bits=8), "bits 8"),
+    (dict(group_size=12), "group_size 12"),
+])
+def test_awq_unsupported_variants_are_one_line(tmp_path, change, message):
+    directory, model = tiny_checkpoint(tmp_path)
+    awq_dir, _ = write_awq(tmp_path, model, qc_overrides=change)
+    with pytest.raises(NeoxRtError, match=message) as e:
+        neox_rt.load(awq_dir, progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_awq_misshapen_tensor(tmp_path):
+    from safetensors.torch import load_file
+    directory, model = tiny_checkpoint(tmp_path)
+    awq_dir, _ = write_awq(tmp_path, model)
+    path = os.path.join(awq_dir, "model.safetensors")
+    state = load_file(path)
+    name = "gpt_neox.layers.0.attention.dense"
+    state[f"{name}.qzeros"] = state[f"{name}.qzeros"][:-1].contiguous()
+    save_file(state, path)
+    with pytest.raises(NeoxRtError, match="attention.dense.qzeros has shape"):
+        neox_rt.load(awq_dir, progress=False)
+
+
+def _tp_hub_worker(rank: int, world: int, port: int, dirs: dict, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from neox_rt.parallel import init_from_env
+    torch.set_num_threads(1)
+    tp = init_from_env(world, "cpu")
+    try:
+        shards = {}
+        for method, d in dirs.items():
+            m = neox_rt.load(d, dtype="float32", device="cpu", tp=tp, progress=False).model
+            shards[method] = {n: mod.weight.dequantize(torch.float32) for n, mod in m.named_modules()
+                              if isinstance(mod, Linear) and isinstance(mod.weight, Int4Weight)}
+        torch.save(shards, os.path.join(out_dir, f"hub_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hub_layouts_at_tp2_load_their_shards(tmp_path):
+    """GPTQ and AWQ checkpoints at TP=2 (gloo): each rank reads its slice of the packed tensors (AWQ's words of 8
+    outputs split whole between ranks, the groups of a row-parallel layer too), and the ranks' dequantized shards put
+    together equal the TP=1 load's weights exactly."""
+    import torch.multiprocessing as mp
+
+    from neox_rt.parallel import tp_split_dim
+    from tests.test_tensor_parallel import _free_port
+    _, model = tiny_checkpoint(tmp_path)
+    dirs = {"gptq": write_gptq(tmp_path, model)[0], "awq": write_awq(tmp_path, model)[0]}
+    mp.spawn(_tp_hub_worker, args=(2, _free_port(), dirs, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(os.path.join(tmp_path, f"hub_rank{r}.pt")) for r in range(2)]
+    for method, d in dirs.items():
+        whole = neox_rt.load(d, progress=False).model
+        assert len(ranks[0][method]) == 8, method
+        for name, w0 in ranks[0][method].items():
+            full = torch.cat([r[method][name] for r in ranks], dim=tp_split_dim(f"{name}.weight"))
+            want = whole.get_submodule(name).weight.dequantize(torch.float32)
+            assert torch.equal(full, want), (method, name)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Fidelity of the embedded default model
 # ----------------------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Quantized checkpoints: ours written and read, and the GPTQ 4-bit layout of the hub read.
+"""Quantized checkpoints: ours written and read, and the GPTQ and AWQ 4-bit layouts of the hub read.
 
 Ours (``quantization_config.quant_method == "neox_rt"``): an HF directory whose ``config.json`` carries
 ``{"quant_method": "neox_rt", "format": "int8"|"int4", "bits", "group_size", "sym", "method", "lm_head"}`` and whose
@@ -17,6 +17,10 @@ z - 1 (AutoGPTQ subtracts one before packing and its kernels add it back, so z =
 = i // group (checked), ``group_size`` a multiple of 8 or -1 (one group), ``sym`` true (every zero 8, checked) or
 false. Each linear converts exactly to an :class:`~neox_rt.quant.formats.Int4Weight` (q transposed to [out, in] and
 repacked along the input dim; zeros as bytes; scales kept fp16). Anything else is one NeoxRtError line.
+
+AWQ (``quant_method == "awq"``, AutoAWQ's GEMM layout, :class:`AWQPlan`): ``qweight`` int32 [in, out / 8] and
+``qzeros`` packed along the output dim in AWQ's interleaved order, ``scales`` [in / group, out], the stored zero the
+zero itself; it converts exactly to an Int4Weight the same way.
 """
 from __future__ import annotations
 
@@ -189,61 +193,80 @@ def _unpack_cols(packed: torch.Tensor) -> torch.Tensor:
     return ((packed[:, :, None] >> shifts) & 0xF).reshape(packed.shape[0], -1)
 
 
-class GPTQPlan(WeightPlan):
-    """Reads the GPTQ 4-bit layout (module docstring) into :class:`Int4Weight`; a linear is quantized where the
-    checkpoint holds ``<linear>.qweight``."""
+class HubInt4Plan(WeightPlan):
+    """What the hub's 4-bit layouts (GPTQ's, AWQ's) share: a linear is quantized where the checkpoint holds
+    ``<linear>.qweight``; groups of ``group_size`` input features (-1: one group); this rank's slice of a linear."""
+
+    method = ""
 
     def __init__(self, model, sources, qc: dict, directory: str):
-        where = f"GPTQ checkpoint {directory}"
-        bits = qc.get("bits")
+        self.where = f"{self.method} checkpoint {directory}"
+        bits = qc.get("bits", qc.get("w_bit"))
         if bits != 4:
-            raise NeoxRtError(f"{where}: bits {bits} is not supported (only 4-bit GPTQ loads)")
-        if qc.get("desc_act"):
-            raise NeoxRtError(f"{where}: desc_act (act-order) true is not supported; re-quantize with desc_act false")
-        fmt = qc.get("checkpoint_format", qc.get("format", "gptq")) or "gptq"
-        if fmt not in ("gptq", "gptq_v2"):
-            raise NeoxRtError(f"{where}: checkpoint_format {fmt!r} is not supported (gptq or gptq_v2)")
-        self.zero_offset = 1 if fmt == "gptq" else 0
-        self.group_size = int(qc.get("group_size", 128))
+            raise NeoxRtError(f"{self.where}: bits {bits} is not supported (only 4-bit {self.method} loads)")
+        self.group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % INT4_PER_WORD):
-            raise NeoxRtError(f"{where}: group_size {self.group_size} is not supported (a multiple of 8, or -1)")
-        self.sym = bool(qc.get("sym", True))
-        self.where = where
+            raise NeoxRtError(f"{self.where}: group_size {self.group_size} is not supported (a multiple of 8, or -1)")
         self.names = {n for n in quantized_linear_names(model, include_lm_head=True) if f"{n}.qweight" in sources}
         if not self.names:
-            raise NeoxRtError(f"{where}: no <linear>.qweight tensors")
+            raise NeoxRtError(f"{self.where}: no <linear>.qweight tensors")
 
     def quantized(self, name):
         return name in self.names
 
-    def tensor_names(self, name):
-        return [f"{name}.{t}" for t in ("qweight", "qzeros", "scales", "g_idx")]
-
-    def build(self, name, linear, split_dim, sources, tp, device, dtype):
+    def slice_of(self, name, linear, split_dim, sources, tp, shapes):
+        """(k, group, rows, cols, groups): this rank's input rows r0:r1, output columns c0:c1 and groups g0:g1 of
+        linear ``name`` (column-parallel: a slice of the outputs; row-parallel: of the inputs, whole groups), after
+        checking the shapes ``shapes(full_k, full_out, group, groups)`` gives by tensor."""
         out, k = linear.weight.shape
         full_out = out * tp.size if split_dim == 0 else out
         full_k = k * tp.size if split_dim == 1 else k
         group = full_k if self.group_size == -1 else self.group_size
         groups = -(-full_k // group)
-        want = {"qweight": [full_k // 8, full_out], "qzeros": [groups, -(-full_out // 8)],
-                "scales": [groups, full_out], "g_idx": [full_k]}
         if full_k % 8:
             raise NeoxRtError(f"{self.where}: {name} has {full_k} input features, not a multiple of 8")
-        for t, shape in want.items():
+        for t, shape in shapes(full_k, full_out, group, groups).items():
             have = list(sources[f"{name}.{t}"].shape)
             if have != shape:
                 raise NeoxRtError(f"{self.where}: {name}.{t} has shape {have}, expected {shape} (bits 4, group "
                                   f"{group})")
         if split_dim == 1:
             check_row_shard_groups(full_k, tp.size, group, name)
+        r0, r1 = (tp.rank * k, (tp.rank + 1) * k) if split_dim == 1 else (0, k)
+        c0, c1 = (tp.rank * out, (tp.rank + 1) * out) if split_dim == 0 else (0, out)
+        return k, group, (r0, r1), (c0, c1), (r0 // group, -(-r1 // group))
+
+
+class GPTQPlan(HubInt4Plan):
+    """Reads the GPTQ 4-bit layout (module docstring) into :class:`Int4Weight`."""
+
+    method = "GPTQ"
+
+    def __init__(self, model, sources, qc: dict, directory: str):
+        super().__init__(model, sources, qc, directory)
+        if qc.get("desc_act"):
+            raise NeoxRtError(f"{self.where}: desc_act (act-order) true is not supported; re-quantize with desc_act "
+                              f"false")
+        fmt = qc.get("checkpoint_format", qc.get("format", "gptq")) or "gptq"
+        if fmt not in ("gptq", "gptq_v2"):
+            raise NeoxRtError(f"{self.where}: checkpoint_format {fmt!r} is not supported (gptq or gptq_v2)")
+        self.zero_offset = 1 if fmt == "gptq" else 0
+        self.sym = bool(qc.get("sym", True))
+
+    def tensor_names(self, name):
+        return [f"{name}.{t}" for t in ("qweight", "qzeros", "scales", "g_idx")]
+
+    def build(self, name, linear, split_dim, sources, tp, device, dtype):
+        def shapes(full_k, full_out, group, groups):
+            return {"qweight": [full_k // 8, full_out], "qzeros": [groups, -(-full_out // 8)],
+                    "scales": [groups, full_out], "g_idx": [full_k]}
+
+        k, group, (r0, r1), (c0, c1), (g0, g1) = self.slice_of(name, linear, split_dim, sources, tp, shapes)
+        full_k = sources[f"{name}.g_idx"].shape[0]
         g_idx = sources[f"{name}.g_idx"].read(None, 0, 0).to(torch.int64)
         if not torch.equal(g_idx, torch.arange(full_k) // group):
             raise NeoxRtError(f"{self.where}: {name}.g_idx is not i // group_size (an act-order checkpoint?): "
                               f"not supported")
-        # this rank's slice: output columns (column-parallel) or input rows, whole groups (row-parallel)
-        r0, r1 = (tp.rank * k, (tp.rank + 1) * k) if split_dim == 1 else (0, k)
-        c0, c1 = (tp.rank * out, (tp.rank + 1) * out) if split_dim == 0 else (0, out)
-        g0, g1 = r0 // group, -(-r1 // group)
         qweight = sources[f"{name}.qweight"].read(0, r0 // 8, r1 // 8)[:, c0:c1]
         scales = sources[f"{name}.scales"].read(0, g0, g1)[:, c0:c1]
         zeros = _unpack_cols(sources[f"{name}.qzeros"].read(0, g0, g1))[:, c0:c1] + self.zero_offset
@@ -255,14 +278,66 @@ class GPTQPlan(WeightPlan):
                           zeros.t().contiguous().to(torch.uint8).to(device), k, group)
 
 
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+"""AWQ's GEMM packing puts output column 8 j + (0, 2, 4, 6, 1, 3, 5, 7)[i] in nibble i of word j: the nibble of
+column 8 j + c is AWQ_REVERSE_ORDER[c]."""
+
+
+def _unpack_awq_cols(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [r, c] in AWQ's GEMM packing (8 values a word along dim 1, interleaved) -> int32 [r, c * 8] in [0, 15]
+    in column order."""
+    return _unpack_cols(packed).reshape(packed.shape[0], -1, 8)[:, :, list(AWQ_REVERSE_ORDER)].reshape(
+        packed.shape[0], -1)
+
+
+class AWQPlan(HubInt4Plan):
+    """Reads AWQ's 4-bit GEMM layout (AutoAWQ, transformers' ``AwqConfig``: ``quant_method == "awq"``, ``version``
+    "gemm", ``zero_point`` true) into :class:`Int4Weight`: per quantized linear ``<linear>.qweight`` int32 [in,
+    out / 8] and ``<linear>.qzeros`` int32 [in / group, out / 8], both packed along the OUTPUT dim in AWQ's
+    interleaved order (:data:`AWQ_REVERSE_ORDER`), ``<linear>.scales`` fp16 [in / group, out]; W[n, i] =
+    scales[g, n] * (q[i, n] - z[g, n]) with g = i // group and the stored zero z itself. Its other versions (gemv,
+    gemv_fast, marlin, exllama, ipex) and zero_point false are one NeoxRtError line."""
+
+    method = "AWQ"
+
+    def __init__(self, model, sources, qc: dict, directory: str):
+        super().__init__(model, sources, qc, directory)
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise NeoxRtError(f"{self.where}: version {version!r} is not supported (only AWQ's gemm layout loads)")
+        if not qc.get("zero_point", True):
+            raise NeoxRtError(f"{self.where}: zero_point false is not supported (only AWQ with zero points loads)")
+
+    def tensor_names(self, name):
+        return [f"{name}.{t}" for t in ("qweight", "qzeros", "scales")]
+
+    def build(self, name, linear, split_dim, sources, tp, device, dtype):
+        def shapes(full_k, full_out, group, groups):
+            return {"qweight": [full_k, full_out // 8], "qzeros": [groups, full_out // 8],
+                    "scales": [groups, full_out]}
+
+        if (linear.weight.shape[0] * (tp.size if split_dim == 0 else 1)) % 8:
+            raise NeoxRtError(f"{self.where}: {name} has {linear.weight.shape[0]} output features a rank, not a "
+                              f"multiple of 8 (AWQ packs 8 outputs a word)")
+        k, group, (r0, r1), (c0, c1), (g0, g1) = self.slice_of(name, linear, split_dim, sources, tp, shapes)
+        if c0 % 8 or c1 % 8:
+            raise NeoxRtError(f"{self.where}: {name}'s {c1 - c0} output features a rank do not split AWQ's words of 8")
+        q = _unpack_awq_cols(sources[f"{name}.qweight"].read(0, r0, r1)[:, c0 // 8:c1 // 8]).t()  # [out, k]
+        zeros = _unpack_awq_cols(sources[f"{name}.qzeros"].read(0, g0, g1)[:, c0 // 8:c1 // 8])
+        scales = sources[f"{name}.scales"].read(0, g0, g1)[:, c0:c1]
+        return Int4Weight(pack_int4(q.contiguous()).to(device), scales.t().contiguous().to(device),
+                          zeros.t().contiguous().to(torch.uint8).to(device), k, group)
+
+
 def load_quantized_checkpoint(directory: str, config: NeoXConfig, qc: dict, dtype="float16", device="cpu",
                               tp: TensorParallel = SINGLE, progress: bool = True):
     """A quantized checkpoint (``qc``: its quantization_config, ours or GPTQ's) streamed into a model."""
     from neox_rt.checkpoints.hf import index_checkpoint
     method = qc.get("quant_method")
-    plans = {"neox_rt": NeoxRtPlan, "gptq": GPTQPlan}
+    plans = {"neox_rt": NeoxRtPlan, "gptq": GPTQPlan, "awq": AWQPlan}
     if method not in plans:
-        raise NeoxRtError(f"checkpoint {directory}: quantization method {method!r} is not supported (neox_rt, gptq)")
+        raise NeoxRtError(f"checkpoint {directory}: quantization method {method!r} is not supported (neox_rt, gptq, "
+                          f"awq)")
     sources = index_checkpoint(directory)
     model = empty_model(config, dtype, tp)
     model = load_streaming(model, directory, plans[method](model, sources, qc, directory), device, progress, sources)
