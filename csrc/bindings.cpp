@@ -47,6 +47,9 @@ TORCH_LIBRARY(neox_rt, m) {
   m.def("gemv_sum(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "
         "Tensor? residual=None, int ksplit=0, int min_blocks=0, bool pdl=False, int[]? push_buffers=None, "
         "int push_rank=0, int push_slot_bytes=0) -> Tensor");
+  m.def("gemv_sum_norm(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "
+        "Tensor? residual, Tensor ln_weight1, Tensor ln_bias1, Tensor ln_weight2, Tensor ln_bias2, float eps, "
+        "int ksplit=0, int min_blocks=0, bool pdl=False) -> (Tensor, Tensor, Tensor)");
   m.def("p2p_reduce_dual_layernorm(Tensor x, int[] buffers, int rank, int slot_bytes, Tensor weight1, "
         "Tensor bias1, Tensor weight2, Tensor bias2, float eps, bool pdl=False) -> (Tensor, Tensor, Tensor)");
   m.def("p2p_all_reduce(Tensor x, int[] buffers, int rank, int slot_bytes, bool pdl=False) -> Tensor");
@@ -72,6 +75,7 @@ TORCH_LIBRARY_IMPL(neox_rt, CUDA, m) {
   m.impl("quant_linear_tiled_sum_norm", &neox_rt::quant_linear_tiled_sum_norm);
   m.impl("gemv_pair", &neox_rt::gemv_pair);
   m.impl("gemv_sum", &neox_rt::gemv_sum);
+  m.impl("gemv_sum_norm", &neox_rt::gemv_sum_norm);
   m.impl("p2p_all_reduce", &neox_rt::p2p_all_reduce);
   m.impl("p2p_reduce_dual_layernorm", &neox_rt::p2p_reduce_dual_layernorm);
 }

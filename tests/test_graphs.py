@@ -233,8 +233,12 @@ def _teacher_forced(model, prompt, continuation, runner=None):
 
 
 @pytest.mark.gpu
-def test_graph_logits_within_rule(gpu_models):
-    """Graph decode logits vs an fp32 reference: error at most twice the fp16 reference's own error."""
+@pytest.mark.parametrize("sum_norm", [0, 1])
+def test_graph_logits_within_rule(gpu_models, monkeypatch, sum_norm):
+    """Graph decode logits vs an fp32 reference: error at most twice the fp16 reference's own error; with
+    ``sum_norm`` each layer's sum also applies the next layer's LayerNorms (linear_sum_norm served by the GEMV)."""
+    from neox_rt.ops import cuda as cuda_ops
+    monkeypatch.setattr(cuda_ops, "SUM_NORM", sum_norm)
     m16, m32 = gpu_models
     prompt = torch.randint(2, 512, (13,), generator=torch.Generator().manual_seed(5)).tolist()
     cont = torch.randint(2, 512, (NEW_TOKENS,), generator=torch.Generator().manual_seed(6)).tolist()
@@ -243,6 +247,14 @@ def test_graph_logits_within_rule(gpu_models):
     ref32 = _teacher_forced(m32, prompt, cont)
     ref16 = _teacher_forced(m16, prompt, cont)
     ops.select_backend(None, "cuda")
+    layer0, layer1 = m16.gpt_neox.layers[:2]
+    down = layer0.mlp.dense_4h_to_h.weight
+    x = torch.ones(1, 1, down.shape[0], device="cuda", dtype=torch.float16)
+    up = torch.ones(1, 1, down.shape[1], device="cuda", dtype=torch.float16)
+    ln1, ln2 = layer1.input_layernorm, layer1.post_attention_layernorm
+    served = ops.OPS["linear_sum_norm"].served_by(x, layer0.attention.dense.weight, up, down, None, None, x,
+                                                  ln1.weight, ln1.bias, ln2.weight, ln2.bias, ln1.eps)
+    assert served == ("cuda" if sum_norm else "torch"), served
     runner = DecodeGraphRunner(m16)
     graph16 = _teacher_forced(m16, prompt, cont, runner)
     assert runner.captures == 1 and runner.disabled_reason is None

@@ -511,6 +511,40 @@ def test_gemv_sum(ext, dtype, n, k1, k2, ksplit, min_blocks):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k1,k2", [(6144, 6144, 24576), (2048, 2048, 8192), (512, 512, 2048), (8192, 1024, 2048),
+                                     (56, 1040, 16)])
+def test_gemv_sum_norm(ext, dtype, n, k1, k2):
+    """gemv_sum with the next layer's dual LayerNorm in its last block: y bit for bit gemv_sum's, LN1(y) and LN2(y)
+    within the rule of the reference LayerNorm of that y (y far from zero: the two-pass statistics), with and
+    without PDL, twice in a row (the second launch finds its ticket at zero); a hidden size past 8192 or not a
+    multiple of 8, and LayerNorm parameters of another shape, are clear errors."""
+    x1, x2 = rand(1, k1, dtype=dtype), rand(1, k2, dtype=dtype)
+    w1, w2 = rand(n, k1, dtype=dtype, scale=k1 ** -0.5), rand(n, k2, dtype=dtype, scale=k2 ** -0.5)
+    b1, b2, res = rand(n, dtype=dtype), rand(n, dtype=dtype), rand(1, n, dtype=dtype, scale=4.0) + 20
+    ln = [rand(n, dtype=dtype) * (0.5 if i % 2 else 1) + (0 if i % 2 else 1) for i in range(4)]
+    for pdl in (False, True, True):
+        y, a, m = ext.gemv_sum_norm(x1, w1, x2, w2, b1, b2, res, *ln, 1e-5, 0, 0, pdl)
+        assert torch.equal(y, ext.gemv_sum(x1, w1, x2, w2, b1, b2, res, 0, 0, pdl)), f"{n}: y differs from gemv_sum's"
+        for got, (lw, lb), name in ((a, ln[:2], "LN1"), (m, ln[2:], "LN2")):
+            assert got.shape == y.shape and got.dtype == dtype
+            ref64 = ops.layernorm_ref(y.double(), lw.double(), lb.double(), 1e-5)
+            assert_by_rule(got, ref64, ops.layernorm_ref(y, lw, lb, 1e-5), f"gemv_sum_norm {name} {n} pdl={pdl}")
+    with pytest.raises(RuntimeError, match=r"LayerNorm parameters must have shape \[%d\]" % n):
+        ext.gemv_sum_norm(x1, w1, x2, w2, b1, b2, res, *ln[:3], ln[3][:8], 1e-5, 0, 0, True)
+
+
+@pytest.mark.gpu
+def test_gemv_sum_norm_bad_sizes(ext):
+    for n in (8200, 60):
+        x = rand(1, 64)
+        w = rand(n, 64)
+        ln = [rand(n) for _ in range(4)]
+        with pytest.raises(RuntimeError, match="normalises out_features that are a multiple of 8 up to 8192"):
+            ext.gemv_sum_norm(x, w, x, w, None, None, None, *ln, 1e-5, 0, 0, True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("pdl", [False, True])
 def test_fused_pair_layer_chain_in_graph(ext, pdl):
     """The parallel-residual decode layer as the graph runs it with the fused pairs: dual LayerNorm, gemv_pair (QKV,

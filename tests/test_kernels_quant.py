@@ -1067,7 +1067,7 @@ def test_cuda_tiled_sum_norm(quant_ext, dtype, fmt):
             x1, x2 = randn(rows, k1, seed=rows).to("cuda", dtype), randn(rows, k2, seed=rows + 9).to("cuda", dtype)
             res = (randn(rows, n, seed=6) * 2 + 30).to("cuda", dtype)
             assert cuda_ops.supports_tiled_linear_sum_norm(x1, t1, x2, t2, b1, b2, res, *ln, 1e-5) == (
-                cuda_ops.QUANT_SUM_NORM == 1 and rows <= cuda_ops.QUANT_SUM_NORM_MAX_ROWS)
+                cuda_ops.SUM_NORM == 1 and rows <= cuda_ops.SUM_NORM_MAX_ROWS)
             for pdl in (rows % 2 == 1, True):
                 poison_allocator()
                 y, a, m = quant_ext.quant_linear_tiled_sum_norm(x1, q1, s1, g1, x2, q2, s2, g2, n, bits, b1, b2, res,
@@ -1252,7 +1252,7 @@ def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt, sum_norm):
     try:
         for layout in ("tiled", "row-major"):
             monkeypatch.setattr(cuda_ops, "QUANT_TILED", int(layout == "tiled"))
-            monkeypatch.setattr(cuda_ops, "QUANT_SUM_NORM", sum_norm)
+            monkeypatch.setattr(cuda_ops, "SUM_NORM", sum_norm)
             ops.select_backend(None, "cuda")
             neox = neox_rt.load(DEFAULT_MODEL_DIR, dtype="float16", device="cuda", quantize=fmt, progress=False)
             kinds = {type(m.weight) for m in neox.model.gpt_neox.layers.modules() if isinstance(m, Linear)}

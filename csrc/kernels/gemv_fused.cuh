@@ -21,6 +21,7 @@
 #include "allreduce.cuh"
 #include "common.cuh"
 #include "gemv.cuh"
+#include "layernorm.cuh"  // SumNorm, sum_norm_tail
 
 namespace neox_rt {
 
@@ -37,12 +38,51 @@ struct GemvProblem {
 
 constexpr int kGemv2Warps = 8, kGemv2RowsPerGroup = 4;
 
+// gemv2_body's epilogue, by a group's first warp: lane o < 4 sums the group's partials of row n0 + o, adds the
+// bias(es), the activation and the residual, rounds and stores; SUM with a push sends the 4 rows to the peers.
+template <typename T, int KSPLIT, bool SUM>
+__device__ __forceinline__ void gemv2_store(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool second,
+                                            const float (&partial)[kGemv2Warps][kGemv2RowsPerGroup], int n0,
+                                            const P2PBuffers& push, unsigned push_seq) {
+  constexpr int NPW = kGemv2RowsPerGroup;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n = second ? p2.n : p1.n;
+  T result = from_float<T>(0.f);
+  if (lane < NPW && n0 + lane < n) {
+    const int f = n0 + lane;
+    float v = 0.f;
+#pragma unroll
+    for (int q = 0; q < KSPLIT; ++q) v += partial[warp + q][lane];
+    const T* const bias = second ? p2.bias : p1.bias;
+    const T* const residual = second ? p2.residual : p1.residual;
+    if (bias != nullptr) v += to_float(bias[f]);
+    if (SUM && p2.bias != nullptr) v += to_float(p2.bias[f]);
+    float out = apply_activation(v, second ? p2.act : p1.act);
+    if (residual != nullptr) out += to_float(__ldcg(residual + f));
+    result = from_float<T>(out);
+    (second ? p2.y : p1.y)[f] = result;
+  }
+  if (SUM && push.world > 0) {  // lanes 0-3 hold rows n0..n0+3: lane 0 sends them as one line to every peer
+    static_assert(sizeof(T) == 2, "a pushed line holds 4 outputs of 2 bytes");
+    const unsigned bits = *reinterpret_cast<const unsigned short*>(&result);
+    const unsigned r1 = __shfl_sync(0xffffffffu, bits, 1), r2 = __shfl_sync(0xffffffffu, bits, 2),
+                   r3 = __shfl_sync(0xffffffffu, bits, 3);
+    if (lane == 0) {
+      const uint4 line = make_uint4(bits | (r1 << 16), push_seq, r2 | (r3 << 16), push_seq);
+      for (int r = 0; r < push.world; ++r)
+        if (r != push.rank) st_volatile_v4(p2p_slot(push, push.base[r], push_seq & 1u, push.rank) + n0 / NPW, line);
+    }
+  }
+}
+
 // SUM: one problem over k1 + k2 (p1's n, bias, residual and y; p2's x, W and bias); else blocks [0, blocks1) take p1
 // and the rest p2. SUM with push.world > 0: each group also pushes its 4 outputs, flagged, into its slot on every
 // peer (allreduce.cuh's lines, 4 rows of 2 bytes a line, n % 4 == 0), for the next LayerNorm to reduce.
-template <typename T, int KSPLIT, bool SUM, bool PDL>
+// SUM with NORM: then the next layer's dual LayerNorm of y in the grid's last block (layernorm.cuh's sum_norm_tail).
+template <typename T, int KSPLIT, bool SUM, bool PDL, bool NORM = false>
 __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvProblem<T>& p2, int blocks1,
-                                           const P2PBuffers& push) {
+                                           const P2PBuffers& push, const SumNorm<T>& ln = SumNorm<T>{}) {
+  static_assert(SUM || !NORM, "the LayerNorm follows a sum");
   constexpr int VEC = 16 / sizeof(T), NPW = kGemv2RowsPerGroup, WARPS = kGemv2Warps, SPAN = 32 * VEC;
   static_assert(WARPS % KSPLIT == 0, "KSPLIT divides the warps");
   __shared__ float partial[WARPS][NPW];
@@ -110,34 +150,9 @@ __device__ __forceinline__ void gemv2_body(const GemvProblem<T>& p1, const GemvP
     if (lane == 0) partial[warp][o] = v;
   }
   __syncthreads();
-  // the group's first warp: lane o writes row n0 + o
-  if (part != 0 || !active) return;
-  T result = from_float<T>(0.f);
-  if (lane < NPW && n0 + lane < n) {
-    const int f = n0 + lane;
-    float v = 0.f;
-#pragma unroll
-    for (int q = 0; q < KSPLIT; ++q) v += partial[warp + q][lane];
-    const T* const bias = second ? p2.bias : p1.bias;
-    const T* const residual = second ? p2.residual : p1.residual;
-    if (bias != nullptr) v += to_float(bias[f]);
-    if (SUM && p2.bias != nullptr) v += to_float(p2.bias[f]);
-    float out = apply_activation(v, second ? p2.act : p1.act);
-    if (residual != nullptr) out += to_float(__ldcg(residual + f));
-    result = from_float<T>(out);
-    (second ? p2.y : p1.y)[f] = result;
-  }
-  if (SUM && push.world > 0) {  // lanes 0-3 hold rows n0..n0+3: lane 0 sends them as one line to every peer
-    static_assert(sizeof(T) == 2, "a pushed line holds 4 outputs of 2 bytes");
-    const unsigned bits = *reinterpret_cast<const unsigned short*>(&result);
-    const unsigned r1 = __shfl_sync(0xffffffffu, bits, 1), r2 = __shfl_sync(0xffffffffu, bits, 2),
-                   r3 = __shfl_sync(0xffffffffu, bits, 3);
-    if (lane == 0) {
-      const uint4 line = make_uint4(bits | (r1 << 16), push_seq, r2 | (r3 << 16), push_seq);
-      for (int r = 0; r < push.world; ++r)
-        if (r != push.rank) st_volatile_v4(p2p_slot(push, push.base[r], push_seq & 1u, push.rank) + n0 / NPW, line);
-    }
-  }
+  // the group's first warp: lane o writes row n0 + o (with NORM every thread then meets the ticket's barriers)
+  if (part == 0 && active) gemv2_store<T, KSPLIT, SUM>(p1, p2, second, partial, n0, push, push_seq);
+  if constexpr (NORM) sum_norm_tail<T, WARPS * 32>(p1.y, ln, 1, p1.n);
 }
 
 // MINB: blocks per SM the registers are fitted to (__launch_bounds__): 3 (up to 80 registers, 24 warps an SM), 4 (64,
@@ -149,11 +164,11 @@ gemv_pair_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constan
   gemv2_body<T, KSPLIT, false, PDL>(p1, p2, blocks1, P2PBuffers{});
 }
 
-template <typename T, int KSPLIT, int MINB, bool PDL>
+template <typename T, int KSPLIT, int MINB, bool PDL, bool NORM = false>
 __global__ void __launch_bounds__(kGemv2Warps * 32, MINB)
 gemv_sum_kernel(const __grid_constant__ GemvProblem<T> p1, const __grid_constant__ GemvProblem<T> p2, int blocks1,
-                const __grid_constant__ P2PBuffers push) {
-  gemv2_body<T, KSPLIT, true, PDL>(p1, p2, blocks1, push);
+                const __grid_constant__ P2PBuffers push, const __grid_constant__ SumNorm<T> ln) {
+  gemv2_body<T, KSPLIT, true, PDL, NORM>(p1, p2, blocks1, push, ln);
 }
 
 // Warps splitting each row's k (2, 4 or 8: blocks of 16, 8 or 4 rows). Auto (0): as gemv_auto_wide for one GEMV,
@@ -167,13 +182,17 @@ inline int gemv2_ksplit(int requested, int n_min, int k1, int k2) {
 
 template <typename T, int KSPLIT, int MINB>
 cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, const P2PBuffers& push,
-                            bool pdl, cudaStream_t stream) {
+                            bool pdl, cudaStream_t stream, const SumNorm<T>& ln) {
   constexpr int rows = kGemv2Warps / KSPLIT * kGemv2RowsPerGroup;
   const int blocks1 = (p1.n + rows - 1) / rows;
   const dim3 block(kGemv2Warps * 32);
+  if (sum && ln.ticket != nullptr)
+    return launch_kernel(pdl, gemv_sum_kernel<T, KSPLIT, MINB, false, true>,
+                         gemv_sum_kernel<T, KSPLIT, MINB, true, true>, dim3(blocks1), block, stream, p1, p2, blocks1,
+                         push, ln);
   if (sum)
     return launch_kernel(pdl, gemv_sum_kernel<T, KSPLIT, MINB, false>, gemv_sum_kernel<T, KSPLIT, MINB, true>,
-                         dim3(blocks1), block, stream, p1, p2, blocks1, push);
+                         dim3(blocks1), block, stream, p1, p2, blocks1, push, ln);
   const dim3 grid(blocks1 + (p2.n + rows - 1) / rows);
   return launch_kernel(pdl, gemv_pair_kernel<T, KSPLIT, MINB, false>, gemv_pair_kernel<T, KSPLIT, MINB, true>, grid,
                        block, stream, p1, p2, blocks1);
@@ -182,21 +201,26 @@ cudaError_t launch_gemv2_ks(const GemvProblem<T>& p1, const GemvProblem<T>& p2, 
 // sum: p2.n == p1.n; p2's x, W and bias join p1's (p2's residual and y unused). k1, k2 % 16 == 0, 16-byte aligned x
 // and W. ksplit: 0 auto, else 2, 4 or 8 (reduced where a k does not divide); min_blocks: 0 auto (fp16 3, bf16 2), 2,
 // 3 or 4. push (sum only; world 0: none): the output also goes, flagged, to every peer's slot (n % 4 == 0, n <= the
-// lines of a slot).
+// lines of a slot). ln (sum only, without a push; its ticket null: none): LN_a(y) and LN_b(y) too (sum_norm_tail).
 template <typename T>
 cudaError_t launch_gemv2(const GemvProblem<T>& p1, const GemvProblem<T>& p2, bool sum, int ksplit, int min_blocks,
-                         bool pdl, cudaStream_t stream, const P2PBuffers& push = P2PBuffers{}) {
+                         bool pdl, cudaStream_t stream, const P2PBuffers& push = P2PBuffers{},
+                         const SumNorm<T>& ln = SumNorm<T>{}) {
   if (p1.k % 16 != 0 || p2.k % 16 != 0 || (sum && p1.n != p2.n)) return cudaErrorInvalidValue;
   if (push.world > 0 && (!sum || p1.n % kGemv2RowsPerGroup != 0 || 4LL * p1.n > push.slot_bytes))
+    return cudaErrorInvalidValue;
+  if (ln.ticket != nullptr && (!sum || push.world > 0 || !sum_norm_ok(p1.n, 1) || ln.w_a == nullptr ||
+                               ln.b_a == nullptr || ln.w_b == nullptr || ln.b_b == nullptr || ln.out_a == nullptr ||
+                               ln.out_b == nullptr))
     return cudaErrorInvalidValue;
   if (p1.n == 0 && (sum || p2.n == 0)) return cudaSuccess;
   const int n_min = sum ? p1.n : std::min(p1.n > 0 ? p1.n : p2.n, p2.n > 0 ? p2.n : p1.n);
   const int ks = gemv2_ksplit(ksplit, n_min, p1.k, p2.k);
 #define NEOX_RT_GEMV2(MINB_)                                                   \
   switch (ks) {                                                                \
-    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, push, pdl, stream);  \
-    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, push, pdl, stream);  \
-    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, push, pdl, stream); \
+    case 8: return launch_gemv2_ks<T, 8, MINB_>(p1, p2, sum, push, pdl, stream, ln);  \
+    case 4: return launch_gemv2_ks<T, 4, MINB_>(p1, p2, sum, push, pdl, stream, ln);  \
+    default: return launch_gemv2_ks<T, 2, MINB_>(p1, p2, sum, push, pdl, stream, ln); \
   }
   // auto: 3 blocks an SM in fp16 (68 / 60 registers, no spills); 2 in bf16, whose conversions spill at 80 registers
   if (min_blocks == 0) min_blocks = std::is_same<T, __nv_bfloat16>::value ? 2 : 3;

@@ -209,4 +209,93 @@ cudaError_t launch_p2p_reduce_layernorm(const T* x, const P2PBuffers& peers, T* 
 #undef NEOX_RT_LN_REDUCE
 }
 
+// ---- The next layer's dual LayerNorm in a sum's launch (quant_gemm_sum_kernel's SUMNORM, gemv_sum_kernel's NORM) ----
+// A decode layer's output y is the sum of its two row-parallel linears, and the next parallel-residual layer first
+// normalises it twice (LN1(y) for its QKV, LN2(y) for its h->4h). Instead of a LayerNorm kernel between the two
+// layers, each block of the sum takes a ticket after storing its part of y, and the last block (every y stored)
+// normalises the rows: the LayerNorm's launch and one kernel boundary go. Up to kSumNormMaxRows rows (one after
+// another), n a multiple of 8 of at most kSumNormVecs vectors of 8 a thread of a 256-thread block (n <= 8192).
+template <typename T>
+struct SumNorm {
+  const T* w_a;
+  const T* b_a;
+  const T* w_b;
+  const T* b_b;
+  float eps;
+  T* out_a;     // [m, n]: LN_a(y)
+  T* out_b;     // [m, n]: LN_b(y)
+  int* ticket;  // zero before the launch; the last block leaves it zero
+};
+constexpr int kSumNormVecs = 4;
+constexpr int kSumNormMaxRows = 8;
+constexpr int kSumNormMinThreads = 256;  // the smallest block of the sums that take it
+
+inline bool sum_norm_ok(int n, int m) {
+  return n > 0 && n % 8 == 0 && n / 8 <= kSumNormVecs * kSumNormMinThreads && m >= 0 && m <= kSumNormMaxRows;
+}
+
+// Called by every thread of every block after the block's stores of y [m, n]: the last block to arrive normalises
+// the rows with both LayerNorms, one row at a time by the whole block, its values held in registers (read through
+// L2: other blocks stored them), fp32 statistics in two passes (the mean, then the centred sum of squares, as
+// layernorm_kernel computes them), each output rounded once; then it puts the ticket back to zero.
+template <typename T, int THREADS>
+__device__ __forceinline__ void sum_norm_tail(const T* y, const SumNorm<T>& ln, int m, int n) {
+  static_assert(THREADS >= kSumNormMinThreads, "sum_norm_ok's bound assumes at least 256 threads");
+  constexpr int V = kSumNormVecs;
+  __shared__ float scratch[32];
+  __shared__ bool last;
+  __threadfence();  // this block's y, visible to the grid before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(ln.ticket, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // every other block's y, stored before its ticket, is read after it
+  const int nvec = n / 8;
+  for (int r = 0; r < m; ++r) {
+    const int64_t row = static_cast<int64_t>(r) * n;
+    Vec<T, 8> xv[V];
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int c = threadIdx.x + i * THREADS;
+      if (c < nvec) {
+        xv[i] = load_vec_cg<T, 8>(y + row + 8 * c);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum += to_float(xv[i].v[e]);
+      }
+    }
+    const float mean = block_sum(sum, scratch) / n;
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (threadIdx.x + i * THREADS < nvec) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float d = to_float(xv[i].v[e]) - mean;
+          sq += d * d;
+        }
+      }
+    }
+    const float rstd = rsqrtf(block_sum(sq, scratch) / n + ln.eps);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int c = threadIdx.x + i * THREADS;
+      if (c < nvec) {
+        const Vec<T, 8> wa = load_vec<T, 8>(ln.w_a + 8 * c), ba = load_vec<T, 8>(ln.b_a + 8 * c);
+        const Vec<T, 8> wb = load_vec<T, 8>(ln.w_b + 8 * c), bb = load_vec<T, 8>(ln.b_b + 8 * c);
+        Vec<T, 8> oa, ob;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float d = (to_float(xv[i].v[e]) - mean) * rstd;
+          oa.v[e] = from_float<T>(d * to_float(wa.v[e]) + to_float(ba.v[e]));
+          ob.v[e] = from_float<T>(d * to_float(wb.v[e]) + to_float(bb.v[e]));
+        }
+        *reinterpret_cast<uint4*>(ln.out_a + row + 8 * c) = *reinterpret_cast<const uint4*>(&oa);
+        *reinterpret_cast<uint4*>(ln.out_b + row + 8 * c) = *reinterpret_cast<const uint4*>(&ob);
+      }
+    }
+  }
+  if (threadIdx.x == 0) *ln.ticket = 0;
+}
+
 }  // namespace neox_rt

@@ -68,6 +68,7 @@
 
 #include "common.cuh"
 #include "gemv.cuh"  // apply_activation, mma_16x8x16, gemv_mma_supported
+#include "layernorm.cuh"  // sum_norm_tail
 
 namespace neox_rt {
 
@@ -737,94 +738,17 @@ quant_gemm_pair_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict
                                                      first ? y_a : y_b, m, n, f0, first ? act_a : act_b);
 }
 
-// SUMNORM (quant_gemm_sum_kernel): the next layer's dual LayerNorm of the sum, in the grid's last block (the block
-// whose ticket is the last: every other block's y is stored), instead of a kernel of its own. Up to 8 rows, n at most
-// kQuantSumNormVecs vectors of 8 a thread, a multiple of 8.
-template <typename T>
-struct QuantSumNorm {
-  const T* w_a;
-  const T* b_a;
-  const T* w_b;
-  const T* b_b;
-  float eps;
-  T* out_a;     // [m, n]: LN_a(y)
-  T* out_b;     // [m, n]: LN_b(y)
-  int* ticket;  // zero before the launch; the last block leaves it zero
-};
-constexpr int kQuantSumNormVecs = 4;
-constexpr int kQuantSumNormMaxRows = 8;
-
-// SUMNORM's bounds: a hidden size of whole vectors of 8, at most kQuantSumNormVecs of them a thread of the smallest
-// block the sum runs (8 warps: n <= 8192), 1..kQuantSumNormMaxRows rows.
-inline bool quant_sum_norm_ok(int n, int m) {
-  return n > 0 && n % 8 == 0 && n / 8 <= kQuantSumNormVecs * 8 * 32 && m >= 0 && m <= kQuantSumNormMaxRows;
-}
-
-// The rows of y (stored by every block of the grid: read through L2) normalised with both LayerNorms, one row at a
-// time by the whole block, its values held in registers: fp32 statistics in two passes (the mean, then the centred
-// sum of squares, as layernorm_kernel computes them), each output rounded once.
-template <typename T, int THREADS>
-__device__ __forceinline__ void dual_layernorm_rows(const T* __restrict__ y, const QuantSumNorm<T>& ln, int m, int n,
-                                                    float* scratch) {
-  constexpr int V = kQuantSumNormVecs;
-  const int nvec = n / 8;
-  for (int r = 0; r < m; ++r) {
-    const int64_t row = static_cast<int64_t>(r) * n;
-    Vec<T, 8> xv[V];
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const int c = threadIdx.x + i * THREADS;
-      if (c < nvec) {
-        xv[i] = load_vec_cg<T, 8>(y + row + 8 * c);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) sum += to_float(xv[i].v[e]);
-      }
-    }
-    const float mean = block_sum(sum, scratch) / n;
-    float sq = 0.f;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      if (threadIdx.x + i * THREADS < nvec) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float d = to_float(xv[i].v[e]) - mean;
-          sq += d * d;
-        }
-      }
-    }
-    const float rstd = rsqrtf(block_sum(sq, scratch) / n + ln.eps);
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const int c = threadIdx.x + i * THREADS;
-      if (c < nvec) {
-        const Vec<T, 8> wa = load_vec<T, 8>(ln.w_a + 8 * c), ba = load_vec<T, 8>(ln.b_a + 8 * c);
-        const Vec<T, 8> wb = load_vec<T, 8>(ln.w_b + 8 * c), bb = load_vec<T, 8>(ln.b_b + 8 * c);
-        Vec<T, 8> oa, ob;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float d = (to_float(xv[i].v[e]) - mean) * rstd;
-          oa.v[e] = from_float<T>(d * to_float(wa.v[e]) + to_float(ba.v[e]));
-          ob.v[e] = from_float<T>(d * to_float(wb.v[e]) + to_float(bb.v[e]));
-        }
-        *reinterpret_cast<uint4*>(ln.out_a + row + 8 * c) = *reinterpret_cast<const uint4*>(&oa);
-        *reinterpret_cast<uint4*>(ln.out_b + row + 8 * c) = *reinterpret_cast<const uint4*>(&ob);
-      }
-    }
-  }
-}
-
 // The layer's row-parallel pair summed (attention's dense and 4h->h, the same out_features): y = x_a W_a^T +
 // x_b W_b^T + bias_a + bias_b + residual, each block's warps running a's chunks, then b's, into the same fp32 sums
 // (a's first chunks asked for before the dependent launch's wait; b's are asked for when a's loop ends: one memory
 // latency a block, where two launches pay a kernel boundary). y is rounded once.
-// SUMNORM: then the next layer's dual LayerNorm of y by the last block to finish (QuantSumNorm): the LayerNorm's
-// kernel and its boundary are gone; the next pair reads LN_a(y) and LN_b(y) as it would the LayerNorm kernel's.
+// SUMNORM: then the next layer's dual LayerNorm of y by the last block to finish (layernorm.cuh's sum_norm_tail): the
+// LayerNorm's kernel and its boundary are gone; the next pair reads LN_a(y) and LN_b(y) as the LayerNorm kernel's.
 template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool SUMNORM = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 quant_gemm_sum_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict__ bias_a,
                       const T* __restrict__ bias_b, const T* __restrict__ residual, T* __restrict__ y, int m, int n,
-                      QuantSumNorm<T> ln) {
+                      SumNorm<T> ln) {
   __shared__ float partial[WARPS][CT * NT * 4][32];
   if (PDL) pdl_launch_dependents();
   const int f0 = blockIdx.x * 16 * CT;
@@ -839,18 +763,7 @@ quant_gemm_sum_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict_
       b.x, b.qweight, b.scales, nullptr, m, n, kb, b.group_size, f0, false, acc);
   quant_gemm_store<T, F, NT, CT, WARPS, true, false>(acc, partial, a.scales, bias_a, bias_b, residual, y, m, n, f0,
                                                      0);
-  if constexpr (SUMNORM) {
-    __shared__ float scratch[32];
-    __shared__ bool last;
-    __threadfence();  // this block's y, visible to the grid before its ticket
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(ln.ticket, 1) == static_cast<int>(gridDim.x) - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();  // every other block's y, stored before its ticket, is read after ours
-    dual_layernorm_rows<T, WARPS * 32>(y, ln, m, n, scratch);
-    if (threadIdx.x == 0) *ln.ticket = 0;
-  }
+  if constexpr (SUMNORM) sum_norm_tail<T, WARPS * 32>(y, ln, m, n);
 }
 
 // Variants (the `variant` argument; bench sweeps): 0 auto, 1 one tile of 16 channels a warp (CT = 1, 3-4 chunks in
@@ -1089,14 +1002,14 @@ cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<
 // configuration the single launch takes for a layer of n channels at up to 8 rows: a narrow layer's 16 warps
 // (QuantConfigWide) where the grid is at most one block a SM, else two tiles a warp for int4 at n >= 8192, one
 // elsewhere. With `ln` (its ticket not null): also LN_a(y) and LN_b(y) (quant_gemm_sum_kernel's SUMNORM; n a multiple
-// of 8 within quant_sum_norm_ok, up to kQuantSumNormMaxRows rows).
+// of 8 within sum_norm_ok, up to kSumNormMaxRows rows).
 template <typename T, typename F>
 cudaError_t launch_quant_gemm_sum(const QuantOperand<T>& a, const QuantOperand<T>& b, const T* bias_a,
                                   const T* bias_b, const T* residual, T* y, int m, int n, bool pdl,
-                                  cudaStream_t stream, const QuantSumNorm<T>& ln = QuantSumNorm<T>{}) {
+                                  cudaStream_t stream, const SumNorm<T>& ln = SumNorm<T>{}) {
   if (const cudaError_t e = quant_fused_check<T, F>(a, n, b, n, m); e != cudaSuccess) return e;
   const bool normed = ln.ticket != nullptr;
-  if (normed && (!quant_sum_norm_ok(n, m) || ln.w_a == nullptr || ln.b_a == nullptr || ln.w_b == nullptr ||
+  if (normed && (!sum_norm_ok(n, m) || ln.w_a == nullptr || ln.b_a == nullptr || ln.w_b == nullptr ||
                  ln.b_b == nullptr || ln.out_a == nullptr || ln.out_b == nullptr))
     return cudaErrorInvalidValue;
   if (m == 0) return cudaSuccess;

@@ -46,5 +46,21 @@ template <typename I, typename = std::enable_if_t<std::is_integral<I>::value>>
 template <typename T>
 [[maybe_unused]] T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
+// The LayerNorm parameters an op takes beside `like` (x): each [n] of its dtype on its device, contiguous and
+// 16-byte aligned.
+[[maybe_unused]] void check_layernorm_params(const at::Tensor& like, const at::Tensor* const* params, int count,
+                                             int64_t n, const char* op) {
+  for (int i = 0; i < count; ++i) {
+    const at::Tensor& p = *params[i];
+    CHECK_SAME_DEVICE(like, p, "x", "LayerNorm parameters");
+    CHECK_CONTIGUOUS(p, "LayerNorm parameters");
+    CHECK_DTYPE(p, like.scalar_type(), "LayerNorm parameters");
+    TORCH_CHECK(p.dim() == 1 && p.size(0) == n, "neox_rt: ", op, " LayerNorm parameters must have shape [", fmt(n),
+                "], got ", fmt(p.sizes()));
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(p.data_ptr()) % 16 == 0, "neox_rt: ", op,
+                " needs 16-byte aligned LayerNorm parameters");
+  }
+}
+
 }  // namespace
 }  // namespace neox_rt

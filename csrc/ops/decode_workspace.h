@@ -1,5 +1,5 @@
 // Scratch shared by the decode-attention launchers (decode_attention in ops.cu, paged_decode_attention in paged.cu)
-// and the quantized sum with the LayerNorm in its last block (quant.cu).
+// and the sums with the next LayerNorm in their last block (quant.cu, ops.cu).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,9 +13,16 @@ namespace neox_rt {
 // a second kernel). Defined in ops.cu, where the contract is spelled out.
 int* decode_counters(int device, int64_t needed, cudaStream_t stream);
 
-// The counter of that buffer that quant_linear_tiled_sum_norm's launches take as their ticket (the last of the
+// The counter of that buffer that the sums with the next LayerNorm (quant_linear_tiled_sum_norm, gemv_sum_norm) take
+// as their ticket (the last of the
 // 2^16 every buffer has: past the b x heads a decode-attention launch uses; each launch that takes it, like each
 // attention's, starts after the previous one has ended and leaves it zero).
 constexpr int64_t kSumNormTicket = (int64_t{1} << 16) - 1;
+
+// That ticket (null where decode_counters gives none: the launch then leaves the LayerNorm to its own kernel).
+inline int* sum_norm_ticket(int device, cudaStream_t stream) {
+  int* counters = decode_counters(device, kSumNormTicket + 1, stream);
+  return counters == nullptr ? nullptr : counters + kSumNormTicket;
+}
 
 }  // namespace neox_rt

@@ -519,41 +519,90 @@ std::tuple<at::Tensor, at::Tensor> gemv_pair(const at::Tensor& x1, const at::Ten
   return {y1, y2};
 }
 
-at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
-                    const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl,
-                    at::OptionalIntArrayRef push_buffers, int64_t push_rank, int64_t push_slot_bytes) {
-  check_gemv2_operand(x1, weight1, bias1, x1, "gemv_sum", "x1", "weight1");
-  check_gemv2_operand(x2, weight2, bias2, x1, "gemv_sum", "x2", "weight2");
-  TORCH_CHECK(weight1.size(0) == weight2.size(0), "neox_rt: gemv_sum needs weights of the same out_features, got ",
+namespace {
+
+// gemv_sum and gemv_sum_norm: y, and with `ln` (the four LayerNorm parameters) LN1(y) and LN2(y) in the sum's launch
+// where its ticket counter is at hand (else, while a graph is being captured before the counters exist, in the
+// LayerNorm kernel after it).
+std::vector<at::Tensor> run_gemv_sum(const char* op, const at::Tensor& x1, const at::Tensor& weight1,
+                                     const at::Tensor& x2, const at::Tensor& weight2,
+                                     const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
+                                     const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks,
+                                     bool pdl, at::OptionalIntArrayRef push_buffers, int64_t push_rank,
+                                     int64_t push_slot_bytes, const at::Tensor* const* ln = nullptr,
+                                     double eps = 0.0) {
+  check_gemv2_operand(x1, weight1, bias1, x1, op, "x1", "weight1");
+  check_gemv2_operand(x2, weight2, bias2, x1, op, "x2", "weight2");
+  TORCH_CHECK(weight1.size(0) == weight2.size(0), "neox_rt: ", op, " needs weights of the same out_features, got ",
               fmt(weight1.sizes()), " and ", fmt(weight2.sizes()));
-  check_gemv2_config(ksplit, min_blocks, "gemv_sum");
+  check_gemv2_config(ksplit, min_blocks, op);
   const auto shape = out_shape_of(x1, weight1.size(0));
-  check_residual(residual, x1, shape, "gemv_sum");
+  check_residual(residual, x1, shape, op);
+  const int64_t n = weight1.size(0);
   P2PBuffers push{};
   if (push_buffers.has_value()) {
     push = p2p_buffers(*push_buffers, push_rank, push_slot_bytes, "gemv_sum push");
     TORCH_CHECK(x1.scalar_type() == at::kHalf || x1.scalar_type() == at::kBFloat16, "neox_rt: gemv_sum push ",
                 "needs float16 or bfloat16");
-    TORCH_CHECK(weight1.size(0) % 4 == 0 && 4 * weight1.size(0) <= push_slot_bytes, "neox_rt: gemv_sum push needs ",
-                "out_features % 4 == 0 and at most a quarter slot (", fmt(push_slot_bytes / 4), "), got ",
-                fmt(weight1.size(0)));
+    TORCH_CHECK(n % 4 == 0 && 4 * n <= push_slot_bytes, "neox_rt: gemv_sum push needs ",
+                "out_features % 4 == 0 and at most a quarter slot (", fmt(push_slot_bytes / 4), "), got ", fmt(n));
+  }
+  if (ln != nullptr) {
+    check_layernorm_params(x1, ln, 4, n, op);
+    TORCH_CHECK(sum_norm_ok(static_cast<int>(n), 1), "neox_rt: ", op, " normalises out_features that are a multiple ",
+                "of 8 up to ", fmt(kSumNormVecs * 8 * kSumNormMinThreads), ", got ", fmt(n));
   }
   const c10::cuda::CUDAGuard guard(x1.device());
   const bool use_pdl = pdl && pdl_supported();
-  auto y = at::empty(shape, x1.options());
+  std::vector<at::Tensor> out{at::empty(shape, x1.options())};
+  if (ln != nullptr) {
+    out.push_back(at::empty(shape, x1.options()));
+    out.push_back(at::empty(shape, x1.options()));
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  int* ticket = ln != nullptr && n > 0 ? sum_norm_ticket(x1.get_device(), stream) : nullptr;
   auto run = [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    SumNorm<scalar_t> norm{};
+    if (ticket != nullptr)
+      norm = {ptr<scalar_t>(*ln[0]), ptr<scalar_t>(*ln[1]), ptr<scalar_t>(*ln[2]), ptr<scalar_t>(*ln[3]),
+              static_cast<float>(eps), ptr<scalar_t>(out[1]), ptr<scalar_t>(out[2]), ticket};
     check_cuda(launch_gemv2<scalar_t>(
-                   problem<scalar_t>(x1, weight1, bias1, residual.has_value() ? &*residual : nullptr, &y, 0),
+                   problem<scalar_t>(x1, weight1, bias1, residual.has_value() ? &*residual : nullptr, &out[0], 0),
                    problem<scalar_t>(x2, weight2, bias2, nullptr, nullptr, 0), true, static_cast<int>(ksplit),
-                   static_cast<int>(min_blocks), use_pdl, stream, push),
-               "gemv_sum");
+                   static_cast<int>(min_blocks), use_pdl, stream, push, norm),
+               op);
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
   else run(static_cast<__nv_bfloat16*>(nullptr));
-  return y;
+  if (ln != nullptr && n > 0 && ticket == nullptr) {  // no counter during this capture: the LayerNorm kernel
+    auto [a, b] = dual_layernorm(out[0], *ln[0], *ln[1], *ln[2], *ln[3], eps, pdl);
+    out[1] = a;
+    out[2] = b;
+  }
+  return out;
+}
+
+}  // namespace
+
+at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
+                    const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
+                    const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl,
+                    at::OptionalIntArrayRef push_buffers, int64_t push_rank, int64_t push_slot_bytes) {
+  return run_gemv_sum("gemv_sum", x1, weight1, x2, weight2, bias1, bias2, residual, ksplit, min_blocks, pdl,
+                      push_buffers, push_rank, push_slot_bytes)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemv_sum_norm(
+    const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
+    const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
+    const std::optional<at::Tensor>& residual, const at::Tensor& ln_weight1, const at::Tensor& ln_bias1,
+    const at::Tensor& ln_weight2, const at::Tensor& ln_bias2, double eps, int64_t ksplit, int64_t min_blocks,
+    bool pdl) {
+  const at::Tensor* const ln[] = {&ln_weight1, &ln_bias1, &ln_weight2, &ln_bias2};
+  auto out = run_gemv_sum("gemv_sum_norm", x1, weight1, x2, weight2, bias1, bias2, residual, ksplit, min_blocks, pdl,
+                          std::nullopt, 0, 0, ln, eps);
+  return {out[0], out[1], out[2]};
 }
 
 at::Tensor p2p_all_reduce(const at::Tensor& x, at::IntArrayRef buffers, int64_t rank, int64_t slot_bytes, bool pdl) {

@@ -120,6 +120,14 @@ at::Tensor gemv_sum(const at::Tensor& x1, const at::Tensor& weight1, const at::T
                     const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
                     const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks, bool pdl,
                     at::OptionalIntArrayRef push_buffers, int64_t push_rank, int64_t push_slot_bytes);
+// gemv_sum, then the next layer's dual LayerNorm of its output in the same launch (its last block): (y, LN1(y),
+// LN2(y)), out_features a multiple of 8 up to 8192; no push.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemv_sum_norm(
+    const at::Tensor& x1, const at::Tensor& weight1, const at::Tensor& x2, const at::Tensor& weight2,
+    const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
+    const std::optional<at::Tensor>& residual, const at::Tensor& ln_weight1, const at::Tensor& ln_bias1,
+    const at::Tensor& ln_weight2, const at::Tensor& ln_bias2, double eps, int64_t ksplit, int64_t min_blocks,
+    bool pdl);
 
 // The all-reduce of a tensor-parallel layer's partial x (one row; the peers' pushed by gemv_sum) with the dual
 // LayerNorm after it: (sum over ranks, LN1(sum), LN2(sum)).

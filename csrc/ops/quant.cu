@@ -331,14 +331,7 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_norm_pair(
   TORCH_CHECK(x.dim() >= 1, "neox_rt: ", op, " needs x [..., hidden], got ", fmt(x.sizes()));
   const int64_t k = x.size(-1), m = k == 0 ? 0 : x.numel() / k;
   const at::Tensor* const params[] = {&ln_weight1, &ln_bias1, &ln_weight2, &ln_bias2};
-  for (const at::Tensor* p : params) {
-    CHECK_SAME_DEVICE(x, *p, "x", "LayerNorm parameters");
-    CHECK_CONTIGUOUS(*p, "LayerNorm parameters");
-    CHECK_DTYPE(*p, x.scalar_type(), "LayerNorm parameters");
-    TORCH_CHECK(p->dim() == 1 && p->size(0) == k, "neox_rt: ", op, " LayerNorm parameters must have shape [", fmt(k),
-                "], got ", fmt(p->sizes()));
-    TORCH_CHECK(aligned16(*p), "neox_rt: ", op, " needs 16-byte aligned LayerNorm parameters");
-  }
+  check_layernorm_params(x, params, 4, k, op);
   TORCH_CHECK(k % 8 == 0 && m * k <= kQuantNormMaxElems, "neox_rt: ", op, " normalises in shared memory at most ",
               fmt(kQuantNormMaxElems), " values of x (rows x hidden, hidden a multiple of 8), got ", fmt(m),
               " rows of ", fmt(k));
@@ -362,18 +355,10 @@ std::vector<at::Tensor> run_tiled_sum(const char* op, const at::Tensor& x1, cons
   check_fused_pair(x1, x2, op);
   const int64_t m = x1.numel() / x1.size(-1);
   if (ln != nullptr) {
-    for (int i = 0; i < 4; ++i) {
-      const at::Tensor& p = *ln[i];
-      CHECK_SAME_DEVICE(x1, p, "x1", "LayerNorm parameters");
-      CHECK_CONTIGUOUS(p, "LayerNorm parameters");
-      CHECK_DTYPE(p, x1.scalar_type(), "LayerNorm parameters");
-      TORCH_CHECK(p.dim() == 1 && p.size(0) == out_features, "neox_rt: ", op, " LayerNorm parameters must have shape [",
-                  fmt(out_features), "], got ", fmt(p.sizes()));
-      TORCH_CHECK(aligned16(p), "neox_rt: ", op, " needs 16-byte aligned LayerNorm parameters");
-    }
-    TORCH_CHECK(quant_sum_norm_ok(static_cast<int>(out_features), static_cast<int>(m)), "neox_rt: ", op,
-                " normalises up to ", fmt(kQuantSumNormMaxRows), " rows of a multiple of 8 up to ",
-                fmt(kQuantSumNormVecs * 8 * 256), " values, got ", fmt(m), " rows of ", fmt(out_features));
+    check_layernorm_params(x1, ln, 4, out_features, op);
+    TORCH_CHECK(sum_norm_ok(static_cast<int>(out_features), static_cast<int>(m)), "neox_rt: ", op,
+                " normalises up to ", fmt(kSumNormMaxRows), " rows of a multiple of 8 up to ",
+                fmt(kSumNormVecs * 8 * kSumNormMinThreads), " values, got ", fmt(m), " rows of ", fmt(out_features));
   }
   const c10::cuda::CUDAGuard guard(x1.device());
   const bool use_pdl = pdl && pdl_supported();
@@ -383,8 +368,7 @@ std::vector<at::Tensor> run_tiled_sum(const char* op, const at::Tensor& x1, cons
     out.push_back(at::empty(shape, x1.options()));
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  int* ticket = ln != nullptr && m > 0 ? decode_counters(x1.get_device(), kSumNormTicket + 1, stream) : nullptr;
-  if (ticket != nullptr) ticket += kSumNormTicket;
+  int* ticket = ln != nullptr && m > 0 ? sum_norm_ticket(x1.get_device(), stream) : nullptr;
   auto run = [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const auto a = tiled_operand<scalar_t>(x1, qweight1, scales1, bits, group_size1);
@@ -392,7 +376,7 @@ std::vector<at::Tensor> run_tiled_sum(const char* op, const at::Tensor& x1, cons
     const scalar_t* b1 = bias1.has_value() ? ptr<scalar_t>(*bias1) : nullptr;
     const scalar_t* b2 = bias2.has_value() ? ptr<scalar_t>(*bias2) : nullptr;
     const scalar_t* r = residual.has_value() ? ptr<scalar_t>(*residual) : nullptr;
-    QuantSumNorm<scalar_t> norm{};
+    SumNorm<scalar_t> norm{};
     if (ticket != nullptr)
       norm = {ptr<scalar_t>(*ln[0]), ptr<scalar_t>(*ln[1]), ptr<scalar_t>(*ln[2]), ptr<scalar_t>(*ln[3]),
               static_cast<float>(eps), ptr<scalar_t>(out[1]), ptr<scalar_t>(out[2]), ticket};

@@ -115,13 +115,14 @@ QUANT_NORM_MAX_ELEMS = 16384  # kQuantNormMaxElems: rows x hidden the kernel nor
 # fixed. On one H100 (bench/NOTES.md session 19) it gained at one row of hidden 2048 (1.4b int4 0.83 -> 0.79 ms a
 # token) and lost at hidden 6144 (20B int4 5.07 -> 5.31) and at 8 rows of 2048 (1.4b batch 8): at most 2560 values.
 QUANT_NORM_AUTO_MAX_ELEMS = 2560
-# The next layer's dual LayerNorm in the quantized sum's launch (linear_sum_norm: quant_gemm_sum_kernel's last block
-# normalises y), in place of the LayerNorm's kernel and its boundary: 1 on, 0 off (A/B runs). Up to
-# QUANT_SUM_NORM_MAX_ROWS rows (kQuantSumNormMaxRows; the last block normalises them one after another) of a hidden
-# size up to QUANT_SUM_NORM_MAX_HIDDEN (kQuantSumNormVecs vectors of 8 a thread of 8 warps).
-QUANT_SUM_NORM = _env_int("NEOX_RT_QUANT_SUM_NORM", 0, 0, 1)
-QUANT_SUM_NORM_MAX_ROWS = 1
-QUANT_SUM_NORM_MAX_HIDDEN = 8192
+# The next layer's dual LayerNorm in the sum's launch (linear_sum_norm: the last block of gemv_sum_kernel, fp16 /
+# bf16 weights, or of quant_gemm_sum_kernel, tiled int8 / int4, normalises y; csrc/kernels/layernorm.cuh's
+# sum_norm_tail), in place of the LayerNorm's kernel and its boundary: 1 on, 0 off (default until measured; A/B runs).
+# The op table sends it SUM_NORM_MAX_ROWS rows (the kernels take up to kSumNormMaxRows = 8, normalised one after
+# another by one block) of a hidden size up to SUM_NORM_MAX_HIDDEN (kSumNormVecs vectors of 8 a thread of 8 warps).
+SUM_NORM = _env_int("NEOX_RT_SUM_NORM", 0, 0, 1)
+SUM_NORM_MAX_ROWS = 1
+SUM_NORM_MAX_HIDDEN = 8192
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
 
 _fakes_registered = False
@@ -224,6 +225,12 @@ def _register_fakes() -> None:
           push_buffers=None, push_rank=0, push_slot_bytes=0):
         return x1.new_empty(*x1.shape[:-1], weight1.shape[0])
 
+    @lib.register_fake("neox_rt::gemv_sum_norm")
+    def _(x1, weight1, x2, weight2, bias1, bias2, residual, ln_weight1, ln_bias1, ln_weight2, ln_bias2, eps, ksplit=0,
+          min_blocks=0, pdl=False):
+        shape = (*x1.shape[:-1], weight1.shape[0])
+        return x1.new_empty(shape), x1.new_empty(shape), x1.new_empty(shape)
+
     @lib.register_fake("neox_rt::p2p_reduce_dual_layernorm")
     def _(x, buffers, rank, slot_bytes, weight1, bias1, weight2, bias2, eps, pdl=False):
         return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(3))
@@ -298,6 +305,13 @@ def tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     bits = 4 if isinstance(w1, TiledInt4Weight) else 8
     return torch.ops.neox_rt.quant_linear_tiled_sum(x1, q1, s1, g1, x2, q2, s2, g2, w1.out_features, bits, bias1,
                                                     bias2, residual, PDL)
+
+
+def linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps):
+    """The ``linear_sum_norm`` op for tensor weights at one row: gemv_sum, then the next layer's dual LayerNorm of y
+    by the launch's last block: (y, LN1(y), LN2(y))."""
+    return tuple(torch.ops.neox_rt.gemv_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2,
+                                                 float(eps), GEMV2_KSPLIT, GEMV2_MIN_BLOCKS, PDL))
 
 
 def tiled_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps):
@@ -577,17 +591,25 @@ def supports_tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=N
                                                                                                residual))
 
 
-def supports_tiled_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps) -> bool:
-    """As :func:`supports_tiled_linear_sum`, with QUANT_SUM_NORM on, up to QUANT_SUM_NORM_MAX_ROWS rows, a hidden size
-    that is a multiple of 8 up to QUANT_SUM_NORM_MAX_HIDDEN, and LayerNorm parameters [hidden] of x's dtype on its
-    device, contiguous and 16-byte aligned."""
-    if not QUANT_SUM_NORM or not supports_tiled_linear_sum(x1, w1, x2, w2, bias1, bias2, residual):
-        return False
-    n = w1.out_features
-    params = (ln_w1, ln_b1, ln_w2, ln_b2)
-    return (n % 8 == 0 and n <= QUANT_SUM_NORM_MAX_HIDDEN and x1.numel() // x1.shape[-1] <= QUANT_SUM_NORM_MAX_ROWS
+def _sum_norm_ok(x1, n, params) -> bool:
+    """SUM_NORM on, up to SUM_NORM_MAX_ROWS rows of x1, a hidden size n that is a multiple of 8 up to
+    SUM_NORM_MAX_HIDDEN, and LayerNorm parameters [n] of x1's dtype on its device, contiguous and 16-byte aligned."""
+    return (SUM_NORM == 1 and n % 8 == 0 and 0 < n <= SUM_NORM_MAX_HIDDEN
+            and x1.numel() // max(x1.shape[-1], 1) <= SUM_NORM_MAX_ROWS
             and all(isinstance(p, torch.Tensor) and p.dtype == x1.dtype and p.device == x1.device and p.is_contiguous()
                     and p.shape == (n,) for p in params) and _aligned16(*params))
+
+
+def supports_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps) -> bool:
+    """As :func:`supports_linear_sum` (tensor weights, one row), and :func:`_sum_norm_ok`."""
+    return (supports_linear_sum(x1, w1, x2, w2, bias1, bias2, residual)
+            and _sum_norm_ok(x1, w1.shape[0], (ln_w1, ln_b1, ln_w2, ln_b2)))
+
+
+def supports_tiled_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps) -> bool:
+    """As :func:`supports_tiled_linear_sum`, and :func:`_sum_norm_ok`."""
+    return (supports_tiled_linear_sum(x1, w1, x2, w2, bias1, bias2, residual)
+            and _sum_norm_ok(x1, w1.out_features, (ln_w1, ln_b1, ln_w2, ln_b2)))
 
 
 def supports_linear_sum_push(x1, w1, x2, w2, bias1=None, bias2=None, residual=None) -> bool:
@@ -715,8 +737,10 @@ IMPLS = {
     "linear_sum": [(linear_sum, supports_linear_sum), (tiled_linear_sum, supports_tiled_linear_sum)],
     # the quantized pair with the dual LayerNorm in its launch; tensor weights go to the reference's two ops
     "norm_linear_pair": (tiled_norm_linear_pair, supports_tiled_norm_linear_pair),
-    # the quantized sum with the next layer's dual LayerNorm in its launch; the rest to the reference's two ops
-    "linear_sum_norm": (tiled_linear_sum_norm, supports_tiled_linear_sum_norm),
+    # the sums with the next layer's dual LayerNorm in their launch (fp16 GEMV, then tiled quantized weights); the rest
+    # to the reference's two ops
+    "linear_sum_norm": [(linear_sum_norm, supports_linear_sum_norm),
+                        (tiled_linear_sum_norm, supports_tiled_linear_sum_norm)],
     "rotary_kv_write": (rotary_kv_write, supports_rotary_kv_write),
     "decode_attention": (decode_attention, supports_decode_attention),
     "rotary_decode_attention": (rotary_decode_attention, supports_rotary_decode_attention),
