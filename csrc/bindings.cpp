@@ -30,11 +30,11 @@ TORCH_LIBRARY(neox_rt, m) {
         "Tensor? bias, int activation, Tensor? residual=None, int variant=0, bool pdl=False) -> Tensor");
   m.def("quant_linear_tiled_pair(Tensor x1, Tensor qweight1, Tensor scales1, int out_features1, int group_size1, "
         "Tensor? bias1, int activation1, Tensor x2, Tensor qweight2, Tensor scales2, int out_features2, "
-        "int group_size2, Tensor? bias2, int activation2, int bits, bool pdl=False) -> (Tensor, Tensor)");
+        "int group_size2, Tensor? bias2, int activation2, int bits, bool pdl=False, int warps=0) -> (Tensor, Tensor)");
   m.def("quant_linear_tiled_norm_pair(Tensor x, Tensor ln_weight1, Tensor ln_bias1, Tensor ln_weight2, "
         "Tensor ln_bias2, float eps, Tensor qweight1, Tensor scales1, int out_features1, int group_size1, "
         "Tensor? bias1, int activation1, Tensor qweight2, Tensor scales2, int out_features2, int group_size2, "
-        "Tensor? bias2, int activation2, int bits, bool pdl=False) -> (Tensor, Tensor)");
+        "Tensor? bias2, int activation2, int bits, bool pdl=False, int warps=0) -> (Tensor, Tensor)");
   m.def("quant_linear_tiled_sum(Tensor x1, Tensor qweight1, Tensor scales1, int group_size1, Tensor x2, "
         "Tensor qweight2, Tensor scales2, int group_size2, int out_features, int bits, Tensor? bias1, Tensor? bias2, "
         "Tensor? residual=None, bool pdl=False) -> Tensor");

@@ -938,12 +938,14 @@ SUM_SHAPES = [(2048, 2048, 2048, 8192), (6144, 6144, 6144, 24576), (1000, 2560, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("warps", [0, 4])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_tiled_pair(quant_ext, dtype, fmt):
+def test_cuda_tiled_pair(quant_ext, dtype, fmt, warps):
     """Two tiled linears in one launch: each output within the rule of the reference with its own bias and activation,
-    and bit for bit the single launch wherever that runs 8 warps a block (not a narrow layer's 16: wide_launch), the
-    pair's tiles of channels a warp being the single launch's or not (one or two tiles sum in the same order)."""
+    and at the default 8 warps a block bit for bit the single launch wherever that runs 8 warps too (not a narrow
+    layer's 16: wide_launch), the pair's tiles of channels a warp being the single launch's or not (one or two tiles
+    sum in the same order); ``warps`` 4: the 4-warp blocks (k split four ways: the rule only)."""
     bf16_or_skip(quant_ext, dtype)
     for n1, k1, n2, k2 in PAIR_SHAPES:
         w1, w2 = make_weight(fmt, n1, k1, 128, dtype, seed=n1), make_weight(fmt, n2, k2, 128, dtype, seed=n2 + 1)
@@ -956,12 +958,12 @@ def test_cuda_tiled_pair(quant_ext, dtype, fmt):
             q1, s1, g1 = cuda_ops._tiled_args(t1)
             q2, s2, g2 = cuda_ops._tiled_args(t2)
             y1, y2 = quant_ext.quant_linear_tiled_pair(x1, q1, s1, n1, g1, b1, 0, x2, q2, s2, n2, g2, None, 1,
-                                                       4 if fmt == "int4" else 8, pdl)
-            what = f"pair {fmt} {dtype} {rows} rows {n1}x{k1} + {n2}x{k2} pdl {pdl}"
+                                                       4 if fmt == "int4" else 8, pdl, warps)
+            what = f"pair {fmt} {dtype} {rows} rows {n1}x{k1} + {n2}x{k2} pdl {pdl} warps {warps}"
             assert_epilogue_by_rule(y1, x1, w1, b1, None, None, what + " (first)")
             assert_epilogue_by_rule(y2, x2, w2, None, "gelu", None, what + " (second)")
             for y, x, t, b, act, n in ((y1, x1, t1, b1, None, n1), (y2, x2, t2, None, "gelu", n2)):
-                if not wide_launch(n, 0):
+                if not wide_launch(n, 0) and warps == 0:
                     want = run_cuda(quant_ext, x, t, b, act, pdl=pdl)
                     assert torch.equal(y, want), f"{what}: differs from its single launch ({n} channels)"
 
@@ -973,13 +975,14 @@ NORM_PAIR_SHAPES = [(2048, 6144, 8192, (1, 3, 8)), (6144, 18432, 24576, (1, 2)),
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("warps", [0, 4])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_tiled_norm_pair(quant_ext, dtype, fmt):
+def test_cuda_tiled_norm_pair(quant_ext, dtype, fmt, warps):
     """The dual LayerNorm inside the pair's launch, the kernel at every size it takes (up to 16384 values of x; the
     op table sends it fewer, supports_tiled_norm_linear_pair): each output within the rule of the reference op (LN1 /
     LN2, then the linear, in fp64, against the same ops at x's dtype), x with an offset far from its spread (the
-    two-pass statistics) and random LayerNorm parameters, with and without PDL."""
+    two-pass statistics) and random LayerNorm parameters, with and without PDL, at 8 and at 4 warps a block."""
     bf16_or_skip(quant_ext, dtype)
     for h, n1, n2, rows_list in NORM_PAIR_SHAPES:
         w1, w2 = make_weight(fmt, n1, h, 128, dtype, seed=n1), make_weight(fmt, n2, h, 128, dtype, seed=n2 + 1)
@@ -995,8 +998,8 @@ def test_cuda_tiled_norm_pair(quant_ext, dtype, fmt):
             q1, s1, g1 = cuda_ops._tiled_args(t1)
             q2, s2, g2 = cuda_ops._tiled_args(t2)
             y1, y2 = quant_ext.quant_linear_tiled_norm_pair(x, *ln, 1e-5, q1, s1, n1, g1, b1, 0, q2, s2, n2, g2, None,
-                                                            1, 4 if fmt == "int4" else 8, pdl)
-            what = f"norm pair {fmt} {dtype} {rows} rows h {h}: {n1} + {n2} pdl {pdl}"
+                                                            1, 4 if fmt == "int4" else 8, pdl, warps)
+            what = f"norm pair {fmt} {dtype} {rows} rows h {h}: {n1} + {n2} pdl {pdl} warps {warps}"
             d = (lambda t: None if t is None else t.double())
             for y, (lw, lb), w, b, act in ((y1, ln[:2], w1, b1, None), (y2, ln[2:], w2, None, "gelu")):
                 ref64 = ops.linear_ref(ops.layernorm_ref(x.double(), lw.double(), lb.double(), 1e-5),
@@ -1167,6 +1170,8 @@ def test_cuda_fused_bad_input_raises(quant_ext):
     with pytest.raises(RuntimeError, match="at most 8 rows"):
         x9 = randn(9, 256).to("cuda", torch.float16)
         pair(x9, t8.qweight, t8.scales, 40, 0, None, 0, x9, t8.qweight, t8.scales, 40, 0, None, 0, 8, False)
+    with pytest.raises(RuntimeError, match=r"takes warps 0 \(auto\), 8 or 4, got 5"):
+        pair(x, t8.qweight, t8.scales, 40, 0, None, 0, x, t8.qweight, t8.scales, 40, 0, None, 0, 8, False, 5)
     with pytest.raises(RuntimeError, match="same leading shape"):
         fsum(x, t8.qweight, t8.scales, 0, x[:1], t8.qweight, t8.scales, 0, 40, 8, None, None, None, False)
     if bf16_kernels():

@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_pair(
     const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1, int64_t out_features1,
     int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1, const at::Tensor& x2,
     const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2, int64_t group_size2,
-    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl);
+    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl, int64_t warps);
 // The pair with the dual LayerNorm before it: (act1(LN1(x) W1^T + b1), act2(LN2(x) W2^T + b2)), LN_i with weight
 // ln_weight_i and bias ln_bias_i over x's hidden size (a multiple of 8; rows x hidden <= 16384).
 std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_norm_pair(
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_norm_pair(
     const at::Tensor& ln_bias2, double eps, const at::Tensor& qweight1, const at::Tensor& scales1,
     int64_t out_features1, int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1,
     const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2, int64_t group_size2,
-    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl);
+    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl, int64_t warps);
 at::Tensor quant_linear_tiled_sum(const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1,
                                   int64_t group_size1, const at::Tensor& x2, const at::Tensor& qweight2,
                                   const at::Tensor& scales2, int64_t group_size2, int64_t out_features, int64_t bits,

@@ -267,12 +267,15 @@ namespace {
 
 // The pair's launch (quant_linear_tiled_pair), or with the dual LayerNorm before it where `ln` holds its four
 // parameters (checked by the caller; x2 is then x1): the operands checked, the outputs allocated, the kernel launched.
+// `warps`: 0 (the launcher's choice, or NEOX_RT_QUANT_PAIR_WARPS), 8 or 4 (tests of both configurations).
 std::tuple<at::Tensor, at::Tensor> launch_tiled_pair(
     const char* op, const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1,
     int64_t out_features1, int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1,
     const at::Tensor& x2, const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2,
     int64_t group_size2, const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl,
-    const at::Tensor* const* ln = nullptr, double eps = 0.0) {
+    int64_t warps, const at::Tensor* const* ln = nullptr, double eps = 0.0) {
+  TORCH_CHECK(warps == 0 || warps == 8 || warps == 4, "neox_rt: ", op, " takes warps 0 (auto), 8 or 4, got ",
+              fmt(warps));
   const auto shape1 = check_tiled(x1, qweight1, scales1, out_features1, bits, group_size1, bias1, activation1,
                                   std::nullopt, 0, op);
   const auto shape2 = check_tiled(x2, qweight2, scales2, out_features2, bits, group_size2, bias2, activation2,
@@ -297,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> launch_tiled_pair(
       check_cuda(launch(a, b, b1, b2, ptr<scalar_t>(y1), ptr<scalar_t>(y2), static_cast<int>(m),
                         static_cast<int>(out_features1), static_cast<int>(out_features2),
                         static_cast<int>(activation1), static_cast<int>(activation2), use_pdl, stream, norm,
-                        pair_tiles_override(), pair_warps_override()),
+                        pair_tiles_override(), warps != 0 ? static_cast<int>(warps) : pair_warps_override()),
                  op);
     };
     if (bits == 4) go(launch_quant_gemm_pair<scalar_t, QuantInt4>);
@@ -314,10 +317,10 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_pair(
     const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1, int64_t out_features1,
     int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1, const at::Tensor& x2,
     const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2, int64_t group_size2,
-    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl) {
+    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl, int64_t warps) {
   return launch_tiled_pair("quant_linear_tiled_pair", x1, qweight1, scales1, out_features1, group_size1, bias1,
                            activation1, x2, qweight2, scales2, out_features2, group_size2, bias2, activation2, bits,
-                           pdl);
+                           pdl, warps);
 }
 
 std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_norm_pair(
@@ -325,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_norm_pair(
     const at::Tensor& ln_bias2, double eps, const at::Tensor& qweight1, const at::Tensor& scales1,
     int64_t out_features1, int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1,
     const at::Tensor& qweight2, const at::Tensor& scales2, int64_t out_features2, int64_t group_size2,
-    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl) {
+    const std::optional<at::Tensor>& bias2, int64_t activation2, int64_t bits, bool pdl, int64_t warps) {
   constexpr const char* op = "quant_linear_tiled_norm_pair";
   CHECK_CUDA(x, "x");
   TORCH_CHECK(x.dim() >= 1, "neox_rt: ", op, " needs x [..., hidden], got ", fmt(x.sizes()));
@@ -336,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_norm_pair(
               fmt(kQuantNormMaxElems), " values of x (rows x hidden, hidden a multiple of 8), got ", fmt(m),
               " rows of ", fmt(k));
   return launch_tiled_pair(op, x, qweight1, scales1, out_features1, group_size1, bias1, activation1, x, qweight2,
-                           scales2, out_features2, group_size2, bias2, activation2, bits, pdl, params, eps);
+                           scales2, out_features2, group_size2, bias2, activation2, bits, pdl, warps, params, eps);
 }
 
 namespace {

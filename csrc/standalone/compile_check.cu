@@ -72,10 +72,10 @@ NEOX_RT_INSTANTIATE_QUANT(__nv_bfloat16)
 #undef NEOX_RT_INSTANTIATE_QUANT
 #undef NEOX_RT_INSTANTIATE_QUANT_FUSED
 template cudaError_t launch_gemv2<__half>(const GemvProblem<__half>&, const GemvProblem<__half>&, bool, int, int,
-                                          bool, cudaStream_t, const P2PBuffers&);
+                                          bool, cudaStream_t, const P2PBuffers&, const SumNorm<__half>&);
 template cudaError_t launch_gemv2<__nv_bfloat16>(const GemvProblem<__nv_bfloat16>&,
                                                  const GemvProblem<__nv_bfloat16>&, bool, int, int, bool, cudaStream_t,
-                                                 const P2PBuffers&);
+                                                 const P2PBuffers&, const SumNorm<__nv_bfloat16>&);
 
 // Decode attention's lane layout (kDecodeNarrow): head size 96 in fp16/bf16 uses groups of 4 lanes with 3 vectors
 // each (no idle lane); 80 keeps 16-lane groups (a narrow group would need 5 vectors a lane); the powers of two are

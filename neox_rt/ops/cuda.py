@@ -197,12 +197,12 @@ def _register_fakes() -> None:
 
     @lib.register_fake("neox_rt::quant_linear_tiled_pair")
     def _(x1, qweight1, scales1, out_features1, group_size1, bias1, activation1, x2, qweight2, scales2, out_features2,
-          group_size2, bias2, activation2, bits, pdl=False):
+          group_size2, bias2, activation2, bits, pdl=False, warps=0):
         return x1.new_empty((*x1.shape[:-1], out_features1)), x2.new_empty((*x2.shape[:-1], out_features2))
 
     @lib.register_fake("neox_rt::quant_linear_tiled_norm_pair")
     def _(x, ln_weight1, ln_bias1, ln_weight2, ln_bias2, eps, qweight1, scales1, out_features1, group_size1, bias1,
-          activation1, qweight2, scales2, out_features2, group_size2, bias2, activation2, bits, pdl=False):
+          activation1, qweight2, scales2, out_features2, group_size2, bias2, activation2, bits, pdl=False, warps=0):
         return x.new_empty((*x.shape[:-1], out_features1)), x.new_empty((*x.shape[:-1], out_features2))
 
     @lib.register_fake("neox_rt::quant_linear_tiled_sum")
