@@ -1048,6 +1048,24 @@ def test_cuda_tiled_sum(quant_ext, dtype, fmt):
                 assert err <= bound, f"{what}: kernel err {err:.3g} > 2 x torch err {torch_err:.3g} + eps"
 
 
+def assert_graph_replays_equal(chain, x, what):
+    """``chain(x, pdl)`` (a tensor or a tuple of them) run eager without PDL, then with PDL captured in a CUDA graph
+    on a copy of x: three replays each equal the eager run bit for bit."""
+    want = chain(x, False)
+    want = want if isinstance(want, tuple) else (want,)
+    static_x = x.clone()
+    chain(static_x, True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(static_x, True)
+    out = out if isinstance(out, tuple) else (out,)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, w) for o, w in zip(out, want)), what
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -1110,18 +1128,7 @@ def test_cuda_sum_norm_graph_replay(quant_ext):
             return quant_ext.quant_linear_tiled_sum_norm(a, q1, s1, g1, up, q2, s2, g2, h, bits, None, None, m,
                                                          *ln, 1e-5, pdl)
 
-        want = chain(x, False)
-        static_x = x.clone()
-        chain(static_x, True)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain(static_x, True)
-        for _ in range(3):
-            graph.replay()
-            torch.cuda.synchronize()
-            for o, w in zip(out, want):
-                assert torch.equal(o, w), fmt
+        assert_graph_replays_equal(chain, x, fmt)
 
 
 @pytest.mark.gpu
@@ -1147,17 +1154,7 @@ def test_cuda_fused_graph_replay(quant_ext):
             return quant_ext.quant_linear_tiled_sum(qkv[:, :h].contiguous(), q1, s1, g1, up, q2, s2, g2, h,
                                                     4 if fmt == "int4" else 8, None, None, inp, pdl)
 
-        want = chain(x, False)
-        static_x = x.clone()
-        chain(static_x, True)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain(static_x, True)
-        for _ in range(3):
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, want), fmt
+        assert_graph_replays_equal(chain, x, fmt)
 
 
 @pytest.mark.gpu

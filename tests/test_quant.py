@@ -299,19 +299,26 @@ def write_gptq(tmp_path, model, group=32, sym=False, v2=False, qc_overrides=None
             state[f"{name}.g_idx"] = (torch.arange(k) // group).to(torch.int32)
             g = torch.arange(k) // group
             dense[name] = (scale.float()[g] * (q - zero[g])).t()  # the documented dequantization, [out, in]
-            if mod.bias is not None:
-                state[f"{name}.bias"] = mod.bias.detach().half()
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": sym,
+          "checkpoint_format": "gptq_v2" if v2 else "gptq", **(qc_overrides or {})}
+    return save_hub(tmp_path / ("gptq_v2" if v2 else "gptq"), tmp_path, model, state, dense, qc), dense
+
+
+def save_hub(d, tmp_path, model, state, dense, qc) -> str:
+    """A hub-layout checkpoint in directory ``d``: ``state`` (the quantized linears' tensors) with the float biases of
+    those linears and every other parameter of ``model`` in fp16, and tiny_checkpoint's config with ``qc``."""
+    for name in dense:
+        if model.get_submodule(name).bias is not None:
+            state[f"{name}.bias"] = model.get_submodule(name).bias.detach().half()
     for name, p in model.named_parameters():
         if not any(name == f"{n}.weight" or name == f"{n}.bias" for n in dense):
             state[name] = p.detach().half()
-    d = tmp_path / ("gptq_v2" if v2 else "gptq")
     d.mkdir()
     save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"))
     cfg = json.loads(open(os.path.join(str(tmp_path / "fp"), "config.json")).read())
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
-                                  "sym": sym, "checkpoint_format": "gptq_v2" if v2 else "gptq", **(qc_overrides or {})}
+    cfg["quantization_config"] = qc
     (d / "config.json").write_text(json.dumps(cfg))
-    return str(d), dense
+    return str(d)
 
 
 @pytest.mark.parametrize("sym,v2", [(False, False), (True, False), (False, True)])
@@ -325,20 +332,6 @@ def test_gptq_checkpoint_loads_as_its_dequantized_weights(tmp_path, sym, v2):
         assert isinstance(got, Int4Weight) and got.group_size == 32
         torch.testing.assert_close(got.dequantize(torch.float32), w, rtol=0, atol=0)
     assert torch.equal(logits(loaded), logits(dequantized_copy(loaded, loaded.config)))
-
-
-@pytest.mark.parametrize("change,message", [
-    (dict(desc_act=True), "desc_act"),
-    (dict(bits=8), "bits 8"),
-    (dict(sym=True), "sym/asym mismatch"),
-    (dict(checkpoint_format="marlin"), "checkpoint_format"),
-])
-def test_gptq_unsupported_variants_are_one_line(tmp_path, change, message):
-    directory, model = tiny_checkpoint(tmp_path)
-    gptq_dir, _ = write_gptq(tmp_path, model, sym=False, qc_overrides=change)  # asymmetric data
-    with pytest.raises(NeoxRtError, match=message) as e:
-        neox_rt.load(gptq_dir, progress=False)
-    assert "\n" not in str(e.value)
 
 
 def test_gptq_missing_and_misshapen_tensors(tmp_path):
@@ -394,19 +387,9 @@ def write_awq(tmp_path, model, group=32, qc_overrides=None):
             state[f"{name}.scales"] = scale
             g = torch.arange(k) // group
             dense[name] = (scale.float()[g] * (q - zero[g])).t()  # [out, in]
-            if mod.bias is not None:
-                state[f"{name}.bias"] = mod.bias.detach().half()
-    for name, p in model.named_parameters():
-        if not any(name == f"{n}.weight" or name == f"{n}.bias" for n in dense):
-            state[name] = p.detach().half()
-    d = tmp_path / "awq"
-    d.mkdir()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"))
-    cfg = json.loads(open(os.path.join(str(tmp_path / "fp"), "config.json")).read())
-    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
-                                  "version": "gemm", **(qc_overrides or {})}
-    (d / "config.json").write_text(json.dumps(cfg))
-    return str(d), dense
+    qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
+          **(qc_overrides or {})}
+    return save_hub(tmp_path / "awq", tmp_path, model, state, dense, qc), dense
 
 
 def test_awq_checkpoint_loads_as_its_dequantized_weights(tmp_path):
@@ -432,17 +415,21 @@ def test_awq_unpacks_the_interleaved_order():
     assert _unpack_awq_cols(word).tolist() == [list(range(8))]
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(version="gemv"), "version 'gemv' is not supported"),
-    (dict(zero_point=False), "zero_point false"),
-    (dict(bits=8), "bits 8"),
-    (dict(group_size=12), "group_size 12"),
+@pytest.mark.parametrize("layout,change,message", [
+    ("gptq", dict(desc_act=True), "desc_act"),
+    ("gptq", dict(bits=8), "bits 8"),
+    ("gptq", dict(sym=True), "sym/asym mismatch"),  # the data is asymmetric
+    ("gptq", dict(checkpoint_format="marlin"), "checkpoint_format"),
+    ("awq", dict(version="gemv"), "version 'gemv' is not supported"),
+    ("awq", dict(zero_point=False), "zero_point false"),
+    ("awq", dict(bits=8), "bits 8"),
+    ("awq", dict(group_size=12), "group_size 12"),
 ])
-def test_awq_unsupported_variants_are_one_line(tmp_path, change, message):
+def test_hub_unsupported_variants_are_one_line(tmp_path, layout, change, message):
     directory, model = tiny_checkpoint(tmp_path)
-    awq_dir, _ = write_awq(tmp_path, model, qc_overrides=change)
+    hub_dir, _ = (write_gptq if layout == "gptq" else write_awq)(tmp_path, model, qc_overrides=change)
     with pytest.raises(NeoxRtError, match=message) as e:
-        neox_rt.load(awq_dir, progress=False)
+        neox_rt.load(hub_dir, progress=False)
     assert "\n" not in str(e.value)
 
 
@@ -460,13 +447,10 @@ def test_awq_misshapen_tensor(tmp_path):
 
 
 def _tp_hub_worker(rank: int, world: int, port: int, dirs: dict, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 
-    from neox_rt.parallel import init_from_env
-    torch.set_num_threads(1)
-    tp = init_from_env(world, "cpu")
+    from tests.test_tensor_parallel import launch_rank
+    tp = launch_rank(rank, world, port)
     try:
         shards = {}
         for method, d in dirs.items():

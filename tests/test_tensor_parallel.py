@@ -81,16 +81,21 @@ def run_case(model, tp: TensorParallel, seed: int) -> dict:
                 logprobs=greedy.logprobs, sampled=[r.token_ids for r in sampled])
 
 
-def _tp_worker(rank: int, world: int, port: int, dirs: dict, out_dir: str, device: str, dtype: str,
-               env: dict | None = None) -> None:
-    """One rank of a torchrun-like launch: the environment torchrun sets (and ``env``), then init_from_env."""
+def launch_rank(rank: int, world: int, port: int, device: str = "cpu", env: dict | None = None) -> TensorParallel:
+    """One rank of a torchrun-like launch (in a spawned process): the environment torchrun sets (and ``env``), one
+    thread, then init_from_env; the caller destroys the process group."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
-    import torch.distributed as dist
-
     from neox_rt.parallel import init_from_env
     torch.set_num_threads(1)
-    tp = init_from_env(world, device)
+    return init_from_env(world, device)
+
+
+def _tp_worker(rank: int, world: int, port: int, dirs: dict, out_dir: str, device: str, dtype: str,
+               env: dict | None = None) -> None:
+    """One rank of a torchrun-like launch (launch_rank), running every case."""
+    import torch.distributed as dist
+    tp = launch_rank(rank, world, port, device, env)
     try:
         results = {"p2p": (tp.p2p is not None, tp.p2p_off_reason)}
         for name, d in dirs.items():
@@ -371,14 +376,10 @@ def test_tp2_nccl_fp16_matches_tp1(tmp_path, allreduce):
 # ------------------------------------------------------------------------------------------------------
 
 def _tp_quant_worker(rank: int, world: int, port: int, d: str, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 
-    from neox_rt.parallel import init_from_env
     from neox_rt.quant.formats import WeightFormat
-    torch.set_num_threads(1)
-    tp = init_from_env(world, "cpu")
+    tp = launch_rank(rank, world, port)
     try:
         results = {}
         for fmt in ("int8", "int4"):

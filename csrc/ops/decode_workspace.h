@@ -19,10 +19,4 @@ int* decode_counters(int device, int64_t needed, cudaStream_t stream);
 // attention's, starts after the previous one has ended and leaves it zero).
 constexpr int64_t kSumNormTicket = (int64_t{1} << 16) - 1;
 
-// That ticket (null where decode_counters gives none: the launch then leaves the LayerNorm to its own kernel).
-inline int* sum_norm_ticket(int device, cudaStream_t stream) {
-  int* counters = decode_counters(device, kSumNormTicket + 1, stream);
-  return counters == nullptr ? nullptr : counters + kSumNormTicket;
-}
-
 }  // namespace neox_rt

@@ -18,6 +18,7 @@
 #include "kernels/softmax.cuh"
 #include "ops/checks.h"
 #include "ops/decode_workspace.h"
+#include "ops/sum_norm.h"
 #include "ops/ops.h"
 
 namespace neox_rt {
@@ -529,7 +530,7 @@ std::vector<at::Tensor> run_gemv_sum(const char* op, const at::Tensor& x1, const
                                      const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
                                      const std::optional<at::Tensor>& residual, int64_t ksplit, int64_t min_blocks,
                                      bool pdl, at::OptionalIntArrayRef push_buffers, int64_t push_rank,
-                                     int64_t push_slot_bytes, const at::Tensor* const* ln = nullptr,
+                                     int64_t push_slot_bytes, SumNormParams ln = nullptr,
                                      double eps = 0.0) {
   check_gemv2_operand(x1, weight1, bias1, x1, op, "x1", "weight1");
   check_gemv2_operand(x2, weight2, bias2, x1, op, "x2", "weight2");
@@ -554,32 +555,21 @@ std::vector<at::Tensor> run_gemv_sum(const char* op, const at::Tensor& x1, const
   }
   const c10::cuda::CUDAGuard guard(x1.device());
   const bool use_pdl = pdl && pdl_supported();
-  std::vector<at::Tensor> out{at::empty(shape, x1.options())};
-  if (ln != nullptr) {
-    out.push_back(at::empty(shape, x1.options()));
-    out.push_back(at::empty(shape, x1.options()));
-  }
+  auto out = sum_norm_outputs(shape, x1.options(), ln);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   int* ticket = ln != nullptr && n > 0 ? sum_norm_ticket(x1.get_device(), stream) : nullptr;
   auto run = [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    SumNorm<scalar_t> norm{};
-    if (ticket != nullptr)
-      norm = {ptr<scalar_t>(*ln[0]), ptr<scalar_t>(*ln[1]), ptr<scalar_t>(*ln[2]), ptr<scalar_t>(*ln[3]),
-              static_cast<float>(eps), ptr<scalar_t>(out[1]), ptr<scalar_t>(out[2]), ticket};
     check_cuda(launch_gemv2<scalar_t>(
                    problem<scalar_t>(x1, weight1, bias1, residual.has_value() ? &*residual : nullptr, &out[0], 0),
                    problem<scalar_t>(x2, weight2, bias2, nullptr, nullptr, 0), true, static_cast<int>(ksplit),
-                   static_cast<int>(min_blocks), use_pdl, stream, push, norm),
+                   static_cast<int>(min_blocks), use_pdl, stream, push,
+                   sum_norm_args<scalar_t>(ln, eps, out, ticket)),
                op);
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
   else run(static_cast<__nv_bfloat16*>(nullptr));
-  if (ln != nullptr && n > 0 && ticket == nullptr) {  // no counter during this capture: the LayerNorm kernel
-    auto [a, b] = dual_layernorm(out[0], *ln[0], *ln[1], *ln[2], *ln[3], eps, pdl);
-    out[1] = a;
-    out[2] = b;
-  }
+  sum_norm_fallback(out, ln, eps, pdl, n > 0, ticket);
   return out;
 }
 

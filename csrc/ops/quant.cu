@@ -12,7 +12,7 @@
 
 #include "kernels/quant_gemm.cuh"
 #include "ops/checks.h"
-#include "ops/decode_workspace.h"
+#include "ops/sum_norm.h"
 #include "ops/ops.h"
 
 namespace neox_rt {
@@ -352,7 +352,7 @@ std::vector<at::Tensor> run_tiled_sum(const char* op, const at::Tensor& x1, cons
                                       const at::Tensor& qweight2, const at::Tensor& scales2, int64_t group_size2,
                                       int64_t out_features, int64_t bits, const std::optional<at::Tensor>& bias1,
                                       const std::optional<at::Tensor>& bias2, const std::optional<at::Tensor>& residual,
-                                      bool pdl, const at::Tensor* const* ln = nullptr, double eps = 0.0) {
+                                      bool pdl, SumNormParams ln = nullptr, double eps = 0.0) {
   const auto shape = check_tiled(x1, qweight1, scales1, out_features, bits, group_size1, bias1, 0, residual, 0, op);
   check_tiled(x2, qweight2, scales2, out_features, bits, group_size2, bias2, 0, residual, 0, op);
   check_fused_pair(x1, x2, op);
@@ -365,11 +365,7 @@ std::vector<at::Tensor> run_tiled_sum(const char* op, const at::Tensor& x1, cons
   }
   const c10::cuda::CUDAGuard guard(x1.device());
   const bool use_pdl = pdl && pdl_supported();
-  std::vector<at::Tensor> out{at::empty(shape, x1.options())};
-  if (ln != nullptr) {
-    out.push_back(at::empty(shape, x1.options()));
-    out.push_back(at::empty(shape, x1.options()));
-  }
+  auto out = sum_norm_outputs(shape, x1.options(), ln);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   int* ticket = ln != nullptr && m > 0 ? sum_norm_ticket(x1.get_device(), stream) : nullptr;
   auto run = [&](auto* tag) {
@@ -379,10 +375,7 @@ std::vector<at::Tensor> run_tiled_sum(const char* op, const at::Tensor& x1, cons
     const scalar_t* b1 = bias1.has_value() ? ptr<scalar_t>(*bias1) : nullptr;
     const scalar_t* b2 = bias2.has_value() ? ptr<scalar_t>(*bias2) : nullptr;
     const scalar_t* r = residual.has_value() ? ptr<scalar_t>(*residual) : nullptr;
-    SumNorm<scalar_t> norm{};
-    if (ticket != nullptr)
-      norm = {ptr<scalar_t>(*ln[0]), ptr<scalar_t>(*ln[1]), ptr<scalar_t>(*ln[2]), ptr<scalar_t>(*ln[3]),
-              static_cast<float>(eps), ptr<scalar_t>(out[1]), ptr<scalar_t>(out[2]), ticket};
+    const SumNorm<scalar_t> norm = sum_norm_args<scalar_t>(ln, eps, out, ticket);
     auto go = [&](auto launch) {
       check_cuda(launch(a, b, b1, b2, r, ptr<scalar_t>(out[0]), static_cast<int>(m), static_cast<int>(out_features),
                         use_pdl, stream, norm),
@@ -393,11 +386,7 @@ std::vector<at::Tensor> run_tiled_sum(const char* op, const at::Tensor& x1, cons
   };
   if (x1.scalar_type() == at::kHalf) run(static_cast<__half*>(nullptr));
   else run(static_cast<__nv_bfloat16*>(nullptr));
-  if (ln != nullptr && m > 0 && ticket == nullptr) {  // no counter during this capture: the LayerNorm kernel
-    auto [a, b] = dual_layernorm(out[0], *ln[0], *ln[1], *ln[2], *ln[3], eps, pdl);
-    out[1] = a;
-    out[2] = b;
-  }
+  sum_norm_fallback(out, ln, eps, pdl, m > 0, ticket);
   return out;
 }
 
