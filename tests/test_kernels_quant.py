@@ -71,16 +71,22 @@ def randn(*shape, seed=0, scale=1.0):
     return torch.where(x == 0, torch.full_like(x, 1e-3), x)
 
 
-def assert_by_rule(out, x, w_dense, bias, dtype, what):
-    """kernel error vs fp64 <= 2 x torch's own error at this dtype + one output ulp at the largest value."""
-    ref64 = torch.nn.functional.linear(x.double(), w_dense.double(), bias.double() if bias is not None else None)
-    torch_low = torch.nn.functional.linear(x, w_dense, bias)
-    assert out.dtype == dtype and out.shape == ref64.shape, (out.dtype, out.shape)
-    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+def assert_within_rule(out, ref64, torch_low, what):
+    """The rule: out (of torch_low's dtype and ref64's shape, finite) off the fp64 result by at most 2 x torch's own
+    error at that dtype (torch_low) + one output ulp at the largest value."""
+    dtype = torch_low.dtype
+    assert out.dtype == dtype and out.shape == ref64.shape, (what, out.dtype, out.shape)
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (an unwritten poisoned element?)"
     kernel_err = (out.double() - ref64).abs().max().item()
     torch_err = (torch_low.double() - ref64).abs().max().item()
     bound = 2 * torch_err + torch.finfo(dtype).eps * ref64.abs().max().item()
     assert kernel_err <= bound, f"{what}: kernel err {kernel_err:.3g} > 2 x torch err {torch_err:.3g} + eps"
+
+
+def assert_by_rule(out, x, w_dense, bias, dtype, what):
+    """The rule for x W^T + b against fp64."""
+    ref64 = torch.nn.functional.linear(x.double(), w_dense.double(), bias.double() if bias is not None else None)
+    assert_within_rule(out, ref64, torch.nn.functional.linear(x, w_dense, bias).to(dtype), what)
 
 
 def check(fmt, m, n, k, group, dtype, bias=True, seed=0):
@@ -287,13 +293,7 @@ def assert_epilogue_by_rule(out, x, weight, bias, activation, residual, what, ex
     d = (lambda t: None if t is None else t.double())
     w64 = weight.dequantize(torch.float32 if exact else dtype).double()
     ref64 = ops.linear_ref(x.double(), w64, d(bias), activation, residual=d(residual))
-    torch_low = ops.linear_ref(x, weight, bias, activation, residual=residual)
-    assert out.dtype == dtype and out.shape == ref64.shape, (out.dtype, out.shape)
-    assert torch.isfinite(out).all(), f"{what}: non-finite output (an unwritten poisoned element?)"
-    kernel_err = (out.double() - ref64).abs().max().item()
-    torch_err = (torch_low.double() - ref64).abs().max().item()
-    bound = 2 * torch_err + torch.finfo(dtype).eps * ref64.abs().max().item()
-    assert kernel_err <= bound, f"{what}: kernel err {kernel_err:.3g} > 2 x torch err {torch_err:.3g} + eps"
+    assert_within_rule(out, ref64, ops.linear_ref(x, weight, bias, activation, residual=residual).to(dtype), what)
 
 
 def test_cuda_sources_registered():
@@ -1004,13 +1004,7 @@ def test_cuda_tiled_norm_pair(quant_ext, dtype, fmt, warps):
             for y, (lw, lb), w, b, act in ((y1, ln[:2], w1, b1, None), (y2, ln[2:], w2, None, "gelu")):
                 ref64 = ops.linear_ref(ops.layernorm_ref(x.double(), lw.double(), lb.double(), 1e-5),
                                        w.dequantize(dtype).double(), d(b), act)
-                low = ops.linear_ref(ops.layernorm_ref(x, lw, lb, 1e-5), w, b, act)
-                assert y.shape == ref64.shape and y.dtype == dtype, what
-                assert torch.isfinite(y).all(), f"{what}: non-finite output"
-                err = (y.double() - ref64).abs().max().item()
-                torch_err = (low.double() - ref64).abs().max().item()
-                bound = 2 * torch_err + torch.finfo(dtype).eps * ref64.abs().max().item()
-                assert err <= bound, f"{what}: kernel err {err:.3g} > 2 x torch err {torch_err:.3g} + eps"
+                assert_within_rule(y, ref64, ops.linear_ref(ops.layernorm_ref(x, lw, lb, 1e-5), w, b, act), what)
 
 
 @pytest.mark.gpu
@@ -1039,13 +1033,8 @@ def test_cuda_tiled_sum(quant_ext, dtype, fmt):
                 ref64 = ops.linear_sum_ref(x1.double(), w1.dequantize(dtype).double(), x2.double(),
                                            w2.dequantize(dtype).double(), d(bias1), d(bias2), d(residual))
                 low = ops.linear_ref(x2, w2, bias2, residual=ops.linear_ref(x1, w1, bias1, residual=residual))
-                what = f"sum {fmt} {dtype} {rows} rows {n}x({k1} + {k2}) bias {bias1 is not None}"
-                assert got.shape == ref64.shape and got.dtype == dtype, what
-                assert torch.isfinite(got).all(), f"{what}: non-finite output"
-                err = (got.double() - ref64).abs().max().item()
-                torch_err = (low.double() - ref64).abs().max().item()
-                bound = 2 * torch_err + torch.finfo(dtype).eps * ref64.abs().max().item()
-                assert err <= bound, f"{what}: kernel err {err:.3g} > 2 x torch err {torch_err:.3g} + eps"
+                assert_within_rule(got, ref64, low,
+                                   f"sum {fmt} {dtype} {rows} rows {n}x({k1} + {k2}) bias {bias1 is not None}")
 
 
 def assert_graph_replays_equal(chain, x, what):
@@ -1098,13 +1087,7 @@ def test_cuda_tiled_sum_norm(quant_ext, dtype, fmt):
                 assert torch.equal(y, want), f"{what}: y differs from the plain sum's"
                 for got, (lw, lb) in ((a, ln[:2]), (m, ln[2:])):
                     ref64 = ops.layernorm_ref(y.double(), lw.double(), lb.double(), 1e-5)
-                    low = ops.layernorm_ref(y, lw, lb, 1e-5)
-                    assert got.shape == y.shape and got.dtype == dtype, what
-                    assert torch.isfinite(got).all(), f"{what}: non-finite LayerNorm output"
-                    err = (got.double() - ref64).abs().max().item()
-                    torch_err = (low.double() - ref64).abs().max().item()
-                    bound = 2 * torch_err + torch.finfo(dtype).eps * ref64.abs().max().item()
-                    assert err <= bound, f"{what}: LayerNorm err {err:.3g} > 2 x torch err {torch_err:.3g} + eps"
+                    assert_within_rule(got, ref64, ops.layernorm_ref(y, lw, lb, 1e-5), f"{what} LayerNorm")
 
 
 @pytest.mark.gpu

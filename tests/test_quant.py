@@ -275,30 +275,35 @@ def gptq_pack_cols(z):
     return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
 
 
+def grouped_layer_linears(model, group):
+    """(name, W^T in groups [in / group, group, out] fp32) of every linear of the model's layers."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear) and name.startswith("gpt_neox.layers"):
+            w = mod.weight.detach().float()  # [out, in]
+            yield name, w.t().reshape(w.shape[1] // group, group, w.shape[0])
+
+
 def write_gptq(tmp_path, model, group=32, sym=False, v2=False, qc_overrides=None):
     """The tiny model's layer linears in the GPTQ layout (RTN with GPTQ's quantizer), everything else float; returns
     (directory, the dequantized weights by linear name, computed from the packed tensors as AutoGPTQ does)."""
     state, dense = {}, {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, Linear) and name.startswith("gpt_neox.layers"):
-            w = mod.weight.detach().float()  # [out, in]
-            out, k = w.shape
-            wg = w.t().reshape(k // group, group, out)  # [groups, group, out]
-            if sym:
-                scale = (wg.abs().amax(1) * 2 / 15).clamp(min=1e-8)
-                zero = torch.full_like(scale, 8.0)
-            else:
-                lo, hi = wg.amin(1).clamp(max=0), wg.amax(1).clamp(min=0)
-                scale = ((hi - lo) / 15).clamp(min=1e-8)
-                zero = torch.round(-lo / scale)
-            scale = scale.half()
-            q = (torch.round(wg / scale.float()[:, None]) + zero[:, None]).clamp(0, 15).reshape(k, out)
-            state[f"{name}.qweight"] = gptq_pack_rows(q)
-            state[f"{name}.qzeros"] = gptq_pack_cols(zero.to(torch.int64) - (0 if v2 else 1))
-            state[f"{name}.scales"] = scale
-            state[f"{name}.g_idx"] = (torch.arange(k) // group).to(torch.int32)
-            g = torch.arange(k) // group
-            dense[name] = (scale.float()[g] * (q - zero[g])).t()  # the documented dequantization, [out, in]
+    for name, wg in grouped_layer_linears(model, group):
+        k, out = wg.shape[0] * group, wg.shape[2]
+        if sym:
+            scale = (wg.abs().amax(1) * 2 / 15).clamp(min=1e-8)
+            zero = torch.full_like(scale, 8.0)
+        else:
+            lo, hi = wg.amin(1).clamp(max=0), wg.amax(1).clamp(min=0)
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            zero = torch.round(-lo / scale)
+        scale = scale.half()
+        q = (torch.round(wg / scale.float()[:, None]) + zero[:, None]).clamp(0, 15).reshape(k, out)
+        state[f"{name}.qweight"] = gptq_pack_rows(q)
+        state[f"{name}.qzeros"] = gptq_pack_cols(zero.to(torch.int64) - (0 if v2 else 1))
+        state[f"{name}.scales"] = scale
+        state[f"{name}.g_idx"] = (torch.arange(k) // group).to(torch.int32)
+        g = torch.arange(k) // group
+        dense[name] = (scale.float()[g] * (q - zero[g])).t()  # the documented dequantization, [out, in]
     qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": sym,
           "checkpoint_format": "gptq_v2" if v2 else "gptq", **(qc_overrides or {})}
     return save_hub(tmp_path / ("gptq_v2" if v2 else "gptq"), tmp_path, model, state, dense, qc), dense
@@ -321,11 +326,14 @@ def save_hub(d, tmp_path, model, state, dense, qc) -> str:
     return str(d)
 
 
-@pytest.mark.parametrize("sym,v2", [(False, False), (True, False), (False, True)])
-def test_gptq_checkpoint_loads_as_its_dequantized_weights(tmp_path, sym, v2):
+@pytest.mark.parametrize("layout,options", [("gptq", dict(sym=False, v2=False)), ("gptq", dict(sym=True)),
+                                            ("gptq", dict(v2=True)), ("awq", {})])
+def test_hub_checkpoint_loads_as_its_dequantized_weights(tmp_path, layout, options):
+    """Every quantized linear of a GPTQ (v1 or v2 zeros, symmetric or not) or AWQ GEMM checkpoint is exactly its
+    documented dequantization, and the model's logits equal the reference runtime on those dequantized weights."""
     directory, model = tiny_checkpoint(tmp_path)
-    gptq_dir, dense = write_gptq(tmp_path, model, sym=sym, v2=v2)
-    loaded = neox_rt.load(gptq_dir, progress=False).model
+    hub_dir, dense = (write_gptq if layout == "gptq" else write_awq)(tmp_path, model, **options)
+    loaded = neox_rt.load(hub_dir, progress=False).model
     assert memory_report(loaded).formats == {"int4": 8}
     for name, w in dense.items():
         got = loaded.get_submodule(name).weight
@@ -334,22 +342,26 @@ def test_gptq_checkpoint_loads_as_its_dequantized_weights(tmp_path, sym, v2):
     assert torch.equal(logits(loaded), logits(dequantized_copy(loaded, loaded.config)))
 
 
-def test_gptq_missing_and_misshapen_tensors(tmp_path):
+@pytest.mark.parametrize("layout", ["gptq", "awq"])
+def test_hub_missing_and_misshapen_tensors(tmp_path, layout):
+    """A quantized linear's tensor missing, or one row short: one NeoxRtError naming it."""
     from safetensors.torch import load_file
     directory, model = tiny_checkpoint(tmp_path)
-    gptq_dir, _ = write_gptq(tmp_path, model)
-    path = os.path.join(gptq_dir, "model.safetensors")
+    hub_dir, _ = (write_gptq if layout == "gptq" else write_awq)(tmp_path, model)
+    path = os.path.join(hub_dir, "model.safetensors")
     state = load_file(path)
     name = "gpt_neox.layers.1.mlp.dense_4h_to_h"
     good = dict(state)
     del state[f"{name}.qzeros"]
     save_file(state, path)
     with pytest.raises(NeoxRtError, match="missing tensors: .*dense_4h_to_h.qzeros"):
-        neox_rt.load(gptq_dir, progress=False)
-    good[f"{name}.scales"] = good[f"{name}.scales"][:-1].contiguous()
-    save_file(good, path)
-    with pytest.raises(NeoxRtError, match="dense_4h_to_h.scales has shape"):
-        neox_rt.load(gptq_dir, progress=False)
+        neox_rt.load(hub_dir, progress=False)
+    for t in ("scales", "qzeros"):
+        bad = dict(good)
+        bad[f"{name}.{t}"] = good[f"{name}.{t}"][:-1].contiguous()
+        save_file(bad, path)
+        with pytest.raises(NeoxRtError, match=f"dense_4h_to_h.{t} has shape"):
+            neox_rt.load(hub_dir, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,37 +385,20 @@ def write_awq(tmp_path, model, group=32, qc_overrides=None):
     """The tiny model's layer linears in AWQ's GEMM layout (asymmetric RTN with zero points), everything else float;
     returns (directory, the dequantized weights by linear name: scales[g, n] * (q[i, n] - zeros[g, n]))."""
     state, dense = {}, {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, Linear) and name.startswith("gpt_neox.layers"):
-            w = mod.weight.detach().float()  # [out, in]
-            out, k = w.shape
-            wg = w.t().reshape(k // group, group, out)  # [groups, group, out]
-            lo, hi = wg.amin(1), wg.amax(1)
-            scale = ((hi - lo) / 15).clamp(min=1e-5).half()
-            zero = torch.round(-lo / scale.float()).clamp(0, 15)
-            q = (torch.round(wg / scale.float()[:, None]) + zero[:, None]).clamp(0, 15).reshape(k, out)
-            state[f"{name}.qweight"] = awq_pack_cols(q)
-            state[f"{name}.qzeros"] = awq_pack_cols(zero)
-            state[f"{name}.scales"] = scale
-            g = torch.arange(k) // group
-            dense[name] = (scale.float()[g] * (q - zero[g])).t()  # [out, in]
+    for name, wg in grouped_layer_linears(model, group):
+        k, out = wg.shape[0] * group, wg.shape[2]
+        lo, hi = wg.amin(1), wg.amax(1)
+        scale = ((hi - lo) / 15).clamp(min=1e-5).half()
+        zero = torch.round(-lo / scale.float()).clamp(0, 15)
+        q = (torch.round(wg / scale.float()[:, None]) + zero[:, None]).clamp(0, 15).reshape(k, out)
+        state[f"{name}.qweight"] = awq_pack_cols(q)
+        state[f"{name}.qzeros"] = awq_pack_cols(zero)
+        state[f"{name}.scales"] = scale
+        g = torch.arange(k) // group
+        dense[name] = (scale.float()[g] * (q - zero[g])).t()  # [out, in]
     qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
           **(qc_overrides or {})}
     return save_hub(tmp_path / "awq", tmp_path, model, state, dense, qc), dense
-
-
-def test_awq_checkpoint_loads_as_its_dequantized_weights(tmp_path):
-    """Every quantized linear of an AWQ GEMM checkpoint is exactly its documented dequantization, and the model's
-    logits equal the reference runtime on those dequantized weights."""
-    directory, model = tiny_checkpoint(tmp_path)
-    awq_dir, dense = write_awq(tmp_path, model)
-    loaded = neox_rt.load(awq_dir, progress=False).model
-    assert memory_report(loaded).formats == {"int4": 8}
-    for name, w in dense.items():
-        got = loaded.get_submodule(name).weight
-        assert isinstance(got, Int4Weight) and got.group_size == 32
-        torch.testing.assert_close(got.dequantize(torch.float32), w, rtol=0, atol=0)
-    assert torch.equal(logits(loaded), logits(dequantized_copy(loaded, loaded.config)))
 
 
 def test_awq_unpacks_the_interleaved_order():
@@ -431,19 +426,6 @@ def test_hub_unsupported_variants_are_one_line(tmp_path, layout, change, message
     with pytest.raises(NeoxRtError, match=message) as e:
         neox_rt.load(hub_dir, progress=False)
     assert "\n" not in str(e.value)
-
-
-def test_awq_misshapen_tensor(tmp_path):
-    from safetensors.torch import load_file
-    directory, model = tiny_checkpoint(tmp_path)
-    awq_dir, _ = write_awq(tmp_path, model)
-    path = os.path.join(awq_dir, "model.safetensors")
-    state = load_file(path)
-    name = "gpt_neox.layers.0.attention.dense"
-    state[f"{name}.qzeros"] = state[f"{name}.qzeros"][:-1].contiguous()
-    save_file(state, path)
-    with pytest.raises(NeoxRtError, match="attention.dense.qzeros has shape"):
-        neox_rt.load(awq_dir, progress=False)
 
 
 def _tp_hub_worker(rank: int, world: int, port: int, dirs: dict, out_dir: str) -> None:
