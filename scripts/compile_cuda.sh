@@ -24,6 +24,9 @@ for arch in $ARCHS; do
     # the decode-attention probe with its trace build (a tool, but it must keep compiling with the kernel)
     "$NVCC" -std=c++17 -O3 --use_fast_math -Icsrc -arch=sm_$arch -DNEOX_RT_DECODE_TRACE \
       -c csrc/standalone/decode_probe.cu -o "$TMP/decode_probe_sm$arch.o" >> "$TMP/sm$arch.log" 2>&1 || rc=$?
+    # the quantized kernels' probe (it launches the fused kernels directly: their signatures must keep matching)
+    "$NVCC" -std=c++17 -O3 --use_fast_math -Icsrc -arch=sm_$arch \
+      -c csrc/standalone/quant_probe.cu -o "$TMP/quant_probe_sm$arch.o" >> "$TMP/sm$arch.log" 2>&1 || rc=$?
     cat "$TMP/sm$arch.log"
     echo "sm_$arch: rc=$rc, $(( $(date +%s) - t0 ))s"
     exit $rc

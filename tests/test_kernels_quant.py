@@ -938,14 +938,14 @@ SUM_SHAPES = [(2048, 2048, 2048, 8192), (6144, 6144, 6144, 24576), (1000, 2560, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", [0, 4])
+@pytest.mark.parametrize("warps", [0, 8])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_tiled_pair(quant_ext, dtype, fmt, warps):
-    """Two tiled linears in one launch: each output within the rule of the reference with its own bias and activation,
-    and at the default 8 warps a block bit for bit the single launch wherever that runs 8 warps too (not a narrow
-    layer's 16: wide_launch), the pair's tiles of channels a warp being the single launch's or not (one or two tiles
-    sum in the same order); ``warps`` 4: the 4-warp blocks (k split four ways: the rule only)."""
+    """Two tiled linears in one launch: each output within the rule of the reference with its own bias and activation;
+    at 8 warps a block also bit for bit the single launch wherever that runs 8 warps too (not a narrow layer's 16:
+    wide_launch), the pair's tiles of channels a warp being the single launch's or not (one or two tiles sum in the
+    same order); ``warps`` 0: the default 4-warp blocks (k split four ways: the rule only)."""
     bf16_or_skip(quant_ext, dtype)
     for n1, k1, n2, k2 in PAIR_SHAPES:
         w1, w2 = make_weight(fmt, n1, k1, 128, dtype, seed=n1), make_weight(fmt, n2, k2, 128, dtype, seed=n2 + 1)
@@ -963,7 +963,7 @@ def test_cuda_tiled_pair(quant_ext, dtype, fmt, warps):
             assert_epilogue_by_rule(y1, x1, w1, b1, None, None, what + " (first)")
             assert_epilogue_by_rule(y2, x2, w2, None, "gelu", None, what + " (second)")
             for y, x, t, b, act, n in ((y1, x1, t1, b1, None, n1), (y2, x2, t2, None, "gelu", n2)):
-                if not wide_launch(n, 0) and warps == 0:
+                if not wide_launch(n, 0) and warps == 8:
                     want = run_cuda(quant_ext, x, t, b, act, pdl=pdl)
                     assert torch.equal(y, want), f"{what}: differs from its single launch ({n} channels)"
 
@@ -975,14 +975,15 @@ NORM_PAIR_SHAPES = [(2048, 6144, 8192, (1, 3, 8)), (6144, 18432, 24576, (1, 2)),
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", [0, 4])
+@pytest.mark.parametrize("warps", [0, 8])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_tiled_norm_pair(quant_ext, dtype, fmt, warps):
     """The dual LayerNorm inside the pair's launch, the kernel at every size it takes (up to 16384 values of x; the
     op table sends it fewer, supports_tiled_norm_linear_pair): each output within the rule of the reference op (LN1 /
     LN2, then the linear, in fp64, against the same ops at x's dtype), x with an offset far from its spread (the
-    two-pass statistics) and random LayerNorm parameters, with and without PDL, at 8 and at 4 warps a block."""
+    two-pass statistics) and random LayerNorm parameters, with and without PDL, at the default 4 warps a block and at
+    8."""
     bf16_or_skip(quant_ext, dtype)
     for h, n1, n2, rows_list in NORM_PAIR_SHAPES:
         w1, w2 = make_weight(fmt, n1, h, 128, dtype, seed=n1), make_weight(fmt, n2, h, 128, dtype, seed=n2 + 1)
@@ -1077,7 +1078,7 @@ def test_cuda_tiled_sum_norm(quant_ext, dtype, fmt):
             x1, x2 = randn(rows, k1, seed=rows).to("cuda", dtype), randn(rows, k2, seed=rows + 9).to("cuda", dtype)
             res = (randn(rows, n, seed=6) * 2 + 30).to("cuda", dtype)
             assert cuda_ops.supports_tiled_linear_sum_norm(x1, t1, x2, t2, b1, b2, res, *ln, 1e-5) == (
-                cuda_ops.SUM_NORM == 1 and rows <= cuda_ops.SUM_NORM_MAX_ROWS)
+                cuda_ops.SUM_NORM == 2 and rows <= cuda_ops.SUM_NORM_MAX_ROWS)
             for pdl in (rows % 2 == 1, True):
                 poison_allocator()
                 y, a, m = quant_ext.quant_linear_tiled_sum_norm(x1, q1, s1, g1, x2, q2, s2, g2, n, bits, b1, b2, res,
@@ -1215,7 +1216,7 @@ def test_cuda_fused_op_table(quant_ext, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sum_norm", [0, 1])
+@pytest.mark.parametrize("sum_norm", [0, 2])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt, sum_norm):
     """The embedded default model loaded with quantize= on the cuda backend: every linear of the layers tiled at load

@@ -29,7 +29,7 @@ int pair_tiles_override() {
 }
 
 // NEOX_RT_QUANT_PAIR_WARPS (experiment setting, read once): the fused pair's warps a block, 0 (default: the launcher's
-// choice), 8 or 4 (launch_quant_gemm_pair's `warps`), for A/B runs.
+// choice, 4), 8 or 4 (launch_quant_gemm_pair's `warps`), for A/B runs.
 int pair_warps_override() {
   static const int w = [] {
     const char* v = std::getenv("NEOX_RT_QUANT_PAIR_WARPS");
@@ -267,7 +267,7 @@ namespace {
 
 // The pair's launch (quant_linear_tiled_pair), or with the dual LayerNorm before it where `ln` holds its four
 // parameters (checked by the caller; x2 is then x1): the operands checked, the outputs allocated, the kernel launched.
-// `warps`: 0 (the launcher's choice, or NEOX_RT_QUANT_PAIR_WARPS), 8 or 4 (tests of both configurations).
+// `warps`: 0 (NEOX_RT_QUANT_PAIR_WARPS, or the launcher's choice), 8 or 4 (tests of both configurations).
 std::tuple<at::Tensor, at::Tensor> launch_tiled_pair(
     const char* op, const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1,
     int64_t out_features1, int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1,

@@ -275,7 +275,8 @@ static FusedConfig sum_config(const char* name) {
                                   neox_rt::quant_gemm_sum_kernel<T, F, 1, CT, S, WARPS, MINB, true>,
                                   dim3((A.n + 16 * CT - 1) / (16 * CT)), dim3(WARPS * 32), st, operand<F>(A, wa, i),
                                   operand<F>(B, wb, i), static_cast<const T*>(nullptr),
-                                  static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), wa.y, 1, A.n);
+                                  static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), wa.y, 1, A.n,
+                                  neox_rt::SumNorm<T>{});
   };
   kernel_resources(neox_rt::quant_gemm_sum_kernel<T, F, 1, CT, S, WARPS, MINB, true>, c.regs, c.local);
   return c;

@@ -117,10 +117,14 @@ QUANT_NORM_MAX_ELEMS = 16384  # kQuantNormMaxElems: rows x hidden the kernel nor
 QUANT_NORM_AUTO_MAX_ELEMS = 2560
 # The next layer's dual LayerNorm in the sum's launch (linear_sum_norm: the last block of gemv_sum_kernel, fp16 /
 # bf16 weights, or of quant_gemm_sum_kernel, tiled int8 / int4, normalises y; csrc/kernels/layernorm.cuh's
-# sum_norm_tail), in place of the LayerNorm's kernel and its boundary: 1 on, 0 off (default until measured; A/B runs).
-# The op table sends it SUM_NORM_MAX_ROWS rows (the kernels take up to kSumNormMaxRows = 8, normalised one after
-# another by one block) of a hidden size up to SUM_NORM_MAX_HIDDEN (kSumNormVecs vectors of 8 a thread of 8 warps).
-SUM_NORM = _env_int("NEOX_RT_SUM_NORM", 0, 0, 1)
+# sum_norm_tail), in place of the LayerNorm's kernel and its boundary: 0 off, 1 (default) for tensor weights, 2 for
+# the quantized sums too. One H100 at one row (bench/NOTES.md session 22): fp16 pythia-1.4b 1.26 -> 1.20 ms a token,
+# 20B 13.60 -> 13.57; quantized, 20B int4 unchanged and 1.4b int4 0.70 -> 0.75 (its pairs lose the LayerNorm inside,
+# which was cheaper there than the sum's last block): quantized sums keep the LayerNorm kernel or the norm pair by
+# default. The op table sends it SUM_NORM_MAX_ROWS rows (the kernels take up to kSumNormMaxRows = 8, normalised one
+# after another by one block) of a hidden size up to SUM_NORM_MAX_HIDDEN (kSumNormVecs vectors of 8 a thread of 8
+# warps).
+SUM_NORM = _env_int("NEOX_RT_SUM_NORM", 1, 0, 2)
 SUM_NORM_MAX_ROWS = 1
 SUM_NORM_MAX_HIDDEN = 8192
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
@@ -592,23 +596,23 @@ def supports_tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=N
 
 
 def _sum_norm_ok(x1, n, params) -> bool:
-    """SUM_NORM on, up to SUM_NORM_MAX_ROWS rows of x1, a hidden size n that is a multiple of 8 up to
-    SUM_NORM_MAX_HIDDEN, and LayerNorm parameters [n] of x1's dtype on its device, contiguous and 16-byte aligned."""
-    return (SUM_NORM == 1 and n % 8 == 0 and 0 < n <= SUM_NORM_MAX_HIDDEN
+    """Up to SUM_NORM_MAX_ROWS rows of x1, a hidden size n that is a multiple of 8 up to SUM_NORM_MAX_HIDDEN, and
+    LayerNorm parameters [n] of x1's dtype on its device, contiguous and 16-byte aligned."""
+    return (n % 8 == 0 and 0 < n <= SUM_NORM_MAX_HIDDEN
             and x1.numel() // max(x1.shape[-1], 1) <= SUM_NORM_MAX_ROWS
             and all(isinstance(p, torch.Tensor) and p.dtype == x1.dtype and p.device == x1.device and p.is_contiguous()
                     and p.shape == (n,) for p in params) and _aligned16(*params))
 
 
 def supports_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps) -> bool:
-    """As :func:`supports_linear_sum` (tensor weights, one row), and :func:`_sum_norm_ok`."""
-    return (supports_linear_sum(x1, w1, x2, w2, bias1, bias2, residual)
+    """SUM_NORM 1 or 2, as :func:`supports_linear_sum` (tensor weights, one row), and :func:`_sum_norm_ok`."""
+    return (SUM_NORM >= 1 and supports_linear_sum(x1, w1, x2, w2, bias1, bias2, residual)
             and _sum_norm_ok(x1, w1.shape[0], (ln_w1, ln_b1, ln_w2, ln_b2)))
 
 
 def supports_tiled_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps) -> bool:
-    """As :func:`supports_tiled_linear_sum`, and :func:`_sum_norm_ok`."""
-    return (supports_tiled_linear_sum(x1, w1, x2, w2, bias1, bias2, residual)
+    """SUM_NORM 2, as :func:`supports_tiled_linear_sum`, and :func:`_sum_norm_ok`."""
+    return (SUM_NORM == 2 and supports_tiled_linear_sum(x1, w1, x2, w2, bias1, bias2, residual)
             and _sum_norm_ok(x1, w1.out_features, (ln_w1, ln_b1, ln_w2, ln_b2)))
 
 
