@@ -16,7 +16,7 @@ from neox_rt.ops.table import (OPS, Op, active_backends, linear_pair_ref, linear
 __all__ = ["OPS", "Op", "register", "reset", "select_backend", "active_backends", "op_backend_overrides", "BACKENDS",
            "PREFER_CUDA", "CUDA_THEN_TRITON", "activation_ref", "apply_rotary_ref", "attention_ref",
            "decode_attention_ref", "dense_weight", "dual_layernorm_ref", "layernorm_ref", "linear_ref",
-           "linear_pair_ref", "linear_sum_ref", "linear_sum_norm_ref", "norm_linear_pair_ref", "paged_decode_attention_ref",
-           "paged_prefill_attention_ref",
-           "paged_rotary_kv_write_ref", "rotary_decode_attention_ref", "rotary_kv_write_ref", "rotary_tables", "scaled_causal_softmax_ref",
+           "linear_pair_ref", "linear_sum_ref", "linear_sum_norm_ref", "norm_linear_pair_ref",
+           "paged_decode_attention_ref", "paged_prefill_attention_ref", "paged_rotary_kv_write_ref",
+           "rotary_decode_attention_ref", "rotary_kv_write_ref", "rotary_tables", "scaled_causal_softmax_ref",
            "softmax_scale"]

@@ -4,9 +4,9 @@ An :class:`Op` holds the implementations a backend registered, each with a cheap
 call runs the first implementation that accepts its arguments, else the reference (:mod:`neox_rt.ops.reference`).
 Which backend's implementations an op holds is decided once, by :func:`neox_rt.ops.backends.select_backend`. The
 two pair ops of the parallel-residual layer fall back to two calls of the ``linear`` op, so each half still runs on
-the linear's kernels, ``norm_linear_pair`` (the dual LayerNorm, then ``linear_pair``) and ``linear_sum_norm`` (``linear_sum``, then the
-dual LayerNorm) to those two ops, and
-``rotary_decode_attention`` to ``rotary_kv_write`` then ``decode_attention``.
+the linear's kernels, ``norm_linear_pair`` (the dual LayerNorm, then ``linear_pair``) and ``linear_sum_norm``
+(``linear_sum``, then the dual LayerNorm) to those two ops, and ``rotary_decode_attention`` to ``rotary_kv_write``
+then ``decode_attention``.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def linear_sum_ref(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     the second's residual (each rounded to the dtype; a fused backend sums in fp32 and rounds once).
     """
     return OPS["linear"](x2, w2, bias2, residual=OPS["linear"](x1, w1, bias1, residual=residual))
+
 
 def linear_sum_norm_ref(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps):
     """``linear_sum`` and the next layer's dual LayerNorm of its output as one op: (y, LN1(y), LN2(y)) with
