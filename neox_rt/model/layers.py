@@ -148,8 +148,9 @@ def row_parallel_sum(tp: TensorParallel, first: RowParallelLinear, x1, second: R
     if next_layernorms is not None and tp.size == 1:
         ln1, ln2 = next_layernorms
         norm_args = (*args, ln1.weight, ln1.bias, ln2.weight, ln2.bias, ln1.eps)
-        if OPS["linear_sum_norm"].served_by(*norm_args) != "torch":
-            return NormedSum(*OPS["linear_sum_norm"](*norm_args))
+        normed = OPS["linear_sum_norm"].call_kernel(*norm_args)
+        if normed is not None:
+            return NormedSum(*normed)
     if defer_all_reduce and tp.p2p is not None and tp.p2p.defers(args, layernorms):
         tp.all_reduce_calls += 1
         return PendingSum(tp.p2p.linear_sum_push(*args), tp.p2p)

@@ -581,10 +581,15 @@ def supports_tiled_norm_linear_pair(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, 
     if QUANT_FUSED < 2 or not supports_tiled_linear_pair(x, w1, b1, act1, x, w2, b2, act2):
         return False
     k = x.shape[-1]
-    params = (ln_w1, ln_b1, ln_w2, ln_b2)
     return (k % 8 == 0 and x.numel() <= min(QUANT_NORM_AUTO_MAX_ELEMS, QUANT_NORM_MAX_ELEMS)
-            and all(isinstance(p, torch.Tensor) and p.dtype == x.dtype and p.device == x.device and p.is_contiguous()
-                    and p.shape == (k,) for p in params) and _aligned16(*params))
+            and _layernorm_params_ok(x, k, (ln_w1, ln_b1, ln_w2, ln_b2)))
+
+
+def _layernorm_params_ok(x, n, params) -> bool:
+    """LayerNorm parameters [n] of x's dtype on its device, contiguous and 16-byte aligned (the fused kernels'
+    vector loads)."""
+    return all(isinstance(p, torch.Tensor) and p.dtype == x.dtype and p.device == x.device and p.is_contiguous()
+               and p.shape == (n,) for p in params) and _aligned16(*params)
 
 
 def supports_tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None) -> bool:
@@ -598,10 +603,8 @@ def supports_tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=N
 def _sum_norm_ok(x1, n, params) -> bool:
     """Up to SUM_NORM_MAX_ROWS rows of x1, a hidden size n that is a multiple of 8 up to SUM_NORM_MAX_HIDDEN, and
     LayerNorm parameters [n] of x1's dtype on its device, contiguous and 16-byte aligned."""
-    return (n % 8 == 0 and 0 < n <= SUM_NORM_MAX_HIDDEN
-            and x1.numel() // max(x1.shape[-1], 1) <= SUM_NORM_MAX_ROWS
-            and all(isinstance(p, torch.Tensor) and p.dtype == x1.dtype and p.device == x1.device and p.is_contiguous()
-                    and p.shape == (n,) for p in params) and _aligned16(*params))
+    return (n % 8 == 0 and 0 < n <= SUM_NORM_MAX_HIDDEN and x1.numel() // max(x1.shape[-1], 1) <= SUM_NORM_MAX_ROWS
+            and _layernorm_params_ok(x1, n, params))
 
 
 def supports_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps) -> bool:

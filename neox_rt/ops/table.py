@@ -82,6 +82,15 @@ class Op:
                 return impl(*args, **kwargs)
         return self.reference(*args, **kwargs)
 
+    def call_kernel(self, *args, **kwargs):
+        """The first accepting implementation's result, or None where only the reference would serve the call (the
+        caller then takes its own path: one pass over the ``supports`` predicates, not served_by's and then the
+        call's)."""
+        for impl, supports in self.impls:
+            if supports is None or supports(*args, **kwargs):
+                return impl(*args, **kwargs)
+        return None
+
     def prepare(self, weight):
         """``weight`` in the layout the op's kernels read best (a backend's converter, e.g. the CUDA kernels' tiled
         int8 / int4 layout), or as it is: called once per weight after loading (:func:`neox_rt.quant.apply.
