@@ -77,10 +77,8 @@ class Op:
         return self.impls[0][0] if self.impls else None
 
     def __call__(self, *args, **kwargs):
-        for impl, supports in self.impls:
-            if supports is None or supports(*args, **kwargs):
-                return impl(*args, **kwargs)
-        return self.reference(*args, **kwargs)
+        out = self.call_kernel(*args, **kwargs)  # no implementation returns None
+        return self.reference(*args, **kwargs) if out is None else out
 
     def call_kernel(self, *args, **kwargs):
         """The first accepting implementation's result, or None where only the reference would serve the call (the
