@@ -1141,48 +1141,6 @@ def test_cuda_fused_graph_replay(quant_ext):
         assert_graph_replays_equal(chain, x, fmt)
 
 
-# run with NEOX_RT_QUANT_PREFETCH_KB set (read once a process): the fused pair and sum on 1.4b's and 20B's shapes
-# with PDL (the L2 prefetch runs before the dependent launch's wait) equal the launches without it (no prefetch)
-_PREFETCH_SCRIPT = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-import test_kernels_quant as t
-ext, h = t.cuda_ops.load_extension(), torch.float16
-args = t.cuda_ops._tiled_args
-for fmt in ("int8", "int4"):
-    bits = 4 if fmt == "int4" else 8
-    w = lambda n, k, seed: t.tiled(t.make_weight(fmt, n, k, 128, h, seed))
-    x = lambda rows, k, seed: t.randn(rows, k, seed=seed).to("cuda", h)
-    for (n1, k1, n2, k2), (n, sk1, _, sk2) in zip(t.PAIR_SHAPES[:2], t.SUM_SHAPES[:2]):
-        t1, t2, d1, d2 = w(n1, k1, 0), w(n2, k2, 1), w(n, sk1, 2), w(n, sk2, 3)
-        for rows in (1, 3):
-            x1, x2, s1, s2, res = x(rows, k1, 4), x(rows, k2, 5), x(rows, sk1, 6), x(rows, sk2, 7), x(rows, n, 8)
-            pair = [ext.quant_linear_tiled_pair(x1, *args(t1)[:2], n1, args(t1)[2], None, 0, x2, *args(t2)[:2], n2,
-                                                args(t2)[2], None, 2, bits, pdl) for pdl in (False, True)]
-            sums = [ext.quant_linear_tiled_sum(s1, *args(d1), s2, *args(d2), n, bits, None, None, res, pdl)
-                    for pdl in (False, True)]
-            torch.cuda.synchronize()
-            what = f"{fmt} {rows} rows pair {n1}+{n2}x{k1} sum {n}x({sk1}+{sk2})"
-            assert all(torch.equal(a, b) for a, b in zip(*pair)), "pair " + what
-            assert torch.equal(*sums), "sum " + what
-print("prefetch ok")
-"""
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kb", ["16,96", "1024,1024", "0,0"])
-def test_cuda_fused_prefetch(quant_ext, kb):
-    """The fused launches' L2 prefetch (NEOX_RT_QUANT_PREFETCH_KB: KB a tile of the pair's blocks and of the sum's,
-    a's weight first; 1024 is past every tile, clamped to it) is a hint: with PDL (the prefetch issued before the
-    wait) the outputs equal the launches without PDL (none issued) bit for bit, in a process of their own."""
-    import subprocess
-    import sys
-    env = {**os.environ, "NEOX_RT_QUANT_PREFETCH_KB": kb}
-    done = subprocess.run([sys.executable, "-c", _PREFETCH_SCRIPT, os.path.dirname(__file__)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "prefetch ok" in done.stdout, done.stderr[-2000:]
-
-
 @pytest.mark.gpu
 def test_cuda_fused_bad_input_raises(quant_ext):
     """quant_linear_tiled_pair / _sum's own checks, one RuntimeError each."""

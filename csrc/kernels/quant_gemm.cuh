@@ -640,42 +640,7 @@ struct QuantOperand {
   const T* scales;          // int8 [n]; int4 the scale words [n_pad / 16, k / group, 16]
   int k;
   int group_size;
-  int prefetch;             // bytes of each of a block's tiles to prefetch into L2 (quant_prefetch_l2); 0: none
 };
-
-// L2 prefetch of the first `o.prefetch` bytes (a multiple of 16) of each of the block's CT tiles of o's tiled weight
-// (a tile's chunks lie in k order: the bytes its warps read first) and, int4, of their scale words, issued by the
-// first warp before the dependent launch's wait: the weight stream then runs while the previous kernel ends (decode
-// attention before the sum, the LayerNorm or the sum's last block before the pair), when the memory would otherwise
-// idle, and the loop finds those bytes in L2. A hint (cp.async.bulk.prefetch, sm_90): the results do not change;
-// elsewhere nothing is issued.
-template <typename F, int CT, typename T>
-__device__ __forceinline__ void quant_prefetch_l2(const QuantOperand<T>& o, int n, int f0) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (o.prefetch <= 0 || threadIdx.x >= 32) return;
-  constexpr int kPiece = 4096;  // bytes a lane's prefetch instruction
-  const int lane = threadIdx.x;
-  const int64_t tile_bytes = 16 * F::row_bytes(o.k);
-  const int bytes = static_cast<int>(min(static_cast<int64_t>(o.prefetch), tile_bytes));
-  const int last_tile = (n + 15) / 16 - 1;
-#pragma unroll
-  for (int c = 0; c < CT; ++c) {
-    const int tile = min(f0 / 16 + c, last_tile);
-    const uint8_t* const base = o.qweight + tile * tile_bytes;
-    for (int off = kPiece * lane; off < bytes; off += kPiece * 32)
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(base + off)),
-                   "r"(min(kPiece, bytes - off)));
-    if constexpr (F::kGrouped) {  // the scale words of the groups those bytes reach (a chunk: 1 KB, 128 values of k)
-      const int groups = o.k / o.group_size;
-      const int reach = min(groups, (128 * (bytes / 1024) + o.group_size - 1) / o.group_size);
-      const uint8_t* const sbase = reinterpret_cast<const uint8_t*>(o.scales) + int64_t{64} * tile * groups;
-      for (int off = kPiece * (31 - lane); off < 64 * reach; off += kPiece * 32)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(sbase + off)),
-                     "r"(min(kPiece, 64 * reach - off)));
-    }
-  }
-#endif
-}
 
 // NORM (quant_gemm_pair_kernel): the dual LayerNorm before the pair, done by every block for its own linear into
 // shared memory, instead of a kernel of its own. At most this many values of x (m k: 32 KB in fp16, beside the
@@ -761,7 +726,6 @@ quant_gemm_pair_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict
   const int f0 = (first ? blockIdx.x : blockIdx.x - blocks_a) * 16 * CT;
   const T* const scales = first ? a.scales : b.scales;
   const int n = first ? n_a : n_b, k = first ? a.k : b.k;
-  if constexpr (PDL) quant_prefetch_l2<F, CT>(first ? a : b, n, f0);
   auto normalise = [&] {
     if constexpr (NORM)
       layernorm_rows_to_shared<T, WARPS * 32>(norm.x, first ? norm.w_a : norm.w_b, first ? norm.b_a : norm.b_b,
@@ -788,10 +752,6 @@ quant_gemm_sum_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict_
   __shared__ float partial[WARPS][CT * NT * 4][32];
   if (PDL) pdl_launch_dependents();
   const int f0 = blockIdx.x * 16 * CT;
-  if constexpr (PDL) {
-    quant_prefetch_l2<F, CT>(a, n, f0);
-    quant_prefetch_l2<F, CT>(b, n, f0);
-  }
   float acc[CT][NT][4];
   zero_acc(acc);
   quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
@@ -972,12 +932,6 @@ cudaError_t launch_quant_gemm(const T* x, const void* qweight, const T* scales, 
 // variant's configuration.
 inline int quant_fused_max_rows() { return 8; }
 
-// The fused launches' L2 prefetch before the dependent launch's wait (quant_prefetch_l2; the launchers' `prefetch`
-// argument, -1 for these): the pair's bytes of each of a block's tiles, the sum's bytes a tile (a's weight first,
-// then b's). Off until measured.
-constexpr int kQuantPrefetchPair = 0;
-constexpr int kQuantPrefetchSum = 0;
-
 template <typename F, typename T>
 inline bool quant_operand_ok(const QuantOperand<T>& o, int n) {
   return n > 0 && o.k > 0 && o.k % F::kChunkK == 0 &&
@@ -1017,10 +971,9 @@ template <typename T, typename F>
 cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<T>& b, const T* bias_a,
                                    const T* bias_b, T* y_a, T* y_b, int m, int n_a, int n_b, int act_a, int act_b,
                                    bool pdl, cudaStream_t stream, const QuantNorm<T>& norm = QuantNorm<T>{},
-                                   int ct = 0, int warps = 0, int prefetch = -1) {
+                                   int ct = 0, int warps = 0) {
   if (const cudaError_t e = quant_fused_check<T, F>(a, n_a, b, n_b, m); e != cudaSuccess) return e;
-  if (ct < 0 || ct > 2 || (warps != 0 && warps != 8 && warps != 4) || (prefetch >= 0 && prefetch % 16 != 0))
-    return cudaErrorInvalidValue;
+  if (ct < 0 || ct > 2 || (warps != 0 && warps != 8 && warps != 4)) return cudaErrorInvalidValue;
   const bool normed = norm.x != nullptr;
   if (normed && (a.k != b.k || a.k % 8 != 0 || static_cast<int64_t>(m) * a.k > kQuantNormMaxElems ||
                  norm.w_a == nullptr || norm.b_a == nullptr || norm.w_b == nullptr || norm.b_b == nullptr))
@@ -1031,15 +984,13 @@ cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<
     using C = QuantPairConfig<CT, decltype(w)::value>;
     const int blocks_a = ceil_div(n_a, 16 * CT), blocks_b = ceil_div(n_b, 16 * CT);
     const dim3 grid(blocks_a + blocks_b), block(C::kWarps * 32);
-    QuantOperand<T> pa = a, pb = b;
-    pa.prefetch = pb.prefetch = prefetch < 0 ? kQuantPrefetchPair : prefetch;
     if (normed)
       return launch_kernel(pdl, quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false, true>,
                            quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true, true>, grid,
-                           block, stream, pa, pb, bias_a, bias_b, y_a, y_b, m, n_a, n_b, blocks_a, act_a, act_b, norm);
+                           block, stream, a, b, bias_a, bias_b, y_a, y_b, m, n_a, n_b, blocks_a, act_a, act_b, norm);
     return launch_kernel(pdl, quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false>,
                          quant_gemm_pair_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true>, grid, block,
-                         stream, pa, pb, bias_a, bias_b, y_a, y_b, m, n_a, n_b, blocks_a, act_a, act_b, norm);
+                         stream, a, b, bias_a, bias_b, y_a, y_b, m, n_a, n_b, blocks_a, act_a, act_b, norm);
   };
   auto go = [&](auto ct) {
     if (warps == 8 || (warps == 0 && !F::kGrouped)) return go_warps(ct, std::integral_constant<int, 8>{});
@@ -1058,9 +1009,8 @@ cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<
 template <typename T, typename F>
 cudaError_t launch_quant_gemm_sum(const QuantOperand<T>& a, const QuantOperand<T>& b, const T* bias_a,
                                   const T* bias_b, const T* residual, T* y, int m, int n, bool pdl,
-                                  cudaStream_t stream, const SumNorm<T>& ln = SumNorm<T>{}, int prefetch = -1) {
+                                  cudaStream_t stream, const SumNorm<T>& ln = SumNorm<T>{}) {
   if (const cudaError_t e = quant_fused_check<T, F>(a, n, b, n, m); e != cudaSuccess) return e;
-  if (prefetch >= 0 && prefetch % 16 != 0) return cudaErrorInvalidValue;
   const bool normed = ln.ticket != nullptr;
   if (normed && (!sum_norm_ok(n, m) || ln.w_a == nullptr || ln.b_a == nullptr || ln.w_b == nullptr ||
                  ln.b_b == nullptr || ln.out_a == nullptr || ln.out_b == nullptr))
@@ -1070,18 +1020,13 @@ cudaError_t launch_quant_gemm_sum(const QuantOperand<T>& a, const QuantOperand<T
     constexpr int CT = decltype(ct)::value;
     using C = std::conditional_t<decltype(wide)::value, QuantConfigWide<1>, QuantConfig<1, CT>>;
     const dim3 grid(ceil_div(n, 16 * CT)), block(C::kWarps * 32);
-    // the budget a tile: a's bytes first (read first), the rest from b's
-    const int budget = prefetch < 0 ? kQuantPrefetchSum : prefetch;
-    QuantOperand<T> pa = a, pb = b;
-    pa.prefetch = static_cast<int>(min(static_cast<int64_t>(budget), 16 * F::row_bytes(a.k)));
-    pb.prefetch = budget - pa.prefetch;
     if (normed)
       return launch_kernel(pdl, quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false, true>,
                            quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true, true>, grid,
-                           block, stream, pa, pb, bias_a, bias_b, residual, y, m, n, ln);
+                           block, stream, a, b, bias_a, bias_b, residual, y, m, n, ln);
     return launch_kernel(pdl, quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false>,
                          quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true>, grid, block,
-                         stream, pa, pb, bias_a, bias_b, residual, y, m, n, ln);
+                         stream, a, b, bias_a, bias_b, residual, y, m, n, ln);
   };
   if ((n + 15) / 16 <= device_sm_count()) return go(std::integral_constant<int, 1>{}, std::true_type{});
   if (F::kGrouped && n >= 8192) return go(std::integral_constant<int, 2>{}, std::false_type{});

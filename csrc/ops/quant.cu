@@ -5,11 +5,9 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "kernels/quant_gemm.cuh"
@@ -38,21 +36,6 @@ int pair_warps_override() {
     return v != nullptr && (v[0] == '8' || v[0] == '4') && v[1] == '\0' ? v[0] - '0' : 0;
   }();
   return w;
-}
-
-// NEOX_RT_QUANT_PREFETCH_KB=P,S (experiment setting, read once): the fused launches' L2 prefetch before the
-// dependent launch's wait (quant_prefetch_l2), P KB of each of a pair block's tiles, S KB a tile of the sum's (its
-// first linear's weight first); unset or malformed: -1 each (the launchers' kQuantPrefetchPair / kQuantPrefetchSum).
-std::pair<int, int> prefetch_override() {
-  static const std::pair<int, int> kb = [] {
-    const char* v = std::getenv("NEOX_RT_QUANT_PREFETCH_KB");
-    int p = -1, q = -1;
-    char tail = 0;
-    if (v == nullptr || std::sscanf(v, "%d,%d%c", &p, &q, &tail) != 2 || p < 0 || q < 0 || p > 1024 || q > 1024)
-      return std::pair<int, int>{-1, -1};
-    return std::pair<int, int>{1024 * p, 1024 * q};
-  }();
-  return kb;
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -317,8 +300,7 @@ std::tuple<at::Tensor, at::Tensor> launch_tiled_pair(
       check_cuda(launch(a, b, b1, b2, ptr<scalar_t>(y1), ptr<scalar_t>(y2), static_cast<int>(m),
                         static_cast<int>(out_features1), static_cast<int>(out_features2),
                         static_cast<int>(activation1), static_cast<int>(activation2), use_pdl, stream, norm,
-                        pair_tiles_override(), warps != 0 ? static_cast<int>(warps) : pair_warps_override(),
-                        prefetch_override().first),
+                        pair_tiles_override(), warps != 0 ? static_cast<int>(warps) : pair_warps_override()),
                  op);
     };
     if (bits == 4) go(launch_quant_gemm_pair<scalar_t, QuantInt4>);
@@ -396,7 +378,7 @@ std::vector<at::Tensor> run_tiled_sum(const char* op, const at::Tensor& x1, cons
     const SumNorm<scalar_t> norm = sum_norm_args<scalar_t>(ln, eps, out, ticket);
     auto go = [&](auto launch) {
       check_cuda(launch(a, b, b1, b2, r, ptr<scalar_t>(out[0]), static_cast<int>(m), static_cast<int>(out_features),
-                        use_pdl, stream, norm, prefetch_override().second),
+                        use_pdl, stream, norm),
                  op);
     };
     if (bits == 4) go(launch_quant_gemm_sum<scalar_t, QuantInt4>);

@@ -63,10 +63,10 @@ template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv
 #define NEOX_RT_INSTANTIATE_QUANT_FUSED(T, F)                                                                     \
   template cudaError_t launch_quant_gemm_pair<T, F>(const QuantOperand<T>&, const QuantOperand<T>&, const T*,        \
                                                     const T*, T*, T*, int, int, int, int, int, bool, cudaStream_t,    \
-                                                    const QuantNorm<T>&, int, int, int);                              \
+                                                    const QuantNorm<T>&, int, int);                                   \
   template cudaError_t launch_quant_gemm_sum<T, F>(const QuantOperand<T>&, const QuantOperand<T>&, const T*,         \
                                                    const T*, const T*, T*, int, int, bool, cudaStream_t,              \
-                                                   const SumNorm<T>&, int);
+                                                   const SumNorm<T>&);
 NEOX_RT_INSTANTIATE_QUANT(__half)
 NEOX_RT_INSTANTIATE_QUANT(__nv_bfloat16)
 #undef NEOX_RT_INSTANTIATE_QUANT
