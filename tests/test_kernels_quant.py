@@ -945,7 +945,7 @@ def test_cuda_tiled_pair(quant_ext, dtype, fmt, warps):
     """Two tiled linears in one launch: each output within the rule of the reference with its own bias and activation;
     at 8 warps a block also bit for bit the single launch wherever that runs 8 warps too (not a narrow layer's 16:
     wide_launch), the pair's tiles of channels a warp being the single launch's or not (one or two tiles sum in the
-    same order); ``warps`` 0: the default (int4's 4-warp blocks, k split four ways: the rule only)."""
+    same order); ``warps`` 0: the default (4-warp blocks, k split four ways: the rule only)."""
     bf16_or_skip(quant_ext, dtype)
     for n1, k1, n2, k2 in PAIR_SHAPES:
         w1, w2 = make_weight(fmt, n1, k1, 128, dtype, seed=n1), make_weight(fmt, n2, k2, 128, dtype, seed=n2 + 1)
@@ -982,7 +982,7 @@ def test_cuda_tiled_norm_pair(quant_ext, dtype, fmt, warps):
     """The dual LayerNorm inside the pair's launch, the kernel at every size it takes (up to 16384 values of x; the
     op table sends it fewer, supports_tiled_norm_linear_pair): each output within the rule of the reference op (LN1 /
     LN2, then the linear, in fp64, against the same ops at x's dtype), x with an offset far from its spread (the
-    two-pass statistics) and random LayerNorm parameters, with and without PDL, at the default warps a block (int4: 4)
+    two-pass statistics) and random LayerNorm parameters, with and without PDL, at the default warps a block (4)
     and at 8."""
     bf16_or_skip(quant_ext, dtype)
     for h, n1, n2, rows_list in NORM_PAIR_SHAPES:

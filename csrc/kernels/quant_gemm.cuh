@@ -951,14 +951,14 @@ cudaError_t quant_fused_check(const QuantOperand<T>& a, int n_a, const QuantOper
 // both, two where both layers fill the card twice over (int4, n >= 8192: 20B's qkv and h->4h), as the single launches
 // choose at up to 8 rows, and two for either format with the LayerNorm inside (half the blocks normalise x: on one
 // H100, 1.4b at one row, int4 with an int8 LM head 0.74 -> 0.70 ms a token, int8 0.87 -> 0.80; bench/NOTES.md
-// sessions 20 and 21); int4: 4 warps a block, with twice the blocks a SM of the single launch's 8 (each warp streams
-// twice the chunks: a third of a 20B warp's chunks drained its ring at 8. One H100, 20B int4 with an int8 LM head
-// 4.86 -> 4.74-4.78 ms a token, 1.4b 0.70 -> 0.66; bench/NOTES.md session 22); int8: 8 (4 not measured yet). Where a
-// single launch takes another number of tiles or warps (or a narrow layer's 16) the sums' order differs from it, not
-// their error.
+// sessions 20 and 21); 4 warps a block, with twice the blocks a SM of the single launch's 8 (each warp streams twice
+// the chunks: a third of a 20B int4 warp's chunks drained its ring at 8. One H100, with an int8 LM head, 20B int4
+// 4.86 -> 4.74-4.78 ms a token, 1.4b int4 0.70 -> 0.66, bench/NOTES.md session 22; 20B int8 7.55 -> 7.51, 1.4b int8
+// 0.83 -> 0.77, session 23). Where a single launch takes another number of tiles or warps (or a narrow layer's 16)
+// the sums' order differs from it, not their error.
 // With `norm` (its x not null): y_a from LN_a(norm.x), y_b from LN_b(norm.x) (a.x, b.x unused; a.k == b.k, the
 // hidden size: a multiple of 8, and m k <= kQuantNormMaxElems). `ct`: the tiles a warp (0: as above; 1 or 2 forced,
-// for A/B runs). `warps`: the warps a block (0: 4 for int4, 8 for int8; 8 or 4 forced, for tests and A/B runs).
+// for A/B runs). `warps`: the warps a block (0: 4; 8 or 4 forced, for tests and A/B runs).
 
 // The pair's configuration: QuantConfig's at one row, its warps a block W, the blocks a SM scaled to keep the warps a SM.
 template <int CT, int W>
@@ -993,7 +993,7 @@ cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<
                          stream, a, b, bias_a, bias_b, y_a, y_b, m, n_a, n_b, blocks_a, act_a, act_b, norm);
   };
   auto go = [&](auto ct) {
-    if (warps == 8 || (warps == 0 && !F::kGrouped)) return go_warps(ct, std::integral_constant<int, 8>{});
+    if (warps == 8) return go_warps(ct, std::integral_constant<int, 8>{});
     return go_warps(ct, std::integral_constant<int, 4>{});
   };
   if (ct == 2 || (ct == 0 && (normed || (F::kGrouped && min(n_a, n_b) >= 8192))))

@@ -29,7 +29,7 @@ int pair_tiles_override() {
 }
 
 // NEOX_RT_QUANT_PAIR_WARPS (experiment setting, read once): the fused pair's warps a block, 0 (default: the launcher's
-// choice: 4 for int4, 8 for int8), 8 or 4 (launch_quant_gemm_pair's `warps`), for A/B runs.
+// choice: 4), 8 or 4 (launch_quant_gemm_pair's `warps`), for A/B runs.
 int pair_warps_override() {
   static const int w = [] {
     const char* v = std::getenv("NEOX_RT_QUANT_PAIR_WARPS");
