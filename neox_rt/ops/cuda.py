@@ -291,11 +291,16 @@ def _tiled_args(weight) -> tuple:
     return weight.qweight, weight.scales, 0
 
 
+def _tiled_bits(weight) -> int:
+    """The bits a weight of a tiled format holds (the fused ops' ``bits``)."""
+    return 4 if isinstance(weight, TiledInt4Weight) else 8
+
+
 def tiled_linear_pair(x1, w1, b1, act1, x2, w2, b2, act2):
     """The ``linear_pair`` op for two tiled weights of one format: both linears in one launch."""
     q1, s1, g1 = _tiled_args(w1)
     q2, s2, g2 = _tiled_args(w2)
-    bits = 4 if isinstance(w1, TiledInt4Weight) else 8
+    bits = _tiled_bits(w1)
     return tuple(torch.ops.neox_rt.quant_linear_tiled_pair(x1, q1, s1, w1.out_features, g1, b1, ACTIVATIONS[act1], x2,
                                                            q2, s2, w2.out_features, g2, b2, ACTIVATIONS[act2], bits,
                                                            PDL))
@@ -306,7 +311,7 @@ def tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     the fp32 sums rounded once."""
     q1, s1, g1 = _tiled_args(w1)
     q2, s2, g2 = _tiled_args(w2)
-    bits = 4 if isinstance(w1, TiledInt4Weight) else 8
+    bits = _tiled_bits(w1)
     return torch.ops.neox_rt.quant_linear_tiled_sum(x1, q1, s1, g1, x2, q2, s2, g2, w1.out_features, bits, bias1,
                                                     bias2, residual, PDL)
 
@@ -323,7 +328,7 @@ def tiled_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, 
     of it by the launch's last block: (y, LN1(y), LN2(y))."""
     q1, s1, g1 = _tiled_args(w1)
     q2, s2, g2 = _tiled_args(w2)
-    bits = 4 if isinstance(w1, TiledInt4Weight) else 8
+    bits = _tiled_bits(w1)
     return tuple(torch.ops.neox_rt.quant_linear_tiled_sum_norm(x1, q1, s1, g1, x2, q2, s2, g2, w1.out_features, bits,
                                                                bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2,
                                                                float(eps), PDL))
@@ -334,7 +339,7 @@ def tiled_norm_linear_pair(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2,
     launch (each block normalises x for its own linear in shared memory)."""
     q1, s1, g1 = _tiled_args(w1)
     q2, s2, g2 = _tiled_args(w2)
-    bits = 4 if isinstance(w1, TiledInt4Weight) else 8
+    bits = _tiled_bits(w1)
     return tuple(torch.ops.neox_rt.quant_linear_tiled_norm_pair(
         x, ln_w1, ln_b1, ln_w2, ln_b2, float(eps), q1, s1, w1.out_features, g1, b1, ACTIVATIONS[act1], q2, s2,
         w2.out_features, g2, b2, ACTIVATIONS[act2], bits, PDL))
