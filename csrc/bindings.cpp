@@ -11,12 +11,12 @@ TORCH_LIBRARY(neox_rt, m) {
   m.def("rotary_kv_write(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, int rotary_ndims, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, bool pdl=False) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float scale, bool pdl=False, "
-        "int blocks_per_sm=0, bool merge_kernel=False, int variant=0) -> Tensor");
+        "int blocks_per_sm=0, bool merge_kernel=False, int variant=0, bool pdl_late=False) -> Tensor");
   m.def("rotary_decode_attention(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, int rotary_ndims, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor seqlens, float scale, bool pdl=False, int blocks_per_sm=0, "
-        "bool merge_kernel=False, int variant=0) -> Tensor");
+        "bool merge_kernel=False, int variant=0, bool pdl_late=False) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seqlens, "
-        "float scale, bool pdl=False, int blocks_per_sm=0, bool merge_kernel=False) -> Tensor");
+        "float scale, bool pdl=False, int blocks_per_sm=0, bool merge_kernel=False, bool pdl_late=False) -> Tensor");
   m.def("layernorm(Tensor x, Tensor weight, Tensor bias, float eps, bool pdl=False) -> Tensor");
   m.def("dual_layernorm(Tensor x, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, float eps, "
         "bool pdl=False) -> (Tensor, Tensor)");
@@ -37,11 +37,11 @@ TORCH_LIBRARY(neox_rt, m) {
         "Tensor? bias2, int activation2, int bits, bool pdl=False, int warps=0) -> (Tensor, Tensor)");
   m.def("quant_linear_tiled_sum(Tensor x1, Tensor qweight1, Tensor scales1, int group_size1, Tensor x2, "
         "Tensor qweight2, Tensor scales2, int group_size2, int out_features, int bits, Tensor? bias1, Tensor? bias2, "
-        "Tensor? residual=None, bool pdl=False) -> Tensor");
+        "Tensor? residual=None, bool pdl=False, bool b_first=False) -> Tensor");
   m.def("quant_linear_tiled_sum_norm(Tensor x1, Tensor qweight1, Tensor scales1, int group_size1, Tensor x2, "
         "Tensor qweight2, Tensor scales2, int group_size2, int out_features, int bits, Tensor? bias1, Tensor? bias2, "
         "Tensor? residual, Tensor ln_weight1, Tensor ln_bias1, Tensor ln_weight2, Tensor ln_bias2, float eps, "
-        "bool pdl=False) -> (Tensor, Tensor, Tensor)");
+        "bool pdl=False, bool b_first=False) -> (Tensor, Tensor, Tensor)");
   m.def("gemv_pair(Tensor x1, Tensor weight1, Tensor? bias1, int activation1, Tensor x2, Tensor weight2, "
         "Tensor? bias2, int activation2, int ksplit=0, int min_blocks=0, bool pdl=False) -> (Tensor, Tensor)");
   m.def("gemv_sum(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor? bias1, Tensor? bias2, "

@@ -319,21 +319,23 @@ def _rotary_decode_ref(qkv, pos, cos, sin, rd, kc, vc, seqlens, scale, rows):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
 @pytest.mark.parametrize("hd", HEAD_SIZES)
-@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl,variant", [
-    (0, False, True, 0), (1, False, False, 1), (64, True, True, 2), (64, False, False, 2)])
-def test_rotary_decode_attention(ext, dtype, hd, blocks_per_sm, merge_kernel, pdl, variant):
+@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl,variant,late", [
+    (0, False, True, 0, False), (1, False, False, 1, False), (64, True, True, 2, False), (64, False, False, 2, False),
+    (0, False, True, 0, True), (64, False, True, 2, True)])
+def test_rotary_decode_attention(ext, dtype, hd, blocks_per_sm, merge_kernel, pdl, variant, late):
     """rotary_decode_attention (rotary + KV write inside decode attention) against rotary_kv_write, then
     decode_attention, with the same split plan: the caches bit for bit (slots outside the cache untouched); the output
     bit for bit where the new token is not its sequence's last (the block writes it, then reads it back) or not in the
     cache, and by the rule against the fp64 reference everywhere (the last key taken from shared memory: its terms
     summed in another order). Every head size (rotary dims 8-64, partners not vector-aligned at 80 and 96), one split
-    or many, both merges, PDL on and off, both step schemes."""
+    or many, both merges, PDL on and off, both step schemes; ``late``: both kernels launched with pdl_late (the next
+    launch triggered after the blocks' wait, NEOX_RT_SUM_B_FIRST=1)."""
     from neox_rt.ops import cuda as cuda_ops
     qkv, pos, cos, sin, rd, kc, vc, seqlens = _rotary_decode_case(dtype, hd)
     scale = hd ** -0.5
-    saved = cuda_ops.PDL
+    saved = cuda_ops.PDL, cuda_ops.SUM_B_FIRST
     try:
-        cuda_ops.PDL = pdl
+        cuda_ops.PDL, cuda_ops.SUM_B_FIRST = pdl, late
         k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
         q = cuda_ops.rotary_kv_write(qkv, pos, cos, sin, rd, k1, v1)
         out1 = cuda_ops.decode_attention(q[:, 0], k1, v1, seqlens, scale, blocks_per_sm=blocks_per_sm,
@@ -346,7 +348,7 @@ def test_rotary_decode_attention(ext, dtype, hd, blocks_per_sm, merge_kernel, pd
             assert torch.equal(k2, k1) and torch.equal(v2, v1), f"hd={hd}: the caches differ"
             assert torch.equal(out2[5:], out1[5:]), f"hd={hd}: rows read back from the cache differ"
     finally:
-        cuda_ops.PDL = saved
+        cuda_ops.PDL, cuda_ops.SUM_B_FIRST = saved
     assert not torch.equal(k2, kc), "nothing written"
     # row 5's position is past the cache and row 7 is not in the batch: nothing written there
     assert torch.equal(k2[5], kc[5]) and torch.equal(v2[7], vc[7]), "a slot outside the cache was written"

@@ -1014,7 +1014,7 @@ def test_cuda_tiled_norm_pair(quant_ext, dtype, fmt, warps):
 def test_cuda_tiled_sum(quant_ext, dtype, fmt):
     """Two tiled linears of one output summed in one launch, with both biases and the residual: within the rule of
     the reference's sum (x1 W1^T + x2 W2^T + b1 + b2 + residual in fp64 against the reference op at x's dtype), on
-    narrow layers (16 warps) and wide ones, k1 != k2."""
+    narrow layers (16 warps) and wide ones, k1 != k2, in both orders (b_first: x2's chunks first)."""
     bf16_or_skip(quant_ext, dtype)
     for n, k1, _, k2 in SUM_SHAPES:
         w1, w2 = make_weight(fmt, n, k1, 128, dtype, seed=k1), make_weight(fmt, n, k2, 128, dtype, seed=k2 + 1)
@@ -1023,19 +1023,21 @@ def test_cuda_tiled_sum(quant_ext, dtype, fmt):
         for rows in FUSED_ROWS:
             x1, x2 = randn(rows, k1, seed=rows).to("cuda", dtype), randn(rows, k2, seed=rows + 9).to("cuda", dtype)
             res = randn(rows, n, seed=6).to("cuda", dtype)
-            for bias1, bias2, residual, pdl in ((b1, b2, res, True), (None, None, None, False), (None, b2, res, False)):
+            for bias1, bias2, residual, pdl, b_first in ((b1, b2, res, True, False), (None, None, None, False, False),
+                                                         (None, b2, res, False, False), (b1, b2, res, True, True),
+                                                         (None, b2, None, False, True)):
                 assert cuda_ops.supports_tiled_linear_sum(x1, t1, x2, t2, bias1, bias2, residual)
                 poison_allocator()
                 q1, s1, g1 = cuda_ops._tiled_args(t1)
                 q2, s2, g2 = cuda_ops._tiled_args(t2)
                 got = quant_ext.quant_linear_tiled_sum(x1, q1, s1, g1, x2, q2, s2, g2, n, 4 if fmt == "int4" else 8,
-                                                       bias1, bias2, residual, pdl)
+                                                       bias1, bias2, residual, pdl, b_first)
                 d = (lambda t: None if t is None else t.double())
                 ref64 = ops.linear_sum_ref(x1.double(), w1.dequantize(dtype).double(), x2.double(),
                                            w2.dequantize(dtype).double(), d(bias1), d(bias2), d(residual))
                 low = ops.linear_ref(x2, w2, bias2, residual=ops.linear_ref(x1, w1, bias1, residual=residual))
-                assert_within_rule(got, ref64, low,
-                                   f"sum {fmt} {dtype} {rows} rows {n}x({k1} + {k2}) bias {bias1 is not None}")
+                assert_within_rule(got, ref64, low, f"sum {fmt} {dtype} {rows} rows {n}x({k1} + {k2}) bias "
+                                                    f"{bias1 is not None} b_first {b_first}")
 
 
 def assert_graph_replays_equal(chain, x, what):
@@ -1142,6 +1144,107 @@ def test_cuda_fused_graph_replay(quant_ext):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cuda_sum_b_first_layer_graph_replay(quant_ext, fmt):
+    """A decode layer's chain as the model runs it with NEOX_RT_SUM_B_FIRST=1: the fused pair, rotary decode
+    attention launched with pdl_late (the sum may start only after attention's own wait), the sum reading the pair's
+    4h output before its wait (b_first). Captured with PDL in a CUDA graph, every replay equals the eager chain
+    without PDL bit for bit (attention's output and the caches too), and the sum equals the a-first sum within fp16
+    rounding (the same sums in another order)."""
+    h, nh, hd, rd, cap, pos_ = 2048, 16, 128, 32, 256, 100
+    bits = 4 if fmt == "int4" else 8
+    t_qkv, t_up = tiled(make_weight(fmt, 3 * h, h, 128, torch.float16)), tiled(make_weight(fmt, 4 * h, h, 128,
+                                                                                             torch.float16, 1))
+    t_dense, t_down = tiled(make_weight(fmt, h, h, 128, torch.float16, 2)), tiled(make_weight(fmt, h, 4 * h, 128,
+                                                                                                torch.float16, 3))
+    qa, qb = cuda_ops._tiled_args(t_qkv), cuda_ops._tiled_args(t_up)
+    q1, s1, g1 = cuda_ops._tiled_args(t_dense)
+    q2, s2, g2 = cuda_ops._tiled_args(t_down)
+    kc = randn(1, nh, cap, hd, seed=11, scale=0.5).to("cuda", torch.float16)
+    vc = randn(1, nh, cap, hd, seed=12).to("cuda", torch.float16)
+    positions = torch.tensor([[pos_]], device="cuda")
+    seqlens = torch.tensor([pos_ + 1], device="cuda")
+    inv = 1.0 / (10000 ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
+    ang = torch.outer(torch.arange(cap, dtype=torch.float32), inv)
+    cos, sin = ang.cos().to("cuda"), ang.sin().to("cuda")
+    x = randn(1, h, seed=13).to("cuda", torch.float16)
+
+    def chain(inp, pdl, b_first=True):
+        qkv, up = quant_ext.quant_linear_tiled_pair(inp, qa[0], qa[1], 3 * h, qa[2], None, 0, inp, qb[0], qb[1],
+                                                    4 * h, qb[2], None, 2, bits, pdl)
+        ctx = quant_ext.rotary_decode_attention(qkv.view(1, 1, 3 * h), positions, cos, sin, rd, kc, vc, seqlens,
+                                                hd ** -0.5, pdl, 0, False, 0, b_first)
+        y = quant_ext.quant_linear_tiled_sum(ctx.view(1, h), q1, s1, g1, up, q2, s2, g2, h, bits, None, None, inp,
+                                             pdl, b_first)
+        return ctx, y, kc.clone()
+
+    assert_graph_replays_equal(chain, x, fmt)
+    _, y_b, _ = chain(x, False)
+    _, y_a, _ = chain(x, False, False)
+    assert torch.isfinite(y_b).all()
+    torch.testing.assert_close(y_b, y_a, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cuda_quantized_graph_decode_b_first(quant_ext, monkeypatch, fmt):
+    """The embedded default model, quantized, decoding through CUDA graphs (the pair, rotary decode attention and the
+    sum chained with PDL, as a token runs): with NEOX_RT_SUM_B_FIRST=1 the teacher-forced logits equal those of the
+    eager decode without PDL bit for bit (the same kernels in the same order, each starting after the one before it
+    has finished: the graph's sums, reading the 4h output before their wait, see what they see there), and the
+    default order's graph logits within fp16 rounding."""
+    import neox_rt
+    from neox_rt.default_model import DEFAULT_MODEL_DIR
+    from neox_rt.engine.graphs import DecodeGraphRunner
+    from neox_rt.engine.kv_cache import KVCache
+
+    monkeypatch.delenv("NEOX_RT_BACKEND", raising=False)
+    monkeypatch.delenv("NEOX_RT_OP_BACKENDS", raising=False)
+    gen = torch.Generator().manual_seed(8)
+    prompt = torch.randint(0, 512, (13,), generator=gen).tolist()
+    cont = torch.randint(0, 512, (12,), generator=gen).tolist()
+
+    def teacher_forced(model, graphs):
+        cache = KVCache.for_model(model, 1, len(prompt) + len(cont))
+        ids = torch.tensor([prompt], device="cuda")
+        model(ids, torch.arange(len(prompt), device="cuda")[None], cache)
+        runner = DecodeGraphRunner(model) if graphs else None
+        out = []
+        for p, t in enumerate(cont, start=len(prompt)):
+            tok, pos = torch.tensor([t], device="cuda"), torch.tensor([p], device="cuda")
+            if runner is not None:
+                logits, _ = runner.step(tok, pos, cache)
+            else:
+                logits = model(tok[:, None], pos[:, None], cache, decode=True)[:, 0]
+            out.append(logits.float().clone())
+        if runner is not None:
+            assert runner.captures == 1 and runner.disabled_reason is None, runner.disabled_reason
+        return torch.cat(out)
+
+    try:
+        ops.select_backend(None, "cuda")
+        model = neox_rt.load(DEFAULT_MODEL_DIR, dtype="float16", device="cuda", quantize=fmt, progress=False).model
+        if not bf16_kernels():
+            pytest.skip("the fused quantized sum needs kernels built for sm_80 or newer")
+        with torch.no_grad():
+            monkeypatch.setattr(cuda_ops, "SUM_B_FIRST", True)
+            graph_b = teacher_forced(model, True)
+            pdl = cuda_ops.PDL
+            monkeypatch.setattr(cuda_ops, "PDL", False)
+            eager_b = teacher_forced(model, False)
+            monkeypatch.setattr(cuda_ops, "PDL", pdl)
+            monkeypatch.setattr(cuda_ops, "SUM_B_FIRST", False)
+            graph_a = teacher_forced(model, True)
+    finally:
+        ops.select_backend("torch")
+    assert torch.isfinite(graph_b).all()
+    assert torch.equal(graph_b, eager_b), f"{fmt}: graph decode (PDL) and eager decode (no PDL) differ with b_first"
+    err = (graph_b - graph_a).abs().max().item()
+    assert err <= 1e-2 * graph_a.abs().max().item(), f"{fmt}: b_first vs default order {err}"
+    assert (graph_b.argmax(-1) == graph_a.argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.gpu
 def test_cuda_fused_bad_input_raises(quant_ext):
     """quant_linear_tiled_pair / _sum's own checks, one RuntimeError each."""
     t8 = tiled(make_weight("int8", 40, 256, 0, torch.float16))
@@ -1216,14 +1319,15 @@ def test_cuda_fused_op_table(quant_ext, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sum_norm", [0, 2])
+@pytest.mark.parametrize("sum_norm,b_first", [(0, False), (2, False), (0, True), (2, True)])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt, sum_norm):
+def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt, sum_norm, b_first):
     """The embedded default model loaded with quantize= on the cuda backend: every linear of the layers tiled at load
     (row-major with NEOX_RT_QUANT_TILED=0), and the logits of its kernels equal the reference runtime's (dequantize,
     then matmul) on the same model within fp16 rounding, in both layouts: a 32-token prompt (32 rows, the kernels'
     range), 8 one-token sequences and one (8 rows and one: the decode configurations, where QKV and h->4h, dense and
-    4h->h run as the fused pairs; with ``sum_norm`` the one row's sums also normalise for the next layer)."""
+    4h->h run as the fused pairs; with ``sum_norm`` the one row's sums also normalise for the next layer; with
+    ``b_first`` the sums read 4h->h's chunks first, before their wait, and decode attention triggers them late)."""
     import neox_rt
     from neox_rt.default_model import DEFAULT_MODEL_DIR
     from neox_rt.model.layers import Linear
@@ -1239,6 +1343,7 @@ def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt, sum_norm):
         for layout in ("tiled", "row-major"):
             monkeypatch.setattr(cuda_ops, "QUANT_TILED", int(layout == "tiled"))
             monkeypatch.setattr(cuda_ops, "SUM_NORM", sum_norm)
+            monkeypatch.setattr(cuda_ops, "SUM_B_FIRST", b_first)
             ops.select_backend(None, "cuda")
             neox = neox_rt.load(DEFAULT_MODEL_DIR, dtype="float16", device="cuda", quantize=fmt, progress=False)
             kinds = {type(m.weight) for m in neox.model.gpt_neox.layers.modules() if isinstance(m, Linear)}

@@ -528,23 +528,25 @@ def test_paged_decode_never_dereferences_entries_past_the_length_gpu(impl, bs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hd", [64, 96, 256])
-@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl", [
-    (1, False, False), (1, False, True), (4, True, False), (64, False, True), (64, True, True), (0, False, True)])
-def test_paged_decode_cuda_split_plans_gpu(dtype, hd, blocks_per_sm, merge_kernel, pdl):
+@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl,late", [
+    (1, False, False, False), (1, False, True, False), (4, True, False, False), (64, False, True, False),
+    (64, True, True, False), (0, False, True, False), (0, False, True, True), (64, False, True, True)])
+def test_paged_decode_cuda_split_plans_gpu(dtype, hd, blocks_per_sm, merge_kernel, pdl, late):
     """The CUDA kernel's split plans (1 block per SM: long splits of many table blocks; 64: splits of a step or two,
-    up to the 256-split cap), the in-kernel merge (ticket counters) and the merge kernel, PDL on and off; repeated
-    launches find the counters back at zero. Rows inside the first split, on split and block edges, at the
-    table's full capacity, and empty."""
+    up to the 256-split cap), the in-kernel merge (ticket counters) and the merge kernel, PDL on and off (and with
+    the next launch triggered after the blocks' wait, ``late``: NEOX_RT_SUM_B_FIRST=1); repeated launches find the
+    counters back at zero. Rows inside the first split, on split and block edges, at the table's full capacity, and
+    empty."""
     cuda_ops = cuda_backend()
     if cuda_ops is None:
         pytest.skip("neox_rt._C is not built here")
-    saved = cuda_ops.PDL
+    saved = cuda_ops.PDL, cuda_ops.SUM_B_FIRST
     try:
-        cuda_ops.PDL = pdl
+        cuda_ops.PDL, cuda_ops.SUM_B_FIRST = pdl, late
         check_paged_decode(hd, dtype, [4096, 1, 2, 17, 64, 65, 127, 128, 129, 1000, 0, 4095, 333, 1500],
                            impl="cuda", nh=3, repeat=3, blocks_per_sm=blocks_per_sm, merge_kernel=merge_kernel)
     finally:
-        cuda_ops.PDL = saved
+        cuda_ops.PDL, cuda_ops.SUM_B_FIRST = saved
 
 
 @pytest.mark.gpu

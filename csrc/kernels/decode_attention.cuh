@@ -233,10 +233,13 @@ struct DecodeNewToken {
 };
 
 // The split kernel's work for block (split, h, i), with the keys where `kv` says (ContiguousKeys or PagedKeys).
+// PDL: the next kernel may launch at the block's start, or with `pdl_late` only after the block's own wait, so that
+// it starts after every kernel before this one has finished (the quantized sum's BFIRST reads the layer's 4h output
+// before its own wait: csrc/kernels/quant_gemm.cuh).
 template <typename T, int HD, bool PDL, bool PIPE, int OPT, typename Keys, typename Len, typename NewToken = NoNewToken>
 __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const Len* seqlens, T* out, float* part_out,
                                                    float* part_ml, int* counters, int nh, int64_t capacity,
-                                                   int split_len, int splits, float scale_log2,
+                                                   int split_len, int splits, float scale_log2, bool pdl_late,
                                                    const NewToken& nt = NewToken()) {
   constexpr bool ROT = !std::is_same<NewToken, NoNewToken>::value;
   using L = DecodeLayout<T, HD, PIPE, OPT>;
@@ -247,11 +250,12 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
   // Slot indices are 32-bit in the loops (fewer registers; the launcher checks capacity * HD < 2^31).
   const int start = split * split_len;
   const int split_end = start + split_len < capacity ? start + split_len : static_cast<int>(capacity);
-  if (PDL) pdl_launch_dependents();
+  if (PDL && !pdl_late) pdl_launch_dependents();
   NEOX_RT_DECODE_TRACE_BEGIN(q);
   if (OPT & (kDecodePrefetch | kDecodePrefetchNoHint))
     kv.template prefetch_first_step<L::STEP, OPT>(seqlens + i, start, split_end, capacity);
   if (PDL) pdl_wait();  // q, the newest cache slot and seqlens come from earlier kernels
+  if (PDL && pdl_late) pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = threadIdx.x / LPK, lig = threadIdx.x % LPK;  // lane group (key) and lane in the group (dims)
   // seqlens[i] and this lane's slice of q (vectors lig, lig + LPK, ... of the row, in fp32, scaled into log2 units)
@@ -568,12 +572,12 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
                               float* __restrict__ part_ml,           // [b, nh, splits, 2] (max, sum)
                               int* __restrict__ counters,            // [b, nh] zeros, or null (separate merge)
                               int nh, int64_t capacity, int split_len, int splits, float scale_log2,
-                              const NewToken nt) {
+                              bool pdl_late, const NewToken nt) {
   const int h = blockIdx.y, i = blockIdx.z;
   const int64_t bh = static_cast<int64_t>(i) * nh + h;
   ContiguousKeys<T, HD> kv{k_cache + bh * capacity * HD, v_cache + bh * capacity * HD};
   decode_split_block<T, HD, PDL, PIPE, OPT>(kv, q, seqlens, out, part_out, part_ml, counters, nh, capacity,
-                                            split_len, splits, scale_log2, nt);
+                                            split_len, splits, scale_log2, pdl_late, nt);
 }
 
 // Len: seqlens' type (int64 for the contiguous cache, int32 for the paged one).
@@ -595,11 +599,11 @@ template <typename T, int HD, bool PIPE, int OPT = kDecodeDefaultOpt, typename N
 cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                 float* part_out, float* part_ml, int* counters, int b, int nh, int64_t capacity,
                                 int split_len, int splits, float scale_log2, bool pdl, cudaStream_t stream,
-                                const NewToken& nt = NewToken()) {
+                                const NewToken& nt = NewToken(), bool pdl_late = false) {
   return launch_kernel(pdl, decode_attention_split_kernel<T, HD, false, PIPE, OPT, NewToken>,
                        decode_attention_split_kernel<T, HD, true, PIPE, OPT, NewToken>, dim3(splits, nh, b),
                        dim3(kDecodeThreads), stream, q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters,
-                       nh, capacity, split_len, splits, scale_log2, nt);
+                       nh, capacity, split_len, splits, scale_log2, pdl_late, nt);
 }
 
 // nt: null (decode_attention: q given) or the fused rotary + KV write's inputs (rotary_decode_attention; q unused).
@@ -607,7 +611,8 @@ template <typename T, int HD>
 cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens,
                                        T* out, float* part_out, float* part_ml, int* counters, int b, int nh,
                                        int64_t capacity, int split_len, float scale, bool pdl, bool pipe,
-                                       cudaStream_t stream, const DecodeNewToken<T>* nt = nullptr) {
+                                       cudaStream_t stream, const DecodeNewToken<T>* nt = nullptr,
+                                       bool pdl_late = false) {
   const int splits = decode_attention_splits(capacity, split_len);
   if (b == 0 || nh == 0) return cudaSuccess;
   const float scale_log2 = scale * 1.4426950408889634f;
@@ -622,11 +627,12 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
     using NT = std::decay_t<decltype(token)>;
     return pipe ? launch_decode_split<T, HD, true, kDecodeDefaultOpt, NT>(q, k_cache, v_cache, seqlens, out, part_out,
                                                                          part_ml, counters, b, nh, capacity, split_len,
-                                                                         splits, scale_log2, pdl, stream, token)
+                                                                         splits, scale_log2, pdl, stream, token,
+                                                                         pdl_late)
                 : launch_decode_split<T, HD, false, kDecodeDefaultOpt, NT>(q, k_cache, v_cache, seqlens, out,
                                                                           part_out, part_ml, counters, b, nh, capacity,
                                                                           split_len, splits, scale_log2, pdl, stream,
-                                                                          token);
+                                                                          token, pdl_late);
   };
   const cudaError_t err = nt != nullptr ? go(*nt) : go(NoNewToken{});
   if (err != cudaSuccess || counters != nullptr || splits == 1) return err;
@@ -658,17 +664,19 @@ inline int decode_attention_split_len(int head_dim, int b, int nh, int64_t capac
 // split_len); counters: null (a second kernel merges) or b * nh ints that are zero (they are zero again after
 // the kernel). `pdl` needs sm_90 (the caller checks the device). `pipe`: the double-buffered steps (split_len
 // from decode_attention_split_len with the same `pipe`).
-// nt: as launch_decode_attention_hd (rotary_decode_attention passes the new token's inputs and null q).
+// nt: as launch_decode_attention_hd (rotary_decode_attention passes the new token's inputs and null q). pdl_late:
+// with pdl, the blocks trigger the next launch after their own wait (decode_split_block).
 template <typename T>
 cudaError_t launch_decode_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                     float* part_out, float* part_ml, int* counters, int b, int nh, int head_dim,
                                     int64_t capacity, int split_len, float scale, bool pdl, bool pipe,
-                                    cudaStream_t stream, const DecodeNewToken<T>* nt = nullptr) {
+                                    cudaStream_t stream, const DecodeNewToken<T>* nt = nullptr,
+                                    bool pdl_late = false) {
   switch (head_dim) {
 #define NEOX_RT_DECODE(HD)                                                                                      \
   case HD:                                                                                                      \
     return launch_decode_attention_hd<T, HD>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, \
-                                             nh, capacity, split_len, scale, pdl, pipe, stream, nt);
+                                             nh, capacity, split_len, scale, pdl, pipe, stream, nt, pdl_late);
     NEOX_RT_DECODE_HEAD_SIZES(NEOX_RT_DECODE)
 #undef NEOX_RT_DECODE
     default:

@@ -140,7 +140,7 @@ paged_decode_split_kernel(const T* __restrict__ q,               // [b, nh, HD]
                           float* __restrict__ part_ml,           // [b, nh, splits, 2] (max, sum)
                           int* __restrict__ counters,            // [b, nh] zeros, or null (separate merge)
                           int nh, int num_blocks, int block_shift, int max_blocks, int split_len, int splits,
-                          float scale_log2) {
+                          float scale_log2, bool pdl_late) {
   __shared__ int64_t s_off[kPagedMaxEntries];
   const int h = blockIdx.y, i = blockIdx.z;
   const int64_t block_elems = static_cast<int64_t>(HD) << block_shift;  // bs * HD
@@ -148,7 +148,7 @@ paged_decode_split_kernel(const T* __restrict__ q,               // [b, nh, HD]
                       h * block_elems, nh * block_elems, block_shift, num_blocks};
   const int64_t capacity = static_cast<int64_t>(max_blocks) << block_shift;
   decode_split_block<T, HD, PDL, kPagedPipe, OPT>(kv, q, seqlens, out, part_out, part_ml, counters, nh, capacity,
-                                                  split_len, splits, scale_log2);
+                                                  split_len, splits, scale_log2, pdl_late);
 }
 
 // Keys per split: decode_attention_split_len_hd's plan (about blocks_per_sm blocks per SM over the grid, at most
@@ -177,7 +177,7 @@ cudaError_t launch_paged_decode_attention_hd(const T* q, const T* k_cache, const
                                              const int* seqlens, T* out, float* part_out, float* part_ml,
                                              int* counters, int b, int nh, int num_blocks, int block_size,
                                              int max_blocks, int split_len, float scale, bool pdl,
-                                             cudaStream_t stream) {
+                                             cudaStream_t stream, bool pdl_late = false) {
   if (b == 0 || nh == 0) return cudaSuccess;
   if (block_size < 1 || (block_size & (block_size - 1)) != 0) return cudaErrorInvalidValue;
   int shift = 0;
@@ -196,7 +196,7 @@ cudaError_t launch_paged_decode_attention_hd(const T* q, const T* k_cache, const
       launch_kernel(pdl, paged_decode_split_kernel<T, HD, false>, paged_decode_split_kernel<T, HD, true>,
                     dim3(splits, nh, b), dim3(kDecodeThreads), stream, q, k_cache, v_cache, block_tables, seqlens,
                     out, part_out, part_ml, counters, nh, num_blocks, shift, max_blocks, split_len, splits,
-                    scale_log2);
+                    scale_log2, pdl_late);
   if (err != cudaSuccess || counters != nullptr || splits == 1) return err;
   decode_attention_reduce_kernel<T, HD, int><<<dim3(nh, b), kDecodeThreads, 0, stream>>>(
       part_out, part_ml, seqlens, out, nh, capacity, split_len, splits);
@@ -223,18 +223,20 @@ inline int paged_decode_split_len(int head_dim, int b, int nh, int max_blocks, i
 // split_len from paged_decode_split_len. part_out [b * nh * splits * HD] and part_ml [b * nh * splits * 2] floats,
 // splits = decode_attention_splits(max_blocks * block_size, split_len) (unused when splits == 1); counters: null (a
 // second kernel merges) or b * nh ints that are zero (zero again after the kernel). block_tables [b, max_blocks]
-// (rows contiguous) and seqlens [b] int32. `pdl` needs sm_90 (the caller checks the device).
+// (rows contiguous) and seqlens [b] int32. `pdl` needs sm_90 (the caller checks the device); pdl_late as
+// launch_decode_attention's.
 template <typename T>
 cudaError_t launch_paged_decode_attention(const T* q, const T* k_cache, const T* v_cache, const int* block_tables,
                                           const int* seqlens, T* out, float* part_out, float* part_ml, int* counters,
                                           int b, int nh, int head_dim, int num_blocks, int block_size, int max_blocks,
-                                          int split_len, float scale, bool pdl, cudaStream_t stream) {
+                                          int split_len, float scale, bool pdl, cudaStream_t stream,
+                                          bool pdl_late = false) {
   switch (head_dim) {
 #define NEOX_RT_PAGED_DECODE(HD)                                                                                   \
   case HD:                                                                                                         \
     return launch_paged_decode_attention_hd<T, HD>(q, k_cache, v_cache, block_tables, seqlens, out, part_out,   \
                                                    part_ml, counters, b, nh, num_blocks, block_size, max_blocks, \
-                                                   split_len, scale, pdl, stream);
+                                                   split_len, scale, pdl, stream, pdl_late);
     NEOX_RT_DECODE_HEAD_SIZES(NEOX_RT_PAGED_DECODE)
 #undef NEOX_RT_PAGED_DECODE
     default:

@@ -259,13 +259,16 @@ __device__ __forceinline__ constexpr bool quant_fold_active() {
 #endif
 }
 
-// A lane's 8 values of x: from global memory through L1 (ld.global.ca), or (XS) from the block's shared memory.
-template <bool XS, typename T>
+// A lane's 8 values of x: from global memory through L1 (ld.global.ca), or (XS) from the block's shared memory, or
+// (CG) through L2 only (ld.global.cg: x read before the dependent launch's wait, see quant_gemm_sum_kernel's BFIRST).
+template <bool XS, typename T, bool CG = false>
 __device__ __forceinline__ Vec<T, 8> load_x8(const T* p) {
   if constexpr (XS) {
     Vec<T, 8> v;
     *reinterpret_cast<uint4*>(&v) = *reinterpret_cast<const uint4*>(p);
     return v;
+  } else if constexpr (CG) {
+    return load_vec_cg<T, 8>(p);
   } else {
     return load_vec_ca<T, 8>(p);
   }
@@ -278,9 +281,9 @@ struct NoPrologue {
 // The main loop of a block: this warp's chunks of the block's 16 CT channels (from f0) into acc (fp32, added to what
 // it holds), the first S chunks asked for before griddepcontrol.wait where `wait` (PDL) is set, then `prologue()`
 // (the block's work that needs the previous kernel's output before x is read: NORM's LayerNorm), then the loop. XS: x
-// is in the block's shared memory.
+// is in the block's shared memory; XCG: x is read through L2 only (load_x8).
 template <typename T, typename F, int NT, int CT, int S, int WARPS, bool LEAN, bool FOLD, int TILED, bool XS = false,
-          typename Prologue = NoPrologue>
+          bool XCG = false, typename Prologue = NoPrologue>
 __device__ __forceinline__ void quant_gemm_accumulate(
     const T* __restrict__ x,               // [m, k]
     const uint8_t* __restrict__ qweight,   // [n, row_bytes(k)]: int8 [n, k] or int32 [n, k / 8]
@@ -508,8 +511,8 @@ __device__ __forceinline__ void quant_gemm_accumulate(
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
             // x (L1 / L2) arrives while the next chunks' weights (DRAM) are in flight
-            const Vec<T, 8> xv = kFold ? load_x8<XS>(xit + xrow[j] + (WARPS * F::kChunkK * s + 8 * kk))
-                                       : load_x8<XS>(xlane + xrow[j] + kx + 8 * kk);
+            const Vec<T, 8> xv = kFold ? load_x8<XS, T, XCG>(xit + xrow[j] + (WARPS * F::kChunkK * s + 8 * kk))
+                                       : load_x8<XS, T, XCG>(xlane + xrow[j] + kx + 8 * kk);
             uint32_t b[4];
             x_pairs<F>(*reinterpret_cast<const uint4*>(&xv), b);
 #pragma unroll
@@ -744,7 +747,14 @@ quant_gemm_pair_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict
 // latency a block, where two launches pay a kernel boundary). y is rounded once.
 // SUMNORM: then the next layer's dual LayerNorm of y by the last block to finish (layernorm.cuh's sum_norm_tail): the
 // LayerNorm's kernel and its boundary are gone; the next pair reads LN_a(y) and LN_b(y) as the LayerNorm kernel's.
-template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool SUMNORM = false>
+// BFIRST: b's chunks first, ALL of them before the dependent launch's wait (b.x read through L2 only), then a's (its
+// first chunks asked for before the wait, x_a after it). In a decode layer b.x is the pair's output (4h) and a.x
+// attention's (dense's input): the 4h->h stream runs while attention does, where a-first only asks for S chunks.
+// Only where b.x is complete when this kernel starts: the kernel before it in the stream either does not trigger
+// its dependents early (no PDL) or triggers them only after its own wait, as decode attention does with `pdl_late`
+// (decode_attention.cuh), so that every kernel before that one has finished (launch_quant_gemm_sum's comment).
+template <typename T, typename F, int NT, int CT, int S, int WARPS, int MIN_BLOCKS, bool PDL, bool SUMNORM = false,
+          bool BFIRST = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 quant_gemm_sum_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict__ bias_a,
                       const T* __restrict__ bias_b, const T* __restrict__ residual, T* __restrict__ y, int m, int n,
@@ -754,13 +764,22 @@ quant_gemm_sum_kernel(QuantOperand<T> a, QuantOperand<T> b, const T* __restrict_
   const int f0 = blockIdx.x * 16 * CT;
   float acc[CT][NT][4];
   zero_acc(acc);
-  quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
-      a.x, a.qweight, a.scales, nullptr, m, n, a.k, a.group_size, f0, PDL, acc);
-  // b's row offsets are computed after a's loop (an opaque k: hoisted above it, they spilled a register there)
-  int kb;
-  asm volatile("mov.b32 %0, %1;" : "=r"(kb) : "r"(b.k));
-  quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
-      b.x, b.qweight, b.scales, nullptr, m, n, kb, b.group_size, f0, false, acc);
+  if constexpr (BFIRST) {
+    quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled, false, true>(
+        b.x, b.qweight, b.scales, nullptr, m, n, b.k, b.group_size, f0, false, acc);
+    int ka;  // opaque, as kb below
+    asm volatile("mov.b32 %0, %1;" : "=r"(ka) : "r"(a.k));
+    quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
+        a.x, a.qweight, a.scales, nullptr, m, n, ka, a.group_size, f0, PDL, acc);
+  } else {
+    quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
+        a.x, a.qweight, a.scales, nullptr, m, n, a.k, a.group_size, f0, PDL, acc);
+    // b's row offsets are computed after a's loop (an opaque k: hoisted above it, they spilled a register there)
+    int kb;
+    asm volatile("mov.b32 %0, %1;" : "=r"(kb) : "r"(b.k));
+    quant_gemm_accumulate<T, F, NT, CT, S, WARPS, true, false, kQuantTiled>(
+        b.x, b.qweight, b.scales, nullptr, m, n, kb, b.group_size, f0, false, acc);
+  }
   quant_gemm_store<T, F, NT, CT, WARPS, true, false>(acc, partial, a.scales, bias_a, bias_b, residual, y, m, n, f0,
                                                      0);
   if constexpr (SUMNORM) sum_norm_tail<T, WARPS * 32>(y, ln, m, n);
@@ -1005,28 +1024,36 @@ cudaError_t launch_quant_gemm_pair(const QuantOperand<T>& a, const QuantOperand<
 // configuration the single launch takes for a layer of n channels at up to 8 rows: a narrow layer's 16 warps
 // (QuantConfigWide) where the grid is at most one block a SM, else two tiles a warp for int4 at n >= 8192, one
 // elsewhere. With `ln` (its ticket not null): also LN_a(y) and LN_b(y) (quant_gemm_sum_kernel's SUMNORM; n a multiple
-// of 8 within sum_norm_ok, up to kSumNormMaxRows rows).
+// of 8 within sum_norm_ok, up to kSumNormMaxRows rows). `b_first`: quant_gemm_sum_kernel's BFIRST (b's chunks, all
+// before the dependent launch's wait, then a's); the caller's promise that b.x is complete when this launch starts:
+// the kernel before it does not trigger early (decode attention launched with `pdl_late`, or no PDL at all). The
+// same sums in another order (a's chunks after b's).
 template <typename T, typename F>
 cudaError_t launch_quant_gemm_sum(const QuantOperand<T>& a, const QuantOperand<T>& b, const T* bias_a,
                                   const T* bias_b, const T* residual, T* y, int m, int n, bool pdl,
-                                  cudaStream_t stream, const SumNorm<T>& ln = SumNorm<T>{}) {
+                                  cudaStream_t stream, const SumNorm<T>& ln = SumNorm<T>{}, bool b_first = false) {
   if (const cudaError_t e = quant_fused_check<T, F>(a, n, b, n, m); e != cudaSuccess) return e;
   const bool normed = ln.ticket != nullptr;
   if (normed && (!sum_norm_ok(n, m) || ln.w_a == nullptr || ln.b_a == nullptr || ln.w_b == nullptr ||
                  ln.b_b == nullptr || ln.out_a == nullptr || ln.out_b == nullptr))
     return cudaErrorInvalidValue;
   if (m == 0) return cudaSuccess;
-  auto go = [&](auto ct, auto wide) {
+  auto go_order = [&](auto ct, auto wide, auto bfirst) {
     constexpr int CT = decltype(ct)::value;
+    constexpr bool BF = decltype(bfirst)::value;
     using C = std::conditional_t<decltype(wide)::value, QuantConfigWide<1>, QuantConfig<1, CT>>;
     const dim3 grid(ceil_div(n, 16 * CT)), block(C::kWarps * 32);
     if (normed)
-      return launch_kernel(pdl, quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false, true>,
-                           quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true, true>, grid,
-                           block, stream, a, b, bias_a, bias_b, residual, y, m, n, ln);
-    return launch_kernel(pdl, quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false>,
-                         quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true>, grid, block,
-                         stream, a, b, bias_a, bias_b, residual, y, m, n, ln);
+      return launch_kernel(
+          pdl, quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false, true, BF>,
+          quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true, true, BF>, grid, block,
+          stream, a, b, bias_a, bias_b, residual, y, m, n, ln);
+    return launch_kernel(pdl, quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, false, false, BF>,
+                         quant_gemm_sum_kernel<T, F, 1, CT, C::kSteps, C::kWarps, C::kMinBlocks, true, false, BF>,
+                         grid, block, stream, a, b, bias_a, bias_b, residual, y, m, n, ln);
+  };
+  auto go = [&](auto ct, auto wide) {
+    return b_first ? go_order(ct, wide, std::true_type{}) : go_order(ct, wide, std::false_type{});
   };
   if ((n + 15) / 16 <= device_sm_count()) return go(std::integral_constant<int, 1>{}, std::true_type{});
   if (F::kGrouped && n >= 8192) return go(std::integral_constant<int, 2>{}, std::false_type{});

@@ -25,27 +25,29 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
 // One query per sequence over its first seqlens[i] slots. q [b, nh, hd] -> [b, nh, hd]. pdl: programmatic
 // dependent launch (sm_90); blocks_per_sm: the split plan (0: the default); merge_kernel: merge the splits in a
 // second kernel instead of the last block of each head (for tests and benchmarks); variant: 0 default,
-// 1 single-buffered steps, 2 double-buffered (pipelined) steps (csrc/kernels/decode_attention.cuh).
+// 1 single-buffered steps, 2 double-buffered (pipelined) steps (csrc/kernels/decode_attention.cuh); pdl_late: with
+// pdl, the blocks let the next kernel launch only after their own wait, so that it starts after every kernel before
+// this one has finished (what the quantized sum's b_first needs).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& seqlens, double scale, bool pdl, int64_t blocks_per_sm,
-                            bool merge_kernel, int64_t variant);
+                            bool merge_kernel, int64_t variant, bool pdl_late);
 
 // rotary_kv_write, then decode_attention, in one launch (csrc/kernels/decode_attention.cuh, DecodeNewToken): qkv
 // [b, 1, nh*3*hd], positions [b, 1] (each sequence's new slot and rotary position; slots outside the cache are not
 // written), caches [B >= b, nh, T, hd] (written at the new slot), seqlens [b] -> the attention output [b, nh, hd].
-// pdl, blocks_per_sm, merge_kernel and variant as decode_attention.
+// pdl, blocks_per_sm, merge_kernel, variant and pdl_late as decode_attention.
 at::Tensor rotary_decode_attention(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
                                    const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache,
                                    at::Tensor& v_cache, const at::Tensor& seqlens, double scale, bool pdl,
-                                   int64_t blocks_per_sm, bool merge_kernel, int64_t variant);
+                                   int64_t blocks_per_sm, bool merge_kernel, int64_t variant, bool pdl_late);
 
 // decode_attention over the paged cache (defined in paged.cu; csrc/kernels/paged_attention.cuh): sequence i attends
 // over its first seqlens[i] positions through its row of block_tables. q [b, nh, hd], caches [num_blocks, nh, bs, hd]
 // (bs a power of two), block_tables [b, max_blocks] and seqlens [b] int32 -> [b, nh, hd]; seqlens[i] <= 0 gives
-// zeros. pdl, blocks_per_sm and merge_kernel as decode_attention.
+// zeros. pdl, blocks_per_sm, merge_kernel and pdl_late as decode_attention.
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seqlens, double scale, bool pdl,
-                                  int64_t blocks_per_sm, bool merge_kernel);
+                                  int64_t blocks_per_sm, bool merge_kernel, bool pdl_late);
 
 at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps, bool pdl);
 
@@ -78,6 +80,8 @@ at::Tensor quant_linear_tiled(const at::Tensor& x, const at::Tensor& qweight, co
                               const std::optional<at::Tensor>& residual, int64_t variant, bool pdl);
 // A parallel-residual layer's pairs of tiled linears (one format, 1-8 rows, the auto variant) in one launch each:
 // (act1(x1 W1^T + b1), act2(x2 W2^T + b2)), and x1 W1^T + x2 W2^T + b1 + b2 + residual (W1, W2 of out_features rows).
+// The sum's b_first: x2's chunks first, read before the dependent launch's wait: only where x2 is complete when the
+// launch starts (the kernel before it launched with pdl_late or without PDL; csrc/kernels/quant_gemm.cuh).
 std::tuple<at::Tensor, at::Tensor> quant_linear_tiled_pair(
     const at::Tensor& x1, const at::Tensor& qweight1, const at::Tensor& scales1, int64_t out_features1,
     int64_t group_size1, const std::optional<at::Tensor>& bias1, int64_t activation1, const at::Tensor& x2,
@@ -95,7 +99,7 @@ at::Tensor quant_linear_tiled_sum(const at::Tensor& x1, const at::Tensor& qweigh
                                   int64_t group_size1, const at::Tensor& x2, const at::Tensor& qweight2,
                                   const at::Tensor& scales2, int64_t group_size2, int64_t out_features, int64_t bits,
                                   const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                                  const std::optional<at::Tensor>& residual, bool pdl);
+                                  const std::optional<at::Tensor>& residual, bool pdl, bool b_first);
 // quant_linear_tiled_sum, then the next layer's dual LayerNorm of its output in the same launch (its last block):
 // (y, LN1(y), LN2(y)), up to 8 rows of a hidden size that is a multiple of 8, at most 8192.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_linear_tiled_sum_norm(
@@ -103,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_linear_tiled_sum_norm(
     const at::Tensor& x2, const at::Tensor& qweight2, const at::Tensor& scales2, int64_t group_size2,
     int64_t out_features, int64_t bits, const std::optional<at::Tensor>& bias1,
     const std::optional<at::Tensor>& bias2, const std::optional<at::Tensor>& residual, const at::Tensor& ln_weight1,
-    const at::Tensor& ln_bias1, const at::Tensor& ln_weight2, const at::Tensor& ln_bias2, double eps, bool pdl);
+    const at::Tensor& ln_bias1, const at::Tensor& ln_weight2, const at::Tensor& ln_bias2, double eps, bool pdl,
+    bool b_first);
 
 // Two single-row GEMVs in one launch (csrc/kernels/gemv_fused.cuh): (act1(x1 W1^T + b1), act2(x2 W2^T + b2)).
 // x1, x2: one row each ([..., k], numel k, k % 16 == 0). ksplit: warps per row's k (0 auto, 2, 4, 8); min_blocks:

@@ -20,7 +20,7 @@ namespace neox_rt {
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seqlens, double scale, bool pdl,
-                                  int64_t blocks_per_sm, bool merge_kernel) {
+                                  int64_t blocks_per_sm, bool merge_kernel, bool pdl_late) {
   TORCH_CHECK(q.is_cuda(), "neox_rt: q must be a CUDA tensor, got ", q.device());
   CHECK_SAME_DEVICE(q, k_cache, "q", "k_cache");
   CHECK_SAME_DEVICE(q, v_cache, "q", "v_cache");
@@ -83,7 +83,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         ptr<scalar_t>(q), ptr<scalar_t>(k_cache), ptr<scalar_t>(v_cache), ptr<int>(block_tables), ptr<int>(seqlens),
         ptr<scalar_t>(out), ptr<float>(part_out), ptr<float>(part_ml), counters, static_cast<int>(b),
         static_cast<int>(nh), static_cast<int>(hd), static_cast<int>(num_blocks), static_cast<int>(bs),
-        static_cast<int>(max_blocks), split_len, static_cast<float>(scale), pdl && pdl_supported(), stream);
+        static_cast<int>(max_blocks), split_len, static_cast<float>(scale), pdl && pdl_supported(), stream,
+        pdl_late);
     TORCH_CHECK(err == cudaSuccess, "neox_rt: paged_decode_attention launch failed: ", cudaGetErrorString(err));
   };
   if (dt == at::kHalf) run(static_cast<__half*>(nullptr));

@@ -352,7 +352,7 @@ std::vector<at::Tensor> run_tiled_sum(const char* op, const at::Tensor& x1, cons
                                       const at::Tensor& qweight2, const at::Tensor& scales2, int64_t group_size2,
                                       int64_t out_features, int64_t bits, const std::optional<at::Tensor>& bias1,
                                       const std::optional<at::Tensor>& bias2, const std::optional<at::Tensor>& residual,
-                                      bool pdl, SumNormParams ln = nullptr, double eps = 0.0) {
+                                      bool pdl, bool b_first, SumNormParams ln = nullptr, double eps = 0.0) {
   const auto shape = check_tiled(x1, qweight1, scales1, out_features, bits, group_size1, bias1, 0, residual, 0, op);
   check_tiled(x2, qweight2, scales2, out_features, bits, group_size2, bias2, 0, residual, 0, op);
   check_fused_pair(x1, x2, op);
@@ -378,7 +378,7 @@ std::vector<at::Tensor> run_tiled_sum(const char* op, const at::Tensor& x1, cons
     const SumNorm<scalar_t> norm = sum_norm_args<scalar_t>(ln, eps, out, ticket);
     auto go = [&](auto launch) {
       check_cuda(launch(a, b, b1, b2, r, ptr<scalar_t>(out[0]), static_cast<int>(m), static_cast<int>(out_features),
-                        use_pdl, stream, norm),
+                        use_pdl, stream, norm, b_first),
                  op);
     };
     if (bits == 4) go(launch_quant_gemm_sum<scalar_t, QuantInt4>);
@@ -396,9 +396,9 @@ at::Tensor quant_linear_tiled_sum(const at::Tensor& x1, const at::Tensor& qweigh
                                   int64_t group_size1, const at::Tensor& x2, const at::Tensor& qweight2,
                                   const at::Tensor& scales2, int64_t group_size2, int64_t out_features, int64_t bits,
                                   const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                                  const std::optional<at::Tensor>& residual, bool pdl) {
+                                  const std::optional<at::Tensor>& residual, bool pdl, bool b_first) {
   return run_tiled_sum("quant_linear_tiled_sum", x1, qweight1, scales1, group_size1, x2, qweight2, scales2,
-                       group_size2, out_features, bits, bias1, bias2, residual, pdl)[0];
+                       group_size2, out_features, bits, bias1, bias2, residual, pdl, b_first)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_linear_tiled_sum_norm(
@@ -406,10 +406,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_linear_tiled_sum_norm(
     const at::Tensor& x2, const at::Tensor& qweight2, const at::Tensor& scales2, int64_t group_size2,
     int64_t out_features, int64_t bits, const std::optional<at::Tensor>& bias1,
     const std::optional<at::Tensor>& bias2, const std::optional<at::Tensor>& residual, const at::Tensor& ln_weight1,
-    const at::Tensor& ln_bias1, const at::Tensor& ln_weight2, const at::Tensor& ln_bias2, double eps, bool pdl) {
+    const at::Tensor& ln_bias1, const at::Tensor& ln_weight2, const at::Tensor& ln_bias2, double eps, bool pdl,
+    bool b_first) {
   const at::Tensor* const ln[] = {&ln_weight1, &ln_bias1, &ln_weight2, &ln_bias2};
   auto out = run_tiled_sum("quant_linear_tiled_sum_norm", x1, qweight1, scales1, group_size1, x2, qweight2, scales2,
-                           group_size2, out_features, bits, bias1, bias2, residual, pdl, ln, eps);
+                           group_size2, out_features, bits, bias1, bias2, residual, pdl, b_first, ln, eps);
   return {out[0], out[1], out[2]};
 }
 

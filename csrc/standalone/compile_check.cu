@@ -21,7 +21,7 @@ namespace neox_rt {
                                                  cudaStream_t);                                                 \
   template cudaError_t launch_decode_attention<T>(const T*, const T*, const T*, const int64_t*, T*, float*,   \
                                                   float*, int*, int, int, int, int64_t, int, float, bool, bool,\
-                                                  cudaStream_t, const DecodeNewToken<T>*);                     \
+                                                  cudaStream_t, const DecodeNewToken<T>*, bool);               \
   template cudaError_t launch_layernorm<T>(const T*, const T*, const T*, T*, const T*, const T*, T*, int64_t,  \
                                            int, float, int, bool, cudaStream_t);                 \
   template cudaError_t launch_p2p_all_reduce<T>(const T*, T*, long long, const P2PBuffers&, bool, cudaStream_t); \
@@ -35,7 +35,7 @@ NEOX_RT_INSTANTIATE_ALL(__nv_bfloat16)
 #define NEOX_RT_INSTANTIATE_PAGED(T)                                                                                \
   template cudaError_t launch_paged_decode_attention<T>(const T*, const T*, const T*, const int*, const int*, T*,  \
                                                         float*, float*, int*, int, int, int, int, int, int, int,   \
-                                                        float, bool, cudaStream_t);
+                                                        float, bool, cudaStream_t, bool);
 NEOX_RT_INSTANTIATE_PAGED(float)
 NEOX_RT_INSTANTIATE_PAGED(__half)
 NEOX_RT_INSTANTIATE_PAGED(__nv_bfloat16)
@@ -66,7 +66,7 @@ template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const __nv
                                                     const QuantNorm<T>&, int, int);                                   \
   template cudaError_t launch_quant_gemm_sum<T, F>(const QuantOperand<T>&, const QuantOperand<T>&, const T*,         \
                                                    const T*, const T*, T*, int, int, bool, cudaStream_t,              \
-                                                   const SumNorm<T>&);
+                                                   const SumNorm<T>&, bool);
 NEOX_RT_INSTANTIATE_QUANT(__half)
 NEOX_RT_INSTANTIATE_QUANT(__nv_bfloat16)
 #undef NEOX_RT_INSTANTIATE_QUANT

@@ -125,6 +125,11 @@ QUANT_NORM_AUTO_MAX_ELEMS = 2560
 # after another by one block) of a hidden size up to SUM_NORM_MAX_HIDDEN (kSumNormVecs vectors of 8 a thread of 8
 # warps).
 SUM_NORM = _env_int("NEOX_RT_SUM_NORM", 1, 0, 2)
+# The quantized sum's order (quant_gemm_sum_kernel's BFIRST): 1 runs 4h->h's chunks first, all of them before the
+# dependent launch's wait, while decode attention runs (its x, the pair's output, complete before the sum starts:
+# decode attention then lets the sum launch only after its own wait, `pdl_late`, in every decode-attention op here);
+# 0 (default until measured) dense's chunks first, asked for before the wait, and the rest after it.
+SUM_B_FIRST = bool(_env_int("NEOX_RT_SUM_B_FIRST", 0, 0, 1))
 SUM_NORM_MAX_ROWS = 1
 SUM_NORM_MAX_HIDDEN = 8192
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
@@ -162,16 +167,18 @@ def _register_fakes() -> None:
         return qkv.new_empty(b, s, k_cache.shape[1], k_cache.shape[3])
 
     @lib.register_fake("neox_rt::decode_attention")
-    def _(q, k_cache, v_cache, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False, variant=0):
+    def _(q, k_cache, v_cache, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False, variant=0,
+          pdl_late=False):
         return torch.empty_like(q)
 
     @lib.register_fake("neox_rt::rotary_decode_attention")
     def _(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, seqlens, scale, pdl=False, blocks_per_sm=0,
-          merge_kernel=False, variant=0):
+          merge_kernel=False, variant=0, pdl_late=False):
         return qkv.new_empty(qkv.shape[0], k_cache.shape[1], k_cache.shape[3])
 
     @lib.register_fake("neox_rt::paged_decode_attention")
-    def _(q, k_cache, v_cache, block_tables, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False):
+    def _(q, k_cache, v_cache, block_tables, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False,
+          pdl_late=False):
         return torch.empty_like(q)
 
     @lib.register_fake("neox_rt::layernorm")
@@ -211,12 +218,12 @@ def _register_fakes() -> None:
 
     @lib.register_fake("neox_rt::quant_linear_tiled_sum")
     def _(x1, qweight1, scales1, group_size1, x2, qweight2, scales2, group_size2, out_features, bits, bias1, bias2,
-          residual=None, pdl=False):
+          residual=None, pdl=False, b_first=False):
         return x1.new_empty((*x1.shape[:-1], out_features))
 
     @lib.register_fake("neox_rt::quant_linear_tiled_sum_norm")
     def _(x1, qweight1, scales1, group_size1, x2, qweight2, scales2, group_size2, out_features, bits, bias1, bias2,
-          residual, ln_weight1, ln_bias1, ln_weight2, ln_bias2, eps, pdl=False):
+          residual, ln_weight1, ln_bias1, ln_weight2, ln_bias2, eps, pdl=False, b_first=False):
         shape = (*x1.shape[:-1], out_features)
         return x1.new_empty(shape), x1.new_empty(shape), x1.new_empty(shape)
 
@@ -313,7 +320,7 @@ def tiled_linear_sum(x1, w1, x2, w2, bias1=None, bias2=None, residual=None):
     q2, s2, g2 = _tiled_args(w2)
     bits = _tiled_bits(w1)
     return torch.ops.neox_rt.quant_linear_tiled_sum(x1, q1, s1, g1, x2, q2, s2, g2, w1.out_features, bits, bias1,
-                                                    bias2, residual, PDL)
+                                                    bias2, residual, PDL, SUM_B_FIRST)
 
 
 def linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps):
@@ -331,7 +338,7 @@ def tiled_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, 
     bits = _tiled_bits(w1)
     return tuple(torch.ops.neox_rt.quant_linear_tiled_sum_norm(x1, q1, s1, g1, x2, q2, s2, g2, w1.out_features, bits,
                                                                bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2,
-                                                               float(eps), PDL))
+                                                               float(eps), PDL, SUM_B_FIRST))
 
 
 def tiled_norm_linear_pair(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, act1, w2, b2, act2):
@@ -380,7 +387,7 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | N
     bps = DECODE_BLOCKS_PER_SM if blocks_per_sm is None else int(blocks_per_sm)
     var = DECODE_VARIANT if variant is None else int(variant)
     return torch.ops.neox_rt.decode_attention(q, k_cache, v_cache, seqlens, float(scale), PDL, bps,
-                                              bool(merge_kernel), var)
+                                              bool(merge_kernel), var, SUM_B_FIRST)
 
 
 def rotary_decode_attention(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, seqlens, scale,
@@ -391,7 +398,8 @@ def rotary_decode_attention(qkv, positions, cos, sin, rotary_ndims, k_cache, v_c
     bps = DECODE_BLOCKS_PER_SM if blocks_per_sm is None else int(blocks_per_sm)
     var = DECODE_VARIANT if variant is None else int(variant)
     return torch.ops.neox_rt.rotary_decode_attention(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache,
-                                                     seqlens, float(scale), PDL, bps, bool(merge_kernel), var)
+                                                     seqlens, float(scale), PDL, bps, bool(merge_kernel), var,
+                                                     SUM_B_FIRST)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, scale, blocks_per_sm: int | None = None,
@@ -400,7 +408,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, scale, bl
     width); ``blocks_per_sm`` (default DECODE_BLOCKS_PER_SM) and ``merge_kernel`` are for tests and bench sweeps."""
     bps = DECODE_BLOCKS_PER_SM if blocks_per_sm is None else int(blocks_per_sm)
     return torch.ops.neox_rt.paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, float(scale), PDL,
-                                                    bps, bool(merge_kernel))
+                                                    bps, bool(merge_kernel), SUM_B_FIRST)
 
 
 def scaled_causal_softmax(scores, query_positions, scale):
