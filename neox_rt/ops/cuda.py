@@ -125,11 +125,13 @@ QUANT_NORM_AUTO_MAX_ELEMS = 2560
 # after another by one block) of a hidden size up to SUM_NORM_MAX_HIDDEN (kSumNormVecs vectors of 8 a thread of 8
 # warps).
 SUM_NORM = _env_int("NEOX_RT_SUM_NORM", 1, 0, 2)
-# The quantized sum's order (quant_gemm_sum_kernel's BFIRST): 1 runs 4h->h's chunks first, all of them before the
-# dependent launch's wait, while decode attention runs (its x, the pair's output, complete before the sum starts:
-# decode attention then lets the sum launch only after its own wait, `pdl_late`, in every decode-attention op here);
-# 0 (default until measured) dense's chunks first, asked for before the wait, and the rest after it.
-SUM_B_FIRST = bool(_env_int("NEOX_RT_SUM_B_FIRST", 0, 0, 1))
+# The quantized sum's order (quant_gemm_sum_kernel's BFIRST): 1 (default) runs 4h->h's chunks first, all of them
+# before the dependent launch's wait, while decode attention runs (its x, the pair's output, complete before the sum
+# starts: decode attention then lets the sum launch only after its own wait, `pdl_late`, in every decode-attention op
+# here); 0 dense's chunks first, asked for before the wait, and the rest after it (A/B runs). One H100 at one row with
+# the int8 LM head (bench/NOTES.md session 24): 20B int4 4.70 -> 4.63 ms a token, int8 7.30 -> 7.19; 1.4b int4
+# 0.66 -> 0.64, int8 0.75 -> 0.66.
+SUM_B_FIRST = bool(_env_int("NEOX_RT_SUM_B_FIRST", 1, 0, 1))
 SUM_NORM_MAX_ROWS = 1
 SUM_NORM_MAX_HIDDEN = 8192
 LAYERNORM_MAX_HIDDEN_UNALIGNED = 8192  # 1024 threads x 8 scalars (csrc/kernels/layernorm.cuh)
