@@ -1079,8 +1079,10 @@ def test_cuda_tiled_sum_norm(quant_ext, dtype, fmt):
         for rows in FUSED_ROWS:
             x1, x2 = randn(rows, k1, seed=rows).to("cuda", dtype), randn(rows, k2, seed=rows + 9).to("cuda", dtype)
             res = (randn(rows, n, seed=6) * 2 + 30).to("cuda", dtype)
+            pair_normalises = cuda_ops.QUANT_FUSED == 2 and rows * n <= cuda_ops.QUANT_NORM_AUTO_MAX_ELEMS
             assert cuda_ops.supports_tiled_linear_sum_norm(x1, t1, x2, t2, b1, b2, res, *ln, 1e-5) == (
-                cuda_ops.SUM_NORM == 2 and rows <= cuda_ops.SUM_NORM_MAX_ROWS)
+                (cuda_ops.SUM_NORM == 2 or (cuda_ops.SUM_NORM == 3 and not pair_normalises))
+                and rows <= cuda_ops.SUM_NORM_MAX_ROWS)
             for pdl in (rows % 2 == 1, True):
                 poison_allocator()
                 y, a, m = quant_ext.quant_linear_tiled_sum_norm(x1, q1, s1, g1, x2, q2, s2, g2, n, bits, b1, b2, res,
@@ -1319,14 +1321,15 @@ def test_cuda_fused_op_table(quant_ext, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sum_norm,b_first", [(0, False), (2, False), (0, True), (2, True)])
+@pytest.mark.parametrize("sum_norm,b_first", [(0, False), (2, False), (0, True), (2, True), (3, True)])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt, sum_norm, b_first):
     """The embedded default model loaded with quantize= on the cuda backend: every linear of the layers tiled at load
     (row-major with NEOX_RT_QUANT_TILED=0), and the logits of its kernels equal the reference runtime's (dequantize,
     then matmul) on the same model within fp16 rounding, in both layouts: a 32-token prompt (32 rows, the kernels'
     range), 8 one-token sequences and one (8 rows and one: the decode configurations, where QKV and h->4h, dense and
-    4h->h run as the fused pairs; with ``sum_norm`` the one row's sums also normalise for the next layer; with
+    4h->h run as the fused pairs; with ``sum_norm`` 2 the one row's sums also normalise for the next layer (3, the
+    default: not here, where the next pair normalises its 384 values itself); with
     ``b_first`` the sums read 4h->h's chunks first, before their wait, and decode attention triggers them late)."""
     import neox_rt
     from neox_rt.default_model import DEFAULT_MODEL_DIR
@@ -1359,7 +1362,7 @@ def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt, sum_norm, b_f
             ln1, ln2 = layer1.input_layernorm, layer1.post_attention_layernorm
             served = ops.OPS["linear_sum_norm"].served_by(x, dense, up, down, None, None, x, ln1.weight, ln1.bias,
                                                           ln2.weight, ln2.bias, ln1.eps)
-            assert served == ("cuda" if sum_norm and layout == "tiled" and bf16_kernels() else "torch"), served
+            assert served == ("cuda" if sum_norm == 2 and layout == "tiled" and bf16_kernels() else "torch"), served
             with torch.no_grad():
                 fast = [neox.logits(ids).float() for ids in batches]
                 ops.select_backend("torch")

@@ -117,14 +117,16 @@ QUANT_NORM_MAX_ELEMS = 16384  # kQuantNormMaxElems: rows x hidden the kernel nor
 QUANT_NORM_AUTO_MAX_ELEMS = 2560
 # The next layer's dual LayerNorm in the sum's launch (linear_sum_norm: the last block of gemv_sum_kernel, fp16 /
 # bf16 weights, or of quant_gemm_sum_kernel, tiled int8 / int4, normalises y; csrc/kernels/layernorm.cuh's
-# sum_norm_tail), in place of the LayerNorm's kernel and its boundary: 0 off, 1 (default) for tensor weights, 2 for
-# the quantized sums too. One H100 at one row (bench/NOTES.md session 22): fp16 pythia-1.4b 1.26 -> 1.20 ms a token,
-# 20B 13.60 -> 13.57; quantized, 20B int4 unchanged and 1.4b int4 0.70 -> 0.75 (its pairs lose the LayerNorm inside,
-# which was cheaper there than the sum's last block): quantized sums keep the LayerNorm kernel or the norm pair by
-# default. The op table sends it SUM_NORM_MAX_ROWS rows (the kernels take up to kSumNormMaxRows = 8, normalised one
+# sum_norm_tail), in place of the LayerNorm's kernel and its boundary: 0 off, 1 for tensor weights, 2 for the
+# quantized sums too, 3 (default) for tensor weights and for the quantized sums whose next pair would not take the
+# LayerNorm inside (rows x hidden above QUANT_NORM_AUTO_MAX_ELEMS, or QUANT_FUSED < 2). One H100 at one row
+# (bench/NOTES.md session 22): fp16 pythia-1.4b 1.26 -> 1.20 ms a token, 20B 13.60 -> 13.57; quantized, 1.4b int4
+# 0.70 -> 0.75 (its pairs lose the LayerNorm inside, which was cheaper there than the sum's last block), and since
+# the sum reads 4h->h first (SUM_B_FIRST, session 24) 20B int8 7.19-7.21 -> 7.12-7.13 and int4 4.69-4.70 ->
+# 4.66-4.70, where the LayerNorm otherwise runs as a kernel of its own. The op table sends it SUM_NORM_MAX_ROWS rows (the kernels take up to kSumNormMaxRows = 8, normalised one
 # after another by one block) of a hidden size up to SUM_NORM_MAX_HIDDEN (kSumNormVecs vectors of 8 a thread of 8
 # warps).
-SUM_NORM = _env_int("NEOX_RT_SUM_NORM", 1, 0, 2)
+SUM_NORM = _env_int("NEOX_RT_SUM_NORM", 3, 0, 3)
 # The quantized sum's order (quant_gemm_sum_kernel's BFIRST): 1 (default) runs 4h->h's chunks first, all of them
 # before the dependent launch's wait, while decode attention runs (its x, the pair's output, complete before the sum
 # starts: decode attention then lets the sum launch only after its own wait, `pdl_late`, in every decode-attention op
@@ -623,14 +625,20 @@ def _sum_norm_ok(x1, n, params) -> bool:
 
 
 def supports_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps) -> bool:
-    """SUM_NORM 1 or 2, as :func:`supports_linear_sum` (tensor weights, one row), and :func:`_sum_norm_ok`."""
+    """SUM_NORM 1-3, as :func:`supports_linear_sum` (tensor weights, one row), and :func:`_sum_norm_ok`."""
     return (SUM_NORM >= 1 and supports_linear_sum(x1, w1, x2, w2, bias1, bias2, residual)
             and _sum_norm_ok(x1, w1.shape[0], (ln_w1, ln_b1, ln_w2, ln_b2)))
 
 
 def supports_tiled_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1, ln_b1, ln_w2, ln_b2, eps) -> bool:
-    """SUM_NORM 2, as :func:`supports_tiled_linear_sum`, and :func:`_sum_norm_ok`."""
-    return (SUM_NORM == 2 and supports_tiled_linear_sum(x1, w1, x2, w2, bias1, bias2, residual)
+    """SUM_NORM 2, or 3 where the next layer's pair would not normalise its x itself (the output, rows x
+    out_features, above QUANT_NORM_AUTO_MAX_ELEMS, or QUANT_FUSED < 2: see supports_tiled_norm_linear_pair); as
+    :func:`supports_tiled_linear_sum`, and :func:`_sum_norm_ok`."""
+    rows = x1.numel() // max(x1.shape[-1], 1)
+    pair_normalises = QUANT_FUSED == 2 and rows * w1.out_features <= min(QUANT_NORM_AUTO_MAX_ELEMS,
+                                                                         QUANT_NORM_MAX_ELEMS)
+    return ((SUM_NORM == 2 or (SUM_NORM == 3 and not pair_normalises))
+            and supports_tiled_linear_sum(x1, w1, x2, w2, bias1, bias2, residual)
             and _sum_norm_ok(x1, w1.out_features, (ln_w1, ln_b1, ln_w2, ln_b2)))
 
 
