@@ -317,6 +317,31 @@ def test_cuda_sources_registered():
     assert f"kQuantFold = {FOLD}," in header and f"kQuantVariantLast = {cuda_ops.QUANT_VARIANT_LAST}" in header
 
 
+@pytest.mark.parametrize("sum_norm", [0, 1, 2, 3])
+def test_sum_norm_setting_selects_quantized_sums(monkeypatch, sum_norm):
+    """NEOX_RT_SUM_NORM's rule for the quantized sums (no GPU needed: the kernel's own bounds stubbed true): 2 takes
+    every one-row sum, 3 (the default) only those whose next pair would not normalise its input itself (one row of
+    hidden above QUANT_NORM_AUTO_MAX_ELEMS, as 20B's 6144; every one with the norm pair off, QUANT_FUSED < 2), 0 and 1
+    none."""
+    monkeypatch.setattr(cuda_ops, "supports_tiled_linear_sum", lambda *a: True)
+    monkeypatch.setattr(cuda_ops, "_sum_norm_ok", lambda *a: True)
+    monkeypatch.setattr(cuda_ops, "SUM_NORM", sum_norm)
+    assert cuda_ops.SUM_NORM_MAX_ROWS == 1
+
+    class W:
+        def __init__(self, n):
+            self.out_features = n
+
+    limit = cuda_ops.QUANT_NORM_AUTO_MAX_ELEMS
+    for fused in (2, 1):
+        monkeypatch.setattr(cuda_ops, "QUANT_FUSED", fused)
+        for hidden in (384, 2048, limit, limit + 8, 6144):
+            x = torch.empty(1, 1, 128)
+            got = cuda_ops.supports_tiled_linear_sum_norm(x, W(hidden), x, W(hidden), *[None] * 7, 1e-5)
+            want = sum_norm == 2 or (sum_norm == 3 and (fused < 2 or hidden > limit))
+            assert got == want, (sum_norm, fused, hidden)
+
+
 def test_cuda_supports_declines_cpu_and_bad_shapes(monkeypatch):
     """The CUDA predicates (no extension needed): CPU tensors never; on fake CUDA tensors (no GPU needed) the shapes,
     dtypes and formats the kernels take, and nothing else."""
