@@ -59,7 +59,8 @@
 //    int8 scales) before griddepcontrol.wait, x and the residual after it, never through the read-only path.
 //  - A parallel-residual layer's linears in two launches instead of four (tiled weights, 1-8 rows; below):
 //    quant_gemm_pair_kernel runs QKV and h->4h as one grid (optionally with the dual LayerNorm before them, each block
-//    normalising x into shared memory), quant_gemm_sum_kernel dense and 4h->h into the same sums.
+//    normalising x into shared memory), quant_gemm_sum_kernel dense and 4h->h into the same sums (BFIRST: 4h->h's
+//    chunks first, x included, before the dependent launch's wait, while decode attention runs).
 // Requirements (the launchers return cudaErrorInvalidValue otherwise; the torch launcher checks them first): rows of
 // x 1-64; int8 k % 64 == 0; int4 k % 128 == 0, group % 32 == 0 and k % group == 0; x, qweight 16-byte aligned and
 // contiguous; scales of x's dtype; bf16 on sm_80+ only (cudaErrorNotSupported); int4 in bf16: zeros < 128 (128 + zero

@@ -123,9 +123,9 @@ QUANT_NORM_AUTO_MAX_ELEMS = 2560
 # (bench/NOTES.md session 22): fp16 pythia-1.4b 1.26 -> 1.20 ms a token, 20B 13.60 -> 13.57; quantized, 1.4b int4
 # 0.70 -> 0.75 (its pairs lose the LayerNorm inside, which was cheaper there than the sum's last block), and since
 # the sum reads 4h->h first (SUM_B_FIRST, session 24) 20B int8 7.19-7.21 -> 7.12-7.13 and int4 4.69-4.70 ->
-# 4.66-4.70, where the LayerNorm otherwise runs as a kernel of its own. The op table sends it SUM_NORM_MAX_ROWS rows (the kernels take up to kSumNormMaxRows = 8, normalised one
-# after another by one block) of a hidden size up to SUM_NORM_MAX_HIDDEN (kSumNormVecs vectors of 8 a thread of 8
-# warps).
+# 4.66-4.70 (against the other arms of one call), where the LayerNorm otherwise runs as a kernel of its own. The op
+# table sends it SUM_NORM_MAX_ROWS rows (the kernels take up to kSumNormMaxRows = 8, normalised one after another by
+# one block) of a hidden size up to SUM_NORM_MAX_HIDDEN (kSumNormVecs vectors of 8 a thread of 8 warps).
 SUM_NORM = _env_int("NEOX_RT_SUM_NORM", 3, 0, 3)
 # The quantized sum's order (quant_gemm_sum_kernel's BFIRST): 1 (default) runs 4h->h's chunks first, all of them
 # before the dependent launch's wait, while decode attention runs (its x, the pair's output, complete before the sum
