@@ -170,6 +170,11 @@ cp "$SUMMARY" /tmp/neox_summary.txt
 # A second run in the same call (one command running this script twice) keeps the first archive: logs_2.tgz, ...
 ARCHIVE=logs.tgz; i=2
 while [ -e "$OUT/$ARCHIVE" ]; do ARCHIVE=logs_$i.tgz; i=$((i + 1)); done
-( cd "$OUT" && tar czf "$ARCHIVE" --remove-files $(ls *.log *.json summary.txt 2>/dev/null) 2>/dev/null )
+# The markdown tables (one a bench run: each A/B arm and round, the latency table) go into one file beside it
+# (logs_tables.md, each under its file's name) and into the archive: ten A/B tables once crowded out the rest.
+MDS=$(cd "$OUT" && ls *.md 2>/dev/null | grep -v '_tables\.md$')
+[ -n "$MDS" ] && ( cd "$OUT" && for f in $MDS; do echo "## $f"; cat "$f"; echo; done > "${ARCHIVE%.tgz}_tables.tmp" )
+( cd "$OUT" && tar czf "$ARCHIVE" --remove-files $(ls *.log *.json summary.txt $MDS 2>/dev/null) 2>/dev/null )
+[ -n "$MDS" ] && mv "$OUT/${ARCHIVE%.tgz}_tables.tmp" "$OUT/${ARCHIVE%.tgz}_tables.md"
 [ -d "$OUT/default_model" ] && ( cd "$OUT" && tar cf default_model.tar --remove-files default_model )
 echo; echo "===== summary"; cat /tmp/neox_summary.txt
