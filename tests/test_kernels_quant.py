@@ -1354,8 +1354,8 @@ def test_cuda_quantized_default_model(quant_ext, monkeypatch, fmt, sum_norm, b_f
     then matmul) on the same model within fp16 rounding, in both layouts: a 32-token prompt (32 rows, the kernels'
     range), 8 one-token sequences and one (8 rows and one: the decode configurations, where QKV and h->4h, dense and
     4h->h run as the fused pairs; with ``sum_norm`` 2 the one row's sums also normalise for the next layer (3, the
-    default: not here, where the next pair normalises its 384 values itself); with
-    ``b_first`` the sums read 4h->h's chunks first, before their wait, and decode attention triggers them late)."""
+    default: not here, where the next pair normalises its 384 values itself); with ``b_first`` the sums read
+    4h->h's chunks first, before their wait, and decode attention triggers them late)."""
     import neox_rt
     from neox_rt.default_model import DEFAULT_MODEL_DIR
     from neox_rt.model.layers import Linear
