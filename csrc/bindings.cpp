@@ -11,10 +11,11 @@ TORCH_LIBRARY(neox_rt, m) {
   m.def("rotary_kv_write(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, int rotary_ndims, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, bool pdl=False) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float scale, bool pdl=False, "
-        "int blocks_per_sm=0, bool merge_kernel=False, int variant=0, bool pdl_late=False) -> Tensor");
+        "int blocks_per_sm=0, bool merge_kernel=False, int variant=0, bool pdl_late=False, bool split_by_len=False) "
+        "-> Tensor");
   m.def("rotary_decode_attention(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, int rotary_ndims, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor seqlens, float scale, bool pdl=False, int blocks_per_sm=0, "
-        "bool merge_kernel=False, int variant=0, bool pdl_late=False) -> Tensor");
+        "bool merge_kernel=False, int variant=0, bool pdl_late=False, bool split_by_len=False) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seqlens, "
         "float scale, bool pdl=False, int blocks_per_sm=0, bool merge_kernel=False, bool pdl_late=False) -> Tensor");
   m.def("layernorm(Tensor x, Tensor weight, Tensor bias, float eps, bool pdl=False) -> Tensor");

@@ -216,14 +216,16 @@ def test_decode_attention(ext, dtype, hd, T):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
 @pytest.mark.parametrize("hd", [64, 96, 256])
-@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl,variant", [
-    (1, False, False, 1), (1, False, True, 2), (4, True, False, 2), (64, False, True, 1), (64, True, True, 2),
-    (0, False, True, 0)])
-def test_decode_attention_split_plans(ext, dtype, hd, blocks_per_sm, merge_kernel, pdl, variant):
+@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl,variant,by_len", [
+    (1, False, False, 1, False), (1, False, True, 2, False), (4, True, False, 2, False), (64, False, True, 1, False),
+    (64, True, True, 2, False), (0, False, True, 0, False), (0, False, True, 0, True), (4, True, False, 2, True),
+    (1, False, True, 1, True)])
+def test_decode_attention_split_plans(ext, dtype, hd, blocks_per_sm, merge_kernel, pdl, variant, by_len):
     """Every split plan (1 block per SM: many steps per split; 64: one step, tens of splits), the in-kernel merge
     (last block of each head, ticket counters) and the separate merge kernel, PDL on and off, single-buffered
-    (variant 1) and pipelined (2) steps; a batch of 13 sequences of different lengths, one of them inside the
-    first split and one at the full capacity."""
+    (variant 1) and pipelined (2) steps, the splits over the capacity or over each length (``by_len``,
+    NEOX_RT_DECODE_SPLIT_BY_LEN); a batch of 13 sequences of different lengths, one of them inside the first split
+    and one at the full capacity."""
     from neox_rt.ops import cuda as cuda_ops
     b, nh, T = 13, 5, 2047
     q = rand(b, nh, hd, dtype=dtype)
@@ -231,19 +233,20 @@ def test_decode_attention_split_plans(ext, dtype, hd, blocks_per_sm, merge_kerne
     seqlens = torch.tensor([T, 1, 2, 17, 64, 65, 127, 128, 129, 1000, 2046, 333, 1500], device="cuda")
     ref = ops.decode_attention_ref(q, kc, vc, seqlens, hd ** -0.5)
     ref64 = ops.decode_attention_ref(q.double(), kc.double(), vc.double(), seqlens, hd ** -0.5)
-    saved = cuda_ops.PDL
+    saved = cuda_ops.PDL, cuda_ops.DECODE_SPLIT_BY_LEN
     try:
-        cuda_ops.PDL = pdl
+        cuda_ops.PDL, cuda_ops.DECODE_SPLIT_BY_LEN = pdl, int(by_len)
         for _ in range(3):  # repeated launches: the ticket counters must be back at zero after each
             out = cuda_ops.decode_attention(q, kc, vc, seqlens, hd ** -0.5, blocks_per_sm=blocks_per_sm,
                                             merge_kernel=merge_kernel, variant=variant)
-            what = f"decode {dtype} hd={hd} plan={blocks_per_sm} merge={merge_kernel} variant={variant}"
+            what = (f"decode {dtype} hd={hd} plan={blocks_per_sm} merge={merge_kernel} variant={variant} "
+                    f"by_len={by_len}")
             if dtype == torch.float32:  # fp32: exp2 and summation order differ from torch's; no 2x rule there
                 torch.testing.assert_close(out.double(), ref64, rtol=1e-4, atol=1e-5, msg=what)
             else:
                 assert_by_rule(out, ref64, ref, what)
     finally:
-        cuda_ops.PDL = saved
+        cuda_ops.PDL, cuda_ops.DECODE_SPLIT_BY_LEN = saved
 
 
 @pytest.mark.gpu
@@ -264,25 +267,31 @@ def test_decode_attention_long_cache_caps_splits(ext, merge_kernel, variant):
 
 @pytest.mark.gpu
 def test_decode_attention_empty_sequence_is_zero(ext):
-    """seqlens 0 (nothing to attend to) gives zeros, not NaN, in one split or many."""
+    """seqlens 0 (nothing to attend to) gives zeros, not NaN, in one split or many, the splits over the capacity or
+    over each length."""
     q, kc, vc = rand(2, 3, 96), rand(2, 3, 700, 96), rand(2, 3, 700, 96)
     for bps in (1, 64):
-        out = torch.ops.neox_rt.decode_attention(q, kc, vc, torch.tensor([0, 700], device="cuda"), 0.1, False, bps)
-        assert torch.equal(out[0], torch.zeros_like(out[0]))
-        assert torch.isfinite(out[1]).all()
+        for by_len in (False, True):
+            out = torch.ops.neox_rt.decode_attention(q, kc, vc, torch.tensor([0, 700], device="cuda"), 0.1, False,
+                                                     bps, False, 0, False, by_len)
+            assert torch.equal(out[0], torch.zeros_like(out[0]))
+            assert torch.isfinite(out[1]).all()
 
 
 @pytest.mark.gpu
-def test_decode_attention_cuda_graph(ext):
-    """Captured once, replayed with other seqlens: no host sync, grid independent of seqlens."""
+@pytest.mark.parametrize("by_len", [False, True])
+def test_decode_attention_cuda_graph(ext, by_len):
+    """Captured once, replayed with other seqlens: no host sync, grid independent of seqlens (the splits over the
+    capacity, or over each length: ``by_len``)."""
     q = rand(2, 4, 96)
     kc, vc = rand(2, 4, 600, 96), rand(2, 4, 600, 96)
     seqlens = torch.tensor([5, 9], device="cuda")
-    ext.decode_attention(q, kc, vc, seqlens, 0.1)  # warm up outside the capture
+    args = (False, 0, False, 0, False, by_len)
+    ext.decode_attention(q, kc, vc, seqlens, 0.1, *args)  # warm up outside the capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = ext.decode_attention(q, kc, vc, seqlens, 0.1)
+        out = ext.decode_attention(q, kc, vc, seqlens, 0.1, *args)
     for lens in ([1, 600], [333, 77]):
         seqlens.copy_(torch.tensor(lens))
         g.replay()
@@ -319,23 +328,25 @@ def _rotary_decode_ref(qkv, pos, cos, sin, rd, kc, vc, seqlens, scale, rows):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
 @pytest.mark.parametrize("hd", HEAD_SIZES)
-@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl,variant,late", [
-    (0, False, True, 0, False), (1, False, False, 1, False), (64, True, True, 2, False), (64, False, False, 2, False),
-    (0, False, True, 0, True), (64, False, True, 2, True)])
-def test_rotary_decode_attention(ext, dtype, hd, blocks_per_sm, merge_kernel, pdl, variant, late):
+@pytest.mark.parametrize("blocks_per_sm,merge_kernel,pdl,variant,late,by_len", [
+    (0, False, True, 0, False, False), (1, False, False, 1, False, False), (64, True, True, 2, False, False),
+    (64, False, False, 2, False, False), (0, False, True, 0, True, False), (64, False, True, 2, True, False),
+    (0, False, True, 0, True, True), (4, True, False, 2, False, True)])
+def test_rotary_decode_attention(ext, dtype, hd, blocks_per_sm, merge_kernel, pdl, variant, late, by_len):
     """rotary_decode_attention (rotary + KV write inside decode attention) against rotary_kv_write, then
     decode_attention, with the same split plan: the caches bit for bit (slots outside the cache untouched); the output
     bit for bit where the new token is not its sequence's last (the block writes it, then reads it back) or not in the
     cache, and by the rule against the fp64 reference everywhere (the last key taken from shared memory: its terms
     summed in another order). Every head size (rotary dims 8-64, partners not vector-aligned at 80 and 96), one split
     or many, both merges, PDL on and off, both step schemes; ``late``: both kernels launched with pdl_late (the next
-    launch triggered after the blocks' wait, NEOX_RT_SUM_B_FIRST=1)."""
+    launch triggered after the blocks' wait, NEOX_RT_SUM_B_FIRST=1); ``by_len``: both split each sequence's length
+    rather than the capacity (NEOX_RT_DECODE_SPLIT_BY_LEN=1)."""
     from neox_rt.ops import cuda as cuda_ops
     qkv, pos, cos, sin, rd, kc, vc, seqlens = _rotary_decode_case(dtype, hd)
     scale = hd ** -0.5
-    saved = cuda_ops.PDL, cuda_ops.SUM_B_FIRST
+    saved = cuda_ops.PDL, cuda_ops.SUM_B_FIRST, cuda_ops.DECODE_SPLIT_BY_LEN
     try:
-        cuda_ops.PDL, cuda_ops.SUM_B_FIRST = pdl, late
+        cuda_ops.PDL, cuda_ops.SUM_B_FIRST, cuda_ops.DECODE_SPLIT_BY_LEN = pdl, late, int(by_len)
         k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
         q = cuda_ops.rotary_kv_write(qkv, pos, cos, sin, rd, k1, v1)
         out1 = cuda_ops.decode_attention(q[:, 0], k1, v1, seqlens, scale, blocks_per_sm=blocks_per_sm,
@@ -348,7 +359,7 @@ def test_rotary_decode_attention(ext, dtype, hd, blocks_per_sm, merge_kernel, pd
             assert torch.equal(k2, k1) and torch.equal(v2, v1), f"hd={hd}: the caches differ"
             assert torch.equal(out2[5:], out1[5:]), f"hd={hd}: rows read back from the cache differ"
     finally:
-        cuda_ops.PDL, cuda_ops.SUM_B_FIRST = saved
+        cuda_ops.PDL, cuda_ops.SUM_B_FIRST, cuda_ops.DECODE_SPLIT_BY_LEN = saved
     assert not torch.equal(k2, kc), "nothing written"
     # row 5's position is past the cache and row 7 is not in the batch: nothing written there
     assert torch.equal(k2[5], kc[5]) and torch.equal(v2[7], vc[7]), "a slot outside the cache was written"

@@ -143,6 +143,19 @@ inline int decode_attention_split_len_hd(int b, int nh, int64_t capacity, int sm
 
 inline int decode_attention_splits(int64_t capacity, int split_len) { return ceil_div(capacity, split_len); }
 
+// Split by length (`len_unit` > 0): the plan above splits the CAPACITY, which a graph needs (the grid is fixed), so a
+// short sequence in a long cache falls into one or two long splits (a 1056-slot cache of 20B's 64 heads: 128-slot
+// splits, so the first 128 keys are read by one block a head). Instead the sequence's own length is split over the
+// same grid, in whole steps of len_unit slots and never longer than the plan's split_len (a multiple of the step):
+// the same grid, the same partials, the length read after the wait as before. len_unit 0: the plan's split_len.
+__host__ __device__ __forceinline__ int decode_len_split(int64_t len, int splits, int split_len, int len_unit) {
+  if (len_unit <= 0) return split_len;
+  int64_t s = len > 0 ? (len + splits - 1) / splits : 0;
+  s = (s + len_unit - 1) / len_unit * len_unit;
+  if (s < len_unit) s = len_unit;
+  return s < split_len ? static_cast<int>(s) : split_len;
+}
+
 __device__ __forceinline__ float softmax_weight(float m, float big) { return m == -INFINITY ? 0.f : exp2f(m - big); }
 
 // Merge the `used` splits of (i, h) = bh into out[bh]: out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - M).
@@ -235,12 +248,14 @@ struct DecodeNewToken {
 // The split kernel's work for block (split, h, i), with the keys where `kv` says (ContiguousKeys or PagedKeys).
 // PDL: the next kernel may launch at the block's start, or with `pdl_late` only after the block's own wait, so that
 // it starts after every kernel before this one has finished (the quantized sum's BFIRST reads the layer's 4h output
-// before its own wait: csrc/kernels/quant_gemm.cuh).
+// before its own wait: csrc/kernels/quant_gemm.cuh). len_unit > 0: the splits divide the sequence's length instead of
+// the capacity (decode_len_split; contiguous keys only: the paged kernel passes 0), the last split's range reaching
+// to the capacity for the new slot's write, and no L2 prefetch before the wait (its range is not known yet).
 template <typename T, int HD, bool PDL, bool PIPE, int OPT, typename Keys, typename Len, typename NewToken = NoNewToken>
 __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const Len* seqlens, T* out, float* part_out,
                                                    float* part_ml, int* counters, int nh, int64_t capacity,
                                                    int split_len, int splits, float scale_log2, bool pdl_late,
-                                                   const NewToken& nt = NewToken()) {
+                                                   int len_unit, const NewToken& nt = NewToken()) {
   constexpr bool ROT = !std::is_same<NewToken, NoNewToken>::value;
   using L = DecodeLayout<T, HD, PIPE, OPT>;
   constexpr int VEC = L::VEC, VPK = L::VPK, LPK = L::LPK, VPL = L::VPL, G = L::G, N = L::N;
@@ -248,11 +263,11 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
   const int split = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
   const int64_t bh = static_cast<int64_t>(i) * nh + h;
   // Slot indices are 32-bit in the loops (fewer registers; the launcher checks capacity * HD < 2^31).
-  const int start = split * split_len;
-  const int split_end = start + split_len < capacity ? start + split_len : static_cast<int>(capacity);
+  int start = split * split_len;
+  int split_end = start + split_len < capacity ? start + split_len : static_cast<int>(capacity);
   if (PDL && !pdl_late) pdl_launch_dependents();
   NEOX_RT_DECODE_TRACE_BEGIN(q);
-  if (OPT & (kDecodePrefetch | kDecodePrefetchNoHint))
+  if ((OPT & (kDecodePrefetch | kDecodePrefetchNoHint)) && len_unit <= 0)
     kv.template prefetch_first_step<L::STEP, OPT>(seqlens + i, start, split_end, capacity);
   if (PDL) pdl_wait();  // q, the newest cache slot and seqlens come from earlier kernels
   if (PDL && pdl_late) pdl_launch_dependents();
@@ -263,6 +278,11 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
   // before its first K/V loads, not two.
   // Both through the L2 only (__ldcg): with PDL the previous kernels may still be running when this one starts.
   const int64_t len_raw = __ldcg(seqlens + i);
+  const int slen = decode_len_split(len_raw < capacity ? len_raw : capacity, splits, split_len, len_unit);
+  if (len_unit > 0) {
+    start = split * slen;
+    split_end = split == splits - 1 || start + slen >= capacity ? static_cast<int>(capacity) : start + slen;
+  }
   kv.load_table(start, split_end);
   float qf[VPL][VEC];
   // ROT (module comment at DecodeNewToken): the new token's q, k, v as the projection wrote them (s_raw), q and k
@@ -375,7 +395,7 @@ __device__ __forceinline__ void decode_split_block(Keys& kv, const T* q, const L
   // write before reading keys (a barrier orders the stores before the block's loads).
   const bool fast_new = writer && pos == len - 1;
   const int end = fast_new ? static_cast<int>(pos) : (split_end < len ? split_end : len);
-  const int used = static_cast<int>((len + split_len - 1) / split_len);
+  const int used = (len + slen - 1) / slen;
   bool rotated = false;
   if (ROT && (writer && !fast_new)) {
     rotate_and_write();
@@ -572,12 +592,12 @@ decode_attention_split_kernel(const T* __restrict__ q,               // [b, nh, 
                               float* __restrict__ part_ml,           // [b, nh, splits, 2] (max, sum)
                               int* __restrict__ counters,            // [b, nh] zeros, or null (separate merge)
                               int nh, int64_t capacity, int split_len, int splits, float scale_log2,
-                              bool pdl_late, const NewToken nt) {
+                              bool pdl_late, int len_unit, const NewToken nt) {
   const int h = blockIdx.y, i = blockIdx.z;
   const int64_t bh = static_cast<int64_t>(i) * nh + h;
   ContiguousKeys<T, HD> kv{k_cache + bh * capacity * HD, v_cache + bh * capacity * HD};
   decode_split_block<T, HD, PDL, PIPE, OPT>(kv, q, seqlens, out, part_out, part_ml, counters, nh, capacity,
-                                            split_len, splits, scale_log2, pdl_late, nt);
+                                            split_len, splits, scale_log2, pdl_late, len_unit, nt);
 }
 
 // Len: seqlens' type (int64 for the contiguous cache, int32 for the paged one).
@@ -587,10 +607,11 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,    // [b, nh,
                                const float* __restrict__ part_ml,     // [b, nh, splits, 2]
                                const Len* __restrict__ seqlens,       // [b]
                                T* __restrict__ out,                   // [b, nh, HD]
-                               int nh, int64_t capacity, int split_len, int splits) {
+                               int nh, int64_t capacity, int split_len, int splits, int len_unit = 0) {
   const int h = blockIdx.x, i = blockIdx.y;
   const int64_t len = seqlens[i] < capacity ? seqlens[i] : capacity;
-  const int used = len <= 0 ? 0 : static_cast<int>((len + split_len - 1) / split_len);
+  const int slen = decode_len_split(len, splits, split_len, len_unit);  // the split kernel's
+  const int used = len <= 0 ? 0 : static_cast<int>((len + slen - 1) / slen);
   if (used <= 1) return;  // written by the split kernel (zeros for an empty sequence)
   merge_splits<T, HD>(part_out, part_ml, static_cast<int64_t>(i) * nh + h, splits, used, out);
 }
@@ -599,11 +620,12 @@ template <typename T, int HD, bool PIPE, int OPT = kDecodeDefaultOpt, typename N
 cudaError_t launch_decode_split(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                 float* part_out, float* part_ml, int* counters, int b, int nh, int64_t capacity,
                                 int split_len, int splits, float scale_log2, bool pdl, cudaStream_t stream,
-                                const NewToken& nt = NewToken(), bool pdl_late = false) {
+                                const NewToken& nt = NewToken(), bool pdl_late = false, bool by_len = false) {
   return launch_kernel(pdl, decode_attention_split_kernel<T, HD, false, PIPE, OPT, NewToken>,
                        decode_attention_split_kernel<T, HD, true, PIPE, OPT, NewToken>, dim3(splits, nh, b),
                        dim3(kDecodeThreads), stream, q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters,
-                       nh, capacity, split_len, splits, scale_log2, pdl_late, nt);
+                       nh, capacity, split_len, splits, scale_log2, pdl_late,
+                       by_len ? DecodeLayout<T, HD, PIPE, OPT>::STEP : 0, nt);
 }
 
 // nt: null (decode_attention: q given) or the fused rotary + KV write's inputs (rotary_decode_attention; q unused).
@@ -612,7 +634,7 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
                                        T* out, float* part_out, float* part_ml, int* counters, int b, int nh,
                                        int64_t capacity, int split_len, float scale, bool pdl, bool pipe,
                                        cudaStream_t stream, const DecodeNewToken<T>* nt = nullptr,
-                                       bool pdl_late = false) {
+                                       bool pdl_late = false, bool by_len = false) {
   const int splits = decode_attention_splits(capacity, split_len);
   if (b == 0 || nh == 0) return cudaSuccess;
   const float scale_log2 = scale * 1.4426950408889634f;
@@ -628,16 +650,19 @@ cudaError_t launch_decode_attention_hd(const T* q, const T* k_cache, const T* v_
     return pipe ? launch_decode_split<T, HD, true, kDecodeDefaultOpt, NT>(q, k_cache, v_cache, seqlens, out, part_out,
                                                                          part_ml, counters, b, nh, capacity, split_len,
                                                                          splits, scale_log2, pdl, stream, token,
-                                                                         pdl_late)
+                                                                         pdl_late, by_len)
                 : launch_decode_split<T, HD, false, kDecodeDefaultOpt, NT>(q, k_cache, v_cache, seqlens, out,
                                                                           part_out, part_ml, counters, b, nh, capacity,
                                                                           split_len, splits, scale_log2, pdl, stream,
-                                                                          token, pdl_late);
+                                                                          token, pdl_late, by_len);
   };
   const cudaError_t err = nt != nullptr ? go(*nt) : go(NoNewToken{});
   if (err != cudaSuccess || counters != nullptr || splits == 1) return err;
+  const int len_unit = !by_len ? 0
+                       : pipe ? DecodeLayout<T, HD, true>::STEP
+                              : DecodeLayout<T, HD, false>::STEP;  // launch_decode_split's (kDecodeDefaultOpt)
   decode_attention_reduce_kernel<T, HD><<<dim3(nh, b), kDecodeThreads, 0, stream>>>(part_out, part_ml, seqlens, out, nh,
-                                                                         capacity, split_len, splits);
+                                                                         capacity, split_len, splits, len_unit);
   return cudaGetLastError();
 }
 
@@ -665,18 +690,20 @@ inline int decode_attention_split_len(int head_dim, int b, int nh, int64_t capac
 // the kernel). `pdl` needs sm_90 (the caller checks the device). `pipe`: the double-buffered steps (split_len
 // from decode_attention_split_len with the same `pipe`).
 // nt: as launch_decode_attention_hd (rotary_decode_attention passes the new token's inputs and null q). pdl_late:
-// with pdl, the blocks trigger the next launch after their own wait (decode_split_block).
+// with pdl, the blocks trigger the next launch after their own wait (decode_split_block). by_len: the splits divide
+// each sequence's length rather than the capacity (decode_len_split; same grid, same workspace).
 template <typename T>
 cudaError_t launch_decode_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* seqlens, T* out,
                                     float* part_out, float* part_ml, int* counters, int b, int nh, int head_dim,
                                     int64_t capacity, int split_len, float scale, bool pdl, bool pipe,
                                     cudaStream_t stream, const DecodeNewToken<T>* nt = nullptr,
-                                    bool pdl_late = false) {
+                                    bool pdl_late = false, bool by_len = false) {
   switch (head_dim) {
 #define NEOX_RT_DECODE(HD)                                                                                      \
   case HD:                                                                                                      \
     return launch_decode_attention_hd<T, HD>(q, k_cache, v_cache, seqlens, out, part_out, part_ml, counters, b, \
-                                             nh, capacity, split_len, scale, pdl, pipe, stream, nt, pdl_late);
+                                             nh, capacity, split_len, scale, pdl, pipe, stream, nt, pdl_late,     \
+                                             by_len);
     NEOX_RT_DECODE_HEAD_SIZES(NEOX_RT_DECODE)
 #undef NEOX_RT_DECODE
     default:

@@ -148,7 +148,7 @@ paged_decode_split_kernel(const T* __restrict__ q,               // [b, nh, HD]
                       h * block_elems, nh * block_elems, block_shift, num_blocks};
   const int64_t capacity = static_cast<int64_t>(max_blocks) << block_shift;
   decode_split_block<T, HD, PDL, kPagedPipe, OPT>(kv, q, seqlens, out, part_out, part_ml, counters, nh, capacity,
-                                                  split_len, splits, scale_log2, pdl_late);
+                                                  split_len, splits, scale_log2, pdl_late, 0);
 }
 
 // Keys per split: decode_attention_split_len_hd's plan (about blocks_per_sm blocks per SM over the grid, at most

@@ -198,7 +198,7 @@ struct RotaryInputs {
 at::Tensor run_decode_attention(const at::Tensor* q, const RotaryInputs* rot, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& seqlens, int64_t b, int64_t nh,
                                 int64_t hd, double scale, bool pdl, int64_t blocks_per_sm, bool merge_kernel,
-                                int64_t variant, bool pdl_late, const char* op) {
+                                int64_t variant, bool pdl_late, bool split_by_len, const char* op) {
   const at::Tensor& query = q != nullptr ? *q : rot->qkv;
   CHECK_DTYPE(seqlens, at::kLong, "seqlens");
   CHECK_SHAPE(seqlens, b);
@@ -239,7 +239,8 @@ at::Tensor run_decode_attention(const at::Tensor* q, const RotaryInputs* rot, co
                                                  ptr<float>(part_out), ptr<float>(part_ml), counters,
                                                  static_cast<int>(b), static_cast<int>(nh), static_cast<int>(hd),
                                                  cap, split_len, static_cast<float>(scale), pdl && pdl_supported(),
-                                                 pipe, stream, rot != nullptr ? &nt : nullptr, pdl_late),
+                                                 pipe, stream, rot != nullptr ? &nt : nullptr, pdl_late,
+                                                 split_by_len),
                op);
   });
   return out;
@@ -249,7 +250,7 @@ at::Tensor run_decode_attention(const at::Tensor* q, const RotaryInputs* rot, co
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& seqlens, double scale, bool pdl, int64_t blocks_per_sm,
-                            bool merge_kernel, int64_t variant, bool pdl_late) {
+                            bool merge_kernel, int64_t variant, bool pdl_late, bool split_by_len) {
   CHECK_CUDA(q, "q");
   CHECK_SAME_DEVICE(q, k_cache, "q", "k_cache");
   CHECK_SAME_DEVICE(q, v_cache, "q", "v_cache");
@@ -267,7 +268,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "neox_rt: v_cache ", fmt(v_cache.sizes()),
               " must match k_cache ", fmt(k_cache.sizes()));
   return run_decode_attention(&q, nullptr, k_cache, v_cache, seqlens, b, nh, hd, scale, pdl, blocks_per_sm,
-                              merge_kernel, variant, pdl_late, "decode_attention");
+                              merge_kernel, variant, pdl_late, split_by_len, "decode_attention");
 }
 
 // decode_attention with the new token's rotary + KV write fused in (rotary_kv_write, then decode_attention, in one
@@ -275,7 +276,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 at::Tensor rotary_decode_attention(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
                                    const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache,
                                    at::Tensor& v_cache, const at::Tensor& seqlens, double scale, bool pdl,
-                                   int64_t blocks_per_sm, bool merge_kernel, int64_t variant, bool pdl_late) {
+                                   int64_t blocks_per_sm, bool merge_kernel, int64_t variant, bool pdl_late,
+                                   bool split_by_len) {
   const RotaryShape r = check_rotary(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache,
                                      "rotary_decode_attention");
   CHECK_SAME_DEVICE(qkv, seqlens, "qkv", "seqlens");
@@ -284,7 +286,7 @@ at::Tensor rotary_decode_attention(const at::Tensor& qkv, const at::Tensor& posi
   CHECK_SHAPE(positions, r.b, 1);
   const RotaryInputs rot{qkv, positions, cos, sin, rotary_ndims};
   return run_decode_attention(nullptr, &rot, k_cache, v_cache, seqlens, r.b, r.nh, r.hd, scale, pdl, blocks_per_sm,
-                              merge_kernel, variant, pdl_late, "rotary_decode_attention");
+                              merge_kernel, variant, pdl_late, split_by_len, "rotary_decode_attention");
 }
 
 namespace {

@@ -27,19 +27,21 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& positions, c
 // second kernel instead of the last block of each head (for tests and benchmarks); variant: 0 default,
 // 1 single-buffered steps, 2 double-buffered (pipelined) steps (csrc/kernels/decode_attention.cuh); pdl_late: with
 // pdl, the blocks let the next kernel launch only after their own wait, so that it starts after every kernel before
-// this one has finished (what the quantized sum's b_first needs).
+// this one has finished (what the quantized sum's b_first needs); split_by_len: the splits divide each sequence's
+// length instead of the cache's capacity (decode_len_split in csrc/kernels/decode_attention.cuh).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& seqlens, double scale, bool pdl, int64_t blocks_per_sm,
-                            bool merge_kernel, int64_t variant, bool pdl_late);
+                            bool merge_kernel, int64_t variant, bool pdl_late, bool split_by_len);
 
 // rotary_kv_write, then decode_attention, in one launch (csrc/kernels/decode_attention.cuh, DecodeNewToken): qkv
 // [b, 1, nh*3*hd], positions [b, 1] (each sequence's new slot and rotary position; slots outside the cache are not
 // written), caches [B >= b, nh, T, hd] (written at the new slot), seqlens [b] -> the attention output [b, nh, hd].
-// pdl, blocks_per_sm, merge_kernel, variant and pdl_late as decode_attention.
+// pdl, blocks_per_sm, merge_kernel, variant, pdl_late and split_by_len as decode_attention.
 at::Tensor rotary_decode_attention(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
                                    const at::Tensor& sin, int64_t rotary_ndims, at::Tensor& k_cache,
                                    at::Tensor& v_cache, const at::Tensor& seqlens, double scale, bool pdl,
-                                   int64_t blocks_per_sm, bool merge_kernel, int64_t variant, bool pdl_late);
+                                   int64_t blocks_per_sm, bool merge_kernel, int64_t variant, bool pdl_late,
+                                   bool split_by_len);
 
 // decode_attention over the paged cache (defined in paged.cu; csrc/kernels/paged_attention.cuh): sequence i attends
 // over its first seqlens[i] positions through its row of block_tables. q [b, nh, hd], caches [num_blocks, nh, bs, hd]

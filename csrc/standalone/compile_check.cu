@@ -21,7 +21,7 @@ namespace neox_rt {
                                                  cudaStream_t);                                                 \
   template cudaError_t launch_decode_attention<T>(const T*, const T*, const T*, const int64_t*, T*, float*,   \
                                                   float*, int*, int, int, int, int64_t, int, float, bool, bool,\
-                                                  cudaStream_t, const DecodeNewToken<T>*, bool);               \
+                                                  cudaStream_t, const DecodeNewToken<T>*, bool, bool);         \
   template cudaError_t launch_layernorm<T>(const T*, const T*, const T*, T*, const T*, const T*, T*, int64_t,  \
                                            int, float, int, bool, cudaStream_t);                 \
   template cudaError_t launch_p2p_all_reduce<T>(const T*, T*, long long, const P2PBuffers&, bool, cudaStream_t); \

@@ -86,6 +86,10 @@ DECODE_VARIANT = _env_int("NEOX_RT_DECODE_VARIANT", 0, 0, 2)
 # A decode step's rotary + KV write inside the decode attention's launch (rotary_decode_attention; one kernel a layer
 # fewer): 1 (default), 0 the two kernels (rotary_kv_write, then decode_attention) for A/B runs.
 DECODE_ROTARY_FUSED = _env_int("NEOX_RT_DECODE_ROTARY_FUSED", 1, 0, 1)
+# Decode attention's splits over each sequence's length instead of the cache's capacity (contiguous caches:
+# decode_len_split in csrc/kernels/decode_attention.cuh): 1 on, 0 (default: not yet run on a GPU) off. A short
+# sequence in a long cache then spreads over the grid's splits instead of one or two long ones.
+DECODE_SPLIT_BY_LEN = _env_int("NEOX_RT_DECODE_SPLIT_BY_LEN", 0, 0, 1)
 # The fused pairs of single-row GEMVs (linear_pair, linear_sum; csrc/kernels/gemv_fused.cuh): warps splitting a
 # row's k (0 auto, 2, 4, 8) and the blocks per SM their registers are fitted to (0 auto: 3 in fp16, 2 in bf16; 2, 3 or
 # 4), for A/B runs.
@@ -172,12 +176,12 @@ def _register_fakes() -> None:
 
     @lib.register_fake("neox_rt::decode_attention")
     def _(q, k_cache, v_cache, seqlens, scale, pdl=False, blocks_per_sm=0, merge_kernel=False, variant=0,
-          pdl_late=False):
+          pdl_late=False, split_by_len=False):
         return torch.empty_like(q)
 
     @lib.register_fake("neox_rt::rotary_decode_attention")
     def _(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, seqlens, scale, pdl=False, blocks_per_sm=0,
-          merge_kernel=False, variant=0, pdl_late=False):
+          merge_kernel=False, variant=0, pdl_late=False, split_by_len=False):
         return qkv.new_empty(qkv.shape[0], k_cache.shape[1], k_cache.shape[3])
 
     @lib.register_fake("neox_rt::paged_decode_attention")
@@ -387,11 +391,12 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale, blocks_per_sm: int | N
                      merge_kernel: bool = False, variant: int | None = None):
     """Flash-decoding in one launch (the last block of each head merges the splits); ``blocks_per_sm`` (split
     plan, default DECODE_BLOCKS_PER_SM), ``merge_kernel`` (a second merge kernel instead) and ``variant`` (step
-    scheme, default DECODE_VARIANT) are for tests and bench sweeps."""
+    scheme, default DECODE_VARIANT) are for tests and bench sweeps; DECODE_SPLIT_BY_LEN splits each sequence's
+    length rather than the capacity."""
     bps = DECODE_BLOCKS_PER_SM if blocks_per_sm is None else int(blocks_per_sm)
     var = DECODE_VARIANT if variant is None else int(variant)
     return torch.ops.neox_rt.decode_attention(q, k_cache, v_cache, seqlens, float(scale), PDL, bps,
-                                              bool(merge_kernel), var, SUM_B_FIRST)
+                                              bool(merge_kernel), var, SUM_B_FIRST, bool(DECODE_SPLIT_BY_LEN))
 
 
 def rotary_decode_attention(qkv, positions, cos, sin, rotary_ndims, k_cache, v_cache, seqlens, scale,
@@ -403,7 +408,7 @@ def rotary_decode_attention(qkv, positions, cos, sin, rotary_ndims, k_cache, v_c
     var = DECODE_VARIANT if variant is None else int(variant)
     return torch.ops.neox_rt.rotary_decode_attention(qkv, positions, cos, sin, int(rotary_ndims), k_cache, v_cache,
                                                      seqlens, float(scale), PDL, bps, bool(merge_kernel), var,
-                                                     SUM_B_FIRST)
+                                                     SUM_B_FIRST, bool(DECODE_SPLIT_BY_LEN))
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, scale, blocks_per_sm: int | None = None,
