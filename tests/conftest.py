@@ -110,3 +110,23 @@ def train_tool():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def teacher_forced_logits(model, prompt, continuation, runner=None):
+    """Logits [len(continuation), V] (fp32) of prefill then decode steps fed ``continuation``, on the GPU; with
+    ``runner`` (a DecodeGraphRunner) the decode steps replay its CUDA graphs."""
+    from neox_rt.engine.kv_cache import KVCache
+
+    dev = "cuda"
+    cache = KVCache.for_model(model, 1, len(prompt) + len(continuation))
+    ids = torch.tensor([prompt], device=dev)
+    out = [model(ids, torch.arange(len(prompt), device=dev)[None], cache,
+                 last_index=torch.tensor([len(prompt) - 1], device=dev)).float()]
+    for p, t in enumerate(continuation[:-1], start=len(prompt)):
+        tok, pos = torch.tensor([t], device=dev), torch.tensor([p], device=dev)
+        if runner is not None:
+            logits, _ = runner.step(tok, pos, cache)
+        else:
+            logits = model(tok[:, None], pos[:, None], cache, decode=True)[:, 0]
+        out.append(logits.float().clone())  # the runner's logits are a view of its static output
+    return torch.cat(out)

@@ -11,6 +11,7 @@ from neox_rt.errors import NeoxRtError
 from neox_rt.engine.generation import Generator
 from neox_rt.engine.graphs import BUCKETS, DecodeGraphRunner, bucket_for, graphs_enabled
 from neox_rt.engine.sampling import SamplingParams, sample
+from tests.conftest import teacher_forced_logits
 
 
 class IdsTokenizer:
@@ -215,23 +216,6 @@ def test_graph_greedy_equals_eager_fused_and_reference(gpu_models, monkeypatch):
     assert_same_greedy(graph_ref[0], reference[0], prompt, m32, "graph (reference ops) vs reference")
 
 
-def _teacher_forced(model, prompt, continuation, runner=None):
-    """Logits [len(continuation), V] (fp32) of prefill then decode steps fed ``continuation``."""
-    dev = "cuda"
-    cache = KVCache.for_model(model, 1, len(prompt) + len(continuation))
-    ids = torch.tensor([prompt], device=dev)
-    out = [model(ids, torch.arange(len(prompt), device=dev)[None], cache,
-                 last_index=torch.tensor([len(prompt) - 1], device=dev)).float()]
-    for p, t in enumerate(continuation[:-1], start=len(prompt)):
-        tok, pos = torch.tensor([t], device=dev), torch.tensor([p], device=dev)
-        if runner is not None:
-            logits, _ = runner.step(tok, pos, cache)
-        else:
-            logits = model(tok[:, None], pos[:, None], cache, decode=True)[:, 0]
-        out.append(logits.float().clone())  # the runner's logits are a view of its static output
-    return torch.cat(out)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("sum_norm", [0, 1])
 def test_graph_logits_within_rule(gpu_models, monkeypatch, sum_norm):
@@ -244,8 +228,8 @@ def test_graph_logits_within_rule(gpu_models, monkeypatch, sum_norm):
     cont = torch.randint(2, 512, (NEW_TOKENS,), generator=torch.Generator().manual_seed(6)).tolist()
     ops.reset()
     ops.select_backend("torch")
-    ref32 = _teacher_forced(m32, prompt, cont)
-    ref16 = _teacher_forced(m16, prompt, cont)
+    ref32 = teacher_forced_logits(m32, prompt, cont)
+    ref16 = teacher_forced_logits(m16, prompt, cont)
     ops.select_backend(None, "cuda")
     layer0, layer1 = m16.gpt_neox.layers[:2]
     down = layer0.mlp.dense_4h_to_h.weight
@@ -256,7 +240,7 @@ def test_graph_logits_within_rule(gpu_models, monkeypatch, sum_norm):
                                                   ln1.weight, ln1.bias, ln2.weight, ln2.bias, ln1.eps)
     assert served == ("cuda" if sum_norm else "torch"), served
     runner = DecodeGraphRunner(m16)
-    graph16 = _teacher_forced(m16, prompt, cont, runner)
+    graph16 = teacher_forced_logits(m16, prompt, cont, runner)
     assert runner.captures == 1 and runner.disabled_reason is None
     err_ref = (ref16 - ref32).abs().max().item()
     err_graph = (graph16 - ref32).abs().max().item()

@@ -1223,30 +1223,20 @@ def test_cuda_quantized_graph_decode_b_first(quant_ext, monkeypatch, fmt):
     import neox_rt
     from neox_rt.default_model import DEFAULT_MODEL_DIR
     from neox_rt.engine.graphs import DecodeGraphRunner
-    from neox_rt.engine.kv_cache import KVCache
+    from tests.conftest import teacher_forced_logits
 
     monkeypatch.delenv("NEOX_RT_BACKEND", raising=False)
     monkeypatch.delenv("NEOX_RT_OP_BACKENDS", raising=False)
     gen = torch.Generator().manual_seed(8)
     prompt = torch.randint(0, 512, (13,), generator=gen).tolist()
-    cont = torch.randint(0, 512, (12,), generator=gen).tolist()
+    cont = torch.randint(0, 512, (13,), generator=gen).tolist()
 
     def teacher_forced(model, graphs):
-        cache = KVCache.for_model(model, 1, len(prompt) + len(cont))
-        ids = torch.tensor([prompt], device="cuda")
-        model(ids, torch.arange(len(prompt), device="cuda")[None], cache)
         runner = DecodeGraphRunner(model) if graphs else None
-        out = []
-        for p, t in enumerate(cont, start=len(prompt)):
-            tok, pos = torch.tensor([t], device="cuda"), torch.tensor([p], device="cuda")
-            if runner is not None:
-                logits, _ = runner.step(tok, pos, cache)
-            else:
-                logits = model(tok[:, None], pos[:, None], cache, decode=True)[:, 0]
-            out.append(logits.float().clone())
+        logits = teacher_forced_logits(model, prompt, cont, runner)
         if runner is not None:
             assert runner.captures == 1 and runner.disabled_reason is None, runner.disabled_reason
-        return torch.cat(out)
+        return logits
 
     try:
         ops.select_backend(None, "cuda")
