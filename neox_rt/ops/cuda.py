@@ -600,11 +600,17 @@ def supports_tiled_norm_linear_pair(x, ln_w1, ln_b1, ln_w2, ln_b2, eps, w1, b1, 
     of 8, rows x hidden up to QUANT_NORM_AUTO_MAX_ELEMS (where it measured faster; the kernel takes up to
     QUANT_NORM_MAX_ELEMS), and LayerNorm parameters [hidden] of x's dtype on its device, contiguous and 16-byte
     aligned."""
-    if QUANT_FUSED < 2 or not supports_tiled_linear_pair(x, w1, b1, act1, x, w2, b2, act2):
+    if not _norm_pair_takes(x.numel()) or not supports_tiled_linear_pair(x, w1, b1, act1, x, w2, b2, act2):
         return False
     k = x.shape[-1]
-    return (k % 8 == 0 and x.numel() <= min(QUANT_NORM_AUTO_MAX_ELEMS, QUANT_NORM_MAX_ELEMS)
-            and _layernorm_params_ok(x, k, (ln_w1, ln_b1, ln_w2, ln_b2)))
+    return k % 8 == 0 and _layernorm_params_ok(x, k, (ln_w1, ln_b1, ln_w2, ln_b2))
+
+
+def _norm_pair_takes(elems: int) -> bool:
+    """Whether the op table sends a tiled pair's x of ``elems`` values (rows x hidden) to the pair with the dual
+    LayerNorm inside: QUANT_FUSED 2 and at most QUANT_NORM_AUTO_MAX_ELEMS (within the kernel's QUANT_NORM_MAX_ELEMS).
+    The quantized sums' SUM_NORM 3 normalises exactly where it does not."""
+    return QUANT_FUSED == 2 and elems <= min(QUANT_NORM_AUTO_MAX_ELEMS, QUANT_NORM_MAX_ELEMS)
 
 
 def _layernorm_params_ok(x, n, params) -> bool:
@@ -640,9 +646,7 @@ def supports_tiled_linear_sum_norm(x1, w1, x2, w2, bias1, bias2, residual, ln_w1
     out_features, above QUANT_NORM_AUTO_MAX_ELEMS, or QUANT_FUSED < 2: see supports_tiled_norm_linear_pair); as
     :func:`supports_tiled_linear_sum`, and :func:`_sum_norm_ok`."""
     rows = x1.numel() // max(x1.shape[-1], 1)
-    pair_normalises = QUANT_FUSED == 2 and rows * w1.out_features <= min(QUANT_NORM_AUTO_MAX_ELEMS,
-                                                                         QUANT_NORM_MAX_ELEMS)
-    return ((SUM_NORM == 2 or (SUM_NORM == 3 and not pair_normalises))
+    return ((SUM_NORM == 2 or (SUM_NORM == 3 and not _norm_pair_takes(rows * w1.out_features)))
             and supports_tiled_linear_sum(x1, w1, x2, w2, bias1, bias2, residual)
             and _sum_norm_ok(x1, w1.out_features, (ln_w1, ln_b1, ln_w2, ln_b2)))
 
